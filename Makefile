@@ -1,0 +1,34 @@
+# The README's two commands: `make demo` and `make test`. Both set up what is missing first:
+# Debian packages, a virtualenv with flowmap and its test tools, the control-plane binaries.
+SHELL := /bin/bash
+VENV ?= .venv
+PYTHON ?= python3
+STAMP := $(VENV)/.flowmap-installed
+FLOWMAP := $(VENV)/bin/flowmap
+PYTEST_ARGS ?=
+
+.PHONY: demo test setup debs controlplane proto clean
+
+demo: setup
+	$(FLOWMAP) demo
+
+test: setup
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+setup: debs $(STAMP) controlplane
+
+debs:
+	@hack/install-debian-packages.sh hack/debian-packages.txt
+
+$(STAMP): pyproject.toml
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	@touch $@
+
+# Built once from the official Go modules into ~/.cache/flowmap (or FLOWMAP_CONTROLPLANE_BIN).
+controlplane: $(STAMP)
+	@$(FLOWMAP) controlplane build >/dev/null
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,1 @@
+"""The gRPC contract between agents and the operator (generated code lives here)."""

@@ -1,0 +1,1 @@
+"""flowmap: learn a Kubernetes cluster's network topology from its packets."""

@@ -1,0 +1,4 @@
+from flowmap_cli.main import main
+import sys
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Local development environments: a real control plane, later a simulated cluster."""

@@ -1,0 +1,107 @@
+"""The certificates and keys of a local control plane, made fresh for each one (never shipped)."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+_VALID_FOR = datetime.timedelta(days=30)
+
+SERVER_NAMES = ("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
+                "kubernetes.default.svc.cluster.local")
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca_cert: Path
+    ca_key: Path
+    serving_cert: Path  # kube-apiserver and etcd serving certificate (loopback)
+    serving_key: Path
+    admin_cert: Path  # client certificate of the admin user (system:masters)
+    admin_key: Path
+    etcd_client_cert: Path  # kube-apiserver's client certificate towards etcd
+    etcd_client_key: Path
+    sa_key: Path  # service-account token signing key
+    sa_pub: Path
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> None:
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    path.chmod(0o600)
+
+
+def _cert(subject: x509.Name, key: ec.EllipticCurvePrivateKey, issuer: x509.Name,
+          issuer_key: ec.EllipticCurvePrivateKey, *, ca: bool = False,
+          usages: tuple[x509.ObjectIdentifier, ...] = (),
+          names: tuple[str, ...] = (), ips: tuple[str, ...] = ()) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + _VALID_FOR)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if ca:
+        builder = builder.add_extension(
+            x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                          key_encipherment=False, data_encipherment=False, key_agreement=False,
+                          encipher_only=False, decipher_only=False), critical=True)
+    if usages:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(list(usages)), critical=False)
+    if names or ips:
+        alt: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
+        alt += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+        builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def create(folder: Path) -> Pki:
+    """Write a CA, serving and client certificates and a service-account key pair into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def name(cn: str, org: str | None = None) -> x509.Name:
+        attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
+        if org:
+            attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, org))
+        return x509.Name(attrs)
+
+    def save(stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> tuple[Path, Path]:
+        cert_path, key_path = folder / f"{stem}.crt", folder / f"{stem}.key"
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        _write_key(key_path, key)
+        return cert_path, key_path
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = name("flowmap-local-ca")
+    ca_cert, ca_key_path = save("ca", _cert(ca_name, ca_key, ca_name, ca_key, ca=True), ca_key)
+
+    def issue(stem: str, subject: x509.Name, usages: tuple[x509.ObjectIdentifier, ...],
+              **san: tuple[str, ...]) -> tuple[Path, Path]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        return save(stem, _cert(subject, key, ca_name, ca_key, usages=usages, **san), key)  # type: ignore[arg-type]
+
+    serving = issue("serving", name("kube-apiserver"),
+                    (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH),
+                    names=SERVER_NAMES, ips=("127.0.0.1", "::1"))
+    admin = issue("admin", name("flowmap-admin", "system:masters"), (ExtendedKeyUsageOID.CLIENT_AUTH,))
+    etcd_client = issue("etcd-client", name("kube-apiserver-etcd-client"), (ExtendedKeyUsageOID.CLIENT_AUTH,))
+
+    # The token signing key is RSA: every Kubernetes version and client library accepts RS256.
+    sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    sa_key_path, sa_pub_path = folder / "sa.key", folder / "sa.pub"
+    _write_key(sa_key_path, sa_key)
+    sa_pub_path.write_bytes(sa_key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                             serialization.PublicFormat.SubjectPublicKeyInfo))
+    return Pki(ca_cert, ca_key_path, *serving, *admin, *etcd_client, sa_key_path, sa_pub_path)

@@ -1,0 +1,1 @@
+"""The operator: turns agents' reports into Group and Connection resources."""
