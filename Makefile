@@ -30,5 +30,9 @@ $(STAMP): pyproject.toml
 controlplane: $(STAMP)
 	@$(FLOWMAP) controlplane build >/dev/null
 
+# Regenerate the committed protobuf code after editing a .proto (tests/test_generated.py checks).
+proto: $(STAMP)
+	$(VENV)/bin/python hack/generate_protos.py
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

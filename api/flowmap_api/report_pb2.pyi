@@ -1,0 +1,165 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Protocol(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PROTOCOL_UNSPECIFIED: _ClassVar[Protocol]
+    TCP: _ClassVar[Protocol]
+    UDP: _ClassVar[Protocol]
+    SCTP: _ClassVar[Protocol]
+    ICMP: _ClassVar[Protocol]
+
+class Verdict(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    VERDICT_UNSPECIFIED: _ClassVar[Verdict]
+    ALLOWED: _ClassVar[Verdict]
+    DENIED: _ClassVar[Verdict]
+PROTOCOL_UNSPECIFIED: Protocol
+TCP: Protocol
+UDP: Protocol
+SCTP: Protocol
+ICMP: Protocol
+VERDICT_UNSPECIFIED: Verdict
+ALLOWED: Verdict
+DENIED: Verdict
+
+class Endpoint(_message.Message):
+    __slots__ = ("ip", "port", "pod", "local")
+    IP_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    POD_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_FIELD_NUMBER: _ClassVar[int]
+    ip: str
+    port: int
+    pod: str
+    local: bool
+    def __init__(self, ip: _Optional[str] = ..., port: _Optional[int] = ..., pod: _Optional[str] = ..., local: _Optional[bool] = ...) -> None: ...
+
+class ThreatHit(_message.Message):
+    __slots__ = ("name", "snippet", "time_unix_ms")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SNIPPET_FIELD_NUMBER: _ClassVar[int]
+    TIME_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    snippet: str
+    time_unix_ms: int
+    def __init__(self, name: _Optional[str] = ..., snippet: _Optional[str] = ..., time_unix_ms: _Optional[int] = ...) -> None: ...
+
+class EdgeDelta(_message.Message):
+    __slots__ = ("client", "server", "protocol", "apps", "bytes_c2s", "bytes_s2c", "packets_c2s", "packets_s2c", "sessions_opened", "sessions_closed", "sessions_active", "first_seen_unix_ms", "last_seen_unix_ms", "threats", "verdict")
+    CLIENT_FIELD_NUMBER: _ClassVar[int]
+    SERVER_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    APPS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_C2S_FIELD_NUMBER: _ClassVar[int]
+    BYTES_S2C_FIELD_NUMBER: _ClassVar[int]
+    PACKETS_C2S_FIELD_NUMBER: _ClassVar[int]
+    PACKETS_S2C_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_OPENED_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_CLOSED_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    FIRST_SEEN_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    THREATS_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    client: Endpoint
+    server: Endpoint
+    protocol: Protocol
+    apps: _containers.RepeatedScalarFieldContainer[str]
+    bytes_c2s: int
+    bytes_s2c: int
+    packets_c2s: int
+    packets_s2c: int
+    sessions_opened: int
+    sessions_closed: int
+    sessions_active: int
+    first_seen_unix_ms: int
+    last_seen_unix_ms: int
+    threats: _containers.RepeatedCompositeFieldContainer[ThreatHit]
+    verdict: Verdict
+    def __init__(self, client: _Optional[_Union[Endpoint, _Mapping]] = ..., server: _Optional[_Union[Endpoint, _Mapping]] = ..., protocol: _Optional[_Union[Protocol, str]] = ..., apps: _Optional[_Iterable[str]] = ..., bytes_c2s: _Optional[int] = ..., bytes_s2c: _Optional[int] = ..., packets_c2s: _Optional[int] = ..., packets_s2c: _Optional[int] = ..., sessions_opened: _Optional[int] = ..., sessions_closed: _Optional[int] = ..., sessions_active: _Optional[int] = ..., first_seen_unix_ms: _Optional[int] = ..., last_seen_unix_ms: _Optional[int] = ..., threats: _Optional[_Iterable[_Union[ThreatHit, _Mapping]]] = ..., verdict: _Optional[_Union[Verdict, str]] = ...) -> None: ...
+
+class DnsName(_message.Message):
+    __slots__ = ("ip", "name", "ttl_seconds", "seen_unix_ms")
+    IP_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SEEN_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    ip: str
+    name: str
+    ttl_seconds: int
+    seen_unix_ms: int
+    def __init__(self, ip: _Optional[str] = ..., name: _Optional[str] = ..., ttl_seconds: _Optional[int] = ..., seen_unix_ms: _Optional[int] = ...) -> None: ...
+
+class ReportBatch(_message.Message):
+    __slots__ = ("agent_id", "node", "sequence", "acked", "interval_ms", "sent_unix_ms", "edges", "names", "lost_deltas")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    ACKED_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    SENT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    EDGES_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    LOST_DELTAS_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    node: str
+    sequence: int
+    acked: int
+    interval_ms: int
+    sent_unix_ms: int
+    edges: _containers.RepeatedCompositeFieldContainer[EdgeDelta]
+    names: _containers.RepeatedCompositeFieldContainer[DnsName]
+    lost_deltas: int
+    def __init__(self, agent_id: _Optional[str] = ..., node: _Optional[str] = ..., sequence: _Optional[int] = ..., acked: _Optional[int] = ..., interval_ms: _Optional[int] = ..., sent_unix_ms: _Optional[int] = ..., edges: _Optional[_Iterable[_Union[EdgeDelta, _Mapping]]] = ..., names: _Optional[_Iterable[_Union[DnsName, _Mapping]]] = ..., lost_deltas: _Optional[int] = ...) -> None: ...
+
+class ReportAck(_message.Message):
+    __slots__ = ("applied", "leader")
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    LEADER_FIELD_NUMBER: _ClassVar[int]
+    applied: int
+    leader: bool
+    def __init__(self, applied: _Optional[int] = ..., leader: _Optional[bool] = ...) -> None: ...
+
+class WatchRequest(_message.Message):
+    __slots__ = ("node",)
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    def __init__(self, node: _Optional[str] = ...) -> None: ...
+
+class PodPolicy(_message.Message):
+    __slots__ = ("pod", "ips", "egress", "ingress")
+    class Peer(_message.Message):
+        __slots__ = ("cidrs", "protocol", "ports")
+        CIDRS_FIELD_NUMBER: _ClassVar[int]
+        PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+        PORTS_FIELD_NUMBER: _ClassVar[int]
+        cidrs: _containers.RepeatedScalarFieldContainer[str]
+        protocol: Protocol
+        ports: _containers.RepeatedScalarFieldContainer[int]
+        def __init__(self, cidrs: _Optional[_Iterable[str]] = ..., protocol: _Optional[_Union[Protocol, str]] = ..., ports: _Optional[_Iterable[int]] = ...) -> None: ...
+    POD_FIELD_NUMBER: _ClassVar[int]
+    IPS_FIELD_NUMBER: _ClassVar[int]
+    EGRESS_FIELD_NUMBER: _ClassVar[int]
+    INGRESS_FIELD_NUMBER: _ClassVar[int]
+    pod: str
+    ips: _containers.RepeatedScalarFieldContainer[str]
+    egress: _containers.RepeatedCompositeFieldContainer[PodPolicy.Peer]
+    ingress: _containers.RepeatedCompositeFieldContainer[PodPolicy.Peer]
+    def __init__(self, pod: _Optional[str] = ..., ips: _Optional[_Iterable[str]] = ..., egress: _Optional[_Iterable[_Union[PodPolicy.Peer, _Mapping]]] = ..., ingress: _Optional[_Iterable[_Union[PodPolicy.Peer, _Mapping]]] = ...) -> None: ...
+
+class NodePolicy(_message.Message):
+    __slots__ = ("version", "enforcement_disabled", "pods")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ENFORCEMENT_DISABLED_FIELD_NUMBER: _ClassVar[int]
+    PODS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    enforcement_disabled: bool
+    pods: _containers.RepeatedCompositeFieldContainer[PodPolicy]
+    def __init__(self, version: _Optional[int] = ..., enforcement_disabled: _Optional[bool] = ..., pods: _Optional[_Iterable[_Union[PodPolicy, _Mapping]]] = ...) -> None: ...

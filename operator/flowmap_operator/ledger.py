@@ -1,0 +1,255 @@
+"""Exactly-once counting of agents' deltas into Connection objects (pure: no I/O).
+
+The rules (DESIGN.md, "Counting rules"):
+
+* Each agent incarnation numbers its batches 1, 2, 3 ... and delivers them in order, retrying a
+  batch until the operator answers; a resent batch keeps its number.
+* A delta from batch N of agent A is applied to an edge only if N is above the edge's watermark
+  for A. The watermark is written in the same object update as the counters it covers, so an
+  update either carries both or neither.
+* Batch N is acknowledged only once every edge it touched has been written with a watermark
+  >= N, and every earlier batch is acknowledged too. The agent drops a delta only when it is
+  acknowledged, and tells us (``acked``) so that we can prune watermarks it can no longer need.
+
+In memory, each edge holds its persisted state (as last written or read) plus pending deltas per
+agent. A flush takes a snapshot of the pending deltas; on success they move into the persisted
+state and the batches waiting on that edge are released; deltas that arrived during the write
+stay pending. After a crash all of this is rebuilt from the objects and the agents' resends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+EdgeKey = tuple[str, str, int, str]  # client group, server group, server port (0 = any), protocol
+
+
+@dataclass
+class Counters:
+    bytes_c2s: int = 0
+    bytes_s2c: int = 0
+    packets_c2s: int = 0
+    packets_s2c: int = 0
+    sessions: int = 0  # sessions opened
+
+    def add(self, other: Counters) -> None:
+        self.bytes_c2s += other.bytes_c2s
+        self.bytes_s2c += other.bytes_s2c
+        self.packets_c2s += other.packets_c2s
+        self.packets_s2c += other.packets_s2c
+        self.sessions += other.sessions
+
+    def sub(self, other: Counters) -> None:
+        self.bytes_c2s -= other.bytes_c2s
+        self.bytes_s2c -= other.bytes_s2c
+        self.packets_c2s -= other.packets_c2s
+        self.packets_s2c -= other.packets_s2c
+        self.sessions -= other.sessions
+
+    def copy(self) -> Counters:
+        return Counters(self.bytes_c2s, self.bytes_s2c, self.packets_c2s, self.packets_s2c, self.sessions)
+
+    def is_zero(self) -> bool:
+        return not (self.bytes_c2s or self.bytes_s2c or self.packets_c2s or self.packets_s2c or self.sessions)
+
+
+@dataclass(frozen=True)
+class Watermark:
+    node: str
+    batch: int
+
+
+@dataclass
+class Pending:
+    """One agent's deltas for one edge that are not in the API server yet."""
+
+    node: str
+    counters: Counters
+    last_batch: int
+
+
+@dataclass
+class Edge:
+    key: EdgeKey
+    persisted: Counters = field(default_factory=Counters)
+    watermarks: dict[str, Watermark] = field(default_factory=dict)  # agent -> highest batch written
+    pending: dict[str, Pending] = field(default_factory=dict)  # agent -> not yet written
+    resource_version: str | None = None  # None: the object does not exist in the API yet
+    dirty_since: float | None = None
+    # An update whose outcome is unknown (timeout, lost connection): re-read before writing again.
+    in_doubt: FlushPlan | None = None
+
+    def watermark(self, agent: str) -> int:
+        """The highest batch of ``agent`` counted on this edge, written or pending."""
+        written = self.watermarks[agent].batch if agent in self.watermarks else 0
+        pending = self.pending[agent].last_batch if agent in self.pending else 0
+        return max(written, pending)
+
+
+@dataclass(frozen=True)
+class FlushPlan:
+    """What one object update carries: counters and watermarks, taken from pending at a moment."""
+
+    key: EdgeKey
+    counters: Counters  # the new persisted totals
+    watermarks: dict[str, Watermark]  # the new watermark list (already pruned)
+    taken: dict[str, Pending]  # per agent, the pending part this update carries
+
+
+@dataclass
+class _Agent:
+    node: str
+    delivered: int = 0  # highest batch received
+    acked_by_agent: int = 0  # the agent will never resend batches up to here
+    waiting: dict[int, set[EdgeKey]] = field(default_factory=dict)  # batch -> edges not yet written
+
+
+class OutOfOrder(ValueError):
+    """A batch skipped ahead of the last one delivered: the agent must resend from ``expected``."""
+
+    def __init__(self, expected: int) -> None:
+        super().__init__(f"batch out of order: expected sequence {expected} or lower")
+        self.expected = expected
+
+
+class Ledger:
+    """Every edge's counters and watermarks, and every agent's acknowledgement state."""
+
+    def __init__(self) -> None:
+        self.edges: dict[EdgeKey, Edge] = {}
+        self.agents: dict[str, _Agent] = {}
+
+    # -- loading what is already in the API ------------------------------------------------------
+
+    def load(self, key: EdgeKey, counters: Counters, watermarks: Iterable[tuple[str, str, int]],
+             resource_version: str) -> None:
+        """Take an existing object's state (operator start, a write conflict, an update in doubt)."""
+        edge = self.edges.setdefault(key, Edge(key))
+        doubt, edge.in_doubt = edge.in_doubt, None
+        edge.persisted = counters.copy()
+        edge.watermarks = {agent: Watermark(node, batch) for agent, node, batch in watermarks}
+        edge.resource_version = resource_version
+        if doubt is not None and doubt.taken and all(
+                agent in edge.watermarks and edge.watermarks[agent].batch >= took.last_batch
+                for agent, took in doubt.taken.items()):
+            # The update in doubt did land (an update is atomic: all its watermarks or none).
+            self._settle(edge, doubt)
+        # Pending deltas the object already carries (written by someone else) are dropped.
+        for agent, pend in list(edge.pending.items()):
+            if agent in edge.watermarks and edge.watermarks[agent].batch >= pend.last_batch:
+                del edge.pending[agent]
+                self._release(agent, key, pend.last_batch)
+        if not edge.pending:
+            edge.dirty_since = None
+
+    # -- applying a batch -----------------------------------------------------------------------
+
+    def begin_batch(self, agent: str, node: str, sequence: int, acked: int) -> None:
+        """Check a batch's place in its agent's sequence before its deltas are applied."""
+        state = self.agents.get(agent)
+        if state is None:
+            # Unknown agent (first contact, or we restarted): the agent says what it dropped.
+            state = self.agents[agent] = _Agent(node, delivered=acked, acked_by_agent=acked)
+        if sequence > state.delivered + 1:
+            raise OutOfOrder(state.delivered + 1)
+        state.acked_by_agent = max(state.acked_by_agent, acked)
+        state.delivered = max(state.delivered, sequence)
+        # Batches the agent has seen acknowledged need no tracking any more.
+        for seq in [s for s in state.waiting if s <= state.acked_by_agent]:
+            del state.waiting[seq]
+
+    def apply(self, agent: str, sequence: int, key: EdgeKey, delta: Counters, now: float) -> bool:
+        """Count one edge delta of batch ``sequence`` unless it already is; True if it counted."""
+        state = self.agents[agent]
+        edge = self.edges.setdefault(key, Edge(key))
+        if sequence <= edge.watermark(agent):
+            return False
+        pend = edge.pending.get(agent)
+        if pend is None:
+            edge.pending[agent] = Pending(state.node, delta.copy(), sequence)
+        else:
+            pend.counters.add(delta)
+            pend.last_batch = sequence
+        if edge.dirty_since is None:
+            edge.dirty_since = now
+        state.waiting.setdefault(sequence, set()).add(key)
+        return True
+
+    def acked(self, agent: str) -> int:
+        """The highest batch whose deltas, and all earlier ones', are in the API server."""
+        state = self.agents.get(agent)
+        if state is None:
+            return 0
+        blocked = [seq for seq, keys in state.waiting.items() if keys]
+        return min(blocked) - 1 if blocked else state.delivered
+
+    def waiting_batches(self, agent: str) -> int:
+        state = self.agents.get(agent)
+        return sum(1 for keys in state.waiting.values() if keys) if state else 0
+
+    # -- writing --------------------------------------------------------------------------------
+
+    def plan(self, key: EdgeKey) -> FlushPlan:
+        """The next update of one edge: persisted + pending, watermarks pruned of what is done."""
+        edge = self.edges[key]
+        counters = edge.persisted.copy()
+        taken: dict[str, Pending] = {}
+        for agent, pend in edge.pending.items():
+            counters.add(pend.counters)
+            taken[agent] = Pending(pend.node, pend.counters.copy(), pend.last_batch)
+        marks = {agent: wm for agent, wm in edge.watermarks.items() if not self._prunable(agent, wm.batch)}
+        for agent, pend in taken.items():
+            marks[agent] = Watermark(pend.node, pend.last_batch)
+        return FlushPlan(key, counters, marks, taken)
+
+    def written(self, plan: FlushPlan, resource_version: str) -> None:
+        """The update carrying ``plan`` was accepted by the API server."""
+        edge = self.edges[plan.key]
+        edge.persisted = plan.counters.copy()
+        edge.watermarks = dict(plan.watermarks)
+        edge.resource_version = resource_version
+        self._settle(edge, plan)
+
+    def in_doubt(self, plan: FlushPlan) -> None:
+        """The update carrying ``plan`` may or may not have landed: re-read before the next one."""
+        self.edges[plan.key].in_doubt = plan
+
+    def _settle(self, edge: Edge, plan: FlushPlan) -> None:
+        for agent, took in plan.taken.items():
+            pend = edge.pending[agent]
+            pend.counters.sub(took.counters)
+            if pend.last_batch == took.last_batch:
+                # Nothing newer arrived while writing (a zero delta of a newer batch still waits).
+                del edge.pending[agent]
+            self._release(agent, plan.key, took.last_batch)
+        if not edge.pending:
+            edge.dirty_since = None
+
+    def dirty(self) -> list[Edge]:
+        """Edges with pending deltas: new objects first, then the longest-dirty first."""
+        edges = [e for e in self.edges.values() if e.dirty_since is not None]
+        edges.sort(key=lambda e: (e.resource_version is not None, e.dirty_since))
+        return edges
+
+    def _release(self, agent: str, key: EdgeKey, upto: int) -> None:
+        state = self.agents.get(agent)
+        if state is None:
+            return
+        for seq, keys in state.waiting.items():
+            if seq <= upto:
+                keys.discard(key)
+
+    def _prunable(self, agent: str, batch: int) -> bool:
+        state = self.agents.get(agent)
+        return state is not None and state.acked_by_agent >= batch
+
+
+def watermarks_from_status(status: Mapping[str, Any]) -> list[tuple[str, str, int]]:
+    """The (agent, node, batch) list as a Connection's status stores it."""
+    return [(o["agent"], o["node"], int(o["batch"])) for o in status.get("observers", [])]
+
+
+def watermarks_to_status(marks: Mapping[str, Watermark]) -> list[dict[str, Any]]:
+    return [{"agent": agent, "node": wm.node, "batch": wm.batch} for agent, wm in sorted(marks.items())]
