@@ -48,6 +48,7 @@ class State:
     apiserver_port: int
     kubectl: str
     bin_dir: str
+    apiserver_argv: list[str]
 
 
 def default_state_dir() -> Path:
@@ -172,7 +173,7 @@ class ControlPlane:
             # Throw-away data on a developer machine: fsync buys nothing and costs seconds.
             "--unsafe-no-fsync", "--log-level=warn",
         ])
-        apiserver = self._spawn("kube-apiserver", [
+        apiserver_argv = [
             str(bins.kube_apiserver),
             f"--etcd-servers=https://127.0.0.1:{etcd_port}", f"--etcd-cafile={keys.ca_cert}",
             f"--etcd-certfile={keys.etcd_client_cert}", f"--etcd-keyfile={keys.etcd_client_key}",
@@ -187,9 +188,11 @@ class ControlPlane:
             # (envtest disables it for the same reason).
             "--disable-admission-plugins=ServiceAccount",
             "--allow-privileged=true", "--profiling=false",
-        ])
+        ]
+        apiserver = self._spawn("kube-apiserver", apiserver_argv)
         kubectl = choose_kubectl(bins.kubectl)
-        st = State(etcd.pid, apiserver.pid, etcd_port, api_port, str(kubectl), str(bins.kube_apiserver.parent))
+        st = State(etcd.pid, apiserver.pid, etcd_port, api_port, str(kubectl), str(bins.kube_apiserver.parent),
+                   apiserver_argv)
         (self.dir / "state.json").write_text(json.dumps(asdict(st), indent=1))
         self._write_kubeconfig(keys, api_port)
         self._wait_ready(st, (etcd, apiserver))
@@ -218,10 +221,11 @@ class ControlPlane:
         except (OSError, ValueError):
             return False
 
-    def _wait_ready(self, st: State, procs: Sequence[subprocess.Popen[bytes]]) -> None:
+    def _wait_ready(self, st: State, procs: Sequence[subprocess.Popen[bytes]],
+                    names: Sequence[str] = ("etcd", "kube-apiserver")) -> None:
         deadline = time.monotonic() + READY_TIMEOUT
         while not self._ready(st.apiserver_port):
-            for proc, name in zip(procs, ("etcd", "kube-apiserver")):
+            for proc, name in zip(procs, names):
                 if proc.poll() is not None:
                     raise ControlPlaneError(f"{name} exited with code {proc.returncode}:\n{self._tail(name)}")
             if time.monotonic() > deadline:
@@ -250,6 +254,22 @@ class ControlPlane:
         self.kubeconfig.write_text(json.dumps(config, indent=1))  # JSON is YAML: no YAML writer needed
         self.kubeconfig.chmod(0o600)
 
+    def stop_apiserver(self) -> None:
+        """Stop kube-apiserver only (etcd keeps the data): for tests of an API outage."""
+        st = self.state()
+        if st:
+            _stop(st.apiserver_pid)
+
+    def start_apiserver(self) -> None:
+        """Start kube-apiserver again with the same flags, and wait until it is ready."""
+        st = self.state()
+        if st is None:
+            raise ControlPlaneError(f"no control plane in {self.dir}")
+        proc = self._spawn("kube-apiserver", st.apiserver_argv)
+        st = State(**{**asdict(st), "apiserver_pid": proc.pid})
+        (self.dir / "state.json").write_text(json.dumps(asdict(st), indent=1))
+        self._wait_ready(st, (proc,), names=("kube-apiserver",))
+
     # -- using it -------------------------------------------------------------------------------
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True,
@@ -266,14 +286,14 @@ class ControlPlane:
 
     def install_crds(self, folder: Path) -> list[str]:
         """Apply every CRD in ``folder`` and wait until the API server has established them."""
-        files = sorted(folder.glob("flowmap.dev_*.yaml"))
+        files = sorted(folder.glob("*_*.yaml"))  # <group>_<plural>.yaml, kubebuilder's naming
         if not files:
-            raise ControlPlaneError(f"no CRDs (flowmap.dev_*.yaml) in {folder}")
+            raise ControlPlaneError(f"no CRDs (<group>_<plural>.yaml) in {folder}")
         args = ["apply", "--server-side", "--force-conflicts", "--field-manager=flowmap-controlplane"]
         for f in files:
             args += ["-f", str(f)]
         self.kubectl(*args)
-        names = [f"{f.name.removeprefix('flowmap.dev_').removesuffix('.yaml')}.flowmap.dev" for f in files]
+        names = [".".join(reversed(f.stem.split("_", 1))) for f in files]
         self.kubectl("wait", "--for=condition=Established", "--timeout=60s", *[f"crd/{n}" for n in names])
         self.log(f"CRDs established: {', '.join(names)}")
         return names

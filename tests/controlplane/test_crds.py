@@ -147,7 +147,11 @@ def test_samples_and_manifests_pass_server_side_dry_run(controlplane: ControlPla
     assert len(samples) >= 3
     for sample in samples:
         controlplane.kubectl("apply", "--dry-run=server", "-f", str(sample))
-    out = controlplane.kubectl("apply", "--dry-run=server", "-k", str(REPO / "manifests")).stdout
+    # A dry run creates nothing, so the namespace the namespaced objects land in must exist.
+    controlplane.kubectl("create", "namespace", "flowmap-system", check=False)
+    out = controlplane.kubectl("apply", "--server-side", "--dry-run=server", "-k", str(REPO / "manifests")).stdout
     for name in CRDS:
         assert f"customresourcedefinition.apiextensions.k8s.io/{name}" in out
     assert "namespace/flowmap-system" in out
+    assert "clusterrole.rbac.authorization.k8s.io/flowmap-operator" in out
+    assert "clusterkopfpeering.kopf.dev/flowmap" in out

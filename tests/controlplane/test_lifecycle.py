@@ -31,7 +31,8 @@ def test_up_status_env_down_leaves_nothing(controlplane: ControlPlane, tmp_path:
 
     plane = ControlPlane(state)
     crds = plane.kubectl("get", "crd", "-o", "name").stdout.split()
-    assert sorted(crds) == ["customresourcedefinition.apiextensions.k8s.io/connections.flowmap.dev",
+    assert sorted(crds) == ["customresourcedefinition.apiextensions.k8s.io/clusterkopfpeerings.kopf.dev",
+                            "customresourcedefinition.apiextensions.k8s.io/connections.flowmap.dev",
                             "customresourcedefinition.apiextensions.k8s.io/groups.flowmap.dev",
                             "customresourcedefinition.apiextensions.k8s.io/networklearningpolicies.flowmap.dev"]
     # RBAC is on: an unknown user is refused.

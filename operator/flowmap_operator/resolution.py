@@ -1,0 +1,282 @@
+"""Who is behind an IP address at a given time (pure: fed with API objects, no I/O).
+
+In order: a pod (its workload's group; hostNetwork pods are the node), a Service ClusterIP (the
+workload behind it, via EndpointSlices, with the Service recorded), a node address (``nodes``),
+a user CIDR group (longest prefix), a name the agents learned from DNS answers (an FQDN group),
+else ``external``. Pod addresses are kept with the time span they were held, and for a grace
+period after the pod is gone, so a delta is resolved as of its own time even if the IP was
+reused since.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from flowmap_operator.naming import object_name
+
+Body = Mapping[str, Any]
+NODES, EXTERNAL = "nodes", "external"
+
+
+@dataclass(frozen=True)
+class Peer:
+    group: str  # the Group object's name
+    kind: str  # Workload | Nodes | External | FQDN | CIDR
+    namespace: str = ""
+    workload_kind: str = ""
+    workload: str = ""
+    member: str = ""  # pod or node name, FQDN, or address
+    node: str = ""  # the node a pod runs on
+
+
+@dataclass
+class _Span:
+    start: float
+    end: float
+    peer: Peer
+
+
+@dataclass
+class _Service:
+    namespace: str
+    name: str
+    ips: tuple[str, ...]
+    ports: dict[tuple[int, str], str]  # (port, protocol) -> port name
+    slices: dict[str, dict[str, Any]] = field(default_factory=dict)  # slice name -> {pods, ports}
+
+
+def _ts(value: str | None, default: float) -> float:
+    if not value:
+        return default
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def workload_of(pod: Body, jobs: Mapping[tuple[str, str], str]) -> tuple[str, str]:
+    """The pod's top owner as (kind, name): Deployment, StatefulSet, DaemonSet, Job, CronJob or Pod."""
+    meta = pod.get("metadata", {})
+    owner = next((o for o in meta.get("ownerReferences") or [] if o.get("controller")), None)
+    if owner is None:
+        return "Pod", meta.get("name", "")
+    kind, name = owner.get("kind", ""), owner.get("name", "")
+    if kind == "ReplicaSet":
+        # The Deployment controller names its ReplicaSets <deployment>-<pod-template-hash> and puts
+        # the hash on the pods: no need to watch every ReplicaSet revision.
+        suffix = "-" + (meta.get("labels") or {}).get("pod-template-hash", "\0")
+        return ("Deployment", name.removesuffix(suffix)) if name.endswith(suffix) else ("ReplicaSet", name)
+    if kind == "Job":
+        cronjob = jobs.get((meta.get("namespace", ""), name))
+        return ("CronJob", cronjob) if cronjob else ("Job", name)
+    return kind, name
+
+
+def group_name(namespace: str, workload: str) -> str:
+    return object_name(f"{namespace}.{workload}")
+
+
+class Resolver:
+    def __init__(self, grace: float = 300.0) -> None:
+        self.grace = grace
+        self._pods: dict[str, list[_Span]] = {}  # ip -> spans, oldest first
+        self._pod_ips: dict[tuple[str, str], tuple[list[str], Peer]] = {}  # (ns, name) -> ips, peer
+        self._jobs: dict[tuple[str, str], str] = {}  # (ns, job) -> cronjob
+        self._nodes: dict[str, str] = {}  # ip -> node name
+        self._node_ips: dict[str, list[str]] = {}
+        self._services: dict[tuple[str, str], _Service] = {}
+        self._cluster_ips: dict[str, tuple[str, str]] = {}
+        self._cidrs: dict[str, list[ipaddress.IPv4Network | ipaddress.IPv6Network]] = {}
+        self._names: dict[str, tuple[str, float]] = {}  # ip -> (fqdn, valid until)
+        self.agent_nodes: set[str] = set()  # nodes whose pods are captured by an agent
+        self.agent_selector: tuple[str, dict[str, str]] = ("flowmap-system", {"app.kubernetes.io/name": "flowmap-agent"})
+
+    # -- feeding ---------------------------------------------------------------------------------
+
+    def job_seen(self, job: Body) -> None:
+        meta = job.get("metadata", {})
+        owner = next((o for o in meta.get("ownerReferences") or [] if o.get("kind") == "CronJob"), None)
+        if owner:
+            self._jobs[(meta.get("namespace", ""), meta.get("name", ""))] = owner["name"]
+
+    def pod_seen(self, pod: Body, now: float) -> None:
+        meta, spec, status = pod.get("metadata", {}), pod.get("spec", {}), pod.get("status", {})
+        ns, name = meta.get("namespace", ""), meta.get("name", "")
+        node = spec.get("nodeName", "")
+        ns_sel, labels = self.agent_selector
+        if ns == ns_sel and labels.items() <= (meta.get("labels") or {}).items() and node:
+            self.agent_nodes.add(node)
+        if spec.get("hostNetwork"):
+            return  # its addresses are the node's
+        ips = [p["ip"] for p in status.get("podIPs") or [] if p.get("ip")] or (
+            [status["podIP"]] if status.get("podIP") else [])
+        if meta.get("deletionTimestamp") or status.get("phase") in ("Succeeded", "Failed"):
+            self.pod_gone(ns, name, now)
+            return
+        wk, wn = workload_of(pod, self._jobs)
+        peer = Peer(group_name(ns, wn), "Workload", ns, wk, wn, name, node)
+        old = self._pod_ips.get((ns, name))
+        if old and old == (ips, peer):
+            return
+        if old:
+            self._end(ns, name, old[0], now)
+        start = _ts(meta.get("creationTimestamp"), now)
+        for ip in ips:
+            self._pods.setdefault(ip, []).append(_Span(start, math.inf, peer))
+        self._pod_ips[(ns, name)] = (ips, peer)
+
+    def pod_gone(self, namespace: str, name: str, now: float) -> None:
+        old = self._pod_ips.pop((namespace, name), None)
+        if old:
+            self._end(namespace, name, old[0], now)
+
+    def _end(self, namespace: str, name: str, ips: Iterable[str], now: float) -> None:
+        for ip in ips:
+            spans = self._pods.get(ip, [])
+            for span in spans:
+                if span.end == math.inf and span.peer.member == name and span.peer.namespace == namespace:
+                    span.end = now
+            # Forget spans long past: nothing reports that late.
+            spans[:] = [s for s in spans if s.end + self.grace >= now]
+
+    def node_seen(self, node: Body) -> None:
+        name = node.get("metadata", {}).get("name", "")
+        self.node_gone(name)
+        ips = [a["address"] for a in node.get("status", {}).get("addresses") or []
+               if a.get("type") in ("InternalIP", "ExternalIP")]
+        self._node_ips[name] = ips
+        for ip in ips:
+            self._nodes[ip] = name
+
+    def node_gone(self, name: str) -> None:
+        for ip in self._node_ips.pop(name, []):
+            self._nodes.pop(ip, None)
+
+    def service_seen(self, svc: Body) -> None:
+        meta, spec = svc.get("metadata", {}), svc.get("spec", {})
+        key = (meta.get("namespace", ""), meta.get("name", ""))
+        self.service_gone(*key)
+        ips = tuple(ip for ip in spec.get("clusterIPs") or [spec.get("clusterIP")] if ip and ip != "None")
+        ports = {(int(p.get("port", 0)), p.get("protocol", "TCP")): p.get("name", "") for p in spec.get("ports") or []}
+        old = self._services.get(key)
+        self._services[key] = _Service(key[0], key[1], ips, ports, old.slices if old else {})
+        for ip in ips:
+            self._cluster_ips[ip] = key
+
+    def service_gone(self, namespace: str, name: str) -> None:
+        svc = self._services.get((namespace, name))
+        if svc:
+            for ip in svc.ips:
+                self._cluster_ips.pop(ip, None)
+
+    def slice_seen(self, eps: Body) -> None:
+        meta = eps.get("metadata", {})
+        svc_name = (meta.get("labels") or {}).get("kubernetes.io/service-name")
+        if not svc_name:
+            return
+        key = (meta.get("namespace", ""), svc_name)
+        svc = self._services.setdefault(key, _Service(key[0], svc_name, (), {}))
+        pods = [ep["targetRef"]["name"] for ep in eps.get("endpoints") or []
+                if (ep.get("targetRef") or {}).get("kind") == "Pod"]
+        ports = {(p.get("name") or "", p.get("protocol", "TCP")): int(p.get("port", 0)) for p in eps.get("ports") or []}
+        svc.slices[meta.get("name", "")] = {"pods": pods, "ports": ports}
+
+    def slice_gone(self, namespace: str, name: str, service: str) -> None:
+        svc = self._services.get((namespace, service))
+        if svc:
+            svc.slices.pop(name, None)
+
+    def cidr_group_seen(self, group: Body) -> None:
+        name = group.get("metadata", {}).get("name", "")
+        nets = []
+        for cidr in (group.get("spec") or {}).get("cidrs") or []:
+            try:
+                nets.append(ipaddress.ip_network(cidr, strict=False))
+            except ValueError:
+                continue  # the schema refuses these; never trust, never crash
+        if nets:
+            self._cidrs[name] = nets
+        else:
+            self._cidrs.pop(name, None)
+
+    def cidr_group_gone(self, name: str) -> None:
+        self._cidrs.pop(name, None)
+
+    def learn_name(self, ip: str, name: str, ttl: float, seen: float) -> None:
+        """An agent saw ``name`` resolve to ``ip``; the name holds while its TTL (plus grace) does."""
+        until = seen + ttl + self.grace
+        current = self._names.get(ip)
+        if current is None or current[1] < until:
+            self._names[ip] = (name.lower().rstrip("."), until)
+
+    # -- resolving -------------------------------------------------------------------------------
+
+    def pod_at(self, ip: str, when: float) -> Peer | None:
+        best = None
+        for span in self._pods.get(ip, ()):
+            if span.start - self.grace <= when <= span.end + self.grace and (best is None or span.start > best.start):
+                best = span
+        return best.peer if best else None
+
+    def service_at(self, ip: str) -> tuple[str, str] | None:
+        return self._cluster_ips.get(ip)
+
+    def resolve(self, ip: str, when: float) -> Peer:
+        """The group behind an address (not a ClusterIP: see ``resolve_service``)."""
+        pod = self.pod_at(ip, when)
+        if pod:
+            return pod
+        node = self._nodes.get(ip)
+        if node:
+            return Peer(NODES, "Nodes", member=node, node=node)
+        addr = ipaddress.ip_address(ip)
+        best: tuple[int, str] | None = None
+        for name, nets in self._cidrs.items():
+            for net in nets:
+                if addr.version == net.version and addr in net and (best is None or net.prefixlen > best[0]):
+                    best = (net.prefixlen, name)
+        if best:
+            return Peer(best[1], "CIDR", member=ip)
+        named = self._names.get(ip)
+        if named and named[1] >= when:
+            return Peer(object_name(named[0]), "FQDN", member=named[0])
+        return Peer(EXTERNAL, "External", member=ip)
+
+    def resolve_service(self, ip: str, port: int, protocol: str, when: float) -> tuple[Peer, int, str] | None:
+        """For a ClusterIP: the workload behind the Service, its target port, and "namespace/name"."""
+        key = self._cluster_ips.get(ip)
+        if key is None:
+            return None
+        svc = self._services[key]
+        port_name = svc.ports.get((port, protocol))
+        target = port
+        workloads: Counter[Peer] = Counter()
+        for sl in svc.slices.values():
+            if port_name is not None and (port_name, protocol) in sl["ports"]:
+                target = sl["ports"][(port_name, protocol)]
+            for pod in sl["pods"]:
+                entry = self._pod_ips.get((svc.namespace, pod))
+                if entry:
+                    p = entry[1]
+                    workloads[Peer(p.group, p.kind, p.namespace, p.workload_kind, p.workload)] += 1
+        label = f"{svc.namespace}/{svc.name}"
+        if workloads:
+            # Several workloads behind one Service: the client's side cannot tell which got the
+            # packet (the node DNATs after the pod's interface), so the largest one is named.
+            peer = max(workloads.items(), key=lambda kv: (kv[1], kv[0].group))[0]
+        else:
+            peer = Peer(group_name(svc.namespace, svc.name), "Workload", svc.namespace, "Service", svc.name)
+        return peer, target, label
+
+    def captured(self, peer: Peer) -> bool:
+        """Is this a pod whose own node runs an agent (so that node reports its traffic)?"""
+        return peer.kind == "Workload" and bool(peer.node) and peer.node in self.agent_nodes
+
+    def members(self, group: str, limit: int) -> tuple[list[dict[str, Any]], int]:
+        """Up to ``limit`` live members of a workload group, and how many there are."""
+        found = [(name, ips, peer.node) for (ns, name), (ips, peer) in self._pod_ips.items() if peer.group == group]
+        found.sort()
+        return [{"name": n, "ips": ips[:4], "node": node} for n, ips, node in found[:limit]], len(found)

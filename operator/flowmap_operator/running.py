@@ -1,0 +1,237 @@
+"""``flowmap operator run``: kopf watches, the gRPC server and the writer in one event loop.
+
+Start: read the cluster (pods, nodes, services, slices, jobs, groups) and every Connection, so
+that the first report after a restart resolves and counts exactly as before it; only then serve.
+Leadership: kopf peering with the start time (ms) as priority, so the newest replica leads and a
+restarted operator takes over at once; each replica reads the peering object to know whether it
+leads (followers answer ``leader=false``). Even two leaders for a moment cannot double a count:
+every status update is guarded by resourceVersion and carries its watermarks.
+Stop (SIGTERM/SIGINT, the one owner of signals): stop taking reports, flush within a deadline,
+stop kopf.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+import kopf
+from kubernetes_asyncio import client, config
+from kubernetes_asyncio.client.exceptions import ApiException
+from prometheus_client import start_http_server
+
+from flowmap_api import report_pb2_grpc as pb_grpc
+from flowmap_operator import metrics
+from flowmap_operator.auth import Authenticator
+from flowmap_operator.resolution import Resolver
+from flowmap_operator.serving import ReportServicer
+from flowmap_operator.settings import Settings
+from flowmap_operator.topology import Topology
+from flowmap_operator.writing import Bucket, Writer
+
+log = logging.getLogger("flowmap.operator")
+STOP_DEADLINE = 15.0
+
+
+class Leadership:
+    """Reads the kopf peering object: this replica leads when no live peer outranks it."""
+
+    def __init__(self, api: client.CustomObjectsApi, name: str, identity: str, priority: int) -> None:
+        self.api, self.name, self.identity, self.priority = api, name, identity, priority
+        self.leader = False
+
+    def __call__(self) -> bool:
+        return self.leader
+
+    async def watch(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                peering = await self.api.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", self.name)
+                self.leader = self._leads(peering.get("status") or {})
+            except ApiException as exc:
+                # No peering object: peering is off and this replica is alone (kopf runs standalone).
+                self.leader = exc.status == 404
+            except Exception as exc:  # noqa: BLE001 - keep the last answer while the API is away
+                log.warning("cannot read the peering object: %s", exc)
+            metrics.LEADER.set(1 if self.leader else 0)
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=2.0)
+            except asyncio.TimeoutError:
+                pass
+
+    def _leads(self, peers: dict[str, Any]) -> bool:
+        now = time.time()
+        for ident, info in peers.items():
+            if ident == self.identity or not isinstance(info, dict):
+                continue
+            seen = datetime.fromisoformat(str(info.get("lastseen", "1970-01-01T00:00:00")).replace("Z", "+00:00"))
+            seen_ts = seen.timestamp() if seen.tzinfo else seen.timestamp() - time.timezone
+            alive = seen_ts + float(info.get("lifetime", 60)) > now
+            if alive and int(info.get("priority", 0)) >= self.priority:
+                return False
+        return True
+
+
+def _register_watches(registry: kopf.OperatorRegistry, resolver: Resolver) -> None:
+    def feed(seen: Callable[[Any], None], gone: Callable[[Any], None]) -> Callable[..., None]:
+        def handler(type: str | None, body: kopf.Body, **_: Any) -> None:  # noqa: A002 - kopf's name
+            (gone if type == "DELETED" else seen)(body)
+        return handler
+
+    now = time.time
+    watches: list[tuple[tuple[str, str, str], Callable[..., None]]] = [
+        (("", "v1", "pods"), feed(lambda b: resolver.pod_seen(b, now()),
+                                  lambda b: resolver.pod_gone(b.metadata.namespace or "", b.metadata.name or "", now()))),
+        (("", "v1", "nodes"), feed(resolver.node_seen, lambda b: resolver.node_gone(b.metadata.name or ""))),
+        (("", "v1", "services"), feed(resolver.service_seen,
+                                      lambda b: resolver.service_gone(b.metadata.namespace or "", b.metadata.name or ""))),
+        (("discovery.k8s.io", "v1", "endpointslices"), feed(resolver.slice_seen, lambda b: resolver.slice_gone(
+            b.metadata.namespace or "", b.metadata.name or "", b.metadata.labels.get("kubernetes.io/service-name", "")))),
+        (("batch", "v1", "jobs"), feed(resolver.job_seen, lambda b: None)),
+        (("flowmap.dev", "v1alpha1", "groups"), feed(resolver.cidr_group_seen,
+                                                    lambda b: resolver.cidr_group_gone(b.metadata.name or ""))),
+    ]
+    for (group, version, plural), handler in watches:
+        kopf.on.event(group, version, plural, registry=registry)(handler)
+
+
+async def _prime(resolver: Resolver, core: client.CoreV1Api, custom: client.CustomObjectsApi,
+                 api_client: client.ApiClient) -> None:
+    """Read the cluster once before serving, so that no report is resolved against half a picture."""
+    now = time.time()
+    sanitize = api_client.sanitize_for_serialization
+    for node in (await core.list_node()).items:
+        resolver.node_seen(sanitize(node))
+    for job in (await client.BatchV1Api(api_client).list_job_for_all_namespaces()).items:
+        resolver.job_seen(sanitize(job))
+    for pod in (await core.list_pod_for_all_namespaces()).items:
+        resolver.pod_seen(sanitize(pod), now)
+    for svc in (await core.list_service_for_all_namespaces()).items:
+        resolver.service_seen(sanitize(svc))
+    for eps in (await client.DiscoveryV1Api(api_client).list_endpoint_slice_for_all_namespaces()).items:
+        resolver.slice_seen(sanitize(eps))
+    for group in (await custom.list_cluster_custom_object("flowmap.dev", "v1alpha1", "groups")).get("items", []):
+        resolver.cidr_group_seen(group)
+
+
+async def _until_done(what: str, step: Callable[[], Awaitable[None]], stop: asyncio.Event) -> bool:
+    """Retry ``step`` with backoff while the API server is away or busy; False if stopped first."""
+    delay = 0.5
+    while not stop.is_set():
+        try:
+            await step()
+            return True
+        except ApiException as exc:
+            if exc.status not in (429, 500, 502, 503, 504):
+                raise
+            log.warning("%s: API answered %s, retrying in %.1f s", what, exc.status, delay)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            log.warning("%s: API unreachable (%s), retrying in %.1f s", what, exc, delay)
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=delay)
+        except asyncio.TimeoutError:
+            pass
+        delay = min(delay * 2, 10.0)
+    return False
+
+
+async def _flush_loop(writer: Writer, leads: Callable[[], bool], settings: Settings, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        if leads():
+            try:
+                await writer.flush(time.monotonic() + settings.flush_interval)
+            except Exception:  # noqa: BLE001 - one bad round must not stop the writer
+                log.exception("flush round failed")
+            ledger = writer.topology.ledger
+            metrics.UNACKED_BATCHES.set(sum(ledger.waiting_batches(a) for a in ledger.agents))
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=settings.flush_interval if not writer.topology.ledger.dirty()
+                                   else 0.01)
+        except asyncio.TimeoutError:
+            pass
+
+
+async def run(settings: Settings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    if os.environ.get("KUBECONFIG") or Path("~/.kube/config").expanduser().exists():
+        await config.load_kube_config()
+    else:
+        config.load_incluster_config()
+    api_client = client.ApiClient()
+    custom, core = client.CustomObjectsApi(api_client), client.CoreV1Api(api_client)
+
+    resolver = Resolver()
+    topology = Topology(resolver, max_connections=settings.max_connections, max_ports=settings.max_ports_per_pair)
+    writer = Writer(custom, topology, Bucket(settings.write_budget))
+    if not (await _until_done("reading the cluster", lambda: _prime(resolver, core, custom, api_client), stop)
+            and await _until_done("reading the map", writer.load, stop)):
+        await api_client.close()
+        return
+
+    identity = f"{os.environ.get('POD_NAME') or socket.gethostname()}/{os.getpid()}"
+    priority = time.time_ns() // 1_000_000
+    leadership = Leadership(custom, settings.peering_name, identity, priority)
+    auth = Authenticator(client.AuthenticationV1Api(api_client), namespace=settings.namespace,
+                         service_account=settings.agent_service_account, audience=settings.token_audience)
+    series = metrics.EdgeSeries(settings.metrics_series_cap)
+
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+    pb_grpc.add_ReportServiceServicer_to_server(ReportServicer(topology, auth, settings, leadership, series), server)
+    creds = grpc.ssl_server_credentials([(Path(settings.grpc_tls_key).read_bytes(),
+                                          Path(settings.grpc_tls_cert).read_bytes())])
+    server.add_secure_port(f"[::]:{settings.grpc_port}", creds)
+    start_http_server(settings.metrics_port, registry=metrics.REGISTRY)
+
+    registry = kopf.OperatorRegistry()
+    _register_watches(registry, resolver)
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        # A registry of our own starts without kopf's default login handlers.
+        if os.environ.get("KUBECONFIG"):
+            return kopf.login_with_kubeconfig(**kwargs)
+        return kopf.login_with_service_account(**kwargs)
+
+    kopf_stop, kopf_ready = asyncio.Event(), asyncio.Event()
+    kopf_settings = kopf.OperatorSettings()
+    kopf_settings.scanning.disabled = True  # the resources are known: no need to read every CRD
+    kopf_task = asyncio.create_task(kopf.operator(
+        registry=registry, settings=kopf_settings, clusterwide=True, identity=identity,  # type: ignore[arg-type]
+        priority=priority, peering_name=settings.peering_name, stop_flag=kopf_stop, ready_flag=kopf_ready,
+        standalone=None))
+    await asyncio.wait([kopf_task, asyncio.ensure_future(kopf_ready.wait())], return_when=asyncio.FIRST_COMPLETED)
+    # kopf installs its own SIGTERM/SIGINT handlers, and when it stops it cancels every task of the
+    # loop: take the signals back so that the ordered stop below runs first and kopf stops last.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    leader_task = asyncio.create_task(leadership.watch(stop))
+    await server.start()
+    flush_task = asyncio.create_task(_flush_loop(writer, leadership, settings, stop))
+    log.info("serving reports on :%d (metrics on :%d)", settings.grpc_port, settings.metrics_port)
+
+    await asyncio.wait([kopf_task, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+    stop.set()
+    log.info("stopping: no new reports, flushing for at most %.0f s", STOP_DEADLINE)
+    await server.stop(grace=2.0)
+    await flush_task
+    if leadership():
+        deadline = time.monotonic() + STOP_DEADLINE
+        while topology.ledger.dirty() and time.monotonic() < deadline:
+            await writer.flush(deadline)
+    kopf_stop.set()
+    await asyncio.gather(kopf_task, leader_task, return_exceptions=True)
+    await api_client.close()

@@ -1,0 +1,79 @@
+"""The gRPC ReportService: a thin servicer over the pure topology, one place for status codes."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import grpc
+
+from flowmap_api import report_pb2 as pb
+from flowmap_api import report_pb2_grpc as pb_grpc
+from flowmap_operator import metrics
+from flowmap_operator.auth import Authenticator, PermissionDenied, Unauthenticated, Unavailable
+from flowmap_operator.ledger import OutOfOrder
+from flowmap_operator.settings import Settings
+from flowmap_operator.topology import Topology
+from flowmap_operator.validation import InvalidReport, validate
+
+log = logging.getLogger("flowmap.operator.serving")
+
+
+class Busy(Exception):
+    """The operator holds too much of this agent's unwritten data: retry later, keep the batch."""
+
+
+class ReportServicer(pb_grpc.ReportServiceServicer):
+    def __init__(self, topology: Topology, auth: Authenticator, settings: Settings,
+                 is_leader: Callable[[], bool], series: metrics.EdgeSeries) -> None:
+        self.topology, self.auth, self.settings = topology, auth, settings
+        self.is_leader, self.series = is_leader, series
+
+    async def Report(self, request: pb.ReportBatch, context: grpc.aio.ServicerContext) -> pb.ReportAck:  # noqa: N802
+        code, message = grpc.StatusCode.OK, ""
+        try:
+            return await self._report(request, context)
+        except Unauthenticated as exc:
+            code, message, outcome = grpc.StatusCode.UNAUTHENTICATED, str(exc), "unauthenticated"
+        except PermissionDenied as exc:
+            code, message, outcome = grpc.StatusCode.PERMISSION_DENIED, str(exc), "permission_denied"
+        except InvalidReport as exc:
+            code, message, outcome = grpc.StatusCode.INVALID_ARGUMENT, str(exc), "invalid"
+        except OutOfOrder as exc:
+            code, message, outcome = grpc.StatusCode.FAILED_PRECONDITION, str(exc), "out_of_order"
+        except Busy as exc:
+            code, message, outcome = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), "busy"
+        except Unavailable as exc:
+            code, message, outcome = grpc.StatusCode.UNAVAILABLE, str(exc), "unavailable"
+        metrics.REPORTS.labels(outcome).inc()
+        log.info("report refused (%s): %s", code.name, message)
+        await context.abort(code, message)
+        raise AssertionError("unreachable")  # context.abort raises
+
+    async def _report(self, request: pb.ReportBatch, context: grpc.aio.ServicerContext) -> pb.ReportAck:
+        identity = await self.auth.identify(tuple(context.invocation_metadata() or ()))
+        self.auth.authorize(identity, request.node)
+        validate(request, max_edges=self.settings.max_batch_edges)
+        if not self.is_leader():
+            metrics.REPORTS.labels("not_leader").inc()
+            return pb.ReportAck(applied=0, leader=False)
+        ledger = self.topology.ledger
+        state = ledger.agents.get(request.agent_id)
+        waiting = ledger.waiting_batches(request.agent_id)
+        if (state is None or request.sequence > state.delivered) and waiting >= self.settings.max_waiting_batches:
+            raise Busy(f"{waiting} batches of this agent are not written yet")
+        if request.sent_unix_ms:
+            metrics.BATCH_LAG.observe(max(0.0, time.time() - request.sent_unix_ms / 1000))
+        result = self.topology.ingest(request, time.time())
+        for outcome in ("counted", "duplicates", "other_observer", "overflow"):
+            metrics.REPORT_EDGES.labels(outcome).inc(getattr(result, outcome))
+        metrics.CONNECTION_OVERFLOW.inc(result.overflow)
+        for key, c in result.applied:
+            client, server = self.topology.groups[key[0]].peer, self.topology.groups[key[1]].peer
+            app = self.topology.edges[key].apps
+            self.series.add((client.group, client.namespace), (server.group, server.namespace), key[2], key[3],
+                            ",".join(sorted(app - {"unknown"})) or "unknown", c.bytes_c2s, c.bytes_s2c,
+                            c.packets_c2s, c.packets_s2c, c.sessions)
+        metrics.REPORTS.labels("applied").inc()
+        return pb.ReportAck(applied=ledger.acked(request.agent_id), leader=True)

@@ -1,0 +1,49 @@
+"""The operator's settings, read once from ``FLOWMAP_OPERATOR_*`` environment variables."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class Settings:
+    namespace: str = "flowmap-system"  # where the operator and the agents run
+    agent_service_account: str = "flowmap-agent"
+    token_audience: str = "flowmap"
+    grpc_port: int = 9443
+    grpc_tls_cert: str = "/etc/flowmap/tls/tls.crt"  # the gRPC port always serves TLS
+    grpc_tls_key: str = "/etc/flowmap/tls/tls.key"
+    metrics_port: int = 9090
+    write_budget: float = 20.0  # API writes per second, all kinds together
+    flush_interval: float = 0.5  # seconds between flush rounds
+    max_connections: int = 10_000
+    max_ports_per_pair: int = 20  # more ports between two groups collapse into one "any" edge
+    group_ttl: float = 24 * 3600.0  # a group whose workload is gone is deleted after this
+    connection_ttl: float = 7 * 24 * 3600.0  # a connection idle this long is deleted
+    gc_interval: float = 60.0
+    max_batch_edges: int = 20_000
+    max_waiting_batches: int = 64  # per agent: beyond this the agent is asked to back off
+    metrics_series_cap: int = 10_000
+    peering_name: str = "flowmap"
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        """Read ``FLOWMAP_OPERATOR_<FIELD>`` for each field; unknown values fail loudly."""
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = env.get(f"FLOWMAP_OPERATOR_{f.name.upper()}")
+            if raw is None:
+                continue
+            kind = type(f.default)
+            try:
+                if kind is bool:
+                    if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                        raise ValueError(raw)
+                    values[f.name] = raw.lower() in ("1", "true", "yes")
+                else:
+                    values[f.name] = kind(raw)
+            except ValueError:
+                raise ValueError(f"FLOWMAP_OPERATOR_{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+        return cls(**values)  # type: ignore[arg-type]

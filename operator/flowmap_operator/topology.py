@@ -1,0 +1,133 @@
+"""Reports become edges: resolve both ends, pick the one observer that counts, apply once.
+
+Pure apart from the clock it is handed: the writer turns what this module keeps into API
+objects, and rebuilds it from them on start.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from flowmap_api import report_pb2 as pb
+from flowmap_api.apps import UNKNOWN
+from flowmap_operator.ledger import Counters, EdgeKey, Ledger
+from flowmap_operator.naming import connection_name
+from flowmap_operator.resolution import Peer, Resolver
+
+PROTOCOLS = {pb.TCP: "TCP", pb.UDP: "UDP", pb.SCTP: "SCTP", pb.ICMP: "ICMP"}
+
+
+@dataclass
+class EdgeInfo:
+    """What an edge carries besides its counters; merging it twice changes nothing."""
+
+    name: str
+    apps: set[str] = field(default_factory=set)
+    service: str = ""
+    first_seen: float = 0.0
+    last_seen: float = 0.0
+    threats: int = 0  # threat hits (best effort: a resent batch may add its hits again)
+    threat_examples: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=5))
+    denied: bool = False
+    active: dict[str, int] = field(default_factory=dict)  # agent -> sessions open at its last report
+
+
+@dataclass
+class GroupInfo:
+    peer: Peer
+    last_seen: float = 0.0
+    written_last_seen: float = -1.0
+    exists: bool = False
+
+
+@dataclass
+class Ingested:
+    counted: int = 0  # edge deltas applied
+    duplicates: int = 0  # already counted (a resent batch)
+    other_observer: int = 0  # counted by the node on the other side
+    overflow: int = 0  # dropped: the Connection cap is reached
+    applied: list[tuple[EdgeKey, Counters]] = field(default_factory=list)
+
+
+class Topology:
+    def __init__(self, resolver: Resolver, *, max_connections: int, max_ports: int) -> None:
+        self.resolver = resolver
+        self.ledger = Ledger()
+        self.edges: dict[EdgeKey, EdgeInfo] = {}
+        self.groups: dict[str, GroupInfo] = {}
+        self.ports: dict[tuple[str, str, str], set[int]] = {}  # (client, server, protocol) -> ports
+        self.max_connections = max_connections
+        self.max_ports = max_ports
+        self.overflow_total = 0
+
+    def key_for(self, client: str, server: str, port: int, protocol: str) -> EdgeKey | None:
+        """The edge a delta belongs to: ports beyond the limit share the "any" edge (port 0)."""
+        seen = self.ports.setdefault((client, server, protocol), set())
+        if port and port not in seen and len(seen - {0}) >= self.max_ports:
+            port = 0
+        key = (client, server, port, protocol)
+        if key not in self.edges and len(self.edges) >= self.max_connections:
+            return None
+        seen.add(port)
+        return key
+
+    def edge(self, key: EdgeKey) -> EdgeInfo:
+        info = self.edges.get(key)
+        if info is None:
+            info = self.edges[key] = EdgeInfo(connection_name(*key))
+        return info
+
+    def _touch(self, peer: Peer, when: float) -> None:
+        group = self.groups.get(peer.group)
+        if group is None:
+            group = self.groups[peer.group] = GroupInfo(Peer(peer.group, peer.kind, peer.namespace,
+                                                             peer.workload_kind, peer.workload))
+        group.last_seen = max(group.last_seen, when)
+
+    def ingest(self, batch: pb.ReportBatch, now: float) -> Ingested:
+        """Apply one validated batch (raises ledger.OutOfOrder for a batch that skips ahead)."""
+        agent, seq = batch.agent_id, batch.sequence
+        self.ledger.begin_batch(agent, batch.node, seq, batch.acked)
+        for name in batch.names:
+            self.resolver.learn_name(name.ip, name.name, name.ttl_seconds, name.seen_unix_ms / 1000 or now)
+        result = Ingested()
+        for delta in batch.edges:
+            when = delta.last_seen_unix_ms / 1000 or now
+            protocol = PROTOCOLS[delta.protocol]
+            client = self.resolver.resolve(delta.client.ip, when)
+            if not delta.client.local and not (delta.server.local and not self.resolver.captured(client)):
+                # The client's own node reports this session: counting it here too would double it.
+                result.other_observer += 1
+                continue
+            via = self.resolver.resolve_service(delta.server.ip, delta.server.port, protocol, when)
+            if via:
+                server, port, service = via
+            else:
+                server, port, service = self.resolver.resolve(delta.server.ip, when), delta.server.port, ""
+            key = self.key_for(client.group, server.group, port, protocol)
+            if key is None:
+                result.overflow += 1
+                self.overflow_total += 1
+                continue
+            counters = Counters(delta.bytes_c2s, delta.bytes_s2c, delta.packets_c2s, delta.packets_s2c,
+                                delta.sessions_opened)
+            info = self.edge(key)
+            if self.ledger.apply(agent, seq, key, counters, now):
+                result.counted += 1
+                result.applied.append((key, counters))
+                info.threats += len(delta.threats)
+                info.threat_examples.extend({"name": t.name, "snippet": t.snippet[:256]} for t in delta.threats)
+            else:
+                result.duplicates += 1
+            info.apps.update(delta.apps or (UNKNOWN,))
+            info.service = service or info.service
+            first = delta.first_seen_unix_ms / 1000 or when
+            info.first_seen = min(info.first_seen, first) if info.first_seen else first
+            info.last_seen = max(info.last_seen, when)
+            info.denied = info.denied or delta.verdict == pb.DENIED
+            info.active[agent] = delta.sessions_active
+            self._touch(client, when)
+            self._touch(server, when)
+        return result

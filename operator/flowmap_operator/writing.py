@@ -1,0 +1,275 @@
+"""Coalesced, budgeted writes of Groups and Connections, and the rebuild from them on start.
+
+Every write, of any kind, takes a token from one bucket filled at ``write_budget`` per second.
+New Connections go first (a new edge should show within seconds), then the longest-dirty ones.
+A Connection's counters and watermarks travel in one status update guarded by resourceVersion;
+a conflict re-reads the object, an update of unknown outcome is settled by re-reading too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+import aiohttp
+from kubernetes_asyncio.client import CustomObjectsApi
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from flowmap_operator import metrics
+from flowmap_operator.ledger import Counters, EdgeKey, FlushPlan, watermarks_from_status, watermarks_to_status
+from flowmap_operator.resolution import Peer
+from flowmap_operator.naming import object_name
+from flowmap_operator.topology import EdgeInfo, GroupInfo, Topology
+
+log = logging.getLogger("flowmap.operator.writing")
+GROUP, VERSION = "flowmap.dev", "v1alpha1"
+MERGE = "application/merge-patch+json"
+GROUP_REFRESH = 60.0  # seconds between lastSeen refreshes of a Group: it is not worth the budget
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_iso(value: str | None) -> float:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() if value else 0.0
+
+
+def connection_status(plan: FlushPlan, info: EdgeInfo) -> dict[str, Any]:
+    c = plan.counters
+    apps = sorted(info.apps)
+    status: dict[str, Any] = {
+        "app": (",".join(a for a in apps if a != "unknown") or "unknown")[:256],
+        "applications": apps,
+        "bytes": {"clientToServer": c.bytes_c2s, "serverToClient": c.bytes_s2c, "total": c.bytes_c2s + c.bytes_s2c},
+        "packets": {"clientToServer": c.packets_c2s, "serverToClient": c.packets_s2c},
+        "sessions": {"total": c.sessions, "active": sum(info.active.values())},
+        "action": "Denied" if info.denied else "Learned",
+        "observers": watermarks_to_status(plan.watermarks),
+    }
+    if info.first_seen:
+        status["firstSeen"] = iso(info.first_seen)
+    if info.last_seen:
+        status["lastSeen"] = iso(info.last_seen)
+    if info.service:
+        status["service"] = info.service
+    if info.threats:
+        status["threats"] = {"count": info.threats, "examples": list(info.threat_examples)}
+    return status
+
+
+class Bucket:
+    """A token bucket: at most ``rate`` writes per second, bursts of at most one second's worth."""
+
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate, self.clock = rate, clock
+        self.tokens, self.stamp = min(rate, 1.0), clock()
+
+    async def take(self) -> None:
+        while True:
+            now = self.clock()
+            self.tokens = min(max(self.rate, 1.0), self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+            if self.tokens >= 1.0:
+                self.tokens -= 1.0
+                return
+            await asyncio.sleep((1.0 - self.tokens) / self.rate)
+
+
+class Writer:
+    def __init__(self, api: CustomObjectsApi, topology: Topology, bucket: Bucket) -> None:
+        self.api, self.topology, self.bucket = api, topology, bucket
+
+    async def _call(self, kind: str, verb: str, coro: Any) -> Any:
+        await self.bucket.take()
+        started = time.monotonic()
+        try:
+            result = await coro
+        except ApiException as exc:
+            metrics.API_WRITES.labels(kind, verb, str(exc.status)).inc()
+            if exc.status == 429:
+                metrics.API_THROTTLED.inc()
+            raise
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            metrics.API_WRITES.labels(kind, verb, "error").inc()
+            raise
+        metrics.API_WRITES.labels(kind, verb, "ok").inc()
+        metrics.API_WRITE_SECONDS.observe(time.monotonic() - started)
+        return result
+
+    # -- start: rebuild from the API --------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Rebuild counters, watermarks and groups from the objects (the only store)."""
+        conns = await self.api.list_cluster_custom_object(GROUP, VERSION, "connections")
+        for obj in conns.get("items", []):
+            spec, status = obj.get("spec", {}), obj.get("status") or {}
+            key: EdgeKey = (spec["client"], spec["server"], int(spec["port"]), spec["protocol"])
+            self._load_edge(key, obj)
+            info = self.topology.edge(key)
+            info.name = obj["metadata"]["name"]
+            info.apps.update(status.get("applications") or [])
+            info.service = status.get("service", "")
+            info.first_seen = parse_iso(status.get("firstSeen"))
+            info.last_seen = parse_iso(status.get("lastSeen"))
+            info.threats = int((status.get("threats") or {}).get("count", 0))
+            info.denied = status.get("action") == "Denied"
+            self.topology.ports.setdefault((key[0], key[1], key[3]), set()).add(key[2])
+        groups = await self.api.list_cluster_custom_object(GROUP, VERSION, "groups")
+        for obj in groups.get("items", []):
+            status = obj.get("status") or {}
+            name = obj["metadata"]["name"]
+            wl = status.get("workload") or {}
+            peer = Peer(name, status.get("kind", "Workload"), status.get("namespace", ""), wl.get("kind", ""),
+                        wl.get("name", ""))
+            info = self.topology.groups.setdefault(name, GroupInfo(peer))
+            info.exists = True
+            info.written_last_seen = info.last_seen = max(info.last_seen, parse_iso(status.get("lastSeen")))
+        log.info("loaded %d connections and %d groups", len(self.topology.edges), len(self.topology.groups))
+
+    def _load_edge(self, key: EdgeKey, obj: dict[str, Any]) -> None:
+        status = obj.get("status") or {}
+        b, p, s = status.get("bytes") or {}, status.get("packets") or {}, status.get("sessions") or {}
+        counters = Counters(int(b.get("clientToServer", 0)), int(b.get("serverToClient", 0)),
+                            int(p.get("clientToServer", 0)), int(p.get("serverToClient", 0)), int(s.get("total", 0)))
+        self.topology.ledger.load(key, counters, watermarks_from_status(status), obj["metadata"]["resourceVersion"])
+
+    # -- a flush round --------------------------------------------------------------------------
+
+    async def flush(self, deadline: float) -> int:
+        """Write dirty objects until ``deadline`` (monotonic); return how many were written."""
+        written = 0
+        for group in [g for g in self.topology.groups.values() if not g.exists]:
+            if time.monotonic() >= deadline:
+                return written
+            written += await self._guard(self._create_group(group))
+        for edge in self.topology.ledger.dirty():
+            if time.monotonic() >= deadline:
+                break
+            written += await self._guard(self._write_edge(edge.key))
+        for group in self.topology.groups.values():
+            if time.monotonic() >= deadline:
+                break
+            if group.last_seen - group.written_last_seen >= GROUP_REFRESH:
+                written += await self._guard(self._refresh_group(group))
+        metrics.DIRTY_OBJECTS.set(len(self.topology.ledger.dirty()))
+        return written
+
+    async def _guard(self, coro: Any) -> int:
+        try:
+            return int(await coro)
+        except ApiException as exc:
+            log.warning("API write refused: %s %s", exc.status, exc.reason)
+            if exc.status == 429:
+                await asyncio.sleep(1.0)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            log.warning("API unreachable: %s", exc)
+            await asyncio.sleep(0.5)
+        return 0
+
+    async def _create_group(self, group: GroupInfo) -> bool:
+        peer = group.peer
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Group", "metadata": {"name": peer.group,
+                "labels": {"flowmap.dev/kind": peer.kind.lower()}}}
+        if peer.namespace:
+            body["metadata"]["labels"]["flowmap.dev/namespace"] = peer.namespace
+        try:
+            await self._call("group", "create", self.api.create_cluster_custom_object(GROUP, VERSION, "groups", body))
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+        group.exists = True
+        await self._refresh_group(group)
+        return True
+
+    async def _refresh_group(self, group: GroupInfo) -> bool:
+        peer = group.peer
+        status: dict[str, Any] = {"kind": peer.kind, "lastSeen": iso(group.last_seen or time.time())}
+        if peer.namespace:
+            status["namespace"] = peer.namespace
+        if peer.kind == "Workload":
+            status["workload"] = {"kind": peer.workload_kind, "name": peer.workload}
+            members, count = self.topology.resolver.members(peer.group, 32)
+            status["members"], status["memberCount"] = members, count
+        await self._call("group", "status", self.api.patch_cluster_custom_object_status(
+            GROUP, VERSION, "groups", peer.group, {"status": status}, _content_type=MERGE))
+        group.written_last_seen = group.last_seen
+        return True
+
+    async def _write_edge(self, key: EdgeKey) -> bool:
+        ledger, info = self.topology.ledger, self.topology.edges[key]
+        edge = ledger.edges[key]
+        if edge.in_doubt is not None:
+            await self._reread(key, info)
+            if edge.dirty_since is None:
+                return False
+        if edge.resource_version is None:
+            await self._create_connection(key, info)
+        plan = ledger.plan(key)
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Connection",
+                "metadata": {"name": info.name, "resourceVersion": edge.resource_version},
+                "spec": {"client": key[0], "server": key[1], "port": key[2], "protocol": key[3]},
+                "status": connection_status(plan, info)}
+        started = time.monotonic()
+        try:
+            result = await self._call("connection", "status", self.api.replace_cluster_custom_object_status(
+                GROUP, VERSION, "connections", info.name, body))
+        except ApiException as exc:
+            if exc.status == 409:
+                metrics.API_CONFLICTS.inc()
+                await self._reread(key, info)
+                return False
+            if exc.status == 404:
+                ledger.load(key, Counters(), [], "")
+                edge.resource_version = None
+                return False
+            if exc.status >= 500 or exc.status == 429:
+                ledger.in_doubt(plan)  # a 5xx after the request was sent says nothing about etcd
+            raise
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            ledger.in_doubt(plan)
+            raise
+        ledger.written(plan, result["metadata"]["resourceVersion"])
+        metrics.FLUSH_SECONDS.observe(time.monotonic() - started)
+        return True
+
+    async def _create_connection(self, key: EdgeKey, info: EdgeInfo) -> None:
+        client_ns = self.topology.groups[key[0]].peer.namespace if key[0] in self.topology.groups else ""
+        server_ns = self.topology.groups[key[1]].peer.namespace if key[1] in self.topology.groups else ""
+        labels = {k: v for k, v in (("flowmap.dev/client-namespace", client_ns),
+                                    ("flowmap.dev/server-namespace", server_ns)) if v}
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Connection",
+                "metadata": {"name": info.name, "labels": labels},
+                "spec": {"client": key[0], "server": key[1], "port": key[2], "protocol": key[3]}}
+        try:
+            created = await self._call("connection", "create", self.api.create_cluster_custom_object(
+                GROUP, VERSION, "connections", body))
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            await self._reread(key, info)  # created by a previous leader, or before a crash
+            return
+        self.topology.ledger.edges[key].resource_version = created["metadata"]["resourceVersion"]
+
+    async def _reread(self, key: EdgeKey, info: EdgeInfo) -> None:
+        try:
+            obj = await self.api.get_cluster_custom_object(GROUP, VERSION, "connections", info.name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            self.topology.ledger.load(key, Counters(), [], "")
+            self.topology.ledger.edges[key].resource_version = None
+            return
+        spec = obj.get("spec", {})
+        if (spec.get("client"), spec.get("server"), spec.get("port"), spec.get("protocol")) != key:
+            # Two edges whose readable names collide: this one takes the hashed form of its name.
+            log.warning("Connection %s already names another edge %s", info.name, spec)
+            info.name = object_name(f"{info.name}#{key}")
+            self.topology.ledger.edges[key].resource_version = None
+            return
+        self._load_edge(key, obj)
+

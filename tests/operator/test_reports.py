@@ -1,0 +1,81 @@
+"""Reports become Groups and Connections: names, columns, counts, one observer per edge."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from flowmap_api import report_pb2 as pb
+from tests.conftest import need
+from tests.operator.conftest import API, API_SVC, REDIS, WEB
+from tests.operator.harness import Agent, Cluster, Operator, edge
+
+
+def wait_for(check: Any, timeout: float = 30.0, what: str = "condition") -> Any:
+    end = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def connection(cluster: Cluster, name: str) -> dict[str, Any] | None:
+    proc = cluster.plane.kubectl("get", "connection", name, "-o", "json", check=False)
+    return json.loads(proc.stdout) if proc.returncode == 0 else None
+
+
+@pytest.fixture(scope="module")
+def operator(cluster: Cluster) -> Iterator[Operator]:
+    op = Operator(cluster, write_budget=50, flush_interval=0.2).start().wait_leading()
+    try:
+        yield op
+    finally:
+        op.stop()
+
+
+def agent(cluster: Cluster, op: Operator, node: str, pod: str, agent_id: str) -> Agent:
+    return Agent(op, agent_id, node, cluster.token("flowmap-agent", pod_name=pod))
+
+
+def test_reports_become_groups_and_connections(cluster: Cluster, operator: Operator) -> None:
+    a = agent(cluster, operator, "node-a", "agent-a", "agent-a-1")
+    b = agent(cluster, operator, "node-b", "agent-b", "agent-b-1")
+    now = time.time()
+    a.batch([edge(WEB, 40000, API_SVC, 80, bytes_c2s=300, bytes_s2c=5000, when=now),
+             edge(WEB, 40001, "93.184.216.34", 443, apps=("tls",), bytes_c2s=700, bytes_s2c=9000, when=now)],
+            names=[pb.DnsName(ip="93.184.216.34", name="example.com", ttl_seconds=300,
+                              seen_unix_ms=int(now * 1000))])
+    # node-b sees the same web -> api session from the server side: web is captured on node-a,
+    # so only node-a's report counts.
+    b.batch([edge(WEB, 40000, API, 8080, local="server", bytes_c2s=300, bytes_s2c=5000, when=now),
+             edge(API, 50000, REDIS, 6379, apps=("redis",), bytes_c2s=50, bytes_s2c=60, when=now)])
+    a.flush()
+    b.flush()
+
+    web_api = wait_for(lambda: connection(cluster, "shop.web-shop.api-8080-tcp"), what="web -> api")
+    status = web_api["status"]
+    assert web_api["spec"] == {"client": "shop.web", "server": "shop.api", "port": 8080, "protocol": "TCP"}
+    assert status["bytes"] == {"clientToServer": 300, "serverToClient": 5000, "total": 5300}
+    assert status["service"] == "shop/api" and status["app"] == "http"
+    external = wait_for(lambda: connection(cluster, "shop.web-example.com-443-tcp"), what="web -> example.com")
+    assert external["status"]["app"] == "tls" and external["status"]["bytes"]["total"] == 9700
+    redis = wait_for(lambda: connection(cluster, "shop.api-shop.redis-6379-tcp"), what="api -> redis")
+    assert redis["status"]["bytes"]["total"] == 110
+
+    groups = json.loads(cluster.plane.kubectl("get", "groups", "-o", "json").stdout)["items"]
+    by_name = {g["metadata"]["name"]: g.get("status", {}) for g in groups}
+    assert by_name["shop.web"]["kind"] == "Workload"
+    assert by_name["shop.web"]["workload"] == {"kind": "Deployment", "name": "web"}
+    assert by_name["shop.redis"]["workload"] == {"kind": "StatefulSet", "name": "redis"}
+    assert by_name["example.com"]["kind"] == "FQDN"
+    rows = [re.split(r"\s{2,}", line) for line in cluster.plane.kubectl("get", "connections").stdout.splitlines()]
+    assert ["shop.web-shop.api-8080-tcp", "shop.web", "shop.api", "8080", "TCP", "http", "Learned", "5300", "1"] in [
+        r[:9] for r in rows]
