@@ -146,10 +146,14 @@ async def _until_done(what: str, step: Callable[[], Awaitable[None]], stop: asyn
 
 
 async def _flush_loop(writer: Writer, leads: Callable[[], bool], settings: Settings, stop: asyncio.Event) -> None:
+    collected = time.monotonic()
     while not stop.is_set():
         if leads():
             try:
                 await writer.flush(time.monotonic() + settings.flush_interval)
+                if time.monotonic() - collected >= settings.gc_interval:
+                    collected = time.monotonic()
+                    await writer.collect(time.time(), settings.connection_ttl, settings.group_ttl)
             except Exception:  # noqa: BLE001 - one bad round must not stop the writer
                 log.exception("flush round failed")
             ledger = writer.topology.ledger

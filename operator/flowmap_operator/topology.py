@@ -40,6 +40,10 @@ class GroupInfo:
     last_seen: float = 0.0
     written_last_seen: float = -1.0
     exists: bool = False
+    user_defined: bool = False  # a CIDR group a user wrote: never deleted by us
+    empty_since: float | None = None  # a workload group with no pods since then
+    overflow: int = 0  # its edges dropped because the Connection cap is reached
+    written_overflow: int = 0
 
 
 @dataclass
@@ -61,6 +65,16 @@ class Topology:
         self.max_connections = max_connections
         self.max_ports = max_ports
         self.overflow_total = 0
+
+    def forget(self, key: EdgeKey) -> None:
+        """Drop an edge whose Connection was deleted (idle past its TTL)."""
+        self.edges.pop(key, None)
+        self.ledger.edges.pop(key, None)
+        ports = self.ports.get((key[0], key[1], key[3]))
+        if ports is not None:
+            ports.discard(key[2])
+            if not ports:
+                del self.ports[(key[0], key[1], key[3])]
 
     def key_for(self, client: str, server: str, port: int, protocol: str) -> EdgeKey | None:
         """The edge a delta belongs to: ports beyond the limit share the "any" edge (port 0)."""
@@ -93,6 +107,9 @@ class Topology:
         for name in batch.names:
             self.resolver.learn_name(name.ip, name.name, name.ttl_seconds, name.seen_unix_ms / 1000 or now)
         result = Ingested()
+        # Several deltas of one batch can land on one edge (two pods of a workload on this node,
+        # collapsed ports): merge them first, since the ledger takes one delta per edge per batch.
+        merged: dict[EdgeKey, tuple[Counters, list[pb.ThreatHit], int]] = {}
         for delta in batch.edges:
             when = delta.last_seen_unix_ms / 1000 or now
             protocol = PROTOCOLS[delta.protocol]
@@ -106,28 +123,37 @@ class Topology:
                 server, port, service = via
             else:
                 server, port, service = self.resolver.resolve(delta.server.ip, when), delta.server.port, ""
+            self._touch(client, when)
             key = self.key_for(client.group, server.group, port, protocol)
             if key is None:
                 result.overflow += 1
                 self.overflow_total += 1
+                self.groups[client.group].overflow += 1
                 continue
+            self._touch(server, when)
             counters = Counters(delta.bytes_c2s, delta.bytes_s2c, delta.packets_c2s, delta.packets_s2c,
                                 delta.sessions_opened)
-            info = self.edge(key)
-            if self.ledger.apply(agent, seq, key, counters, now):
-                result.counted += 1
-                result.applied.append((key, counters))
-                info.threats += len(delta.threats)
-                info.threat_examples.extend({"name": t.name, "snippet": t.snippet[:256]} for t in delta.threats)
+            if key in merged:
+                total, threats, active = merged[key]
+                total.add(counters)
+                merged[key] = (total, threats + list(delta.threats), active + delta.sessions_active)
             else:
-                result.duplicates += 1
+                merged[key] = (counters, list(delta.threats), delta.sessions_active)
+            info = self.edge(key)
             info.apps.update(delta.apps or (UNKNOWN,))
             info.service = service or info.service
             first = delta.first_seen_unix_ms / 1000 or when
             info.first_seen = min(info.first_seen, first) if info.first_seen else first
             info.last_seen = max(info.last_seen, when)
             info.denied = info.denied or delta.verdict == pb.DENIED
-            info.active[agent] = delta.sessions_active
-            self._touch(client, when)
-            self._touch(server, when)
+        for key, (counters, threats, active) in merged.items():
+            info = self.edges[key]
+            info.active[agent] = active
+            if self.ledger.apply(agent, seq, key, counters, now):
+                result.counted += 1
+                result.applied.append((key, counters))
+                info.threats += len(threats)
+                info.threat_examples.extend({"name": t.name, "snippet": t.snippet[:256]} for t in threats)
+            else:
+                result.duplicates += 1
         return result

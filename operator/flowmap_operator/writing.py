@@ -128,6 +128,7 @@ class Writer:
                         wl.get("name", ""))
             info = self.topology.groups.setdefault(name, GroupInfo(peer))
             info.exists = True
+            info.user_defined = bool((obj.get("spec") or {}).get("cidrs"))
             info.written_last_seen = info.last_seen = max(info.last_seen, parse_iso(status.get("lastSeen")))
         log.info("loaded %d connections and %d groups", len(self.topology.edges), len(self.topology.groups))
 
@@ -154,10 +155,48 @@ class Writer:
         for group in self.topology.groups.values():
             if time.monotonic() >= deadline:
                 break
-            if group.last_seen - group.written_last_seen >= GROUP_REFRESH:
+            if group.last_seen - group.written_last_seen >= GROUP_REFRESH or group.overflow != group.written_overflow:
                 written += await self._guard(self._refresh_group(group))
         metrics.DIRTY_OBJECTS.set(len(self.topology.ledger.dirty()))
         return written
+
+    async def collect(self, now: float, connection_ttl: float, group_ttl: float) -> int:
+        """Delete Connections idle past their TTL, and Groups whose workload is gone past theirs."""
+        deleted = 0
+        for key, info in list(self.topology.edges.items()):
+            edge = self.topology.ledger.edges.get(key)
+            if edge is None or edge.dirty_since is not None or edge.resource_version is None:
+                continue
+            if info.last_seen and now - info.last_seen > connection_ttl:
+                deleted += await self._guard(self._delete("connections", info.name, edge.resource_version))
+                self.topology.forget(key)
+        referenced = {name for key in self.topology.edges for name in (key[0], key[1])}
+        for name, group in list(self.topology.groups.items()):
+            if group.user_defined or not group.exists:
+                continue
+            if group.peer.kind == "Workload":
+                if self.topology.resolver.members(name, 0)[1]:
+                    group.empty_since = None
+                    continue
+                group.empty_since = group.empty_since or now
+                gone = now - group.empty_since > group_ttl
+            else:
+                gone = name not in referenced and now - group.last_seen > group_ttl
+            if gone:
+                deleted += await self._guard(self._delete("groups", name, None))
+                del self.topology.groups[name]
+        return deleted
+
+    async def _delete(self, plural: str, name: str, resource_version: str | None) -> bool:
+        # The precondition makes sure nothing written since we looked is deleted.
+        body = {"preconditions": {"resourceVersion": resource_version}} if resource_version else None
+        try:
+            await self._call(plural[:-1], "delete", self.api.delete_cluster_custom_object(
+                GROUP, VERSION, plural, name, body=body))
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+        return True
 
     async def _guard(self, coro: Any) -> int:
         try:
@@ -195,9 +234,16 @@ class Writer:
             status["workload"] = {"kind": peer.workload_kind, "name": peer.workload}
             members, count = self.topology.resolver.members(peer.group, 32)
             status["members"], status["memberCount"] = members, count
+        if group.overflow:
+            status["conditions"] = [{
+                "type": "ConnectionsRecorded", "status": "False", "reason": "ConnectionLimitReached",
+                "lastTransitionTime": iso(time.time()),
+                "message": f"{group.overflow} reports of new edges of this group were dropped: the cluster holds "
+                           f"the maximum of {self.topology.max_connections} Connections "
+                           "(FLOWMAP_OPERATOR_MAX_CONNECTIONS)"}]
         await self._call("group", "status", self.api.patch_cluster_custom_object_status(
             GROUP, VERSION, "groups", peer.group, {"status": status}, _content_type=MERGE))
-        group.written_last_seen = group.last_seen
+        group.written_last_seen, group.written_overflow = group.last_seen, group.overflow
         return True
 
     async def _write_edge(self, key: EdgeKey) -> bool:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import re
+import urllib.request
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from flowmap_api import report_pb2 as pb
 from tests.conftest import need
@@ -79,3 +81,21 @@ def test_reports_become_groups_and_connections(cluster: Cluster, operator: Opera
     rows = [re.split(r"\s{2,}", line) for line in cluster.plane.kubectl("get", "connections").stdout.splitlines()]
     assert ["shop.web-shop.api-8080-tcp", "shop.web", "shop.api", "8080", "TCP", "http", "Learned", "5300", "1"] in [
         r[:9] for r in rows]
+
+
+def test_edge_counters_are_exported_for_prometheus(cluster: Cluster, operator: Operator) -> None:
+    a = agent(cluster, operator, "node-a", "agent-a", f"metrics-{time.monotonic_ns()}")
+    a.batch([edge(WEB, 40000, REDIS, 6380, apps=("redis",), bytes_c2s=123, bytes_s2c=4567, packets=9)])
+    a.flush()
+    text = urllib.request.urlopen(f"http://127.0.0.1:{operator.metrics_port}/metrics", timeout=5).read().decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    edge_labels = {"client_group": "shop.web", "client_namespace": "shop", "server_group": "shop.redis",
+                   "server_namespace": "shop", "port": "6380", "protocol": "TCP", "app": "redis"}
+
+    def value(name: str, direction: str) -> float | None:
+        return samples.get((name, tuple(sorted({**edge_labels, "direction": direction}.items()))))
+
+    assert value("flowmap_edge_bytes_total", "client_to_server") == 123
+    assert value("flowmap_edge_bytes_total", "server_to_client") == 4567
+    assert value("flowmap_edge_packets_total", "server_to_client") == 9
