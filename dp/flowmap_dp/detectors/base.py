@@ -19,6 +19,8 @@ STREAM_LIMIT = 16 * 1024
 
 
 class Verdict(enum.Enum):
+    """What a detector says about a session after looking at its payloads so far."""
+
     MATCH = "match"  # the protocol is certainly this one
     NO = "no"  # certainly not this protocol: do not ask again for this session
     MORE = "more"  # cannot tell yet: ask again when more payload arrives
@@ -37,11 +39,13 @@ class Flow:
     order: list[bool] = field(default_factory=list)
 
     def add(self, from_client: bool, payload: bytes) -> None:
+        """Append one packet's payload in its direction, keeping the arrival order."""
         (self.c2s if from_client else self.s2c).append(payload)
         self.order.append(from_client)
 
     @property
     def packets(self) -> int:
+        """Payload packets seen so far, both directions."""
         return len(self.order)
 
     def stream(self, from_client: bool) -> bytes:
@@ -60,6 +64,8 @@ class Threat:
 
 @dataclass(frozen=True)
 class Detector:
+    """One protocol's detector (or, with ``scan``, a threat scanner): see the module docstring."""
+
     name: str
     l4: frozenset[str]  # {"tcp"}, {"udp"} or both
     ports: frozenset[int]  # hints: they reorder the registry for a session, never decide
@@ -74,3 +80,6 @@ class Detector:
     # A threat scanner (e.g. sqlinjection) never names a session's protocol: it looks inside
     # sessions another detector matched, given that detector's name, and returns its findings.
     scan: Callable[[Flow, str], Sequence[Threat]] | None = None
+    # Asked once when the session ends while the detector still says MORE: for protocols that
+    # only the session's whole shape confirms (echo: everything sent came back, nothing else).
+    conclude: Callable[[Flow], Verdict] | None = None

@@ -1,0 +1,99 @@
+"""``flowmap dp ...`` subcommands. Each subcommand registers itself in its own function, so
+adding one (``run``) is one more ``_register_*`` call in ``register``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    """Add the ``dp`` subcommands to ``parser`` (the ``flowmap dp`` parser)."""
+    sub = parser.add_subparsers(dest="dp_command", required=True, metavar="SUBCOMMAND")
+    _register_classify(sub)
+    _register_run(sub)
+
+
+def _register_classify(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("classify", help="classify the flows of a pcap/pcapng file",
+                       description="Run the datapath's decode, session and detection code over a capture file.")
+    p.add_argument("--pcap", required=True, metavar="FILE", help="pcap or pcapng file")
+    p.add_argument("--json", action="store_true", help="one JSON object per flow and line")
+    p.set_defaults(func=_classify)
+
+
+def _classify(args: argparse.Namespace) -> int:
+    from flowmap_dp.classify import classify_file
+    from flowmap_dp.pcapfile import CaptureFormatError
+
+    try:
+        flows = classify_file(args.pcap)
+    except (OSError, CaptureFormatError) as e:
+        print(f"flowmap dp classify: {e}", file=sys.stderr)
+        return 2
+    try:
+        _print(flows, args.json)
+    except BrokenPipeError:  # `| head` closed the pipe: not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+    return 0
+
+
+def _print(flows: list[dict[str, Any]], as_json: bool) -> None:
+    out = sys.stdout
+    if as_json:
+        for f in flows:
+            out.write(json.dumps(f, default=str) + "\n")
+        return
+    rows = [("L4", "CLIENT", "SERVER", "APP", "PKTS C>S", "BYTES C>S", "PKTS S>C", "BYTES S>C")]
+    for f in flows:
+        server = f["server"] + (f" vlan {f['vlan']}" if "vlan" in f else "")
+        rows.append((f["l4"], f["client"], server, f["app"], str(f["packets_c2s"]), str(f["bytes_c2s"]),
+                     str(f["packets_s2c"]), str(f["bytes_s2c"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        out.write("  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip() + "\n")
+    for f in flows:
+        for t in f["threats"]:
+            out.write(f"threat {t['name']} in {f['client']} -> {f['server']} ({t['where']}): {t['snippet']}\n")
+
+
+def _register_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("run", help="capture live traffic and stream per-interval deltas to the agent",
+                       description="Capture on AF_PACKET TPACKET_V3 rings and send the agent, each interval, "
+                                   "the session deltas and the dp's health over a unix socket (the agent listens).")
+    p.add_argument("--iface", action="append", default=[], metavar="IF",
+                   help="interface to capture (repeat; the agent can change the set at run time)")
+    p.add_argument("--socket", required=True, metavar="PATH", help="the agent's unix socket to connect to")
+    p.add_argument("--interval", type=float, default=1.0, help="report interval in seconds (default 1)")
+    p.add_argument("--workers", type=int, default=1, help="packet loops, one process each, PACKET_FANOUT hash")
+    p.add_argument("--filter", default=None, metavar="EXPR", help="pcap filter expression (needs tcpdump to compile)")
+    p.add_argument("--direction", choices=("received", "both"), default="received",
+                   help="received: count each frame where it enters the node (default); both: every frame")
+    p.add_argument("--snaplen", type=int, default=256, help="bytes copied per packet (default 256)")
+    p.add_argument("--block-size", type=int, default=1 << 20, help="ring block size in bytes (page multiple)")
+    p.add_argument("--block-count", type=int, default=16, help="ring blocks per interface and worker")
+    p.add_argument("--retire-ms", type=int, default=64, help="hand over a partly filled block after this long")
+    p.add_argument("--max-sessions", type=int, default=200_000, help="session table bound per worker")
+    p.add_argument("--queue", type=int, default=8, help="reports waiting for the writer before they are dropped")
+    p.add_argument("--parser", choices=("vectorised", "per-packet"), default="vectorised",
+                   help="block reader: numpy over whole blocks (default) or the per-packet reference")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from flowmap_dp.capture import Direction, RingConfig, compile_filter
+    from flowmap_dp.running import Settings, run
+
+    try:
+        bpf = compile_filter(args.filter, args.snaplen) if args.filter else None
+        ring = RingConfig(block_size=args.block_size, block_count=args.block_count, retire_timeout_ms=args.retire_ms,
+                          snaplen=args.snaplen, direction=Direction(args.direction), filter=bpf)
+    except (ValueError, RuntimeError, OSError) as e:
+        print(f"flowmap dp run: {e}", file=sys.stderr)
+        return 2
+    return run(Settings(interfaces=tuple(args.iface), socket_path=args.socket, interval=args.interval,
+                        workers=args.workers, ring=ring, max_sessions=args.max_sessions, queue_size=args.queue,
+                        parser=args.parser))

@@ -1,0 +1,157 @@
+"""The slow path: application-protocol detection for one session.
+
+The session table hands each payload-carrying packet of a session to its ``Inspector`` until
+``feed`` returns True. The inspector keeps a bounded ``Flow`` (the first packets, at most
+``STREAM_LIMIT`` bytes per direction), asks the candidate detectors (port-hinted first, then
+registry order) until one says MATCH, forgets those that said NO or ran past their packet
+budget, then lingers a few packets for metadata (DNS answers, HTTP status) and threat scanning
+before it settles. A detector that raises is a bug: it is counted and dropped, never fatal.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flowmap_dp.detectors import SCANNERS, candidates
+from flowmap_dp.detectors.base import STREAM_LIMIT, Detector, Flow, Threat, Verdict
+
+log = logging.getLogger(__name__)
+
+UNKNOWN = "unknown"
+# Payload packets one session may keep for detection and metadata, both directions together.
+MAX_PACKETS = 24
+# Threat hits kept per session.
+MAX_THREATS = 4
+
+
+class Inspector:
+    """Detects one session's application protocol from its first payload packets."""
+
+    def __init__(self, l4: str, client_port: int, server_port: int) -> None:
+        self.flow = Flow(l4, client_port, server_port)
+        self.app: str = UNKNOWN
+        self.metadata: dict[str, Any] = {}
+        self.threats: list[Threat] = []
+        self.errors = 0  # detector exceptions caught (each one is a bug to fix)
+        self._candidates: list[Detector] = candidates(l4, client_port, server_port)
+        self._matched: Detector | None = None
+        self._lingered = 0
+        self._bytes = {True: 0, False: 0}
+        self._done = False
+
+    @property
+    def done(self) -> bool:
+        """True once the inspector wants no more payload."""
+        return self._done
+
+    def feed(self, from_client: bool, payload: bytes) -> bool:
+        """Take one payload packet of the session; True once done (the caller stops feeding)."""
+        if self._done:
+            return True
+        if not payload:
+            return False
+        room = STREAM_LIMIT - self._bytes[from_client]
+        if room > 0:
+            chunk = payload[:room]
+            self._bytes[from_client] += len(chunk)
+            self.flow.add(from_client, chunk)
+        elif self._matched is None:
+            # One side is full and still nothing matched: more of the same will not help.
+            self._conclude()
+            return True
+        if self._matched is None:
+            self._detect()
+        else:
+            self._lingered += 1
+        if self._matched is not None:
+            if self._finished_lingering():
+                self._conclude()
+        elif not self._candidates or self.flow.packets >= MAX_PACKETS:
+            self._conclude()
+        return self._done
+
+    def finish(self) -> None:
+        """The session ended (or the capture did): settle the result with what was seen."""
+        if not self._done:
+            self._conclude()
+
+    def _detect(self) -> None:
+        keep: list[Detector] = []
+        for det in self._candidates:
+            try:
+                verdict = det.detect(self.flow)
+            except Exception:  # a detector bug must not take the datapath down
+                self.errors += 1
+                log.debug("detector %s raised", det.name, exc_info=True)
+                continue
+            if verdict is Verdict.MATCH:
+                self._matched = det
+                self.app = det.name
+                self._candidates = []
+                self._extract()
+                return
+            if verdict is Verdict.MORE and self.flow.packets < det.max_packets:
+                keep.append(det)
+        self._candidates = keep
+
+    def _last_word(self) -> None:
+        """The session is over: detectors still undecided that can judge a whole session (echo)
+        say MATCH or not, in registry order."""
+        for det in self._candidates:
+            if det.conclude is None:
+                continue
+            try:
+                verdict = det.conclude(self.flow)
+            except Exception:
+                self.errors += 1
+                continue
+            if verdict is Verdict.MATCH:
+                self._matched = det
+                self.app = det.name
+                return
+
+    def _finished_lingering(self) -> bool:
+        det = self._matched
+        assert det is not None
+        if self._lingered >= det.linger or self.flow.packets >= MAX_PACKETS:
+            return True
+        if det.settled is not None:
+            try:
+                return det.settled(self.flow)
+            except Exception:
+                self.errors += 1
+                return True
+        return False
+
+    def _extract(self) -> None:
+        det = self._matched
+        if det is None or det.extract is None:
+            return
+        try:
+            self.metadata = dict(det.extract(self.flow))
+        except Exception:
+            self.errors += 1
+            log.debug("extract of %s raised", det.name, exc_info=True)
+
+    def _scan(self) -> None:
+        for scanner in SCANNERS:
+            assert scanner.scan is not None
+            try:
+                found = list(scanner.scan(self.flow, self.app))
+            except Exception:
+                self.errors += 1
+                log.debug("scanner %s raised", scanner.name, exc_info=True)
+                continue
+            for threat in found:
+                if threat not in self.threats and len(self.threats) < MAX_THREATS:
+                    self.threats.append(threat)
+
+    def _conclude(self) -> None:
+        self._done = True
+        if self._matched is None:
+            self._last_word()
+        self._candidates = []
+        if self._matched is not None:
+            self._extract()
+            self._scan()

@@ -1,0 +1,451 @@
+"""The bounded session table: one entry per bidirectional 5-tuple (+ VLAN id).
+
+Each session knows its client and server, its TCP state, bytes and packets per direction,
+first and last seen, and (through the slow path) its application. Bytes are IP lengths: IPv4
+total length, IPv6 40 + payload length, as sent (a short snap length does not shrink them).
+
+Live export API (used by the capture loop and ``flowmap dp run``)::
+
+    table = SessionTable(max_sessions=200_000, timeouts=Timeouts())
+    table.packet(decoded, ts, buf)        # per packet (or block.BlockParser does it per block)
+    report = table.collect(now)           # each interval: expire idle sessions, then deltas
+    report.sessions -> list[SessionDelta] # sessions that changed since the previous collect():
+        .new          first report of this session (5-tuple, client/server, vlan, first_seen)
+        .packets_c2s .packets_s2c .bytes_c2s .bytes_s2c   deltas since the previous report
+        .app, .app_decided, .metadata, .threats   metadata/threats only once, when decided
+        .closed, .end_reason   the session left the table ("fin", "rst", "idle", "evicted",
+                               "reused", "end"); it is never reported again
+    report.health -> Health               # cumulative counters: packets, decode outcomes,
+                                          # table size, created, evicted, expired, closed,
+                                          # inspector errors, unreported
+
+Both the table and what the next report holds are bounded: sessions born and ended within one
+interval beyond ``max_pending`` (a SYN flood) are counted in ``Health.unreported`` instead of
+being kept; a session that was reported once is always reported again when it ends.
+
+Offline (``classify``) uses ``timeouts=None`` (nothing expires), calls ``close_all()`` at the
+end of the file and one ``collect()``: each delta is then the whole flow.
+
+Slow path: while a TCP/UDP session's application is undecided, each payload-carrying packet is
+fed to an ``Inspector`` (``flowmap_dp.detection``); once it says done (or after ``feed_limit``
+payload packets) the session never calls it again, so the hot path stays a few attribute updates.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from flowmap_dp.decode import (
+    L4_NAMES, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    Decoded, DecodeStats, flow_key, format_endpoint, split_key,
+)
+from flowmap_dp.detectors.base import Threat
+
+# TCP states; every non-TCP session is OPEN.
+SYN_SENT, SYN_RECV, OPEN, CLOSING, CLOSED = range(5)
+STATE_NAMES = ("syn_sent", "syn_recv", "open", "closing", "closed")
+
+# Server ports at or above 1024 that a session picked up mid-stream should still treat as the
+# server side (databases, brokers, the 21 detectors' usual ports, common HTTP alternates).
+SERVICE_PORTS = frozenset({
+    1433, 1521, 1883, 2181, 2379, 2380, 3000, 3306, 4222, 5000, 5432, 5672, 5984, 6379, 6443, 7000,
+    7001, 7077, 8000, 8080, 8081, 8091, 8443, 8888, 9000, 9042, 9090, 9092, 9093, 9200, 9300,
+    10250, 11211, 15672, 27017, 50051,
+})
+# UDP services: a first packet *from* one of these to another port is a reply seen first.
+UDP_SERVICES = frozenset({53, 67, 69, 123, 137, 161, 162, 389, 500, 514, 547, 1812, 1813, 4789, 5353, 8472})
+TFTP_PORT = 69
+TFTP_REMEMBERED = 1024  # recent TFTP requesters kept to orient their data sessions
+# Below 1024 but used by clients: DHCP and DHCPv6 clients are not servers.
+CLIENT_PORTS = frozenset({68, 546})
+
+_NO_METADATA: Mapping[str, Any] = MappingProxyType({})
+_ICMP_REPLIES = frozenset({0, 129})  # echo reply: the receiver asked, so it is the client
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Idle timeouts in seconds (NeuVector-like defaults)."""
+
+    tcp_open: float = 3600.0
+    tcp_half_open: float = 30.0  # SYN or SYN-ACK seen, handshake not finished
+    tcp_closing: float = 30.0  # one FIN seen
+    tcp_closed: float = 5.0  # both FINs or a RST: linger for the last ACKs
+    udp: float = 60.0
+    icmp: float = 10.0
+    other: float = 60.0
+
+
+class InspectorLike(Protocol):
+    app: str
+    metadata: dict[str, Any]
+    threats: list[Threat]
+
+    def feed(self, from_client: bool, payload: bytes) -> bool: ...
+
+    def finish(self) -> None: ...
+
+
+InspectorFactory = Callable[[str, int, int], InspectorLike]
+
+
+def _default_inspector() -> InspectorFactory:
+    from flowmap_dp.detection import Inspector  # imported late: detectors load only when used
+
+    return Inspector
+
+
+def is_service_port(port: int) -> bool:
+    """Whether a port looks like a server's (well-known or a known service), not ephemeral."""
+    return (port < 1024 or port in SERVICE_PORTS) and port not in CLIENT_PORTS
+
+
+def dst_is_server(sport: int, dport: int) -> bool:
+    """Port heuristic for sessions picked up mid-stream: is the destination the server?"""
+    s_svc, d_svc = is_service_port(sport), is_service_port(dport)
+    if s_svc != d_svc:
+        return d_svc
+    return dport <= sport  # both or neither look like services: the lower port serves
+
+
+class Session:
+    """One session. Counters are by role (c2s = client to server), not by key order."""
+
+    __slots__ = (
+        "key", "proto", "a_is_client", "state", "fins", "first", "last",
+        "pkts_c2s", "pkts_s2c", "bytes_c2s", "bytes_s2c",
+        "rep_pkts_c2s", "rep_pkts_s2c", "rep_bytes_c2s", "rep_bytes_s2c",
+        "insp", "feeds", "app", "metadata", "threats", "dirty", "new", "app_new", "end_reason",
+    )
+
+    def __init__(self, key: bytes, proto: int, a_is_client: bool, ts: float) -> None:
+        self.key = key
+        self.proto = proto
+        self.a_is_client = a_is_client  # the first endpoint of the key is the client
+        self.state = OPEN
+        self.fins = 0  # bit 1: client sent FIN, bit 2: server sent FIN
+        self.first = ts
+        self.last = ts
+        self.pkts_c2s = self.pkts_s2c = self.bytes_c2s = self.bytes_s2c = 0
+        self.rep_pkts_c2s = self.rep_pkts_s2c = self.rep_bytes_c2s = self.rep_bytes_s2c = 0
+        # None: no payload seen yet; an inspector while deciding; False once decided.
+        self.insp: InspectorLike | None | bool = None if proto in (PROTO_TCP, PROTO_UDP) else False
+        self.feeds = 0
+        self.app = "unknown"
+        self.metadata: Mapping[str, Any] = _NO_METADATA  # shared empties: 120 bytes a session saved
+        self.threats: tuple[Threat, ...] = ()
+        self.dirty = False
+        self.new = True
+        self.app_new = False
+        self.end_reason = ""
+
+    def endpoints(self) -> tuple[bytes, int, bytes, int, int]:
+        """(client addr, client port, server addr, server port, vlan)."""
+        _, vlan, a, ap, b, bp = split_key(self.key)
+        return (a, ap, b, bp, vlan) if self.a_is_client else (b, bp, a, ap, vlan)
+
+    def __repr__(self) -> str:
+        c, cp, s, sp, vlan = self.endpoints()
+        return (f"Session({L4_NAMES.get(self.proto, self.proto)} {format_endpoint(c, cp)} -> "
+                f"{format_endpoint(s, sp)} vlan={vlan} {STATE_NAMES[self.state]} app={self.app})")
+
+
+@dataclass(slots=True)
+class SessionDelta:
+    """What changed in one session since the previous ``collect()``."""
+
+    l4: str
+    proto: int
+    vlan: int  # 0: untagged
+    client: bytes
+    client_port: int
+    server: bytes
+    server_port: int
+    first_seen: float
+    last_seen: float
+    new: bool
+    closed: bool
+    end_reason: str
+    state: str
+    app: str
+    app_decided: bool  # the application was decided since the previous report
+    packets_c2s: int
+    packets_s2c: int
+    bytes_c2s: int
+    bytes_s2c: int
+    metadata: Mapping[str, Any] | None = None  # only when app_decided
+    threats: list[Threat] = field(default_factory=list)  # only when app_decided
+
+    @property
+    def client_text(self) -> str:
+        return format_endpoint(self.client, self.client_port)
+
+    @property
+    def server_text(self) -> str:
+        return format_endpoint(self.server, self.server_port)
+
+
+@dataclass(slots=True)
+class Health:
+    """Cumulative counters of the table and of the decoder feeding it."""
+
+    packets: int
+    decoded: int
+    malformed: dict[str, int]
+    ignored: dict[str, int]
+    sessions: int  # live sessions in the table now
+    created: int
+    evicted: int
+    expired: int
+    closed: int  # sessions that left the table for any reason (incl. evicted and expired)
+    inspector_errors: int
+    unreported: int = 0  # sessions born and ended between two reports past ``max_pending``
+
+
+@dataclass(slots=True)
+class Report:
+    time: float
+    sessions: list[SessionDelta]
+    health: Health
+
+
+class SessionTable:
+    """Bounded session table in least-recently-seen order (the front is evicted first)."""
+
+    def __init__(self, max_sessions: int = 200_000, timeouts: Timeouts | None = Timeouts(),
+                 inspector_factory: InspectorFactory | None = None, feed_limit: int = 32,
+                 max_pending: int | None = None) -> None:
+        self.max_sessions = max_sessions
+        # Sessions born and ended within one report interval that the next report still
+        # carries; beyond this (a SYN flood) they are only counted (``Health.unreported``).
+        self.max_pending = max_sessions if max_pending is None else max_pending
+        self.timeouts = timeouts
+        self.feed_limit = feed_limit  # payload packets fed before giving up on an undecided app
+        self.stats = DecodeStats()  # whoever decodes for this table counts here
+        self.sessions: OrderedDict[bytes, Session] = OrderedDict()
+        self._factory = inspector_factory
+        self._dirty: dict[int, Session] = {}  # id -> session, in the order they changed
+        self._pending_ended = 0
+        self._tftp_clients: OrderedDict[tuple[bytes, int], None] = OrderedDict()
+        self.created = self.evicted = self.expired = self.closed = self.inspector_errors = 0
+        self.unreported = 0
+
+    def __len__(self) -> int:
+        return len(self.sessions)
+
+    # -- hot path ------------------------------------------------------------------------------
+
+    def packet(self, d: Decoded, ts: float, buf: bytes | memoryview) -> Session:
+        """Account one decoded packet captured at ``ts``; ``buf`` holds its payload."""
+        key, fwd = flow_key(d.proto, d.vlan, d.src, d.sport, d.dst, d.dport)
+        s = self.sessions.get(key)
+        if s is None:
+            s = self._create(key, fwd, d, ts)
+        else:
+            self.sessions.move_to_end(key)
+            if s.state == CLOSED and d.proto == PROTO_TCP and d.flags & (TCP_SYN | TCP_ACK) == TCP_SYN:
+                self._end(s, "reused")  # a new connection on the same 5-tuple after a full close
+                s = self._create(key, fwd, d, ts)
+        from_client = fwd == s.a_is_client
+        if from_client:
+            s.pkts_c2s += 1
+            s.bytes_c2s += d.ip_len
+        else:
+            s.pkts_s2c += 1
+            s.bytes_s2c += d.ip_len
+        s.last = ts
+        if d.proto == PROTO_TCP:
+            self._tcp(s, d.flags, from_client)
+        if s.insp is not False and d.payload_end > d.payload_start:
+            self._inspect(s, from_client, bytes(buf[d.payload_start:d.payload_end]))
+        if not s.dirty:
+            s.dirty = True
+            self._dirty[id(s)] = s
+        return s
+
+    def _create(self, key: bytes, fwd: bool, d: Decoded, ts: float) -> Session:
+        if len(self.sessions) >= self.max_sessions:
+            _, oldest = self.sessions.popitem(last=False)
+            self.evicted += 1
+            self._end(oldest, "evicted", in_table=False)
+        proto = d.proto
+        state = OPEN
+        if proto == PROTO_TCP:
+            syn = d.flags & (TCP_SYN | TCP_ACK)
+            if syn == TCP_SYN:
+                src_client, state = True, SYN_SENT
+            elif syn == TCP_SYN | TCP_ACK:
+                src_client, state = False, SYN_RECV
+            else:
+                src_client = dst_is_server(d.sport, d.dport)  # picked up mid-stream
+        elif proto == PROTO_UDP:
+            # The first packet's sender is the client, unless it plainly comes from a service
+            # port to an ephemeral one (a reply seen first: capture started mid-conversation).
+            s_svc, d_svc = d.sport in UDP_SERVICES, d.dport in UDP_SERVICES
+            if s_svc == d_svc:
+                s_svc, d_svc = is_service_port(d.sport), is_service_port(d.dport)
+            src_client = not (s_svc and not d_svc)
+            src_client = self._udp_expected(d, src_client)
+        elif proto == PROTO_ICMP or proto == PROTO_ICMPV6:
+            src_client = d.flags not in _ICMP_REPLIES
+        else:
+            src_client = True
+        s = Session(key, proto, fwd == src_client, ts)
+        s.state = state
+        self.sessions[key] = s
+        self.created += 1
+        return s
+
+    def _udp_expected(self, d: Decoded, src_client: bool) -> bool:
+        """TFTP moves off port 69 at once: the server answers from a new port to the client's
+        port, so the data session's first packet comes from the server. Remember who asked on
+        69 (bounded) and let that endpoint be the client of the session that follows."""
+        tftp = self._tftp_clients
+        if d.dport == TFTP_PORT:
+            tftp[(d.src, d.sport)] = None
+            if len(tftp) > TFTP_REMEMBERED:
+                tftp.popitem(last=False)
+        elif tftp and d.sport != TFTP_PORT:
+            if (d.dst, d.dport) in tftp:
+                return False
+            if (d.src, d.sport) in tftp:
+                return True
+        return src_client
+
+    def _tcp(self, s: Session, flags: int, from_client: bool) -> None:
+        if flags & TCP_RST:
+            s.state = CLOSED
+        elif flags & TCP_FIN:
+            s.fins |= 1 if from_client else 2
+            s.state = CLOSED if s.fins == 3 else CLOSING
+        elif s.state < OPEN:
+            if flags & TCP_SYN:
+                if flags & TCP_ACK:
+                    s.state = SYN_RECV
+            else:
+                s.state = OPEN  # the handshake's last ACK (or a lost SYN-ACK): data can flow
+
+    # -- slow path -----------------------------------------------------------------------------
+
+    def _inspect(self, s: Session, from_client: bool, payload: bytes) -> None:
+        insp = s.insp
+        try:
+            if insp is None:
+                if self._factory is None:
+                    self._factory = _default_inspector()
+                _, client_port, _, server_port, _ = s.endpoints()
+                insp = s.insp = self._factory("tcp" if s.proto == PROTO_TCP else "udp", client_port, server_port)
+            assert insp is not None and insp is not True and insp is not False
+            s.feeds += 1
+            if insp.feed(from_client, payload) or s.feeds >= self.feed_limit:
+                self._settle(s, finish=s.feeds >= self.feed_limit)
+        except Exception:  # a detector bug must not stop the packet loop: count it, stop asking
+            self.inspector_errors += 1
+            s.insp = False
+            s.app_new = True
+
+    def _settle(self, s: Session, finish: bool) -> None:
+        insp = s.insp
+        s.insp = False
+        if insp is None or insp is False or insp is True:
+            return
+        try:
+            if finish:
+                insp.finish()
+            s.app = insp.app or "unknown"
+            s.metadata = dict(insp.metadata) if insp.metadata else _NO_METADATA
+            s.threats = tuple(insp.threats)
+        except Exception:
+            self.inspector_errors += 1
+        s.app_new = True
+
+    # -- ends ----------------------------------------------------------------------------------
+
+    def _end(self, s: Session, reason: str, in_table: bool = True) -> None:
+        if in_table:
+            del self.sessions[s.key]
+        if s.insp is not False:
+            self._settle(s, finish=True)
+        s.end_reason = reason
+        self.closed += 1
+        if s.new and self._pending_ended >= self.max_pending:
+            if s.dirty:  # never reported, and the next report is full: count it, keep nothing
+                del self._dirty[id(s)]
+            self.unreported += 1
+            return
+        self._pending_ended += 1
+        if not s.dirty:
+            s.dirty = True
+            self._dirty[id(s)] = s
+
+    def timeout_of(self, s: Session) -> float:
+        """The idle timeout that applies to ``s`` in its current state."""
+        t = self.timeouts or Timeouts()
+        if s.proto == PROTO_TCP:
+            return (t.tcp_half_open, t.tcp_half_open, t.tcp_open, t.tcp_closing, t.tcp_closed)[s.state]
+        if s.proto == PROTO_UDP:
+            return t.udp
+        if s.proto == PROTO_ICMP or s.proto == PROTO_ICMPV6:
+            return t.icmp
+        return t.other
+
+    def expire(self, now: float) -> int:
+        """End the sessions idle past their timeout; returns how many. No-op without timeouts."""
+        if self.timeouts is None:
+            return 0
+        shortest = min(vars(self.timeouts).values())
+        stale = []
+        # Least recently seen first: once a session is younger than the shortest timeout, all
+        # the following ones are too.
+        for s in self.sessions.values():
+            idle = now - s.last
+            if idle < shortest:
+                break
+            if idle >= self.timeout_of(s):
+                stale.append(s)
+        for s in stale:
+            reason = "fin" if s.state == CLOSED and s.fins == 3 else "rst" if s.state == CLOSED else "idle"
+            self._end(s, reason)
+        self.expired += len(stale)
+        return len(stale)
+
+    def close_all(self, reason: str = "end") -> None:
+        """End every session (end of a capture file, or shutdown)."""
+        for s in list(self.sessions.values()):
+            self._end(s, reason)
+
+    # -- export --------------------------------------------------------------------------------
+
+    def collect(self, now: float) -> Report:
+        """Expire idle sessions, then return what changed since the previous call."""
+        self.expire(now)
+        deltas = [self._delta(s) for s in self._dirty.values()]
+        self._dirty = {}
+        self._pending_ended = 0
+        return Report(now, deltas, self.health())
+
+    def health(self) -> Health:
+        """Cumulative counters (decoder and table)."""
+        st = self.stats
+        return Health(st.total, st.decoded, dict(st.malformed), dict(st.ignored), len(self.sessions),
+                      self.created, self.evicted, self.expired, self.closed, self.inspector_errors,
+                      self.unreported)
+
+    def _delta(self, s: Session) -> SessionDelta:
+        c, cp, sv, sp, vlan = s.endpoints()
+        decided = s.app_new
+        d = SessionDelta(
+            L4_NAMES.get(s.proto, str(s.proto)), s.proto, vlan, c, cp, sv, sp, s.first, s.last,
+            s.new, bool(s.end_reason), s.end_reason, STATE_NAMES[s.state], s.app, decided,
+            s.pkts_c2s - s.rep_pkts_c2s, s.pkts_s2c - s.rep_pkts_s2c,
+            s.bytes_c2s - s.rep_bytes_c2s, s.bytes_s2c - s.rep_bytes_s2c,
+            s.metadata if decided else None, list(s.threats) if decided else [],
+        )
+        s.rep_pkts_c2s, s.rep_pkts_s2c = s.pkts_c2s, s.pkts_s2c
+        s.rep_bytes_c2s, s.rep_bytes_s2c = s.bytes_c2s, s.bytes_s2c
+        s.dirty = s.new = s.app_new = False
+        return d

@@ -1,0 +1,177 @@
+"""Synthetic frames and traffic, built by hand with ``struct`` (for benchmarks and tests).
+
+Shipped code must not use scapy (GPL), and scapy is far too slow to build millions of frames;
+these builders make well-formed Ethernet/VLAN/IPv4/IPv6/TCP/UDP frames (checksums left 0: the
+datapath never checks them) and a mixed traffic model: thousands of flows with skewed
+popularity, packets in trains as real senders produce them, 64-1500-byte frames, a TCP
+handshake and close per connection, a share of IPv6 and of VLAN-tagged frames (some tags in
+the frame, some stripped into the TPACKET header as the kernel does).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from struct import Struct
+
+_ETH = Struct("!6s6sH")
+_TAG = Struct("!HH")
+_IP4 = Struct("!BBHHHBBH4s4s")
+_IP6 = Struct("!IHBB16s16s")
+_TCP = Struct("!HHIIBBHHH")
+_UDP = Struct("!HHHH")
+_MAC_A, _MAC_B = b"\x02\x00\x00\x00\x00\x01", b"\x02\x00\x00\x00\x00\x02"
+
+Frame = tuple[bytes, float, int | None]  # (frame, timestamp, VLAN TCI stripped by the kernel or None)
+
+
+def tcp(sport: int, dport: int, flags: int, payload: bytes = b"", seq: int = 0, ack: int = 0) -> bytes:
+    """A TCP segment (20-byte header, no options)."""
+    return _TCP.pack(sport, dport, seq, ack, 5 << 4, flags, 65535, 0, 0) + payload
+
+
+def udp(sport: int, dport: int, payload: bytes = b"") -> bytes:
+    """A UDP datagram."""
+    return _UDP.pack(sport, dport, 8 + len(payload), 0) + payload
+
+
+def ipv4(src: bytes, dst: bytes, proto: int, l4: bytes, ident: int = 0, frag: int = 0x4000) -> bytes:
+    """An IPv4 packet without options (``frag``: flags + fragment offset, DF by default)."""
+    return _IP4.pack(0x45, 0, 20 + len(l4), ident, frag, 64, proto, 0, src, dst) + l4
+
+
+def ipv6(src: bytes, dst: bytes, nh: int, l4: bytes) -> bytes:
+    """An IPv6 packet without extension headers."""
+    return _IP6.pack(6 << 28, len(l4), nh, 64, src, dst) + l4
+
+
+def ether(ip: bytes, vlans: tuple[int, ...] = (), pad: bool = True) -> bytes:
+    """An Ethernet frame around ``ip`` with in-frame VLAN tags (outermost first)."""
+    etype = 0x86DD if ip[0] >> 4 == 6 else 0x0800
+    head = _ETH.pack(_MAC_B, _MAC_A, 0x8100 if vlans else etype)
+    for i, vid in enumerate(vlans):
+        head += _TAG.pack(vid, 0x8100 if i + 1 < len(vlans) else etype)
+    frame = head + ip
+    return frame + b"\0" * (60 - len(frame)) if pad and len(frame) < 60 else frame
+
+
+@dataclass
+class _Flow:
+    v6: bool
+    client: bytes
+    server: bytes
+    cport: int
+    sport: int
+    is_tcp: bool
+    vlan: int  # 0: none
+    stripped: bool  # the kernel took the tag out of the frame
+    state: int = 0  # TCP: 0-2 handshake packets sent so far, 3 open, 4 client sent FIN
+
+
+def mixed_traffic(packets: int, flows: int = 5000, seed: int = 1, v6_share: float = 0.3, vlan_share: float = 0.1,
+                  udp_share: float = 0.2, start: float = 1_700_000_000.0, pps: float = 1e6,
+                  close_rate: float = 0.005) -> list[Frame]:
+    """``packets`` frames of mixed traffic over ``flows`` flows (see the module docstring);
+    ``close_rate`` is the chance that a TCP packet closes its connection (a new one follows)."""
+    rnd = random.Random(seed)
+    pool = []
+    for i in range(flows):
+        v6 = rnd.random() < v6_share
+        if v6:
+            c = b"\xfd\x00" + bytes(10) + i.to_bytes(4, "big")
+            s = b"\xfd\x00" + bytes(12) + rnd.randrange(1, 200).to_bytes(2, "big")
+        else:
+            c = bytes([10, 1]) + i.to_bytes(2, "big")
+            s = bytes([10, 2, 0, rnd.randrange(1, 200)])
+        is_tcp = rnd.random() >= udp_share
+        service = rnd.choice((80, 443, 5432, 6379, 8080, 3306, 9092)) if is_tcp else rnd.choice((53, 123, 5353, 8125))
+        vlan = rnd.randrange(1, 4095) if rnd.random() < vlan_share else 0
+        pool.append(_Flow(v6, c, s, rnd.randrange(32768, 61000), service, is_tcp, vlan, rnd.random() < 0.5))
+    weights = [1.0 / (k + 1) for k in range(flows)]  # Zipf-like popularity: a few elephants, many mice
+    out: list[Frame] = []
+    ts = start
+    while len(out) < packets:
+        f = rnd.choices(pool, weights)[0]
+        train = 1 + int(rnd.expovariate(1 / 6))
+        for _ in range(train):
+            out.append(_packet(f, rnd, ts, close_rate))
+            ts += 1.0 / pps
+            if len(out) >= packets:
+                break
+    return out
+
+
+def _packet(f: _Flow, rnd: random.Random, ts: float, close_rate: float) -> Frame:
+    from_client = rnd.random() < 0.5
+    size = rnd.choice((0, 0, 0, 40, 200, 512, 1000, 1400, 1448)) if rnd.random() < 0.8 else rnd.randrange(0, 1449)
+    payload = b"\xab" * size
+    if f.is_tcp:
+        flags = 0x10 | (0x08 if size else 0)
+        if f.state < 3:  # the handshake, also for a new connection on a closed 5-tuple
+            flags, from_client = ((0x02, True), (0x12, False), (0x10, True))[f.state]
+            payload, f.state = b"", f.state + 1
+        elif f.state == 4:  # the server's FIN answers the client's: closed, reopen next time
+            flags, payload, from_client, f.state = 0x11, b"", False, 0
+        elif rnd.random() < close_rate:
+            flags, payload, from_client, f.state = 0x11, b"", True, 4
+        l4 = tcp(f.cport, f.sport, flags, payload) if from_client else tcp(f.sport, f.cport, flags, payload)
+        proto = 6
+    else:
+        l4 = udp(f.cport, f.sport, payload[:1400]) if from_client else udp(f.sport, f.cport, payload[:1400])
+        proto = 17
+    src, dst = (f.client, f.server) if from_client else (f.server, f.client)
+    ip = ipv6(src, dst, proto, l4) if f.v6 else ipv4(src, dst, proto, l4)
+    if f.vlan and f.stripped:
+        return ether(ip), ts, f.vlan
+    return ether(ip, (f.vlan,) if f.vlan else ()), ts, None
+
+
+def seed_frames(rnd: random.Random) -> list[bytes]:
+    """Well-formed frames of every shape the decoder knows, to be mutated."""
+    a4, b4 = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
+    a6, b6 = b"\xfd" + bytes(14) + b"\x01", b"\xfd" + bytes(14) + b"\x02"
+    pay = bytes(rnd.randrange(256) for _ in range(rnd.choice((0, 4, 40, 300))))
+    hbh = bytes([6, 0, 1, 4, 0, 0, 0, 0])
+    frag6 = bytes([17, 0, 0, 1, 0, 0, 0, 7])
+    ah = bytes([6, 1, 0, 0]) + bytes(8)
+    icmp = bytes([8, 0, 0, 0, 0, 7, 0, 1]) + pay
+    return [
+        ether(ipv4(a4, b4, 6, tcp(40000, 80, 0x18, pay))),
+        ether(ipv4(a4, b4, 17, udp(5353, 53, pay)), (7,)),
+        ether(ipv4(a4, b4, 17, udp(5353, 53, pay)), (7, 9)),
+        ether(ipv4(a4, b4, 1, icmp)),
+        ether(ipv4(a4, b4, 17, udp(1, 2, pay), frag=0x2000)),
+        ether(ipv4(a4, b4, 17, pay, frag=0x0010)),
+        ether(ipv6(a6, b6, 6, tcp(40000, 443, 0x02, pay))),
+        ether(ipv6(a6, b6, 0, hbh + tcp(40000, 443, 0x12, pay))),
+        ether(ipv6(a6, b6, 44, frag6 + udp(1, 2, pay))),
+        ether(ipv6(a6, b6, 51, ah + tcp(1, 2, 0x10, pay))),
+        ether(ipv6(a6, b6, 58, bytes([128, 0, 0, 0, 0, 3, 0, 1]) + pay)),
+        ether(ipv4(a4, b4, 47, pay)),  # GRE: sessioned without ports
+    ]
+
+
+def fuzz_frames(count: int, seed: int = 0) -> list[bytes]:
+    """Hostile frames: random bytes, mutated well-formed frames, truncated ones, header fields
+    set to random values (lengths, IHL, data offset, next headers, VLAN chains)."""
+    rnd = random.Random(seed)
+    out: list[bytes] = []
+    seeds = seed_frames(rnd)
+    while len(out) < count:
+        if len(out) % 512 == 0:
+            seeds = seed_frames(rnd)
+        kind = rnd.randrange(4)
+        if kind == 0:
+            out.append(rnd.randbytes(rnd.randrange(0, 120)))
+            continue
+        f = bytearray(rnd.choice(seeds))
+        if kind == 1:  # a few bytes flipped, mostly in the headers
+            for _ in range(rnd.randrange(1, 9)):
+                f[min(int(rnd.expovariate(1 / 40)), len(f) - 1)] = rnd.randrange(256)
+        elif kind == 2:  # cut anywhere
+            del f[rnd.randrange(0, len(f) + 1):]
+        else:  # one 16-bit field anywhere in the first 80 bytes set to an extreme
+            at = rnd.randrange(0, min(80, len(f) - 1))
+            f[at : at + 2] = rnd.choice((0, 1, 0xFF, 0x8100, 0x86DD, 0x0800, 0xFFFF, rnd.randrange(65536))).to_bytes(2, "big")
+        out.append(bytes(f))
+    return out

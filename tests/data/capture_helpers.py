@@ -1,0 +1,474 @@
+#!/usr/bin/env python3
+"""Python clients and answering listeners that make_captures.py runs inside its namespaces.
+
+    capture_helpers.py client PROTOCOL HOST PORT [ARGS...]   run a real client library
+    capture_helpers.py serve PROTOCOL PORT                    run a server or answering listener
+
+The clients are the real libraries (redis-py, psycopg, PyMySQL, grpcio, dnspython, kazoo,
+python-binary-memcached, the Couchbase SDK, pyspark, pymongo, kafka-python, cassandra-driver,
+python-tds, oracledb). The listeners stand in for servers that cannot run here (SQL Server,
+Oracle); each answers with replies built to the protocol's specification:
+protocol peers for client-first handshakes, not databases.
+"""
+
+from __future__ import annotations
+
+import socket
+import socketserver
+import struct
+import sys
+import time
+from collections.abc import Callable
+
+CLIENTS: dict[str, Callable[..., None]] = {}
+SERVERS: dict[str, Callable[[int], None]] = {}
+
+INJECTIONS = [
+    "SELECT name FROM {t} WHERE name = '' OR '1'='1'",
+    "SELECT name FROM {t} WHERE id = 1 UNION SELECT secret FROM {t}",
+    "SELECT name FROM {t} WHERE name = 'admin' -- ' AND secret = 'x'",
+    "SELECT name FROM {t} WHERE id = 1; DROP TABLE {t}_backup; -- '",
+]
+
+
+def client(fn: Callable[..., None]) -> Callable[..., None]:
+    CLIENTS[fn.__name__.removeprefix("client_")] = fn
+    return fn
+
+
+def server(fn: Callable[[int], None]) -> Callable[[int], None]:
+    SERVERS[fn.__name__.removeprefix("serve_")] = fn
+    return fn
+
+
+def bare(host: str) -> str:
+    return host.strip("[]")
+
+
+# ---------------------------------------------------------------------------- real clients
+
+
+@client
+def client_redis(host: str, port: str) -> None:
+    import redis
+
+    for _ in range(2):
+        r = redis.Redis(host=bare(host), port=int(port), socket_timeout=5)
+        r.ping()
+        r.set("greeting", "hello")
+        assert r.get("greeting") == b"hello"
+        with r.pipeline(transaction=True) as p:
+            p.incr("counter").lpush("jobs", "a", "b").execute()
+        r.close()
+
+
+@client
+def client_postgresql(host: str, port: str, mode: str) -> None:
+    import psycopg
+
+    if mode == "inject":
+        with psycopg.connect(host=bare(host), port=int(port), user="postgres", password="secret",
+                             dbname="postgres", sslmode="disable", autocommit=True) as conn:
+            for q in INJECTIONS:
+                try:  # injected statements often fail on the server, as they do in the wild
+                    conn.execute(q.format(t="users").encode()).fetchall()
+                except psycopg.Error as exc:
+                    print("server said:", exc)
+        return
+    for ssl in ("disable", "prefer"):
+        with psycopg.connect(host=bare(host), port=int(port), user="postgres", password="secret",
+                             dbname="postgres", sslmode=ssl) as conn:
+            conn.execute("SELECT name FROM users ORDER BY id").fetchall()
+            conn.execute("INSERT INTO users VALUES (%s, %s, %s) ON CONFLICT DO NOTHING", (3, "carol", "s3"))
+            conn.execute("SELECT secret FROM users WHERE id = %s", (1,), prepare=True).fetchone()
+            conn.commit()
+
+
+@client
+def client_mysql(host: str, port: str, mode: str) -> None:
+    import pymysql
+
+    if mode == "inject":
+        conn = pymysql.connect(host=bare(host), port=int(port), user="app", password="secret", database="shop")
+        with conn.cursor() as cur:
+            for q in INJECTIONS:
+                try:  # injected statements often fail on the server, as they do in the wild
+                    cur.execute(q.format(t="users"))
+                    cur.fetchall()
+                except pymysql.MySQLError as exc:
+                    print("server said:", exc)
+        conn.close()
+        return
+    for i in range(2):
+        conn = pymysql.connect(host=bare(host), port=int(port), user="app", password="secret", database="shop")
+        with conn.cursor() as cur:
+            cur.execute("SELECT name FROM users ORDER BY id")
+            cur.fetchall()
+            cur.execute("INSERT IGNORE INTO users VALUES (%s, %s, %s)", (10 + i, "dave", "s4"))
+        conn.commit()
+        conn.close()
+
+
+@client
+def client_tls(host: str, port: str, sni: str, cafile: str) -> None:
+    import ssl
+
+    for alpn in (["h2", "http/1.1"], ["http/1.1"]):
+        ctx = ssl.create_default_context(cafile=cafile)
+        ctx.check_hostname = False  # the certificate names api.flowmap.test; the SNI sent is what matters
+        ctx.set_alpn_protocols(alpn)
+        with socket.create_connection((bare(host), int(port)), timeout=5) as raw:
+            with ctx.wrap_socket(raw, server_hostname=sni) as s:
+                s.sendall(f"GET / HTTP/1.0\r\nHost: {sni}\r\n\r\n".encode())
+                while s.recv(4096):
+                    pass
+
+
+@client
+def client_http(host: str, port: str) -> None:
+    import requests
+
+    base = f"http://[{bare(host)}]:{port}" if ":" in bare(host) else f"http://{host}:{port}"
+    with requests.Session() as s:
+        s.get(f"{base}/index.html", headers={"Host": "web.flowmap.test"}, timeout=5)
+        s.get(f"{base}/data.json", timeout=5)
+    requests.post(f"{base}/api/items", json={"name": "flowmap"}, timeout=5)
+
+
+@client
+def client_dns(host: str, port: str) -> None:
+    import dns.message
+    import dns.query
+
+    for name, qtype in (("api.flowmap.test", "A"), ("api.flowmap.test", "AAAA"), ("www.flowmap.test", "A")):
+        dns.query.udp(dns.message.make_query(name, qtype), bare(host), port=int(port), timeout=3)
+    dns.query.tcp(dns.message.make_query("www.flowmap.test", "AAAA"), bare(host), port=int(port), timeout=3)
+
+
+@client
+def client_grpc(host: str, port: str) -> None:
+    import grpc
+    from google.protobuf import wrappers_pb2
+
+    ser, de = wrappers_pb2.StringValue.SerializeToString, wrappers_pb2.StringValue.FromString
+    for i in range(2):
+        # A local subchannel pool: each channel makes its own connection (a session per channel).
+        with grpc.insecure_channel(f"{host}:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+            hello = ch.unary_unary("/flowmap.demo.Greeter/SayHello", request_serializer=ser, response_deserializer=de)
+            stream = ch.unary_stream("/flowmap.demo.Greeter/StreamHellos", request_serializer=ser,
+                                     response_deserializer=de)
+            hello(wrappers_pb2.StringValue(value=f"flowmap {i}"), timeout=10)
+            list(stream(wrappers_pb2.StringValue(value="stream"), timeout=10))
+
+
+@client
+def client_zookeeper(host: str, port: str) -> None:
+    from kazoo.client import KazooClient
+
+    zk = KazooClient(hosts=f"{host}:{port}", timeout=10)
+    zk.start(timeout=30)
+    zk.ensure_path("/flowmap/config")
+    zk.create("/flowmap/config/mode", b"learn")
+    zk.get("/flowmap/config/mode")
+    zk.set("/flowmap/config/mode", b"monitor")
+    zk.get_children("/flowmap")
+    zk.delete("/flowmap", recursive=True)
+    zk.stop()
+    zk.close()
+
+
+@client
+def client_couchbase(host: str, port: str) -> None:
+    import bmemcached
+
+    c = bmemcached.Client([f"{host}:{port}"])
+    c.set("flowmap:edge", "client->server", time=60)
+    c.get("flowmap:edge")
+    c.add("flowmap:counter", 1)
+    c.incr("flowmap:counter", 5)
+    c.get("flowmap:missing")
+    c.delete("flowmap:edge")
+    c.stats()
+    c.disconnect_all()
+
+
+@client
+def client_couchbase_sdk(host: str, port: str) -> None:
+    from datetime import timedelta
+
+    from couchbase.auth import PasswordAuthenticator
+    from couchbase.cluster import Cluster
+    from couchbase.exceptions import CouchbaseException
+    from couchbase.options import ClusterOptions, ClusterTimeoutOptions
+
+    opts = ClusterOptions(PasswordAuthenticator("app", "secret"),
+                          timeout_options=ClusterTimeoutOptions(connect_timeout=timedelta(seconds=4),
+                                                                bootstrap_timeout=timedelta(seconds=4)))
+    try:  # memcached answers the Couchbase-only HELLO/GET_ERROR_MAP/SASL with "unknown command"
+        h = f"[{bare(host)}]" if ":" in bare(host) else host
+        cluster = Cluster.connect(f"couchbase://{h}:{port}", opts)
+        cluster.close()
+    except CouchbaseException as exc:
+        print("expected:", exc)
+
+
+@client
+def client_spark(host: str, port: str) -> None:
+    import os
+
+    from pyspark.sql import SparkSession
+
+    spark = (SparkSession.builder.master(f"spark://{host}:{port}").appName("flowmap-capture")
+             .config("spark.driver.host", os.environ.get("SPARK_LOCAL_IP", "0.0.0.0"))
+             .config("spark.ui.enabled", "false").getOrCreate())
+    time.sleep(4)  # long enough for the master to register the application
+    spark.stop()
+
+
+@client
+def client_mongodb(host: str, port: str) -> None:
+    import pymongo
+
+    h = f"[{bare(host)}]" if ":" in bare(host) else host
+    c = pymongo.MongoClient(f"mongodb://{h}:{port}/?directConnection=true&serverSelectionTimeoutMS=5000",
+                            heartbeatFrequencyMS=60000)
+    c.admin.command("ping")
+    c.shop.users.insert_one({"name": "alice"})
+    list(c.shop.users.find({"name": "alice"}))
+    c.close()
+
+
+@client
+def client_kafka_produce(host: str, port: str) -> None:
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=f"{host}:{port}", request_timeout_ms=30000)
+    for i in range(3):
+        producer.send("flowmap", key=b"edge", value=f"client->server {i}".encode()).get(timeout=60)
+    producer.flush()
+    producer.close()
+
+
+@client
+def client_kafka_consume(host: str, port: str) -> None:
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer("flowmap", bootstrap_servers=f"{host}:{port}", group_id="flowmap-capture",
+                             auto_offset_reset="earliest", consumer_timeout_ms=8000)
+    got = [m.value for m in consumer]
+    consumer.commit()
+    consumer.close()
+    print("consumed", len(got))
+
+
+@client
+def client_cassandra(host: str, port: str) -> None:
+    from cassandra.auth import PlainTextAuthProvider
+    from cassandra.cluster import Cluster
+
+    # Schema metadata off: it would add ~100 KB of system_schema rows to each capture.
+    cluster = Cluster([bare(host)], port=int(port), connect_timeout=10, schema_metadata_enabled=False,
+                      auth_provider=PlainTextAuthProvider("cassandra", "cassandra"))
+    session = cluster.connect()
+    session.execute("CREATE KEYSPACE IF NOT EXISTS flowmap WITH replication = "
+                    "{'class': 'SimpleStrategy', 'replication_factor': 1}")
+    session.execute("CREATE TABLE IF NOT EXISTS flowmap.edges (client text, server text, bytes bigint, "
+                    "PRIMARY KEY (client, server))")
+    session.execute("INSERT INTO flowmap.edges (client, server, bytes) VALUES (%s, %s, %s)", ("web", "db", 4096))
+    list(session.execute("SELECT * FROM flowmap.edges WHERE client = %s", ("web",)))
+    cluster.shutdown()
+
+
+@client
+def client_tds(host: str, port: str) -> None:
+    import pytds
+
+    for i in range(2):
+        with pytds.connect(server=bare(host), port=int(port), user="sa", password="Secret-1", database="shop",
+                           login_timeout=5, timeout=5, autocommit=True) as conn:
+            with conn.cursor() as cur:
+                cur.execute("SELECT name FROM users WHERE id = 1" if i == 0 else "SELECT @@VERSION")
+                cur.fetchall()
+
+
+@client
+def client_tns(host: str, port: str) -> None:
+    import oracledb
+
+    for service in ("FLOWMAP", "ORCLPDB1"):
+        try:
+            oracledb.connect(user="app", password="secret", host=bare(host), port=int(port), service_name=service,
+                             tcp_connect_timeout=5)
+        except oracledb.Error as exc:  # accepted then closed, or refused: the exchange is what we record
+            print("expected:", exc)
+
+
+# ---------------------------------------------------------------------------- servers and listeners
+
+
+class _Server(socketserver.ThreadingTCPServer):
+    address_family = socket.AF_INET6
+    allow_reuse_address = True
+    daemon_threads = True
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
+def serve_tcp(port: int, handle: Callable[[socket.socket], None]) -> None:
+    class H(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            try:
+                handle(self.request)
+            except (ConnectionError, OSError, EOFError) as exc:
+                print("connection ended:", exc, flush=True)
+
+    with _Server(("::", port), H) as srv:
+        srv.serve_forever()
+
+
+def recv_exact(s: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            raise EOFError("peer closed")
+        buf += chunk
+    return buf
+
+
+@server
+def serve_grpc(port: int) -> None:
+    from concurrent import futures
+
+    import grpc
+    from google.protobuf import wrappers_pb2
+
+    sv = wrappers_pb2.StringValue
+
+    def say_hello(req: object, ctx: object) -> object:
+        return sv(value=f"hello {req.value}")  # type: ignore[attr-defined]
+
+    def stream_hellos(req: object, ctx: object):  # type: ignore[no-untyped-def]
+        for i in range(3):
+            yield sv(value=f"hello {i} {req.value}")  # type: ignore[attr-defined]
+
+    handler = grpc.method_handlers_generic_handler("flowmap.demo.Greeter", {
+        "SayHello": grpc.unary_unary_rpc_method_handler(say_hello, sv.FromString, sv.SerializeToString),
+        "StreamHellos": grpc.unary_stream_rpc_method_handler(stream_hellos, sv.FromString, sv.SerializeToString),
+    })
+    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    srv.add_generic_rpc_handlers((handler,))
+    srv.add_insecure_port(f"[::]:{port}")
+    srv.start()
+    srv.wait_for_termination()
+
+
+# TDS 7.4: 8-byte packet header (type, status, length, spid, packet id, window).
+@server
+def serve_tds(port: int) -> None:
+    def packet(ptype: int, data: bytes) -> bytes:
+        return struct.pack(">BBHHBB", ptype, 0x01, 8 + len(data), 0, 1, 0) + data
+
+    def bvarchar(v: str) -> bytes:
+        return bytes([len(v)]) + v.encode("utf-16-le")
+
+    def envchange(kind: int, new: str, old: str) -> bytes:
+        data = bytes([kind]) + bvarchar(new) + bvarchar(old)
+        return b"\xe3" + struct.pack("<H", len(data)) + data
+
+    def done(status: int = 0, rows: int = 0) -> bytes:
+        return b"\xfd" + struct.pack("<HHQ", status, 0xC1 if rows else 0, rows)
+
+    def prelogin_reply() -> bytes:
+        opts = [(0x00, struct.pack(">BBBBH", 16, 0, 0x10, 0x7E, 0)),  # VERSION 16.0.4222
+                (0x01, b"\x02"),  # ENCRYPTION: not supported
+                (0x02, b"\x00"),  # INSTOPT
+                (0x03, b""),  # THREADID
+                (0x04, b"\x00")]  # MARS off
+        off = 5 * len(opts) + 1
+        head, data = b"", b""
+        for tok, val in opts:
+            head += struct.pack(">BHH", tok, off + len(data), len(val))
+            data += val
+        return head + b"\xff" + data
+
+    def login_reply() -> bytes:
+        prog = bvarchar("Microsoft SQL Server")
+        ack = bytes([1]) + struct.pack(">I", 0x74000004) + prog + bytes([16, 0, 0x10, 0x7E])
+        loginack = b"\xad" + struct.pack("<H", len(ack)) + ack
+        return (envchange(1, "shop", "master") + envchange(2, "us_english", "")
+                + envchange(4, "4096", "4096") + loginack + done())
+
+    def result_reply() -> bytes:
+        # COLMETADATA: 1 column NVARCHAR(100) "name"; ROW; DONE with count
+        col = struct.pack("<IH", 0, 0x0009) + b"\xe7" + struct.pack("<H", 200) + b"\x09\x04\xd0\x00\x34" + bvarchar("name")
+        meta = b"\x81" + struct.pack("<H", 1) + col
+        value = "alice".encode("utf-16-le")
+        row = b"\xd1" + struct.pack("<H", len(value)) + value
+        return meta + row + done(0x10, 1)
+
+    def handle(s: socket.socket) -> None:
+        while True:
+            ptype, _status, length = struct.unpack(">BBH", recv_exact(s, 4))
+            recv_exact(s, length - 4)
+            if ptype == 0x12:
+                s.sendall(packet(0x04, prelogin_reply()))
+            elif ptype == 0x10:
+                s.sendall(packet(0x04, login_reply()))
+            elif ptype == 0x01:
+                s.sendall(packet(0x04, result_reply()))
+            else:
+                s.sendall(packet(0x04, done()))
+
+    serve_tcp(port, handle)
+
+
+# TNS: 8-byte header (length, checksum, type, flags, header checksum). CONNECT (1) for service
+# FLOWMAP -> ACCEPT (2), then the client's first DATA packet is read and the connection closed;
+# any other service -> REFUSE (4) with ERR=12514, as an Oracle listener answers.
+@server
+def serve_tns(port: int) -> None:
+    def packet(ptype: int, body: bytes) -> bytes:
+        return struct.pack(">HHBBH", 8 + len(body), 0, ptype, 0, 0) + body
+
+    def handle(s: socket.socket) -> None:
+        head = recv_exact(s, 8)
+        length, _ck, ptype = struct.unpack(">HHB", head[:5])
+        body = recv_exact(s, length - 8)
+        if ptype != 1:
+            return
+        data_len, data_off = struct.unpack(">HH", body[16:20])
+        connect = (head + body)[data_off:data_off + data_len]
+        if len(connect) < data_len:  # the connect string did not fit: it follows in a DATA packet
+            nxt = recv_exact(s, 8)
+            connect = recv_exact(s, struct.unpack(">H", nxt[:2])[0] - 8)[2:]
+        print("CONNECT", connect.decode(errors="replace"), flush=True)
+        if b"SERVICE_NAME=FLOWMAP)" in connect.upper():
+            accept = struct.pack(">HHHHHHH", 317, 0x0801, 8192, 65535, 0x4F98, 0, 36) + b"\x01" + bytes(9)
+            accept += struct.pack(">I", 8192)
+            s.sendall(packet(2, accept))
+            # From version 315 on, packets after ACCEPT carry a 32-bit length.
+            (n,) = struct.unpack(">I", recv_exact(s, 4))
+            recv_exact(s, n - 4)
+            return
+        reason = b"(DESCRIPTION=(TMP=)(VSNNUM=318767104)(ERR=12514)(ERROR_STACK=(ERROR=(CODE=12514)(EMFI=4))))"
+        s.sendall(packet(4, struct.pack(">BBH", 0x22, 0x00, len(reason)) + reason))
+
+    serve_tcp(port, handle)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 3 or argv[0] not in ("client", "serve"):
+        print(__doc__)
+        return 2
+    if argv[0] == "client":
+        CLIENTS[argv[1]](*argv[2:])
+    else:
+        SERVERS[argv[1]](int(argv[2]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,20 @@
+"""A detector's name is the contract: the dp registry, the API and the CRD enums agree."""
+
+from __future__ import annotations
+
+import yaml
+
+from flowmap_api.apps import APPLICATIONS, UNKNOWN
+from flowmap_dp.detectors import REGISTRY
+from tests.conftest import REPO
+
+
+def test_detector_names_are_the_applications_of_the_api_and_the_crds() -> None:
+    assert sorted(d.name for d in REGISTRY) == sorted(APPLICATIONS)
+    assert len(APPLICATIONS) == 21
+    conn = yaml.safe_load((REPO / "crds" / "flowmap.dev_connections.yaml").read_text())
+    nlp = yaml.safe_load((REPO / "crds" / "flowmap.dev_networklearningpolicies.yaml").read_text())
+    status = conn["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+    rule = nlp["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["rules"]
+    for enum in (status["applications"]["items"]["enum"], rule["items"]["properties"]["app"]["enum"]):
+        assert sorted(enum) == sorted((*APPLICATIONS, UNKNOWN))
