@@ -14,7 +14,7 @@ from flowmap_operator import metrics
 from flowmap_operator.auth import Authenticator, PermissionDenied, Unauthenticated, Unavailable
 from flowmap_operator.ledger import OutOfOrder
 from flowmap_operator.settings import Settings
-from flowmap_operator.topology import Topology
+from flowmap_operator.topology import Crowded, Topology
 from flowmap_operator.validation import InvalidReport, validate
 
 log = logging.getLogger("flowmap.operator.serving")
@@ -42,7 +42,7 @@ class ReportServicer(pb_grpc.ReportServiceServicer):
             code, message, outcome = grpc.StatusCode.INVALID_ARGUMENT, str(exc), "invalid"
         except OutOfOrder as exc:
             code, message, outcome = grpc.StatusCode.FAILED_PRECONDITION, str(exc), "out_of_order"
-        except Busy as exc:
+        except (Busy, Crowded) as exc:
             code, message, outcome = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), "busy"
         except Unavailable as exc:
             code, message, outcome = grpc.StatusCode.UNAVAILABLE, str(exc), "unavailable"

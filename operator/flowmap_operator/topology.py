@@ -17,6 +17,16 @@ from flowmap_operator.naming import connection_name
 from flowmap_operator.resolution import Peer, Resolver
 
 PROTOCOLS = {pb.TCP: "TCP", pb.UDP: "UDP", pb.SCTP: "SCTP", pb.ICMP: "ICMP"}
+# Watermarks one Connection may carry (the CRD's status.observers maxItems): ~7 kB at most.
+MAX_OBSERVERS = 128
+
+
+class Crowded(Exception):
+    """An edge has as many unconfirmed observers as it may hold: retry the batch a little later.
+
+    Watermarks are pruned as soon as their agents confirm the acknowledgement, so this only
+    delays a batch; refusing it whole keeps it exact.
+    """
 
 
 @dataclass
@@ -101,9 +111,8 @@ class Topology:
         group.last_seen = max(group.last_seen, when)
 
     def ingest(self, batch: pb.ReportBatch, now: float) -> Ingested:
-        """Apply one validated batch (raises ledger.OutOfOrder for a batch that skips ahead)."""
+        """Apply one validated batch, or refuse it whole (ledger.OutOfOrder, Crowded)."""
         agent, seq = batch.agent_id, batch.sequence
-        self.ledger.begin_batch(agent, batch.node, seq, batch.acked)
         for name in batch.names:
             self.resolver.learn_name(name.ip, name.name, name.ttl_seconds, name.seen_unix_ms / 1000 or now)
         result = Ingested()
@@ -146,6 +155,14 @@ class Topology:
             info.first_seen = min(info.first_seen, first) if info.first_seen else first
             info.last_seen = max(info.last_seen, when)
             info.denied = info.denied or delta.verdict == pb.DENIED
+        for key in merged:
+            edge = self.ledger.edges.get(key)
+            if edge and agent not in edge.watermarks and agent not in edge.pending and (
+                    len(edge.watermarks.keys() | edge.pending.keys()) >= MAX_OBSERVERS):
+                raise Crowded(f"edge {key} already carries {MAX_OBSERVERS} unconfirmed observers")
+        # Only now does the batch take its place in the agent's sequence: a refusal above must
+        # leave no trace, or the batch could be acknowledged without having been counted.
+        self.ledger.begin_batch(agent, batch.node, seq, batch.acked)
         for key, (counters, threats, active) in merged.items():
             info = self.edges[key]
             info.active[agent] = active

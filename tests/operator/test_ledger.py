@@ -185,3 +185,29 @@ def simulate(seed: int) -> None:
 @pytest.mark.parametrize("seed", range(300))
 def test_random_histories_count_every_delta_exactly_once(seed: int) -> None:
     simulate(seed)
+
+
+def test_an_edge_refuses_more_unconfirmed_observers_than_it_may_hold() -> None:
+    import time
+
+    from flowmap_operator import topology
+    from flowmap_operator.resolution import Resolver
+    from tests.operator.harness import edge
+    from flowmap_api import report_pb2 as pb
+
+    topo = topology.Topology(Resolver(), max_connections=10, max_ports=20)
+    for i in range(topology.MAX_OBSERVERS):
+        batch = pb.ReportBatch(agent_id=f"agent-{i}", node=f"node-{i}", sequence=1,
+                               edges=[edge("10.0.0.1", 1, "192.0.2.1", 80)])
+        assert topo.ingest(batch, time.time()).counted == 1
+    crowded = pb.ReportBatch(agent_id="one-too-many", node="node-x", sequence=1,
+                             edges=[edge("10.0.0.1", 1, "192.0.2.1", 80)])
+    with pytest.raises(topology.Crowded):
+        topo.ingest(crowded, time.time())
+    assert topo.ledger.acked("one-too-many") == 0  # refused without a trace: never acknowledged
+    key = next(iter(topo.edges))
+    topo.ledger.written(topo.ledger.plan(key), "1")
+    for i in range(topology.MAX_OBSERVERS):  # every agent confirms its acknowledgement
+        topo.ledger.begin_batch(f"agent-{i}", f"node-{i}", 2, acked=1)
+    topo.ledger.written(topo.ledger.plan(key), "2")  # the write prunes the confirmed watermarks
+    assert topo.ingest(crowded, time.time()).counted == 1
