@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,6 +157,15 @@ class Operator:
 
     def tail(self, lines: int = 40) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
+
+
+def running(cluster: Cluster, **settings: Any) -> Iterator[Operator]:
+    """An operator for a fixture: started and leading, stopped (SIGTERM) afterwards."""
+    op = Operator(cluster, write_budget=50, flush_interval=0.2, **settings).start().wait_leading()
+    try:
+        yield op
+    finally:
+        op.stop()
 
 
 class Agent:

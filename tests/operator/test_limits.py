@@ -16,7 +16,7 @@ import pytest
 from flowmap_api import report_pb2 as pb
 
 from tests.operator.conftest import REDIS, WEB
-from tests.operator.harness import Agent, Cluster, Operator, create_pods, edge, pod
+from tests.operator.harness import Agent, Cluster, Operator, create_pods, edge, pod, running
 from tests.operator.test_reports import connection, wait_for
 
 
@@ -27,14 +27,6 @@ def existing_connections(cluster: Cluster) -> int:
 def group(cluster: Cluster, name: str) -> dict[str, Any] | None:
     proc = cluster.plane.kubectl("get", "group", name, "-o", "json", check=False)
     return json.loads(proc.stdout) if proc.returncode == 0 else None
-
-
-def running(cluster: Cluster, **settings: Any) -> Iterator[Operator]:
-    op = Operator(cluster, write_budget=50, flush_interval=0.2, **settings).start().wait_leading()
-    try:
-        yield op
-    finally:
-        op.stop()
 
 
 @pytest.fixture

@@ -12,16 +12,12 @@ import pytest
 
 from flowmap_api import report_pb2 as pb
 from tests.operator.conftest import WEB
-from tests.operator.harness import Agent, Cluster, Operator, edge
+from tests.operator.harness import Agent, Cluster, Operator, edge, running
 
 
 @pytest.fixture(scope="module")
 def operator(cluster: Cluster) -> Iterator[Operator]:
-    op = Operator(cluster, write_budget=50, flush_interval=0.2).start().wait_leading()
-    try:
-        yield op
-    finally:
-        op.stop()
+    yield from running(cluster)
 
 
 def refused(agent: Agent, batch: pb.ReportBatch, token: str | None = None) -> grpc.RpcError:

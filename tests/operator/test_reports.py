@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from flowmap_api import report_pb2 as pb
 from tests.conftest import need
 from tests.operator.conftest import API, API_SVC, REDIS, WEB
-from tests.operator.harness import Agent, Cluster, Operator, edge
+from tests.operator.harness import Agent, Cluster, Operator, edge, running
 
 
 def wait_for(check: Any, timeout: float = 30.0, what: str = "condition") -> Any:
@@ -36,11 +36,7 @@ def connection(cluster: Cluster, name: str) -> dict[str, Any] | None:
 
 @pytest.fixture(scope="module")
 def operator(cluster: Cluster) -> Iterator[Operator]:
-    op = Operator(cluster, write_budget=50, flush_interval=0.2).start().wait_leading()
-    try:
-        yield op
-    finally:
-        op.stop()
+    yield from running(cluster)
 
 
 def agent(cluster: Cluster, op: Operator, node: str, pod: str, agent_id: str) -> Agent:
