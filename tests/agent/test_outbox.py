@@ -1,0 +1,151 @@
+"""The agent's outbox and the operator's ledger together count every delta exactly once.
+
+A model run: deltas arrive every interval; the state is saved before sending (as the agent
+does); answers get lost, the operator crashes (its memory rebuilt from the "API"), writes fail
+or land in doubt, and the agent itself crashes and restarts from its saved file.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import tempfile
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from flowmap_api import report_pb2 as pb
+from flowmap_agent.outbox import Outbox, StateError
+from flowmap_operator.ledger import Counters, Ledger, OutOfOrder
+
+SERVERS = ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
+
+
+def delta(server: str, n: int) -> pb.EdgeDelta:
+    return pb.EdgeDelta(client=pb.Endpoint(ip="10.1.0.1", local=True), server=pb.Endpoint(ip=server, port=80),
+                        protocol=pb.TCP, bytes_c2s=n, bytes_s2c=3 * n, packets_c2s=1, packets_s2c=1,
+                        sessions_opened=1)
+
+
+def run(seed: int, tmp: Path) -> None:
+    rng = random.Random(seed)
+    state = tmp / f"state-{seed}"
+    box = Outbox("agent-1", "node-a", window=3)
+    ledger = Ledger()
+    store: dict[str, tuple[Counters, list[tuple[str, str, int]], int]] = {}
+    truth: dict[str, int] = defaultdict(int)
+
+    def write_one() -> None:
+        dirty = ledger.dirty()
+        if not dirty:
+            return
+        key = dirty[0].key
+        edge = ledger.edges[key]
+        counters, marks, rv = store.get(key[1], (Counters(), [], 0))
+        if edge.in_doubt is not None or (edge.resource_version or "0") != str(rv):
+            ledger.load(key, counters, marks, str(rv))
+            return
+        plan = ledger.plan(key)
+        roll = rng.random()
+        if roll < 0.1:
+            return  # refused
+        new = (plan.counters.copy(), [(a, w.node, w.batch) for a, w in plan.watermarks.items()], rv + 1)
+        if roll < 0.2:
+            if rng.random() < 0.5:
+                store[key[1]] = new
+            ledger.in_doubt(plan)
+            return
+        store[key[1]] = new
+        ledger.written(plan, str(rv + 1))
+
+    def deliver() -> None:
+        batches = box.to_deliver()
+        if not batches and box.unacked:
+            batches = box.unacked[:1]  # window full and all delivered: a resend asks for the ack
+        for batch in batches:
+            try:
+                ledger.begin_batch(batch.agent_id, batch.node, batch.sequence, batch.acked)
+            except OutOfOrder:
+                box.failed()
+                return
+            for d in batch.edges:
+                c = Counters(d.bytes_c2s, d.bytes_s2c, d.packets_c2s, d.packets_s2c, d.sessions_opened)
+                ledger.apply(batch.agent_id, batch.sequence, (d.client.ip, d.server.ip, 80, "TCP"), c, 0.0)
+            if rng.random() < 0.15:
+                box.failed()  # the answer is lost
+                return
+            box.delivered_ok(batch, ledger.acked(batch.agent_id))
+
+    for _ in range(300):
+        deltas = [delta(s, rng.randint(1, 1000)) for s in rng.sample(SERVERS, rng.randint(0, 3))]
+        box.add(deltas)
+        box.cut()
+        box.save(state)  # before anything is sent: what is saved is never lost
+        for d in deltas:
+            truth[d.server.ip] += d.bytes_c2s
+        deliver()
+        for _ in range(rng.randint(0, 3)):
+            write_one()
+        roll = rng.random()
+        if roll < 0.04:  # the agent crashes and restarts from its file
+            box = Outbox.load(state, "node-a", window=3)
+        elif roll < 0.07:  # the operator crashes
+            ledger = Ledger()
+            for server, (counters, marks, rv) in store.items():
+                ledger.load(("10.1.0.1", server, 80, "TCP"), counters, marks, str(rv))
+            box.failed()
+    for _ in range(5000):
+        box.cut()
+        deliver()
+        write_one()
+        if not box.unacked and not box.pending:
+            break
+    assert not box.unacked and not box.pending
+    assert {s: c[0].bytes_c2s for s, c in store.items()} == {s: n for s, n in truth.items() if n}, seed
+
+
+@pytest.fixture
+def fast_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """What is under test is what the state file holds, not the disk: 300 synced saves per run
+    would cost minutes, so the runs use memory (tmpfs when there is one) and skip fsync."""
+    monkeypatch.setattr("flowmap_agent.outbox.os.fsync", lambda fd: None)
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        yield tmp_path
+        return
+    folder = Path(tempfile.mkdtemp(dir=shm, prefix="flowmap-outbox-"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.parametrize("seed", range(150))
+def test_agent_and_operator_crashes_neither_lose_nor_double(seed: int, fast_dir: Path) -> None:
+    run(seed, fast_dir)
+
+
+def test_pending_deltas_merge_per_edge_while_the_window_is_full() -> None:
+    box = Outbox("a", "n", window=1)
+    box.add([delta("10.0.0.1", 5)])
+    assert box.cut() is not None
+    for _ in range(100):
+        box.add([delta("10.0.0.1", 1), delta("10.0.0.2", 1)])
+        assert box.cut() is None  # waiting for the first ack
+    assert box.edges == 3  # one edge in the batch in flight, two merged pending: not 201
+    assert box.pending[("10.1.0.1", "10.0.0.1", 80, pb.TCP, "", True, False)].bytes_c2s == 100
+
+
+def test_an_unreadable_or_foreign_state_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "state"
+    Outbox("a", "node-a").save(path)
+    with pytest.raises(StateError, match="another node"):
+        Outbox.load(path, "node-b")
+    path.write_bytes(path.read_bytes()[:-1] + b"\xff\xff")
+    with pytest.raises(StateError):
+        Outbox.load(path, "node-a")
+    path.write_bytes(b"garbage!")
+    with pytest.raises(StateError):
+        Outbox.load(path, "node-a")
