@@ -1,0 +1,85 @@
+"""The dp's per-session records become per-edge deltas for the operator (pure).
+
+An edge, from the node's point of view, is client address -> server address and port, L4
+protocol: the client's ephemeral port does not matter to the map, so all sessions between the
+same two addresses on one server port add up. Endpoints on this node (its pods, the node itself)
+are marked local and local pods named, which is how the operator knows which node counts an edge.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from flowmap_api import report_pb2 as pb
+from flowmap_dp import wire_pb2
+
+PROTOCOLS = {6: pb.TCP, 17: pb.UDP, 132: pb.SCTP, 1: pb.ICMP, 58: pb.ICMP}
+MAX_OPEN_PER_EDGE = 1 << 20  # open-session tracking is a gauge; never let it grow without end
+
+
+def text(ip: bytes) -> str:
+    return str(ipaddress.ip_address(ip))
+
+
+@dataclass
+class Aggregator:
+    local_pods: Mapping[str, str] = field(default_factory=dict)  # pod IP on this node -> "namespace/name"
+    node_ips: frozenset[str] = frozenset()
+    # Open sessions per edge (their 5-tuples), for the sessions_active gauge.
+    _open: dict[tuple[str, str, int, int], set[tuple[int, int]]] = field(default_factory=dict)
+
+    def _endpoint(self, ip: str, port: int) -> pb.Endpoint:
+        pod = self.local_pods.get(ip, "")
+        return pb.Endpoint(ip=ip, port=port, pod=pod, local=bool(pod) or ip in self.node_ips)
+
+    def take(self, report: wire_pb2.Report) -> tuple[list[pb.EdgeDelta], list[pb.DnsName]]:
+        """One dp report's sessions as edge deltas (one per edge), and the names its DNS answers gave."""
+        edges: dict[tuple[str, str, int, int], pb.EdgeDelta] = {}
+        threats: dict[tuple[int, bytes, int, bytes, int], list[wire_pb2.ThreatHit]] = {}
+        for hit in report.threats:
+            threats.setdefault((hit.ip_proto, hit.client_ip, hit.client_port, hit.server_ip, hit.server_port),
+                               []).append(hit)
+        for s in report.sessions:
+            protocol = PROTOCOLS.get(s.ip_proto)
+            if protocol is None or len(s.client_ip) not in (4, 16) or len(s.server_ip) not in (4, 16):
+                continue
+            client, server = text(s.client_ip), text(s.server_ip)
+            port = s.server_port if protocol != pb.ICMP else 0
+            key = (client, server, port, protocol)
+            d = edges.get(key)
+            if d is None:
+                d = edges[key] = pb.EdgeDelta(client=self._endpoint(client, 0), server=self._endpoint(server, port),
+                                              protocol=protocol)
+            d.bytes_c2s += s.bytes_c2s
+            d.bytes_s2c += s.bytes_s2c
+            d.packets_c2s += s.packets_c2s
+            d.packets_s2c += s.packets_s2c
+            first, last = s.first_seen_ns // 1_000_000, s.last_seen_ns // 1_000_000
+            if first and (not d.first_seen_unix_ms or first < d.first_seen_unix_ms):
+                d.first_seen_unix_ms = first
+            d.last_seen_unix_ms = max(d.last_seen_unix_ms, last)
+            if s.app and s.app not in d.apps:
+                d.apps.append(s.app)
+            opened = self._open.setdefault(key, set())
+            session = (s.client_port, s.vlan)
+            if s.new:
+                d.sessions_opened += 1
+                if len(opened) < MAX_OPEN_PER_EDGE:
+                    opened.add(session)
+            if s.closed:
+                d.sessions_closed += 1
+                opened.discard(session)
+            for hit in threats.get((s.ip_proto, s.client_ip, s.client_port, s.server_ip, s.server_port), ()):
+                if len(d.threats) < 16:
+                    d.threats.append(pb.ThreatHit(name=hit.threat, snippet=hit.snippet[:256],
+                                                  time_unix_ms=hit.seen_ns // 1_000_000))
+        for key, d in edges.items():
+            d.sessions_active = len(self._open.get(key, ()))
+            if not d.sessions_active:
+                self._open.pop(key, None)
+        names = [pb.DnsName(ip=text(a.address), name=a.name.rstrip(".").lower(), ttl_seconds=a.ttl,
+                            seen_unix_ms=report.end_ns // 1_000_000)
+                 for a in report.dns if a.type in ("A", "AAAA") and len(a.address) in (4, 16) and a.name]
+        return list(edges.values()), names

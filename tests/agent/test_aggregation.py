@@ -1,0 +1,51 @@
+"""dp session records become one delta per edge, with local endpoints marked and names learned."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from flowmap_api import report_pb2 as pb
+from flowmap_agent.aggregation import Aggregator
+from flowmap_dp import wire_pb2
+
+
+def ip(text: str) -> bytes:
+    return ipaddress.ip_address(text).packed
+
+
+def session(client: str, cport: int, server: str, sport: int, *, new: bool = False, closed: bool = False,
+            c2s: int = 0, s2c: int = 0, app: str = "", proto: int = 6) -> wire_pb2.Session:
+    return wire_pb2.Session(ip_proto=proto, client_ip=ip(client), client_port=cport, server_ip=ip(server),
+                            server_port=sport, new=new, closed=closed, bytes_c2s=c2s, bytes_s2c=s2c,
+                            packets_c2s=1 if c2s else 0, packets_s2c=1 if s2c else 0, app=app,
+                            first_seen_ns=1_000_000_000, last_seen_ns=2_000_000_000)
+
+
+def test_sessions_of_one_edge_add_up_and_local_ends_are_marked() -> None:
+    agg = Aggregator(local_pods={"10.244.1.10": "shop/web-1"}, node_ips=frozenset({"172.18.0.2"}))
+    report = wire_pb2.Report(sessions=[
+        session("10.244.1.10", 40000, "10.96.0.50", 80, new=True, c2s=100, s2c=900, app="http"),
+        session("10.244.1.10", 40001, "10.96.0.50", 80, new=True, c2s=50, s2c=60),
+        session("172.18.0.2", 50000, "10.244.1.10", 8080, new=True, closed=True, c2s=7, s2c=8),
+        session("2001:db8::1", 1, "10.244.1.10", 53, proto=17, c2s=1),  # family mix: still its own edge
+    ], dns=[wire_pb2.DnsAnswer(name="Example.COM.", type="A", address=ip("93.184.216.34"), ttl=300),
+            wire_pb2.DnsAnswer(name="example.com", type="CNAME", target="x.example.net", ttl=300)],
+        threats=[wire_pb2.ThreatHit(threat="sqlinjection", ip_proto=6, client_ip=ip("10.244.1.10"),
+                                    client_port=40000, server_ip=ip("10.96.0.50"), server_port=80,
+                                    snippet="' or 1=1--", seen_ns=3_000_000_000)], end_ns=5_000_000_000)
+    edges, names = agg.take(report)
+    by_server = {(d.server.ip, d.server.port): d for d in edges}
+    web_api = by_server[("10.96.0.50", 80)]
+    assert (web_api.bytes_c2s, web_api.bytes_s2c, web_api.sessions_opened, web_api.sessions_active) == (150, 960, 2, 2)
+    assert web_api.client.local and web_api.client.pod == "shop/web-1" and not web_api.server.local
+    assert list(web_api.apps) == ["http"] and web_api.threats[0].name == "sqlinjection"
+    node_pod = by_server[("10.244.1.10", 8080)]
+    assert node_pod.client.local and not node_pod.client.pod and node_pod.server.pod == "shop/web-1"
+    assert node_pod.sessions_closed == 1 and node_pod.sessions_active == 0
+    assert by_server[("10.244.1.10", 53)].protocol == pb.UDP
+    assert [(n.ip, n.name, n.ttl_seconds) for n in names] == [("93.184.216.34", "example.com", 300)]
+
+    # The next interval: one of the two sessions closes; the gauge follows.
+    edges, _ = agg.take(wire_pb2.Report(sessions=[session("10.244.1.10", 40000, "10.96.0.50", 80, closed=True,
+                                                          c2s=1)]))
+    assert edges[0].sessions_active == 1 and edges[0].sessions_opened == 0
