@@ -1,0 +1,65 @@
+"""Which host interface leads to each local pod, read from the kernel's routes over netlink.
+
+CNIs like kindnet and Calico route each pod with a host route (/32 or /128) through the host
+side of the pod's veth; the dp captures there. The node's own addresses tell the uplinks.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+from pyroute2 import IPRoute
+
+_CLONE_NEWNET = 0x40000000
+
+
+@contextmanager
+def _ipr(netns: str) -> Iterator[IPRoute]:
+    """An IPRoute socket in ``netns`` (a name under /run/netns), or in our own namespace.
+
+    The calling thread enters the namespace with setns(2) just long enough to open the socket (a
+    netlink socket stays in the namespace it was made in); pyroute2's own netns mode would fork a
+    helper process from this multi-threaded one.
+    """
+    if not netns:
+        with IPRoute() as ipr:
+            yield ipr
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open("/proc/thread-self/ns/net", "rb") as home, open(f"/run/netns/{netns}", "rb") as there:
+        if libc.setns(there.fileno(), _CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()), netns)
+        try:
+            ipr = IPRoute()
+        finally:
+            if libc.setns(home.fileno(), _CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "cannot return to the agent's network namespace")
+    with ipr:
+        yield ipr
+
+
+def pod_interfaces(pod_ips: Iterable[str], netns: str = "") -> dict[str, str]:
+    """Pod IP -> host interface name, for the pods that have a host route."""
+    wanted = set(pod_ips)
+    out: dict[str, str] = {}
+    with _ipr(netns) as ipr:
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        for family, full in ((socket.AF_INET, 32), (socket.AF_INET6, 128)):
+            for route in ipr.get_routes(family=family):
+                dst, oif = route.get_attr("RTA_DST"), route.get_attr("RTA_OIF")
+                if route["dst_len"] == full and dst in wanted and oif in names:
+                    out[dst] = names[oif]
+    return out
+
+
+def address_interfaces(addresses: Iterable[str], netns: str = "") -> set[str]:
+    """The interfaces holding any of these addresses (the node's uplinks)."""
+    wanted = set(addresses)
+    with _ipr(netns) as ipr:
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        return {names[a["index"]] for a in ipr.get_addr() if a.get_attr("IFA_ADDRESS") in wanted
+                and a["index"] in names}

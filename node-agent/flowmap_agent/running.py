@@ -1,0 +1,283 @@
+"""``flowmap agent run``: the dp as a child, local pods, per-edge deltas, reports to the operator.
+
+Each interval: tell the dp which interfaces to capture (the host side of each local pod's veth,
+found from its host route, plus the uplinks), take the dp's session records, aggregate them per
+edge, cut a numbered batch, save the outbox to disk, then deliver whatever is not acknowledged.
+The loop never waits on the operator longer than a send timeout, and backs off with jitter.
+
+What a crash can lose, exactly: a crash of the agent loses the dp reports that reached it after
+the last save (at most one interval); the dp counts reports it could not hand over (agent away)
+as ``lost_reports``/``lost_sessions``, which the agent forwards as ``lost_deltas``. A crash of
+the dp loses the deltas it held for its current interval; the agent sees the dp's new run id and
+counts the restart. Nothing is lost silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import secrets
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+from aiohttp import web
+from kubernetes_asyncio import client, config
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from flowmap_agent import links
+from flowmap_agent.aggregation import Aggregator
+from flowmap_agent.outbox import Outbox, StateError
+from flowmap_agent.pods import LocalPods
+from flowmap_agent.settings import Settings
+from flowmap_api import report_pb2 as pb
+from flowmap_api import report_pb2_grpc as pb_grpc
+from flowmap_dp import wire_pb2
+from flowmap_dp.exporting import ReportReader
+
+log = logging.getLogger("flowmap.agent")
+STOP_DEADLINE = 10.0
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+REPORT_SECONDS = Histogram("flowmap_agent_report_seconds", "Latency of one report call to the operator.",
+                           registry=REGISTRY)
+REPORTS = Counter("flowmap_agent_reports", "Report calls by result.", ("result",), registry=REGISTRY)
+RECONNECTS = Counter("flowmap_agent_reconnects", "New connections to the operator.", registry=REGISTRY)
+DP_RESTARTS = Counter("flowmap_agent_dp_restarts", "Times the dp was (re)started.", registry=REGISTRY)
+LOST = Counter("flowmap_agent_lost_sessions", "Session records lost between the dp and the operator.",
+               registry=REGISTRY)
+UNACKED = Gauge("flowmap_agent_unacked_edges", "Edge deltas held until the operator acknowledges them.",
+                registry=REGISTRY)
+LAG = Gauge("flowmap_agent_report_lag_seconds", "Age of the oldest unacknowledged batch.", registry=REGISTRY)
+
+
+class DpHealth:
+    """The dp's cumulative health counters, summed over its workers, exported as-is."""
+
+    def __init__(self) -> None:
+        self.by_worker: dict[int, wire_pb2.Health] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        def total(field: str) -> float:
+            return float(sum(getattr(h, field) for h in self.by_worker.values()))
+
+        for field, help_text in (("packets", "Frames taken from the rings."),
+                                 ("kernel_drops", "Frames the kernel dropped: ring full."),
+                                 ("evictions", "Sessions evicted at the table bound."),
+                                 ("lost_reports", "dp reports not handed to the agent.")):
+            yield CounterMetricFamily(f"flowmap_agent_dp_{field}", help_text, value=total(field))
+        malformed = CounterMetricFamily("flowmap_agent_dp_malformed", "Frames refused by reason.",
+                                        labels=("reason",))
+        reasons: dict[str, int] = {}
+        for h in self.by_worker.values():
+            for reason, n in h.malformed.items():
+                reasons[reason] = reasons.get(reason, 0) + n
+        for reason, n in sorted(reasons.items()):
+            malformed.add_metric((reason,), float(n))
+        yield malformed
+        yield GaugeMetricFamily("flowmap_agent_dp_sessions", "Sessions in the dp's tables.", value=total("table_size"))
+
+
+class Agent:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.stop = asyncio.Event()
+        self.health = DpHealth()
+        REGISTRY.register(self.health)  # type: ignore[arg-type]
+        self.outbox = self._load_outbox()
+        self.aggregator = Aggregator()
+        self.channel: grpc.aio.Channel | None = None
+        self.retry_at = 0.0
+        self.backoff = 0.5
+        self.last_tick = time.monotonic()
+        self.dp_runs: dict[int, int] = {}  # worker -> run id
+        self.dp_lost: dict[tuple[int, int], int] = {}  # (run, worker) -> lost sessions seen
+
+    def _load_outbox(self) -> Outbox:
+        s, path = self.settings, Path(self.settings.state_file)
+        if path.exists():
+            try:
+                box = Outbox.load(path, s.node, window=s.window, interval_ms=int(s.interval * 1000))
+                log.info("resumed as %s at batch %d (%d unacknowledged)", box.agent_id, box.sequence, len(box.unacked))
+                return box
+            except (StateError, OSError) as exc:
+                log.error("cannot resume from %s (%s): starting afresh", path, exc)
+        return Outbox(f"{s.node}/{secrets.token_hex(6)}", s.node, window=s.window, interval_ms=int(s.interval * 1000))
+
+    # -- the operator ----------------------------------------------------------------------------
+
+    def _stub(self) -> pb_grpc.ReportServiceStub:
+        if self.channel is None:
+            creds = grpc.ssl_channel_credentials(root_certificates=Path(self.settings.ca_file).read_bytes())
+            self.channel = grpc.aio.secure_channel(self.settings.operator, creds)
+            RECONNECTS.inc()
+        return pb_grpc.ReportServiceStub(self.channel)
+
+    async def _drop_channel(self) -> None:
+        if self.channel is not None:
+            await self.channel.close()
+            self.channel = None
+
+    async def deliver(self) -> None:
+        """Send what is not acknowledged, in order; on any failure, back off and resend later."""
+        if time.monotonic() < self.retry_at:
+            return
+        box = self.outbox
+        batches = box.to_deliver() or box.unacked[:1]  # all delivered but unacknowledged: ask again
+        try:
+            token = Path(self.settings.token_file).read_text().strip()
+            for batch in batches:
+                started = time.monotonic()
+                ack = await self._stub().Report(batch, metadata=(("authorization", f"Bearer {token}"),),
+                                                timeout=self.settings.send_timeout)
+                REPORT_SECONDS.observe(time.monotonic() - started)
+                if not ack.leader:
+                    REPORTS.labels("not_leader").inc()
+                    await self._drop_channel()  # a new connection may reach the leader
+                    raise ConnectionError("not the leader")
+                REPORTS.labels("ok").inc()
+                box.delivered_ok(batch, ack.applied)
+            self.backoff = 0.5
+        except (grpc.RpcError, ConnectionError, OSError) as exc:
+            code = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else type(exc).__name__
+            if isinstance(exc, grpc.aio.AioRpcError):
+                REPORTS.labels(code.lower()).inc()
+            log.warning("report failed (%s); resending from batch %d in %.1f s", code, box.acked + 1, self.backoff)
+            box.failed()
+            self.retry_at = time.monotonic() + self.backoff * random.uniform(0.5, 1.5)
+            self.backoff = min(self.backoff * 2, 30.0)
+        UNACKED.set(box.edges)
+        oldest = box.unacked[0].sent_unix_ms if box.unacked and box.unacked[0].sent_unix_ms else 0
+        LAG.set(max(0.0, time.time() - oldest / 1000) if oldest else 0.0)
+
+    # -- the dp ----------------------------------------------------------------------------------
+
+    def take(self, reports: list[wire_pb2.Report]) -> None:
+        for report in reports:
+            if self.dp_runs.get(report.worker) not in (None, report.run_id):
+                DP_RESTARTS.inc()  # its current interval died with it
+            self.dp_runs[report.worker] = report.run_id
+            deltas, names = self.aggregator.take(report)
+            self.outbox.add(deltas, names)
+            if report.HasField("health"):
+                self.health.by_worker[report.worker] = report.health
+                key = (report.run_id, report.worker)
+                lost = report.health.lost_sessions - self.dp_lost.get(key, 0)
+                if lost > 0:
+                    self.dp_lost[key] = report.health.lost_sessions
+                    self.outbox.lost_deltas += lost
+                    LOST.inc(lost)
+
+    async def run_dp(self) -> None:
+        """Keep the dp running as a child; restart it (with backoff) if it exits."""
+        s = self.settings
+        delay = 1.0
+        while not self.stop.is_set():
+            DP_RESTARTS.inc()
+            inside = ("ip", "netns", "exec", s.netns) if s.netns else ()
+            proc = await asyncio.create_subprocess_exec(
+                *inside, sys.executable, "-m", "flowmap_cli", "dp", "run", "--socket", s.socket, "--interval", str(s.interval),
+                "--workers", str(s.dp_workers), *s.dp_args.split())
+            waiter = asyncio.ensure_future(proc.wait())
+            await asyncio.wait([waiter, asyncio.ensure_future(self.stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+            if not waiter.done():
+                proc.send_signal(signal.SIGTERM)  # its last report comes before it exits
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(waiter, STOP_DEADLINE / 2)
+                if not waiter.done():
+                    proc.kill()
+                return
+            log.error("the dp exited with %s; restarting in %.0f s", proc.returncode, delay)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), timeout=delay)
+            delay = min(delay * 2, 30.0)
+
+    # -- health ----------------------------------------------------------------------------------
+
+    async def serve_health(self, pods: LocalPods, reader: ReportReader) -> web.AppRunner:
+        async def healthz(_: web.Request) -> web.Response:
+            alive = time.monotonic() - self.last_tick < 5 * self.settings.interval + 5
+            return web.Response(status=200 if alive else 503, text="ok" if alive else "stalled")
+
+        async def readyz(_: web.Request) -> web.Response:
+            ready = pods.synced.is_set() and reader.connections > 0
+            return web.Response(status=200 if ready else 503, text="ok" if ready else "not ready")
+
+        async def metrics(_: web.Request) -> web.Response:
+            return web.Response(body=generate_latest(REGISTRY), content_type="text/plain")
+
+        app = web.Application()
+        app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", metrics)])
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, port=self.settings.health_port).start()
+        return runner
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop.set)
+        if os.environ.get("KUBECONFIG"):
+            await config.load_kube_config()
+        else:
+            config.load_incluster_config()
+        api = client.ApiClient()
+        core = client.CoreV1Api(api)
+        pods = LocalPods(core, s.node)
+        self.aggregator.local_pods = pods.by_ip
+        node = await core.read_node(s.node)
+        node_ips = [a.address for a in node.status.addresses or [] if a.type in ("InternalIP", "ExternalIP")]
+        self.aggregator.node_ips = frozenset(node_ips)
+        uplinks = set(filter(None, s.uplinks.split(","))) or await asyncio.to_thread(
+            links.address_interfaces, node_ips, s.netns)
+
+        Path(s.socket).parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(s.socket)
+        reader = ReportReader(s.socket)
+        runner = await self.serve_health(pods, reader)
+        tasks = [asyncio.create_task(pods.run(self.stop)), asyncio.create_task(self.run_dp())]
+        wanted: list[str] = []
+        log.info("agent %s on node %s: uplinks %s", self.outbox.agent_id, s.node, sorted(uplinks))
+        while not self.stop.is_set():
+            self.last_tick = time.monotonic()
+            interfaces = sorted(set((await asyncio.to_thread(links.pod_interfaces, list(pods.by_ip), s.netns)).values()) | uplinks)
+            if interfaces != wanted:
+                wanted = interfaces
+                reader.set_interfaces(wanted)
+            self.take(reader.poll(0))
+            self.outbox.cut()
+            await asyncio.to_thread(self.outbox.save, Path(s.state_file))
+            await self.deliver()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), timeout=max(0.0, s.interval - (time.monotonic() - self.last_tick)))
+
+        # Ordered stop: the dp sends its last report, which is saved and delivered within the deadline.
+        deadline = time.monotonic() + STOP_DEADLINE
+        await asyncio.wait(tasks[1:], timeout=STOP_DEADLINE / 2)
+        self.take(list(reader.reports(timeout=0.5)))
+        while time.monotonic() < deadline:
+            self.outbox.cut()
+            self.outbox.save(Path(s.state_file))
+            if not self.outbox.unacked and not self.outbox.pending:
+                break
+            self.retry_at = 0.0
+            await self.deliver()
+            await asyncio.sleep(0.2)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        reader.close()
+        await self._drop_channel()
+        await runner.cleanup()
+        await api.close()

@@ -1,0 +1,43 @@
+"""The agent's settings, read once from ``FLOWMAP_AGENT_*`` environment variables."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class Settings:
+    node: str = ""  # required: the node this agent runs on (the downward API's spec.nodeName)
+    operator: str = "flowmap-operator.flowmap-system.svc:9443"
+    ca_file: str = "/etc/flowmap/ca/ca.crt"  # the CA of the operator's gRPC certificate
+    token_file: str = "/var/run/secrets/flowmap/token"  # projected, audience "flowmap"; re-read: it rotates
+    state_file: str = "/var/lib/flowmap/agent.state"
+    socket: str = "/run/flowmap/dp.sock"
+    interval: float = 1.0
+    window: int = 4  # batches waiting for acknowledgement before deltas only merge
+    health_port: int = 9091
+    dp_workers: int = 1
+    dp_args: str = ""  # extra arguments for `flowmap dp run`, space-separated
+    uplinks: str = ""  # interfaces to watch besides the pods' (comma-separated); empty: the node IPs' interfaces
+    send_timeout: float = 10.0
+    # The node's network namespace when it is not the agent's own (the simulated cluster runs
+    # one agent per node namespace from the host, where the API server is); empty in a cluster.
+    netns: str = ""
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = env.get(f"FLOWMAP_AGENT_{f.name.upper()}")
+            if raw is not None:
+                kind = type(f.default)
+                try:
+                    values[f.name] = kind(raw)
+                except ValueError:
+                    raise ValueError(f"FLOWMAP_AGENT_{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+        settings = cls(**values)  # type: ignore[arg-type]
+        if not settings.node:
+            raise ValueError("FLOWMAP_AGENT_NODE is required (set it from spec.nodeName)")
+        return settings
