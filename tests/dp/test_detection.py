@@ -12,7 +12,7 @@ from flowmap_dp.detectors import BY_NAME, REGISTRY
 from flowmap_dp.detectors.base import STREAM_LIMIT, Detector, Flow, Verdict
 from flowmap_dp.detectors.sqlinjection import scan
 
-from test_detectors import Sample, samples  # tests/dp is on sys.path (no package)
+from tests.dp.test_detectors import Sample, samples
 
 
 def _run(sample: Sample) -> Inspector:

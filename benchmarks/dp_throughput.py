@@ -1,0 +1,237 @@
+"""dp capture throughput: prints numbers, asserts nothing.
+
+(a) **drain** — trafgen fills a TPACKET_V3 ring on a veth while the reader is paused (mixed
+64-1500-byte UDP/TCP frames over thousands of flows), then the reader drains it. Packets per
+CPU-second for the dp's block readers (vectorised and per-packet, each into a real
+SessionTable) and, in the same run, for a reference C reader compiled here; then the same with
+PACKET_FANOUT over 2 processes, as a scaling factor against 1 process.
+
+(b) **live** — ``flowmap dp run`` watches the veth while trafgen sends as fast as it can (and at
+a few fixed rates): packets handled per second, kernel drops, dp CPU %.
+
+Usage: sudo .venv/bin/python benchmarks/dp_throughput.py [--packets N] [--live-seconds S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from dp_lab import Link, build_c_reader, cpu_seconds, mixed_config, netns, require  # noqa: E402
+from flowmap_dp import wire_pb2  # noqa: E402
+from flowmap_dp.capture import Direction, Ring, RingConfig, fanout_group  # noqa: E402
+from flowmap_dp.exporting import ReportReader  # noqa: E402
+from flowmap_dp.running import make_parser  # noqa: E402
+from flowmap_dp.session import SessionTable  # noqa: E402
+
+BLOCK, BLOCKS, SNAP = 1 << 22, 64, 256
+RING = RingConfig(block_size=BLOCK, block_count=BLOCKS, snaplen=SNAP, direction=Direction.BOTH)
+_NUM = struct.Struct("=I")
+
+
+def drain_ring(ring: Ring, table: SessionTable, parser: str) -> tuple[int, float, float, int]:
+    """Drain every ready block through the dp's block reader: (packets, cpu s, wall s, sessions)."""
+    parse = make_parser(table, parser)
+    n = 0
+    c0, w0 = time.process_time(), time.perf_counter()
+    for block in ring.blocks():
+        n += _NUM.unpack_from(block, 12)[0]
+        parse(block)
+    return n, time.process_time() - c0, time.perf_counter() - w0, len(table)
+
+
+def _dp_child(cap_ns: str, group: int | None, parser: str, rounds: int, conn: Connection) -> None:
+    with netns(cap_ns):
+        ring = Ring("c0", RING, fanout=group)
+    table = SessionTable(max_sessions=1_000_000)  # kept across rounds: round 2 is the steady state
+    conn.send("ready")
+    for _ in range(rounds):
+        conn.recv()
+        conn.send(drain_ring(ring, table, parser))
+    ring.close()
+
+
+def dp_drain(link: Link, config: str, packets: int, parser: str, procs: int) -> list[tuple[int, float, float]]:
+    """Fill ``procs`` fanout rings, drain them in parallel, twice (new flows, then the same flows
+    again): per round (packets, summed cpu, max wall)."""
+    ctx = multiprocessing.get_context("fork")
+    group = fanout_group(os.getpid(), 7) if procs > 1 else None
+    pipes, children = [], []
+    for _ in range(procs):
+        parent, child = ctx.Pipe()
+        p = ctx.Process(target=_dp_child, args=(link.cap, group, parser, 2, child))
+        p.start()
+        pipes.append(parent)
+        children.append(p)
+    for c in pipes:
+        c.recv()
+    rounds = []
+    for _ in range(2):
+        fill(link, config, packets)
+        for c in pipes:
+            c.send("go")
+        results = [c.recv() for c in pipes]
+        rounds.append((sum(r[0] for r in results), sum(r[1] for r in results), max(r[2] for r in results)))
+    for p in children:
+        p.join()
+    return rounds
+
+
+def c_drain(link: Link, exe: Path, config: str, packets: int, procs: int) -> tuple[int, float, float]:
+    """The same with the reference C reader."""
+    group = (os.getpid() + 11) & 0xFFFF if procs > 1 else 0
+    readers = [subprocess.Popen(["ip", "netns", "exec", link.cap, str(exe), "c0", str(BLOCK), str(BLOCKS), str(SNAP),
+                                 str(group)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+               for _ in range(procs)]
+    for r in readers:
+        assert r.stdout is not None and r.stdout.readline().strip() == "ready"
+    fill(link, config, packets)
+    for r in readers:
+        assert r.stdin is not None
+        r.stdin.write("\n")
+        r.stdin.flush()
+    out = []
+    for r in readers:
+        assert r.stdout is not None
+        pk, _b, cpu, wall, _h = r.stdout.readline().split()
+        out.append((int(pk), float(cpu), float(wall)))
+        r.wait()
+    return sum(o[0] for o in out), sum(o[1] for o in out), max(o[2] for o in out)
+
+
+def fill(link: Link, config: str, packets: int) -> None:
+    """Send ``packets`` frames with trafgen, then wait for the last block's retire timer."""
+    done = link.trafgen(config, packets, cpus=1)
+    if done.returncode:
+        raise RuntimeError(done.stderr)
+    time.sleep(0.3)
+
+
+def drain(link: Link, exe: Path, packets: int) -> None:
+    """Part (a)."""
+    config = mixed_config(link.mac())
+    print(f"\n(a) drain: {packets} frames, sizes 64..1500 (IMIX-like), 4000 flows, ring {BLOCKS} x {BLOCK >> 20} MiB, "
+          f"snaplen {SNAP}")
+    print(f"{'reader':28} {'procs':>5} {'packets':>9} {'cpu s':>7} {'wall s':>7} {'Mpps/cpu-s':>11} {'Mpps wall':>10}")
+    rows: dict[tuple[str, int], tuple[int, float, float]] = {}
+    for name, procs in (("C reference", 1), ("dp vectorised", 1), ("dp per-packet", 1),
+                        ("C reference", 2), ("dp vectorised", 2)):
+        if name.startswith("C"):
+            results = {name: c_drain(link, exe, config, packets, procs)}
+        else:
+            cold, warm = dp_drain(link, config, packets, name.split()[1], procs)
+            results = {f"{name}, new flows": cold, f"{name}, steady": warm}
+        for label, r in results.items():
+            rows[(label, procs)] = r
+            pk, cpu, wall = r
+            print(f"{label:28} {procs:>5} {pk:>9} {cpu:>7.3f} {wall:>7.3f} {pk / cpu / 1e6:>11.2f} "
+                  f"{pk / wall / 1e6:>10.2f}")
+    per_cpu = {k: v[0] / v[1] for k, v in rows.items()}
+    c_ref = per_cpu[("C reference", 1)]
+    for label in ("dp vectorised, steady", "dp vectorised, new flows", "dp per-packet, steady",
+                  "dp per-packet, new flows"):
+        print(f"ratio {label} / C reader (per CPU-second): {per_cpu[(label, 1)] / c_ref:.4f}")
+    print(f"vectorised / per-packet, steady: "
+          f"{per_cpu[('dp vectorised, steady', 1)] / per_cpu[('dp per-packet, steady', 1)]:.2f}x")
+    for label in ("dp vectorised, steady", "C reference"):
+        one, two = rows[(label, 1)], rows[(label, 2)]
+        print(f"fanout scaling, {label}, 2 processes vs 1 (wall-clock pps): {(two[0] / two[2]) / (one[0] / one[2]):.2f}x"
+              f"  (pps per CPU-second, 2 vs 1: {per_cpu[(label, 2)] / per_cpu[(label, 1)]:.2f}x)")
+
+
+def pump(reader: ReportReader, seconds: float) -> list[wire_pb2.Report]:
+    """Whatever arrives within ``seconds`` (a hard deadline: the dp reports continuously)."""
+    out: list[wire_pb2.Report] = []
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        out += reader.poll(left)
+    return out
+
+
+def live(link: Link, seconds: float, workers: int) -> None:
+    """Part (b): the real ``flowmap dp run`` under trafgen at full speed and at fixed rates."""
+    config = mixed_config(link.mac())
+    flowmap = str(Path(sys.executable).with_name("flowmap"))
+    print(f"\n(b) live: flowmap dp run --workers {workers} on the veth, trafgen for {seconds:.0f} s per rate")
+    print(f"{'rate':>10} {'sent':>9} {'sent pps':>9} {'handled':>9} {'pps':>9} {'drops':>8} {'dp CPU %':>9}"
+          "   (pps over trafgen's run; CPU % of all dp processes over the run + 0.5 s)")
+    for rate in (None, 400_000, 200_000, 100_000, 50_000):
+        with tempfile.TemporaryDirectory() as tmp:
+            reader = ReportReader(f"{tmp}/agent.sock")
+            dp = subprocess.Popen(["ip", "netns", "exec", link.cap, flowmap, "dp", "run", "--iface", "c0", "--socket",
+                                   reader.path, "--interval", "0.5", "--direction", "both", "--workers", str(workers),
+                                   "--block-size", str(1 << 21), "--block-count", "32"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                deadline = time.monotonic() + 10
+                while reader.connections < workers and time.monotonic() < deadline:
+                    reader.poll(0.1)
+                reports = pump(reader, 0.6)
+                pids = [dp.pid] + [int(p) for p in subprocess.run(["pgrep", "-P", str(dp.pid)], capture_output=True,
+                                                                  text=True).stdout.split()]
+                cpu0, w0 = sum(cpu_seconds(p) for p in pids), time.monotonic()
+                # A packet count, never a kill: max speed sends 2 M, a fixed rate `seconds` worth.
+                count = int(rate * seconds) if rate else 2_000_000
+                t_gen = time.monotonic()
+                done = link.trafgen(config, count, rate=f"{rate}pps" if rate else None)
+                gen_s = time.monotonic() - t_gen
+                time.sleep(0.5)
+                cpu1, w1 = sum(cpu_seconds(p) for p in pids), time.monotonic()
+                reports += pump(reader, 0.7)
+                dp.send_signal(signal.SIGTERM)
+                while dp.poll() is None:
+                    reports += reader.poll(0.1)
+                reports += pump(reader, 0.3)
+            finally:
+                if dp.poll() is None:
+                    dp.kill()
+                reader.close()
+        last = {}
+        for r in reports:
+            if r.HasField("health"):
+                last[r.worker] = r.health
+        handled = sum(h.packets for h in last.values())
+        drops = sum(h.kernel_drops for h in last.values())
+        m = re.search(r"(\d+) packets outgoing", done.stdout + done.stderr)
+        sent = int(m.group(1)) if m else 0
+        print(f"{rate or 'max':>10} {sent:>9} {sent / gen_s:>9.0f} {handled:>9} {handled / gen_s:>9.0f} "
+              f"{drops:>8} {100 * (cpu1 - cpu0) / (w1 - w0):>9.1f}")
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup in finally blocks
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--packets", type=int, default=500_000)
+    ap.add_argument("--live-seconds", type=float, default=5.0)
+    ap.add_argument("--skip-live", action="store_true")
+    ap.add_argument("--skip-drain", action="store_true")
+    args = ap.parse_args()
+    require()
+    link = Link("t")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            exe = build_c_reader(Path(tmp))
+            print(f"machine: {os.cpu_count()} CPUs, kernel {os.uname().release}")
+            if not args.skip_drain:
+                drain(link, exe, args.packets)
+        if not args.skip_live:
+            for workers in (1, 2):
+                live(link, args.live_seconds, workers)
+    finally:
+        link.close()
+
+
+if __name__ == "__main__":
+    main()

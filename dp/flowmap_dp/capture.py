@@ -1,0 +1,299 @@
+"""AF_PACKET TPACKET_V3 capture rings: the dp's only contact with live packets.
+
+One :class:`Ring` is one ``AF_PACKET`` socket bound to one interface with a memory-mapped
+TPACKET_V3 receive ring. The kernel fills whole *blocks* of packets and hands a block over by
+setting ``TP_STATUS_USER`` in the block descriptor; we parse the whole block and hand it back
+with ``TP_STATUS_KERNEL``. Nothing is copied out of the ring: the block parser gets a
+``memoryview`` over the mapped block.
+
+Decisions worth knowing:
+
+* **Snap length** is enforced by the socket's classic-BPF program returning ``#snaplen``: in
+  ``tpacket_rcv`` the filter's return value caps how many bytes are copied into the ring, for
+  every packet, before the copy happens. ``PACKET_COPY_THRESH`` does not bound anything: for
+  packets that overflow a frame it makes the kernel queue an *extra* full copy on the socket's
+  ordinary receive queue, so it costs more, not less. ``tp_len`` still carries the real length.
+* **Direction.** With ``ETH_P_ALL`` a veth shows both the frames it received and the frames the
+  host sent out of it (``PACKET_OUTGOING``). In ``Direction.RECEIVED`` mode (the default) the BPF
+  program drops outgoing frames in the kernel, so each packet is counted where it *enters* the
+  node from a watched interface: on a pod's host-side veth that is what the pod sent. A
+  pod-to-pod packet on one node enters once (from the sender's veth) and leaves once (out of
+  the receiver's veth), so it is counted exactly once. Traffic from outside the node is counted
+  when the node's uplink is watched too (its received side). ``Direction.BOTH`` keeps every
+  frame: right for a single interface where nothing else is watched (a bridge port, a test).
+* **Fanout.** ``PACKET_FANOUT_HASH | PACKET_FANOUT_FLAG_DEFRAG`` spreads one interface over N
+  sockets (one per worker process) by the kernel's flow hash, which is symmetric in source and
+  destination, so both directions of a session land in the same worker; DEFRAG reassembles IP
+  fragments before hashing so a fragmented datagram does not split across workers. The kernel
+  only groups sockets bound to the same device, so the group id is derived per interface.
+* **Statistics.** ``PACKET_STATISTICS`` returns ``tpacket_stats_v3`` and resets it; we add each
+  read to running totals so callers see monotonic counters.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import errno
+import mmap
+import select
+import socket
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+# <linux/if_packet.h>, <linux/if_ether.h>, <asm-generic/socket.h>, <linux/filter.h>
+SOL_PACKET = 263
+PACKET_RX_RING = 5
+PACKET_STATISTICS = 6
+PACKET_VERSION = 10
+PACKET_FANOUT = 18
+TPACKET_V3 = 2
+PACKET_FANOUT_HASH = 0
+PACKET_FANOUT_FLAG_DEFRAG = 0x8000
+SO_ATTACH_FILTER = 26
+ETH_P_ALL = 0x0003
+TP_STATUS_KERNEL = 0
+TP_STATUS_USER = 1
+TP_FT_REQ_FILL_RXHASH = 1
+PACKET_OUTGOING = 4
+SKF_AD_PKTTYPE = 0xFFFFF000 + 4  # SKF_AD_OFF (-0x1000) + SKF_AD_PKTTYPE, as u32
+
+BPF_LD_W_ABS = 0x20
+BPF_JEQ_K = 0x15
+BPF_RET_K = 0x06
+
+_REQ3 = struct.Struct("=7I")  # struct tpacket_req3
+_STATS3 = struct.Struct("=3I")  # struct tpacket_stats_v3
+_U32 = struct.Struct("=I")
+_INSN = struct.Struct("=HBBI")  # struct sock_filter
+_FPROG = struct.Struct("@HP")  # struct sock_fprog (pointer-aligned)
+# tpacket_block_desc: version, offset_to_priv, then tpacket_hdr_v1.
+BLOCK_STATUS = 8
+BLOCK_NUM_PKTS = 12
+BLOCK_FIRST_PKT = 16
+# tpacket3_hdr: next_offset, sec, nsec, snaplen, len, status, mac, net, ...; sockaddr_ll at 48.
+FRAME = struct.Struct("=6IHH")
+SLL_PKTTYPE = 48 + 10
+
+Insn = tuple[int, int, int, int]  # (code, jt, jf, k) as tcpdump -ddd prints it
+
+
+class Direction(enum.Enum):
+    """Which frames of an interface the ring keeps (see the module docstring)."""
+
+    RECEIVED = "received"
+    BOTH = "both"
+
+
+@dataclass(frozen=True)
+class RingConfig:
+    """Shape of one ring; block_size must be a multiple of the page size."""
+
+    block_size: int = 1 << 20
+    block_count: int = 16
+    frame_size: int = 2048
+    retire_timeout_ms: int = 64
+    snaplen: int = 256
+    direction: Direction = Direction.RECEIVED
+    fill_rxhash: bool = True
+    filter: tuple[Insn, ...] | None = None  # a classic-BPF program, e.g. from compile_filter()
+
+    def __post_init__(self) -> None:
+        if self.block_size % mmap.PAGESIZE or self.block_size <= 0:
+            raise ValueError(f"block_size must be a positive multiple of {mmap.PAGESIZE}")
+        if self.frame_size % 16 or self.frame_size < 64 or self.block_size % self.frame_size:
+            raise ValueError("frame_size must be a multiple of 16, >= 64, and divide block_size")
+        if self.block_count < 2 or not 0 < self.snaplen <= 262144:
+            raise ValueError("block_count must be >= 2 and snaplen in 1..262144")
+
+
+@dataclass
+class RingStats:
+    """Monotonic totals of what the kernel reported for one ring."""
+
+    packets: int = 0
+    drops: int = 0
+    freezes: int = 0
+    blocks: int = 0
+
+
+def build_filter(config: RingConfig) -> list[Insn]:
+    """The socket's BPF program: direction check, the user's filter, snaplen on every accept."""
+    prog: list[Insn] = []
+    if config.direction is Direction.RECEIVED:
+        # A = pkttype; outgoing -> next insn (reject), else skip it.
+        prog += [(BPF_LD_W_ABS, 0, 0, SKF_AD_PKTTYPE), (BPF_JEQ_K, 0, 1, PACKET_OUTGOING), (BPF_RET_K, 0, 0, 0)]
+    if config.filter:
+        for code, jt, jf, k in config.filter:
+            if code == BPF_RET_K and k:
+                k = min(k, config.snaplen)  # the user's "accept" still honours our snaplen
+            prog.append((code, jt, jf, k))
+    else:
+        prog.append((BPF_RET_K, 0, 0, config.snaplen))
+    if len(prog) > 4096:
+        raise ValueError("classic BPF programs are limited to 4096 instructions")
+    return prog
+
+
+def compile_filter(expression: str, snaplen: int = 262144) -> tuple[Insn, ...]:
+    """Compile a pcap filter expression with ``tcpdump -ddd`` (optional helper; needs tcpdump)."""
+    import shutil
+    import subprocess
+
+    tcpdump = shutil.which("tcpdump")
+    if tcpdump is None:
+        raise RuntimeError("compiling a filter expression needs tcpdump; pass raw BPF instead")
+    done = subprocess.run([tcpdump, "-ddd", "-s", str(snaplen), "-y", "EN10MB", expression],
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise ValueError(f"bad filter {expression!r}: {done.stderr.strip()}")
+    out = done.stdout.split("\n")
+    count = int(out[0])
+    return tuple(tuple(int(x) for x in line.split()) for line in out[1 : 1 + count])  # type: ignore[misc]
+
+
+def fanout_group(base: int, ifindex: int) -> int:
+    """A 16-bit fanout group id for one interface, shared by all workers of one dp run."""
+    return (base * 131 + ifindex) & 0xFFFF
+
+
+def open_socket(ifname: str, config: RingConfig, fanout: int | None = None) -> socket.socket:
+    """A bound AF_PACKET socket with its TPACKET_V3 ring configured (not yet mapped).
+
+    The order matters: version, filter and ring before ``bind`` (protocol 0 until then, so no
+    packet is queued unfiltered), and the fanout join last, once bound, because changing the
+    ring of a fanout member re-links it at the end of the group and reorders the members.
+    """
+    cfg = config
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+    try:
+        sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V3)
+        _attach_filter(sock, build_filter(cfg))
+        frames = cfg.block_size // cfg.frame_size * cfg.block_count
+        req = _REQ3.pack(cfg.block_size, cfg.block_count, cfg.frame_size, frames, cfg.retire_timeout_ms, 0,
+                         TP_FT_REQ_FILL_RXHASH if cfg.fill_rxhash else 0)
+        sock.setsockopt(SOL_PACKET, PACKET_RX_RING, req)
+        sock.bind((ifname, ETH_P_ALL))
+        if fanout is not None:
+            mode = PACKET_FANOUT_HASH | PACKET_FANOUT_FLAG_DEFRAG
+            sock.setsockopt(SOL_PACKET, PACKET_FANOUT, _U32.pack(fanout | (mode << 16)))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _attach_filter(sock: socket.socket, prog: Sequence[Insn]) -> None:
+    code = b"".join(_INSN.pack(*insn) for insn in prog)
+    buf = ctypes.create_string_buffer(code, len(code))
+    # The kernel copies the program during setsockopt, so buf only has to outlive the call.
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, _FPROG.pack(len(prog), ctypes.addressof(buf)))
+
+
+@dataclass
+class Ring:
+    """One interface, one socket, one mapped TPACKET_V3 ring.
+
+    Normally the ring opens its own socket; ``sock`` takes one opened elsewhere by
+    :func:`open_socket` with the same config (a supervisor that opens all fanout members of an
+    interface in worker order and passes each worker its descriptor).
+    """
+
+    ifname: str
+    config: RingConfig = field(default_factory=RingConfig)
+    fanout: int | None = None  # group id; None = no fanout
+    stats: RingStats = field(default_factory=RingStats)
+    sock: socket.socket | None = None
+
+    def __post_init__(self) -> None:
+        cfg = self.config
+        if self.sock is None:
+            self.sock = open_socket(self.ifname, cfg, self.fanout)
+        self.socket: socket.socket = self.sock
+        try:
+            self.map = mmap.mmap(self.socket.fileno(), cfg.block_size * cfg.block_count,
+                                 mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            self.socket.close()
+            raise
+        self.view = memoryview(self.map)
+        self.next_block = 0
+        self.gone = False  # the interface disappeared under us (pod deleted)
+
+    def fileno(self) -> int:
+        """The socket's descriptor, for poll/epoll."""
+        return self.socket.fileno()
+
+    def ready_block(self) -> memoryview | None:
+        """The next block if the kernel has handed it to us, else None. Release it when done."""
+        off = self.next_block * self.config.block_size
+        # The kernel fills the block, then sets the status behind a write barrier; x86 keeps
+        # our two loads (status, then data) in order. Python has no acquire fence to offer for
+        # weakly-ordered CPUs: there we rely on the interpreter's own atomics between the reads.
+        if not _U32.unpack_from(self.map, off + BLOCK_STATUS)[0] & TP_STATUS_USER:
+            return None
+        return self.view[off : off + self.config.block_size]
+
+    def release_block(self) -> None:
+        """Hand the current block back to the kernel and move to the next one."""
+        off = self.next_block * self.config.block_size
+        _U32.pack_into(self.map, off + BLOCK_STATUS, TP_STATUS_KERNEL)
+        self.next_block = (self.next_block + 1) % self.config.block_count
+        self.stats.blocks += 1
+
+    def blocks(self) -> Iterator[memoryview]:
+        """Yield every ready block in ring order, releasing each after the consumer is done."""
+        while (block := self.ready_block()) is not None:
+            try:
+                yield block
+            finally:
+                block.release()
+                self.release_block()
+
+    def wait(self, timeout: float) -> bool:
+        """Block up to ``timeout`` seconds for a ready block; True if one is ready."""
+        if self.ready_block() is not None:
+            return True
+        poller = select.poll()
+        poller.register(self.socket.fileno(), select.POLLIN | select.POLLERR)
+        for _fd, ev in poller.poll(int(timeout * 1000)):
+            if ev & select.POLLERR:
+                self.check_error()
+        return self.ready_block() is not None
+
+    def check_error(self) -> None:
+        """Consume a pending socket error; an interface that went away marks the ring gone."""
+        err = self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err in (errno.ENETDOWN, errno.ENODEV, errno.ENXIO):
+            self.gone = True
+
+    def read_stats(self) -> RingStats:
+        """Fold the kernel's (self-resetting) PACKET_STATISTICS into the running totals."""
+        packets, drops, freezes = _STATS3.unpack(self.socket.getsockopt(SOL_PACKET, PACKET_STATISTICS, _STATS3.size))
+        self.stats.packets += packets
+        self.stats.drops += drops
+        self.stats.freezes += freezes
+        return self.stats
+
+    def close(self) -> None:
+        """Unmap and close; safe to call twice."""
+        if self.socket.fileno() < 0:
+            return
+        self.view.release()
+        self.map.close()
+        self.socket.close()
+
+
+def iter_frames(block: memoryview) -> Iterator[tuple[int, int, int, int]]:
+    """Walk one block: (frame offset, snaplen, wire length, sll_pkttype) per packet.
+
+    The data starts at ``offset + tp_mac``. This is the plain reference walk used by tests and
+    the benchmark; the dp's hot path is the block parser.
+    """
+    num = _U32.unpack_from(block, BLOCK_NUM_PKTS)[0]
+    off = _U32.unpack_from(block, BLOCK_FIRST_PKT)[0]
+    for _ in range(num):
+        nxt, _sec, _nsec, snap, length, _status, _mac, _net = FRAME.unpack_from(block, off)
+        yield off, snap, length, block[off + SLL_PKTTYPE]
+        off += nxt

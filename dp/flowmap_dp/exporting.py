@@ -1,0 +1,413 @@
+"""The dp -> agent report stream: framing, the dp's non-blocking exporter, the agent's reader.
+
+**Who connects.** The agent listens on a unix stream socket; each dp worker process connects
+to it (``flowmap dp run --socket PATH``) and reconnects with backoff whenever the agent is not
+there. So an agent restart never needs a dp restart, and N fanout workers are N independent
+streams with no extra hop through a parent process; ``Report.worker`` tells them apart.
+
+**Framing, version 1.** Each message is a 12-byte header followed by one protobuf message
+from ``wire.proto`` (package ``flowmap.dp.v1``)::
+
+    0      4         6        8             12
+    | FMDP | version | kind   | length      | <length bytes of protobuf>
+      magic  u16 BE    u16 BE   u32 BE
+
+``kind`` 1 is a ``Report`` (dp -> agent), 2 a ``Control`` (agent -> dp: the full set of
+interfaces to capture; the agent sends it on every new connection and whenever it changes).
+A reader rejects a bad magic, an unknown version and lengths above ``MAX_FRAME`` by closing
+the connection: a corrupt stream cannot be resynchronised, a reconnect can.
+
+**Never blocking the packet loop.** The loop calls :meth:`Exporter.offer`, which puts the report
+into a bounded queue or, when the queue is full, drops it and counts it (``lost_reports`` and
+the ``lost_sessions`` records inside). A writer thread sends; what it cannot send (no agent,
+send timeout, broken pipe) is counted the same way. The counts are cumulative and are stamped
+into the ``Health`` of the next report that is sent, like Hubble's lost-events record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import queue
+import selectors
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+from dataclasses import dataclass, field
+
+from flowmap_dp import wire_pb2
+from flowmap_dp.session import Report, SessionDelta
+
+MAGIC = b"FMDP"
+VERSION = 1
+KIND_REPORT = 1
+KIND_CONTROL = 2
+HEADER = struct.Struct(">4sHHI")
+MAX_FRAME = 64 << 20
+
+
+class WireError(ValueError):
+    """The peer sent something that is not a version-1 flowmap dp frame."""
+
+
+def frame(kind: int, payload: bytes) -> bytes:
+    """Header + payload, ready for ``sendall``."""
+    if len(payload) > MAX_FRAME:
+        raise WireError(f"frame of {len(payload)} bytes exceeds {MAX_FRAME}")
+    return HEADER.pack(MAGIC, VERSION, kind, len(payload)) + payload
+
+
+class FrameDecoder:
+    """Incremental decoder: feed bytes as they arrive, get complete (kind, payload) frames."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        """Append ``data``; return every frame now complete. Raises WireError on garbage."""
+        self._buf += data
+        out: list[tuple[int, bytes]] = []
+        while len(self._buf) >= HEADER.size:
+            magic, version, kind, length = HEADER.unpack_from(self._buf)
+            if magic != MAGIC:
+                raise WireError(f"bad magic {bytes(magic)!r}")
+            if version != VERSION:
+                raise WireError(f"unsupported version {version}")
+            if length > MAX_FRAME:
+                raise WireError(f"frame length {length} exceeds {MAX_FRAME}")
+            end = HEADER.size + length
+            if len(self._buf) < end:
+                break
+            out.append((kind, bytes(self._buf[HEADER.size : end])))
+            del self._buf[:end]
+        return out
+
+
+@dataclass
+class Exporter:
+    """dp side: a bounded queue the packet loop offers reports to, and a writer thread."""
+
+    path: str
+    queue_size: int = 8
+    queue_sessions: int = 200_000  # session records waiting, all reports together: bounds memory
+    send_timeout: float = 2.0
+    max_backoff: float = 2.0
+    _queue: queue.Queue[wire_pb2.Report | None] = field(init=False)
+    controls: queue.SimpleQueue[wire_pb2.Control] = field(init=False, default_factory=queue.SimpleQueue)
+    sent_reports: int = field(init=False, default=0)
+    connects: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self._queue = queue.Queue(self.queue_size)
+        # Each counter has one writer thread (offer: the loop, _send: the writer): no lock needed.
+        self._lost_offer = [0, 0]
+        self._lost_send = [0, 0]
+        self._queued = 0  # session records in the queue; both threads change it, under the lock
+        self._queued_lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._close_lock = threading.Lock()
+        self._next_connect = 0.0
+        self._backoff = 0.05
+        self._thread = threading.Thread(target=self._run, name="flowmap-dp-exporter", daemon=True)
+
+    @property
+    def lost_reports(self) -> int:
+        """Reports dropped so far (queue full, or not sendable)."""
+        return self._lost_offer[0] + self._lost_send[0]
+
+    @property
+    def lost_sessions(self) -> int:
+        """Session records inside the dropped reports."""
+        return self._lost_offer[1] + self._lost_send[1]
+
+    def start(self) -> Exporter:
+        """Start the writer thread."""
+        self._thread.start()
+        return self
+
+    def offer(self, report: wire_pb2.Report) -> bool:
+        """Hand a report to the writer without ever waiting; False (and counted) if the queue
+        holds ``queue_size`` reports or would hold more than ``queue_sessions`` records."""
+        n = len(report.sessions)
+        with self._queued_lock:
+            if not (self._queued and self._queued + n > self.queue_sessions):
+                try:
+                    self._queue.put_nowait(report)
+                    self._queued += n
+                    return True
+                except queue.Full:
+                    pass
+        self._lost_offer[0] += 1
+        self._lost_offer[1] += n
+        return False
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Send what is queued (within ``timeout``), then close."""
+        deadline = time.monotonic() + timeout
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            try:
+                self._queue.put(None, timeout=0.1)
+                break
+            except queue.Full:
+                continue
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        self._close()
+
+    def _run(self) -> None:
+        while (report := self._queue.get()) is not None:
+            with self._queued_lock:
+                self._queued -= len(report.sessions)
+            self._send(report)
+
+    def _send(self, report: wire_pb2.Report) -> None:
+        sock = self._connect()
+        if sock is not None:
+            if report.HasField("health"):
+                report.health.lost_reports = self.lost_reports
+                report.health.lost_sessions = self.lost_sessions
+            try:
+                sock.sendall(frame(KIND_REPORT, report.SerializeToString()))
+                self.sent_reports += 1
+                return
+            except OSError:
+                self._close()  # a half-written frame poisons the stream: start a new one
+        self._lost_send[0] += 1
+        self._lost_send[1] += len(report.sessions)
+
+    def _connect(self) -> socket.socket | None:
+        if self._sock is not None or time.monotonic() < self._next_connect:
+            return self._sock
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.send_timeout)
+        try:
+            sock.connect(self.path)
+        except OSError:
+            sock.close()
+            self._next_connect = time.monotonic() + self._backoff
+            self._backoff = min(self._backoff * 2, self.max_backoff)
+            return None
+        self._backoff = 0.05
+        self._sock = sock
+        self.connects += 1
+        threading.Thread(target=self._read_controls, args=(sock,), name="flowmap-dp-control", daemon=True).start()
+        return sock
+
+    def _read_controls(self, sock: socket.socket) -> None:
+        decoder = FrameDecoder()
+        while True:
+            try:
+                data = sock.recv(65536)
+                frames = decoder.feed(data) if data else None
+            except TimeoutError:
+                continue  # the socket's timeout is for sends; reads just wait again
+            except (OSError, WireError):
+                frames = None
+            if frames is None:
+                if self._sock is sock:
+                    self._close()  # the agent went away: reconnect on the next report
+                return
+            for kind, payload in frames:
+                if kind == KIND_CONTROL:
+                    self.controls.put(wire_pb2.Control.FromString(payload))
+
+    def _close(self) -> None:
+        with self._close_lock:  # both the writer and the control reader may get here
+            sock, self._sock = self._sock, None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+class ReportReader:
+    """Agent side: listen on a unix socket, accept dp workers, yield their reports.
+
+    Single-threaded over ``selectors``; the agent calls :meth:`poll` from its own loop (or a
+    thread). :meth:`set_interfaces` tells every connected worker, and every later one, which
+    interfaces to capture.
+    """
+
+    def __init__(self, path: str, backlog: int = 16) -> None:
+        self.path = path
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(path)
+        self._listener.listen(backlog)
+        self._listener.setblocking(False)
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self._listener, selectors.EVENT_READ, None)
+        self._decoders: dict[socket.socket, FrameDecoder] = {}
+        self._control: wire_pb2.Control | None = None
+        self.rejected = 0  # connections closed for a framing error
+
+    def set_interfaces(self, interfaces: list[str]) -> None:
+        """Send the desired interface set to all workers now and to each new one on connect."""
+        self._control = wire_pb2.Control(interfaces=interfaces)
+        for conn in list(self._decoders):
+            self._send_control(conn)
+
+    def _send_control(self, conn: socket.socket) -> None:
+        if self._control is None:
+            return
+        try:
+            conn.setblocking(True)
+            conn.sendall(frame(KIND_CONTROL, self._control.SerializeToString()))
+            conn.setblocking(False)
+        except OSError:
+            self._drop(conn)
+
+    @property
+    def connections(self) -> int:
+        """dp workers connected now."""
+        return len(self._decoders)
+
+    def poll(self, timeout: float | None = None) -> list[wire_pb2.Report]:
+        """Wait up to ``timeout`` for activity; return the reports that arrived."""
+        out: list[wire_pb2.Report] = []
+        for key, _ev in self._sel.select(timeout):
+            if key.fileobj is self._listener:
+                conn, _ = self._listener.accept()
+                conn.setblocking(False)
+                self._decoders[conn] = FrameDecoder()
+                self._sel.register(conn, selectors.EVENT_READ, None)
+                self._send_control(conn)
+                continue
+            conn = key.fileobj  # type: ignore[assignment]
+            try:
+                data = conn.recv(1 << 20)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                self._drop(conn)
+                continue
+            try:
+                frames = self._decoders[conn].feed(data)
+            except WireError:
+                self.rejected += 1
+                self._drop(conn)
+                continue
+            out.extend(wire_pb2.Report.FromString(p) for kind, p in frames if kind == KIND_REPORT)
+        return out
+
+    def reports(self, timeout: float) -> Iterator[wire_pb2.Report]:
+        """Yield reports until ``timeout`` seconds pass without a new one."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            batch = self.poll(left)
+            if batch:
+                yield from batch
+                deadline = time.monotonic() + timeout
+
+    def _drop(self, conn: socket.socket) -> None:
+        if conn in self._decoders:
+            self._sel.unregister(conn)
+            del self._decoders[conn]
+        conn.close()
+
+    def close(self) -> None:
+        """Close every connection and the listener, and remove the socket file."""
+        for conn in list(self._decoders):
+            self._drop(conn)
+        self._sel.close()
+        self._listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+# -- table deltas -> wire messages -------------------------------------------------------------
+
+
+def _ns(t: float) -> int:
+    return int(t * 1e9)
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, default=str, sort_keys=True)
+
+
+def add_session(report: wire_pb2.Report, d: SessionDelta) -> wire_pb2.Session:
+    """Append one table delta to ``report`` as a wire record.
+
+    Built in place with ``add()`` (constructing a detached message and copying it into the
+    report costs about twice as much; at 100k sessions per interval that matters).
+    """
+    rec = report.sessions.add(
+        ip_proto=d.proto, client_ip=d.client, client_port=d.client_port, server_ip=d.server,
+        server_port=d.server_port, vlan=d.vlan, new=d.new, closed=d.closed, close_reason=d.end_reason,
+        app=d.app if d.app_decided or d.closed else "", bytes_c2s=d.bytes_c2s, bytes_s2c=d.bytes_s2c,
+        packets_c2s=d.packets_c2s, packets_s2c=d.packets_s2c, first_seen_ns=int(d.first_seen * 1e9),
+        last_seen_ns=int(d.last_seen * 1e9),
+    )
+    if d.metadata:
+        for k, v in d.metadata.items():
+            if isinstance(v, dict):  # detectors nest per protocol: {"http": {"host": ...}} -> "http.host"
+                for k2, v2 in v.items():
+                    rec.metadata[f"{k}.{k2}"] = _text(v2)
+            else:
+                rec.metadata[k] = _text(v)
+    return rec
+
+
+def dns_answers(d: SessionDelta) -> list[wire_pb2.DnsAnswer]:
+    """The answers in a decided DNS session's metadata (``{"dns": {"answers": [...]}}``, each
+    ``{"name", "type", "ttl", "data"}``: an address for A/AAAA, a name for CNAME/NS/PTR)."""
+    meta = d.metadata or {}
+    dns = meta.get("dns")
+    answers = dns.get("answers") if isinstance(dns, dict) else meta.get("answers")
+    out: list[wire_pb2.DnsAnswer] = []
+    for a in answers if isinstance(answers, list) else []:
+        if not isinstance(a, dict) or not a.get("data"):
+            continue
+        kind, data = str(a.get("type", "")), a["data"]
+        ans = wire_pb2.DnsAnswer(name=str(a.get("name", "")), type=kind, ttl=int(a.get("ttl") or 0),
+                                 client_ip=d.client, server_ip=d.server)
+        try:
+            if kind in ("A", "AAAA"):
+                ans.address = data if isinstance(data, bytes) else ipaddress.ip_address(str(data)).packed
+            else:
+                ans.target = str(data)
+        except ValueError:
+            continue  # a detector bug must not stop the report
+        out.append(ans)
+    return out
+
+
+def build_reports(rep: Report, *, run_id: int, worker: int, workers: int, sequence: int, start: float,
+                  health: wire_pb2.Health, part_size: int) -> list[wire_pb2.Report]:
+    """One interval's table report as one or more wire reports (health on the last part)."""
+    return list(iter_reports(rep, run_id=run_id, worker=worker, workers=workers, sequence=sequence, start=start,
+                             health=health, part_size=part_size))
+
+
+def iter_reports(rep: Report, *, run_id: int, worker: int, workers: int, sequence: int, start: float,
+                 health: wire_pb2.Health, part_size: int) -> Iterator[wire_pb2.Report]:
+    """Like :func:`build_reports`, one part at a time: the caller offers each part before the
+    next is built, so a large interval never holds all its wire records at once."""
+    dns: list[wire_pb2.DnsAnswer] = []
+    threats: list[wire_pb2.ThreatHit] = []
+    for d in rep.sessions:
+        if d.app_decided and d.app == "dns":
+            dns += dns_answers(d)
+        for t in d.threats:
+            threats.append(wire_pb2.ThreatHit(
+                threat=t.name, ip_proto=d.proto, client_ip=d.client, client_port=d.client_port,
+                server_ip=d.server, server_port=d.server_port, app=d.app, snippet=t.snippet,
+                seen_ns=_ns(d.last_seen), where=t.where))
+    deltas = rep.sessions
+    chunks = [deltas[i : i + part_size] for i in range(0, len(deltas), part_size)] or [[]]
+    for i, chunk in enumerate(chunks):
+        r = wire_pb2.Report(run_id=run_id, worker=worker, workers=workers, sequence=sequence, part=i,
+                            parts=len(chunks), start_ns=_ns(start), end_ns=_ns(rep.time))
+        for d in chunk:
+            add_session(r, d)
+        if i == len(chunks) - 1:
+            r.dns.extend(dns)
+            r.threats.extend(threats)
+            r.health.CopyFrom(health)
+        yield r

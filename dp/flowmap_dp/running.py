@@ -1,0 +1,382 @@
+"""The live loop behind ``flowmap dp run``: rings -> block parser -> session table -> exporter.
+
+One :class:`Worker` owns its rings (one per interface), its session table and its exporter
+connection. With N > 1 workers, each is a process (its own core, its own GIL) and the rings of
+one interface form a PACKET_FANOUT group. The loop:
+
+1. ``epoll`` over the rings' sockets with a timeout that ends at the next report;
+2. every ready block of every ready ring goes through the block parser, then back to the kernel;
+3. at each interval: fold PACKET_STATISTICS into the totals, ``table.collect()``, build the
+   protobuf report and *offer* it to the exporter (never waiting: see ``exporting``);
+4. apply the newest interface set the agent sent (attach what is new, detach what is gone;
+   interfaces that cannot be attached yet are retried each interval, since the agent may name
+   a pod's veth a moment before it exists).
+
+**Why a supervisor opens the fanout members.** The kernel picks a member by
+``hash % members`` over the group's members *in join order*, separately for each interface. A
+session whose two directions enter through two interfaces (pod A's veth, pod B's veth) lands on
+one worker only if every interface's group lists the workers in the same order. Workers that
+attached on their own would race, so with N > 1 the parent process opens the N sockets of an
+interface in worker order (a fresh group id per attach, so a late-closing old member can never
+shift the order) and hands worker i its descriptor over a unix socketpair (SCM_RIGHTS).
+
+No exception from parsing leaves the loop: the decoder counts malformed frames by reason;
+anything else is counted as ``internal_error`` and the block is still given back.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import random
+import select
+import signal
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from flowmap_dp import wire_pb2
+from flowmap_dp.capture import Ring, RingConfig, fanout_group, open_socket
+from flowmap_dp.exporting import Exporter, iter_reports
+from flowmap_dp.session import SessionTable
+
+BlockParser = Callable[[memoryview], None]
+BLOCKS_PER_TURN = 4
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything ``flowmap dp run`` was told, read once."""
+
+    interfaces: tuple[str, ...]
+    socket_path: str
+    interval: float = 1.0
+    workers: int = 1
+    ring: RingConfig = field(default_factory=RingConfig)
+    max_sessions: int = 200_000
+    queue_size: int = 8
+    queue_sessions: int = 200_000  # session records waiting for the writer, all reports together
+    part_size: int = 20_000  # session records per frame: keeps frames far below MAX_FRAME
+    parser: str = "vectorised"  # or "per-packet"
+    run_id: int = 0  # 0: pick a random one
+
+
+def make_parser(table: SessionTable, kind: str = "vectorised") -> BlockParser:
+    """The core's block reader bound to ``table``: ``vectorised`` (numpy, per-block flow
+    grouping) or ``per-packet`` (the reference walk)."""
+    if kind == "per-packet":
+        from flowmap_dp.block import feed_block as feed
+    else:
+        from flowmap_dp.vectorised import feed_block_vectorised as feed
+
+    def parse(block: memoryview) -> None:
+        feed(block, table)
+
+    return parse
+
+
+def _send(chan: socket.socket, msg: dict[str, Any], fds: Sequence[int] = ()) -> None:
+    socket.send_fds(chan, [json.dumps(msg).encode()], list(fds))
+
+
+class Worker:
+    """One packet loop: its rings, its table, its exporter."""
+
+    def __init__(self, settings: Settings, worker: int = 0, channel: socket.socket | None = None, *,
+                 parser_factory: Callable[[SessionTable, str], BlockParser] = make_parser) -> None:
+        self.settings = settings
+        self.worker = worker
+        self.channel = channel  # to the supervisor (N > 1): it opens our rings
+        self.table = SessionTable(max_sessions=settings.max_sessions)
+        self.parse = parser_factory(self.table, settings.parser)
+        self.exporter = Exporter(settings.socket_path, queue_size=settings.queue_size,
+                                 queue_sessions=settings.queue_sessions)
+        self.rings: dict[str, Ring] = {}
+        self.by_fd: dict[int, Ring] = {}
+        self.wanted: list[str] = list(settings.interfaces)
+        self.failed: dict[str, str] = {}
+        self.epoll = select.epoll()
+        if channel is not None:
+            self.epoll.register(channel.fileno(), select.EPOLLIN)
+        self.sequence = 0
+        self.blocks = 0
+        self.stopping = False
+        self._retired = [0, 0, 0]  # kernel stats of rings already detached
+
+    # -- interfaces ----------------------------------------------------------------------------
+
+    def set_interfaces(self, wanted: Sequence[str]) -> None:
+        """Attach what is wanted and missing, detach what is attached and not wanted."""
+        self.wanted = list(dict.fromkeys(wanted))
+        if self.channel is not None:
+            _send(self.channel, {"want": self.wanted})  # the supervisor attaches for all workers
+            return
+        for name in [n for n in self.rings if n not in self.wanted]:
+            self.detach(name)
+        for name in self.wanted:
+            if name not in self.rings:
+                self.attach(name)
+
+    def attach(self, name: str, sock: socket.socket | None = None) -> None:
+        """Open a ring on ``name`` (or map ``sock``); a failure is remembered and retried."""
+        try:
+            ring = Ring(name, self.settings.ring, sock=sock)
+        except OSError as e:
+            self.failed[name] = str(e)
+            return
+        self.failed.pop(name, None)
+        self.rings[name] = ring
+        self.by_fd[ring.fileno()] = ring
+        self.epoll.register(ring.fileno(), select.EPOLLIN | select.EPOLLERR)
+
+    def detach(self, name: str) -> None:
+        """Drain and close the ring on ``name`` (its last blocks are still counted)."""
+        ring = self.rings.pop(name)
+        self._drain(ring)
+        st = ring.read_stats()
+        self._retired = [self._retired[0] + st.packets, self._retired[1] + st.drops, self._retired[2] + st.freezes]
+        self.epoll.unregister(ring.fileno())
+        del self.by_fd[ring.fileno()]
+        ring.close()
+
+    def _from_supervisor(self) -> None:
+        assert self.channel is not None
+        data, fds, _flags, _addr = socket.recv_fds(self.channel, 65536, 4)
+        if not data:
+            self.stopping = True  # the supervisor is gone
+            return
+        msg = json.loads(data)
+        if "attach" in msg:
+            name = msg["attach"]
+            if name in self.rings:
+                self.detach(name)
+            self.attach(name, socket.socket(fileno=fds[0]))
+        elif "detach" in msg and msg["detach"] in self.rings:
+            self.detach(msg["detach"])
+        elif "failed" in msg:
+            self.failed = dict(msg["failed"])
+
+    # -- loop ------------------------------------------------------------------------------------
+
+    def _drain(self, ring: Ring, limit: int = 1 << 30) -> bool:
+        """Parse up to ``limit`` ready blocks; True if more are ready (the caller comes back)."""
+        for _ in range(limit):
+            block = ring.ready_block()
+            if block is None:
+                return False
+            self.blocks += 1
+            try:
+                self.parse(block)
+            except Exception:  # a parser bug must not stop capture; counted, block given back
+                self.table.stats.malformed["internal_error"] += 1
+            finally:
+                block.release()
+                ring.release_block()
+        return ring.ready_block() is not None
+
+    def health(self) -> wire_pb2.Health:
+        """Cumulative health of this worker (lost counts are stamped again by the exporter)."""
+        packets, drops, freezes = self._retired
+        for ring in self.rings.values():
+            st = ring.read_stats()
+            packets, drops, freezes = packets + st.packets, drops + st.drops, freezes + st.freezes
+        h = self.table.health()
+        return wire_pb2.Health(
+            packets=h.packets, decoded=h.decoded, kernel_packets=packets, kernel_drops=drops,
+            kernel_freezes=freezes, malformed=h.malformed, ignored=h.ignored, table_size=h.sessions,
+            table_capacity=self.table.max_sessions, evictions=h.evicted,
+            lost_reports=self.exporter.lost_reports, lost_sessions=self.exporter.lost_sessions,
+            interfaces=sorted(self.rings), failed_interfaces=sorted(self.failed), blocks=self.blocks,
+            sessions_created=h.created, sessions_expired=h.expired, sessions_closed=h.closed,
+            inspector_errors=h.inspector_errors,
+        )
+
+    def report(self, start: float, final: bool = False) -> None:
+        """Collect the interval's deltas and offer them to the exporter."""
+        if final:
+            self.table.close_all("shutdown")
+        rep = self.table.collect(time.time())
+        self.sequence += 1
+        for r in iter_reports(rep, run_id=self.settings.run_id, worker=self.worker, workers=self.settings.workers,
+                               sequence=self.sequence, start=start, health=self.health(),
+                               part_size=self.settings.part_size):
+            self.exporter.offer(r)
+
+    def run(self) -> None:
+        """Capture until ``stopping`` is set (by a signal), then send a final report."""
+        self.exporter.start()
+        if self.channel is None:
+            self.set_interfaces(self.wanted)
+        interval = self.settings.interval
+        start = time.time()
+        next_report = time.monotonic() + interval
+        chan_fd = self.channel.fileno() if self.channel is not None else -1
+        # Rings with blocks still ready after their turn. A few blocks per ring per turn keeps
+        # the rings fair and the reports on time under a sustained burst.
+        pending: dict[int, Ring] = {}
+        while not self.stopping:
+            try:
+                events = self.epoll.poll(0.0 if pending else max(0.0, next_report - time.monotonic()))
+            except InterruptedError:
+                events = []
+            for fd, ev in events:
+                if fd == chan_fd:
+                    self._from_supervisor()
+                elif (ring := self.by_fd.get(fd)) is not None:
+                    if ev & select.EPOLLERR:
+                        ring.check_error()
+                    pending[fd] = ring
+            for fd, ring in list(pending.items()):
+                if self.by_fd.get(fd) is not ring or not self._drain(ring, BLOCKS_PER_TURN):
+                    del pending[fd]
+            if time.monotonic() >= next_report:
+                self._interval_tasks()
+                now = time.time()
+                self.report(start)
+                start = now
+                next_report += interval
+                if next_report < time.monotonic():  # fell behind: skip, do not report in a burst
+                    next_report = time.monotonic() + interval
+        for ring in list(self.rings.values()):
+            self._drain(ring)
+        self.report(start, final=True)
+        for name in list(self.rings):
+            self.detach(name)
+        self.exporter.stop()
+
+    def _interval_tasks(self) -> None:
+        latest = None
+        while not self.exporter.controls.empty():
+            latest = self.exporter.controls.get()
+        if latest is not None:
+            self.set_interfaces(list(latest.interfaces))
+        for name, ring in list(self.rings.items()):
+            if ring.gone:  # the interface went away: it stays wanted, it may come back
+                self.detach(name)
+                self.failed[name] = "interface went away"
+                if self.channel is not None:
+                    _send(self.channel, {"gone": name})
+        if self.channel is None:
+            for name in [n for n in self.wanted if n not in self.rings]:
+                self.attach(name)
+
+
+class Supervisor:
+    """Parent of N workers: opens each interface's fanout members in worker order (see above)."""
+
+    def __init__(self, settings: Settings, channels: list[socket.socket]) -> None:
+        self.settings = settings
+        self.channels = channels
+        self.wanted: list[str] = list(settings.interfaces)
+        self.attached: set[str] = set()
+        self.failed: dict[str, str] = {}
+        self.generation = 0
+
+    def sync(self) -> None:
+        """Bring every worker to the wanted set; retry what failed before."""
+        for name in sorted(self.attached - set(self.wanted)):
+            self.attached.discard(name)
+            self._broadcast({"detach": name})
+        failed: dict[str, str] = {}
+        for name in self.wanted:
+            if name in self.attached:
+                continue
+            socks: list[socket.socket] = []
+            try:
+                self.generation += 1
+                group = fanout_group(self.settings.run_id + self.generation, socket.if_nametoindex(name))
+                for _ in self.channels:
+                    socks.append(open_socket(name, self.settings.ring, group))
+            except OSError as e:
+                failed[name] = str(e)
+                continue
+            finally:
+                if len(socks) < len(self.channels):
+                    for s in socks:
+                        s.close()
+            for chan, s in zip(self.channels, socks):
+                with s:
+                    self._send(chan, {"attach": name}, [s.fileno()])
+            self.attached.add(name)
+        if failed != self.failed:
+            self.failed = failed
+            self._broadcast({"failed": failed})
+
+    def _send(self, chan: socket.socket, msg: dict[str, Any], fds: Sequence[int] = ()) -> None:
+        try:
+            _send(chan, msg, fds)
+        except OSError:
+            pass  # that worker is gone; run() notices when it exits
+
+    def _broadcast(self, msg: dict[str, Any]) -> None:
+        for chan in self.channels:
+            self._send(chan, msg)
+
+    def run(self, procs: list[multiprocessing.process.BaseProcess]) -> int:
+        """Serve the workers' interface requests until all of them have exited."""
+        self.sync()
+        by_fd = {c.fileno(): c for c in self.channels}
+        poller = select.poll()
+        for fd in by_fd:
+            poller.register(fd, select.POLLIN)
+        last_sync = time.monotonic()
+        while any(p.is_alive() for p in procs):
+            for fd, _ev in poller.poll(500):
+                try:
+                    data = by_fd[fd].recv(65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    poller.unregister(fd)
+                    continue
+                msg = json.loads(data)
+                if "want" in msg:
+                    self.wanted = list(msg["want"])
+                elif "gone" in msg:
+                    self.attached.discard(msg["gone"])
+                self.sync()
+                last_sync = time.monotonic()
+            if time.monotonic() - last_sync >= self.settings.interval:
+                self.sync()
+                last_sync = time.monotonic()
+        return max((p.exitcode or 0) for p in procs)
+
+
+def _worker_main(settings: Settings, index: int, channel: socket.socket | None = None) -> None:
+    w = Worker(settings, index, channel)
+
+    def stop(_sig: int, _frame: object) -> None:
+        w.stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop if channel is None else signal.SIG_IGN)  # ^C: the parent forwards
+    w.run()
+
+
+def run(settings: Settings) -> int:
+    """Run ``settings.workers`` packet loops until SIGTERM/SIGINT."""
+    if settings.run_id == 0:
+        settings = replace(settings, run_id=random.getrandbits(31) or 1)
+    if settings.workers <= 1:
+        _worker_main(settings, 0)
+        return 0
+    ctx = multiprocessing.get_context("fork")
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(settings.workers)]
+    procs = [ctx.Process(target=_worker_main, args=(settings, i, child), name=f"flowmap-dp-{i}")
+             for i, (_parent, child) in enumerate(pairs)]
+    for p in procs:
+        p.start()
+    for _parent, child in pairs:
+        child.close()
+
+    def forward(_sig: int, _frame: object) -> None:
+        for p in procs:
+            if p.pid is not None and p.is_alive():
+                os.kill(p.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    return Supervisor(settings, [parent for parent, _child in pairs]).run(procs)

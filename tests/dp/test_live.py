@@ -1,0 +1,377 @@
+"""``flowmap dp run`` end to end: real servers and clients in pod namespaces, a node namespace
+routing between them, the dp watching the node's pod-facing veths, this test as the agent.
+
+Expected counts come from the kernel: an nftables table in the node namespace counts, per
+direction, the packets and bytes (IP length at the forward hook) of exactly the 5-tuple under
+test; the dp's per-session deltas, summed over the reports, must equal them exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from flowmap_devenv.netns import Lab, netns
+from flowmap_dp import wire_pb2
+from flowmap_dp.exporting import ReportReader
+
+FLOWMAP = str(Path(sys.executable).with_name("flowmap"))
+A4, B4, A6, B6 = "10.62.1.2", "10.62.2.2", "fd62:1::2", "fd62:2::2"
+
+Key = tuple[int, bytes, int, bytes, int]
+
+
+@dataclass
+class Node:
+    """pod-a and pod-b namespaces, each joined to a node namespace that routes between them."""
+
+    lab: Lab
+    node: str
+    pod_a: str
+    pod_b: str
+    host_a: str  # node side of pod-a's veth
+    host_b: str
+
+    def nft(self, family: str, proto: str, client: str, cport: int, server: str, sport: int) -> None:
+        """Count the 5-tuple per direction at the node's forward hook."""
+        fam = "ip" if family == "ip" else "ip6"
+        rules = f"""
+        table inet fmtest {{
+          counter c2s {{ packets 0 bytes 0 }}
+          counter s2c {{ packets 0 bytes 0 }}
+          chain fmfwd {{
+            type filter hook forward priority 0; policy accept;
+            {fam} saddr {client} {fam} daddr {server} {proto} sport {cport} {proto} dport {sport} counter name c2s
+            {fam} saddr {server} {fam} daddr {client} {proto} sport {sport} {proto} dport {cport} counter name s2c
+          }}
+        }}"""
+        self.lab.exec(self.node, "nft", "-f", "-", input_text=rules)
+
+    def counters(self) -> dict[str, tuple[int, int]]:
+        """(packets, bytes) per named counter."""
+        out = json.loads(self.lab.exec(self.node, "nft", "-j", "list", "counters", "table", "inet", "fmtest"))
+        return {c["counter"]["name"]: (c["counter"]["packets"], c["counter"]["bytes"])
+                for c in out["nftables"] if "counter" in c}
+
+
+@pytest.fixture
+def node(privileged: None) -> Iterator[Node]:
+    lab = Lab()
+    try:
+        n, a, b = lab.ns("fmn"), lab.ns("fma"), lab.ns("fmb")
+        pa, ha = lab.veth(a, [f"{A4}/24", f"{A6}/64"], n, ["10.62.1.1/24", "fd62:1::1/64"])
+        pb, hb = lab.veth(b, [f"{B4}/24", f"{B6}/64"], n, ["10.62.2.1/24", "fd62:2::1/64"])
+        for pod, gw4, gw6 in ((a, "10.62.1.1", "fd62:1::1"), (b, "10.62.2.1", "fd62:2::1")):
+            lab.exec(pod, "ip", "route", "add", "default", "via", gw4)
+            lab.exec(pod, "ip", "-6", "route", "add", "default", "via", gw6)
+        lab.exec(n, "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
+        yield Node(lab, n, a, b, ha, hb)
+    finally:
+        lab.close()
+
+
+class Agent:
+    """This test plays the node-agent: it listens, the dp connects and streams reports."""
+
+    def __init__(self, path: str) -> None:
+        self.reader = ReportReader(path)
+        self.reports: list[wire_pb2.Report] = []
+
+    def pump(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            self.reports += self.reader.poll(left)
+
+    def totals(self, key: Key) -> tuple[int, int, int, int]:
+        """Summed (packets c2s, bytes c2s, packets s2c, bytes s2c) of one session, oriented as ``key``.
+
+        Records the dp oriented the other way round are swapped back: the dp reads each ring in
+        turn, so when a session's first two packets enter through different interfaces, the answer
+        can be read first and taken for the opening packet (TCP is decided by its SYN and is not
+        affected). What is counted, per direction, must still be exact.
+        """
+        proto, c, cp, s_ip, sp = key
+        t = [0, 0, 0, 0]
+        for r in self.reports:
+            for s in r.sessions:
+                k = (s.ip_proto, s.client_ip, s.client_port, s.server_ip, s.server_port)
+                if k == key:
+                    t = [t[0] + s.packets_c2s, t[1] + s.bytes_c2s, t[2] + s.packets_s2c, t[3] + s.bytes_s2c]
+                elif k == (proto, s_ip, sp, c, cp):
+                    t = [t[0] + s.packets_s2c, t[1] + s.bytes_s2c, t[2] + s.packets_c2s, t[3] + s.bytes_c2s]
+        return t[0], t[1], t[2], t[3]
+
+    def wait(self, cond: Callable[[], bool], timeout: float = 10.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while not cond():
+            if time.monotonic() > deadline:
+                return False
+            self.pump(0.1)
+        return True
+
+    def dump(self) -> str:
+        """Every session record received, for assertion messages."""
+        return "\n".join(f"w{r.worker} seq{r.sequence} {s.ip_proto} {s.client_ip.hex()}:{s.client_port} -> "
+                         f"{s.server_ip.hex()}:{s.server_port} c2s={s.packets_c2s}/{s.bytes_c2s} "
+                         f"s2c={s.packets_s2c}/{s.bytes_s2c}" for r in self.reports for s in r.sessions)
+
+    def health(self, worker: int = 0) -> wire_pb2.Health:
+        return [r for r in self.reports if r.worker == worker and r.HasField("health")][-1].health
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[Agent]:
+    a = Agent(str(tmp_path / "agent.sock"))
+    yield a
+    a.reader.close()
+
+
+@pytest.fixture
+def start_dp(node: Node, agent: Agent, tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(*args: str) -> subprocess.Popen[str]:
+        log = open(tmp_path / f"dp{len(procs)}.log", "w")
+        p = node.lab.popen(node.node, [FLOWMAP, "dp", "run", "--socket", agent.reader.path, "--interval", "0.2",
+                                       "--retire-ms", "10", "--block-size", str(1 << 18), *args],
+                           stdout=log, stderr=subprocess.STDOUT)
+        procs.append(p)
+        assert agent.wait(lambda: agent.reader.connections > 0 or p.poll() is not None, 10), "dp did not connect"
+        assert p.poll() is None, (tmp_path / f"dp{len(procs) - 1}.log").read_text()
+        return p
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def _ip(addr: str) -> bytes:
+    return socket.inet_pton(socket.AF_INET6 if ":" in addr else socket.AF_INET, addr)
+
+
+def _http_exchange(node: Node, tmp_path: Path, server: str, client: str, cport: int) -> int:
+    """http.server in pod-b serves a 200 kB file to a client socket in pod-a; returns bytes received."""
+    (tmp_path / "www").mkdir(exist_ok=True)
+    (tmp_path / "www" / "blob").write_bytes(os.urandom(200_000))
+    family = socket.AF_INET6 if ":" in server else socket.AF_INET
+    srv = node.lab.popen(node.pod_b, [sys.executable, "-m", "http.server", "--bind", server, "8080"],
+                         cwd=tmp_path / "www", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _attempt in range(200):  # wait for the server from an ephemeral port: not the session under test
+            with netns(node.pod_a), socket.socket(family, socket.SOCK_STREAM) as probe:
+                if probe.connect_ex((server, 8080)) == 0:
+                    break
+            time.sleep(0.05)
+        with netns(node.pod_a):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        received = b""
+        with sock:
+            sock.bind((client, cport))
+            sock.settimeout(5)
+            sock.connect((server, 8080))
+            sock.sendall(b"GET /blob HTTP/1.0\r\nHost: pod-b\r\n\r\n")
+            while chunk := sock.recv(65536):
+                received += chunk
+        return len(received)
+    finally:
+        srv.terminate()
+        srv.wait()
+
+
+@pytest.mark.parametrize("parser", ["vectorised", "per-packet"])
+@pytest.mark.parametrize("server,client", [(B4, A4), (B6, A6)], ids=["ipv4", "ipv6"])
+def test_tcp_session_counts_equal_the_kernel(node: Node, agent: Agent, start_dp: Callable[..., object],
+                                             tmp_path: Path, server: str, client: str, parser: str) -> None:
+    node.nft("ip" if ":" not in server else "ip6", "tcp", client, 41000, server, 8080)
+    start_dp("--iface", node.host_a, "--iface", node.host_b, "--parser", parser)
+    got = _http_exchange(node, tmp_path, server, client, 41000)
+    assert got > 200_000
+    c2s, s2c = node.counters()["c2s"], node.counters()["s2c"]
+    key = (6, _ip(client), 41000, _ip(server), 8080)
+    want = (c2s[0], c2s[1], s2c[0], s2c[1])
+    agent.wait(lambda: agent.totals(key) == want)
+    assert agent.totals(key) == want
+    new = [s for r in agent.reports for s in r.sessions if (s.ip_proto, s.client_port, s.server_port) == key[::2]]
+    assert sum(s.new for s in new) == 1
+    h = agent.health()
+    assert h.kernel_drops == 0 and h.kernel_packets >= c2s[0] + s2c[0]
+    assert sorted(h.interfaces) == sorted([node.host_a, node.host_b])
+
+
+@pytest.mark.parametrize("server,client", [(B4, A4), (B6, A6)], ids=["ipv4", "ipv6"])
+def test_udp_exchange_counts_equal_the_kernel(node: Node, agent: Agent, start_dp: Callable[..., object],
+                                              server: str, client: str) -> None:
+    node.nft("ip" if ":" not in server else "ip6", "udp", client, 41001, server, 5353)
+    start_dp("--iface", node.host_a, "--iface", node.host_b)
+    family = socket.AF_INET6 if ":" in server else socket.AF_INET
+    with netns(node.pod_b):
+        srv = socket.socket(family, socket.SOCK_DGRAM)
+        srv.bind((server, 5353))
+    with netns(node.pod_a):
+        cli = socket.socket(family, socket.SOCK_DGRAM)
+        cli.bind((client, 41001))
+    with srv, cli:
+        srv.settimeout(5)
+        cli.settimeout(5)
+        for size in (1, 100, 1000, 1400, 7000):
+            cli.sendto(b"u" * size, (server, 5353))
+            data, peer = srv.recvfrom(65536)
+            srv.sendto(data[: size // 3], peer)
+            cli.recv(65536)
+    c2s, s2c = node.counters()["c2s"], node.counters()["s2c"]
+    key = (17, _ip(client), 41001, _ip(server), 5353)
+    want = (c2s[0], c2s[1], s2c[0], s2c[1])
+    agent.wait(lambda: agent.totals(key) == want)
+    assert agent.totals(key) == want
+    # The 7000-byte datagram is fragmented. Like the kernel's port-matching rule, the session
+    # counts its first fragment; the others carry no ports and are counted as ignored fragments.
+    assert want[0] == want[2] == 5
+    assert agent.wait(lambda: agent.health().ignored["fragment"] >= 4)
+
+
+def test_attach_and_detach_at_run_time(node: Node, agent: Agent, start_dp: Callable[..., object]) -> None:
+    start_dp()  # no interface yet: the agent names them
+    ports = iter(range(42000, 42100))
+
+    def exchange() -> Key:
+        port = next(ports)
+        with netns(node.pod_b):
+            srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            srv.bind((B4, 6000))
+        with netns(node.pod_a):
+            cli = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            cli.bind((A4, port))
+        with srv, cli:
+            srv.settimeout(5)
+            cli.sendto(b"ping", (B4, 6000))
+            _, peer = srv.recvfrom(100)
+            srv.sendto(b"pong", peer)
+        return (17, _ip(A4), port, _ip(B4), 6000)
+
+    def attached(names: list[str]) -> bool:
+        return bool(agent.reports) and sorted(agent.health().interfaces) == sorted(names)
+
+    agent.reader.set_interfaces([node.host_a, node.host_b])
+    assert agent.wait(lambda: attached([node.host_a, node.host_b]))
+    k1 = exchange()
+    assert agent.wait(lambda: agent.totals(k1) == (1, 32, 1, 32)), agent.dump()  # 20 + 8 + 4 each way
+    agent.reader.set_interfaces([node.host_b])
+    assert agent.wait(lambda: attached([node.host_b]))
+    k2 = exchange()
+    agent.pump(1.0)
+    assert agent.totals(k2) == (0, 0, 1, 32)  # only the answer entered the node through a watched veth
+    agent.reader.set_interfaces([node.host_a, node.host_b, "fm-not-there"])
+    assert agent.wait(lambda: attached([node.host_a, node.host_b]))
+    assert list(agent.health().failed_interfaces) == ["fm-not-there"]
+    k3 = exchange()
+    assert agent.wait(lambda: agent.totals(k3) == (1, 32, 1, 32)), agent.dump()
+
+
+def test_bpf_filter_expression(node: Node, agent: Agent, start_dp: Callable[..., object], tmp_path: Path) -> None:
+    start_dp("--iface", node.host_a, "--iface", node.host_b, "--filter", "udp")
+    _http_exchange(node, tmp_path, B4, A4, 41002)
+    with netns(node.pod_a):
+        cli = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        cli.bind((A4, 41003))
+    with cli:
+        cli.sendto(b"x" * 10, (B4, 9))
+    udp = (17, _ip(A4), 41003, _ip(B4), 9)
+    assert agent.wait(lambda: agent.totals(udp) == (1, 38, 0, 0))
+    assert not [s for r in agent.reports for s in r.sessions if s.ip_proto == 6]
+
+
+@pytest.mark.parametrize("named_by", ["cli", "agent"])
+def test_fanout_two_workers_count_every_flow_once(node: Node, agent: Agent, start_dp: Callable[..., object],
+                                                  named_by: str) -> None:
+    node.lab.exec(node.node, "nft", "-f", "-", input_text="""
+    table inet fmtest {
+      counter c2s { packets 0 bytes 0 }
+      counter s2c { packets 0 bytes 0 }
+      chain fmfwd {
+        type filter hook forward priority 0; policy accept;
+        ip saddr 10.62.1.2 udp dport 7000 counter name c2s
+        ip daddr 10.62.1.2 udp sport 7000 counter name s2c
+      }
+    }""")
+    if named_by == "cli":
+        start_dp("--iface", node.host_a, "--iface", node.host_b, "--workers", "2")
+    else:  # attached at run time: the supervisor opens both workers' fanout members
+        start_dp("--workers", "2")
+        agent.reader.set_interfaces([node.host_a, node.host_b])
+    assert agent.wait(lambda: agent.reader.connections == 2)
+    assert agent.wait(lambda: all(sorted(agent.health(w).interfaces) == sorted([node.host_a, node.host_b])
+                                  for w in (0, 1)) if {r.worker for r in agent.reports} == {0, 1} else False)
+    with netns(node.pod_b):
+        srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        srv.bind((B4, 7000))
+    flows = 64
+    with srv:
+        srv.settimeout(5)
+        for i in range(flows):
+            with netns(node.pod_a):
+                cli = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            with cli:
+                cli.bind((A4, 43000 + i))
+                for n in (10, 300):
+                    cli.sendto(b"f" * n, (B4, 7000))
+                    data, peer = srv.recvfrom(1000)
+                    srv.sendto(data, peer)
+    c2s, s2c = node.counters()["c2s"], node.counters()["s2c"]
+    keys = [(17, _ip(A4), 43000 + i, _ip(B4), 7000) for i in range(flows)]
+
+    def summed() -> tuple[int, int, int, int]:
+        return tuple(map(sum, zip(*(agent.totals(k) for k in keys))))  # type: ignore[return-value]
+
+    assert agent.wait(lambda: summed() == (c2s[0], c2s[1], s2c[0], s2c[1]))
+    owners: dict[int, set[int]] = {}
+    for r in agent.reports:
+        for s in r.sessions:
+            if s.server_port == 7000:
+                owners.setdefault(s.client_port, set()).add(r.worker)
+    assert len(owners) == flows and all(len(w) == 1 for w in owners.values())
+    assert {w for ws in owners.values() for w in ws} == {0, 1}  # the hash spread 64 flows over both
+
+
+def _dns_name(name: str) -> bytes:
+    return b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
+
+
+def test_dns_answer_reaches_the_agent(node: Node, agent: Agent, start_dp: Callable[..., object]) -> None:
+    start_dp("--iface", node.host_a, "--iface", node.host_b)
+    question = _dns_name("svc.flowmap.test") + struct.pack("!HH", 1, 1)  # A, IN
+    with netns(node.pod_b):
+        srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        srv.bind((B4, 53))
+    with netns(node.pod_a):
+        cli = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with srv, cli:
+        srv.settimeout(5)
+        cli.settimeout(5)
+        cli.sendto(struct.pack("!HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0) + question, (B4, 53))
+        query, peer = srv.recvfrom(512)
+        answer = struct.pack("!HHHIH", 0xC00C, 1, 1, 300, 4) + socket.inet_aton("10.62.9.9")
+        srv.sendto(struct.pack("!HHHHHH", 0x4242, 0x8180, 1, 1, 0, 0) + question + answer, peer)
+        cli.recv(512)
+    assert agent.wait(lambda: any(a.name == "svc.flowmap.test" for r in agent.reports for a in r.dns)), agent.dump()
+    (ans,) = [a for r in agent.reports for a in r.dns]
+    assert (ans.type, ans.address, ans.ttl, ans.client_ip, ans.server_ip) == (
+        "A", socket.inet_aton("10.62.9.9"), 300, _ip(A4), _ip(B4))
+    apps = {s.app for r in agent.reports for s in r.sessions if s.server_port == 53 and s.app}
+    assert apps == {"dns"}
