@@ -9,9 +9,18 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+from flowmap_devenv import binaries
+from flowmap_devenv.controlplane import ControlPlane
+
+if TYPE_CHECKING:
+    from tests.operator.harness import Cluster
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
@@ -36,3 +45,31 @@ def need_root() -> None:
 def privileged() -> None:
     """Use as a fixture in tests that need root and network namespaces."""
     need_root()
+
+
+@pytest.fixture(scope="session")
+def controlplane() -> Iterator[ControlPlane]:
+    """One real etcd + kube-apiserver for the whole test session (``flowmap controlplane`` code)."""
+    need(binaries.find() is not None or shutil.which("go") is not None,
+         "the control plane needs kube-apiserver and etcd (run 'flowmap controlplane build', which needs Go)")
+    folder = Path(tempfile.mkdtemp(prefix="flowmap-cp-"))
+    plane = ControlPlane(folder / "state", log=lambda line: None)
+    plane.up()
+    try:
+        yield plane
+    finally:
+        plane.down(quiet=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def cluster(controlplane: ControlPlane) -> Iterator[Cluster]:
+    """The flowmap manifests applied, two nodes with agents and a small shop (see the harness)."""
+    from tests.operator.harness import Cluster, build_cluster  # the harness needs this module first
+
+    build_cluster(controlplane)
+    folder = Path(tempfile.mkdtemp(prefix="flowmap-op-"))
+    try:
+        yield Cluster(controlplane, folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

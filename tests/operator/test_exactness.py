@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 import grpc
 import pytest
 
-from tests.operator.conftest import API, API_SVC, REDIS, WEB
+from tests.operator.harness import API, API_SVC, REDIS, WEB
 from tests.operator.harness import Agent, Cluster, Operator, edge
 
 # (agent, client, server, port seen by the client, the Connection that counts it)

@@ -15,7 +15,7 @@ import pytest
 
 from flowmap_api import report_pb2 as pb
 
-from tests.operator.conftest import REDIS, WEB
+from tests.operator.harness import REDIS, WEB
 from tests.operator.harness import Agent, Cluster, Operator, create_pods, edge, pod, running
 from tests.operator.test_reports import connection, wait_for
 

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from flowmap_api import report_pb2 as pb
-from tests.operator.conftest import WEB
+from tests.operator.harness import WEB
 from tests.operator.harness import Agent, Cluster, Operator, edge, running
 
 
