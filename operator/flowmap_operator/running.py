@@ -30,11 +30,12 @@ from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 from prometheus_client import start_http_server
 
+from flowmap_api import report_pb2 as pb
 from flowmap_api import report_pb2_grpc as pb_grpc
 from flowmap_operator import metrics
 from flowmap_operator.auth import Authenticator
 from flowmap_operator.resolution import Resolver
-from flowmap_operator.serving import ReportServicer
+from flowmap_operator.serving import PolicyServicer, ReportServicer
 from flowmap_operator.settings import Settings
 from flowmap_operator.topology import Topology
 from flowmap_operator.writing import Bucket, Writer
@@ -195,6 +196,7 @@ async def run(settings: Settings) -> None:
 
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
     pb_grpc.add_ReportServiceServicer_to_server(ReportServicer(topology, auth, settings, leadership, series), server)
+    pb_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(auth, lambda node: pb.NodePolicy()), server)
     creds = grpc.ssl_server_credentials([(Path(settings.grpc_tls_key).read_bytes(),
                                           Path(settings.grpc_tls_cert).read_bytes())])
     server.add_secure_port(f"[::]:{settings.grpc_port}", creds)

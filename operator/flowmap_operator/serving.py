@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
@@ -68,6 +69,7 @@ class ReportServicer(pb_grpc.ReportServiceServicer):
         result = self.topology.ingest(request, time.time())
         for outcome in ("counted", "duplicates", "other_observer", "overflow"):
             metrics.REPORT_EDGES.labels(outcome).inc(getattr(result, outcome))
+        metrics.RESOLUTION_MISSES.inc(result.external)
         metrics.CONNECTION_OVERFLOW.inc(result.overflow)
         for key, c in result.applied:
             client, server = self.topology.groups[key[0]].peer, self.topology.groups[key[1]].peer
@@ -77,3 +79,28 @@ class ReportServicer(pb_grpc.ReportServiceServicer):
                             c.packets_c2s, c.packets_s2c, c.sessions)
         metrics.REPORTS.labels("applied").inc()
         return pb.ReportAck(applied=ledger.acked(request.agent_id), leader=True)
+
+
+class PolicyServicer(pb_grpc.PolicyServiceServicer):
+    """Streams each node the policy it enforces: the current one at once, then every change.
+
+    Until a NetworkLearningPolicy in Protect mode selects a pod on the node, that policy is
+    empty (nothing is enforced); the policy compiler is what fills it.
+    """
+
+    def __init__(self, auth: Authenticator, policies: Callable[[str], pb.NodePolicy]) -> None:
+        self.auth, self.policies = auth, policies
+
+    async def Watch(self, request: pb.WatchRequest,  # noqa: N802
+                    context: grpc.aio.ServicerContext) -> AsyncIterator[pb.NodePolicy]:
+        try:
+            identity = await self.auth.identify(tuple(context.invocation_metadata() or ()))
+            self.auth.authorize(identity, request.node)
+        except Unauthenticated as exc:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        except PermissionDenied as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        except Unavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        yield self.policies(request.node)
+        await asyncio.Event().wait()  # held open (policy changes will be sent here) until the agent goes

@@ -62,6 +62,7 @@ class Ingested:
     duplicates: int = 0  # already counted (a resent batch)
     other_observer: int = 0  # counted by the node on the other side
     overflow: int = 0  # dropped: the Connection cap is reached
+    external: int = 0  # ends that resolved to nothing better than "external"
     applied: list[tuple[EdgeKey, Counters]] = field(default_factory=list)
 
 
@@ -132,6 +133,7 @@ class Topology:
                 server, port, service = via
             else:
                 server, port, service = self.resolver.resolve(delta.server.ip, when), delta.server.port, ""
+            result.external += (client.kind == "External") + (server.kind == "External")
             self._touch(client, when)
             key = self.key_for(client.group, server.group, port, protocol)
             if key is None:

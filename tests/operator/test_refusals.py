@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from flowmap_api import report_pb2 as pb
+from flowmap_api import report_pb2_grpc as pb_grpc
 from tests.operator.harness import WEB
 from tests.operator.harness import Agent, Cluster, Operator, edge, running
 
@@ -77,3 +78,17 @@ def test_a_malformed_batch_is_refused_whole(cluster: Cluster, operator: Operator
     time.sleep(1.0)  # give a half-applied batch every chance to show
     names = json.loads(cluster.plane.kubectl("get", "connections", "-o", "json").stdout)["items"]
     assert not [c for c in names if c["spec"]["port"] == port], "part of a refused batch was applied"
+
+
+def test_policy_watch_streams_the_nodes_policy_to_its_own_agent_only(cluster: Cluster, operator: Operator) -> None:
+    agent = Agent(operator, "policy-a", "node-a", cluster.token("flowmap-agent", pod_name="agent-a"))
+    stub = pb_grpc.PolicyServiceStub(agent.channel)
+    stream = stub.Watch(pb.WatchRequest(node="node-a"), metadata=(("authorization", f"Bearer {agent.token}"),),
+                        timeout=10)
+    first = next(stream)
+    assert not first.pods and not first.enforcement_disabled  # nothing is in Protect mode
+    stream.cancel()
+    with pytest.raises(grpc.RpcError) as err:
+        next(stub.Watch(pb.WatchRequest(node="node-b"), metadata=(("authorization", f"Bearer {agent.token}"),),
+                        timeout=10))
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
