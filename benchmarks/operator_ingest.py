@@ -1,0 +1,781 @@
+"""Operator ingest at scale: prints numbers, asserts nothing.
+
+Simulated agents (one asyncio process, each agent its own pod-bound ServiceAccount token, its own
+TLS channel, sequence numbers, ``acked``, in-order resends) report over real gRPC to a real
+``flowmap operator run`` (started here, RBAC of manifests/, write budget --budget) against a real
+kube-apiserver + etcd (started here). The topology: --deployments workloads of --pods pods each,
+spread over --nodes nodes; --edges initial edges between workloads; every node reports, each
+interval, one delta (client.local=True) for every edge whose client workload has a pod on it, so
+each edge has several observers. For each node count:
+
+1. **cold start**: the operator starts on an empty map (at --cold-budget writes/s, default the
+   budget); time from the first report to all initial Connections existing.
+2. **steady**: (after a restart at --budget if the cold budget differs) --duration seconds of
+   reports with --new-rate new edges per second. Deltas ingested per second, API writes per
+   second (the operator's ``flowmap_operator_api_writes_total``), time from a new edge's first
+   report to its Connection's ADDED event (a watch in a thread), how far status.bytes.total lags
+   behind what the agents observed, operator RSS and CPU (and the control plane's).
+
+Usage (from the repo root):
+    .venv/bin/python -m benchmarks.operator_ingest [--quick] [--nodes 200,1000] [--budget 20]
+        [--cold-budget 200] [--duration 60] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import grpc  # noqa: E402
+from kubernetes import client as k8s  # noqa: E402
+from kubernetes import config as k8s_config  # noqa: E402
+from kubernetes import watch as k8s_watch  # noqa: E402
+from kubernetes.client.exceptions import ApiException  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from flowmap_api import report_pb2 as pb  # noqa: E402
+from flowmap_devenv.controlplane import ControlPlane  # noqa: E402
+from flowmap_operator.resolution import group_name  # noqa: E402
+from tests.operator.harness import NS, Cluster, Operator  # noqa: E402
+
+REPORT = "/flowmap.v1alpha1.ReportService/Report"
+REFUSED = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+           grpc.StatusCode.INVALID_ARGUMENT)
+G, V = "flowmap.dev", "v1alpha1"
+BYTES_C2S, BYTES_S2C = 400, 600  # per delta per interval: every edge carries 1000 bytes/interval/observer
+DELTA_BYTES = BYTES_C2S + BYTES_S2C
+TICK = os.sysconf("SC_CLK_TCK")
+TARGET_P95 = {200: 2.0, 1000: 5.0}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# -- the topology ---------------------------------------------------------------------------------
+
+@dataclass
+class Workload:
+    namespace: str
+    name: str
+    group: str
+    pods: list[tuple[str, str, int]] = field(default_factory=list)  # (pod name, ip, node index)
+
+
+@dataclass
+class Topo:
+    nodes: int
+    workloads: list[Workload]
+    edges: list[tuple[int, int, int]]  # (client workload, server workload, port)
+    initial: int  # edges[:initial] exist from the start, the rest appear during the run
+    local: list[dict[int, tuple[str, str]]]  # node -> client workload -> (pod "ns/name", ip) on it
+    observers: list[list[int]]  # edge -> nodes that report it
+
+    def key(self, e: int) -> tuple[str, str, int, str]:
+        c, s, port = self.edges[e]
+        return (self.workloads[c].group, self.workloads[s].group, port, "TCP")
+
+
+def make_topology(nodes: int, deployments: int, pods: int, edges: int, extra: int, seed: int) -> Topo:
+    rnd = random.Random(seed)
+    workloads = []
+    for d in range(deployments):
+        ns, name = f"bench-{d % 10}", f"w{d}"
+        w = Workload(ns, name, group_name(ns, name))
+        for i in range(pods):
+            p = d * pods + i
+            w.pods.append((f"w{d}-5d8f7c6b9-{i:03d}", f"10.244.{p // 250}.{p % 250 + 2}", p % nodes))
+        workloads.append(w)
+    pairs: set[tuple[int, int, int]] = set()
+    chosen: list[tuple[int, int, int]] = []
+    while len(chosen) < edges + extra:
+        c, s = rnd.randrange(deployments), rnd.randrange(deployments)
+        if c == s:
+            continue
+        port = rnd.choice((80, 443, 5432, 6379, 8080, 9090, 3306, 27017))
+        if (c, s, port) not in pairs:
+            pairs.add((c, s, port))
+            chosen.append((c, s, port))
+    local: list[dict[int, tuple[str, str]]] = [{} for _ in range(nodes)]
+    for d, w in enumerate(workloads):
+        for pod_name, ip, n in w.pods:
+            local[n].setdefault(d, (f"{w.namespace}/{pod_name}", ip))
+    observers = [[n for n in range(nodes) if c in local[n]] for c, _, _ in chosen]
+    return Topo(nodes, workloads, chosen, edges, local, observers)
+
+
+# -- the cluster ----------------------------------------------------------------------------------
+
+def admin_client(plane: ControlPlane) -> k8s.ApiClient:
+    cfg = k8s.Configuration()
+    k8s_config.load_kube_config(config_file=str(plane.kubeconfig), client_configuration=cfg)
+    cfg.connection_pool_maxsize = 32
+    return k8s.ApiClient(cfg)
+
+
+def node_ip(n: int) -> str:
+    return f"172.18.{n // 250}.{n % 250 + 2}"
+
+
+def populate(plane: ControlPlane, api: k8s.ApiClient, topo: Topo, workers: int = 16) -> dict[int, str]:
+    """Nodes, workload pods (status set as a kubelet would), agent pods; tokens bound to them."""
+    core = k8s.CoreV1Api(api)
+    for ns in sorted({w.namespace for w in topo.workloads}):
+        core.create_namespace(k8s.V1Namespace.from_dict({"metadata": {"name": ns}}))
+
+    def mk_node(n: int) -> None:
+        core.create_node(k8s.V1Node.from_dict({
+            "metadata": {"name": f"node-{n}"},
+            "status": {"addresses": [{"type": "InternalIP", "address": node_ip(n)}]}}))
+
+    def mk_pod(w: Workload, pod_name: str, ip: str, n: int) -> None:
+        rs = pod_name.rsplit("-", 1)[0]
+        core.create_namespaced_pod(w.namespace, k8s.V1Pod.from_dict({
+            "metadata": {"name": pod_name, "namespace": w.namespace, "labels": {"pod-template-hash": "5d8f7c6b9"},
+                         "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": rs,
+                                              "controller": True, "uid": "00000000-0000-0000-0000-000000000001"}]},
+            "spec": {"nodeName": f"node-{n}", "containers": [{"name": "c", "image": "registry.invalid/c:1"}]}}))
+        core.patch_namespaced_pod_status(pod_name, w.namespace, {"status": {
+            "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}}, _content_type="application/merge-patch+json")
+
+    def mk_agent(n: int) -> str:
+        created = core.create_namespaced_pod(NS, k8s.V1Pod.from_dict({
+            "metadata": {"name": f"agent-{n}", "namespace": NS, "labels": {"app.kubernetes.io/name": "flowmap-agent"},
+                         "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "flowmap-agent",
+                                              "controller": True, "uid": "00000000-0000-0000-0000-000000000002"}]},
+            "spec": {"nodeName": f"node-{n}", "hostNetwork": True, "serviceAccountName": "flowmap-agent",
+                     "containers": [{"name": "agent", "image": "registry.invalid/agent:1"}]}}))
+        req = core.create_namespaced_service_account_token("flowmap-agent", NS, k8s.AuthenticationV1TokenRequest(
+            spec=k8s.V1TokenRequestSpec(audiences=["flowmap"], expiration_seconds=4 * 3600,
+                                        bound_object_ref=k8s.V1BoundObjectReference(
+                                            api_version="v1", kind="Pod", name=f"agent-{n}",
+                                            uid=created.metadata.uid))))
+        return str(req.status.token)
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(mk_node, range(topo.nodes)))
+        list(pool.map(lambda a: mk_pod(*a), [(w, *p) for w in topo.workloads for p in w.pods]))
+        tokens = list(pool.map(mk_agent, range(topo.nodes)))
+    return dict(enumerate(tokens))
+
+
+# -- watching Connections -------------------------------------------------------------------------
+
+class ConnectionWatch(threading.Thread):
+    """Timestamps every Connection's ADDED event and keeps its latest status.bytes.total."""
+
+    def __init__(self, api: k8s.ApiClient) -> None:
+        super().__init__(daemon=True, name="connection-watch")
+        self.custom = k8s.CustomObjectsApi(api)
+        self.added: dict[tuple[str, str, int, str], float] = {}
+        self.written: dict[tuple[str, str, int, str], tuple[float, int]] = {}
+        self.events: Counter[str] = Counter()
+        self.stopping = threading.Event()
+        self.errors = 0
+
+    def _record(self, kind: str, obj: dict[str, Any], now: float) -> None:
+        spec = obj.get("spec") or {}
+        key = (spec.get("client", ""), spec.get("server", ""), int(spec.get("port", 0)), spec.get("protocol", ""))
+        self.events[kind] += 1
+        if kind in ("ADDED", "MODIFIED"):
+            self.added.setdefault(key, now)
+            total = int(((obj.get("status") or {}).get("bytes") or {}).get("total", 0))
+            self.written[key] = (now, total)
+
+    def run(self) -> None:
+        rv = None
+        while not self.stopping.is_set():
+            try:
+                if rv is None:
+                    listing = self.custom.list_cluster_custom_object(G, V, "connections")
+                    now = time.monotonic()
+                    for obj in listing.get("items", []):
+                        self._record("LISTED", obj, now)
+                    rv = listing["metadata"]["resourceVersion"]
+                w = k8s_watch.Watch()
+                for ev in w.stream(self.custom.list_cluster_custom_object, G, V, "connections",
+                                   resource_version=rv, timeout_seconds=5, allow_watch_bookmarks=True):
+                    now = time.monotonic()
+                    obj = ev["object"]
+                    rv = (obj.get("metadata") or {}).get("resourceVersion", rv)
+                    if ev["type"] != "BOOKMARK":
+                        self._record(ev["type"], obj, now)
+                    if self.stopping.is_set():
+                        w.stop()
+            except ApiException as exc:
+                self.errors += 1
+                if exc.status == 410:
+                    rv = None
+                time.sleep(0.2)
+            except Exception:  # noqa: BLE001 - a broken stream: watch again from the last version
+                self.errors += 1
+                time.sleep(0.2)
+
+
+# -- processes ------------------------------------------------------------------------------------
+
+def proc_sample(pid: int) -> tuple[float, int, int]:
+    """(CPU seconds, RSS kB, peak RSS kB) of a process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                      if ":" in line)
+        return ((int(stat[11]) + int(stat[12])) / TICK, int(status.get("VmRSS", "0 kB").split()[0]),
+                int(status.get("VmHWM", "0 kB").split()[0]))
+    except (OSError, IndexError, ValueError):
+        return 0.0, 0, 0
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The operator's counters we use, flattened: name{label=value,...} -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    # The page is mostly per-edge series; parsing them all would cost this process more than the
+    # operator spends writing them. Only the operator's own series are parsed.
+    text = "\n".join(line for line in text.splitlines()
+                     if line.startswith("flowmap_operator_") and "_bucket{" not in line) + "\n"
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "le")
+            if "le" in s.labels:
+                continue
+            out[f"{s.name}{{{labels}}}"] = s.value
+    return out
+
+
+def total(metrics: dict[str, float], prefix: str, **match: str) -> float:
+    want = [f"{k}={v}" for k, v in match.items()]
+    return sum(v for k, v in metrics.items() if k.startswith(prefix + "{") and all(w in k for w in want))
+
+
+# -- simulated agents -----------------------------------------------------------------------------
+
+@dataclass
+class Stats:
+    accepted: int = 0  # new batches the operator took
+    resent: int = 0
+    deltas: int = 0  # edge deltas in new batches the operator took
+    errors: Counter[str] = field(default_factory=Counter)
+    rpc_seconds: list[float] = field(default_factory=list)
+
+
+class Bench:
+    """The shared state of all simulated agents of one run."""
+
+    def __init__(self, topo: Topo, interval: float) -> None:
+        self.topo, self.interval = topo, interval
+        self.generated = [0] * len(topo.edges)  # bytes the agents observed so far, per edge
+        self.first_report: dict[int, float] = {}  # new edge -> first time a batch carrying it was sent
+        self.introduced: dict[int, float] = {}
+        self.stats = Stats()
+        self.stopping = False
+
+
+class SimAgent:
+    def __init__(self, bench: Bench, n: int, token: str, channel: grpc.aio.Channel, run_id: str) -> None:
+        self.bench, self.n = bench, n
+        self.agent_id, self.node = f"bench-{run_id}-{n}", f"node-{n}"
+        self.metadata = (("authorization", f"Bearer {token}"),)
+        self.call = channel.unary_unary(REPORT, request_serializer=None, response_deserializer=pb.ReportAck.FromString)
+        topo = bench.topo
+        self.edges: list[int] = [e for e in range(topo.initial) if topo.edges[e][0] in topo.local[n]]
+        self.enc: dict[int, bytes] = {e: self._encode(e, 1) for e in self.edges}
+        self.enc_k: dict[tuple[int, int], bytes] = {}
+        self.blob: bytes | None = None  # the edges of a batch of one interval of every edge, cached
+        self.outbox: dict[int, int] = {}  # edge -> intervals observed but not in a delivered batch
+        self.unreported: set[int] = set()  # new edges not yet in a sent batch
+        self.sequence = self.acked = self.delivered = 0
+        self.unacked: list[tuple[int, bytes]] = []
+
+    def _encode(self, e: int, k: int) -> bytes:
+        topo = self.bench.topo
+        c, s, port = topo.edges[e]
+        pod, ip = topo.local[self.n][c]
+        server_ip = topo.workloads[s].pods[e % len(topo.workloads[s].pods)][1]
+        delta = pb.EdgeDelta(client=pb.Endpoint(ip=ip, port=40000 + e % 20000, local=True, pod=pod),
+                             server=pb.Endpoint(ip=server_ip, port=port), protocol=pb.TCP, apps=["http"],
+                             bytes_c2s=BYTES_C2S * k, bytes_s2c=BYTES_S2C * k, packets_c2s=2 * k,
+                             packets_s2c=2 * k, sessions_opened=k, sessions_closed=k)
+        return pb.ReportBatch(edges=[delta]).SerializeToString()  # field 7, length-delimited: concatenable
+
+    def add_edge(self, e: int) -> None:
+        self.edges.append(e)
+        self.enc[e] = self._encode(e, 1)
+        self.blob = None
+        self.unreported.add(e)
+
+    def observe(self, intervals: int) -> None:
+        gen = self.bench.generated
+        for e in self.edges:
+            self.outbox[e] = self.outbox.get(e, 0) + intervals
+            gen[e] += DELTA_BYTES * intervals
+
+    def _payload(self) -> bytes:
+        if len(self.outbox) == len(self.edges) and all(k == 1 for k in self.outbox.values()):
+            if self.blob is None:
+                self.blob = b"".join(self.enc[e] for e in self.edges)
+            return self.blob
+        return b"".join(self.enc[e] if k == 1 else self._encoded(e, k) for e, k in self.outbox.items())
+
+    def _encoded(self, e: int, k: int) -> bytes:
+        found = self.enc_k.get((e, k))
+        if found is None:
+            if len(self.enc_k) > 4096:
+                self.enc_k.clear()
+            found = self.enc_k[(e, k)] = self._encode(e, k)
+        return found
+
+    async def _send(self, seq: int, blob: bytes) -> pb.ReportAck:
+        header = pb.ReportBatch(agent_id=self.agent_id, node=self.node, sequence=seq, acked=self.acked,
+                                interval_ms=int(self.bench.interval * 1000),
+                                sent_unix_ms=int(time.time() * 1000)).SerializeToString()
+        started = time.monotonic()
+        ack: pb.ReportAck = await self.call(header + blob, metadata=self.metadata, timeout=10)
+        self.bench.stats.rpc_seconds.append(time.monotonic() - started)
+        if not ack.leader:
+            raise RuntimeError("not the leader")
+        self.acked = max(self.acked, ack.applied)
+        self.unacked = [b for b in self.unacked if b[0] > self.acked]
+        return ack
+
+    async def pump(self) -> None:
+        """Resend, in order, what the operator may not have; then deliver the outbox as a new batch."""
+        stats = self.bench.stats
+        try:
+            for seq, blob in list(self.unacked):
+                if seq > max(self.delivered, self.acked):
+                    await self._send(seq, blob)
+                    stats.resent += 1
+                    self.delivered = seq
+            if not self.outbox:
+                return
+            seq, blob = self.sequence + 1, self._payload()
+            if self.unreported:
+                now = time.monotonic()
+                for e in self.unreported:
+                    self.bench.first_report.setdefault(e, now)
+                self.unreported.clear()
+            try:
+                await self._send(seq, blob)
+            except grpc.aio.AioRpcError as err:
+                if err.code() in REFUSED:
+                    # Refused before anything was applied, and the earlier batches are still held
+                    # by the operator: keep the outbox (it grows) and do not resend anything.
+                    stats.errors[err.code().name] += 1
+                    return
+                self.sequence = seq  # may have been applied: the batch is fixed from now on
+                self.unacked.append((seq, blob))
+                self.outbox = {}
+                raise
+            self.sequence = self.delivered = seq
+            if seq > self.acked:
+                self.unacked.append((seq, blob))
+            stats.accepted += 1
+            stats.deltas += len(self.outbox)
+            self.outbox = {}
+        except grpc.aio.AioRpcError as err:
+            stats.errors[err.code().name] += 1
+            self.delivered = self.acked
+        except RuntimeError:
+            stats.errors["NOT_LEADER"] += 1
+            self.delivered = self.acked
+
+    async def run(self) -> None:
+        interval = self.bench.interval
+        start = time.monotonic() + random.random() * interval  # agents are not in step
+        await asyncio.sleep(start - time.monotonic())
+        ticks = 0
+        while not self.bench.stopping:
+            due = int((time.monotonic() - start) / interval) + 1 - ticks
+            if due > 0 and self.edges:
+                self.observe(due)
+                ticks += due
+                await self.pump()
+            await asyncio.sleep(max(0.0, start + ticks * interval - time.monotonic()))
+
+
+# -- one scenario ---------------------------------------------------------------------------------
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+class Sampler:
+    """Once a second: the operator's counters and CPU, the control plane's CPU."""
+
+    def __init__(self, op: Operator, plane: ControlPlane) -> None:
+        self.op, self.plane = op, plane
+        st = plane.state()
+        self.pids = {"apiserver": st.apiserver_pid, "etcd": st.etcd_pid, "bench": os.getpid()} if st else {}
+        self.rows: list[dict[str, Any]] = []
+
+    def sample(self) -> dict[str, Any]:
+        row: dict[str, Any] = {"t": time.monotonic()}
+        try:
+            m = scrape(self.op.metrics_port)
+        except OSError:
+            m = {}
+        row["scrape_s"] = time.monotonic() - row["t"]
+        row["write_s_sum"] = total(m, "flowmap_operator_api_write_seconds_sum")
+        row["write_s_count"] = total(m, "flowmap_operator_api_write_seconds_count")
+        row["writes"] = total(m, "flowmap_operator_api_writes_total")
+        row["writes_ok"] = total(m, "flowmap_operator_api_writes_total", result="ok")
+        row["conn_writes"] = total(m, "flowmap_operator_api_writes_total", kind="connection")
+        row["counted"] = total(m, "flowmap_operator_report_edges_total", outcome="counted")
+        row["duplicates"] = total(m, "flowmap_operator_report_edges_total", outcome="duplicates")
+        row["dirty"] = total(m, "flowmap_operator_dirty_objects")
+        row["unacked"] = total(m, "flowmap_operator_unacked_batches")
+        row["conflicts"] = total(m, "flowmap_operator_api_conflicts_total")
+        row["throttled"] = total(m, "flowmap_operator_api_throttled_total")
+        row["reports"] = {k.split("outcome=")[1].rstrip("}"): v for k, v in m.items()
+                          if k.startswith("flowmap_operator_reports_total{")}
+        if self.op.proc:
+            row["op"] = proc_sample(self.op.proc.pid)
+        for name, pid in self.pids.items():
+            row[name] = proc_sample(pid)
+        self.rows.append(row)
+        return row
+
+
+def window(rows: list[dict[str, Any]], t0: float, t1: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    inside = [r for r in rows if t0 <= r["t"] <= t1] or rows[-1:]
+    return inside[0], inside[-1]
+
+
+def max_rate(rows: list[dict[str, Any]], t0: float, t1: float, key: str, span: float) -> float:
+    inside = [r for r in rows if t0 <= r["t"] <= t1]
+    best = 0.0
+    for i, a in enumerate(inside):
+        for b in inside[i + 1:]:
+            if b["t"] - a["t"] >= span:
+                best = max(best, (b[key] - a[key]) / (b["t"] - a["t"]))
+                break
+    return best
+
+
+def cpu_line(a: dict[str, Any], b: dict[str, Any], name: str) -> str:
+    dt = b["t"] - a["t"]
+    if name not in a or dt <= 0:
+        return f"{name}: n/a"
+    cpu = (b[name][0] - a[name][0]) / dt * 100
+    return f"{name} {cpu:.0f}% CPU, RSS {b[name][1] / 1024:.0f} MiB (peak {b[name][2] / 1024:.0f} MiB)"
+
+
+async def scenario(args: argparse.Namespace, nodes: int) -> dict[str, Any]:
+    result: dict[str, Any] = {"nodes": nodes}
+    extra = int(args.new_rate * (args.duration + args.warmup)) + 50
+    topo = make_topology(nodes, args.deployments, args.pods, args.edges, extra, args.seed)
+    per_node = [sum(1 for e in range(topo.initial) if topo.edges[e][0] in topo.local[n]) for n in range(nodes)]
+    obs = [len(o) for o in topo.observers[:topo.initial]]
+    log(f"== {nodes} nodes: {len(topo.workloads)} workloads x {args.pods} pods, {topo.initial} edges "
+        f"({statistics.mean(obs):.1f} observers per edge, {statistics.mean(per_node):.0f} deltas per node per "
+        f"interval, {sum(per_node) / args.interval:.0f} deltas/s in all)")
+    folder = Path(tempfile.mkdtemp(prefix="flowmap-bench-"))
+    plane = ControlPlane(folder / "state", log=lambda line: None)
+    op: Operator | None = None
+    watcher: ConnectionWatch | None = None
+    bench = Bench(topo, args.interval)
+    tasks: list[asyncio.Task[None]] = []
+    channels: list[grpc.aio.Channel] = []
+    try:
+        t = time.monotonic()
+        plane.up()
+        plane.kubectl("apply", "--server-side", "-k", str(REPO / "manifests"))
+        cluster = Cluster(plane, folder)
+        api = admin_client(plane)
+        log(f"control plane up in {time.monotonic() - t:.0f} s")
+        t = time.monotonic()
+        tokens = await asyncio.to_thread(populate, plane, api, topo)
+        log(f"{nodes} nodes, {sum(len(w.pods) for w in topo.workloads)} pods, {nodes} agent pods and tokens "
+            f"in {time.monotonic() - t:.0f} s")
+        watcher = ConnectionWatch(api)
+        watcher.start()
+
+        # -- cold start ---------------------------------------------------------------------------
+        cold_budget = args.cold_budget or args.budget
+        op = Operator(cluster, write_budget=cold_budget).start()
+        await asyncio.to_thread(op.wait_leading, 120)
+        sampler = Sampler(op, plane)
+        creds = grpc.ssl_channel_credentials(root_certificates=cluster.keys.ca_cert.read_bytes())
+        run_id = f"{int(time.time()) % 100000}"
+        agents = []
+        for n in range(nodes):
+            if args.channels and n >= args.channels:
+                ch = channels[n % args.channels]
+            else:
+                ch = grpc.aio.secure_channel(f"localhost:{op.grpc_port}", creds)
+                channels.append(ch)
+            agents.append(SimAgent(bench, n, tokens[n], ch, run_id))
+        by_node = {a.n: a for a in agents}
+        initial_keys = {topo.key(e) for e in range(topo.initial)}
+
+        async def sample_loop() -> None:
+            while True:
+                await asyncio.to_thread(sampler.sample)
+                await asyncio.sleep(args.scrape_every)
+
+        tasks.append(asyncio.create_task(sample_loop()))
+        t_cold = (await asyncio.to_thread(sampler.sample))["t"]
+        tasks += [asyncio.create_task(a.run()) for a in agents]
+        log(f"cold start at {cold_budget:g} writes/s: agents reporting {topo.initial} edges")
+        done_at = None
+        last_log = t_cold
+        while time.monotonic() - t_cold < args.cold_timeout:
+            have = sum(1 for k in initial_keys if k in watcher.added)
+            if have == len(initial_keys):
+                done_at = max(watcher.added[k] for k in initial_keys)
+                break
+            if time.monotonic() - last_log >= 15:
+                last_log = time.monotonic()
+                log(f"  {have}/{len(initial_keys)} Connections after {last_log - t_cold:.0f} s")
+            await asyncio.sleep(0.5)
+        t_end = (await asyncio.to_thread(sampler.sample))["t"]
+        a, b = window(sampler.rows, t_cold, t_end)
+        have = sum(1 for k in initial_keys if k in watcher.added)
+        cold: dict[str, Any] = {"budget": cold_budget, "connections": have, "of": len(initial_keys),
+                                "writes_per_s": (b["writes"] - a["writes"]) / max(1e-9, b["t"] - a["t"])}
+        if done_at is not None:
+            cold["seconds"] = done_at - t_cold
+            log(f"cold start: all {have} Connections in {cold['seconds']:.1f} s at {cold_budget:g} writes/s "
+                f"({cold['writes_per_s']:.1f} writes/s measured; minimum at 2 writes per Connection: "
+                f"{2 * len(initial_keys) / cold_budget:.0f} s)")
+        else:
+            rate = have / max(1e-9, t_end - t_cold)
+            cold["projected_seconds"] = len(initial_keys) / rate if rate else float("inf")
+            log(f"cold start: only {have}/{len(initial_keys)} Connections after {t_end - t_cold:.0f} s "
+                f"({rate:.1f}/s; all would take ~{cold['projected_seconds']:.0f} s)")
+        n_writes = b["write_s_count"] - a["write_s_count"]
+        cold["write_latency_ms"] = (b["write_s_sum"] - a["write_s_sum"]) / n_writes * 1000 if n_writes else float("nan")
+        cold["operator_counted_per_s"] = (b["counted"] - a["counted"]) / max(1e-9, b["t"] - a["t"])
+        log(f"  one API write takes {cold['write_latency_ms']:.0f} ms as the operator sees it; it counted "
+            f"{cold['operator_counted_per_s']:.0f} deltas/s")
+        cold["operator"] = cpu_line(a, b, "op")
+        cold["apiserver"] = cpu_line(a, b, "apiserver")
+        log(f"  {cold['operator']}; {cold['apiserver']}; {cpu_line(a, b, 'etcd')}; {cpu_line(a, b, 'bench')}")
+        result["cold"] = cold
+
+        # -- steady state at the budget -----------------------------------------------------------
+        if cold_budget != args.budget:
+            t = time.monotonic()
+            op.stop()
+            port = op.grpc_port  # the same address: the agents' channels reconnect, as to a Service
+            op = Operator(cluster, write_budget=args.budget, grpc_port=port)
+            op.grpc_port = port
+            op.start()
+            sampler.op = op
+            await asyncio.to_thread(op.wait_leading, 120)
+            result["restart_seconds"] = time.monotonic() - t
+            log(f"operator restarted at {args.budget:g} writes/s (stop, load {len(watcher.added)} Connections, "
+                f"lead) in {result['restart_seconds']:.1f} s; agents resend what was not acknowledged")
+        if args.warmup:
+            await asyncio.sleep(args.warmup)
+
+        stats0 = (bench.stats.accepted, bench.stats.deltas, sum(bench.stats.errors.values()), bench.stats.resent)
+        errors0 = Counter(bench.stats.errors)
+        bench.stats.rpc_seconds.clear()
+        t0 = (await asyncio.to_thread(sampler.sample))["t"]
+        next_edge = topo.initial
+        new_edges: list[int] = []
+        stale: list[tuple[float, float, float]] = []  # (lag s, lag %, age of last write s) per edge per sample
+        next_stale = t0 + 5
+        log(f"steady: {args.duration:g} s at {args.budget:g} writes/s, {args.new_rate:g} new edges/s")
+        while time.monotonic() - t0 < args.duration:
+            due = int((time.monotonic() - t0) * args.new_rate) + 1
+            while len(new_edges) < due and next_edge < len(topo.edges):
+                e = next_edge
+                next_edge += 1
+                new_edges.append(e)
+                bench.introduced[e] = time.monotonic()
+                for n in topo.observers[e]:
+                    by_node[n].add_edge(e)
+            if time.monotonic() >= next_stale:
+                next_stale += 5
+                now = time.monotonic()
+                written = dict(watcher.written)
+                for e in range(topo.initial):
+                    gen = bench.generated[e]
+                    at, got = written.get(topo.key(e), (t0, 0))
+                    per_s = DELTA_BYTES * len(topo.observers[e]) / args.interval
+                    stale.append(((gen - got) / per_s, 100.0 * (gen - got) / gen if gen else 0.0, now - at))
+            await asyncio.sleep(min(0.05, 1 / max(args.new_rate, 1e-9)))
+        t1 = (await asyncio.to_thread(sampler.sample))["t"]
+        rpc = list(bench.stats.rpc_seconds)
+        a, b = window(sampler.rows, t0, t1)
+        dt = b["t"] - a["t"]
+        steady: dict[str, Any] = {"seconds": t1 - t0}
+        steady["deltas_per_s"] = (bench.stats.deltas - stats0[1]) / (t1 - t0)
+        steady["batches_per_s"] = (bench.stats.accepted - stats0[0]) / (t1 - t0)
+        steady["operator_counted_per_s"] = (b["counted"] - a["counted"]) / dt if dt else 0.0
+        steady["operator_duplicates_per_s"] = (b["duplicates"] - a["duplicates"]) / dt if dt else 0.0
+        steady["writes_per_s"] = (b["writes"] - a["writes"]) / dt if dt else 0.0
+        steady["writes_max_1s"] = max_rate(sampler.rows, t0, t1, "writes", args.scrape_every)
+        steady["writes_max_5s"] = max_rate(sampler.rows, t0, t1, "writes", 2 * args.scrape_every)
+        n_writes = b["write_s_count"] - a["write_s_count"]
+        steady["write_latency_ms"] = (b["write_s_sum"] - a["write_s_sum"]) / n_writes * 1000 if n_writes else float("nan")
+        scrapes = [r["scrape_s"] for r in sampler.rows if t0 <= r["t"] <= t1]
+        steady["scrape_ms"] = statistics.mean(scrapes) * 1000 if scrapes else float("nan")
+        steady["errors"] = dict(bench.stats.errors - errors0)
+        steady["resent"] = bench.stats.resent - stats0[3]
+        steady["rpc_p50_ms"], steady["rpc_p95_ms"] = pct(rpc, 0.5) * 1000, pct(rpc, 0.95) * 1000
+        steady["dirty_end"], steady["unacked_end"] = b["dirty"], b["unacked"]
+        steady["conflicts"], steady["throttled"] = b["conflicts"] - a["conflicts"], b["throttled"] - a["throttled"]
+        steady["operator"] = cpu_line(a, b, "op")
+        steady["apiserver"] = cpu_line(a, b, "apiserver")
+        steady["etcd"] = cpu_line(a, b, "etcd")
+        steady["bench"] = cpu_line(a, b, "bench")
+
+        # new edges: wait a little for the last ones, then measure
+        grace_end = time.monotonic() + args.grace
+        while time.monotonic() < grace_end:
+            if all(topo.key(e) in watcher.added for e in new_edges):
+                break
+            await asyncio.sleep(0.2)
+        latencies, missing, unreported = [], 0, 0
+        for e in new_edges:
+            first = bench.first_report.get(e)
+            added = watcher.added.get(topo.key(e))
+            if first is None:
+                unreported += 1
+            elif added is None:
+                missing += 1
+            else:
+                latencies.append(added - first)
+        steady["new_edges"] = len(new_edges)
+        steady["new_unreported"], steady["new_missing"] = unreported, missing
+        steady["new_p50_s"], steady["new_p95_s"] = pct(latencies, 0.5), pct(latencies, 0.95)
+        steady["new_max_s"] = max(latencies) if latencies else float("nan")
+        lags = [s[0] for s in stale]
+        steady["stale_lag_p50_s"], steady["stale_lag_p95_s"] = pct(lags, 0.5), pct(lags, 0.95)
+        steady["stale_lag_max_s"] = max(lags) if lags else float("nan")
+        steady["stale_pct_p50"], steady["stale_pct_p95"] = pct([s[1] for s in stale], 0.5), pct(
+            [s[1] for s in stale], 0.95)
+        steady["write_age_p50_s"], steady["write_age_p95_s"] = pct([s[2] for s in stale], 0.5), pct(
+            [s[2] for s in stale], 0.95)
+        final = sampler.sample()
+        steady["operator_rss_mib"] = final["op"][1] / 1024
+        steady["operator_peak_rss_mib"] = final["op"][2] / 1024
+        result["steady"] = steady
+        report(nodes, args, result)
+        return result
+    finally:
+        bench.stopping = True
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for ch in channels:
+            await ch.close()
+        if watcher:
+            watcher.stopping.set()
+        if op:
+            try:
+                op.stop()
+            except AssertionError as exc:
+                log(f"operator stop: {exc}")
+        if args.keep_logs:
+            dest = Path(args.keep_logs)
+            dest.mkdir(parents=True, exist_ok=True)
+            for i, found in enumerate(sorted(folder.glob("operator-*.log"), key=lambda f: f.stat().st_mtime)):
+                shutil.copy(found, dest / f"operator-{nodes}-{i}.log")
+        plane.down(quiet=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def report(nodes: int, args: argparse.Namespace, result: dict[str, Any]) -> None:
+    s, c = result["steady"], result["cold"]
+    target = TARGET_P95.get(nodes)
+    print(f"\n--- {nodes} nodes, {args.edges} edges, budget {args.budget:g} writes/s, "
+          f"{s['seconds']:.0f} s steady ---")
+    print(f"deltas ingested          {s['deltas_per_s']:10.0f} /s   ({s['batches_per_s']:.0f} batches/s; operator "
+          f"counted {s['operator_counted_per_s']:.0f}/s, duplicates {s['operator_duplicates_per_s']:.0f}/s)")
+    print(f"API writes               {s['writes_per_s']:10.1f} /s   (ratio to budget {s['writes_per_s'] / args.budget:.2f};"
+          f" max over {args.scrape_every:g} s {s['writes_max_1s']:.1f}, over {2 * args.scrape_every:g} s "
+          f"{s['writes_max_5s']:.1f}; one write takes {s['write_latency_ms']:.0f} ms as the operator sees it)")
+    ratio = f"; p95/target {s['new_p95_s'] / target:.2f} (target {target:g} s)" if target else ""
+    print(f"new edge -> Connection   p50 {s['new_p50_s']:.2f} s, p95 {s['new_p95_s']:.2f} s, max "
+          f"{s['new_max_s']:.2f} s over {s['new_edges']} edges (not reported {s['new_unreported']}, "
+          f"missing {s['new_missing']}){ratio}")
+    if "seconds" in c:
+        print(f"cold start               {c['seconds']:10.1f} s    all {c['of']} Connections at {c['budget']:g} writes/s"
+              f" (floor at 2 writes each: {2 * c['of'] / c['budget']:.0f} s)")
+    else:
+        print(f"cold start               {c['connections']}/{c['of']} within {args.cold_timeout:g} s at "
+              f"{c['budget']:g} writes/s; projected {c['projected_seconds']:.0f} s")
+    if c["budget"] != args.budget:
+        print(f"  at the default budget {args.budget:g} writes/s the floor is {2 * c['of'] / args.budget:.0f} s "
+              f"(2 writes per Connection) + the Groups")
+    if "restart_seconds" in result:
+        print(f"operator restart         {result['restart_seconds']:10.1f} s    stop + load + lead")
+    print(f"BYTES staleness          lag p50 {s['stale_lag_p50_s']:.0f} s, p95 {s['stale_lag_p95_s']:.0f} s, max "
+          f"{s['stale_lag_max_s']:.0f} s of traffic (p50 {s['stale_pct_p50']:.0f}%, p95 {s['stale_pct_p95']:.0f}% "
+          f"of the bytes observed not yet in status); last write p50 {s['write_age_p50_s']:.0f} s, p95 "
+          f"{s['write_age_p95_s']:.0f} s ago")
+    print(f"agents                   rpc p50 {s['rpc_p50_ms']:.0f} ms, p95 {s['rpc_p95_ms']:.0f} ms; refusals "
+          f"{s['errors'] or 'none'}; resent {s['resent']}")
+    print(f"operator backlog at end  {s['dirty_end']:.0f} dirty Connections, {s['unacked_end']:.0f} unacked batches; "
+          f"conflicts {s['conflicts']:.0f}, 429s {s['throttled']:.0f}")
+    print(f"operator                 {s['operator']} (one /metrics scrape: {s['scrape_ms']:.0f} ms)")
+    print(f"control plane            {s['apiserver']}; {s['etcd']}")
+    print(f"benchmark process        {s['bench']}")
+    print(flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nodes", default="200,1000", help="comma-separated node counts (one scenario each)")
+    p.add_argument("--deployments", type=int, default=300)
+    p.add_argument("--pods", type=int, default=4, help="pods per deployment")
+    p.add_argument("--edges", type=int, default=5000, help="initial edges")
+    p.add_argument("--new-rate", type=float, default=5.0, help="new edges per second during the steady phase")
+    p.add_argument("--interval", type=float, default=1.0, help="report interval of every agent (s)")
+    p.add_argument("--duration", type=float, default=60.0, help="steady phase (s)")
+    p.add_argument("--warmup", type=float, default=10.0, help="before the steady phase (s)")
+    p.add_argument("--grace", type=float, default=15.0, help="wait this long after the run for the last new edges")
+    p.add_argument("--budget", type=float, default=20.0, help="the operator's write budget (writes/s)")
+    p.add_argument("--cold-budget", type=float, default=0.0,
+                   help="write budget for the cold start (default: --budget); the steady phase restarts at --budget")
+    p.add_argument("--cold-timeout", type=float, default=900.0, help="give up waiting for the cold start (s)")
+    p.add_argument("--channels", type=int, default=0, help="share this many gRPC channels (0: one per agent)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--scrape-every", type=float, default=15.0,
+                   help="seconds between scrapes of the operator's /metrics (each costs it CPU)")
+    p.add_argument("--quick", action="store_true",
+                   help="~2 min per node count: 20 s steady, 5 s warm-up, cold start at 200 writes/s")
+    p.add_argument("--json", help="also write the numbers here")
+    p.add_argument("--keep-logs", help="copy the operator logs into this folder")
+    args = p.parse_args()
+    if args.quick:
+        args.duration, args.warmup, args.grace = 20.0, 5.0, 10.0
+        args.cold_budget = args.cold_budget or 200.0
+        args.cold_timeout = min(args.cold_timeout, 180.0)
+    results = []
+    for nodes in [int(n) for n in args.nodes.split(",") if n]:
+        results.append(asyncio.run(scenario(args, nodes)))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
