@@ -48,7 +48,8 @@ class ReportServicer(pb_grpc.ReportServiceServicer):
         except Unavailable as exc:
             code, message, outcome = grpc.StatusCode.UNAVAILABLE, str(exc), "unavailable"
         metrics.REPORTS.labels(outcome).inc()
-        log.info("report refused (%s): %s", code.name, message)
+        # Back-pressure is routine under load (one line per agent per second): only counted.
+        log.log(logging.DEBUG if outcome == "busy" else logging.INFO, "report refused (%s): %s", code.name, message)
         await context.abort(code, message)
         raise AssertionError("unreachable")  # context.abort raises
 

@@ -144,11 +144,19 @@ class Writer:
     async def flush(self, deadline: float) -> int:
         """Write dirty objects until ``deadline`` (monotonic); return how many were written."""
         written = 0
+        dirty = self.topology.ledger.dirty()
+        # New Connections first (a new edge must show fast), then the Groups they name, then the
+        # counter refreshes, longest-dirty first.
+        fresh = [e for e in dirty if e.resource_version is None]
+        for edge in fresh:
+            if time.monotonic() >= deadline:
+                return written
+            written += await self._guard(self._write_edge(edge.key))
         for group in [g for g in self.topology.groups.values() if not g.exists]:
             if time.monotonic() >= deadline:
                 return written
             written += await self._guard(self._create_group(group))
-        for edge in self.topology.ledger.dirty():
+        for edge in dirty[len(fresh):]:
             if time.monotonic() >= deadline:
                 break
             written += await self._guard(self._write_edge(edge.key))
