@@ -83,6 +83,8 @@ class DpHealth:
             malformed.add_metric((reason,), float(n))
         yield malformed
         yield GaugeMetricFamily("flowmap_agent_dp_sessions", "Sessions in the dp's tables.", value=total("table_size"))
+        attached = {i for h in self.by_worker.values() for i in h.interfaces}
+        yield GaugeMetricFamily("flowmap_agent_dp_interfaces", "Interfaces the dp captures on.", value=len(attached))
 
 
 class Agent:
