@@ -19,7 +19,7 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +76,9 @@ class Leadership:
             if ident == self.identity or not isinstance(info, dict):
                 continue
             seen = datetime.fromisoformat(str(info.get("lastseen", "1970-01-01T00:00:00")).replace("Z", "+00:00"))
-            seen_ts = seen.timestamp() if seen.tzinfo else seen.timestamp() - time.timezone
-            alive = seen_ts + float(info.get("lifetime", 60)) > now
+            if seen.tzinfo is None:
+                seen = seen.replace(tzinfo=timezone.utc)  # kopf writes UTC without an offset
+            alive = seen.timestamp() + float(info.get("lifetime", 60)) > now
             if alive and int(info.get("priority", 0)) >= self.priority:
                 return False
         return True
