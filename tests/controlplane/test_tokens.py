@@ -19,14 +19,14 @@ def test_node_bound_service_account_token_is_reviewed(controlplane: ControlPlane
     plane.kubectl("create", "namespace", "tokens")
     plane.kubectl("create", "serviceaccount", "agent", "-n", "tokens")
     plane.kubectl("apply", "-f", "-", input=json.dumps(
-        {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a"}}))
+        {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "token-node"}}))
     token = plane.kubectl("create", "token", "agent", "-n", "tokens", "--audience=flowmap",
-                          "--bound-object-kind=Node", "--bound-object-name=node-a").stdout.strip()
+                          "--bound-object-kind=Node", "--bound-object-name=token-node").stdout.strip()
 
     ok = review(plane, token, "flowmap")
     assert ok["authenticated"] is True
     assert ok["user"]["username"] == "system:serviceaccount:tokens:agent"
-    assert ok["user"]["extra"]["authentication.kubernetes.io/node-name"] == ["node-a"]
+    assert ok["user"]["extra"]["authentication.kubernetes.io/node-name"] == ["token-node"]
 
     wrong_audience = review(plane, token, "someone-else")
     assert not wrong_audience.get("authenticated")

@@ -1,1 +1,0 @@
-"""The control-plane tests use the session's control plane (tests/conftest.py)."""

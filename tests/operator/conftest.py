@@ -1,1 +1,0 @@
-"""The operator tests use the session's control plane and cluster (tests/conftest.py)."""
