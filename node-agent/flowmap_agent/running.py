@@ -50,7 +50,8 @@ REPORT_SECONDS = Histogram("flowmap_agent_report_seconds", "Latency of one repor
                            registry=REGISTRY)
 REPORTS = Counter("flowmap_agent_reports", "Report calls by result.", ("result",), registry=REGISTRY)
 RECONNECTS = Counter("flowmap_agent_reconnects", "New connections to the operator.", registry=REGISTRY)
-DP_RESTARTS = Counter("flowmap_agent_dp_restarts", "Times the dp was (re)started.", registry=REGISTRY)
+DP_RESTARTS = Counter("flowmap_agent_dp_restarts", "dp restarts seen (a new run id): their last interval is lost.",
+                      registry=REGISTRY)
 LOST = Counter("flowmap_agent_lost_sessions", "Session records lost between the dp and the operator.",
                registry=REGISTRY)
 UNACKED = Gauge("flowmap_agent_unacked_edges", "Edge deltas held until the operator acknowledges them.",
@@ -182,7 +183,6 @@ class Agent:
         s = self.settings
         delay = 1.0
         while not self.stop.is_set():
-            DP_RESTARTS.inc()
             inside = ("ip", "netns", "exec", s.netns) if s.netns else ()
             proc = await asyncio.create_subprocess_exec(
                 *inside, sys.executable, "-m", "flowmap_cli", "dp", "run", "--socket", s.socket, "--interval", str(s.interval),
