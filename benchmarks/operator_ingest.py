@@ -1,12 +1,12 @@
 """Operator ingest at scale: prints numbers, asserts nothing.
 
 Simulated agents (one asyncio process, each agent its own pod-bound ServiceAccount token, its own
-TLS channel, sequence numbers, ``acked``, in-order resends) report over real gRPC to a real
+TLS channel, the agent's protocol of numbered batches acknowledged one by one) report over real gRPC to a real
 ``flowmap operator run`` (started here, RBAC of manifests/, write budget --budget) against a real
 kube-apiserver + etcd (started here). The topology: --deployments workloads of --pods pods each,
-spread over --nodes nodes; --edges initial edges between workloads; every node reports, each
+spread over --nodes nodes; --edges initial edges between workloads; every node observes, each
 interval, one delta (client.local=True) for every edge whose client workload has a pod on it, so
-each edge has several observers. For each node count:
+each edge has several observers; deltas merge per edge while the edge's last one is unacknowledged. For each node count:
 
 1. **cold start**: the operator starts on an empty map (at --cold-budget writes/s, default the
    budget); time from the first report to all initial Connections existing.
@@ -292,6 +292,14 @@ class Bench:
 
 
 class SimAgent:
+    """The protocol of flowmap_agent.outbox, with cached encodings so that 1,000 fit in one process.
+
+    Each interval every local edge gains one interval of traffic, merged per edge; edges with no
+    delta in flight go out in the next numbered batch (new edges at once); when nothing is ready a
+    sequence-0 batch asks for the acknowledgement; batches are dropped as the operator reports them
+    written, and after an error everything held is resent in order with ``previous``.
+    """
+
     def __init__(self, bench: Bench, n: int, token: str, channel: grpc.aio.Channel, run_id: str) -> None:
         self.bench, self.n = bench, n
         self.agent_id, self.node = f"bench-{run_id}-{n}", f"node-{n}"
@@ -299,100 +307,86 @@ class SimAgent:
         self.call = channel.unary_unary(REPORT, request_serializer=None, response_deserializer=pb.ReportAck.FromString)
         topo = bench.topo
         self.edges: list[int] = [e for e in range(topo.initial) if topo.edges[e][0] in topo.local[n]]
-        self.enc: dict[int, bytes] = {e: self._encode(e, 1) for e in self.edges}
-        self.enc_k: dict[tuple[int, int], bytes] = {}
-        self.blob: bytes | None = None  # the edges of a batch of one interval of every edge, cached
-        self.outbox: dict[int, int] = {}  # edge -> intervals observed but not in a delivered batch
+        self.enc: dict[tuple[int, int], bytes] = {}
+        self.pending: dict[int, int] = {}  # edge -> intervals observed, not yet in a batch
+        self.in_flight: set[int] = set()
         self.unreported: set[int] = set()  # new edges not yet in a sent batch
         self.sequence = self.acked = self.delivered = 0
-        self.unacked: list[tuple[int, bytes]] = []
+        self.unacked: list[tuple[int, list[int], bytes]] = []  # (sequence, edges, encoded edges)
 
-    def _encode(self, e: int, k: int) -> bytes:
-        topo = self.bench.topo
-        c, s, port = topo.edges[e]
-        pod, ip = topo.local[self.n][c]
-        server_ip = topo.workloads[s].pods[e % len(topo.workloads[s].pods)][1]
-        delta = pb.EdgeDelta(client=pb.Endpoint(ip=ip, port=40000 + e % 20000, local=True, pod=pod),
-                             server=pb.Endpoint(ip=server_ip, port=port), protocol=pb.TCP, apps=["http"],
-                             bytes_c2s=BYTES_C2S * k, bytes_s2c=BYTES_S2C * k, packets_c2s=2 * k,
-                             packets_s2c=2 * k, sessions_opened=k, sessions_closed=k)
-        return pb.ReportBatch(edges=[delta]).SerializeToString()  # field 7, length-delimited: concatenable
+    def _encoded(self, e: int, k: int) -> bytes:
+        found = self.enc.get((e, k))
+        if found is None:
+            if len(self.enc) > 4096:
+                self.enc.clear()
+            topo = self.bench.topo
+            c, s, port = topo.edges[e]
+            pod, ip = topo.local[self.n][c]
+            server_ip = topo.workloads[s].pods[e % len(topo.workloads[s].pods)][1]
+            delta = pb.EdgeDelta(client=pb.Endpoint(ip=ip, port=40000 + e % 20000, local=True, pod=pod),
+                                 server=pb.Endpoint(ip=server_ip, port=port), protocol=pb.TCP, apps=["http"],
+                                 bytes_c2s=BYTES_C2S * k, bytes_s2c=BYTES_S2C * k, packets_c2s=2 * k,
+                                 packets_s2c=2 * k, sessions_opened=k, sessions_closed=k)
+            # field 7 of ReportBatch, length-delimited: encoded edges concatenate into a batch
+            found = self.enc[(e, k)] = pb.ReportBatch(edges=[delta]).SerializeToString()
+        return found
 
     def add_edge(self, e: int) -> None:
         self.edges.append(e)
-        self.enc[e] = self._encode(e, 1)
-        self.blob = None
         self.unreported.add(e)
 
     def observe(self, intervals: int) -> None:
         gen = self.bench.generated
         for e in self.edges:
-            self.outbox[e] = self.outbox.get(e, 0) + intervals
+            self.pending[e] = self.pending.get(e, 0) + intervals
             gen[e] += DELTA_BYTES * intervals
 
-    def _payload(self) -> bytes:
-        if len(self.outbox) == len(self.edges) and all(k == 1 for k in self.outbox.values()):
-            if self.blob is None:
-                self.blob = b"".join(self.enc[e] for e in self.edges)
-            return self.blob
-        return b"".join(self.enc[e] if k == 1 else self._encoded(e, k) for e, k in self.outbox.items())
-
-    def _encoded(self, e: int, k: int) -> bytes:
-        found = self.enc_k.get((e, k))
-        if found is None:
-            if len(self.enc_k) > 4096:
-                self.enc_k.clear()
-            found = self.enc_k[(e, k)] = self._encode(e, k)
-        return found
-
-    async def _send(self, seq: int, blob: bytes) -> pb.ReportAck:
+    async def _send(self, seq: int, previous: int, blob: bytes) -> None:
         header = pb.ReportBatch(agent_id=self.agent_id, node=self.node, sequence=seq, acked=self.acked,
-                                interval_ms=int(self.bench.interval * 1000),
+                                previous=previous, interval_ms=int(self.bench.interval * 1000),
                                 sent_unix_ms=int(time.time() * 1000)).SerializeToString()
         started = time.monotonic()
         ack: pb.ReportAck = await self.call(header + blob, metadata=self.metadata, timeout=10)
         self.bench.stats.rpc_seconds.append(time.monotonic() - started)
         if not ack.leader:
             raise RuntimeError("not the leader")
-        self.acked = max(self.acked, ack.applied)
-        self.unacked = [b for b in self.unacked if b[0] > self.acked]
-        return ack
+        self.delivered = max(self.delivered, seq)
+        waiting, keep = set(ack.waiting), []
+        for b in self.unacked:
+            if b[0] <= ack.applied or (b[0] <= ack.received and b[0] not in waiting):
+                self.in_flight.difference_update(b[1])
+            else:
+                keep.append(b)
+        self.unacked = keep
+        self.acked = keep[0][0] - 1 if keep else self.sequence
 
     async def pump(self) -> None:
-        """Resend, in order, what the operator may not have; then deliver the outbox as a new batch."""
+        """Resend, in order, what the operator may not have; then send what is ready, or ask."""
         stats = self.bench.stats
         try:
-            for seq, blob in list(self.unacked):
-                if seq > max(self.delivered, self.acked):
-                    await self._send(seq, blob)
+            previous = self.acked
+            for seq, _, blob in list(self.unacked):
+                if seq > self.delivered:
+                    await self._send(seq, previous, blob)
                     stats.resent += 1
-                    self.delivered = seq
-            if not self.outbox:
+                previous = seq
+            ready = [e for e in self.pending if e not in self.in_flight]
+            if not ready:
+                if self.unacked:
+                    await self._send(0, 0, b"")
                 return
-            seq, blob = self.sequence + 1, self._payload()
+            seq = self.sequence = self.sequence + 1
+            batch = (seq, ready, b"".join(self._encoded(e, self.pending.pop(e)) for e in ready))
+            self.unacked.append(batch)
+            self.in_flight.update(ready)
             if self.unreported:
                 now = time.monotonic()
-                for e in self.unreported:
+                for e in self.unreported.intersection(ready):
                     self.bench.first_report.setdefault(e, now)
-                self.unreported.clear()
-            try:
-                await self._send(seq, blob)
-            except grpc.aio.AioRpcError as err:
-                if err.code() in REFUSED:
-                    # Refused before anything was applied, and the earlier batches are still held
-                    # by the operator: keep the outbox (it grows) and do not resend anything.
-                    stats.errors[err.code().name] += 1
-                    return
-                self.sequence = seq  # may have been applied: the batch is fixed from now on
-                self.unacked.append((seq, blob))
-                self.outbox = {}
-                raise
-            self.sequence = self.delivered = seq
-            if seq > self.acked:
-                self.unacked.append((seq, blob))
+                self.unreported.difference_update(ready)
+            await self._send(seq, previous, batch[2])
             stats.accepted += 1
-            stats.deltas += len(self.outbox)
-            self.outbox = {}
+            stats.deltas += len(ready)
         except grpc.aio.AioRpcError as err:
             stats.errors[err.code().name] += 1
             self.delivered = self.acked

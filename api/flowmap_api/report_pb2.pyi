@@ -98,7 +98,7 @@ class DnsName(_message.Message):
     def __init__(self, ip: _Optional[str] = ..., name: _Optional[str] = ..., ttl_seconds: _Optional[int] = ..., seen_unix_ms: _Optional[int] = ...) -> None: ...
 
 class ReportBatch(_message.Message):
-    __slots__ = ("agent_id", "node", "sequence", "acked", "interval_ms", "sent_unix_ms", "edges", "names", "lost_deltas")
+    __slots__ = ("agent_id", "node", "sequence", "acked", "interval_ms", "sent_unix_ms", "edges", "names", "lost_deltas", "previous")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +108,7 @@ class ReportBatch(_message.Message):
     EDGES_FIELD_NUMBER: _ClassVar[int]
     NAMES_FIELD_NUMBER: _ClassVar[int]
     LOST_DELTAS_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     node: str
     sequence: int
@@ -117,15 +118,20 @@ class ReportBatch(_message.Message):
     edges: _containers.RepeatedCompositeFieldContainer[EdgeDelta]
     names: _containers.RepeatedCompositeFieldContainer[DnsName]
     lost_deltas: int
-    def __init__(self, agent_id: _Optional[str] = ..., node: _Optional[str] = ..., sequence: _Optional[int] = ..., acked: _Optional[int] = ..., interval_ms: _Optional[int] = ..., sent_unix_ms: _Optional[int] = ..., edges: _Optional[_Iterable[_Union[EdgeDelta, _Mapping]]] = ..., names: _Optional[_Iterable[_Union[DnsName, _Mapping]]] = ..., lost_deltas: _Optional[int] = ...) -> None: ...
+    previous: int
+    def __init__(self, agent_id: _Optional[str] = ..., node: _Optional[str] = ..., sequence: _Optional[int] = ..., acked: _Optional[int] = ..., interval_ms: _Optional[int] = ..., sent_unix_ms: _Optional[int] = ..., edges: _Optional[_Iterable[_Union[EdgeDelta, _Mapping]]] = ..., names: _Optional[_Iterable[_Union[DnsName, _Mapping]]] = ..., lost_deltas: _Optional[int] = ..., previous: _Optional[int] = ...) -> None: ...
 
 class ReportAck(_message.Message):
-    __slots__ = ("applied", "leader")
+    __slots__ = ("applied", "leader", "received", "waiting")
     APPLIED_FIELD_NUMBER: _ClassVar[int]
     LEADER_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
     applied: int
     leader: bool
-    def __init__(self, applied: _Optional[int] = ..., leader: _Optional[bool] = ...) -> None: ...
+    received: int
+    waiting: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, applied: _Optional[int] = ..., leader: _Optional[bool] = ..., received: _Optional[int] = ..., waiting: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
     __slots__ = ("node",)

@@ -1,13 +1,17 @@
 """The agent's half of exactly-once: numbered batches kept until the operator acknowledges them.
 
 * Deltas merge per edge into ``pending`` (memory bounded by distinct edges, not by time).
-* Each interval, ``pending`` is cut into the next numbered batch, unless ``window`` batches are
-  already waiting for their acknowledgement; then it keeps merging.
-* Batches are delivered in order, one call at a time; after an error everything not yet
-  acknowledged is delivered again, in order, with the same numbers (the operator skips what it
-  has already counted).
-* A batch is dropped only once acknowledged, and the next batch says so (``acked``) so that the
-  operator can prune what it kept to recognise a resend.
+* Each interval, the pending deltas of edges with nothing unacknowledged become the next numbered
+  batch; an edge whose last delta is still unacknowledged keeps merging. So each edge has at most
+  one delta in flight, everything held is bounded by twice the edges, and a new edge goes out in
+  the next batch however far behind the operator's writes are.
+* Batches are delivered in order, one call at a time, each naming the one before it
+  (``previous``); after an error everything not yet acknowledged is delivered again, in order,
+  with the same numbers (the operator skips what it has already counted).
+* The operator acknowledges batch by batch (``ReportAck.received`` and ``waiting``): a batch is
+  dropped once acknowledged, and the next batch says which ones the agent no longer holds
+  (``acked``) so that the operator can prune what it kept to recognise a resend. When there is
+  nothing new to send, a batch with sequence 0 asks for the acknowledgement.
 * ``save``/``load`` keep all of it on disk (written atomically each interval, before sending),
   so a crash of the agent loses at most what reached it after the last save.
 
@@ -66,13 +70,14 @@ def merge(into: pb.EdgeDelta, d: pb.EdgeDelta) -> None:
 
 
 class Outbox:
-    def __init__(self, agent_id: str, node: str, *, window: int = 4, interval_ms: int = 1000) -> None:
+    def __init__(self, agent_id: str, node: str, *, window: int = 1024, interval_ms: int = 1000) -> None:
         self.agent_id, self.node, self.window, self.interval_ms = agent_id, node, window, interval_ms
         self.pending: dict[EdgeKey, pb.EdgeDelta] = {}
         self.names: dict[str, pb.DnsName] = {}
         self.unacked: list[pb.ReportBatch] = []
+        self.in_flight: set[EdgeKey] = set()  # edges with a delta in an unacknowledged batch
         self.sequence = 0  # the last number given to a batch
-        self.acked = 0
+        self.acked = 0  # no batch up to here is held
         self.delivered = 0  # the last batch delivered on the current connection
         self.lost_deltas = 0  # to be reported with the next batch
 
@@ -91,14 +96,15 @@ class Outbox:
             self.names[n.ip] = n  # the latest answer for an address is the one that counts
 
     def cut(self) -> pb.ReportBatch | None:
-        """Turn pending deltas into the next numbered batch, unless the window is full."""
-        if len(self.unacked) >= self.window:
+        """The next numbered batch: pending deltas of edges with none in flight, and new names."""
+        ready = [key for key in self.pending if key not in self.in_flight]
+        if len(self.unacked) >= self.window or not (ready or self.names or self.lost_deltas):
             return None
         self.sequence += 1
         batch = pb.ReportBatch(agent_id=self.agent_id, node=self.node, sequence=self.sequence,
-                               interval_ms=self.interval_ms, edges=list(self.pending.values()),
+                               interval_ms=self.interval_ms, edges=[self.pending.pop(key) for key in ready],
                                names=list(self.names.values()), lost_deltas=self.lost_deltas)
-        self.pending.clear()
+        self.in_flight.update(ready)
         self.names.clear()
         self.lost_deltas = 0
         self.unacked.append(batch)
@@ -107,21 +113,30 @@ class Outbox:
     # -- delivering -----------------------------------------------------------------------------
 
     def to_deliver(self) -> list[pb.ReportBatch]:
-        """The batches to send now, in order; each carries the current ``acked`` and send time."""
+        """The batches to send now, in order, each naming its predecessor; else an ack question."""
         now = int(time.time() * 1000)
-        out = [b for b in self.unacked if b.sequence > max(self.delivered, self.acked)]
-        for b in out:
-            b.acked, b.sent_unix_ms = self.acked, now
+        out, previous = [], self.acked
+        for b in self.unacked:
+            if b.sequence > self.delivered:
+                b.acked, b.previous, b.sent_unix_ms = self.acked, previous, now
+                out.append(b)
+            previous = b.sequence
+        if not out and self.unacked:
+            out.append(pb.ReportBatch(agent_id=self.agent_id, node=self.node, acked=self.acked, sent_unix_ms=now))
         return out
 
-    def delivered_ok(self, batch: pb.ReportBatch, applied: int) -> None:
-        """The operator took ``batch`` and says every batch up to ``applied`` is written."""
+    def delivered_ok(self, batch: pb.ReportBatch, ack: pb.ReportAck) -> None:
+        """The operator took ``batch``: drop every batch it says is written."""
         self.delivered = max(self.delivered, batch.sequence)
-        if applied > self.acked:
-            self.acked = min(applied, self.sequence)
-            self.unacked = [b for b in self.unacked if b.sequence > self.acked]
-        # An ack can cover batches delivered before a reconnect: never point before the list.
-        self.delivered = max(self.delivered, self.acked)
+        waiting = set(ack.waiting)
+        keep = []
+        for b in self.unacked:
+            if b.sequence <= ack.applied or (b.sequence <= ack.received and b.sequence not in waiting):
+                self.in_flight.difference_update(edge_key(d) for d in b.edges)
+            else:
+                keep.append(b)
+        self.unacked = keep
+        self.acked = keep[0].sequence - 1 if keep else self.sequence
 
     def failed(self) -> None:
         """The connection broke or the operator refused: resend all unacknowledged, in order."""
@@ -129,7 +144,7 @@ class Outbox:
 
     @property
     def edges(self) -> int:
-        """Edges held in memory (the bound: distinct edges, times the window)."""
+        """Edge deltas held in memory (at most twice the distinct edges)."""
         return len(self.pending) + sum(len(b.edges) for b in self.unacked)
 
     # -- surviving a crash ----------------------------------------------------------------------
@@ -156,7 +171,7 @@ class Outbox:
             raise
 
     @classmethod
-    def load(cls, path: Path, node: str, *, window: int = 4, interval_ms: int = 1000) -> Outbox:
+    def load(cls, path: Path, node: str, *, window: int = 1024, interval_ms: int = 1000) -> Outbox:
         """The saved state of this node's agent (raises StateError if unreadable or another node's)."""
         data = path.read_bytes()
         if len(data) > MAX_STATE_BYTES or len(data) < _HEAD.size:
@@ -186,5 +201,6 @@ class Outbox:
         box.sequence, box.acked, box.lost_deltas = head.sequence, head.acked, head.lost_deltas
         box.add(head.edges, head.names)
         box.unacked = list(records[1:])
+        box.in_flight = {edge_key(d) for b in box.unacked for d in b.edges}
         box.delivered = box.acked
         return box

@@ -5,17 +5,27 @@ found from its host route, plus the uplinks), take the dp's session records, agg
 edge, cut a numbered batch, save the outbox to disk, then deliver whatever is not acknowledged.
 The loop never waits on the operator longer than a send timeout, and backs off with jitter.
 
-What a crash can lose, exactly: a crash of the agent loses the dp reports that reached it after
-the last save (at most one interval); the dp counts reports it could not hand over (agent away)
-as ``lost_reports``/``lost_sessions``, which the agent forwards as ``lost_deltas``. A crash of
-the dp loses the deltas it held for its current interval; the agent sees the dp's new run id and
-counts the restart. Nothing is lost silently.
+What a crash can lose, exactly, and how it is counted:
+
+* a crash of the agent loses the dp reports that reached it after its last save (at most one
+  interval); its dp goes with it (it is the agent's child and gets SIGTERM when the agent dies,
+  so a restarted agent never shares the rings with an orphan), losing what it held for its own
+  current interval. The restarted agent finds the marker of a run that did not stop cleanly and
+  counts it (``flowmap_agent_unclean_restarts_total``);
+* a crash of the dp loses the deltas it held for its current interval, and the packets that pass
+  while it restarts; the agent sees the dp's new run id and counts the restart
+  (``flowmap_agent_dp_restarts_total``);
+* reports the dp could not hand over (agent away) it counts as ``lost_reports``/``lost_sessions``;
+  the agent forwards those as ``lost_deltas``, which the operator counts per node.
+
+Nothing is lost silently.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import random
@@ -44,6 +54,7 @@ from flowmap_dp.exporting import ReportReader
 
 log = logging.getLogger("flowmap.agent")
 STOP_DEADLINE = 10.0
+PR_SET_PDEATHSIG = 1
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 REPORT_SECONDS = Histogram("flowmap_agent_report_seconds", "Latency of one report call to the operator.",
@@ -52,6 +63,9 @@ REPORTS = Counter("flowmap_agent_reports", "Report calls by result.", ("result",
 RECONNECTS = Counter("flowmap_agent_reconnects", "New connections to the operator.", registry=REGISTRY)
 DP_RESTARTS = Counter("flowmap_agent_dp_restarts", "dp restarts seen (a new run id): their last interval is lost.",
                       registry=REGISTRY)
+UNCLEAN = Counter("flowmap_agent_unclean_restarts",
+                  "Starts after a run that did not stop cleanly: up to one interval of reports was lost.",
+                  registry=REGISTRY)
 LOST = Counter("flowmap_agent_lost_sessions", "Session records lost between the dp and the operator.",
                registry=REGISTRY)
 UNACKED = Gauge("flowmap_agent_unacked_edges", "Edge deltas held until the operator acknowledges them.",
@@ -133,7 +147,7 @@ class Agent:
         if time.monotonic() < self.retry_at:
             return
         box = self.outbox
-        batches = box.to_deliver() or box.unacked[:1]  # all delivered but unacknowledged: ask again
+        batches = box.to_deliver()
         try:
             token = Path(self.settings.token_file).read_text().strip()
             for batch in batches:
@@ -146,7 +160,7 @@ class Agent:
                     await self._drop_channel()  # a new connection may reach the leader
                     raise ConnectionError("not the leader")
                 REPORTS.labels("ok").inc()
-                box.delivered_ok(batch, ack.applied)
+                box.delivered_ok(batch, ack)
             self.backoff = 0.5
         except (grpc.RpcError, ConnectionError, OSError) as exc:
             code = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else type(exc).__name__
@@ -181,12 +195,13 @@ class Agent:
     async def run_dp(self) -> None:
         """Keep the dp running as a child; restart it (with backoff) if it exits."""
         s = self.settings
-        delay = 1.0
+        delay = 0.0  # every moment without a dp is traffic not seen: restart at once, then back off
         while not self.stop.is_set():
+            started = time.monotonic()
             inside = ("ip", "netns", "exec", s.netns) if s.netns else ()
             proc = await asyncio.create_subprocess_exec(
                 *inside, sys.executable, "-m", "flowmap_cli", "dp", "run", "--socket", s.socket, "--interval", str(s.interval),
-                "--workers", str(s.dp_workers), *s.dp_args.split())
+                "--workers", str(s.dp_workers), *s.dp_args.split(), preexec_fn=_die_with_parent)
             waiter = asyncio.ensure_future(proc.wait())
             await asyncio.wait([waiter, asyncio.ensure_future(self.stop.wait())], return_when=asyncio.FIRST_COMPLETED)
             if not waiter.done():
@@ -196,10 +211,12 @@ class Agent:
                 if not waiter.done():
                     proc.kill()
                 return
-            log.error("the dp exited with %s; restarting in %.0f s", proc.returncode, delay)
+            if time.monotonic() - started > 60:
+                delay = 0.0  # it ran well for a while: this is a new failure, not a crash loop
+            log.error("the dp exited with %s; restarting in %.1f s", proc.returncode, delay)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), timeout=delay)
-            delay = min(delay * 2, 30.0)
+            delay = min(max(delay * 2, 0.5), 30.0)
 
     # -- health ----------------------------------------------------------------------------------
 
@@ -243,6 +260,12 @@ class Agent:
         uplinks = set(filter(None, s.uplinks.split(","))) or await asyncio.to_thread(
             links.address_interfaces, node_ips, s.netns)
 
+        running = Path(s.state_file + ".running")  # present while an agent runs: left by a crash
+        if running.exists():
+            UNCLEAN.inc()
+            log.warning("the last run did not stop cleanly: reports it took after its last save are lost")
+        running.parent.mkdir(parents=True, exist_ok=True)
+        running.touch()
         Path(s.socket).parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(s.socket)
@@ -283,3 +306,10 @@ class Agent:
         await self._drop_channel()
         await runner.cleanup()
         await api.close()
+        running.unlink()
+
+
+def _die_with_parent() -> None:
+    """In the dp child, before exec: SIGTERM when the agent dies, however it dies."""
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")

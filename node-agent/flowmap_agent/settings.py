@@ -15,7 +15,7 @@ class Settings:
     state_file: str = "/var/lib/flowmap/agent.state"
     socket: str = "/run/flowmap/dp.sock"
     interval: float = 1.0
-    window: int = 4  # batches waiting for acknowledgement before deltas only merge
+    window: int = 1024  # unacknowledged batches before deltas only merge (the operator's max_waiting_batches)
     health_port: int = 9091
     dp_workers: int = 1
     dp_args: str = ""  # extra arguments for `flowmap dp run`, space-separated

@@ -2,14 +2,19 @@
 
 The rules (DESIGN.md, "Counting rules"):
 
-* Each agent incarnation numbers its batches 1, 2, 3 ... and delivers them in order, retrying a
-  batch until the operator answers; a resent batch keeps its number.
+* Each agent incarnation numbers its batches 1, 2, 3 ... and delivers them in order, one at a
+  time, retrying a batch until the operator answers; a resent batch keeps its number. Each batch
+  names the one delivered before it (``previous``); the batches in between are acknowledged, so
+  a gap is never a lost batch.
 * A delta from batch N of agent A is applied to an edge only if N is above the edge's watermark
   for A. The watermark is written in the same object update as the counters it covers, so an
   update either carries both or neither.
-* Batch N is acknowledged only once every edge it touched has been written with a watermark
-  >= N, and every earlier batch is acknowledged too. The agent drops a delta only when it is
-  acknowledged, and tells us (``acked``) so that we can prune watermarks it can no longer need.
+* Batch N is acknowledged once every edge it touched has been written with a watermark >= N,
+  whatever the state of other batches: a batch waits only for its own edges. The agent keeps at
+  most one unacknowledged delta per edge (the next one merges until then), so what both sides
+  hold is bounded by edges, not by time, and new edges are never stuck behind old ones.
+* The agent says which batches it no longer holds (``acked``: none up to there) so that we can
+  prune watermarks it can no longer need.
 
 In memory, each edge holds its persisted state (as last written or read) plus pending deltas per
 agent. A flush takes a snapshot of the pending deltas; on success they move into the persisted
@@ -101,17 +106,18 @@ class FlushPlan:
 @dataclass
 class _Agent:
     node: str
-    delivered: int = 0  # highest batch received
+    delivered: int = 0  # highest batch received (or acknowledged by an earlier replica)
     acked_by_agent: int = 0  # the agent will never resend batches up to here
-    waiting: dict[int, set[EdgeKey]] = field(default_factory=dict)  # batch -> edges not yet written
+    waiting: dict[int, set[EdgeKey]] = field(default_factory=dict)  # batch -> edges not yet written (never empty)
 
 
 class OutOfOrder(ValueError):
-    """A batch skipped ahead of the last one delivered: the agent must resend from ``expected``."""
+    """A batch follows one that has not arrived: the agent must resend what it holds, in order."""
 
-    def __init__(self, expected: int) -> None:
-        super().__init__(f"batch out of order: expected sequence {expected} or lower")
-        self.expected = expected
+    def __init__(self, sequence: int, previous: int, delivered: int) -> None:
+        super().__init__(f"batch {sequence} follows batch {previous}, but the last batch received is {delivered}: "
+                         "resend in order")
+        self.delivered = delivered
 
 
 class Ledger:
@@ -146,17 +152,25 @@ class Ledger:
 
     # -- applying a batch -----------------------------------------------------------------------
 
-    def begin_batch(self, agent: str, node: str, sequence: int, acked: int) -> None:
-        """Check a batch's place in its agent's sequence before its deltas are applied."""
+    def begin_batch(self, agent: str, node: str, sequence: int, acked: int, previous: int) -> None:
+        """Check a batch's place in its agent's sequence before its deltas are applied.
+
+        ``sequence`` 0 asks only for the acknowledgement: it changes nothing but ``acked``.
+        """
         state = self.agents.get(agent)
         if state is None:
+            if not sequence:
+                return
             # Unknown agent (first contact, or we restarted): the agent says what it dropped.
             state = self.agents[agent] = _Agent(node, delivered=acked, acked_by_agent=acked)
-        if sequence > state.delivered + 1:
-            raise OutOfOrder(state.delivered + 1)
+        # Every batch up to ``acked`` is written (the agent drops a batch only then), so a batch
+        # that follows one of those, or one received, follows everything before it.
+        state.delivered = max(state.delivered, acked)
+        if sequence > state.delivered and previous > state.delivered:
+            raise OutOfOrder(sequence, previous, state.delivered)
         state.acked_by_agent = max(state.acked_by_agent, acked)
         state.delivered = max(state.delivered, sequence)
-        # Batches the agent has seen acknowledged need no tracking any more.
+        # Batches the agent says it dropped need no tracking any more.
         for seq in [s for s in state.waiting if s <= state.acked_by_agent]:
             del state.waiting[seq]
 
@@ -182,12 +196,18 @@ class Ledger:
         state = self.agents.get(agent)
         if state is None:
             return 0
-        blocked = [seq for seq, keys in state.waiting.items() if keys]
-        return min(blocked) - 1 if blocked else state.delivered
+        return min(state.waiting) - 1 if state.waiting else state.delivered
+
+    def progress(self, agent: str) -> tuple[int, int, list[int]]:
+        """What a ReportAck says: (acked, received, the batches after ``acked`` still waiting)."""
+        state = self.agents.get(agent)
+        if state is None:
+            return 0, 0, []
+        return self.acked(agent), state.delivered, sorted(state.waiting)
 
     def waiting_batches(self, agent: str) -> int:
         state = self.agents.get(agent)
-        return sum(1 for keys in state.waiting.values() if keys) if state else 0
+        return len(state.waiting) if state else 0
 
     # -- writing --------------------------------------------------------------------------------
 
@@ -237,9 +257,11 @@ class Ledger:
         state = self.agents.get(agent)
         if state is None:
             return
-        for seq, keys in state.waiting.items():
-            if seq <= upto:
-                keys.discard(key)
+        for seq in [seq for seq in state.waiting if seq <= upto]:
+            keys = state.waiting[seq]
+            keys.discard(key)
+            if not keys:
+                del state.waiting[seq]
 
     def _prunable(self, agent: str, batch: int) -> bool:
         state = self.agents.get(agent)

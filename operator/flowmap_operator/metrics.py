@@ -21,6 +21,9 @@ EDGE_SERIES_OVERFLOW = Counter("flowmap_operator_edge_series_overflow",
                                registry=REGISTRY)
 
 REPORTS = Counter("flowmap_operator_reports", "Report batches by outcome.", ("outcome",), registry=REGISTRY)
+LOST_DELTAS = Counter("flowmap_operator_lost_deltas",
+                      "Deltas agents report they could not keep (a crash, the dp unable to hand over).",
+                      ("node",), registry=REGISTRY)
 REPORT_EDGES = Counter("flowmap_operator_report_edges", "Edge deltas by what became of them.", ("outcome",),
                        registry=REGISTRY)
 BATCH_LAG = Histogram("flowmap_operator_batch_lag_seconds", "Time from an agent sending a batch to its arrival.",

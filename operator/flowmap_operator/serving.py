@@ -63,11 +63,14 @@ class ReportServicer(pb_grpc.ReportServiceServicer):
         ledger = self.topology.ledger
         state = ledger.agents.get(request.agent_id)
         waiting = ledger.waiting_batches(request.agent_id)
-        if (state is None or request.sequence > state.delivered) and waiting >= self.settings.max_waiting_batches:
+        new = state is None or request.sequence > state.delivered
+        if new and waiting >= self.settings.max_waiting_batches:
             raise Busy(f"{waiting} batches of this agent are not written yet")
-        if request.sent_unix_ms:
+        if request.sequence and request.sent_unix_ms:
             metrics.BATCH_LAG.observe(max(0.0, time.time() - request.sent_unix_ms / 1000))
         result = self.topology.ingest(request, time.time())
+        if new and request.lost_deltas:
+            metrics.LOST_DELTAS.labels(request.node).inc(request.lost_deltas)
         for outcome in ("counted", "duplicates", "other_observer", "overflow"):
             metrics.REPORT_EDGES.labels(outcome).inc(getattr(result, outcome))
         metrics.RESOLUTION_MISSES.inc(result.external)
@@ -78,8 +81,9 @@ class ReportServicer(pb_grpc.ReportServiceServicer):
             self.series.add((client.group, client.namespace), (server.group, server.namespace), key[2], key[3],
                             ",".join(sorted(app - {"unknown"})) or "unknown", c.bytes_c2s, c.bytes_s2c,
                             c.packets_c2s, c.packets_s2c, c.sessions)
-        metrics.REPORTS.labels("applied").inc()
-        return pb.ReportAck(applied=ledger.acked(request.agent_id), leader=True)
+        metrics.REPORTS.labels("applied" if request.sequence else "ack_query").inc()
+        applied, received, waiting = ledger.progress(request.agent_id)
+        return pb.ReportAck(applied=applied, received=received, waiting=waiting, leader=True)
 
 
 class PolicyServicer(pb_grpc.PolicyServiceServicer):

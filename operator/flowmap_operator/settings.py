@@ -23,7 +23,7 @@ class Settings:
     connection_ttl: float = 7 * 24 * 3600.0  # a connection idle this long is deleted
     gc_interval: float = 60.0
     max_batch_edges: int = 20_000
-    max_waiting_batches: int = 64  # per agent: beyond this the agent is asked to back off
+    max_waiting_batches: int = 1024  # per agent: beyond this the agent is asked to back off
     metrics_series_cap: int = 10_000
     peering_name: str = "flowmap"
 

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flowmap_api import report_pb2 as pb
-from flowmap_api.apps import UNKNOWN
 from flowmap_operator.ledger import Counters, EdgeKey, Ledger
 from flowmap_operator.naming import connection_name
 from flowmap_operator.resolution import Peer, Resolver
@@ -114,6 +113,9 @@ class Topology:
     def ingest(self, batch: pb.ReportBatch, now: float) -> Ingested:
         """Apply one validated batch, or refuse it whole (ledger.OutOfOrder, Crowded)."""
         agent, seq = batch.agent_id, batch.sequence
+        if not seq:  # a question for the acknowledgement
+            self.ledger.begin_batch(agent, batch.node, 0, batch.acked, 0)
+            return Ingested()
         for name in batch.names:
             self.resolver.learn_name(name.ip, name.name, name.ttl_seconds, name.seen_unix_ms / 1000 or now)
         result = Ingested()
@@ -151,7 +153,7 @@ class Topology:
             else:
                 merged[key] = (counters, list(delta.threats), delta.sessions_active)
             info = self.edge(key)
-            info.apps.update(delta.apps or (UNKNOWN,))
+            info.apps.update(delta.apps)  # none yet: the dp has not decided (it says "unknown" when it gives up)
             info.service = service or info.service
             first = delta.first_seen_unix_ms / 1000 or when
             info.first_seen = min(info.first_seen, first) if info.first_seen else first
@@ -164,7 +166,7 @@ class Topology:
                 raise Crowded(f"edge {key} already carries {MAX_OBSERVERS} unconfirmed observers")
         # Only now does the batch take its place in the agent's sequence: a refusal above must
         # leave no trace, or the batch could be acknowledged without having been counted.
-        self.ledger.begin_batch(agent, batch.node, seq, batch.acked)
+        self.ledger.begin_batch(agent, batch.node, seq, batch.acked, batch.previous)
         for key, (counters, threats, active) in merged.items():
             info = self.edges[key]
             info.active[agent] = active

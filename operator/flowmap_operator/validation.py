@@ -43,10 +43,12 @@ def validate(batch: pb.ReportBatch, *, max_edges: int) -> None:
         raise InvalidReport(f"agent_id: {batch.agent_id[:64]!r} is not 1-128 characters of [A-Za-z0-9._:/-]")
     if not _DNS_NAME.match(batch.node):
         raise InvalidReport(f"node: {batch.node[:64]!r} is not a node name")
-    if batch.sequence < 1:
-        raise InvalidReport("sequence: must be 1 or more")
-    if batch.acked >= batch.sequence:
-        raise InvalidReport(f"acked: {batch.acked} must be below sequence {batch.sequence}")
+    if not batch.sequence:
+        if batch.edges or batch.names or batch.lost_deltas or batch.previous:
+            raise InvalidReport("sequence: 0 asks for the acknowledgement only, and carries nothing else")
+    elif not batch.acked <= batch.previous < batch.sequence:
+        raise InvalidReport(f"acked {batch.acked} <= previous {batch.previous} < sequence {batch.sequence} "
+                            "does not hold")
     if len(batch.edges) > max_edges:
         raise InvalidReport(f"edges: {len(batch.edges)} edges, more than the limit {max_edges}")
     if len(batch.names) > MAX_NAMES:

@@ -20,37 +20,37 @@ def c(n: int) -> Counters:
 def test_a_resent_batch_counts_once() -> None:
     ledger = Ledger()
     for _ in range(3):  # the agent resends batch 1 twice (its acks were lost)
-        ledger.begin_batch("agent-1", "node-a", 1, acked=0)
+        ledger.begin_batch("agent-1", "node-a", 1, acked=0, previous=0)
         ledger.apply("agent-1", 1, A, c(5), now=0.0)
     plan = ledger.plan(A)
     assert plan.counters == c(5)
-    assert ledger.acked("agent-1") == 0  # not in the API server yet
+    assert ledger.progress("agent-1") == (0, 1, [1])  # not in the API server yet
     ledger.written(plan, "7")
-    assert ledger.acked("agent-1") == 1
-    ledger.begin_batch("agent-1", "node-a", 1, acked=0)  # resent once more after the write
+    assert ledger.progress("agent-1") == (1, 1, [])
+    ledger.begin_batch("agent-1", "node-a", 1, acked=0, previous=0)  # resent once more after the write
     assert not ledger.apply("agent-1", 1, A, c(5), now=1.0)
     assert ledger.edges[A].persisted == c(5) and not ledger.dirty()
 
 
-def test_ack_waits_for_every_edge_and_every_earlier_batch() -> None:
+def test_a_batch_waits_only_for_its_own_edges() -> None:
     ledger = Ledger()
-    ledger.begin_batch("ag", "n", 1, 0)
+    ledger.begin_batch("ag", "n", 1, 0, 0)
     ledger.apply("ag", 1, A, c(1), 0.0)
     ledger.apply("ag", 1, B, c(1), 0.0)
-    ledger.begin_batch("ag", "n", 2, 0)
+    ledger.begin_batch("ag", "n", 2, 0, 1)
     ledger.apply("ag", 2, A, c(2), 0.0)
     ledger.written(ledger.plan(A), "1")  # carries batches 1 and 2 for A
-    assert ledger.acked("ag") == 0  # batch 1 still waits on B
+    assert ledger.progress("ag") == (0, 2, [1])  # batch 1 still waits on B; batch 2 is done
     ledger.written(ledger.plan(B), "1")
-    assert ledger.acked("ag") == 2
+    assert ledger.progress("ag") == (2, 2, [])
 
 
 def test_deltas_arriving_during_a_write_stay_pending() -> None:
     ledger = Ledger()
-    ledger.begin_batch("ag", "n", 1, 0)
+    ledger.begin_batch("ag", "n", 1, 0, 0)
     ledger.apply("ag", 1, A, c(1), 0.0)
     plan = ledger.plan(A)
-    ledger.begin_batch("ag", "n", 2, 0)
+    ledger.begin_batch("ag", "n", 2, 0, 1)
     ledger.apply("ag", 2, A, c(2), 0.0)  # while the write of batch 1 is on the wire
     ledger.written(plan, "2")
     assert ledger.acked("ag") == 1
@@ -59,11 +59,11 @@ def test_deltas_arriving_during_a_write_stay_pending() -> None:
 
 def test_an_update_in_doubt_that_landed_is_not_counted_again() -> None:
     ledger = Ledger()
-    ledger.begin_batch("ag", "n", 1, 0)
+    ledger.begin_batch("ag", "n", 1, 0, 0)
     ledger.apply("ag", 1, A, c(1), 0.0)
     plan = ledger.plan(A)
     ledger.in_doubt(plan)  # the API server took it, but the answer was lost
-    ledger.begin_batch("ag", "n", 2, 0)
+    ledger.begin_batch("ag", "n", 2, 0, 1)
     ledger.apply("ag", 2, A, c(2), 0.0)
     ledger.load(A, plan.counters, [("ag", "n", 1)], "9")  # the re-read shows batch 1's watermark
     final = ledger.plan(A)
@@ -71,16 +71,27 @@ def test_an_update_in_doubt_that_landed_is_not_counted_again() -> None:
     assert ledger.acked("ag") == 1
 
 
-def test_batches_must_arrive_in_order_and_watermarks_are_pruned_once_the_agent_moved_on() -> None:
+def test_a_batch_after_one_that_never_arrived_is_refused() -> None:
     ledger = Ledger()
-    ledger.begin_batch("ag", "n", 1, 0)
+    ledger.begin_batch("ag", "n", 1, 0, 0)
     with pytest.raises(OutOfOrder) as err:
-        ledger.begin_batch("ag", "n", 3, 0)
-    assert err.value.expected == 2
+        ledger.begin_batch("ag", "n", 3, 0, 2)  # batch 2 was lost on the way
+    assert err.value.delivered == 1
+    ledger.begin_batch("ag", "n", 3, 0, 1)  # but batch 2 may be one the agent saw acknowledged
+    # A replica that never saw this agent takes its word for what it dropped.
+    fresh = Ledger()
+    fresh.begin_batch("ag", "n", 7, acked=4, previous=4)
+    with pytest.raises(OutOfOrder):
+        Ledger().begin_batch("ag", "n", 7, acked=4, previous=5)
+
+
+def test_watermarks_are_pruned_once_the_agent_moved_on() -> None:
+    ledger = Ledger()
+    ledger.begin_batch("ag", "n", 1, 0, 0)
     ledger.apply("ag", 1, A, c(1), 0.0)
     ledger.written(ledger.plan(A), "1")
     assert set(ledger.plan(A).watermarks) == {"ag"}
-    ledger.begin_batch("ag", "n", 2, acked=1)  # the agent saw batch 1 acknowledged
+    ledger.begin_batch("ag", "n", 0, acked=1, previous=0)  # an ack question: the agent dropped batch 1
     assert ledger.plan(A).watermarks == {}
 
 
@@ -130,21 +141,22 @@ def simulate(seed: int) -> None:
         if agent.next_send >= len(agent.unacked):
             if not agent.unacked:
                 return
-            # Everything is sent but not acknowledged: the next interval's (empty) batch asks again.
-            agent.seq += 1
-            agent.unacked.append((agent.seq, {}))
-        seq, deltas = agent.unacked[agent.next_send]
-        ledger.begin_batch(agent.name, agent.node, seq, agent.acked)
+            seq, deltas, previous = 0, {}, 0  # everything is sent but not acknowledged: ask
+        else:
+            seq, deltas = agent.unacked[agent.next_send]
+            previous = agent.unacked[agent.next_send - 1][0] if agent.next_send else agent.acked
+        ledger.begin_batch(agent.name, agent.node, seq, agent.acked, previous)
         for key, delta in deltas.items():
             ledger.apply(agent.name, seq, key, delta, now=float(seq))
-        agent.next_send += 1
+        if seq:
+            agent.next_send += 1
         if rng.random() < 0.8:  # else the answer is lost
-            ack = ledger.acked(agent.name)
-            dropped = sum(1 for s, _ in agent.unacked if s <= ack)
-            agent.unacked = agent.unacked[dropped:]
+            applied, received, waiting = ledger.progress(agent.name)
+            done = [s <= applied or (s <= received and s not in waiting) for s, _ in agent.unacked]
             # An ack may cover batches delivered before a reconnect: never step before the list.
-            agent.next_send = max(0, agent.next_send - dropped)
-            agent.acked = max(agent.acked, ack)
+            agent.next_send -= sum(done[:agent.next_send])
+            agent.unacked = [b for b, d in zip(agent.unacked, done) if not d]
+            agent.acked = agent.unacked[0][0] - 1 if agent.unacked else agent.seq
         else:
             agent.next_send = 0  # the agent reconnects and resends everything unacknowledged
 
@@ -208,6 +220,6 @@ def test_an_edge_refuses_more_unconfirmed_observers_than_it_may_hold() -> None:
     key = next(iter(topo.edges))
     topo.ledger.written(topo.ledger.plan(key), "1")
     for i in range(topology.MAX_OBSERVERS):  # every agent confirms its acknowledgement
-        topo.ledger.begin_batch(f"agent-{i}", f"node-{i}", 2, acked=1)
+        topo.ledger.begin_batch(f"agent-{i}", f"node-{i}", 0, acked=1, previous=0)
     topo.ledger.written(topo.ledger.plan(key), "2")  # the write prunes the confirmed watermarks
     assert topo.ingest(crowded, time.time()).counted == 1
