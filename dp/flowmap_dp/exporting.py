@@ -339,7 +339,8 @@ def add_session(report: wire_pb2.Report, d: SessionDelta) -> wire_pb2.Session:
     """
     rec = report.sessions.add(
         ip_proto=d.proto, client_ip=d.client, client_port=d.client_port, server_ip=d.server,
-        server_port=d.server_port, vlan=d.vlan, new=d.new, closed=d.closed, close_reason=d.end_reason,
+        server_port=d.server_port, vlan=d.vlan, new=d.new, opened=d.opened, closed=d.closed,
+        close_reason=d.end_reason,
         app=d.app if d.app_decided or d.closed else "", bytes_c2s=d.bytes_c2s, bytes_s2c=d.bytes_s2c,
         packets_c2s=d.packets_c2s, packets_s2c=d.packets_s2c, first_seen_ns=int(d.first_seen * 1e9),
         last_seen_ns=int(d.last_seen * 1e9),

@@ -11,8 +11,11 @@ Live export API (used by the capture loop and ``flowmap dp run``)::
     report = table.collect(now)           # each interval: expire idle sessions, then deltas
     report.sessions -> list[SessionDelta] # sessions that changed since the previous collect():
         .new          first report of this session (5-tuple, client/server, vlan, first_seen)
+        .opened       the one report in which the session's opening was seen: the client's SYN
+                      (TCP), the client's first packet (every other protocol); what counts a session
         .packets_c2s .packets_s2c .bytes_c2s .bytes_s2c   deltas since the previous report
-        .app, .app_decided, .metadata, .threats   metadata/threats only once, when decided
+        .app, .app_decided    the app as soon as a detector matched, again once settled
+        .metadata, .threats   only once, when settled (after lingering for more payload)
         .closed, .end_reason   the session left the table ("fin", "rst", "idle", "evicted",
                                "reused", "end"); it is never reported again
     report.health -> Health               # cumulative counters: packets, decode outcomes,
@@ -81,7 +84,7 @@ class Timeouts:
 
 
 class InspectorLike(Protocol):
-    app: str
+    app: str  # the matched detector's name (final once set), "unknown" until one matches
     metadata: dict[str, Any]
     threats: list[Threat]
 
@@ -120,6 +123,7 @@ class Session:
         "pkts_c2s", "pkts_s2c", "bytes_c2s", "bytes_s2c",
         "rep_pkts_c2s", "rep_pkts_s2c", "rep_bytes_c2s", "rep_bytes_s2c",
         "insp", "feeds", "app", "metadata", "threats", "dirty", "new", "app_new", "end_reason",
+        "opening_seen", "opened",
     )
 
     def __init__(self, key: bytes, proto: int, a_is_client: bool, ts: float) -> None:
@@ -142,6 +146,10 @@ class Session:
         self.new = True
         self.app_new = False
         self.end_reason = ""
+        # A TCP session opens with the client's SYN, which may come after the SYN-ACK (rings
+        # read out of order) or never (the reply half of a DNAT'd connection, a session picked
+        # up mid-stream); anything else opens with its first packet, if the client sent it.
+        self.opening_seen = self.opened = proto != PROTO_TCP
 
     def endpoints(self) -> tuple[bytes, int, bytes, int, int]:
         """(client addr, client port, server addr, server port, vlan)."""
@@ -168,17 +176,18 @@ class SessionDelta:
     first_seen: float
     last_seen: float
     new: bool
+    opened: bool  # the session's opening was seen since the previous report (counted once)
     closed: bool
     end_reason: str
     state: str
     app: str
-    app_decided: bool  # the application was decided since the previous report
+    app_decided: bool  # the application was matched or settled since the previous report
     packets_c2s: int
     packets_s2c: int
     bytes_c2s: int
     bytes_s2c: int
-    metadata: Mapping[str, Any] | None = None  # only when app_decided
-    threats: list[Threat] = field(default_factory=list)  # only when app_decided
+    metadata: Mapping[str, Any] | None = None  # only when app_decided (empty until settled)
+    threats: list[Threat] = field(default_factory=list)  # only when app_decided (empty until settled)
 
     @property
     def client_text(self) -> str:
@@ -296,6 +305,8 @@ class SessionTable:
             src_client = True
         s = Session(key, proto, fwd == src_client, ts)
         s.state = state
+        if not src_client:  # a reply seen first: the reply half of a DNAT'd flow, or a late pickup
+            s.opening_seen = s.opened = False
         self.sessions[key] = s
         self.created += 1
         return s
@@ -317,6 +328,8 @@ class SessionTable:
         return src_client
 
     def _tcp(self, s: Session, flags: int, from_client: bool) -> None:
+        if flags & (TCP_SYN | TCP_ACK) == TCP_SYN and not s.opening_seen:
+            s.opening_seen = s.opened = True
         if flags & TCP_RST:
             s.state = CLOSED
         elif flags & TCP_FIN:
@@ -343,6 +356,11 @@ class SessionTable:
             s.feeds += 1
             if insp.feed(from_client, payload) or s.feeds >= self.feed_limit:
                 self._settle(s, finish=s.feeds >= self.feed_limit)
+            elif insp.app != s.app:
+                # A detector matched and the inspector lingers for metadata and threats, which
+                # may take until the session ends: the name is final, so report it now.
+                s.app = insp.app
+                s.app_new = True
         except Exception:  # a detector bug must not stop the packet loop: count it, stop asking
             self.inspector_errors += 1
             s.insp = False
@@ -440,12 +458,12 @@ class SessionTable:
         decided = s.app_new
         d = SessionDelta(
             L4_NAMES.get(s.proto, str(s.proto)), s.proto, vlan, c, cp, sv, sp, s.first, s.last,
-            s.new, bool(s.end_reason), s.end_reason, STATE_NAMES[s.state], s.app, decided,
+            s.new, s.opened, bool(s.end_reason), s.end_reason, STATE_NAMES[s.state], s.app, decided,
             s.pkts_c2s - s.rep_pkts_c2s, s.pkts_s2c - s.rep_pkts_s2c,
             s.bytes_c2s - s.rep_bytes_c2s, s.bytes_s2c - s.rep_bytes_s2c,
             s.metadata if decided else None, list(s.threats) if decided else [],
         )
         s.rep_pkts_c2s, s.rep_pkts_s2c = s.pkts_c2s, s.pkts_s2c
         s.rep_bytes_c2s, s.rep_bytes_s2c = s.bytes_c2s, s.bytes_s2c
-        s.dirty = s.new = s.app_new = False
+        s.dirty = s.new = s.opened = s.app_new = False
         return d

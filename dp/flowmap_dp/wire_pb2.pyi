@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Session(_message.Message):
-    __slots__ = ("ip_proto", "client_ip", "client_port", "server_ip", "server_port", "vlan", "new", "closed", "close_reason", "app", "metadata", "role_basis", "bytes_c2s", "bytes_s2c", "packets_c2s", "packets_s2c", "first_seen_ns", "last_seen_ns", "iface")
+    __slots__ = ("ip_proto", "client_ip", "client_port", "server_ip", "server_port", "vlan", "new", "closed", "close_reason", "app", "metadata", "role_basis", "bytes_c2s", "bytes_s2c", "packets_c2s", "packets_s2c", "first_seen_ns", "last_seen_ns", "iface", "opened")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class Session(_message.Message):
     FIRST_SEEN_NS_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_NS_FIELD_NUMBER: _ClassVar[int]
     IFACE_FIELD_NUMBER: _ClassVar[int]
+    OPENED_FIELD_NUMBER: _ClassVar[int]
     ip_proto: int
     client_ip: bytes
     client_port: int
@@ -53,7 +54,8 @@ class Session(_message.Message):
     first_seen_ns: int
     last_seen_ns: int
     iface: str
-    def __init__(self, ip_proto: _Optional[int] = ..., client_ip: _Optional[bytes] = ..., client_port: _Optional[int] = ..., server_ip: _Optional[bytes] = ..., server_port: _Optional[int] = ..., vlan: _Optional[int] = ..., new: _Optional[bool] = ..., closed: _Optional[bool] = ..., close_reason: _Optional[str] = ..., app: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., role_basis: _Optional[str] = ..., bytes_c2s: _Optional[int] = ..., bytes_s2c: _Optional[int] = ..., packets_c2s: _Optional[int] = ..., packets_s2c: _Optional[int] = ..., first_seen_ns: _Optional[int] = ..., last_seen_ns: _Optional[int] = ..., iface: _Optional[str] = ...) -> None: ...
+    opened: bool
+    def __init__(self, ip_proto: _Optional[int] = ..., client_ip: _Optional[bytes] = ..., client_port: _Optional[int] = ..., server_ip: _Optional[bytes] = ..., server_port: _Optional[int] = ..., vlan: _Optional[int] = ..., new: _Optional[bool] = ..., closed: _Optional[bool] = ..., close_reason: _Optional[str] = ..., app: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., role_basis: _Optional[str] = ..., bytes_c2s: _Optional[int] = ..., bytes_s2c: _Optional[int] = ..., packets_c2s: _Optional[int] = ..., packets_s2c: _Optional[int] = ..., first_seen_ns: _Optional[int] = ..., last_seen_ns: _Optional[int] = ..., iface: _Optional[str] = ..., opened: _Optional[bool] = ...) -> None: ...
 
 class DnsAnswer(_message.Message):
     __slots__ = ("name", "type", "address", "target", "ttl", "client_ip", "server_ip")

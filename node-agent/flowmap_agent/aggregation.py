@@ -4,6 +4,8 @@ An edge, from the node's point of view, is client address -> server address and 
 protocol: the client's ephemeral port does not matter to the map, so all sessions between the
 same two addresses on one server port add up. Endpoints on this node (its pods, the node itself)
 are marked local and local pods named, which is how the operator knows which node counts an edge.
+Traffic that never leaves a link (IPv6 neighbour discovery, link-local, multicast, broadcast) is
+the network's own plumbing, not a connection between workloads: it is not reported.
 """
 
 from __future__ import annotations
@@ -21,6 +23,12 @@ MAX_OPEN_PER_EDGE = 1 << 20  # open-session tracking is a gauge; never let it gr
 
 def text(ip: bytes) -> str:
     return str(ipaddress.ip_address(ip))
+
+
+def link_scoped(ip: bytes) -> bool:
+    """An address that does not leave its link: link-local, multicast, broadcast, unspecified."""
+    addr = ipaddress.ip_address(ip)
+    return addr.is_link_local or addr.is_multicast or addr.is_unspecified or ip == b"\xff\xff\xff\xff"
 
 
 @dataclass
@@ -45,6 +53,8 @@ class Aggregator:
             protocol = PROTOCOLS.get(s.ip_proto)
             if protocol is None or len(s.client_ip) not in (4, 16) or len(s.server_ip) not in (4, 16):
                 continue
+            if link_scoped(s.client_ip) or link_scoped(s.server_ip):
+                continue
             client, server = text(s.client_ip), text(s.server_ip)
             port = s.server_port if protocol != pb.ICMP else 0
             key = (client, server, port, protocol)
@@ -64,7 +74,7 @@ class Aggregator:
                 d.apps.append(s.app)
             opened = self._open.setdefault(key, set())
             session = (s.client_port, s.vlan)
-            if s.new:
+            if s.opened:  # not s.new: a DNAT'd reply half or a session picked up mid-stream is no new session
                 d.sessions_opened += 1
                 if len(opened) < MAX_OPEN_PER_EDGE:
                     opened.add(session)

@@ -13,10 +13,12 @@ def ip(text: str) -> bytes:
     return ipaddress.ip_address(text).packed
 
 
-def session(client: str, cport: int, server: str, sport: int, *, new: bool = False, closed: bool = False,
-            c2s: int = 0, s2c: int = 0, app: str = "", proto: int = 6) -> wire_pb2.Session:
+def session(client: str, cport: int, server: str, sport: int, *, new: bool = False, opened: bool | None = None,
+            closed: bool = False, c2s: int = 0, s2c: int = 0, app: str = "", proto: int = 6) -> wire_pb2.Session:
+    """``opened`` defaults to ``new``: the dp saw the session open in its first report."""
     return wire_pb2.Session(ip_proto=proto, client_ip=ip(client), client_port=cport, server_ip=ip(server),
-                            server_port=sport, new=new, closed=closed, bytes_c2s=c2s, bytes_s2c=s2c,
+                            server_port=sport, new=new, opened=new if opened is None else opened, closed=closed,
+                            bytes_c2s=c2s, bytes_s2c=s2c,
                             packets_c2s=1 if c2s else 0, packets_s2c=1 if s2c else 0, app=app,
                             first_seen_ns=1_000_000_000, last_seen_ns=2_000_000_000)
 
@@ -49,3 +51,26 @@ def test_sessions_of_one_edge_add_up_and_local_ends_are_marked() -> None:
     edges, _ = agg.take(wire_pb2.Report(sessions=[session("10.244.1.10", 40000, "10.96.0.50", 80, closed=True,
                                                           c2s=1)]))
     assert edges[0].sessions_active == 1 and edges[0].sessions_opened == 0
+
+
+def test_only_a_seen_opening_counts_a_session() -> None:
+    agg = Aggregator(local_pods={"10.244.1.10": "shop/web-1"})
+    # kube-proxy DNAT: the request half (to the ClusterIP, with the SYN) enters on the pod's veth,
+    # the reply half (from the backend, starting with a SYN-ACK) on the uplink; both are reported.
+    # A session picked up mid-stream after a dp restart was counted by the dp run before.
+    edges, _ = agg.take(wire_pb2.Report(sessions=[
+        session("10.244.1.10", 40000, "10.96.0.50", 80, new=True, c2s=60),
+        session("10.244.1.10", 40000, "10.244.2.7", 8080, new=True, opened=False, s2c=60),
+        session("10.244.1.10", 40001, "10.96.0.50", 80, new=True, opened=False, c2s=500, s2c=900),
+    ]))
+    service, backend = sorted(edges, key=lambda d: d.server.port)
+    assert (service.sessions_opened, service.sessions_active) == (1, 1)
+    assert (backend.sessions_opened, backend.sessions_active) == (0, 0)
+
+    # A client SYN read after its SYN-ACK (two rings): the session opens in a later record.
+    half = session("10.244.1.10", 40002, "10.96.0.50", 80, new=True, opened=False, s2c=60)
+    (service,), _ = agg.take(wire_pb2.Report(sessions=[half]))
+    assert (service.sessions_opened, service.sessions_active) == (0, 1)  # 40000 is still open
+    syn = session("10.244.1.10", 40002, "10.96.0.50", 80, opened=True, c2s=60)
+    (service,), _ = agg.take(wire_pb2.Report(sessions=[syn]))
+    assert (service.sessions_opened, service.sessions_active) == (1, 2)

@@ -131,9 +131,7 @@ def test_http_between_two_pods_is_counted_exactly(cluster: Cluster, node: tuple[
             print((tmp_path / "agent.log").read_text()[-4000:], connection(cluster, "shop.web-shop.cache-8080-tcp"))
             raise
         assert conn["status"]["sessions"]["total"] == 20, conn["status"]
-        # Known gap (issue 5): live, each direction enters the node on its own pod's interface
-        # and ring, and these sessions come out "unknown" instead of "http"; offline (one
-        # stream) they are recognised. Assert the application here once that is fixed.
+        assert "http" in conn["status"]["applications"], conn["status"]
     finally:
         server.terminate()
         agent.terminate()

@@ -91,7 +91,7 @@ def traffic(seed: int, packets: int = 6000) -> list[Frame]:
 
 
 def run(reader: Reader, blocks: list[bytes], table: SessionTable | None = None) -> SessionTable:
-    table = table or SessionTable(inspector_factory=Tape)
+    table = SessionTable(inspector_factory=Tape) if table is None else table  # an empty table is falsy
     for b in blocks:
         reader(b, table)
     return table
@@ -215,3 +215,27 @@ def test_vlan_valid_flag_is_required() -> None:
         t = run(reader, [bytes(raw)], SessionTable())
         assert [s.endpoints()[4] for s in t.sessions.values()] == [0]
     assert TP_STATUS_VLAN_VALID == 0x10
+
+
+@pytest.mark.parametrize("reader", READERS)
+@pytest.mark.parametrize("server_ring_first", [False, True], ids=["in-order", "server-ring-first"])
+def test_app_is_reported_once_matched_whichever_ring_is_read_first(reader: Reader, server_ring_first: bool) -> None:
+    """Live, a pod-to-pod request enters on the client's veth and the response on the server's:
+    two rings. A short HTTP/1.0 exchange never fills the detector's linger, so the session only
+    settles when it ends (seconds after its FINs); the app must not wait for that."""
+    c = lambda flags, data=b"": ether(ipv4(A4, B4, 6, tcp(40000, 8080, flags, data)))  # noqa: E731
+    s = lambda flags, data=b"": ether(ipv4(B4, A4, 6, tcp(8080, 40000, flags, data)))  # noqa: E731
+    client_ring = [(c(0x02), 1.0, None), (c(0x10), 1.002, None),
+                   (c(0x18, b"GET / HTTP/1.1\r\nHost: cache:8080\r\n\r\n"), 1.003, None), (c(0x10), 1.006, None)]
+    server_ring = [(s(0x12), 1.001, None), (s(0x10), 1.004, None),
+                   (s(0x18, b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n"), 1.005, None),
+                   (s(0x18, b"ok"), 1.0051, None)]
+    rings = [server_ring, client_ring] if server_ring_first else [client_ring, server_ring]
+    t = run(reader, [pack_block(frames)[0] for frames in rings], SessionTable())
+    (d,) = t.collect(2.0).sessions
+    assert (d.app, d.app_decided, d.new, d.opened, d.client_port) == ("http", True, True, True, 40000)
+    assert not d.metadata  # metadata and threats come once the inspector settles
+    t.close_all()
+    (end,) = t.collect(3.0).sessions
+    assert end.app == "http" and end.app_decided and end.metadata == {
+        "http": {"method": "GET", "path": "/", "version": "1.1", "host": "cache:8080", "status": 200}}

@@ -145,8 +145,8 @@ def test_reader_drops_a_connection_that_sends_garbage(tmp_path: Path) -> None:
 def _delta(i: int, **kw: object) -> SessionDelta:
     base: dict[str, object] = dict(
         l4="udp", proto=17, vlan=0, client=bytes([10, 0, 0, 1]), client_port=5000 + i, server=bytes([10, 0, 0, 53]),
-        server_port=53, first_seen=1.5, last_seen=2.5, new=True, closed=False, end_reason="", state="open",
-        app="dns", app_decided=False, packets_c2s=1, packets_s2c=1, bytes_c2s=60, bytes_s2c=90)
+        server_port=53, first_seen=1.5, last_seen=2.5, new=True, opened=True, closed=False, end_reason="",
+        state="open", app="dns", app_decided=False, packets_c2s=1, packets_s2c=1, bytes_c2s=60, bytes_s2c=90)
     base.update(kw)
     return SessionDelta(**base)  # type: ignore[arg-type]
 
@@ -168,7 +168,8 @@ def test_build_reports_splits_parts_and_carries_dns_threats_health() -> None:
     assert sum(len(p.sessions) for p in parts) == 5
     assert not parts[0].HasField("health") and parts[-1].health.packets == 10
     s0 = parts[0].sessions[0]
-    assert (s0.client_port, s0.server_port, s0.app, s0.new, s0.first_seen_ns) == (5000, 53, "dns", True, 1_500_000_000)
+    assert (s0.client_port, s0.server_port, s0.app, s0.new, s0.opened, s0.first_seen_ns) == (
+        5000, 53, "dns", True, True, 1_500_000_000)
     assert dict(parts[0].sessions[1].metadata) == {"http.host": "x", "http.status": "200"}
     assert parts[0].sessions[0].metadata["dns.qname"] == "a.example"
     assert parts[1].sessions[0].app == ""  # undecided: no label yet

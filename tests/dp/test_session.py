@@ -180,8 +180,42 @@ def test_reuse_after_close_is_a_new_session(table: SessionTable) -> None:
         feed(table, frame(*args))
     feed(table, frame(C, 40000, S, 80, SYN), ts=2.0)
     deltas = table.collect(3.0).sessions
-    assert [(d.closed, d.end_reason, d.packets_c2s) for d in deltas] == [(True, "reused", 2), (False, "", 1)]
+    assert [(d.closed, d.end_reason, d.packets_c2s, d.opened) for d in deltas] == [
+        (True, "reused", 2, True), (False, "", 1, True)]
     assert table.health().created == 2
+
+
+def test_a_session_opens_once_with_the_clients_syn(table: SessionTable) -> None:
+    feed(table, frame(C, 40000, S, 80, SYN))
+    feed(table, frame(C, 40000, S, 80, SYN))  # a retransmission
+    first = only(table, 1.0)
+    assert first.new and first.opened
+    feed(table, frame(S, 80, C, 40000, SYNACK))
+    assert not only(table, 2.0).opened
+
+
+def test_a_syn_read_after_the_synack_still_opens_once(table: SessionTable) -> None:
+    feed(table, frame(S, 80, C, 40000, SYNACK))
+    feed(table, frame(S, 80, C, 40000, ACK))
+    first = only(table, 1.0)
+    assert first.new and not first.opened  # as the reply half of a DNAT'd connection stays
+    feed(table, frame(C, 40000, S, 80, SYN))  # the client's ring, read late
+    feed(table, frame(C, 40000, S, 80, SYN))
+    second = only(table, 2.0)
+    assert not second.new and second.opened
+    feed(table, frame(C, 40000, S, 80, SYN))
+    assert not only(table, 3.0).opened
+
+
+@pytest.mark.parametrize("raw,opened", [
+    (frame(C, 40000, S, 80, ACK), False),  # picked up mid-stream (a dp restart): counted before
+    (frame(C, 40000, S, 53, None, b"x"), True),
+    (ether(ipv4(addr(C), addr(S), 1, bytes([8, 0, 0, 0, 0, 9, 0, 1]))), True),  # echo request
+], ids=["tcp-mid-stream", "udp", "icmp"])
+def test_what_opens_a_session(table: SessionTable, raw: bytes, opened: bool) -> None:
+    feed(table, raw)
+    d = only(table, 1.0)
+    assert d.new and d.opened == opened
 
 
 def test_idle_timeouts_are_per_protocol() -> None:

@@ -49,7 +49,9 @@ def detect(flow: Flow) -> Verdict:
         return Verdict.MATCH if _REPLY.match(s2c) else Verdict.NO
     if _ARRAY_PREFIX.fullmatch(c2s[:64]) or _INLINE_PREFIX.fullmatch(c2s[:32]):
         return Verdict.MORE
-    return Verdict.NO if c2s or s2c else Verdict.MORE
+    # The client speaks first: a reply seen before its command (read from another ring first)
+    # cannot rule Redis out.
+    return Verdict.NO if c2s else Verdict.MORE
 
 
 def extract(flow: Flow) -> Mapping[str, Any]:
