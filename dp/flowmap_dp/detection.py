@@ -38,6 +38,7 @@ class Inspector:
         self._matched: Detector | None = None
         self._lingered = 0
         self._bytes = {True: 0, False: 0}
+        self._before_client = 0  # server payload packets read before the client's first
         self._done = False
 
     @property
@@ -55,6 +56,8 @@ class Inspector:
         if room > 0:
             chunk = payload[:room]
             self._bytes[from_client] += len(chunk)
+            if not self._bytes[True]:
+                self._before_client += 1
             self.flow.add(from_client, chunk)
         elif self._matched is None:
             # One side is full and still nothing matched: more of the same will not help.
@@ -91,7 +94,13 @@ class Inspector:
                 self._candidates = []
                 self._extract()
                 return
-            if verdict is Verdict.MORE and self.flow.packets < det.max_packets:
+            if verdict is Verdict.NO and not self._bytes[True]:
+                # The client has not spoken yet, but it may have: its packets entered the node on
+                # another interface, whose ring can be read after the server's. The server's words
+                # can rule a protocol in (a banner, an answer), never out, and a detector's packet
+                # budget starts with the client's first word.
+                verdict = Verdict.MORE
+            if verdict is Verdict.MORE and self.flow.packets - self._before_client < det.max_packets:
                 keep.append(det)
         self._candidates = keep
 

@@ -74,3 +74,15 @@ def test_only_a_seen_opening_counts_a_session() -> None:
     syn = session("10.244.1.10", 40002, "10.96.0.50", 80, opened=True, c2s=60)
     (service,), _ = agg.take(wire_pb2.Report(sessions=[syn]))
     assert (service.sessions_opened, service.sessions_active) == (1, 2)
+
+
+def test_link_scoped_traffic_is_no_connection() -> None:
+    agg = Aggregator(local_pods={"10.244.1.10": "shop/web-1", "fd00:10:244:1::10": "shop/web-1"})
+    edges, _ = agg.take(wire_pb2.Report(sessions=[
+        session("fe80::1", 0, "fd00:10:244:1::10", 0, new=True, proto=58, c2s=72),  # neighbour discovery
+        session("fd00:10:244:1::10", 0, "ff02::2", 0, new=True, proto=58, c2s=56),  # router solicitation
+        session("0.0.0.0", 68, "255.255.255.255", 67, new=True, proto=17, c2s=300),  # DHCP discover
+        session("169.254.1.1", 1, "10.244.1.10", 80, new=True, c2s=10),
+        session("fd00:10:244:1::10", 40000, "fd00:10:244:2::30", 6379, new=True, c2s=90),
+    ]))
+    assert [(d.client.ip, d.server.ip) for d in edges] == [("fd00:10:244:1::10", "fd00:10:244:2::30")]

@@ -77,6 +77,20 @@ def test_dns_waits_for_the_answer() -> None:
     assert insp.metadata["dns"]["answers"] == [{"name": "www.example.com", "type": "A", "ttl": 300, "data": "93.184.216.34"}]
 
 
+def test_the_servers_words_read_first_rule_no_protocol_out() -> None:
+    """Live, the client's packets and the server's enter the node on different interfaces and
+    rings; the server's may be read first. PostgreSQL's "N" (no TLS) and Redis's "+OK" then come
+    before the client's request, and a gRPC server's SETTINGS and response before the call."""
+    postgres = Inspector("tcp", 40000, 5432)
+    postgres.feed(False, b"N")
+    postgres.feed(True, (8).to_bytes(4, "big") + (80877103).to_bytes(4, "big"))  # SSLRequest
+    redis = Inspector("tcp", 40001, 6379)
+    for _ in range(6):  # more server packets than the detector's own budget
+        redis.feed(False, b"+OK\r\n")
+    redis.feed(True, b"*1\r\n$4\r\nPING\r\n")
+    assert (postgres.app, redis.app) == ("postgresql", "redis")
+
+
 def test_dns_flow_with_many_queries_is_bounded() -> None:
     insp = Inspector("udp", 40000, 53)
     fed = 0
