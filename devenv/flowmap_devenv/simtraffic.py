@@ -1,0 +1,106 @@
+"""The simulated cluster's clients: what each pod of the demo shop calls, in rounds.
+
+Run inside a pod's network namespace (``ip netns exec``); standard library only, so that what is
+measured is the protocols themselves. Every call is real: DNS through the resolver of the pod
+(its resolv.conf names the cluster DNS pod), HTTP through the ClusterIP Service, Redis over
+IPv6, gRPC, PostgreSQL with psql, TLS to a server on the "internet" checked against its name.
+
+    python -m flowmap_devenv.simtraffic web|api|sites --rounds N --pause SECONDS --ca FILE
+
+``sites`` calls a new external site each round (site-N.example.net, N = round - 1) and prints
+when each call began (``N unix-time``): each is an edge never seen before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+
+import grpc
+
+API_URL = "http://api.shop.svc.cluster.local/"  # the ClusterIP Service, by name
+REDIS_V4 = ("10.244.2.30", 6379)
+REDIS_V6 = ("fd00:10:244:2::30", 6379)
+PAYMENTS = "payments.example.com"
+GRPC_TARGET = "10.244.2.20:9090"
+POSTGRES = "10.244.1.40"
+
+
+def redis(address: tuple[str, int], *commands: list[str]) -> None:
+    """Send RESP commands over one connection and read one reply line each."""
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        s.connect(address)
+        reader = s.makefile("rb")
+        for cmd in commands:
+            s.sendall(b"".join([f"*{len(cmd)}\r\n".encode()] +
+                               [f"${len(a.encode())}\r\n{a}\r\n".encode() for a in cmd]))
+            line = reader.readline()
+            if line.startswith(b"$") and line[1:].strip() != b"-1":
+                reader.readline()
+
+
+def payments(ca: str) -> None:
+    """Resolve the external service by name, then a TLS request checked against that name."""
+    address = socket.getaddrinfo(PAYMENTS, 443, socket.AF_INET, socket.SOCK_STREAM)[0][4]
+    context = ssl.create_default_context(cafile=ca)
+    with socket.create_connection(address, timeout=5) as raw, \
+            context.wrap_socket(raw, server_hostname=PAYMENTS) as tls:
+        tls.sendall(f"GET /charge HTTP/1.1\r\nHost: {PAYMENTS}\r\nConnection: close\r\n\r\n".encode())
+        while tls.recv(4096):
+            pass
+
+
+def web(n: int, ca: str) -> None:
+    with urllib.request.urlopen(API_URL, timeout=5) as r:
+        r.read()
+    with grpc.insecure_channel(GRPC_TARGET) as channel:
+        channel.unary_unary("/shop.Catalog/List")(b"", timeout=5)
+    redis(REDIS_V6, ["INCR", "visits"])
+
+
+def api(n: int, ca: str) -> None:
+    redis(REDIS_V4, ["SET", f"order:{n}", "paid"], ["GET", f"order:{n}"])
+    done = subprocess.run(["psql", "-h", POSTGRES, "-U", "shop", "-d", "postgres", "-XAtqc",
+                           f"SELECT {n} AS order_id"], capture_output=True, text=True, timeout=10)
+    if done.returncode:
+        raise OSError(f"psql: {done.stderr.strip()}")
+    payments(ca)
+
+
+def sites(n: int, ca: str) -> None:
+    print(n - 1, time.time(), flush=True)
+    with urllib.request.urlopen(f"http://site-{n - 1}.example.net/", timeout=5) as r:
+        r.read()
+
+
+ROLES = {"web": web, "api": api, "sites": sites}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("role", choices=sorted(ROLES))
+    p.add_argument("--rounds", type=int, default=0, help="0: until stopped")
+    p.add_argument("--pause", type=float, default=1.0)
+    p.add_argument("--ca", required=True, help="the CA file that signs the external service's certificate")
+    args = p.parse_args()
+    n, failures = 0, 0
+    while not args.rounds or n < args.rounds:
+        n += 1
+        try:
+            ROLES[args.role](n, args.ca)
+        except (OSError, grpc.RpcError, subprocess.TimeoutExpired) as exc:
+            failures += 1
+            print(f"{args.role} round {n}: {exc}", file=sys.stderr, flush=True)
+        time.sleep(args.pause)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,295 @@
+"""The whole path on the simulated cluster: real traffic between pods on two nodes becomes exactly
+the expected Connections, with exactly the bytes the nodes' kernels forwarded.
+
+The control plane is the test's own (the operator tests' shop uses the same addresses). Ground
+truth: an nftables counter per edge and direction in the forward hook of the client's node, ahead
+of everything else; the kernel counts IP lengths, as the dp does, and sees the ClusterIP flow
+after kube-proxy's DNAT, which is what the Connection must show (the backing workload).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flowmap_devenv import binaries
+from flowmap_devenv.controlplane import ControlPlane
+from flowmap_devenv.simcluster import (API, DNS, GRPC_PORT, INTERNET, PAYMENTS, POSTGRES, REDIS, SERVICE, SITES, WEB,
+                                       SimCluster, site)
+from flowmap_operator.naming import connection_name, object_name
+from tests.conftest import need, need_root
+
+ROUNDS = 20
+
+# name -> (client group, server group, port, protocol, node that counts, c2s match, s2c match, app)
+EDGES: dict[str, tuple[str, str, int, str, str, str, str, str]] = {
+    "web-api": ("shop.web", "shop.api", 8080, "TCP", "node-a",
+                f"ip saddr {WEB.ip} ip daddr {API.ip} tcp dport 8080", f"ip saddr {API.ip} ip daddr {WEB.ip} tcp sport 8080",
+                "http"),
+    "web-grpc": ("shop.web", "shop.api", GRPC_PORT, "TCP", "node-a",
+                 f"ip saddr {WEB.ip} ip daddr {API.ip} tcp dport {GRPC_PORT}",
+                 f"ip saddr {API.ip} ip daddr {WEB.ip} tcp sport {GRPC_PORT}", "grpc"),
+    "web-dns": ("shop.web", "kube-system.coredns", 53, "UDP", "node-a",
+                f"ip saddr {WEB.ip} ip daddr {DNS.ip} udp dport 53", f"ip saddr {DNS.ip} ip daddr {WEB.ip} udp sport 53",
+                "dns"),
+    "web-redis6": ("shop.web", "shop.redis", 6379, "TCP", "node-a",
+                   f"ip6 saddr {WEB.ip6} ip6 daddr {REDIS.ip6} tcp dport 6379",
+                   f"ip6 saddr {REDIS.ip6} ip6 daddr {WEB.ip6} tcp sport 6379", "redis"),
+    "api-dns": ("shop.api", "kube-system.coredns", 53, "UDP", "node-b",
+                f"ip saddr {API.ip} ip daddr {DNS.ip} udp dport 53", f"ip saddr {DNS.ip} ip daddr {API.ip} udp sport 53",
+                "dns"),
+    "api-redis": ("shop.api", "shop.redis", 6379, "TCP", "node-b",
+                  f"ip saddr {API.ip} ip daddr {REDIS.ip} tcp dport 6379",
+                  f"ip saddr {REDIS.ip} ip daddr {API.ip} tcp sport 6379", "redis"),
+    "api-postgres": ("shop.api", "shop.postgres", 5432, "TCP", "node-b",
+                     f"ip saddr {API.ip} ip daddr {POSTGRES.ip} tcp dport 5432",
+                     f"ip saddr {POSTGRES.ip} ip daddr {API.ip} tcp sport 5432", "postgresql"),
+    "api-payments": ("shop.api", object_name(PAYMENTS), 443, "TCP", "node-b",
+                     f"ip saddr {API.ip} ip daddr {INTERNET} tcp dport 443",
+                     f"ip saddr {INTERNET} ip daddr {API.ip} tcp sport 443", "tls"),
+}
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[SimCluster]:
+    need_root()
+    need(binaries.find() is not None, "the control plane binaries are not built ('flowmap controlplane build')")
+    for tool in ("dnsmasq", "redis-server", "openssl", "nft", "psql", "runuser"):
+        need(shutil.which(tool) is not None, f"the simulated cluster needs {tool}")
+    need(any(Path("/usr/lib/postgresql").glob("*/bin/postgres")), "the simulated cluster needs PostgreSQL")
+    folder = Path(tempfile.mkdtemp(prefix="flowmap-sim-"))
+    plane = ControlPlane(folder / "state", log=lambda line: None)
+    plane.up()
+    cluster = SimCluster(plane, folder)
+    try:
+        cluster.up()
+        for node_name in ("node-a", "node-b"):
+            cluster.count(node_name, {f"{name}-{way}": match for name, e in EDGES.items() if e[4] == node_name
+                                      for way, match in (("c2s", e[5]), ("s2c", e[6]))})
+        end = time.monotonic() + 60
+        while not agents_capturing(cluster):
+            assert time.monotonic() < end, "the agents' dps did not attach to every pod interface and uplink"
+            time.sleep(0.2)
+        yield cluster
+    finally:
+        try:
+            cluster.down()
+        finally:
+            plane.down(quiet=True)
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def connections(sim: SimCluster) -> dict[str, dict[str, Any]]:
+    items = json.loads(sim.plane.kubectl("get", "connections", "-o", "json").stdout)["items"]
+    return {c["metadata"]["name"]: c for c in items}
+
+
+def agents_capturing(sim: SimCluster) -> bool:
+    import urllib.request
+
+    for port, pods in ((sim.health_ports["node-a"], 3), (sim.health_ports["node-b"], 2)):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                text = r.read().decode()
+        except OSError:
+            return False
+        if f"flowmap_agent_dp_interfaces {pods + 1}.0" not in text:  # its pods' veths and the uplink
+            return False
+    return True
+
+
+def test_shop_traffic_becomes_exactly_the_expected_connections(sim: SimCluster) -> None:
+    clients = [sim.traffic(WEB, ROUNDS, pause=0.05), sim.traffic(API, ROUNDS, pause=0.05)]
+    for proc in clients:
+        assert proc.popen.wait(120) == 0, proc.log.read_text()[-2000:]
+    truth = {**sim.truth("node-a"), **sim.truth("node-b")}
+    want = {connection_name(*e[:4]): (name, truth[f"{name}-c2s"], truth[f"{name}-s2c"]) for name, e in EDGES.items()}
+    assert all(c2s and s2c for _, c2s, s2c in want.values()), truth
+
+    def exact() -> bool:
+        got = connections(sim)
+        return all((got.get(conn, {}).get("status", {}).get("bytes", {}).get("clientToServer"),
+                    got.get(conn, {}).get("status", {}).get("bytes", {}).get("serverToClient")) == (c2s, s2c)
+                   for conn, (_, c2s, s2c) in want.items())
+
+    end = time.monotonic() + 60
+    while not exact():
+        if time.monotonic() > end:
+            got = {n: c.get("status", {}).get("bytes") for n, c in connections(sim).items()}
+            pytest.fail(f"Connections do not match the kernel's counters:\nwant {want}\ngot  {got}")
+        time.sleep(0.5)
+    got = connections(sim)
+    assert set(got) == set(want), f"unexpected edges: {sorted(set(got) - set(want))}"
+    for conn, (name, _, _) in want.items():
+        assert (got[conn]["spec"]["client"], got[conn]["spec"]["server"]) == EDGES[name][:2]
+    apps = {name: got[conn]["status"]["applications"] for conn, (name, _, _) in want.items()}
+    assert apps == {name: [e[7]] for name, e in EDGES.items()}
+    # The ClusterIP flow is attributed to the workload behind the Service, which is named.
+    assert got[connection_name(*EDGES["web-api"][:4])]["status"]["service"] == f"{SERVICE['namespace']}/{SERVICE['name']}"
+
+
+
+# -- crashes ------------------------------------------------------------------------------------
+
+def counted(sim: SimCluster) -> dict[str, tuple[int, int]]:
+    got = connections(sim)
+    return {name: tuple(got.get(connection_name(*e[:4]), {}).get("status", {}).get("bytes", {}).get(way, 0)
+                        for way in ("clientToServer", "serverToClient"))  # type: ignore[misc]
+            for name, e in EDGES.items()}
+
+
+def kernel(sim: SimCluster) -> dict[str, tuple[int, int]]:
+    truth = {**sim.truth("node-a"), **sim.truth("node-b")}
+    return {name: (truth[f"{name}-c2s"], truth[f"{name}-s2c"]) for name in EDGES}
+
+
+def settled(sim: SimCluster, timeout: float = 60) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, int]]]:
+    """(kernel, Connections) once the agents hold nothing unacknowledged and nothing changes for 2 s."""
+    end, last, since = time.monotonic() + timeout, None, time.monotonic()
+    while time.monotonic() < end:
+        held = sum(sim.agent_metrics(n).get("flowmap_agent_unacked_edges", 1) for n in ("node-a", "node-b"))
+        now = counted(sim)
+        if now != last or held:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= 2:
+            return kernel(sim), now
+        time.sleep(0.25)
+    raise AssertionError(f"the Connections did not settle: {last}")
+
+
+def health(sim: SimCluster) -> dict[str, dict[str, float]]:
+    """What the agents say of their dp and of losses (for failure messages)."""
+    return {n: {k: v for k, v in sim.agent_metrics(n).items() if k.endswith(("_total", "_sessions", "_interfaces"))
+                and "malformed" not in k} for n in ("node-a", "node-b")}
+
+
+def minus(a: dict[str, tuple[int, int]], b: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    return {k: (a[k][0] - b[k][0], a[k][1] - b[k][1]) for k in a}
+
+
+def busy_shop(sim: SimCluster, during: Any, rounds: int = 200) -> float:
+    """Run both clients for ``rounds`` rounds (about 10 s); call ``during()`` 3 s in; the traffic's duration."""
+    started = time.monotonic()
+    clients = [sim.traffic(WEB, rounds, pause=0.05), sim.traffic(API, rounds, pause=0.05)]
+    time.sleep(3.0)
+    during()
+    for proc in clients:
+        assert proc.popen.wait(180) == 0, proc.log.read_text()[-2000:]
+    return time.monotonic() - started
+
+
+def test_kill_9_of_the_operator_loses_and_doubles_nothing(sim: SimCluster) -> None:
+    truth0, conn0 = settled(sim)
+    op = sim.operator
+    assert op is not None
+
+    def crash() -> None:
+        op.kill()
+        time.sleep(2)  # reports pile up in the agents meanwhile
+        op.start().wait_leading()
+
+    busy_shop(sim, crash)
+    truth1, conn1 = settled(sim)
+    assert minus(conn1, conn0) == minus(truth1, truth0), health(sim)
+
+
+@pytest.mark.parametrize("victim", ["dp", "agent"])
+def test_kill_9_of_a_dp_or_an_agent_loses_at_most_its_interval_and_counts_it(sim: SimCluster, victim: str) -> None:
+    node_name = "node-b"  # the api's node: it counts api -> redis, dns, payments
+    truth0, conn0 = settled(sim)
+    restarts = sim.agent_metrics(node_name).get("flowmap_agent_dp_restarts_total", 0.0)
+    gap: list[float] = []
+
+    def crash() -> None:
+        pid = sim.dp_pid(node_name)
+        assert pid is not None
+        killed = time.monotonic()
+        if victim == "dp":
+            os.kill(pid, signal.SIGKILL)
+            back = lambda m: m.get("flowmap_agent_dp_restarts_total", 0) > restarts  # noqa: E731 - the new dp reported
+        else:
+            sim.stop(sim.agents[node_name], signal.SIGKILL)
+            sim.start_agent(node_name)
+            back = lambda m: m.get("flowmap_agent_dp_packets_total", 0) > 0  # noqa: E731 - the new agent's dp reported
+        end = time.monotonic() + 30
+        while not back(sim.agent_metrics(node_name)):
+            assert time.monotonic() < end, "the dp did not come back"
+            time.sleep(0.02)
+        gap.append(time.monotonic() - killed)
+
+    duration = busy_shop(sim, crash)
+    truth1, conn1 = settled(sim)
+    sent, got = minus(truth1, truth0), minus(conn1, conn0)
+    # What may be lost (see flowmap_agent.running): the dp's current interval (and, with the agent,
+    # what the agent took after its last save: one more), plus the packets that pass until a new dp
+    # captures; at the traffic's average rate, with half a second to spare (the rounds are bursts).
+    window = sim.interval * (1 if victim == "dp" else 2) + gap[0] + 0.5
+    for name, e in EDGES.items():
+        if e[4] != node_name:
+            assert got[name] == sent[name], (name, got[name], sent[name], health(sim))  # the other node: exact
+            continue
+        lost = (sent[name][0] - got[name][0], sent[name][1] - got[name][1])
+        allowed = [int(b / duration * window) for b in sent[name]]
+        assert 0 <= lost[0] <= allowed[0] and 0 <= lost[1] <= allowed[1], (name, lost, allowed, gap, health(sim))
+        print(f"{victim} kill -9: {name} lost {lost} of {sent[name]} bytes = "
+              f"{sum(lost) / sum(sent[name]) * duration:.2f} s of its traffic; a new dp captured "
+              f"{gap[0]:.2f} s after the kill")
+    metrics = sim.agent_metrics(node_name)
+    if victim == "dp":
+        assert metrics.get("flowmap_agent_dp_restarts_total", 0) == restarts + 1, metrics
+    else:
+        assert metrics.get("flowmap_agent_unclean_restarts_total") == 1, metrics
+
+
+# -- freshness ----------------------------------------------------------------------------------
+
+def test_new_edges_appear_within_two_seconds(sim: SimCluster) -> None:
+    from kubernetes import client as k8s
+    from kubernetes import config as k8s_config
+    from kubernetes import watch as k8s_watch
+
+    api = k8s.ApiClient(k8s_config.new_client_from_config(str(sim.plane.kubeconfig)).configuration)
+    custom = k8s.CustomObjectsApi(api)
+    added: dict[str, float] = {}
+    stop = threading.Event()
+
+    def watch() -> None:
+        rv = custom.list_cluster_custom_object("flowmap.dev", "v1alpha1", "connections")["metadata"]["resourceVersion"]
+        while not stop.is_set():
+            for ev in k8s_watch.Watch().stream(custom.list_cluster_custom_object, "flowmap.dev", "v1alpha1",
+                                               "connections", resource_version=rv, timeout_seconds=2):
+                rv = ev["object"]["metadata"]["resourceVersion"]
+                if ev["type"] == "ADDED":
+                    added.setdefault(ev["object"]["metadata"]["name"], time.time())
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        client = sim.traffic(WEB, SITES, pause=0.3, role="sites")
+        assert client.popen.wait(120) == 0, client.log.read_text()[-2000:]
+        began = {int(n): float(t) for n, t in (line.split() for line in client.log.read_text().splitlines()
+                                                 if line.count(" ") == 1 and line.split()[0].isdigit())}
+        assert sorted(began) == list(range(SITES))
+        names = {n: connection_name("shop.web", object_name(site(n)[0]), 80, "TCP") for n in range(SITES)}
+        end = time.monotonic() + 30
+        while not all(name in added for name in names.values()) and time.monotonic() < end:
+            time.sleep(0.2)
+    finally:
+        stop.set()
+    missing = [n for n, name in names.items() if name not in added]
+    assert not missing, f"never appeared: {missing}"
+    latency = sorted(added[names[n]] - began[n] for n in range(SITES))
+    p50, p95 = latency[len(latency) // 2], latency[int(len(latency) * 0.95)]
+    print(f"new edge -> Connection over {SITES} edges: min {latency[0]:.2f} s, p50 {p50:.2f} s, "
+          f"p95 {p95:.2f} s, max {latency[-1]:.2f} s")
+    assert p95 <= 2.0, latency
