@@ -266,7 +266,11 @@ class SessionTable:
         else:
             s.pkts_s2c += 1
             s.bytes_s2c += d.ip_len
-        s.last = ts
+        # Rings are read one after another, so a packet can be older than one already seen.
+        if ts > s.last:
+            s.last = ts
+        elif ts < s.first:
+            s.first = ts
         if d.proto == PROTO_TCP:
             self._tcp(s, d.flags, from_client)
         if s.insp is not False and d.payload_end > d.payload_start:

@@ -283,7 +283,8 @@ class _Block:
                 s.bytes_s2c += by_fl[gi]
                 s.pkts_c2s += pk_rl[gi]
                 s.bytes_c2s += by_rl[gi]
-            s.last = ts_l[gi]
+            if ts_l[gi] > s.last:  # another ring's packets may have been newer
+                s.last = ts_l[gi]
             if not s.dirty:
                 s.dirty = True
                 dirty[id(s)] = s

@@ -138,6 +138,14 @@ class Outbox:
         self.unacked = keep
         self.acked = keep[0].sequence - 1 if keep else self.sequence
 
+    def refused(self, batch: pb.ReportBatch) -> None:
+        """The operator refused ``batch`` as invalid, whole: it will never take it. Drop it and
+        count its deltas as lost (``lost_deltas``), rather than block everything behind it."""
+        self.unacked = [b for b in self.unacked if b is not batch]
+        self.in_flight.difference_update(edge_key(d) for d in batch.edges)
+        self.lost_deltas += len(batch.edges)
+        self.acked = self.unacked[0].sequence - 1 if self.unacked else self.sequence
+
     def failed(self) -> None:
         """The connection broke or the operator refused: resend all unacknowledged, in order."""
         self.delivered = self.acked

@@ -166,3 +166,16 @@ def test_an_unreadable_or_foreign_state_file_is_refused(tmp_path: Path) -> None:
     path.write_bytes(b"garbage!")
     with pytest.raises(StateError):
         Outbox.load(path, "node-a")
+
+
+def test_a_batch_refused_as_invalid_is_dropped_and_counted_not_resent_forever() -> None:
+    box = Outbox("a", "n")
+    box.add([delta("10.0.0.1", 5), delta("10.0.0.2", 1)])
+    bad = box.cut()
+    box.add([delta("10.0.0.3", 1)])
+    good = box.cut()
+    assert bad is not None and good is not None
+    box.refused(bad)
+    assert [b.sequence for b in box.to_deliver()] == [good.sequence] and box.lost_deltas == 2
+    box.add([delta("10.0.0.1", 7)])  # its edges are free again
+    assert [d.bytes_c2s for d in box.cut().edges] == [7]  # type: ignore[union-attr]

@@ -92,6 +92,13 @@ def test_synack_seen_first_decides_client(table: SessionTable) -> None:
     assert (d.client_text, d.server_text, d.state) == ("10.0.0.1:40000", "10.0.0.2:80", "syn_recv")
 
 
+def test_a_packet_read_late_from_another_ring_keeps_first_before_last(table: SessionTable) -> None:
+    feed(table, frame(S, 80, C, 40000, SYNACK), ts=2.0)  # the server's ring is read first
+    feed(table, frame(C, 40000, S, 80, SYN), ts=1.0)
+    d = only(table)
+    assert (d.first_seen, d.last_seen) == (1.0, 2.0)
+
+
 @pytest.mark.parametrize("sport,dport,server", [
     (443, 40000, 443),  # well-known
     (40000, 5432, 5432),  # known service above 1024
