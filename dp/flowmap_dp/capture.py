@@ -14,13 +14,25 @@ Decisions worth knowing:
   packets that overflow a frame it makes the kernel queue an *extra* full copy on the socket's
   ordinary receive queue, so it costs more, not less. ``tp_len`` still carries the real length.
 * **Direction.** With ``ETH_P_ALL`` a veth shows both the frames it received and the frames the
-  host sent out of it (``PACKET_OUTGOING``). In ``Direction.RECEIVED`` mode (the default) the BPF
-  program drops outgoing frames in the kernel, so each packet is counted where it *enters* the
-  node from a watched interface: on a pod's host-side veth that is what the pod sent. A
-  pod-to-pod packet on one node enters once (from the sender's veth) and leaves once (out of
-  the receiver's veth), so it is counted exactly once. Traffic from outside the node is counted
-  when the node's uplink is watched too (its received side). ``Direction.BOTH`` keeps every
-  frame: right for a single interface where nothing else is watched (a bridge port, a test).
+  host sent out of it (``PACKET_OUTGOING``). In ``Direction.RECEIVED`` mode (the default) each
+  packet is counted where it *enters the network* at this node, once:
+
+  - a received frame is kept: on a pod's host-side veth that is what the pod sent, on the
+    uplink what came from outside the node. A pod-to-pod packet on one node enters once (from
+    the sender's veth) and leaves once (out of the receiver's veth), so it is counted once;
+  - an outgoing frame is kept only when its IP source is one of the node's own addresses
+    (``local_addresses``): the node's own stack sent it (kubelet probes, hostNetwork pods), so
+    it entered nowhere else. A forwarded frame leaving a pod's veth or the uplink carries a
+    pod's or a remote source and is dropped in the kernel: it was counted where it entered.
+    The test is on the source address, which is all classic BPF can see: a forwarded frame
+    whose source the node rewrote to one of its own addresses (masquerade, a NodePort's SNAT)
+    is kept too, and counted a second time under the rewritten 5-tuple.
+
+  The source test reads the frame as untagged Ethernet, as the dp reads every ring (veths and
+  uplinks are Ethernet): an outgoing frame with a VLAN tag inside it is not kept; a tag the
+  kernel keeps in the packet's metadata (VLAN offload) is not in the frame and changes nothing.
+  ``Direction.BOTH`` keeps every frame: right for a single interface where nothing else is
+  watched (a bridge port, a test).
 * **Fanout.** ``PACKET_FANOUT_HASH | PACKET_FANOUT_FLAG_DEFRAG`` spreads one interface over N
   sockets (one per worker process) by the kernel's flow hash, which is symmetric in source and
   destination, so both directions of a session land in the same worker; DEFRAG reassembles IP
@@ -35,6 +47,7 @@ from __future__ import annotations
 import ctypes
 import enum
 import errno
+import ipaddress
 import mmap
 import select
 import socket
@@ -53,6 +66,8 @@ PACKET_FANOUT_HASH = 0
 PACKET_FANOUT_FLAG_DEFRAG = 0x8000
 SO_ATTACH_FILTER = 26
 ETH_P_ALL = 0x0003
+ETH_P_IP = 0x0800
+ETH_P_IPV6 = 0x86DD
 TP_STATUS_KERNEL = 0
 TP_STATUS_USER = 1
 TP_FT_REQ_FILL_RXHASH = 1
@@ -60,8 +75,13 @@ PACKET_OUTGOING = 4
 SKF_AD_PKTTYPE = 0xFFFFF000 + 4  # SKF_AD_OFF (-0x1000) + SKF_AD_PKTTYPE, as u32
 
 BPF_LD_W_ABS = 0x20
+BPF_LD_H_ABS = 0x28
+BPF_JA = 0x05
 BPF_JEQ_K = 0x15
 BPF_RET_K = 0x06
+# Offsets of the IP source address in an untagged Ethernet frame.
+IPV4_SRC = 14 + 12
+IPV6_SRC = 14 + 8
 
 _REQ3 = struct.Struct("=7I")  # struct tpacket_req3
 _STATS3 = struct.Struct("=3I")  # struct tpacket_stats_v3
@@ -94,12 +114,16 @@ class RingConfig:
     block_count: int = 16
     frame_size: int = 2048
     retire_timeout_ms: int = 64
-    snaplen: int = 256
+    snaplen: int = 1024  # enough for the headers detectors read (an HTTP/2 HEADERS frame of gRPC)
     direction: Direction = Direction.RECEIVED
     fill_rxhash: bool = True
     filter: tuple[Insn, ...] | None = None  # a classic-BPF program, e.g. from compile_filter()
+    # The node's own addresses: in RECEIVED mode, outgoing frames from them are kept too.
+    local_addresses: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        for address in self.local_addresses:
+            ipaddress.ip_address(address)  # ValueError names the bad one
         if self.block_size % mmap.PAGESIZE or self.block_size <= 0:
             raise ValueError(f"block_size must be a positive multiple of {mmap.PAGESIZE}")
         if self.frame_size % 16 or self.frame_size < 64 or self.block_size % self.frame_size:
@@ -122,8 +146,11 @@ def build_filter(config: RingConfig) -> list[Insn]:
     """The socket's BPF program: direction check, the user's filter, snaplen on every accept."""
     prog: list[Insn] = []
     if config.direction is Direction.RECEIVED:
-        # A = pkttype; outgoing -> next insn (reject), else skip it.
-        prog += [(BPF_LD_W_ABS, 0, 0, SKF_AD_PKTTYPE), (BPF_JEQ_K, 0, 1, PACKET_OUTGOING), (BPF_RET_K, 0, 0, 0)]
+        outgoing = _from_own_address(config.local_addresses)
+        # A = pkttype; outgoing -> the source check, else jump past it. Conditional jumps reach
+        # only 255 instructions, ja any distance.
+        prog += [(BPF_LD_W_ABS, 0, 0, SKF_AD_PKTTYPE), (BPF_JEQ_K, 1, 0, PACKET_OUTGOING),
+                 (BPF_JA, 0, 0, len(outgoing)), *outgoing]
     if config.filter:
         for code, jt, jf, k in config.filter:
             if code == BPF_RET_K and k:
@@ -134,6 +161,33 @@ def build_filter(config: RingConfig) -> list[Insn]:
     if len(prog) > 4096:
         raise ValueError("classic BPF programs are limited to 4096 instructions")
     return prog
+
+
+def _from_own_address(addresses: Sequence[str]) -> list[Insn]:
+    """Rejects the frame unless its IP source is one of ``addresses``; a match falls out at the end."""
+    ips = [ipaddress.ip_address(a) for a in addresses]
+    v4 = [ip.packed for ip in ips if ip.version == 4]
+    v6 = [ip.packed for ip in ips if ip.version == 6]
+    if not ips:
+        return [(BPF_RET_K, 0, 0, 0)]
+    match = -1  # placeholder target of a "ja" to the end of the block, resolved below
+    four: list[Insn] = [(BPF_LD_W_ABS, 0, 0, IPV4_SRC)]
+    for a in v4:
+        four += [(BPF_JEQ_K, 0, 1, int.from_bytes(a, "big")), (BPF_JA, 0, 0, match)]
+    four.append((BPF_RET_K, 0, 0, 0))
+    six: list[Insn] = []
+    for a in v6:
+        for i in range(4):  # a mismatch skips the rest of this address, its "ja" included
+            word = int.from_bytes(a[4 * i : 4 * i + 4], "big")
+            six += [(BPF_LD_W_ABS, 0, 0, IPV6_SRC + 4 * i), (BPF_JEQ_K, 0, 7 - 2 * i, word)]
+        six.append((BPF_JA, 0, 0, match))
+    six.append((BPF_RET_K, 0, 0, 0))
+    # A = ethertype; IPv4 -> four, IPv6 -> six, else (ARP, a tag in the frame) reject.
+    block: list[Insn] = [(BPF_LD_H_ABS, 0, 0, 12), (BPF_JEQ_K, 0, 1, ETH_P_IP), (BPF_JA, 0, 0, 3),
+                         (BPF_JEQ_K, 0, 1, ETH_P_IPV6), (BPF_JA, 0, 0, 1 + len(four)), (BPF_RET_K, 0, 0, 0),
+                         *four, *six]
+    return [(code, jt, jf, len(block) - i - 1 if code == BPF_JA and k == match else k)
+            for i, (code, jt, jf, k) in enumerate(block)]
 
 
 def compile_filter(expression: str, snaplen: int = 262144) -> tuple[Insn, ...]:

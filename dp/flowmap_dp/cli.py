@@ -72,7 +72,10 @@ def _register_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--filter", default=None, metavar="EXPR", help="pcap filter expression (needs tcpdump to compile)")
     p.add_argument("--direction", choices=("received", "both"), default="received",
                    help="received: count each frame where it enters the node (default); both: every frame")
-    p.add_argument("--snaplen", type=int, default=256, help="bytes copied per packet (default 256)")
+    p.add_argument("--local-address", action="append", default=[], metavar="ADDR",
+                   help="one of the node's own addresses (repeat): in received mode, frames the node sends "
+                        "from it are counted too")
+    p.add_argument("--snaplen", type=int, default=1024, help="bytes copied per packet (default 1024)")
     p.add_argument("--block-size", type=int, default=1 << 20, help="ring block size in bytes (page multiple)")
     p.add_argument("--block-count", type=int, default=16, help="ring blocks per interface and worker")
     p.add_argument("--retire-ms", type=int, default=64, help="hand over a partly filled block after this long")
@@ -90,7 +93,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         bpf = compile_filter(args.filter, args.snaplen) if args.filter else None
         ring = RingConfig(block_size=args.block_size, block_count=args.block_count, retire_timeout_ms=args.retire_ms,
-                          snaplen=args.snaplen, direction=Direction(args.direction), filter=bpf)
+                          snaplen=args.snaplen, direction=Direction(args.direction), filter=bpf,
+                          local_addresses=tuple(args.local_address))
     except (ValueError, RuntimeError, OSError) as e:
         print(f"flowmap dp run: {e}", file=sys.stderr)
         return 2

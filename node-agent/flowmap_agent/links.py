@@ -1,7 +1,8 @@
 """Which host interface leads to each local pod, read from the kernel's routes over netlink.
 
 CNIs like kindnet and Calico route each pod with a host route (/32 or /128) through the host
-side of the pod's veth; the dp captures there. The node's own addresses tell the uplinks.
+side of the pod's veth; the dp captures there. The node's own addresses tell the uplinks, and
+the uplinks' addresses tell the dp what the node itself sends.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from contextlib import contextmanager
 from pyroute2 import IPRoute
 
 _CLONE_NEWNET = 0x40000000
+RT_SCOPE_UNIVERSE = 0
 
 
 @contextmanager
@@ -63,3 +65,13 @@ def address_interfaces(addresses: Iterable[str], netns: str = "") -> set[str]:
         names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
         return {names[a["index"]] for a in ipr.get_addr() if a.get_attr("IFA_ADDRESS") in wanted
                 and a["index"] in names}
+
+
+def interface_addresses(interfaces: Iterable[str], netns: str = "") -> set[str]:
+    """The global addresses on these interfaces (link-local ones never leave their link)."""
+    wanted = set(interfaces)
+    with _ipr(netns) as ipr:
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        # IFA_LOCAL is our end of a point-to-point link (IFA_ADDRESS the peer's); IPv6 has only IFA_ADDRESS.
+        return {a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS") for a in ipr.get_addr()
+                if a["scope"] == RT_SCOPE_UNIVERSE and names.get(a["index"]) in wanted}

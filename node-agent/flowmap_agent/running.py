@@ -4,6 +4,8 @@ Each interval: tell the dp which interfaces to capture (the host side of each lo
 found from its host route, plus the uplinks), take the dp's session records, aggregate them per
 edge, cut a numbered batch, save the outbox to disk, then deliver whatever is not acknowledged.
 The loop never waits on the operator longer than a send timeout, and backs off with jitter.
+The dp starts with the node's own addresses (the Node object's and the uplinks'), so it also
+counts what the node itself sends, where it leaves the node.
 
 What a crash can lose, exactly, and how it is counted:
 
@@ -33,7 +35,7 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -148,6 +150,7 @@ class Agent:
             return
         box = self.outbox
         batches = box.to_deliver()
+        batch: pb.ReportBatch | None = None
         try:
             token = Path(self.settings.token_file).read_text().strip()
             for batch in batches:
@@ -166,6 +169,11 @@ class Agent:
             code = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else type(exc).__name__
             if isinstance(exc, grpc.aio.AioRpcError):
                 REPORTS.labels(code.lower()).inc()
+                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT and batch is not None and batch.sequence:
+                    # Refused whole, and it would be forever: a bug to fix, counted, not a jam.
+                    log.error("batch %d refused as invalid (%s): its %d deltas are dropped and counted as lost",
+                              batch.sequence, exc.details(), len(batch.edges))
+                    box.refused(batch)
             log.warning("report failed (%s); resending from batch %d in %.1f s", code, box.acked + 1, self.backoff)
             box.failed()
             self.retry_at = time.monotonic() + self.backoff * random.uniform(0.5, 1.5)
@@ -192,16 +200,21 @@ class Agent:
                     self.outbox.lost_deltas += lost
                     LOST.inc(lost)
 
-    async def run_dp(self) -> None:
-        """Keep the dp running as a child; restart it (with backoff) if it exits."""
+    async def run_dp(self, local_addresses: Sequence[str]) -> None:
+        """Keep the dp running as a child; restart it (with backoff) if it exits.
+
+        ``local_addresses`` are the node's own: the dp counts what the node sends from them where
+        it leaves (see ``flowmap_dp.capture``, "Direction").
+        """
         s = self.settings
+        own = [arg for address in local_addresses for arg in ("--local-address", address)]
         delay = 0.0  # every moment without a dp is traffic not seen: restart at once, then back off
         while not self.stop.is_set():
             started = time.monotonic()
             inside = ("ip", "netns", "exec", s.netns) if s.netns else ()
             proc = await asyncio.create_subprocess_exec(
                 *inside, sys.executable, "-m", "flowmap_cli", "dp", "run", "--socket", s.socket, "--interval", str(s.interval),
-                "--workers", str(s.dp_workers), *s.dp_args.split(), preexec_fn=_die_with_parent)
+                "--workers", str(s.dp_workers), *own, *s.dp_args.split(), preexec_fn=_die_with_parent)
             waiter = asyncio.ensure_future(proc.wait())
             await asyncio.wait([waiter, asyncio.ensure_future(self.stop.wait())], return_when=asyncio.FIRST_COMPLETED)
             if not waiter.done():
@@ -259,6 +272,9 @@ class Agent:
         self.aggregator.node_ips = frozenset(node_ips)
         uplinks = set(filter(None, s.uplinks.split(","))) or await asyncio.to_thread(
             links.address_interfaces, node_ips, s.netns)
+        # What the node sends from any of its addresses is its own traffic for the dp. Only the
+        # Node object's are marked local in reports: the operator knows a node by those alone.
+        local_addresses = sorted(set(node_ips) | await asyncio.to_thread(links.interface_addresses, uplinks, s.netns))
 
         running = Path(s.state_file + ".running")  # present while an agent runs: left by a crash
         if running.exists():
@@ -271,9 +287,10 @@ class Agent:
             os.unlink(s.socket)
         reader = ReportReader(s.socket)
         runner = await self.serve_health(pods, reader)
-        tasks = [asyncio.create_task(pods.run(self.stop)), asyncio.create_task(self.run_dp())]
+        tasks = [asyncio.create_task(pods.run(self.stop)), asyncio.create_task(self.run_dp(local_addresses))]
         wanted: list[str] = []
-        log.info("agent %s on node %s: uplinks %s", self.outbox.agent_id, s.node, sorted(uplinks))
+        log.info("agent %s on node %s: uplinks %s, own addresses %s", self.outbox.agent_id, s.node, sorted(uplinks),
+                 local_addresses)
         while not self.stop.is_set():
             self.last_tick = time.monotonic()
             interfaces = sorted(set((await asyncio.to_thread(links.pod_interfaces, list(pods.by_ip), s.netns)).values()) | uplinks)

@@ -91,7 +91,7 @@ class Resolver:
         self._cluster_ips: dict[str, tuple[str, str]] = {}
         self._cidrs: dict[str, list[ipaddress.IPv4Network | ipaddress.IPv6Network]] = {}
         self._names: dict[str, tuple[str, float]] = {}  # ip -> (fqdn, valid until)
-        self.agent_nodes: set[str] = set()  # nodes whose pods are captured by an agent
+        self.agent_nodes: set[str] = set()  # nodes whose pods and own traffic are captured by an agent
         self.agent_selector: tuple[str, dict[str, str]] = ("flowmap-system", {"app.kubernetes.io/name": "flowmap-agent"})
 
     # -- feeding ---------------------------------------------------------------------------------
@@ -272,8 +272,12 @@ class Resolver:
         return peer, target, label
 
     def captured(self, peer: Peer) -> bool:
-        """Is this a pod whose own node runs an agent (so that node reports its traffic)?"""
-        return peer.kind == "Workload" and bool(peer.node) and peer.node in self.agent_nodes
+        """Is this a pod, or a node, whose node runs an agent (so that node reports its traffic)?
+
+        A node's agent sees what the node itself sends (its dp keeps outgoing frames from the
+        node's addresses) and marks the node's end local, as it does its pods'.
+        """
+        return peer.kind in ("Workload", "Nodes") and bool(peer.node) and peer.node in self.agent_nodes
 
     def members(self, group: str, limit: int) -> tuple[list[dict[str, Any]], int]:
         """Up to ``limit`` live members of a workload group, and how many there are."""

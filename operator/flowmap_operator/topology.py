@@ -126,8 +126,10 @@ class Topology:
             when = delta.last_seen_unix_ms / 1000 or now
             protocol = PROTOCOLS[delta.protocol]
             client = self.resolver.resolve(delta.client.ip, when)
+            # One observer per session: the client's node when the client is captured (a pod or a
+            # node that runs an agent), else the server's (an external client, a pod or a node
+            # without an agent). Another node's report of a captured client's session is dropped.
             if not delta.client.local and not (delta.server.local and not self.resolver.captured(client)):
-                # The client's own node reports this session: counting it here too would double it.
                 result.other_observer += 1
                 continue
             via = self.resolver.resolve_service(delta.server.ip, delta.server.port, protocol, when)

@@ -2,8 +2,10 @@
 
 The node is a network namespace with two pod namespaces behind veths, routed like Calico (a /32
 host route per pod, proxy ARP on the host side, the pods' default route via 169.254.1.1). A real
-HTTP server and client talk; the node's nftables counters in the forward hook are the ground
-truth (they count IP lengths, as the dp does); the Connection must carry exactly those bytes.
+HTTP server and client talk, the client in the other pod or in the node itself (as a kubelet
+probe); the node's nftables counters are the ground truth (they count IP lengths, as the dp
+does): the forward hook for pod to pod, output and input for the node's own requests. The
+Connection must carry exactly those bytes.
 """
 
 from __future__ import annotations
@@ -57,13 +59,22 @@ def node(cluster: Cluster) -> Iterator[tuple[Lab, str]]:
             lab.exec(node_ns, "ip", "route", "add", f"{ip}/32", "dev", host_side)
             lab.exec(pod_ns, "ip", "route", "add", "169.254.1.1", "dev", pod_side, "scope", "link")
             lab.exec(pod_ns, "ip", "route", "add", "default", "via", "169.254.1.1", "dev", pod_side)
-        # Ground truth: the kernel counts each direction of the flow as it forwards it.
+        # Ground truth: the kernel counts each direction of the flow as it forwards it, or as
+        # the node sends and receives it.
         lab.exec(node_ns, "nft", "-f", "-", input_text=f"""
 table inet truth {{
   chain forward {{
     type filter hook forward priority 0;
     ip saddr {WEB} ip daddr {CACHE} tcp dport 8080 counter
     ip saddr {CACHE} ip daddr {WEB} tcp sport 8080 counter
+  }}
+  chain output {{
+    type filter hook output priority 0;
+    ip saddr {NODE_IP} ip daddr {CACHE} tcp dport 8080 counter
+  }}
+  chain input {{
+    type filter hook input priority 0;
+    ip saddr {CACHE} ip daddr {NODE_IP} tcp sport 8080 counter
   }}
 }}""")
         yield lab, node_ns
@@ -101,7 +112,9 @@ def counters(lab: Lab, node_ns: str) -> list[int]:
     return [r["rule"]["expr"][-1]["counter"]["bytes"] for r in rules if "rule" in r]
 
 
-def test_http_between_two_pods_is_counted_exactly(cluster: Cluster, node: tuple[Lab, str], tmp_path: Path) -> None:
+@pytest.mark.parametrize("client,name", [("pod", "shop.web-shop.cache-8080-tcp"), ("node", "nodes-shop.cache-8080-tcp")])
+def test_http_to_a_pod_is_counted_exactly(cluster: Cluster, node: tuple[Lab, str], tmp_path: Path, client: str,
+                                          name: str) -> None:
     lab, node_ns = node
     pods_ns = lab.namespaces[2:]
     op_iter = running(cluster)
@@ -113,22 +126,23 @@ def test_http_between_two_pods_is_counted_exactly(cluster: Cluster, node: tuple[
         wait_for(lambda: ":8080" in lab.exec(pods_ns[1], "ss", "-ltn"), what="the server to listen")
         # Traffic starts once the dp captures on both pods' interfaces and the uplink.
         wait_for(lambda: "flowmap_agent_dp_interfaces 3.0" in agent_metrics(), what="the dp to attach")
-        client = ("import urllib.request\n"
-                  "for i in range(20):\n"
-                  f"    urllib.request.urlopen('http://{CACHE}:8080/', timeout=5).read()\n")
-        lab.exec(pods_ns[0], sys.executable, "-c", client)
-        c2s, s2c = counters(lab, node_ns)
+        requests = ("import urllib.request\n"
+                    "for i in range(20):\n"
+                    f"    urllib.request.urlopen('http://{CACHE}:8080/', timeout=5).read()\n")
+        lab.exec(pods_ns[0] if client == "pod" else node_ns, sys.executable, "-c", requests)
+        truth = counters(lab, node_ns)
+        c2s, s2c = truth[:2] if client == "pod" else truth[2:]
         assert c2s > 0 and s2c > 0
 
         def settled() -> dict[str, Any] | None:
-            conn = connection(cluster, "shop.web-shop.cache-8080-tcp")
+            conn = connection(cluster, name)
             b = (conn or {}).get("status", {}).get("bytes", {})
             return conn if (b.get("clientToServer"), b.get("serverToClient")) == (c2s, s2c) else None
 
         try:
             conn = wait_for(settled, timeout=30, what=f"bytes {c2s}/{s2c}")
         except AssertionError:
-            print((tmp_path / "agent.log").read_text()[-4000:], connection(cluster, "shop.web-shop.cache-8080-tcp"))
+            print((tmp_path / "agent.log").read_text()[-4000:], connection(cluster, name))
             raise
         assert conn["status"]["sessions"]["total"] == 20, conn["status"]
         assert "http" in conn["status"]["applications"], conn["status"]

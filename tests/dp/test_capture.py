@@ -11,11 +11,14 @@ from collections.abc import Iterator
 import pytest
 
 from flowmap_devenv.netns import Lab, netns
+from flowmap_dp import synth
 from flowmap_dp.capture import (
-    BPF_RET_K, PACKET_OUTGOING, Direction, Ring, RingConfig, build_filter, compile_filter, fanout_group, iter_frames,
+    BPF_JA, BPF_JEQ_K, BPF_LD_H_ABS, BPF_LD_W_ABS, BPF_RET_K, PACKET_OUTGOING, SKF_AD_PKTTYPE, Direction, Insn, Ring,
+    RingConfig, build_filter, compile_filter, fanout_group, iter_frames, open_socket,
 )
 
 A4, B4, A6, B6 = "10.61.0.1", "10.61.0.2", "fd61::1", "fd61::2"
+PACKET_HOST = 0
 
 
 @pytest.fixture
@@ -81,6 +84,83 @@ def test_filter_program_shapes() -> None:
     assert fanout_group(1, 5) != fanout_group(1, 6)
 
 
+def _run(prog: list[Insn], frame: bytes, pkttype: int) -> int:
+    """What the kernel's classic-BPF interpreter returns for ``frame``, for the instructions
+    ``build_filter`` emits; it also checks what the kernel's checker would (jump targets, a final
+    return)."""
+    assert prog[-1][0] == BPF_RET_K and len(prog) <= 4096
+    a = pc = 0
+    while True:
+        code, jt, jf, k = prog[pc]
+        pc += 1
+        if code == BPF_RET_K:
+            return k
+        if code in (BPF_LD_W_ABS, BPF_LD_H_ABS):
+            size = 4 if code == BPF_LD_W_ABS else 2
+            if k == SKF_AD_PKTTYPE:
+                a = pkttype
+            elif k + size > len(frame):
+                return 0  # the kernel drops the frame on a load past its end
+            else:
+                a = int.from_bytes(frame[k : k + size], "big")
+        elif code == BPF_JA:
+            pc += k
+        elif code == BPF_JEQ_K:
+            assert jt <= 255 and jf <= 255
+            pc += jt if a == k else jf
+        else:
+            raise AssertionError(f"unexpected opcode {code:#x}")
+        assert pc < len(prog), "a jump past the end"
+
+
+def _frame(src: str, dst: str, vlans: tuple[int, ...] = ()) -> bytes:
+    if ":" in src:
+        ip = synth.ipv6(socket.inet_pton(socket.AF_INET6, src), socket.inet_pton(socket.AF_INET6, dst), 17,
+                        synth.udp(5000, 53))
+    else:
+        ip = synth.ipv4(socket.inet_aton(src), socket.inet_aton(dst), 17, synth.udp(5000, 53))
+    return synth.ether(ip, vlans)
+
+
+def test_received_mode_keeps_outgoing_frames_only_from_the_nodes_own_addresses() -> None:
+    own = RingConfig(snaplen=200, local_addresses=("172.18.0.2", "fd00:172:18::2"))
+    prog = build_filter(own)
+    for src, dst in (("10.244.1.10", "172.18.0.2"), ("2001:db8::1", "fd00:172:18::2")):
+        assert _run(prog, _frame(src, dst), PACKET_HOST) == 200  # received: always
+    for src in ("172.18.0.2", "fd00:172:18::2"):
+        assert _run(prog, _frame(src, "10.244.1.10" if "." in src else "fd00:10:244:1::10"), PACKET_OUTGOING) == 200
+    # Forwarded: a pod's or a remote source, including addresses one word away from the node's.
+    for src in ("10.244.1.10", "172.18.0.3", "fd00:172:18::3", "fd01:172:18::2", "fd00:172:19::2", "2001:db8::1"):
+        dst = "10.244.1.11" if "." in src else "fd00:10:244:1::11"
+        assert _run(prog, _frame(src, dst), PACKET_OUTGOING) == 0, src
+    assert _run(prog, _frame("172.18.0.2", "10.244.1.10", vlans=(7,)), PACKET_OUTGOING) == 0  # a tag in the frame
+    arp = struct.pack("!6s6sH", b"\xff" * 6, b"\x02" * 6, 0x0806) + bytes(28)
+    assert _run(prog, arp, PACKET_OUTGOING) == 0
+    # Without addresses, every outgoing frame is dropped, as before.
+    assert _run(build_filter(RingConfig(snaplen=200)), _frame("172.18.0.2", "10.244.1.10"), PACKET_OUTGOING) == 0
+    # The user's filter still decides after the direction check (here: IPv6 only).
+    v6_only = ((BPF_LD_H_ABS, 0, 0, 12), (BPF_JEQ_K, 0, 1, 0x86DD), (BPF_RET_K, 0, 0, 262144), (BPF_RET_K, 0, 0, 0))
+    prog = build_filter(RingConfig(snaplen=200, local_addresses=own.local_addresses, filter=v6_only))
+    assert _run(prog, _frame("fd00:172:18::2", "fd00:10:244:1::10"), PACKET_OUTGOING) == 200
+    assert _run(prog, _frame("172.18.0.2", "10.244.1.10"), PACKET_OUTGOING) == 0
+    assert _run(prog, _frame("10.244.1.10", "172.18.0.2"), PACKET_HOST) == 0
+    with pytest.raises(ValueError, match="not-an-address"):
+        RingConfig(local_addresses=("not-an-address",))
+
+
+def test_many_local_addresses_stay_within_the_jump_range(pair: tuple[Lab, str, str, str, str]) -> None:
+    v4 = [f"10.0.{i // 250}.{i % 250 + 1}" for i in range(300)]
+    v6 = [f"fd00::{i + 1:x}" for i in range(60)]
+    config = RingConfig(snaplen=200, local_addresses=tuple(v4 + v6))
+    with netns(pair[1]):
+        open_socket("lo", config).close()  # the kernel's checker takes the program
+    prog = build_filter(config)
+    for src in (v4[0], v4[-1], v6[0], v6[-1]):
+        assert _run(prog, _frame(src, "fd00:1::1" if ":" in src else "10.244.0.1"), PACKET_OUTGOING) == 200
+    assert _run(prog, _frame("10.0.1.251", "10.244.0.1"), PACKET_OUTGOING) == 0
+    assert _run(prog, _frame("fd00::3d", "fd00:1::1"), PACKET_OUTGOING) == 0
+
+
 @pytest.mark.parametrize("family,dst", [(socket.AF_INET, B4), (socket.AF_INET6, B6)], ids=["ipv4", "ipv6"])
 def test_directions_and_exact_frames(pair: tuple[Lab, str, str, str, str], family: int, dst: str) -> None:
     _lab, a, b, _va, vb = pair
@@ -90,10 +170,11 @@ def test_directions_and_exact_frames(pair: tuple[Lab, str, str, str, str], famil
     with netns(b):
         both = Ring(vb, RingConfig(direction=Direction.BOTH, **cfg))  # type: ignore[arg-type]
         received = Ring(vb, RingConfig(**cfg))  # type: ignore[arg-type]
+        own = Ring(vb, RingConfig(local_addresses=(B4, B6), **cfg))  # type: ignore[arg-type]
     try:
         sizes = [10, 500, 1200]
         _udp(a, b, family, dst, 5300, sizes)
-        f_both, f_rx = _frames(both, 6), _frames(received, 3)
+        f_both, f_rx, f_own = _frames(both, 6), _frames(received, 3), _frames(own, 6)
 
         hdr = 14 + (20 if family == socket.AF_INET else 40) + 8
         # b received the queries and sent the answers: BOTH sees all six frames, RECEIVED the three queries.
@@ -101,10 +182,13 @@ def test_directions_and_exact_frames(pair: tuple[Lab, str, str, str, str], famil
         assert sorted(ln for pt, ln, *_ in f_both if pt == PACKET_OUTGOING) == [n // 2 + hdr for n in sizes]
         assert sorted(ln for _pt, ln, *_ in f_rx) == [n + hdr for n in sizes]
         assert all(pt != PACKET_OUTGOING for pt, *_ in f_rx)
+        # b's own answers leave from its own address: with it named, they are kept too.
+        assert sorted(f_own) == sorted(f_both)
         assert received.read_stats().drops == 0
     finally:
         both.close()
         received.close()
+        own.close()
 
 
 def test_snaplen_bounds_the_copy_not_the_length(pair: tuple[Lab, str, str, str, str]) -> None:

@@ -28,6 +28,8 @@ from flowmap_dp.exporting import ReportReader
 
 FLOWMAP = str(Path(sys.executable).with_name("flowmap"))
 A4, B4, A6, B6 = "10.62.1.2", "10.62.2.2", "fd62:1::2", "fd62:2::2"
+# The node's own addresses (the pods' gateways), given to the dp as the agent gives them.
+NODE_A4, NODE_A6, NODE_B4, NODE_B6 = "10.62.1.1", "fd62:1::1", "10.62.2.1", "fd62:2::1"
 
 Key = tuple[int, bytes, int, bytes, int]
 
@@ -43,18 +45,21 @@ class Node:
     host_a: str  # node side of pod-a's veth
     host_b: str
 
-    def nft(self, family: str, proto: str, client: str, cport: int, server: str, sport: int) -> None:
-        """Count the 5-tuple per direction at the node's forward hook."""
+    def nft(self, family: str, proto: str, client: str, cport: int, server: str, sport: int,
+            hooks: tuple[str, ...] = ("forward",)) -> None:
+        """Count the 5-tuple per direction at the node's forward hook (or ``hooks``: input and
+        output for the node's own sessions)."""
         fam = "ip" if family == "ip" else "ip6"
+        chains = "".join(f"""
+          chain fm{hook} {{
+            type filter hook {hook} priority 0; policy accept;
+            {fam} saddr {client} {fam} daddr {server} {proto} sport {cport} {proto} dport {sport} counter name c2s
+            {fam} saddr {server} {fam} daddr {client} {proto} sport {sport} {proto} dport {cport} counter name s2c
+          }}""" for hook in hooks)
         rules = f"""
         table inet fmtest {{
           counter c2s {{ packets 0 bytes 0 }}
-          counter s2c {{ packets 0 bytes 0 }}
-          chain fmfwd {{
-            type filter hook forward priority 0; policy accept;
-            {fam} saddr {client} {fam} daddr {server} {proto} sport {cport} {proto} dport {sport} counter name c2s
-            {fam} saddr {server} {fam} daddr {client} {proto} sport {sport} {proto} dport {cport} counter name s2c
-          }}
+          counter s2c {{ packets 0 bytes 0 }}{chains}
         }}"""
         self.lab.exec(self.node, "nft", "-f", "-", input_text=rules)
 
@@ -143,8 +148,9 @@ def start_dp(node: Node, agent: Agent, tmp_path: Path) -> Iterator[Callable[...,
 
     def start(*args: str) -> subprocess.Popen[str]:
         log = open(tmp_path / f"dp{len(procs)}.log", "w")
+        own = [arg for address in (NODE_A4, NODE_A6, NODE_B4, NODE_B6) for arg in ("--local-address", address)]
         p = node.lab.popen(node.node, [FLOWMAP, "dp", "run", "--socket", agent.reader.path, "--interval", "0.2",
-                                       "--retire-ms", "10", "--block-size", str(1 << 18), *args],
+                                       "--retire-ms", "10", "--block-size", str(1 << 18), *own, *args],
                            stdout=log, stderr=subprocess.STDOUT)
         procs.append(p)
         assert agent.wait(lambda: agent.reader.connections > 0 or p.poll() is not None, 10), "dp did not connect"
@@ -166,20 +172,23 @@ def _ip(addr: str) -> bytes:
     return socket.inet_pton(socket.AF_INET6 if ":" in addr else socket.AF_INET, addr)
 
 
-def _http_exchange(node: Node, tmp_path: Path, server: str, client: str, cport: int) -> int:
-    """http.server in pod-b serves a 200 kB file to a client socket in pod-a; returns bytes received."""
+def _http_exchange(node: Node, tmp_path: Path, server: str, client: str, cport: int,
+                   server_ns: str = "", client_ns: str = "") -> int:
+    """http.server in pod-b (or ``server_ns``) serves a 200 kB file to a client socket in pod-a
+    (or ``client_ns``); returns bytes received."""
+    server_ns, client_ns = server_ns or node.pod_b, client_ns or node.pod_a
     (tmp_path / "www").mkdir(exist_ok=True)
     (tmp_path / "www" / "blob").write_bytes(os.urandom(200_000))
     family = socket.AF_INET6 if ":" in server else socket.AF_INET
-    srv = node.lab.popen(node.pod_b, [sys.executable, "-m", "http.server", "--bind", server, "8080"],
+    srv = node.lab.popen(server_ns, [sys.executable, "-m", "http.server", "--bind", server, "8080"],
                          cwd=tmp_path / "www", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _attempt in range(200):  # wait for the server from an ephemeral port: not the session under test
-            with netns(node.pod_a), socket.socket(family, socket.SOCK_STREAM) as probe:
+            with netns(client_ns), socket.socket(family, socket.SOCK_STREAM) as probe:
                 if probe.connect_ex((server, 8080)) == 0:
                     break
             time.sleep(0.05)
-        with netns(node.pod_a):
+        with netns(client_ns):
             sock = socket.socket(family, socket.SOCK_STREAM)
         received = b""
         with sock:
@@ -213,6 +222,29 @@ def test_tcp_session_counts_equal_the_kernel(node: Node, agent: Agent, start_dp:
     h = agent.health()
     assert h.kernel_drops == 0 and h.kernel_packets >= c2s[0] + s2c[0]
     assert sorted(h.interfaces) == sorted([node.host_a, node.host_b])
+
+
+@pytest.mark.parametrize("node_is", ["client", "server"])
+@pytest.mark.parametrize("family", ["ip", "ip6"])
+def test_the_nodes_own_sessions_count_both_directions(node: Node, agent: Agent, start_dp: Callable[..., object],
+                                                      tmp_path: Path, family: str, node_is: str) -> None:
+    """The node's own stack talks to a pod (a kubelet probe, a hostNetwork pod) or serves one:
+    what it sends leaves through the pod's veth, kept because its source is the node's."""
+    if node_is == "client":  # node -> pod-b
+        client, server = (NODE_B4, B4) if family == "ip" else (NODE_B6, B6)
+        client_ns, server_ns = node.node, node.pod_b
+    else:  # pod-a -> node
+        client, server = (A4, NODE_A4) if family == "ip" else (A6, NODE_A6)
+        client_ns, server_ns = node.pod_a, node.node
+    node.nft(family, "tcp", client, 41004, server, 8080, hooks=("input", "output"))
+    start_dp("--iface", node.host_a, "--iface", node.host_b)
+    assert _http_exchange(node, tmp_path, server, client, 41004, server_ns, client_ns) > 200_000
+    c2s, s2c = node.counters()["c2s"], node.counters()["s2c"]
+    key = (6, _ip(client), 41004, _ip(server), 8080)
+    want = (c2s[0], c2s[1], s2c[0], s2c[1])
+    assert c2s[1] > 0 and s2c[1] > 200_000
+    assert agent.wait(lambda: agent.totals(key) == want), (want, agent.totals(key))
+    assert sum(s.opened for r in agent.reports for s in r.sessions if (s.client_port, s.server_port) == (41004, 8080)) == 1
 
 
 @pytest.mark.parametrize("server,client", [(B4, A4), (B6, A6)], ids=["ipv4", "ipv6"])
