@@ -55,7 +55,8 @@ def test_connection_prints_the_map_columns(controlplane: ControlPlane) -> None:
                          "firstSeen": "2026-11-21T10:00:00Z", "lastSeen": "2026-11-21T10:05:00Z"}}
     controlplane.kubectl("patch", "connection", "shop.web-shop.api-8080-tcp", "--subresource=status",
                          "--type=merge", "-p", json.dumps(status))
-    out = controlplane.kubectl("get", "connections").stdout.splitlines()
+    # (The control plane is the session's: other tests' Connections may be listed too.)
+    out = controlplane.kubectl("get", "connection", "shop.web-shop.api-8080-tcp").stdout.splitlines()
     assert columns(out[0]) == ["NAME", "CLIENT", "SERVER", "PORT", "PROTOCOL", "APP", "ACTION", "BYTES",
                                "SESSIONS", "LAST-SEEN", "AGE"]
     row = columns(out[1])
