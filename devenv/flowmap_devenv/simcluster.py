@@ -193,6 +193,14 @@ class SimCluster:
                     lab.exec(node_ns, "ip", "route", "add", other.cidr, "via", other.ip)
                     lab.exec(node_ns, "ip", "-6", "route", "add", other.cidr6, "via", other.ip6)
             self._kube_proxy(node_ns)
+            # What pods send outside the cluster leaves masqueraded, as kindnet and ip-masq-agent do.
+            lab.exec(node_ns, "nft", "-f", "-", input_text="""
+table ip pod-egress {
+  chain postrouting {
+    type nat hook postrouting priority srcnat;
+    ip saddr 10.244.0.0/16 ip daddr != { 10.244.0.0/16, 172.18.0.0/24 } masquerade
+  }
+}""")
         for p in PODS:
             self._pod(p)
 

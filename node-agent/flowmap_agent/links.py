@@ -20,26 +20,32 @@ RT_SCOPE_UNIVERSE = 0
 
 
 @contextmanager
-def _ipr(netns: str) -> Iterator[IPRoute]:
-    """An IPRoute socket in ``netns`` (a name under /run/netns), or in our own namespace.
+def in_netns(netns: str) -> Iterator[None]:
+    """Run the body with this thread in ``netns`` (a name under /run/netns; "" stays here).
 
-    The calling thread enters the namespace with setns(2) just long enough to open the socket (a
-    netlink socket stays in the namespace it was made in); pyroute2's own netns mode would fork a
-    helper process from this multi-threaded one.
+    A netlink socket stays in the namespace it was made in, so sockets made in the body can be
+    used afterwards from here; pyroute2's own netns mode would fork a helper process from this
+    multi-threaded one.
     """
     if not netns:
-        with IPRoute() as ipr:
-            yield ipr
+        yield
         return
     libc = ctypes.CDLL(None, use_errno=True)
     with open("/proc/thread-self/ns/net", "rb") as home, open(f"/run/netns/{netns}", "rb") as there:
         if libc.setns(there.fileno(), _CLONE_NEWNET) != 0:
             raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()), netns)
         try:
-            ipr = IPRoute()
+            yield
         finally:
             if libc.setns(home.fileno(), _CLONE_NEWNET) != 0:
                 raise OSError(ctypes.get_errno(), "cannot return to the agent's network namespace")
+
+
+@contextmanager
+def _ipr(netns: str) -> Iterator[IPRoute]:
+    """An IPRoute socket in ``netns``, or in our own namespace."""
+    with in_netns(netns):
+        ipr = IPRoute()
     with ipr:
         yield ipr
 

@@ -36,6 +36,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -44,7 +45,7 @@ from kubernetes_asyncio import client, config
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from flowmap_agent import links
+from flowmap_agent import links, nat
 from flowmap_agent.aggregation import Aggregator
 from flowmap_agent.outbox import Outbox, StateError
 from flowmap_agent.pods import LocalPods
@@ -65,6 +66,9 @@ REPORTS = Counter("flowmap_agent_reports", "Report calls by result.", ("result",
 RECONNECTS = Counter("flowmap_agent_reconnects", "New connections to the operator.", registry=REGISTRY)
 DP_RESTARTS = Counter("flowmap_agent_dp_restarts", "dp restarts seen (a new run id): their last interval is lost.",
                       registry=REGISTRY)
+NAT_SESSIONS = Counter("flowmap_agent_nat_sessions",
+                       "Source-NATed sessions of the node: translated back to their pod, or dropped as the kernel's "
+                       "plumbing of a session counted where it entered.", ("outcome",), registry=REGISTRY)
 UNCLEAN = Counter("flowmap_agent_unclean_restarts",
                   "Starts after a run that did not stop cleanly: up to one interval of reports was lost.",
                   registry=REGISTRY)
@@ -112,6 +116,9 @@ class Agent:
         REGISTRY.register(self.health)  # type: ignore[arg-type]
         self.outbox = self._load_outbox()
         self.aggregator = Aggregator()
+        self.unnat: nat.Unnat | None = None
+        # pyroute2's netlink sockets run their own event loop: they live on a thread of their own.
+        self.conntrack = ThreadPoolExecutor(1, thread_name_prefix="conntrack")
         self.channel: grpc.aio.Channel | None = None
         self.retry_at = 0.0
         self.backoff = 0.5
@@ -183,6 +190,17 @@ class Agent:
         LAG.set(max(0.0, time.time() - oldest / 1000) if oldest else 0.0)
 
     # -- the dp ----------------------------------------------------------------------------------
+
+    async def untranslate(self, reports: list[wire_pb2.Report]) -> list[wire_pb2.Report]:
+        """Undo the node's source NAT in the reports (flowmap_agent.nat), on the conntrack thread."""
+        unnat = self.unnat
+        if unnat is None or not reports:
+            return reports
+        translated, dropped = unnat.translated, unnat.dropped
+        await asyncio.get_running_loop().run_in_executor(self.conntrack, lambda: [unnat.apply(r) for r in reports])
+        NAT_SESSIONS.labels("translated").inc(unnat.translated - translated)
+        NAT_SESSIONS.labels("dropped").inc(unnat.dropped - dropped)
+        return reports
 
     def take(self, reports: list[wire_pb2.Report]) -> None:
         for report in reports:
@@ -275,6 +293,8 @@ class Agent:
         # What the node sends from any of its addresses is its own traffic for the dp. Only the
         # Node object's are marked local in reports: the operator knows a node by those alone.
         local_addresses = sorted(set(node_ips) | await asyncio.to_thread(links.interface_addresses, uplinks, s.netns))
+        lookup, close_conntrack = await loop.run_in_executor(self.conntrack, nat.conntrack_lookup, s.netns)
+        self.unnat = nat.Unnat(lookup, local_addresses, pods.by_ip)
 
         running = Path(s.state_file + ".running")  # present while an agent runs: left by a crash
         if running.exists():
@@ -297,7 +317,7 @@ class Agent:
             if interfaces != wanted:
                 wanted = interfaces
                 reader.set_interfaces(wanted)
-            self.take(reader.poll(0))
+            self.take(await self.untranslate(reader.poll(0)))
             self.outbox.cut()
             await asyncio.to_thread(self.outbox.save, Path(s.state_file))
             await self.deliver()
@@ -307,7 +327,7 @@ class Agent:
         # Ordered stop: the dp sends its last report, which is saved and delivered within the deadline.
         deadline = time.monotonic() + STOP_DEADLINE
         await asyncio.wait(tasks[1:], timeout=STOP_DEADLINE / 2)
-        self.take(list(reader.reports(timeout=0.5)))
+        self.take(await self.untranslate(list(reader.reports(timeout=0.5))))
         while time.monotonic() < deadline:
             self.outbox.cut()
             self.outbox.save(Path(s.state_file))
@@ -320,6 +340,8 @@ class Agent:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         reader.close()
+        await loop.run_in_executor(self.conntrack, close_conntrack)
+        self.conntrack.shutdown()
         await self._drop_channel()
         await runner.cleanup()
         await api.close()
