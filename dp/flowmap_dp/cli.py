@@ -80,7 +80,8 @@ def _register_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--block-count", type=int, default=16, help="ring blocks per interface and worker")
     p.add_argument("--retire-ms", type=int, default=64, help="hand over a partly filled block after this long")
     p.add_argument("--max-sessions", type=int, default=200_000, help="session table bound per worker")
-    p.add_argument("--queue", type=int, default=8, help="reports waiting for the writer before they are dropped")
+    p.add_argument("--queue", type=int, default=32,
+                   help="reports waiting for the agent (while it restarts, say) before they are dropped")
     p.add_argument("--parser", choices=("vectorised", "per-packet"), default="vectorised",
                    help="block reader: numpy over whole blocks (default) or the per-packet reference")
     p.set_defaults(func=_run)

@@ -13,19 +13,29 @@ from ``wire.proto`` (package ``flowmap.dp.v1``)::
       magic  u16 BE    u16 BE   u32 BE
 
 ``kind`` 1 is a ``Report`` (dp -> agent), 2 a ``Control`` (agent -> dp: the full set of
-interfaces to capture; the agent sends it on every new connection and whenever it changes).
+interfaces to capture; the agent sends it on every new connection and whenever it changes), 3
+an ``Ack`` (agent -> dp: reports up to a sequence are saved on the agent's side).
 A reader rejects a bad magic, an unknown version and lengths above ``MAX_FRAME`` by closing
 the connection: a corrupt stream cannot be resynchronised, a reconnect can.
 
+**Nothing lost to an agent's crash.** A report written to the socket may still die with the
+agent (unread in its socket buffer, or read and not yet saved). So the dp keeps each report it
+sent until the agent acknowledges it (``Ack``, once its state is on disk), and on a new
+connection sends the unacknowledged ones again, in order, before anything new; the agent skips
+the reports it had already saved (by their sequence).
+
 **Never blocking the packet loop.** The loop calls :meth:`Exporter.offer`, which puts the report
 into a bounded queue or, when the queue is full, drops it and counts it (``lost_reports`` and
-the ``lost_sessions`` records inside). A writer thread sends; what it cannot send (no agent,
-send timeout, broken pipe) is counted the same way. The counts are cumulative and are stamped
-into the ``Health`` of the next report that is sent, like Hubble's lost-events record.
+the ``lost_sessions`` records inside). A writer thread sends, oldest first; a report it cannot
+send (no agent, send timeout, broken pipe) waits and goes on the next connection, so an agent
+restart loses nothing that fits the queue (only what waits when the dp stops is dropped, and
+counted). The counts are cumulative and are stamped into the ``Health`` of the next report that
+is sent, like Hubble's lost-events record.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ipaddress
 import json
@@ -36,9 +46,9 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from flowmap_dp import wire_pb2
 from flowmap_dp.session import Report, SessionDelta
@@ -47,6 +57,7 @@ MAGIC = b"FMDP"
 VERSION = 1
 KIND_REPORT = 1
 KIND_CONTROL = 2
+KIND_ACK = 3
 HEADER = struct.Struct(">4sHHI")
 MAX_FRAME = 64 << 20
 
@@ -114,6 +125,10 @@ class Exporter:
         self._next_connect = 0.0
         self._backoff = 0.05
         self._thread = threading.Thread(target=self._run, name="flowmap-dp-exporter", daemon=True)
+        self._stopping = threading.Event()
+        # Sent, not yet acknowledged: (run id, worker, sequence, frame), oldest first.
+        self._unacked: collections.deque[tuple[int, int, int, bytes]] = collections.deque()
+        self._unacked_lock = threading.Lock()
 
     @property
     def lost_reports(self) -> int:
@@ -156,26 +171,47 @@ class Exporter:
             except queue.Full:
                 continue
         self._thread.join(max(0.0, deadline - time.monotonic()))
+        self._stopping.set()  # a report still waiting for an agent is dropped (and counted)
+        self._thread.join(1.0)
         self._close()
 
     def _run(self) -> None:
-        while (report := self._queue.get()) is not None:
+        while True:
+            try:
+                # Connect before the first report, and again as soon as the agent is back: the
+                # agent says what to capture (Control) on every new connection.
+                report = self._queue.get(timeout=None if self._connect() is not None else self._backoff)
+            except queue.Empty:
+                continue
+            if report is None:
+                return
             with self._queued_lock:
                 self._queued -= len(report.sessions)
             self._send(report)
 
     def _send(self, report: wire_pb2.Report) -> None:
-        sock = self._connect()
-        if sock is not None:
+        """Send one report, on a new connection if need be: an agent that restarts finds it (and
+        the queue behind it) when it is back. Dropped, and counted, only when stopping."""
+        while not self._stopping.is_set():
+            sock = self._connect()
+            if sock is None:
+                time.sleep(max(0.0, min(self._next_connect - time.monotonic(), 0.1)))
+                continue
             if report.HasField("health"):
                 report.health.lost_reports = self.lost_reports
                 report.health.lost_sessions = self.lost_sessions
+            data = frame(KIND_REPORT, report.SerializeToString())
             try:
-                sock.sendall(frame(KIND_REPORT, report.SerializeToString()))
-                self.sent_reports += 1
-                return
+                sock.sendall(data)
             except OSError:
                 self._close()  # a half-written frame poisons the stream: start a new one
+                continue
+            self.sent_reports += 1
+            with self._unacked_lock:
+                self._unacked.append((report.run_id, report.worker, report.sequence, data))
+                if len(self._unacked) > self.queue_size:  # an agent that never acknowledges: bounded
+                    self._unacked.popleft()
+            return
         self._lost_send[0] += 1
         self._lost_send[1] += len(report.sessions)
 
@@ -190,6 +226,14 @@ class Exporter:
             sock.close()
             self._next_connect = time.monotonic() + self._backoff
             self._backoff = min(self._backoff * 2, self.max_backoff)
+            return None
+        with self._unacked_lock:
+            again = [data for *_, data in self._unacked]
+        try:
+            for data in again:  # what the last agent may not have saved, before anything new
+                sock.sendall(data)
+        except OSError:
+            sock.close()
             return None
         self._backoff = 0.05
         self._sock = sock
@@ -214,6 +258,14 @@ class Exporter:
             for kind, payload in frames:
                 if kind == KIND_CONTROL:
                     self.controls.put(wire_pb2.Control.FromString(payload))
+                elif kind == KIND_ACK:
+                    self._acknowledged(wire_pb2.Ack.FromString(payload))
+
+    def _acknowledged(self, ack: wire_pb2.Ack) -> None:
+        with self._unacked_lock:
+            while self._unacked and self._unacked[0][:2] == (ack.run_id, ack.worker) and (
+                    self._unacked[0][2] <= ack.sequence):
+                self._unacked.popleft()
 
     def _close(self) -> None:
         with self._close_lock:  # both the writer and the control reader may get here
@@ -259,6 +311,18 @@ class ReportReader:
             conn.setblocking(False)
         except OSError:
             self._drop(conn)
+
+    def ack(self, positions: Mapping[int, tuple[int, int]]) -> None:
+        """Tell the dp workers which of their reports are saved: worker -> (run id, sequence)."""
+        data = b"".join(frame(KIND_ACK, wire_pb2.Ack(run_id=run, worker=worker, sequence=seq).SerializeToString())
+                        for worker, (run, seq) in positions.items())
+        for conn in list(self._decoders):
+            try:
+                conn.setblocking(True)
+                conn.sendall(data)
+                conn.setblocking(False)
+            except OSError:
+                self._drop(conn)
 
     @property
     def connections(self) -> int:

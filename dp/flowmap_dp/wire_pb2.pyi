@@ -188,3 +188,13 @@ class Control(_message.Message):
     INTERFACES_FIELD_NUMBER: _ClassVar[int]
     interfaces: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, interfaces: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Ack(_message.Message):
+    __slots__ = ("run_id", "worker", "sequence")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    run_id: int
+    worker: int
+    sequence: int
+    def __init__(self, run_id: _Optional[int] = ..., worker: _Optional[int] = ..., sequence: _Optional[int] = ...) -> None: ...

@@ -88,21 +88,19 @@ def test_reports_flow_and_control_comes_back(tmp_path: Path) -> None:
         reader.close()
 
 
-def test_no_agent_counts_lost_and_reports_them_later(tmp_path: Path) -> None:
+def test_reports_wait_for_the_agent_and_only_an_overflow_is_lost(tmp_path: Path) -> None:
     path = str(tmp_path / "agent.sock")
-    exporter = Exporter(path, max_backoff=0.05).start()
+    exporter = Exporter(path, queue_size=2, max_backoff=0.05).start()
     reader = None
     try:
-        for seq in (1, 2):
-            exporter.offer(_report(seq, sessions=5))
-        _wait(lambda: exporter.lost_reports == 2)
-        assert exporter.lost_sessions == 10
+        # No agent yet: the writer holds one report, the queue two more, the rest is dropped.
+        offered = [exporter.offer(_report(seq, sessions=5)) for seq in range(1, 7)]
+        kept = [seq for seq, ok in zip(range(1, 7), offered, strict=True) if ok]
+        assert 2 <= len(kept) <= 3 and exporter.lost_reports == offered.count(False)
         reader = ReportReader(path)
-        time.sleep(0.1)  # let the backoff expire
-        exporter.offer(_report(3))
-        got = _collect(reader, 1)
-        assert [r.sequence for r in got] == [3]
-        assert got[0].health.lost_reports == 2 and got[0].health.lost_sessions == 10
+        got = _collect(reader, len(kept))
+        assert [r.sequence for r in got] == kept  # in order, nothing sent twice
+        assert (got[-1].health.lost_reports, got[-1].health.lost_sessions) == (6 - len(kept), 5 * (6 - len(kept)))
     finally:
         exporter.stop()
         if reader:
@@ -182,27 +180,41 @@ def test_build_reports_splits_parts_and_carries_dns_threats_health() -> None:
     assert all(p.run_id == 9 and p.worker == 1 and p.sequence == 4 for p in parts)
 
 
-def test_agent_restart_reconnects_and_counts_what_was_lost(tmp_path: Path) -> None:
+@pytest.mark.parametrize("saved", [True, False])
+def test_an_agent_restart_loses_nothing(tmp_path: Path, saved: bool) -> None:
+    """What waits in the queue goes to the next agent, and so does what the last one read but
+    never acknowledged (it died before saving it)."""
     path = str(tmp_path / "agent.sock")
     reader = ReportReader(path)
     exporter = Exporter(path, max_backoff=0.05).start()
     try:
-        exporter.offer(_report(1))
+        first = _report(1)
+        first.run_id, first.worker = 77, 0
+        exporter.offer(first)
         assert [r.sequence for r in _collect(reader, 1)] == [1]
+        if saved:
+            reader.ack({0: (77, 1)})
+            _wait(lambda: not exporter._unacked)
         reader.close()  # the agent restarts
         _wait(lambda: exporter._sock is None)  # the control reader saw EOF
-        exporter.offer(_report(2, sessions=3))  # nobody listening: lost
-        _wait(lambda: exporter.lost_reports == 1)
+        for seq in (2, 3):  # nobody listening: they wait
+            report = _report(seq, sessions=3)
+            report.run_id = 77
+            exporter.offer(report)
+        time.sleep(0.2)
         reader = ReportReader(path)
-        time.sleep(0.1)
-        exporter.offer(_report(3))
-        got = _collect(reader, 1)
-        assert [r.sequence for r in got] == [3]
-        assert (got[0].health.lost_reports, got[0].health.lost_sessions) == (1, 3)
-        assert exporter.connects == 2
+        assert [r.sequence for r in _collect(reader, 2 if saved else 3)] == ([2, 3] if saved else [1, 2, 3])
+        assert exporter.lost_reports == 0 and exporter.connects == 2
     finally:
         exporter.stop()
         reader.close()
+
+
+def test_stopping_without_an_agent_drops_and_counts_what_waits(tmp_path: Path) -> None:
+    exporter = Exporter(str(tmp_path / "nobody.sock"), max_backoff=0.05).start()
+    exporter.offer(_report(1, sessions=2))
+    exporter.stop(timeout=0.5)
+    assert (exporter.lost_reports, exporter.lost_sessions) == (1, 2)
 
 
 def test_queue_is_bounded_by_session_records_too(tmp_path: Path) -> None:
