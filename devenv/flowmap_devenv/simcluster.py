@@ -143,6 +143,7 @@ class SimCluster:
     cluster: Cluster | None = None
     health_ports: dict[str, int] = field(default_factory=dict)
     agents: dict[str, Proc] = field(default_factory=dict)  # node -> its agent
+    dps: dict[str, Proc] = field(default_factory=dict)  # node -> its dp
     _agent_env: dict[str, dict[str, str]] = field(default_factory=dict)
     pg_data: Path | None = None
 
@@ -326,9 +327,10 @@ table ip kube-proxy {{
                "FLOWMAP_AGENT_CA_FILE": str(cluster.keys.ca_cert), "FLOWMAP_AGENT_TOKEN_FILE": str(folder / "token"),
                "FLOWMAP_AGENT_STATE_FILE": str(folder / "state"), "FLOWMAP_AGENT_SOCKET": str(folder / "dp.sock"),
                "FLOWMAP_AGENT_HEALTH_PORT": str(port), "FLOWMAP_AGENT_NETNS": self.ns[n.name],
-               "FLOWMAP_AGENT_INTERVAL": str(self.interval)}
+               "FLOWMAP_AGENT_INTERVAL": str(self.interval), "FLOWMAP_AGENT_DP": "sidecar"}
         self._agent_env[n.name] = env
         self.start_agent(n.name)
+        self.start_dp(n.name)
 
     def start_agent(self, node_name: str) -> Proc:
         """(Re)start a node's agent; its state file and health port stay the same."""
@@ -337,11 +339,15 @@ table ip kube-proxy {{
                                             env=self._agent_env[node_name])
         return self.agents[node_name]
 
-    def dp_pid(self, node_name: str) -> int | None:
-        """The process id of a node's dp (its agent's child), if it runs."""
-        out = subprocess.run(["pgrep", "-P", str(self.agents[node_name].popen.pid), "-f", "flowmap_cli dp run"],
-                             capture_output=True, text=True).stdout.split()
-        return int(out[0]) if out else None
+    def start_dp(self, node_name: str) -> Proc:
+        """(Re)start a node's dp, as the DaemonSet runs it: a sidecar of the agent (its own
+        process in the node's namespace, told the node's addresses, reporting to the agent's
+        socket, which it finds again when the agent restarts)."""
+        n = next(n for n in NODES if n.name == node_name)
+        self.dps[node_name] = self.spawn(f"dp-{node_name}", self.ns[node_name], [
+            sys.executable, "-m", "flowmap_cli", "dp", "run", "--socket", self._agent_env[node_name]["FLOWMAP_AGENT_SOCKET"],
+            "--interval", str(self.interval), "--local-address", n.ip, "--local-address", n.ip6])
+        return self.dps[node_name]
 
     def agent_metrics(self, node_name: str) -> dict[str, float]:
         """The agent's own series (name with labels -> value); empty while it does not answer."""
@@ -392,7 +398,7 @@ table ip kube-proxy {{
 
     def down(self) -> None:
         """Stop every process (agents first, so that they flush), remove every namespace and file."""
-        for proc in sorted(self.procs, key=lambda p: not p.name.startswith("agent-")):
+        for proc in sorted(self.procs, key=lambda p: not p.name.startswith(("agent-", "dp-"))):
             try:
                 self.stop(proc)
             except ProcessLookupError:

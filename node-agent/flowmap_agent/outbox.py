@@ -15,9 +15,15 @@
 * ``save``/``load`` keep all of it on disk (written atomically each interval, before sending),
   so a crash of the agent loses at most what reached it after the last save.
 
-File format (version 1): ``FMAS`` | version u16 | then records, each a u32 length and a
-serialized ``ReportBatch``: the first holds the pending deltas (sequence 0) with the agent id,
-the next sequence and the acked number; the rest are the unacknowledged batches, in order.
+* It also keeps where each dp worker's reports got to (run id, sequence), so that a restarted
+  agent counts the reports that never reached it (a gap in the sequence) instead of losing them
+  silently.
+
+File format (version 2): ``FMAS`` | version u16 | u16 count, then that many dp positions (u32
+worker, u64 run id, u64 sequence) | then records, each a u32 length and a serialized
+``ReportBatch``: the first holds the pending deltas (sequence 0) with the agent id, the next
+sequence and the acked number; the rest are the unacknowledged batches, in order. Version 1 (no
+positions) is still read.
 """
 
 from __future__ import annotations
@@ -31,8 +37,10 @@ from pathlib import Path
 
 from flowmap_api import report_pb2 as pb
 
-MAGIC, VERSION = b"FMAS", 1
+MAGIC, VERSION = b"FMAS", 2
 _HEAD, _LEN = struct.Struct("!4sH"), struct.Struct("!I")
+_COUNT, _POSITION = struct.Struct("!H"), struct.Struct("!IQQ")
+MAX_WORKERS = 1024
 MAX_STATE_BYTES = 512 * 1024 * 1024
 
 # What identifies one agent edge; counters of deltas with the same key add up.
@@ -80,6 +88,7 @@ class Outbox:
         self.acked = 0  # no batch up to here is held
         self.delivered = 0  # the last batch delivered on the current connection
         self.lost_deltas = 0  # to be reported with the next batch
+        self.dp_positions: dict[int, tuple[int, int]] = {}  # dp worker -> (run id, last report taken)
 
     # -- filling --------------------------------------------------------------------------------
 
@@ -162,7 +171,9 @@ class Outbox:
         head = pb.ReportBatch(agent_id=self.agent_id, node=self.node, sequence=self.sequence, acked=self.acked,
                               edges=list(self.pending.values()), names=list(self.names.values()),
                               lost_deltas=self.lost_deltas)
-        parts = [_HEAD.pack(MAGIC, VERSION)]
+        positions = sorted(self.dp_positions.items())[:MAX_WORKERS]
+        parts = [_HEAD.pack(MAGIC, VERSION), _COUNT.pack(len(positions))]
+        parts += [_POSITION.pack(worker, run, seq) for worker, (run, seq) in positions]
         for msg in (head, *self.unacked):
             data = msg.SerializeToString()
             parts += [_LEN.pack(len(data)), data]
@@ -185,9 +196,21 @@ class Outbox:
         if len(data) > MAX_STATE_BYTES or len(data) < _HEAD.size:
             raise StateError(f"{path}: {len(data)} bytes is not a state file")
         magic, version = _HEAD.unpack_from(data)
-        if magic != MAGIC or version != VERSION:
-            raise StateError(f"{path}: not a version {VERSION} agent state file")
-        records, pos = [], _HEAD.size
+        if magic != MAGIC or version not in (1, VERSION):
+            raise StateError(f"{path}: not a version 1 or {VERSION} agent state file")
+        pos, positions = _HEAD.size, {}
+        if version >= 2:
+            if pos + _COUNT.size > len(data):
+                raise StateError(f"{path}: truncated")
+            (count,) = _COUNT.unpack_from(data, pos)
+            pos += _COUNT.size
+            if count > MAX_WORKERS or pos + count * _POSITION.size > len(data):
+                raise StateError(f"{path}: truncated")
+            for _ in range(count):
+                worker, run, seq = _POSITION.unpack_from(data, pos)
+                positions[worker] = (run, seq)
+                pos += _POSITION.size
+        records = []
         while pos < len(data):
             if pos + _LEN.size > len(data):
                 raise StateError(f"{path}: truncated")
@@ -209,6 +232,7 @@ class Outbox:
         box.sequence, box.acked, box.lost_deltas = head.sequence, head.acked, head.lost_deltas
         box.add(head.edges, head.names)
         box.unacked = list(records[1:])
+        box.dp_positions = positions
         box.in_flight = {edge_key(d) for b in box.unacked for d in b.edges}
         box.delivered = box.acked
         return box

@@ -1,4 +1,4 @@
-"""``flowmap agent run``: the dp as a child, local pods, per-edge deltas, reports to the operator.
+"""``flowmap agent run``: the dp (a child, or a sidecar), local pods, per-edge deltas, reports to the operator.
 
 Each interval: tell the dp which interfaces to capture (the host side of each local pod's veth,
 found from its host route, plus the uplinks), take the dp's session records, aggregate them per
@@ -9,16 +9,21 @@ counts what the node itself sends, where it leaves the node.
 
 What a crash can lose, exactly, and how it is counted:
 
-* a crash of the agent loses the dp reports that reached it after its last save (at most one
-  interval); its dp goes with it (it is the agent's child and gets SIGTERM when the agent dies,
-  so a restarted agent never shares the rings with an orphan), losing what it held for its own
-  current interval. The restarted agent finds the marker of a run that did not stop cleanly and
-  counts it (``flowmap_agent_unclean_restarts_total``);
+* a crash of the agent loses nothing when the dp is a sidecar (``FLOWMAP_AGENT_DP=sidecar``, as
+  the DaemonSet runs it): the dp keeps capturing, keeps every report until the agent has saved
+  it (``Ack``), queues new ones (``--queue``) and sends them all to the next agent, which skips
+  what it had saved already; a gap in the reports' sequence would still be counted
+  (``flowmap_agent_dp_report_gaps_total``). With the dp as a child, it goes with the agent (it
+  gets SIGTERM when the agent dies, so a restarted agent never shares the rings with an orphan),
+  losing its current interval and what passes until the next one captures. Either way the
+  restarted agent counts the run that did not stop cleanly (``flowmap_agent_unclean_restarts_total``);
 * a crash of the dp loses the deltas it held for its current interval, and the packets that pass
-  while it restarts; the agent sees the dp's new run id and counts the restart
+  until a new dp captures (the agent restarts a child at once; a sidecar is restarted by the
+  kubelet); the agent sees the dp's new run id and counts the restart
   (``flowmap_agent_dp_restarts_total``);
-* reports the dp could not hand over (agent away) it counts as ``lost_reports``/``lost_sessions``;
-  the agent forwards those as ``lost_deltas``, which the operator counts per node.
+* reports the dp could not hand over (agent away past its queue) it counts as
+  ``lost_reports``/``lost_sessions``; the agent forwards those as ``lost_deltas``, which the
+  operator counts per node.
 
 Nothing is lost silently.
 """
@@ -69,6 +74,8 @@ DP_RESTARTS = Counter("flowmap_agent_dp_restarts", "dp restarts seen (a new run 
 NAT_SESSIONS = Counter("flowmap_agent_nat_sessions",
                        "Source-NATed sessions of the node: translated back to their pod, or dropped as the kernel's "
                        "plumbing of a session counted where it entered.", ("outcome",), registry=REGISTRY)
+REPORT_GAPS = Counter("flowmap_agent_dp_report_gaps",
+                      "dp reports that never reached the agent (a gap in their sequence).", registry=REGISTRY)
 UNCLEAN = Counter("flowmap_agent_unclean_restarts",
                   "Starts after a run that did not stop cleanly: up to one interval of reports was lost.",
                   registry=REGISTRY)
@@ -123,7 +130,6 @@ class Agent:
         self.retry_at = 0.0
         self.backoff = 0.5
         self.last_tick = time.monotonic()
-        self.dp_runs: dict[int, int] = {}  # worker -> run id
         self.dp_lost: dict[tuple[int, int], int] = {}  # (run, worker) -> lost sessions seen
 
     def _load_outbox(self) -> Outbox:
@@ -203,10 +209,19 @@ class Agent:
         return reports
 
     def take(self, reports: list[wire_pb2.Report]) -> None:
+        positions = self.outbox.dp_positions
         for report in reports:
-            if self.dp_runs.get(report.worker) not in (None, report.run_id):
+            run, seq = positions.get(report.worker, (report.run_id, report.sequence - 1))
+            if run != report.run_id:
                 DP_RESTARTS.inc()  # its current interval died with it
-            self.dp_runs[report.worker] = report.run_id
+            elif report.sequence <= seq:
+                continue  # sent again after our restart, but saved before it: already counted
+            elif report.sequence > seq + 1:
+                # Sent by the dp, never taken here: dropped by it (counted in lost_reports too) or
+                # read by an agent that crashed before saving them.
+                REPORT_GAPS.inc(report.sequence - seq - 1)
+                log.warning("dp worker %d: %d reports never arrived", report.worker, report.sequence - seq - 1)
+            positions[report.worker] = (report.run_id, report.sequence)
             deltas, names = self.aggregator.take(report)
             self.outbox.add(deltas, names)
             if report.HasField("health"):
@@ -307,7 +322,9 @@ class Agent:
             os.unlink(s.socket)
         reader = ReportReader(s.socket)
         runner = await self.serve_health(pods, reader)
-        tasks = [asyncio.create_task(pods.run(self.stop)), asyncio.create_task(self.run_dp(local_addresses))]
+        tasks = [asyncio.create_task(pods.run(self.stop))]
+        if s.dp == "child":
+            tasks.append(asyncio.create_task(self.run_dp(local_addresses)))
         wanted: list[str] = []
         log.info("agent %s on node %s: uplinks %s, own addresses %s", self.outbox.agent_id, s.node, sorted(uplinks),
                  local_addresses)
@@ -320,17 +337,21 @@ class Agent:
             self.take(await self.untranslate(reader.poll(0)))
             self.outbox.cut()
             await asyncio.to_thread(self.outbox.save, Path(s.state_file))
+            reader.ack(self.outbox.dp_positions)  # saved: the dp may forget them
             await self.deliver()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), timeout=max(0.0, s.interval - (time.monotonic() - self.last_tick)))
 
-        # Ordered stop: the dp sends its last report, which is saved and delivered within the deadline.
+        # Ordered stop: our dp sends its last report, which is saved and delivered within the
+        # deadline (a sidecar dp keeps capturing, for the next agent).
         deadline = time.monotonic() + STOP_DEADLINE
-        await asyncio.wait(tasks[1:], timeout=STOP_DEADLINE / 2)
+        if tasks[1:]:
+            await asyncio.wait(tasks[1:], timeout=STOP_DEADLINE / 2)
         self.take(await self.untranslate(list(reader.reports(timeout=0.5))))
         while time.monotonic() < deadline:
             self.outbox.cut()
             self.outbox.save(Path(s.state_file))
+            reader.ack(self.outbox.dp_positions)
             if not self.outbox.unacked and not self.outbox.pending:
                 break
             self.retry_at = 0.0

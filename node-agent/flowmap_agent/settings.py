@@ -17,6 +17,9 @@ class Settings:
     interval: float = 1.0
     window: int = 1024  # unacknowledged batches before deltas only merge (the operator's max_waiting_batches)
     health_port: int = 9091
+    # "child": the agent runs the dp and restarts it; "sidecar": the dp runs on its own (a second
+    # container of the pod) and outlives the agent's restarts, so the rings keep capturing.
+    dp: str = "child"
     dp_workers: int = 1
     dp_args: str = ""  # extra arguments for `flowmap dp run`, space-separated
     uplinks: str = ""  # interfaces to watch besides the pods' (comma-separated); empty: the node IPs' interfaces
@@ -40,4 +43,6 @@ class Settings:
         settings = cls(**values)  # type: ignore[arg-type]
         if not settings.node:
             raise ValueError("FLOWMAP_AGENT_NODE is required (set it from spec.nodeName)")
+        if settings.dp not in ("child", "sidecar"):
+            raise ValueError(f"FLOWMAP_AGENT_DP={settings.dp!r}: child or sidecar")
         return settings

@@ -179,3 +179,19 @@ def test_a_batch_refused_as_invalid_is_dropped_and_counted_not_resent_forever() 
     assert [b.sequence for b in box.to_deliver()] == [good.sequence] and box.lost_deltas == 2
     box.add([delta("10.0.0.1", 7)])  # its edges are free again
     assert [d.bytes_c2s for d in box.cut().edges] == [7]  # type: ignore[union-attr]
+
+
+def test_the_dps_positions_survive_a_restart_and_version_1_files_still_load(tmp_path: Path) -> None:
+    path = tmp_path / "state"
+    box = Outbox("a", "node-a")
+    box.dp_positions = {0: (77, 12), 1: (78, 9)}
+    box.add([delta("10.0.0.1", 5)])
+    box.save(path)
+    again = Outbox.load(path, "node-a")
+    assert again.dp_positions == {0: (77, 12), 1: (78, 9)} and len(again.pending) == 1
+    # Version 1 had no positions: the same records after the header.
+    data = path.read_bytes()
+    header = 4 + 2 + 2 + 2 * 20  # magic, version, count, two positions
+    path.write_bytes(b"FMAS\x00\x01" + data[header:])
+    old = Outbox.load(path, "node-a")
+    assert old.dp_positions == {} and len(old.pending) == 1
