@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from flowmap_devenv.controlplane import ControlPlane, ControlPlaneError
-from flowmap_devenv.simcluster import API, WEB, SimCluster
+from flowmap_devenv.simcluster import API, WEB, WORKER, SimCluster
 
 
 def _say(line: str) -> None:
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         plane.up()
         sim.up()
-        for pod in (WEB, API):
+        for pod in (WEB, API, WORKER):
             sim.traffic(pod, rounds=0, pause=args.pause)
         _say(f"the shop is busy; to look around: export KUBECONFIG={plane.kubeconfig}")
         end = time.monotonic() + args.duration if args.duration else None

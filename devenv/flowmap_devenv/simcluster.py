@@ -19,6 +19,8 @@ node whose bound token the agent presents. The demo shop (pods in ``PODS``, serv
   over gRPC, and Redis over IPv6;
 * ``shop.api`` (node-b) serves HTTP and gRPC, uses Redis on its node and PostgreSQL across nodes,
   and pays through ``payments.example.com`` on the internet (DNS, then TLS checked against the name);
+* ``shop.worker`` (node-b) calls ``api`` through the Service too: a ClusterIP whose backend is
+  on the caller's own node;
 * ``shop.postgres`` (node-a) is a real PostgreSQL;
 * ``kube-system.coredns`` (dnsmasq, node-a) answers everyone's DNS;
 * ``shop.redis`` (node-b) is a real redis-server;
@@ -117,7 +119,8 @@ WEB = Pod("shop", "web-7d4b9c5f8-x1b2c", node=NODES[0], host=10, **_rs("web", "7
 API = Pod("shop", "api-6c9f7d8b4-k3m4n", node=NODES[1], host=20, **_rs("api", "6c9f7d8b4"))
 REDIS = Pod("shop", "redis-0", ("StatefulSet", "redis"), NODES[1], 30, (("app", "redis"),))
 POSTGRES = Pod("shop", "postgres-0", ("StatefulSet", "postgres"), NODES[0], 40, (("app", "postgres"),))
-PODS = (DNS, WEB, API, REDIS, POSTGRES)
+WORKER = Pod("shop", "worker-58c9d7f6b5-p7q8r", node=NODES[1], host=50, **_rs("worker", "58c9d7f6b5"))
+PODS = (DNS, WEB, API, REDIS, POSTGRES, WORKER)
 GRPC_PORT = 9090
 
 

@@ -5,7 +5,7 @@ measured is the protocols themselves. Every call is real: DNS through the resolv
 (its resolv.conf names the cluster DNS pod), HTTP through the ClusterIP Service, Redis over
 IPv6, gRPC, PostgreSQL with psql, TLS to a server on the "internet" checked against its name.
 
-    python -m flowmap_devenv.simtraffic web|api|sites --rounds N --pause SECONDS --ca FILE
+    python -m flowmap_devenv.simtraffic web|api|worker|sites --rounds N --pause SECONDS --ca FILE
 
 ``sites`` calls a new external site each round (site-N.example.net, N = round - 1) and prints
 when each call began (``N unix-time``): each is an edge never seen before.
@@ -80,7 +80,12 @@ def sites(n: int, ca: str) -> None:
         r.read()
 
 
-ROLES = {"web": web, "api": api, "sites": sites}
+def worker(n: int, ca: str) -> None:
+    with urllib.request.urlopen(API_URL + f"orders/{n}", timeout=5) as r:
+        r.read()
+
+
+ROLES = {"web": web, "api": api, "worker": worker, "sites": sites}
 
 
 def main() -> int:

@@ -25,7 +25,7 @@ import pytest
 from flowmap_devenv import binaries
 from flowmap_devenv.controlplane import ControlPlane
 from flowmap_devenv.simcluster import (API, DNS, GRPC_PORT, INTERNET, PAYMENTS, POSTGRES, REDIS, SERVICE, SITES, WEB,
-                                       SimCluster, site)
+                                       WORKER, SimCluster, site)
 from flowmap_operator.naming import connection_name, object_name
 from tests.conftest import need, need_root
 
@@ -54,6 +54,13 @@ EDGES: dict[str, tuple[str, str, int, str, str, str, str, str]] = {
     "api-postgres": ("shop.api", "shop.postgres", 5432, "TCP", "node-b",
                      f"ip saddr {API.ip} ip daddr {POSTGRES.ip} tcp dport 5432",
                      f"ip saddr {POSTGRES.ip} ip daddr {API.ip} tcp sport 5432", "postgresql"),
+    # A ClusterIP whose backend is on the caller's own node.
+    "worker-api": ("shop.worker", "shop.api", 8080, "TCP", "node-b",
+                   f"ip saddr {WORKER.ip} ip daddr {API.ip} tcp dport 8080",
+                   f"ip saddr {API.ip} ip daddr {WORKER.ip} tcp sport 8080", "http"),
+    "worker-dns": ("shop.worker", "kube-system.coredns", 53, "UDP", "node-b",
+                   f"ip saddr {WORKER.ip} ip daddr {DNS.ip} udp dport 53",
+                   f"ip saddr {DNS.ip} ip daddr {WORKER.ip} udp sport 53", "dns"),
     "api-payments": ("shop.api", object_name(PAYMENTS), 443, "TCP", "node-b",
                      f"ip saddr {API.ip} ip daddr {INTERNET} tcp dport 443",
                      f"ip saddr {INTERNET} ip daddr {API.ip} tcp sport 443", "tls"),
@@ -97,7 +104,7 @@ def connections(sim: SimCluster) -> dict[str, dict[str, Any]]:
 def agents_capturing(sim: SimCluster) -> bool:
     import urllib.request
 
-    for port, pods in ((sim.health_ports["node-a"], 3), (sim.health_ports["node-b"], 2)):
+    for port, pods in ((sim.health_ports["node-a"], 3), (sim.health_ports["node-b"], 3)):
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
                 text = r.read().decode()
@@ -109,7 +116,7 @@ def agents_capturing(sim: SimCluster) -> bool:
 
 
 def test_shop_traffic_becomes_exactly_the_expected_connections(sim: SimCluster) -> None:
-    clients = [sim.traffic(WEB, ROUNDS, pause=0.05), sim.traffic(API, ROUNDS, pause=0.05)]
+    clients = [sim.traffic(pod, ROUNDS, pause=0.05) for pod in (WEB, API, WORKER)]
     for proc in clients:
         assert proc.popen.wait(120) == 0, proc.log.read_text()[-2000:]
     truth = {**sim.truth("node-a"), **sim.truth("node-b")}
@@ -134,8 +141,12 @@ def test_shop_traffic_becomes_exactly_the_expected_connections(sim: SimCluster) 
         assert (got[conn]["spec"]["client"], got[conn]["spec"]["server"]) == EDGES[name][:2]
     apps = {name: got[conn]["status"]["applications"] for conn, (name, _, _) in want.items()}
     assert apps == {name: [e[7]] for name, e in EDGES.items()}
+    # One TCP connection per client per round: the ClusterIP's two halves count one session.
+    tcp = {name: got[connection_name(*e[:4])]["status"]["sessions"]["total"] for name, e in EDGES.items() if e[3] == "TCP"}
+    assert tcp == dict.fromkeys(tcp, ROUNDS)
     # The ClusterIP flow is attributed to the workload behind the Service, which is named.
-    assert got[connection_name(*EDGES["web-api"][:4])]["status"]["service"] == f"{SERVICE['namespace']}/{SERVICE['name']}"
+    for name in ("web-api", "worker-api"):
+        assert got[connection_name(*EDGES[name][:4])]["status"]["service"] == f"{SERVICE['namespace']}/{SERVICE['name']}"
 
 
 
@@ -180,7 +191,7 @@ def minus(a: dict[str, tuple[int, int]], b: dict[str, tuple[int, int]]) -> dict[
 def busy_shop(sim: SimCluster, during: Any, rounds: int = 200) -> float:
     """Run both clients for ``rounds`` rounds (about 10 s); call ``during()`` 3 s in; the traffic's duration."""
     started = time.monotonic()
-    clients = [sim.traffic(WEB, rounds, pause=0.05), sim.traffic(API, rounds, pause=0.05)]
+    clients = [sim.traffic(pod, rounds, pause=0.05) for pod in (WEB, API, WORKER)]
     time.sleep(3.0)
     during()
     for proc in clients:
