@@ -271,6 +271,8 @@ class SessionTable:
             s.last = ts
         elif ts < s.first:
             s.first = ts
+            if from_client and not s.opening_seen and d.proto != PROTO_TCP:
+                s.opening_seen = s.opened = True  # the client's first packet, read after the reply
         if d.proto == PROTO_TCP:
             self._tcp(s, d.flags, from_client)
         if s.insp is not False and d.payload_end > d.payload_start:

@@ -267,7 +267,10 @@ class _Block:
                 continue
             key = keys[gi]
             s = get(key)
-            if s is None or ev_l[gi] or (pay_l[gi] and s.insp is not False) or (odd and key in odd):
+            # The per-packet path for new sessions, flags, payload to inspect, and sessions whose
+            # opening is not seen yet (its packet may come late, from another ring).
+            if s is None or ev_l[gi] or (pay_l[gi] and s.insp is not False) or (odd and key in odd) or (
+                    not s.opening_seen):
                 self.mixed(key, st_l[gi], en_l[gi], odd.pop(key, []) if odd else [])
                 continue
             touch(key)
@@ -322,7 +325,7 @@ class _Block:
         ev_at, pay_at = self.ev_at, self.pay_at
         while p < end:
             s = table.sessions.get(key)
-            if s is not None:
+            if s is not None and s.opening_seen:  # else its opening may be in this run: packet by packet
                 k = bisect_left(ev_at, p)
                 q = min(ev_at[k], end) if k < len(ev_at) else end  # [p, q) has no SYN/FIN/RST ...
                 if s.insp is not False:

@@ -239,3 +239,19 @@ def test_app_is_reported_once_matched_whichever_ring_is_read_first(reader: Reade
     (end,) = t.collect(3.0).sessions
     assert end.app == "http" and end.app_decided and end.metadata == {
         "http": {"method": "GET", "path": "/", "version": "1.1", "host": "cache:8080", "status": 200}}
+
+
+@pytest.mark.parametrize("reader", READERS)
+@pytest.mark.parametrize("server_ring_first", [False, True], ids=["in-order", "server-ring-first"])
+def test_a_dns_lookup_opens_one_session_whichever_ring_is_read_first(reader: Reader, server_ring_first: bool) -> None:
+    """The query enters on the client's veth, the answer on the DNS pod's: two rings."""
+    q = lambda data: ether(ipv4(A4, B4, 17, udp(40000, 53, data)))  # noqa: E731
+    a = lambda data: ether(ipv4(B4, A4, 17, udp(53, 40000, data)))  # noqa: E731
+    query = bytes.fromhex("62070100000100000000000003617069000001000100")  # A? api
+    answer = bytes.fromhex("62078180000100010000000003617069000001000100c00c000100010000003c00040a600032")
+    client_ring = [(q(query), 1.0, None), (q(query[:2] + b"\x01" + query[3:]), 1.0001, None)]
+    server_ring = [(a(answer), 1.0005, None), (a(answer), 1.0006, None)]
+    rings = [server_ring, client_ring] if server_ring_first else [client_ring, server_ring]
+    t = run(reader, [pack_block(frames)[0] for frames in rings], SessionTable())
+    (d,) = t.collect(2.0).sessions
+    assert (d.opened, d.client_port, d.packets_c2s, d.packets_s2c) == (True, 40000, 2, 2)

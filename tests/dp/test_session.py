@@ -92,6 +92,14 @@ def test_synack_seen_first_decides_client(table: SessionTable) -> None:
     assert (d.client_text, d.server_text, d.state) == ("10.0.0.1:40000", "10.0.0.2:80", "syn_recv")
 
 
+def test_a_udp_query_read_after_its_answer_still_opens_the_session(table: SessionTable) -> None:
+    feed(table, frame(S, 53, C, 40000, None, b"answer"), ts=2.0)  # the answer's ring is read first
+    assert not only(table).opened
+    feed(table, frame(C, 40000, S, 53, None, b"query"), ts=1.0)
+    d = only(table)
+    assert d.opened and (d.client_text, d.server_text) == ("10.0.0.1:40000", "10.0.0.2:53")
+
+
 def test_a_packet_read_late_from_another_ring_keeps_first_before_last(table: SessionTable) -> None:
     feed(table, frame(S, 80, C, 40000, SYNACK), ts=2.0)  # the server's ring is read first
     feed(table, frame(C, 40000, S, 80, SYN), ts=1.0)
