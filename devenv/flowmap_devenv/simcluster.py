@@ -165,7 +165,20 @@ class SimCluster:
         self.operator = Operator(self.cluster, write_budget=50, flush_interval=0.2).start().wait_leading()
         for n in NODES:
             self._agent(n)
+        self._wait_capturing()
         return self
+
+    def _wait_capturing(self, timeout: float = 60.0) -> None:
+        """Until every node's dp captures on its pods' veths and its uplink: before that, a name a
+        DNS answer gives could be missed, and its connections would show as "external"."""
+        end = time.monotonic() + timeout
+        for n in NODES:
+            want = 1 + sum(1 for p in PODS if p.node == n)
+            while self.agent_metrics(n.name).get("flowmap_agent_dp_interfaces", 0) < want:
+                self._check_alive()
+                if time.monotonic() > end:
+                    raise RuntimeError(f"the dp of {n.name} did not capture on {want} interfaces within {timeout} s")
+                time.sleep(0.1)
 
     def _network(self) -> None:
         lab = self.lab
