@@ -77,8 +77,8 @@ NAT_SESSIONS = Counter("flowmap_agent_nat_sessions",
 REPORT_GAPS = Counter("flowmap_agent_dp_report_gaps",
                       "dp reports that never reached the agent (a gap in their sequence).", registry=REGISTRY)
 UNCLEAN = Counter("flowmap_agent_unclean_restarts",
-                  "Starts after a run that did not stop cleanly: up to one interval of reports was lost.",
-                  registry=REGISTRY)
+                  "Starts after a run that did not stop cleanly (with the dp a child, it died too: its last "
+                  "interval and what passed until the next dp captured are lost).", registry=REGISTRY)
 LOST = Counter("flowmap_agent_lost_sessions", "Session records lost between the dp and the operator.",
                registry=REGISTRY)
 UNACKED = Gauge("flowmap_agent_unacked_edges", "Edge deltas held until the operator acknowledges them.",

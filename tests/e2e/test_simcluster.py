@@ -171,15 +171,23 @@ def minus(a: dict[str, tuple[int, int]], b: dict[str, tuple[int, int]]) -> dict[
     return {k: (a[k][0] - b[k][0], a[k][1] - b[k][1]) for k in a}
 
 
-def busy_shop(sim: SimCluster, during: Any, rounds: int = 200) -> float:
-    """Run both clients for ``rounds`` rounds (about 10 s); call ``during()`` 3 s in; the traffic's duration."""
+def busy_shop(sim: SimCluster, during: Any, rounds: int = 200) -> dict[str, float]:
+    """Run the clients for ``rounds`` rounds (10 to 25 s); call ``during()`` 3 s in; how long
+    each client's traffic lasted, by the edge-name prefix of its pod ("web", "api", "worker")."""
     started = time.monotonic()
-    clients = [sim.traffic(pod, rounds, pause=0.05) for pod in (WEB, API, WORKER)]
+    clients = {pod: sim.traffic(pod, rounds, pause=0.05) for pod in (WEB, API, WORKER)}
     time.sleep(3.0)
     during()
-    for proc in clients:
-        assert proc.popen.wait(180) == 0, proc.log.read_text()[-2000:]
-    return time.monotonic() - started
+    lasted: dict[str, float] = {}
+    while len(lasted) < len(clients):
+        for pod, proc in clients.items():
+            role = pod.owner[1].rsplit("-", 1)[0]
+            if role not in lasted and proc.popen.poll() is not None:
+                assert proc.popen.returncode == 0, proc.log.read_text()[-2000:]
+                lasted[role] = time.monotonic() - started
+        assert time.monotonic() - started < 180, "the shop's clients did not finish"
+        time.sleep(0.05)
+    return lasted
 
 
 def test_kill_9_of_the_operator_loses_and_doubles_nothing(sim: SimCluster) -> None:
@@ -222,7 +230,7 @@ def test_kill_9_of_a_dp_or_an_agent_loses_at_most_its_interval_and_counts_it(sim
         gap.append(time.monotonic() - killed)
         assert victim == "agent" or dp.popen.returncode == -signal.SIGKILL
 
-    duration = busy_shop(sim, crash)
+    lasted = busy_shop(sim, crash)
     truth1, conn1 = settled(sim)
     sent, got = minus(truth1, truth0), minus(conn1, conn0)
     metrics = sim.agent_metrics(node_name)
@@ -232,6 +240,7 @@ def test_kill_9_of_a_dp_or_an_agent_loses_at_most_its_interval_and_counts_it(sim
             assert got[name] == sent[name], (name, got[name], sent[name], health(sim))  # the other node: exact
             continue
         lost = (sent[name][0] - got[name][0], sent[name][1] - got[name][1])
+        duration = lasted[name.split("-")[0]]  # of the client's own traffic, for its average rate
         if victim == "dp":
             # Its current interval, and the packets that pass until the new dp captures (at the
             # traffic's average rate, with half a second to spare: the rounds are bursts).
