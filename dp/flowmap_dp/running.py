@@ -198,7 +198,8 @@ class Worker:
         """Collect the interval's deltas and offer them to the exporter."""
         if final:
             self.table.close_all("shutdown")
-        rep = self.table.collect(time.time())
+        # Sessions younger than a block's retire timeout wait one report (SessionTable.collect).
+        rep = self.table.collect(time.time(), hold=0.0 if final else self.settings.ring.retire_timeout_ms / 1000 + 0.01)
         self.sequence += 1
         for r in iter_reports(rep, run_id=self.settings.run_id, worker=self.worker, workers=self.settings.workers,
                                sequence=self.sequence, start=start, health=self.health(),

@@ -444,12 +444,20 @@ class SessionTable:
 
     # -- export --------------------------------------------------------------------------------
 
-    def collect(self, now: float) -> Report:
-        """Expire idle sessions, then return what changed since the previous call."""
+    def collect(self, now: float, hold: float = 0.0) -> Report:
+        """Expire idle sessions, then return what changed since the previous call.
+
+        A session first seen less than ``hold`` seconds ago waits for the next call: an older
+        packet that belongs before it (the DNS answer that named its server) may still sit in
+        another ring's block, which the kernel hands over only when it retires (live capture:
+        ``hold`` is the rings' retire timeout). So what a report says, it says in order.
+        """
         self.expire(now)
-        deltas = [self._delta(s) for s in self._dirty.values()]
-        self._dirty = {}
-        self._pending_ended = 0
+        recent = now - hold
+        held = {k: s for k, s in self._dirty.items() if s.new and s.first > recent} if hold else {}
+        deltas = [self._delta(s) for k, s in self._dirty.items() if k not in held]
+        self._dirty = held
+        self._pending_ended = sum(1 for s in held.values() if s.end_reason)
         return Report(now, deltas, self.health())
 
     def health(self) -> Health:

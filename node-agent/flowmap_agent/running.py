@@ -272,7 +272,8 @@ class Agent:
             return web.Response(status=200 if alive else 503, text="ok" if alive else "stalled")
 
         async def readyz(_: web.Request) -> web.Response:
-            ready = pods.synced.is_set() and reader.connections > 0
+            # The dp connects before its rings are attached: ready once it has reported.
+            ready = pods.synced.is_set() and reader.connections > 0 and bool(self.health.by_worker)
             return web.Response(status=200 if ready else 503, text="ok" if ready else "not ready")
 
         async def metrics(_: web.Request) -> web.Response:

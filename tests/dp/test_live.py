@@ -153,7 +153,9 @@ def start_dp(node: Node, agent: Agent, tmp_path: Path) -> Iterator[Callable[...,
                                        "--retire-ms", "10", "--block-size", str(1 << 18), *own, *args],
                            stdout=log, stderr=subprocess.STDOUT)
         procs.append(p)
-        assert agent.wait(lambda: agent.reader.connections > 0 or p.poll() is not None, 10), "dp did not connect"
+        # Its first report comes once its loop runs on the attached rings (it connects before).
+        before = len(agent.reports)
+        assert agent.wait(lambda: len(agent.reports) > before or p.poll() is not None, 10), "dp did not report"
         assert p.poll() is None, (tmp_path / f"dp{len(procs) - 1}.log").read_text()
         return p
 

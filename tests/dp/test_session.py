@@ -339,3 +339,13 @@ def test_syn_flood_stays_bounded() -> None:
     for i in range(200):
         feed(t, frame(C, 30000 + i, S, 80, SYN), ts=2.0)
     assert sum(d.closed for d in t.collect(3.0).sessions) >= 100
+
+
+def test_a_session_younger_than_the_hold_waits_for_the_next_report(table: SessionTable) -> None:
+    """Its DNS answer, older, may still be in another ring's unretired block: report in order."""
+    feed(table, frame(C, 40000, S, 80, SYN), ts=10.00)
+    feed(table, frame(C, 40001, S, 80, SYN), ts=10.95)
+    first = table.collect(11.0, hold=0.1).sessions
+    assert [d.client_port for d in first] == [40000]
+    second = table.collect(11.5, hold=0.1).sessions
+    assert [(d.client_port, d.new, d.opened) for d in second] == [(40001, True, True)]
