@@ -34,7 +34,7 @@ def unique(prefix: str) -> str:
 @contextmanager
 def netns(name: str) -> Iterator[None]:
     """Run the body with this thread in namespace ``name`` (sockets made there stay there)."""
-    with open(f"/proc/thread-self/ns/net", "rb") as home, open(f"/run/netns/{name}", "rb") as there:
+    with open("/proc/thread-self/ns/net", "rb") as home, open(f"/run/netns/{name}", "rb") as there:
         if _libc.setns(there.fileno(), CLONE_NEWNET) != 0:
             raise OSError(ctypes.get_errno(), f"setns {name}")
         try:

@@ -10,7 +10,6 @@ after kube-proxy's DNAT, which is what the Connection must show (the backing wor
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import tempfile

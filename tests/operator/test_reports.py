@@ -13,7 +13,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from flowmap_api import report_pb2 as pb
-from tests.conftest import need
 from tests.operator.harness import API, API_SVC, REDIS, WEB
 from tests.operator.harness import Agent, Cluster, Operator, edge, running
 
