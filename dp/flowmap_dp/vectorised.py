@@ -30,8 +30,10 @@ import numpy as np
 import numpy.typing as npt
 
 from flowmap_dp.block import BLOCK_DESC_SIZE, TP_STATUS_VLAN_VALID, block_packets, feed_block
-from flowmap_dp.decode import LINK_ETHERNET, Decoded, decode, flow_key
-from flowmap_dp.session import OPEN, Session, SessionTable
+from flowmap_dp.decode import LINK_ETHERNET, PROTO_UDP, Decoded, decode, flow_key
+from flowmap_dp.session import OPEN, UDP_NEW_CONVERSATION, Session, SessionTable
+
+OPENING_WINDOW = 16  # packets within which a session's late-read opening is still looked for
 
 I64 = npt.NDArray[np.int64]
 U64 = npt.NDArray[np.uint64]
@@ -105,6 +107,13 @@ def _scan(mv: memoryview, first: int, n: int) -> I64 | None:
         return None
     return pos
 
+
+
+def awaits_opening(s: Session) -> bool:
+    """A young session whose opening packet was not read yet: it may come late, from another
+    ring, and only the per-packet path notices it. Older ones were picked up mid-stream (after a
+    restart, say) and keep the fast path."""
+    return not s.opening_seen and s.pkts_c2s + s.pkts_s2c < OPENING_WINDOW
 
 class _Block:
     """One block's frames as column arrays, and the work of applying them to the table."""
@@ -267,10 +276,15 @@ class _Block:
                 continue
             key = keys[gi]
             s = get(key)
-            # The per-packet path for new sessions, flags, payload to inspect, and sessions whose
-            # opening is not seen yet (its packet may come late, from another ring).
+            if s is not None and pay_l[gi] and s.insp is False and s.proto == PROTO_UDP and (
+                    ts_l[gi] - s.last > UDP_NEW_CONVERSATION):
+                # Perhaps a new conversation on a reused UDP 5-tuple: the per-packet path sees it.
+                self.replay(self.sorted_idx[st_l[gi]:en_l[gi]].tolist(), odd.pop(key, []) if odd else [])
+                continue
+            # The per-packet path for new sessions, flags, payload to inspect, and young sessions
+            # whose opening is not seen yet (its packet may come late, from another ring).
             if s is None or ev_l[gi] or (pay_l[gi] and s.insp is not False) or (odd and key in odd) or (
-                    not s.opening_seen):
+                    awaits_opening(s)):
                 self.mixed(key, st_l[gi], en_l[gi], odd.pop(key, []) if odd else [])
                 continue
             touch(key)
@@ -325,7 +339,7 @@ class _Block:
         ev_at, pay_at = self.ev_at, self.pay_at
         while p < end:
             s = table.sessions.get(key)
-            if s is not None and s.opening_seen:  # else its opening may be in this run: packet by packet
+            if s is not None and not awaits_opening(s):  # else its opening may be in this run
                 k = bisect_left(ev_at, p)
                 q = min(ev_at[k], end) if k < len(ev_at) else end  # [p, q) has no SYN/FIN/RST ...
                 if s.insp is not False:

@@ -349,3 +349,15 @@ def test_a_session_younger_than_the_hold_waits_for_the_next_report(table: Sessio
     assert [d.client_port for d in first] == [40000]
     second = table.collect(11.5, hold=0.1).sessions
     assert [(d.client_port, d.new, d.opened) for d in second] == [(40001, True, True)]
+
+
+def test_a_udp_5_tuple_used_again_after_a_pause_is_inspected_again() -> None:
+    """A resolver can pick the same source port again: each lookup's answer names a server."""
+    from tests.dp.test_detection import _dns_answer, _dns_query
+
+    table = SessionTable()  # the real detectors
+    for i, ts in ((7, 1.0), (8, 5.0)):
+        feed(table, frame(C, 40000, S, 53, None, _dns_query(i)), ts=ts)
+        feed(table, frame(S, 53, C, 40000, None, _dns_answer(i)), ts=ts + 0.001)
+        (d,) = table.collect(ts + 0.5).sessions
+        assert d.app == "dns" and d.metadata["dns"]["answers"], (i, d)
