@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 UNKNOWN = "unknown"
 # Payload packets one session may keep for detection and metadata, both directions together.
 MAX_PACKETS = 24
+# Server payload packets that wait for the client's first before detection runs on them.
+SERVER_FIRST = 4
 # Threat hits kept per session.
 MAX_THREATS = 4
 
@@ -64,7 +66,10 @@ class Inspector:
             self._conclude()
             return True
         if self._matched is None:
-            self._detect()
+            # Until the client has spoken, the server's words wait (a few of them): the client's
+            # packets may have entered the node on another interface, whose ring is read later.
+            if self._bytes[True] or self._before_client > SERVER_FIRST:
+                self._detect()
         else:
             self._lingered += 1
         if self._matched is not None:
@@ -77,6 +82,8 @@ class Inspector:
     def finish(self) -> None:
         """The session ended (or the capture did): settle the result with what was seen."""
         if not self._done:
+            if self._matched is None and self._candidates and not self._bytes[True]:
+                self._detect()  # the client never spoke: judge the server's words alone
             self._conclude()
 
     def _detect(self) -> None:
@@ -94,13 +101,9 @@ class Inspector:
                 self._candidates = []
                 self._extract()
                 return
-            if verdict is Verdict.NO and not self._bytes[True]:
-                # The client has not spoken yet, but it may have: its packets entered the node on
-                # another interface, whose ring can be read after the server's. The server's words
-                # can rule a protocol in (a banner, an answer), never out, and a detector's packet
-                # budget starts with the client's first word.
-                verdict = Verdict.MORE
-            if verdict is Verdict.MORE and self.flow.packets - self._before_client < det.max_packets:
+            # A detector's packet budget starts with the client's first word (or the last server
+            # packet that waited for it).
+            if verdict is Verdict.MORE and self.flow.packets - min(self._before_client, SERVER_FIRST) < det.max_packets:
                 keep.append(det)
         self._candidates = keep
 

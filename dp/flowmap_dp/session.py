@@ -62,7 +62,7 @@ SERVICE_PORTS = frozenset({
 # UDP services: a first packet *from* one of these to another port is a reply seen first.
 UDP_SERVICES = frozenset({53, 67, 69, 123, 137, 161, 162, 389, 500, 514, 547, 1812, 1813, 4789, 5353, 8472})
 TFTP_PORT = 69
-UDP_NEW_CONVERSATION = 1.0  # seconds of silence after which a UDP session's next request is inspected anew
+DNS_NEW_LOOKUP = 1.0  # seconds of silence after which a DNS session's next query is inspected anew
 TFTP_REMEMBERED = 1024  # recent TFTP requesters kept to orient their data sessions
 # Below 1024 but used by clients: DHCP and DHCPv6 clients are not servers.
 CLIENT_PORTS = frozenset({68, 546})
@@ -261,10 +261,10 @@ class SessionTable:
                 self._end(s, "reused")  # a new connection on the same 5-tuple after a full close
                 s = self._create(key, fwd, d, ts)
         from_client = fwd == s.a_is_client
-        if (s.insp is False and d.proto == PROTO_UDP and from_client and ts - s.last > UDP_NEW_CONVERSATION
+        if (s.insp is False and s.app == "dns" and from_client and ts - s.last > DNS_NEW_LOOKUP
                 and d.payload_end > d.payload_start):
-            # A UDP 5-tuple used again after a pause (a resolver's port, picked again) carries a
-            # new conversation: inspect it too, or the names its DNS answers give are lost.
+            # A DNS 5-tuple used again after a pause (a resolver's port, picked again) carries a
+            # new lookup: inspect it too, or the names its answers give are lost.
             s.insp, s.feeds = None, 0
         if from_client:
             s.pkts_c2s += 1

@@ -30,8 +30,8 @@ import numpy as np
 import numpy.typing as npt
 
 from flowmap_dp.block import BLOCK_DESC_SIZE, TP_STATUS_VLAN_VALID, block_packets, feed_block
-from flowmap_dp.decode import LINK_ETHERNET, PROTO_UDP, Decoded, decode, flow_key
-from flowmap_dp.session import OPEN, UDP_NEW_CONVERSATION, Session, SessionTable
+from flowmap_dp.decode import LINK_ETHERNET, Decoded, decode, flow_key
+from flowmap_dp.session import DNS_NEW_LOOKUP, OPEN, Session, SessionTable
 
 OPENING_WINDOW = 16  # packets within which a session's late-read opening is still looked for
 
@@ -276,9 +276,9 @@ class _Block:
                 continue
             key = keys[gi]
             s = get(key)
-            if s is not None and pay_l[gi] and s.insp is False and s.proto == PROTO_UDP and (
-                    ts_l[gi] - s.last > UDP_NEW_CONVERSATION):
-                # Perhaps a new conversation on a reused UDP 5-tuple: the per-packet path sees it.
+            if s is not None and pay_l[gi] and s.insp is False and s.app == "dns" and (
+                    ts_l[gi] - s.last > DNS_NEW_LOOKUP):
+                # Perhaps a new lookup on a reused DNS 5-tuple: the per-packet path sees it.
                 self.replay(self.sorted_idx[st_l[gi]:en_l[gi]].tolist(), odd.pop(key, []) if odd else [])
                 continue
             # The per-packet path for new sessions, flags, payload to inspect, and young sessions

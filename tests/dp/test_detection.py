@@ -85,7 +85,7 @@ def test_the_servers_words_read_first_rule_no_protocol_out() -> None:
     postgres.feed(False, b"N")
     postgres.feed(True, (8).to_bytes(4, "big") + (80877103).to_bytes(4, "big"))  # SSLRequest
     redis = Inspector("tcp", 40001, 6379)
-    for _ in range(6):  # more server packets than the detector's own budget
+    for _ in range(4):  # as many server packets as the detector's own budget
         redis.feed(False, b"+OK\r\n")
     redis.feed(True, b"*1\r\n$4\r\nPING\r\n")
     assert (postgres.app, redis.app) == ("postgresql", "redis")
@@ -140,6 +140,7 @@ def test_a_raising_detector_is_counted_and_dropped(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(detection, "candidates", lambda l4, c, s: [broken, BY_NAME["ssh"]])
     insp = Inspector("tcp", 40000, 22)
     insp.feed(False, b"SSH-2.0-OpenSSH_9.2p1\r\n")
+    insp.feed(True, b"SSH-2.0-PuTTY_Release_0.78\r\n")  # the server's words wait for the client's
     assert insp.errors == 1 and insp.app == "ssh"
 
 

@@ -351,7 +351,7 @@ def test_a_session_younger_than_the_hold_waits_for_the_next_report(table: Sessio
     assert [(d.client_port, d.new, d.opened) for d in second] == [(40001, True, True)]
 
 
-def test_a_udp_5_tuple_used_again_after_a_pause_is_inspected_again() -> None:
+def test_a_dns_5_tuple_used_again_after_a_pause_is_inspected_again() -> None:
     """A resolver can pick the same source port again: each lookup's answer names a server."""
     from tests.dp.test_detection import _dns_answer, _dns_query
 
