@@ -83,6 +83,10 @@ class Unnat:
         return found
 
 
+class Unavailable(Exception):
+    """The kernel's connection tracking cannot be read (no nf_conntrack_netlink, no permission)."""
+
+
 def conntrack_lookup(netns: str) -> tuple[Lookup, Callable[[], None]]:
     """A lookup in the kernel's connection tracking of ``netns`` ("" for ours), and its closer."""
     from pyroute2.netlink.exceptions import NetlinkError
@@ -92,9 +96,14 @@ def conntrack_lookup(netns: str) -> tuple[Lookup, Callable[[], None]]:
 
     sockets = {}
     for family in (socket.AF_INET, socket.AF_INET6):
-        with in_netns(netns):
-            sock = NFCTSocket(family)
-            sock.stat()  # pyroute2 opens the netlink socket at its first request: here, in the namespace
+        try:
+            with in_netns(netns):
+                sock = NFCTSocket(family)
+                sock.stat()  # pyroute2 opens the netlink socket at its first request: here, in the namespace
+        except (NetlinkError, OSError) as exc:
+            for opened in sockets.values():
+                opened.close()
+            raise Unavailable(str(exc)) from exc
         sockets[family] = sock
 
     def lookup(key: Tuple5) -> Original:

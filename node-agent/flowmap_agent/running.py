@@ -309,8 +309,12 @@ class Agent:
         # What the node sends from any of its addresses is its own traffic for the dp. Only the
         # Node object's are marked local in reports: the operator knows a node by those alone.
         local_addresses = sorted(set(node_ips) | await asyncio.to_thread(links.interface_addresses, uplinks, s.netns))
-        lookup, close_conntrack = await loop.run_in_executor(self.conntrack, nat.conntrack_lookup, s.netns)
-        self.unnat = nat.Unnat(lookup, local_addresses, pods.by_ip)
+        try:
+            lookup, close_conntrack = await loop.run_in_executor(self.conntrack, nat.conntrack_lookup, s.netns)
+            self.unnat = nat.Unnat(lookup, local_addresses, pods.by_ip)
+        except nat.Unavailable as exc:
+            log.warning("no connection tracking (%s): masqueraded traffic will show as the node's", exc)
+            close_conntrack = lambda: None  # noqa: E731
 
         running = Path(s.state_file + ".running")  # present while an agent runs: left by a crash
         if running.exists():
