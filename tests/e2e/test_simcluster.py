@@ -96,44 +96,6 @@ def connections(sim: SimCluster) -> dict[str, dict[str, Any]]:
     return {c["metadata"]["name"]: c for c in items}
 
 
-def test_shop_traffic_becomes_exactly_the_expected_connections(sim: SimCluster) -> None:
-    clients = [sim.traffic(pod, ROUNDS, pause=0.05) for pod in (WEB, API, WORKER)]
-    for proc in clients:
-        assert proc.popen.wait(120) == 0, proc.log.read_text()[-2000:]
-    truth = {**sim.truth("node-a"), **sim.truth("node-b")}
-    want = {connection_name(*e[:4]): (name, truth[f"{name}-c2s"], truth[f"{name}-s2c"]) for name, e in EDGES.items()}
-    assert all(c2s and s2c for _, c2s, s2c in want.values()), truth
-
-    def exact() -> bool:
-        got = connections(sim)
-        return all((got.get(conn, {}).get("status", {}).get("bytes", {}).get("clientToServer"),
-                    got.get(conn, {}).get("status", {}).get("bytes", {}).get("serverToClient")) == (c2s, s2c)
-                   for conn, (_, c2s, s2c) in want.items())
-
-    end = time.monotonic() + 60
-    while not exact():
-        if time.monotonic() > end:
-            got = {n: c.get("status", {}).get("bytes") for n, c in connections(sim).items()}
-            pytest.fail(f"Connections do not match the kernel's counters:\nwant {want}\ngot  {got}")
-        time.sleep(0.5)
-    got = connections(sim)
-    assert set(got) == set(want), f"unexpected edges: {sorted(set(got) - set(want))}"
-    for conn, (name, _, _) in want.items():
-        assert (got[conn]["spec"]["client"], got[conn]["spec"]["server"]) == EDGES[name][:2]
-    apps = {name: got[conn]["status"]["applications"] for conn, (name, _, _) in want.items()}
-    assert apps == {name: [e[7]] for name, e in EDGES.items()}
-    # One connection (or DNS lookup) per client per round: the ClusterIP's two halves count one
-    # session, and so does a query whose answer was read first (another ring).
-    sessions = {name: got[connection_name(*e[:4])]["status"]["sessions"]["total"] for name, e in EDGES.items()}
-    assert sessions == dict.fromkeys(EDGES, ROUNDS)
-    # The ClusterIP flow is attributed to the workload behind the Service, which is named.
-    for name in ("web-api", "worker-api"):
-        assert got[connection_name(*EDGES[name][:4])]["status"]["service"] == f"{SERVICE['namespace']}/{SERVICE['name']}"
-
-
-
-# -- crashes ------------------------------------------------------------------------------------
-
 def counted(sim: SimCluster) -> dict[str, tuple[int, int]]:
     got = connections(sim)
     return {name: tuple(got.get(connection_name(*e[:4]), {}).get("status", {}).get("bytes", {}).get(way, 0)
@@ -145,6 +107,34 @@ def kernel(sim: SimCluster) -> dict[str, tuple[int, int]]:
     truth = {**sim.truth("node-a"), **sim.truth("node-b")}
     return {name: (truth[f"{name}-c2s"], truth[f"{name}-s2c"]) for name in EDGES}
 
+
+def test_shop_traffic_becomes_exactly_the_expected_connections(sim: SimCluster) -> None:
+    clients = [sim.traffic(pod, ROUNDS, pause=0.05) for pod in (WEB, API, WORKER)]
+    for proc in clients:
+        assert proc.popen.wait(120) == 0, proc.log.read_text()[-2000:]
+    truth = kernel(sim)
+    assert all(c2s and s2c for c2s, s2c in truth.values()), truth
+    end = time.monotonic() + 60
+    while (now := counted(sim)) != truth:
+        assert time.monotonic() < end, f"Connections do not match the kernel's counters:\nwant {truth}\ngot  {now}"
+        time.sleep(0.5)
+    want = {connection_name(*e[:4]): name for name, e in EDGES.items()}
+    got = connections(sim)
+    assert set(got) == set(want), f"unexpected edges: {sorted(set(got) - set(want))}"
+    for conn, name in want.items():
+        assert (got[conn]["spec"]["client"], got[conn]["spec"]["server"]) == EDGES[name][:2]
+    apps = {name: got[conn]["status"]["applications"] for conn, name in want.items()}
+    assert apps == {name: [e[7]] for name, e in EDGES.items()}
+    # One connection (or DNS lookup) per client per round: the ClusterIP's two halves count one
+    # session, and so does a query whose answer was read first (another ring).
+    sessions = {name: got[conn]["status"]["sessions"]["total"] for conn, name in want.items()}
+    assert sessions == dict.fromkeys(EDGES, ROUNDS)
+    # The ClusterIP flow is attributed to the workload behind the Service, which is named.
+    for name in ("web-api", "worker-api"):
+        assert got[connection_name(*EDGES[name][:4])]["status"]["service"] == f"{SERVICE['namespace']}/{SERVICE['name']}"
+
+
+# -- crashes ------------------------------------------------------------------------------------
 
 def settled(sim: SimCluster, timeout: float = 60) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, int]]]:
     """(kernel, Connections) once the agents hold nothing unacknowledged and nothing changes for 2 s."""
