@@ -53,6 +53,8 @@ class Lab:
     def ns(self, prefix: str = "fmt") -> str:
         """Create a namespace with loopback up."""
         name = unique(prefix)
+        while os.path.exists(f"/run/netns/{name}"):  # left by a crashed run whose process id was ours
+            name = unique(prefix)
         run("ip", "netns", "add", name)
         self.namespaces.append(name)
         self.exec(name, "ip", "link", "set", "lo", "up")
