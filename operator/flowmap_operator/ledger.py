@@ -191,6 +191,12 @@ class Ledger:
         state.waiting.setdefault(sequence, set()).add(key)
         return True
 
+    def touch(self, key: EdgeKey, now: float) -> None:
+        """Something besides the counters changed (the action): write the object again."""
+        edge = self.edges.setdefault(key, Edge(key))
+        if edge.dirty_since is None:
+            edge.dirty_since = now
+
     def acked(self, agent: str) -> int:
         """The highest batch whose deltas, and all earlier ones', are in the API server."""
         state = self.agents.get(agent)

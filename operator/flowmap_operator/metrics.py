@@ -44,6 +44,16 @@ CONNECTION_OVERFLOW = Counter("flowmap_operator_connection_overflow",
                               "Edge deltas dropped because the Connection cap is reached.", registry=REGISTRY)
 RESOLUTION_MISSES = Counter("flowmap_operator_resolution_misses", "Addresses resolved to 'external'.",
                             registry=REGISTRY)
+POLICY_VIOLATIONS = Counter("flowmap_policy_violations",
+                            "Sessions no policy rule allows: let through (Violation) or blocked on the node (Denied).",
+                            ("client_group", "client_namespace", "server_group", "server_namespace", "port",
+                             "protocol", "action"), registry=REGISTRY)
+POLICY_EVENTS = Counter("flowmap_operator_policy_events", "Kubernetes Events raised for connections no rule allows.",
+                        ("reason",), registry=REGISTRY)
+POLICY_PODS = Gauge("flowmap_operator_policy_pods", "Protected pods in the policy streamed to a node's agent.",
+                    ("node",), registry=REGISTRY)
+POLICY_WATCHERS = Gauge("flowmap_operator_policy_watchers", "Agents taking policy from this replica.",
+                        registry=REGISTRY)
 LEADER = Gauge("flowmap_operator_leader", "1 when this replica applies reports.", registry=REGISTRY)
 
 

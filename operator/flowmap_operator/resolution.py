@@ -22,6 +22,12 @@ from flowmap_operator.naming import object_name
 
 Body = Mapping[str, Any]
 NODES, EXTERNAL = "nodes", "external"
+# Labels a controller puts on each pod of a workload to tell revisions or pods apart: they say
+# nothing about what the workload is, so selectors and exported NetworkPolicies never use them.
+RUNTIME_LABELS = frozenset(("pod-template-hash", "controller-revision-hash", "pod-template-generation",
+                            "statefulset.kubernetes.io/pod-name", "apps.kubernetes.io/pod-index", "controller-uid",
+                            "job-name", "batch.kubernetes.io/controller-uid", "batch.kubernetes.io/job-name",
+                            "batch.kubernetes.io/job-completion-index"))
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,7 @@ class Resolver:
         self.grace = grace
         self._pods: dict[str, list[_Span]] = {}  # ip -> spans, oldest first
         self._pod_ips: dict[tuple[str, str], tuple[list[str], Peer]] = {}  # (ns, name) -> ips, peer
+        self._pod_labels: dict[tuple[str, str], dict[str, str]] = {}
         self._jobs: dict[tuple[str, str], str] = {}  # (ns, job) -> cronjob
         self._nodes: dict[str, str] = {}  # ip -> node name
         self._node_ips: dict[str, list[str]] = {}
@@ -91,6 +98,9 @@ class Resolver:
         self._cluster_ips: dict[str, tuple[str, str]] = {}
         self._cidrs: dict[str, list[ipaddress.IPv4Network | ipaddress.IPv6Network]] = {}
         self._names: dict[str, tuple[str, float]] = {}  # ip -> (fqdn, valid until)
+        self._name_ips: dict[str, dict[str, float]] = {}  # FQDN group -> {ip: valid until}
+        # Bumped on every change of who holds which address: what is compiled from it is stale.
+        self.version = 0
         self.agent_nodes: set[str] = set()  # nodes whose pods and own traffic are captured by an agent
         self.agent_selector: tuple[str, dict[str, str]] = ("flowmap-system", {"app.kubernetes.io/name": "flowmap-agent"})
 
@@ -118,9 +128,14 @@ class Resolver:
             return
         wk, wn = workload_of(pod, self._jobs)
         peer = Peer(group_name(ns, wn), "Workload", ns, wk, wn, name, node)
+        pod_labels = {k: v for k, v in (meta.get("labels") or {}).items() if k not in RUNTIME_LABELS}
         old = self._pod_ips.get((ns, name))
-        if old and old == (ips, peer):
+        if old and old == (ips, peer) and self._pod_labels.get((ns, name)) == pod_labels:
             return
+        self.version += 1
+        self._pod_labels[(ns, name)] = pod_labels
+        if old and old == (ips, peer):
+            return  # only its labels changed
         if old:
             self._end(ns, name, old[0], now)
         start = _ts(meta.get("creationTimestamp"), now)
@@ -130,7 +145,9 @@ class Resolver:
 
     def pod_gone(self, namespace: str, name: str, now: float) -> None:
         old = self._pod_ips.pop((namespace, name), None)
+        self._pod_labels.pop((namespace, name), None)
         if old:
+            self.version += 1
             self._end(namespace, name, old[0], now)
 
     def _end(self, namespace: str, name: str, ips: Iterable[str], now: float) -> None:
@@ -148,6 +165,7 @@ class Resolver:
         ips = [a["address"] for a in node.get("status", {}).get("addresses") or []
                if a.get("type") in ("InternalIP", "ExternalIP")]
         self._node_ips[name] = ips
+        self.version += 1
         for ip in ips:
             self._nodes[ip] = name
 
@@ -197,20 +215,29 @@ class Resolver:
                 nets.append(ipaddress.ip_network(cidr, strict=False))
             except ValueError:
                 continue  # the schema refuses these; never trust, never crash
+        if nets != self._cidrs.get(name, []):
+            self.version += 1
         if nets:
             self._cidrs[name] = nets
         else:
             self._cidrs.pop(name, None)
 
     def cidr_group_gone(self, name: str) -> None:
-        self._cidrs.pop(name, None)
+        if self._cidrs.pop(name, None):
+            self.version += 1
 
     def learn_name(self, ip: str, name: str, ttl: float, seen: float) -> None:
         """An agent saw ``name`` resolve to ``ip``; the name holds while its TTL (plus grace) does."""
         until = seen + ttl + self.grace
+        name = name.lower().rstrip(".")
         current = self._names.get(ip)
         if current is None or current[1] < until:
-            self._names[ip] = (name.lower().rstrip("."), until)
+            if current is None or current[0] != name:
+                self.version += 1
+                if current is not None:
+                    self._name_ips.get(object_name(current[0]), {}).pop(ip, None)
+            self._names[ip] = (name, until)
+            self._name_ips.setdefault(object_name(name), {})[ip] = until
 
     # -- resolving -------------------------------------------------------------------------------
 
@@ -284,3 +311,40 @@ class Resolver:
         found = [(name, ips, peer.node) for (ns, name), (ips, peer) in self._pod_ips.items() if peer.group == group]
         found.sort()
         return [{"name": n, "ips": ips[:4], "node": node} for n, ips, node in found[:limit]], len(found)
+
+    # -- what policy needs: groups, their labels and their addresses ------------------------------
+
+    def workloads(self, namespace: str) -> dict[str, dict[str, str]]:
+        """The live workload groups of a namespace, each with the labels all its pods carry."""
+        found: dict[str, dict[str, str]] = {}
+        for (ns, name), (_, peer) in self._pod_ips.items():
+            if ns != namespace:
+                continue
+            labels = self._pod_labels.get((ns, name), {})
+            common = found.get(peer.group)
+            found[peer.group] = dict(labels) if common is None else {
+                k: v for k, v in common.items() if labels.get(k) == v}
+        return found
+
+    def group_pods(self, group: str) -> list[tuple[str, str, list[str], str]]:
+        """The live pods of a workload group: (namespace, name, addresses, node), sorted."""
+        return sorted((ns, name, ips, peer.node) for (ns, name), (ips, peer) in self._pod_ips.items()
+                      if peer.group == group)
+
+    def pods_labelled(self, namespace: str, labels: Mapping[str, str]) -> set[str]:
+        """The workload groups of a namespace with a pod carrying all of ``labels``."""
+        return {peer.group for (ns, name), (_, peer) in self._pod_ips.items()
+                if ns == namespace and labels.items() <= self._pod_labels.get((ns, name), {}).items()}
+
+    def node_addresses(self) -> list[str]:
+        return sorted(self._nodes)
+
+    def cidr_networks(self, group: str) -> list[str]:
+        return [str(net) for net in self._cidrs.get(group, [])]
+
+    def fqdn_addresses(self, group: str, now: float) -> list[str]:
+        """Addresses agents saw a name resolve to, while that answer (TTL plus grace) holds."""
+        ips = self._name_ips.get(group, {})
+        for ip in [ip for ip, until in ips.items() if until < now]:
+            del ips[ip]
+        return sorted(ips)

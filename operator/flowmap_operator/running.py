@@ -30,10 +30,11 @@ from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 from prometheus_client import start_http_server
 
-from flowmap_api import report_pb2 as pb
 from flowmap_api import report_pb2_grpc as pb_grpc
 from flowmap_operator import metrics
 from flowmap_operator.auth import Authenticator
+from flowmap_operator.modes import Modes
+from flowmap_operator.policing import PolicyHub, PolicyWriter
 from flowmap_operator.resolution import Resolver
 from flowmap_operator.serving import PolicyServicer, ReportServicer
 from flowmap_operator.settings import Settings
@@ -84,7 +85,8 @@ class Leadership:
         return True
 
 
-def _register_watches(registry: kopf.OperatorRegistry, resolver: Resolver) -> None:
+def _register_watches(registry: kopf.OperatorRegistry, resolver: Resolver, modes: Modes,
+                      leads: Callable[[], bool]) -> None:
     def feed(seen: Callable[[Any], None], gone: Callable[[Any], None]) -> Callable[..., None]:
         def handler(type: str | None, body: kopf.Body, **_: Any) -> None:  # noqa: A002 - kopf's name
             (gone if type == "DELETED" else seen)(body)
@@ -102,12 +104,16 @@ def _register_watches(registry: kopf.OperatorRegistry, resolver: Resolver) -> No
         (("batch", "v1", "jobs"), feed(resolver.job_seen, lambda b: None)),
         (("flowmap.dev", "v1alpha1", "groups"), feed(resolver.cidr_group_seen,
                                                     lambda b: resolver.cidr_group_gone(b.metadata.name or ""))),
+        # What users edit: a policy's spec (and, on a follower, the leader's status) is taken as it
+        # comes; nothing is written back through kopf (no finalizers, no progress annotations).
+        (("flowmap.dev", "v1alpha1", "networklearningpolicies"), feed(
+            lambda b: modes.seen(b, leads()), lambda b: modes.gone(b.metadata.namespace or "", b.metadata.name or ""))),
     ]
     for (group, version, plural), handler in watches:
         kopf.on.event(group, version, plural, registry=registry)(handler)
 
 
-async def _prime(resolver: Resolver, core: client.CoreV1Api, custom: client.CustomObjectsApi,
+async def _prime(resolver: Resolver, modes: Modes, core: client.CoreV1Api, custom: client.CustomObjectsApi,
                  api_client: client.ApiClient) -> None:
     """Read the cluster once before serving, so that no report is resolved against half a picture."""
     now = time.time()
@@ -124,6 +130,9 @@ async def _prime(resolver: Resolver, core: client.CoreV1Api, custom: client.Cust
         resolver.slice_seen(sanitize(eps))
     for group in (await custom.list_cluster_custom_object("flowmap.dev", "v1alpha1", "groups")).get("items", []):
         resolver.cidr_group_seen(group)
+    policies = await custom.list_cluster_custom_object("flowmap.dev", "v1alpha1", "networklearningpolicies")
+    for policy in policies.get("items", []):
+        modes.seen(policy, leading=False)  # learned rules come from their status
 
 
 async def _until_done(what: str, step: Callable[[], Awaitable[None]], stop: asyncio.Event) -> bool:
@@ -147,12 +156,17 @@ async def _until_done(what: str, step: Callable[[], Awaitable[None]], stop: asyn
     return False
 
 
-async def _flush_loop(writer: Writer, leads: Callable[[], bool], settings: Settings, stop: asyncio.Event) -> None:
+async def _flush_loop(writer: Writer, policing: PolicyWriter, hub: PolicyHub, leads: Callable[[], bool],
+                      settings: Settings, stop: asyncio.Event) -> None:
     collected = time.monotonic()
     while not stop.is_set():
         if leads():
             try:
-                await writer.flush(time.monotonic() + settings.flush_interval)
+                policing.seed()
+                await hub.update(time.time())
+                deadline = time.monotonic() + settings.flush_interval
+                await writer.flush(deadline)
+                await policing.flush(deadline)
                 if time.monotonic() - collected >= settings.gc_interval:
                     collected = time.monotonic()
                     await writer.collect(time.time(), settings.connection_ttl, settings.group_ttl)
@@ -161,8 +175,8 @@ async def _flush_loop(writer: Writer, leads: Callable[[], bool], settings: Setti
             ledger = writer.topology.ledger
             metrics.UNACKED_BATCHES.set(sum(ledger.waiting_batches(a) for a in ledger.agents))
         try:
-            await asyncio.wait_for(stop.wait(), timeout=settings.flush_interval if not writer.topology.ledger.dirty()
-                                   else 0.01)
+            busy = writer.topology.ledger.dirty() or writer.topology.modes.urgent or writer.topology.modes.events
+            await asyncio.wait_for(stop.wait(), timeout=0.01 if busy else settings.flush_interval)
         except asyncio.TimeoutError:
             pass
 
@@ -181,9 +195,12 @@ async def run(settings: Settings) -> None:
     custom, core = client.CustomObjectsApi(api_client), client.CoreV1Api(api_client)
 
     resolver = Resolver()
-    topology = Topology(resolver, max_connections=settings.max_connections, max_ports=settings.max_ports_per_pair)
+    modes = Modes(resolver, default_mode=settings.default_mode, enforcement_disabled=settings.enforcement_disabled,
+                  dns=(settings.dns_namespace, dict(kv.split("=", 1) for kv in settings.dns_labels.split(",") if kv)))
+    topology = Topology(resolver, max_connections=settings.max_connections, max_ports=settings.max_ports_per_pair,
+                        modes=modes)
     writer = Writer(custom, topology, Bucket(settings.write_budget))
-    if not (await _until_done("reading the cluster", lambda: _prime(resolver, core, custom, api_client), stop)
+    if not (await _until_done("reading the cluster", lambda: _prime(resolver, modes, core, custom, api_client), stop)
             and await _until_done("reading the map", writer.load, stop)):
         await api_client.close()
         return
@@ -197,14 +214,18 @@ async def run(settings: Settings) -> None:
 
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
     pb_grpc.add_ReportServiceServicer_to_server(ReportServicer(topology, auth, settings, leadership, series), server)
-    pb_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(auth, lambda node: pb.NodePolicy()), server)
+    hub = PolicyHub(modes)
+    policing = PolicyWriter(writer, modes, hub, core, identity, status_interval=settings.policy_status_interval,
+                            events_per_second=settings.events_per_second)
+    policing.seed()  # modes in force before any agent asks: an empty first policy would lift Protect
+    pb_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(auth, hub, leadership), server)
     creds = grpc.ssl_server_credentials([(Path(settings.grpc_tls_key).read_bytes(),
                                           Path(settings.grpc_tls_cert).read_bytes())])
     server.add_secure_port(f"[::]:{settings.grpc_port}", creds)
     start_http_server(settings.metrics_port, registry=metrics.REGISTRY)
 
     registry = kopf.OperatorRegistry()
-    _register_watches(registry, resolver)
+    _register_watches(registry, resolver, modes, leadership)
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -227,7 +248,7 @@ async def run(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     leader_task = asyncio.create_task(leadership.watch(stop))
     await server.start()
-    flush_task = asyncio.create_task(_flush_loop(writer, leadership, settings, stop))
+    flush_task = asyncio.create_task(_flush_loop(writer, policing, hub, leadership, settings, stop))
     log.info("serving reports on :%d (metrics on :%d)", settings.grpc_port, settings.metrics_port)
 
     await asyncio.wait([kopf_task, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)

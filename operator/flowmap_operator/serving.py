@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -14,6 +13,7 @@ from flowmap_api import report_pb2_grpc as pb_grpc
 from flowmap_operator import metrics
 from flowmap_operator.auth import Authenticator, PermissionDenied, Unauthenticated, Unavailable
 from flowmap_operator.ledger import OutOfOrder
+from flowmap_operator.policing import PolicyHub
 from flowmap_operator.settings import Settings
 from flowmap_operator.topology import Crowded, Topology
 from flowmap_operator.validation import InvalidReport, validate
@@ -30,6 +30,7 @@ class ReportServicer(pb_grpc.ReportServiceServicer):
                  is_leader: Callable[[], bool], series: metrics.EdgeSeries) -> None:
         self.topology, self.auth, self.settings = topology, auth, settings
         self.is_leader, self.series = is_leader, series
+        self.blocked_series = metrics.EdgeSeries(settings.metrics_series_cap)
 
     async def Report(self, request: pb.ReportBatch, context: grpc.aio.ServicerContext) -> pb.ReportAck:  # noqa: N802
         code, message = grpc.StatusCode.OK, ""
@@ -71,6 +72,7 @@ class ReportServicer(pb_grpc.ReportServiceServicer):
         result = self.topology.ingest(request, time.time())
         if new and request.lost_deltas:
             metrics.LOST_DELTAS.labels(request.node).inc(request.lost_deltas)
+            self.topology.lost[request.node] = time.time()
         for outcome in ("counted", "duplicates", "other_observer", "overflow"):
             metrics.REPORT_EDGES.labels(outcome).inc(getattr(result, outcome))
         metrics.RESOLUTION_MISSES.inc(result.external)
@@ -81,20 +83,26 @@ class ReportServicer(pb_grpc.ReportServiceServicer):
             self.series.add((client.group, client.namespace), (server.group, server.namespace), key[2], key[3],
                             ",".join(sorted(app - {"unknown"})) or "unknown", c.bytes_c2s, c.bytes_s2c,
                             c.packets_c2s, c.packets_s2c, c.sessions)
+        for key, action, sessions in result.blocked:
+            if sessions:
+                client, server = self.topology.groups[key[0]].peer, self.topology.groups[key[1]].peer
+                labels = self.blocked_series.labels((client.group, client.namespace, server.group, server.namespace,
+                                                     str(key[2]), key[3], action))
+                metrics.POLICY_VIOLATIONS.labels(*labels).inc(sessions)
         metrics.REPORTS.labels("applied" if request.sequence else "ack_query").inc()
         applied, received, waiting = ledger.progress(request.agent_id)
         return pb.ReportAck(applied=applied, received=received, waiting=waiting, leader=True)
 
 
 class PolicyServicer(pb_grpc.PolicyServiceServicer):
-    """Streams each node the policy it enforces: the current one at once, then every change.
+    """Streams each node the policy its agent enforces: the current one at once, then every change.
 
-    Until a NetworkLearningPolicy in Protect mode selects a pod on the node, that policy is
-    empty (nothing is enforced); the policy compiler is what fills it.
+    Only the leader streams (it alone keeps the learned rules up to date); a follower answers
+    UNAVAILABLE and the agent, keeping its rules, tries again.
     """
 
-    def __init__(self, auth: Authenticator, policies: Callable[[str], pb.NodePolicy]) -> None:
-        self.auth, self.policies = auth, policies
+    def __init__(self, auth: Authenticator, hub: PolicyHub, is_leader: Callable[[], bool]) -> None:
+        self.auth, self.hub, self.is_leader = auth, hub, is_leader
 
     async def Watch(self, request: pb.WatchRequest,  # noqa: N802
                     context: grpc.aio.ServicerContext) -> AsyncIterator[pb.NodePolicy]:
@@ -102,10 +110,21 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
             identity = await self.auth.identify(tuple(context.invocation_metadata() or ()))
             self.auth.authorize(identity, request.node)
         except Unauthenticated as exc:
+            metrics.REPORTS.labels("unauthenticated").inc()
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
         except PermissionDenied as exc:
+            metrics.REPORTS.labels("permission_denied").inc()
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         except Unavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        yield self.policies(request.node)
-        await asyncio.Event().wait()  # held open (policy changes will be sent here) until the agent goes
+        if not self.is_leader():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "not the leader: policy comes from the leader")
+        log.info("node %s takes policy", request.node)
+        metrics.POLICY_WATCHERS.inc()
+        try:
+            async for policy in self.hub.stream(request.node):
+                yield policy
+                if not self.is_leader():  # lost the lead: the agent finds the new leader
+                    return
+        finally:
+            metrics.POLICY_WATCHERS.dec()

@@ -26,6 +26,12 @@ class Settings:
     max_waiting_batches: int = 1024  # per agent: beyond this the agent is asked to back off
     metrics_series_cap: int = 10_000
     peering_name: str = "flowmap"
+    default_mode: str = "Learn"  # of groups no NetworkLearningPolicy selects
+    enforcement_disabled: bool = False  # the emergency switch: no node blocks anything
+    policy_status_interval: float = 10.0  # seconds between status writes of a policy that only learned more
+    events_per_second: float = 1.0  # Events for connections no rule allows (each is also an API write)
+    dns_namespace: str = "kube-system"  # the cluster DNS: always allowed on port 53
+    dns_labels: str = "k8s-app=kube-dns"
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -46,4 +52,7 @@ class Settings:
                     values[f.name] = kind(raw)
             except ValueError:
                 raise ValueError(f"FLOWMAP_OPERATOR_{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
-        return cls(**values)  # type: ignore[arg-type]
+        settings = cls(**values)  # type: ignore[arg-type]
+        if settings.default_mode not in ("Learn", "Monitor", "Protect"):
+            raise ValueError(f"FLOWMAP_OPERATOR_DEFAULT_MODE={settings.default_mode!r}: Learn, Monitor or Protect")
+        return settings

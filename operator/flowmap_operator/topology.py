@@ -12,7 +12,9 @@ from typing import Any
 
 from flowmap_api import report_pb2 as pb
 from flowmap_operator.ledger import Counters, EdgeKey, Ledger
+from flowmap_operator.modes import DENIED, LEARNED, VIOLATION, Modes
 from flowmap_operator.naming import connection_name
+from flowmap_operator.policy import PolicyKey
 from flowmap_operator.resolution import Peer, Resolver
 
 PROTOCOLS = {pb.TCP: "TCP", pb.UDP: "UDP", pb.SCTP: "SCTP", pb.ICMP: "ICMP"}
@@ -39,7 +41,8 @@ class EdgeInfo:
     last_seen: float = 0.0
     threats: int = 0  # threat hits (best effort: a resent batch may add its hits again)
     threat_examples: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=5))
-    denied: bool = False
+    action: str = LEARNED  # what policy makes of it (modes.judge)
+    policy: PolicyKey | None = None  # the policy whose rules decided
     active: dict[str, int] = field(default_factory=dict)  # agent -> sessions open at its last report
 
 
@@ -63,11 +66,13 @@ class Ingested:
     overflow: int = 0  # dropped: the Connection cap is reached
     external: int = 0  # ends that resolved to nothing better than "external"
     applied: list[tuple[EdgeKey, Counters]] = field(default_factory=list)
+    blocked: list[tuple[EdgeKey, str, int]] = field(default_factory=list)  # (edge, Violation|Denied, sessions)
 
 
 class Topology:
-    def __init__(self, resolver: Resolver, *, max_connections: int, max_ports: int) -> None:
+    def __init__(self, resolver: Resolver, *, max_connections: int, max_ports: int, modes: Modes | None = None) -> None:
         self.resolver = resolver
+        self.modes = modes or Modes(resolver)
         self.ledger = Ledger()
         self.edges: dict[EdgeKey, EdgeInfo] = {}
         self.groups: dict[str, GroupInfo] = {}
@@ -75,6 +80,7 @@ class Topology:
         self.max_connections = max_connections
         self.max_ports = max_ports
         self.overflow_total = 0
+        self.lost: dict[str, float] = {}  # node -> when its agent last reported deltas it could not keep
 
     def forget(self, key: EdgeKey) -> None:
         """Drop an edge whose Connection was deleted (idle past its TTL)."""
@@ -106,8 +112,9 @@ class Topology:
     def _touch(self, peer: Peer, when: float) -> None:
         group = self.groups.get(peer.group)
         if group is None:
-            group = self.groups[peer.group] = GroupInfo(Peer(peer.group, peer.kind, peer.namespace,
-                                                             peer.workload_kind, peer.workload))
+            # An FQDN group keeps its name (its object name may be shortened); a pod is no group's name.
+            group = self.groups[peer.group] = GroupInfo(Peer(peer.group, peer.kind, peer.namespace, peer.workload_kind,
+                                                             peer.workload, peer.member if peer.kind == "FQDN" else ""))
         group.last_seen = max(group.last_seen, when)
 
     def ingest(self, batch: pb.ReportBatch, now: float) -> Ingested:
@@ -121,15 +128,17 @@ class Topology:
         result = Ingested()
         # Several deltas of one batch can land on one edge (two pods of a workload on this node,
         # collapsed ports): merge them first, since the ledger takes one delta per edge per batch.
-        merged: dict[EdgeKey, tuple[Counters, list[pb.ThreatHit], int]] = {}
+        merged: dict[EdgeKey, tuple[Counters, list[pb.ThreatHit], int, Peer, Peer]] = {}
         for delta in batch.edges:
             when = delta.last_seen_unix_ms / 1000 or now
             protocol = PROTOCOLS[delta.protocol]
             client = self.resolver.resolve(delta.client.ip, when)
             # One observer per session: the client's node when the client is captured (a pod or a
             # node that runs an agent), else the server's (an external client, a pod or a node
-            # without an agent). Another node's report of a captured client's session is dropped.
-            if not delta.client.local and not (delta.server.local and not self.resolver.captured(client)):
+            # without an agent). Another node's report of a captured client's session is not
+            # counted; only a block it saw its own rules make is taken from it.
+            other = not delta.client.local and not (delta.server.local and not self.resolver.captured(client))
+            if other and delta.verdict != pb.DENIED:
                 result.other_observer += 1
                 continue
             via = self.resolver.resolve_service(delta.server.ip, delta.server.port, protocol, when)
@@ -137,7 +146,6 @@ class Topology:
                 server, port, service = via
             else:
                 server, port, service = self.resolver.resolve(delta.server.ip, when), delta.server.port, ""
-            result.external += (client.kind == "External") + (server.kind == "External")
             self._touch(client, when)
             key = self.key_for(client.group, server.group, port, protocol)
             if key is None:
@@ -146,21 +154,27 @@ class Topology:
                 self.groups[client.group].overflow += 1
                 continue
             self._touch(server, when)
+            info = self.edge(key)
+            action, by = self.modes.judge(client, server, delta.client.ip, delta.server.ip, key[2], protocol,
+                                          delta.verdict == pb.DENIED, delta.packets_s2c > 0)
+            self._act(key, info, action, by, when, now)
+            if other:
+                result.other_observer += 1
+                continue
+            result.external += (client.kind == "External") + (server.kind == "External")
             counters = Counters(delta.bytes_c2s, delta.bytes_s2c, delta.packets_c2s, delta.packets_s2c,
                                 delta.sessions_opened)
             if key in merged:
-                total, threats, active = merged[key]
+                total, threats, active, _, _ = merged[key]
                 total.add(counters)
-                merged[key] = (total, threats + list(delta.threats), active + delta.sessions_active)
+                merged[key] = (total, threats + list(delta.threats), active + delta.sessions_active, client, server)
             else:
-                merged[key] = (counters, list(delta.threats), delta.sessions_active)
-            info = self.edge(key)
+                merged[key] = (counters, list(delta.threats), delta.sessions_active, client, server)
             info.apps.update(delta.apps)  # none yet: the dp has not decided (it says "unknown" when it gives up)
             info.service = service or info.service
             first = delta.first_seen_unix_ms / 1000 or when
             info.first_seen = min(info.first_seen, first) if info.first_seen else first
             info.last_seen = max(info.last_seen, when)
-            info.denied = info.denied or delta.verdict == pb.DENIED
         for key in merged:
             edge = self.ledger.edges.get(key)
             if edge and agent not in edge.watermarks and agent not in edge.pending and (
@@ -169,14 +183,33 @@ class Topology:
         # Only now does the batch take its place in the agent's sequence: a refusal above must
         # leave no trace, or the batch could be acknowledged without having been counted.
         self.ledger.begin_batch(agent, batch.node, seq, batch.acked, batch.previous)
-        for key, (counters, threats, active) in merged.items():
+        for key, (counters, threats, active, client, server) in merged.items():
             info = self.edges[key]
             info.active[agent] = active
             if self.ledger.apply(agent, seq, key, counters, now):
                 result.counted += 1
                 result.applied.append((key, counters))
+                if info.action in (VIOLATION, DENIED):
+                    result.blocked.append((key, info.action, counters.sessions))
                 info.threats += len(threats)
                 info.threat_examples.extend({"name": t.name, "snippet": t.snippet[:256]} for t in threats)
+                if info.action != DENIED:  # what a group tried and was refused is no rule of it
+                    self.modes.learn(client, server, key[2], key[3], info.apps, counters.sessions,
+                                     info.first_seen, info.last_seen)
             else:
                 result.duplicates += 1
         return result
+
+    def _act(self, key: EdgeKey, info: EdgeInfo, action: str, by: PolicyKey | None, when: float, now: float) -> None:
+        """Take a judgement of the edge: a change is written, and what no rule allows is raised."""
+        first = action != info.action
+        if first:
+            if info.action in (VIOLATION, DENIED):
+                self.modes.unblocked(info.policy, info.name)
+            info.action, info.policy = action, by
+            self.ledger.touch(key, now)
+        if action in (VIOLATION, DENIED):
+            client, server, port, protocol = key
+            mode = "Protect mode blocked it" if action == DENIED else "it was let through"
+            self.modes.blocked(by, info.name, action, f"{client} -> {server} port {port or 'any'}/{protocol}: "
+                               f"no rule allows it; {mode} (Connection {info.name})", when, first)

@@ -28,6 +28,7 @@ from flowmap_operator.topology import EdgeInfo, GroupInfo, Topology
 log = logging.getLogger("flowmap.operator.writing")
 GROUP, VERSION = "flowmap.dev", "v1alpha1"
 MERGE = "application/merge-patch+json"
+FIELD_MANAGER = "flowmap-operator"  # one stable manager for everything the operator writes
 GROUP_REFRESH = 60.0  # seconds between lastSeen refreshes of a Group: it is not worth the budget
 
 
@@ -48,7 +49,7 @@ def connection_status(plan: FlushPlan, info: EdgeInfo) -> dict[str, Any]:
         "bytes": {"clientToServer": c.bytes_c2s, "serverToClient": c.bytes_s2c, "total": c.bytes_c2s + c.bytes_s2c},
         "packets": {"clientToServer": c.packets_c2s, "serverToClient": c.packets_s2c},
         "sessions": {"total": c.sessions, "active": sum(info.active.values())},
-        "action": "Denied" if info.denied else "Learned",
+        "action": info.action,
         "observers": watermarks_to_status(plan.watermarks),
     }
     if info.first_seen:
@@ -57,6 +58,8 @@ def connection_status(plan: FlushPlan, info: EdgeInfo) -> dict[str, Any]:
         status["lastSeen"] = iso(info.last_seen)
     if info.service:
         status["service"] = info.service
+    if info.policy:
+        status["policy"] = f"{info.policy[0]}/{info.policy[1]}"
     if info.threats:
         status["threats"] = {"count": info.threats, "examples": list(info.threat_examples)}
     return status
@@ -84,7 +87,8 @@ class Writer:
     def __init__(self, api: CustomObjectsApi, topology: Topology, bucket: Bucket) -> None:
         self.api, self.topology, self.bucket = api, topology, bucket
 
-    async def _call(self, kind: str, verb: str, coro: Any) -> Any:
+    async def call(self, kind: str, verb: str, coro: Any) -> Any:
+        """One API write, once the budget allows it, counted by outcome."""
         await self.bucket.take()
         started = time.monotonic()
         try:
@@ -117,16 +121,28 @@ class Writer:
             info.first_seen = parse_iso(status.get("firstSeen"))
             info.last_seen = parse_iso(status.get("lastSeen"))
             info.threats = int((status.get("threats") or {}).get("count", 0))
-            info.denied = status.get("action") == "Denied"
+            info.action = status.get("action") or info.action
+            if "/" in status.get("policy", ""):
+                namespace, name = status["policy"].split("/", 1)
+                info.policy = (namespace, name)
             self.topology.ports.setdefault((key[0], key[1], key[3]), set()).add(key[2])
         groups = await self.api.list_cluster_custom_object(GROUP, VERSION, "groups")
         for obj in groups.get("items", []):
             status = obj.get("status") or {}
             name = obj["metadata"]["name"]
             wl = status.get("workload") or {}
-            peer = Peer(name, status.get("kind", "Workload"), status.get("namespace", ""), wl.get("kind", ""),
-                        wl.get("name", ""))
+            members = status.get("members") or []
+            kind = status.get("kind", "Workload")
+            fqdn = members[0].get("name", "") if kind == "FQDN" and members else ""
+            peer = Peer(name, kind, status.get("namespace", ""), wl.get("kind", ""), wl.get("name", ""), fqdn)
             info = self.topology.groups.setdefault(name, GroupInfo(peer))
+            if status.get("mode"):
+                self.topology.modes.prior[name] = status["mode"]
+            for member in members if fqdn else ():
+                # What agents saw this name resolve to holds a grace period after we start: Protect
+                # keeps allowing it until agents see the name again.
+                for ip in member.get("ips") or []:
+                    self.topology.resolver.learn_name(ip, member.get("name", ""), 0, parse_iso(status.get("lastSeen")))
             info.exists = True
             info.user_defined = bool((obj.get("spec") or {}).get("cidrs"))
             info.written_last_seen = info.last_seen = max(info.last_seen, parse_iso(status.get("lastSeen")))
@@ -151,20 +167,21 @@ class Writer:
         for edge in fresh:
             if time.monotonic() >= deadline:
                 return written
-            written += await self._guard(self._write_edge(edge.key))
+            written += await self.guard(self._write_edge(edge.key))
         for group in [g for g in self.topology.groups.values() if not g.exists]:
             if time.monotonic() >= deadline:
                 return written
-            written += await self._guard(self._create_group(group))
+            written += await self.guard(self._create_group(group))
         for edge in dirty[len(fresh):]:
             if time.monotonic() >= deadline:
                 break
-            written += await self._guard(self._write_edge(edge.key))
+            written += await self.guard(self._write_edge(edge.key))
         for group in self.topology.groups.values():
             if time.monotonic() >= deadline:
                 break
-            if group.last_seen - group.written_last_seen >= GROUP_REFRESH or group.overflow != group.written_overflow:
-                written += await self._guard(self._refresh_group(group))
+            if (group.last_seen - group.written_last_seen >= GROUP_REFRESH or group.overflow != group.written_overflow
+                    or group.peer.group in self.topology.modes.changed_groups):
+                written += await self.guard(self._refresh_group(group))
         metrics.DIRTY_OBJECTS.set(len(self.topology.ledger.dirty()))
         return written
 
@@ -176,7 +193,7 @@ class Writer:
             if edge is None or edge.dirty_since is not None or edge.resource_version is None:
                 continue
             if info.last_seen and now - info.last_seen > connection_ttl:
-                deleted += await self._guard(self._delete("connections", info.name, edge.resource_version))
+                deleted += await self.guard(self._delete("connections", info.name, edge.resource_version))
                 self.topology.forget(key)
         referenced = {name for key in self.topology.edges for name in (key[0], key[1])}
         for name, group in list(self.topology.groups.items()):
@@ -191,7 +208,7 @@ class Writer:
             else:
                 gone = name not in referenced and now - group.last_seen > group_ttl
             if gone:
-                deleted += await self._guard(self._delete("groups", name, None))
+                deleted += await self.guard(self._delete("groups", name, None))
                 del self.topology.groups[name]
         return deleted
 
@@ -199,14 +216,15 @@ class Writer:
         # The precondition makes sure nothing written since we looked is deleted.
         body = {"preconditions": {"resourceVersion": resource_version}} if resource_version else None
         try:
-            await self._call(plural[:-1], "delete", self.api.delete_cluster_custom_object(
+            await self.call(plural[:-1], "delete", self.api.delete_cluster_custom_object(
                 GROUP, VERSION, plural, name, body=body))
         except ApiException as exc:
             if exc.status != 404:
                 raise
         return True
 
-    async def _guard(self, coro: Any) -> int:
+    async def guard(self, coro: Any) -> int:
+        """Run one write step; a refusal or an unreachable API server is logged, and 0 returned."""
         try:
             return int(await coro)
         except ApiException as exc:
@@ -225,7 +243,8 @@ class Writer:
         if peer.namespace:
             body["metadata"]["labels"]["flowmap.dev/namespace"] = peer.namespace
         try:
-            await self._call("group", "create", self.api.create_cluster_custom_object(GROUP, VERSION, "groups", body))
+            await self.call("group", "create", self.api.create_cluster_custom_object(GROUP, VERSION, "groups", body,
+                                                                            field_manager=FIELD_MANAGER))
         except ApiException as exc:
             if exc.status != 409:
                 raise
@@ -234,23 +253,40 @@ class Writer:
         return True
 
     async def _refresh_group(self, group: GroupInfo) -> bool:
-        peer = group.peer
+        peer, modes = group.peer, self.topology.modes
         status: dict[str, Any] = {"kind": peer.kind, "lastSeen": iso(group.last_seen or time.time())}
+        conditions = []
         if peer.namespace:
             status["namespace"] = peer.namespace
         if peer.kind == "Workload":
             status["workload"] = {"kind": peer.workload_kind, "name": peer.workload}
             members, count = self.topology.resolver.members(peer.group, 32)
             status["members"], status["memberCount"] = members, count
+            status["mode"], by = modes.mode(peer.group)
+            status["policy"] = f"{by[0]}/{by[1]}" if by else None
+            eff = modes.groups.get(peer.group)
+            if eff and eff.conflict:
+                conditions.append({
+                    "type": "ModeConflict", "status": "True", "reason": "EquallySpecificPolicies",
+                    "lastTransitionTime": iso(time.time()),
+                    "message": f"{', '.join(f'{ns}/{n}' for ns, n in eff.conflict)} select this group as specifically "
+                               f"and set different modes: it keeps mode {eff.mode} until one of them changes"})
+        elif peer.kind == "FQDN":
+            ips = self.topology.resolver.fqdn_addresses(peer.group, time.time())
+            status["members"] = [{"name": peer.member or peer.group, "ips": ips[i:i + 4]}
+                                 for i in range(0, min(len(ips), 128), 4)]
+            status["memberCount"] = len(ips)
         if group.overflow:
-            status["conditions"] = [{
+            conditions.append({
                 "type": "ConnectionsRecorded", "status": "False", "reason": "ConnectionLimitReached",
                 "lastTransitionTime": iso(time.time()),
                 "message": f"{group.overflow} reports of new edges of this group were dropped: the cluster holds "
                            f"the maximum of {self.topology.max_connections} Connections "
-                           "(FLOWMAP_OPERATOR_MAX_CONNECTIONS)"}]
-        await self._call("group", "status", self.api.patch_cluster_custom_object_status(
-            GROUP, VERSION, "groups", peer.group, {"status": status}, _content_type=MERGE))
+                           "(FLOWMAP_OPERATOR_MAX_CONNECTIONS)"})
+        status["conditions"] = conditions or None
+        modes.changed_groups.discard(peer.group)
+        await self.call("group", "status", self.api.patch_cluster_custom_object_status(
+            GROUP, VERSION, "groups", peer.group, {"status": status}, _content_type=MERGE, field_manager=FIELD_MANAGER))
         group.written_last_seen, group.written_overflow = group.last_seen, group.overflow
         return True
 
@@ -270,8 +306,8 @@ class Writer:
                 "status": connection_status(plan, info)}
         started = time.monotonic()
         try:
-            result = await self._call("connection", "status", self.api.replace_cluster_custom_object_status(
-                GROUP, VERSION, "connections", info.name, body))
+            result = await self.call("connection", "status", self.api.replace_cluster_custom_object_status(
+                GROUP, VERSION, "connections", info.name, body, field_manager=FIELD_MANAGER))
         except ApiException as exc:
             if exc.status == 409:
                 metrics.API_CONFLICTS.inc()
@@ -300,8 +336,8 @@ class Writer:
                 "metadata": {"name": info.name, "labels": labels},
                 "spec": {"client": key[0], "server": key[1], "port": key[2], "protocol": key[3]}}
         try:
-            created = await self._call("connection", "create", self.api.create_cluster_custom_object(
-                GROUP, VERSION, "connections", body))
+            created = await self.call("connection", "create", self.api.create_cluster_custom_object(
+                GROUP, VERSION, "connections", body, field_manager=FIELD_MANAGER))
         except ApiException as exc:
             if exc.status != 409:
                 raise

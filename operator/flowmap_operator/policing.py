@@ -1,0 +1,175 @@
+"""Policy's side that touches the world: NetworkLearningPolicy status and Events written through the
+write budget, and each node's compiled policy streamed to its agent.
+
+A policy's status is written at once when its selection or conditions change, otherwise (new
+evidence for learned rules, what Protect would block) at most every ``status_interval``. Events
+are raised once per connection that turns Violation or Denied, at most ``events_per_second``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from kubernetes_asyncio.client import CoreV1Api
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from flowmap_api import report_pb2 as pb
+from flowmap_operator import metrics
+from flowmap_operator.compiling import Compiler
+from flowmap_operator.modes import Modes
+from flowmap_operator.policy import PolicyKey, iso
+from flowmap_operator.writing import FIELD_MANAGER, GROUP, MERGE, VERSION, Writer
+
+log = logging.getLogger("flowmap.operator.policing")
+LOSSY_FOR = 600.0  # an agent's reported loss degrades the policies of its node this long
+RECOMPILE_EVERY = 30.0  # names learned from DNS expire: recompile even when nothing else changed
+
+
+class PolicyHub:
+    """Each watched node's NodePolicy, recompiled when what it depends on changed."""
+
+    def __init__(self, modes: Modes) -> None:
+        self.modes, self.compiler = modes, Compiler(modes)
+        self.current: dict[str, pb.NodePolicy] = {}
+        self.watchers: dict[str, int] = {}
+        self.version = 0
+        self._inputs: tuple[int, int] = (-1, -1)
+        self._compiled_at = 0.0
+        self._changed = asyncio.Condition()
+
+    def watching(self) -> set[str]:
+        return {node for node, n in self.watchers.items() if n}
+
+    async def update(self, now: float) -> None:
+        """Recompile every watched node's policy if its inputs changed; wake the streams that changed."""
+        inputs = (self.modes.version, self.modes.resolver.version)
+        if inputs == self._inputs and now - self._compiled_at < RECOMPILE_EVERY:
+            return
+        self._inputs, self._compiled_at = inputs, now
+        changed = False
+        for node in self.watching():
+            changed |= self._compile(node, now)
+        if changed:
+            async with self._changed:
+                self._changed.notify_all()
+
+    def _compile(self, node: str, now: float) -> bool:
+        policy = self.compiler.node(node, now)
+        old = self.current.get(node)
+        if old is not None:
+            policy.version = old.version
+            if policy == old:
+                return False
+        self.version += 1
+        policy.version = self.version
+        self.current[node] = policy
+        metrics.POLICY_PODS.labels(node).set(len(policy.pods))
+        return True
+
+    async def stream(self, node: str) -> AsyncIterator[pb.NodePolicy]:
+        """The node's policy now, then every change, for as long as the agent listens."""
+        self.watchers[node] = self.watchers.get(node, 0) + 1
+        try:
+            if node not in self.current:
+                self._compile(node, time.time())
+            sent = None
+            while True:
+                policy = self.current[node]
+                if policy is not sent:
+                    sent = policy
+                    yield policy
+                async with self._changed:
+                    await self._changed.wait()
+        finally:
+            self.watchers[node] -= 1
+            if not self.watchers[node]:
+                del self.watchers[node]
+                self.current.pop(node, None)
+                with contextlib.suppress(KeyError):
+                    metrics.POLICY_PODS.remove(node)
+
+
+class PolicyWriter:
+    """Writes policy status and raises Events, each write taking its token from the writer's budget."""
+
+    def __init__(self, writer: Writer, modes: Modes, hub: PolicyHub, core: CoreV1Api, identity: str, *,
+                 status_interval: float = 10.0, events_per_second: float = 1.0) -> None:
+        self.writer, self.modes, self.hub, self.core, self.identity = writer, modes, hub, core, identity
+        self.status_interval, self.events_per_second = status_interval, events_per_second
+        self.written: dict[PolicyKey, float] = {}
+        self._event_at = 0.0
+
+    def seed(self) -> None:
+        """Groups a Learn policy newly governs learn, at once, what the map already saw of them."""
+        topology = self.writer.topology
+        for key, group in self.modes.refresh():
+            policy = self.modes.policies.get(key)
+            if policy is None:
+                continue
+            for edge_key, info in topology.edges.items():
+                client, server, port, protocol = edge_key
+                if group not in (client, server) or info.action == "Denied":
+                    continue
+                edge = topology.ledger.edges.get(edge_key)
+                sessions = (edge.persisted.sessions + sum(p.counters.sessions for p in edge.pending.values())) if edge else 0
+                for me, peer, direction in ((client, server, "Egress"), (server, client, "Ingress")):
+                    if me == group:
+                        policy.learn(group, direction, peer, port, protocol, info.apps, sessions, info.first_seen,
+                                     info.last_seen)
+            self.modes.dirty.add(key)
+
+    async def flush(self, deadline: float) -> int:
+        """Write what is due until ``deadline`` (monotonic): urgent status, due status, Events."""
+        now, written = time.time(), 0
+        lossy = {n for n, t in self.writer.topology.lost.items() if now - t < LOSSY_FOR}
+        agents, watching = self.modes.resolver.agent_nodes, self.hub.watching()
+        due = sorted(self.modes.urgent) + sorted(
+            k for k in self.modes.dirty - self.modes.urgent if now - self.written.get(k, 0.0) >= self.status_interval)
+        for key in due:
+            if time.monotonic() >= deadline:
+                return written
+            if key not in self.modes.policies:
+                self.modes.urgent.discard(key)
+                self.modes.dirty.discard(key)
+                continue
+            status = self.modes.status(key, now, agents=agents, watching=watching, lossy=lossy)
+            written += await self.writer.guard(self._patch(key, status))
+        while self.modes.events and time.monotonic() < deadline and time.monotonic() >= self._event_at:
+            policy, reason, message = self.modes.events.popleft()
+            written += await self.writer.guard(self._event(policy, reason, message))
+            self._event_at = time.monotonic() + 1.0 / self.events_per_second
+        return written
+
+    async def _patch(self, key: PolicyKey, status: dict[str, Any]) -> bool:
+        namespace, name = key
+        try:
+            await self.writer.call("policy", "status", self.writer.api.patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, "networklearningpolicies", name, {"status": status},
+                _content_type=MERGE, field_manager=FIELD_MANAGER))
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+        self.modes.urgent.discard(key)
+        self.modes.dirty.discard(key)
+        self.written[key] = time.time()
+        return True
+
+    async def _event(self, key: PolicyKey, reason: str, message: str) -> bool:
+        namespace, name = key
+        now = iso(time.time())
+        body = {"apiVersion": "v1", "kind": "Event",
+                "metadata": {"generateName": f"{name}.", "namespace": namespace},
+                "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": "NetworkLearningPolicy",
+                                   "namespace": namespace, "name": name,
+                                   "uid": policy.uid if (policy := self.modes.policies.get(key)) else ""},
+                "type": "Warning", "reason": reason, "message": message[:1024], "count": 1,
+                "firstTimestamp": now, "lastTimestamp": now, "source": {"component": "flowmap-operator"},
+                "reportingComponent": "flowmap.dev/operator", "reportingInstance": self.identity[:128]}
+        await self.writer.call("event", "create", self.core.create_namespaced_event(namespace, body))
+        metrics.POLICY_EVENTS.labels(reason).inc()
+        return True
