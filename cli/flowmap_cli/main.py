@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "controlplane": ("flowmap_devenv.controlplane_cli", "run a local etcd + kube-apiserver with the flowmap CRDs"),
     "demo": ("flowmap_devenv.demo", "the local demo: control plane, flowmap, and the map it learns"),
     "dp": ("flowmap_dp.cli", "the datapath: capture, sessions, protocol detection"),
+    "export": ("flowmap_cli.export", "the learned map of a namespace as YAML for git (policies)"),
     "operator": ("flowmap_operator.cli", "the operator: reports become Group and Connection resources"),
 }
 
