@@ -66,7 +66,8 @@ def connection_status(plan: FlushPlan, info: EdgeInfo) -> dict[str, Any]:
 
 
 class Bucket:
-    """A token bucket: at most ``rate`` writes per second, bursts of at most one second's worth."""
+    """A token bucket without bursts: writes spaced ``1/rate`` apart, so that no window of the API
+    server's sees more than ``rate`` per second (plus the one write an idle bucket holds)."""
 
     def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.rate, self.clock = rate, clock
@@ -75,7 +76,7 @@ class Bucket:
     async def take(self) -> None:
         while True:
             now = self.clock()
-            self.tokens = min(max(self.rate, 1.0), self.tokens + (now - self.stamp) * self.rate)
+            self.tokens = min(1.0, self.tokens + (now - self.stamp) * self.rate)
             self.stamp = now
             if self.tokens >= 1.0:
                 self.tokens -= 1.0

@@ -223,3 +223,20 @@ def test_an_edge_refuses_more_unconfirmed_observers_than_it_may_hold() -> None:
         topo.ledger.begin_batch(f"agent-{i}", f"node-{i}", 0, acked=1, previous=0)
     topo.ledger.written(topo.ledger.plan(key), "2")  # the write prunes the confirmed watermarks
     assert topo.ingest(crowded, time.time()).counted == 1
+
+
+def test_the_write_budget_never_bursts_above_its_rate() -> None:
+    import asyncio
+    import time
+
+    from flowmap_operator.writing import Bucket
+
+    async def takes(n: int, bucket: Bucket) -> float:
+        await asyncio.sleep(0.1)  # idle: an idle bucket holds one write, not a second's worth
+        started = time.monotonic()
+        for _ in range(n):
+            await bucket.take()
+        return time.monotonic() - started
+
+    # 41 writes at 200/s: the first at once, then one every 5 ms.
+    assert asyncio.run(takes(41, Bucket(200.0))) >= 40 / 200.0
