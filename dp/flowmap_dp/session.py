@@ -124,7 +124,7 @@ class Session:
         "pkts_c2s", "pkts_s2c", "bytes_c2s", "bytes_s2c",
         "rep_pkts_c2s", "rep_pkts_s2c", "rep_bytes_c2s", "rep_bytes_s2c",
         "insp", "feeds", "app", "metadata", "threats", "dirty", "new", "app_new", "end_reason",
-        "opening_seen", "opened",
+        "opening_seen", "opened", "reply_at",
     )
 
     def __init__(self, key: bytes, proto: int, a_is_client: bool, ts: float) -> None:
@@ -151,6 +151,7 @@ class Session:
         # read out of order) or never (the reply half of a DNAT'd connection, a session picked
         # up mid-stream); anything else opens with its first packet, if the client sent it.
         self.opening_seen = self.opened = proto != PROTO_TCP
+        self.reply_at = 0.0  # a reply read before its opening: an older client packet opens it
 
     def endpoints(self) -> tuple[bytes, int, bytes, int, int]:
         """(client addr, client port, server addr, server port, vlan)."""
@@ -261,11 +262,16 @@ class SessionTable:
                 self._end(s, "reused")  # a new connection on the same 5-tuple after a full close
                 s = self._create(key, fwd, d, ts)
         from_client = fwd == s.a_is_client
-        if (s.insp is False and s.app == "dns" and from_client and ts - s.last > DNS_NEW_LOOKUP
+        if (s.insp is False and s.app == "dns" and ts - s.last > DNS_NEW_LOOKUP
                 and d.payload_end > d.payload_start):
             # A DNS 5-tuple used again after a pause (a resolver's port, picked again) carries a
-            # new lookup: inspect it too, or the names its answers give are lost.
+            # new lookup: a session of its own, inspected too, or the names its answers give are
+            # lost. Its query opens it, even when read after the answer (another ring).
             s.insp, s.feeds = None, 0
+            if from_client:
+                s.opened = True
+            else:
+                s.opening_seen, s.reply_at = False, ts
         if from_client:
             s.pkts_c2s += 1
             s.bytes_c2s += d.ip_len
@@ -277,8 +283,8 @@ class SessionTable:
             s.last = ts
         elif ts < s.first:
             s.first = ts
-            if from_client and not s.opening_seen and d.proto != PROTO_TCP:
-                s.opening_seen = s.opened = True  # the client's first packet, read after the reply
+        if from_client and not s.opening_seen and ts <= s.reply_at and d.proto != PROTO_TCP:
+            s.opening_seen = s.opened = True  # the client's first packet, read after the reply
         if d.proto == PROTO_TCP:
             self._tcp(s, d.flags, from_client)
         if s.insp is not False and d.payload_end > d.payload_start:
@@ -319,6 +325,7 @@ class SessionTable:
         s.state = state
         if not src_client:  # a reply seen first: the reply half of a DNAT'd flow, or a late pickup
             s.opening_seen = s.opened = False
+            s.reply_at = ts
         self.sessions[key] = s
         self.created += 1
         return s

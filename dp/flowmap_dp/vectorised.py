@@ -112,8 +112,8 @@ def _scan(mv: memoryview, first: int, n: int) -> I64 | None:
 def awaits_opening(s: Session) -> bool:
     """A young session whose opening packet was not read yet: it may come late, from another
     ring, and only the per-packet path notices it. Older ones were picked up mid-stream (after a
-    restart, say) and keep the fast path."""
-    return not s.opening_seen and s.pkts_c2s + s.pkts_s2c < OPENING_WINDOW
+    restart, say) and keep the fast path; a DNS session waits for each new lookup's query."""
+    return not s.opening_seen and (s.pkts_c2s + s.pkts_s2c < OPENING_WINDOW or s.app == "dns")
 
 class _Block:
     """One block's frames as column arrays, and the work of applying them to the table."""

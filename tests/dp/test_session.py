@@ -92,11 +92,13 @@ def test_synack_seen_first_decides_client(table: SessionTable) -> None:
     assert (d.client_text, d.server_text, d.state) == ("10.0.0.1:40000", "10.0.0.2:80", "syn_recv")
 
 
-def test_a_udp_query_read_after_its_answer_still_opens_the_session(table: SessionTable) -> None:
+@pytest.mark.parametrize("query_ts", [1.0, 2.0], ids=["older", "same-timestamp"])
+def test_a_udp_query_read_after_its_answer_still_opens_the_session(table: SessionTable, query_ts: float) -> None:
     feed(table, frame(S, 53, C, 40000, None, b"answer"), ts=2.0)  # the answer's ring is read first
-    assert not only(table).opened
-    feed(table, frame(C, 40000, S, 53, None, b"query"), ts=1.0)
-    d = only(table)
+    assert not only(table, 2.5).opened
+    feed(table, frame(C, 40000, S, 53, None, b"query"), ts=query_ts)
+    d = only(table, 2.6)
+    assert not d.new  # the same session: its opening came late
     assert d.opened and (d.client_text, d.server_text) == ("10.0.0.1:40000", "10.0.0.2:53")
 
 
@@ -361,3 +363,23 @@ def test_a_dns_5_tuple_used_again_after_a_pause_is_inspected_again() -> None:
         feed(table, frame(S, 53, C, 40000, None, _dns_answer(i)), ts=ts + 0.001)
         (d,) = table.collect(ts + 0.5).sessions
         assert d.app == "dns" and d.metadata["dns"]["answers"], (i, d)
+
+
+@pytest.mark.parametrize("answer_first", [False, True], ids=["query-first", "answer-first"])
+def test_each_lookup_on_a_reused_dns_5_tuple_opens_a_session(answer_first: bool) -> None:
+    """Two lookups a pause apart on one source port are two sessions, whichever ring is read first."""
+    from tests.dp.test_detection import _dns_answer, _dns_query
+
+    table = SessionTable()
+    opened = []
+    for i, ts in ((7, 1.0), (8, 5.0)):
+        packets = [(frame(C, 40000, S, 53, None, _dns_query(i)), ts),
+                   (frame(S, 53, C, 40000, None, _dns_answer(i)), ts + 0.001)]
+        for raw, when in reversed(packets) if answer_first else packets:
+            feed(table, raw, ts=when)
+        (d,) = table.collect(ts + 0.5).sessions
+        opened.append(d.opened)
+        assert d.app == "dns" and d.metadata["dns"]["answers"], (i, d)
+    assert opened == [True, True]
+    feed(table, frame(C, 40000, S, 53, None, _dns_query(9)), ts=5.2)  # the same lookup's next query
+    assert not table.collect(6.0).sessions[0].opened
