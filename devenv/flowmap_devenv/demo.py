@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         plane.up()
         sim.up()
-        for pod in (WEB, API, WORKER):
+        for pod in (WEB, API, WORKER, None):  # None: the kubelet's probe of the api
             sim.traffic(pod, rounds=0, pause=args.pause)
         _say(f"the shop is busy; to look around: export KUBECONFIG={plane.kubeconfig}")
         end = time.monotonic() + args.duration if args.duration else None

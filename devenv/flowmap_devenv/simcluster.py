@@ -21,6 +21,7 @@ node whose bound token the agent presents. The demo shop (pods in ``PODS``, serv
   and pays through ``payments.example.com`` on the internet (DNS, then TLS checked against the name);
 * ``shop.worker`` (node-b) calls ``api`` through the Service too: a ClusterIP whose backend is
   on the caller's own node;
+* node-b probes the api pod's HTTP port, as its kubelet would (``nodes`` -> ``shop.api``);
 * ``shop.postgres`` (node-a) is a real PostgreSQL;
 * ``kube-system.coredns`` (dnsmasq, node-a) answers everyone's DNS;
 * ``shop.redis`` (node-b) is a real redis-server;
@@ -389,12 +390,14 @@ table ip kube-proxy {{
         self.procs.append(proc)
         return proc
 
-    def traffic(self, pod_: Pod, rounds: int, pause: float = 0.2, role: str = "") -> Proc:
-        """A client of the shop (flowmap_devenv.simtraffic) in its pod: by default, the pod's own role."""
-        role = role or pod_.owner[1].rsplit("-", 1)[0]
-        return self.spawn(f"traffic-{role}", pod_, [sys.executable, "-m", "flowmap_devenv.simtraffic", role,
-                                                    "--rounds", str(rounds), "--pause", str(pause),
-                                                    "--ca", str(self.tls_ca)])
+    def traffic(self, pod_: Pod | None, rounds: int, pause: float = 0.2, role: str = "") -> Proc:
+        """A client of the shop (flowmap_devenv.simtraffic) in its pod, by default in the pod's own
+        role; ``None``: the kubelet's probe of the api pod, from the api's node."""
+        role = role or (pod_.owner[1].rsplit("-", 1)[0] if pod_ else "probe")
+        where = pod_ if pod_ else self.ns[API.node.name]
+        return self.spawn(f"traffic-{role}", where, [sys.executable, "-m", "flowmap_devenv.simtraffic", role,
+                                                     "--rounds", str(rounds), "--pause", str(pause),
+                                                     "--ca", str(self.tls_ca)])
 
     def _check_alive(self) -> None:
         for p in self.procs:
@@ -433,18 +436,19 @@ table ip kube-proxy {{
     # -- looking -------------------------------------------------------------------------------
 
     def truth(self, node_name: str) -> dict[str, int]:
-        """Bytes the node's kernel forwarded, by rule comment (see :meth:`count`)."""
+        """Bytes the node's kernel counted, by rule comment (see :meth:`count`)."""
         out = json.loads(self.lab.exec(self.ns[node_name], "nft", "-j", "list", "table", "inet", "truth"))
         return {r["rule"]["comment"]: next(e["counter"]["bytes"] for e in r["rule"]["expr"] if "counter" in e)
                 for r in out["nftables"] if "rule" in r and "comment" in r["rule"]}
 
-    def count(self, node_name: str, rules: dict[str, str]) -> None:
-        """Count forwarded bytes on a node: {comment: nft match}, e.g. "ip saddr A ip daddr B tcp dport 80"."""
+    def count(self, node_name: str, rules: dict[str, str], hook: str = "forward") -> None:
+        """Count bytes on a node: {comment: nft match}, e.g. "ip saddr A ip daddr B tcp dport 80", as
+        the node forwards them (``hook`` forward), sends them (output) or takes them (input)."""
         body = "\n".join(f'    {match} counter comment "{name}"' for name, match in rules.items())
         self.lab.exec(self.ns[node_name], "nft", "-f", "-", input_text=f"""
 table inet truth {{
-  chain forward {{
-    type filter hook forward priority -300;
+  chain {hook} {{
+    type filter hook {hook} priority -300;
 {body}
   }}
 }}""")

@@ -5,9 +5,10 @@ measured is the protocols themselves. Every call is real: DNS through the resolv
 (its resolv.conf names the cluster DNS pod), HTTP through the ClusterIP Service, Redis over
 IPv6, gRPC, PostgreSQL with psql, TLS to a server on the "internet" checked against its name.
 
-    python -m flowmap_devenv.simtraffic web|api|worker|sites --rounds N --pause SECONDS --ca FILE
+    python -m flowmap_devenv.simtraffic web|api|worker|sites|probe --rounds N --pause SECONDS --ca FILE
 
-``sites`` calls a new external site each round (site-N.example.net, N = round - 1) and prints
+``probe`` runs in the api pod's node, as the kubelet's readiness probe does. ``sites`` calls a
+new external site each round (site-N.example.net, N = round - 1) and prints
 when each call began (``N unix-time``): each is an edge never seen before.
 """
 
@@ -85,7 +86,13 @@ def worker(n: int, ca: str) -> None:
         r.read()
 
 
-ROLES = {"web": web, "api": api, "worker": worker, "sites": sites}
+def probe(n: int, ca: str) -> None:
+    """The kubelet's HTTP readiness probe of the api pod, from its node."""
+    with urllib.request.urlopen(f"http://{GRPC_TARGET.split(':')[0]}:8080/healthz", timeout=5) as r:
+        r.read()
+
+
+ROLES = {"web": web, "api": api, "worker": worker, "sites": sites, "probe": probe}
 
 
 def main() -> int:

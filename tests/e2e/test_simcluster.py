@@ -10,23 +10,18 @@ after kube-proxy's DNAT, which is what the Connection must show (the backing wor
 from __future__ import annotations
 
 import json
-import shutil
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from flowmap_devenv import binaries
-from flowmap_devenv.controlplane import ControlPlane
-from flowmap_devenv.simcluster import (API, DNS, GRPC_PORT, INTERNET, PAYMENTS, POSTGRES, REDIS, SERVICE, SITES, WEB,
-                                       WORKER, SimCluster, site)
+from flowmap_devenv.simcluster import (API, DNS, GRPC_PORT, INTERNET, NODES, PAYMENTS, POSTGRES, REDIS, SERVICE,
+                                       SITES, WEB, WORKER, SimCluster, site)
 from flowmap_operator.naming import connection_name, object_name
-from tests.conftest import need, need_root
+from tests.e2e.shop import shop_cluster
 
 ROUNDS = 20
 
@@ -63,32 +58,27 @@ EDGES: dict[str, tuple[str, str, int, str, str, str, str, str]] = {
     "api-payments": ("shop.api", object_name(PAYMENTS), 443, "TCP", "node-b",
                      f"ip saddr {API.ip} ip daddr {INTERNET} tcp dport 443",
                      f"ip saddr {INTERNET} ip daddr {API.ip} tcp sport 443", "tls"),
+    # The kubelet's probe: node-b itself to its pod. The node sends it (output) and takes the
+    # answer (input): it is never forwarded.
+    "probe-api": ("nodes", "shop.api", 8080, "TCP", "node-b",
+                  f"ip saddr {NODES[1].ip} ip daddr {API.ip} tcp dport 8080",
+                  f"ip saddr {API.ip} ip daddr {NODES[1].ip} tcp sport 8080", "http"),
 }
+SENT_BY_NODE = {"probe-api"}  # counted where the node sends and takes, not where it forwards
 
 
 @pytest.fixture(scope="module")
 def sim() -> Iterator[SimCluster]:
-    need_root()
-    need(binaries.find() is not None, "the control plane binaries are not built ('flowmap controlplane build')")
-    for tool in ("dnsmasq", "redis-server", "openssl", "nft", "psql", "runuser"):
-        need(shutil.which(tool) is not None, f"the simulated cluster needs {tool}")
-    need(any(Path("/usr/lib/postgresql").glob("*/bin/postgres")), "the simulated cluster needs PostgreSQL")
-    folder = Path(tempfile.mkdtemp(prefix="flowmap-sim-"))
-    plane = ControlPlane(folder / "state", log=lambda line: None)
-    plane.up()
-    cluster = SimCluster(plane, folder)
-    try:
-        cluster.up()
+    with shop_cluster() as cluster:
         for node_name in ("node-a", "node-b"):
-            cluster.count(node_name, {f"{name}-{way}": match for name, e in EDGES.items() if e[4] == node_name
+            cluster.count(node_name, {f"{name}-{way}": match for name, e in EDGES.items()
+                                      if e[4] == node_name and name not in SENT_BY_NODE
                                       for way, match in (("c2s", e[5]), ("s2c", e[6]))})
+        for name in SENT_BY_NODE:
+            e = EDGES[name]
+            cluster.count(e[4], {f"{name}-c2s": e[5]}, hook="output")
+            cluster.count(e[4], {f"{name}-s2c": e[6]}, hook="input")
         yield cluster
-    finally:
-        try:
-            cluster.down()
-        finally:
-            plane.down(quiet=True)
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 def connections(sim: SimCluster) -> dict[str, dict[str, Any]]:
@@ -109,7 +99,7 @@ def kernel(sim: SimCluster) -> dict[str, tuple[int, int]]:
 
 
 def test_shop_traffic_becomes_exactly_the_expected_connections(sim: SimCluster) -> None:
-    clients = [sim.traffic(pod, ROUNDS, pause=0.05) for pod in (WEB, API, WORKER)]
+    clients = [sim.traffic(pod, ROUNDS, pause=0.05) for pod in (WEB, API, WORKER, None)]
     for proc in clients:
         assert proc.popen.wait(120) == 0, proc.log.read_text()[-2000:]
     truth = kernel(sim)
@@ -164,13 +154,13 @@ def busy_shop(sim: SimCluster, during: Any, rounds: int = 200) -> dict[str, floa
     """Run the clients for ``rounds`` rounds (10 to 25 s); call ``during()`` 3 s in; how long
     each client's traffic lasted, by the edge-name prefix of its pod ("web", "api", "worker")."""
     started = time.monotonic()
-    clients = {pod: sim.traffic(pod, rounds, pause=0.05) for pod in (WEB, API, WORKER)}
+    clients = {pod: sim.traffic(pod, rounds, pause=0.05) for pod in (WEB, API, WORKER, None)}
     time.sleep(3.0)
     during()
     lasted: dict[str, float] = {}
     while len(lasted) < len(clients):
         for pod, proc in clients.items():
-            role = pod.owner[1].rsplit("-", 1)[0]
+            role = pod.owner[1].rsplit("-", 1)[0] if pod else "probe"
             if role not in lasted and proc.popen.poll() is not None:
                 assert proc.popen.returncode == 0, proc.log.read_text()[-2000:]
                 lasted[role] = time.monotonic() - started
