@@ -4,6 +4,8 @@ An edge, from the node's point of view, is client address -> server address and 
 protocol: the client's ephemeral port does not matter to the map, so all sessions between the
 same two addresses on one server port add up. Endpoints on this node (its pods, the node itself)
 are marked local and local pods named, which is how the operator knows which node counts an edge.
+Under Protect mode each delta also says what this node's policy did to it (the policy in force
+is injected; see flowmap_agent.enforcement.verdict).
 Traffic that never leaves a link (IPv6 neighbour discovery, link-local, multicast, broadcast) is
 the network's own plumbing, not a connection between workloads: it is not reported.
 """
@@ -14,6 +16,7 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from flowmap_agent.enforcement import Policy, verdict
 from flowmap_api import report_pb2 as pb
 from flowmap_dp import wire_pb2
 
@@ -35,6 +38,7 @@ def link_scoped(ip: bytes) -> bool:
 class Aggregator:
     local_pods: Mapping[str, str] = field(default_factory=dict)  # pod IP on this node -> "namespace/name"
     node_ips: frozenset[str] = frozenset()
+    policy: Policy = field(default_factory=Policy)  # the policy in force on this node
     # Open sessions per edge (their 5-tuples), for the sessions_active gauge.
     _open: dict[tuple[str, str, int, int], set[tuple[int, int]]] = field(default_factory=dict)
 
@@ -87,6 +91,8 @@ class Aggregator:
                                                   time_unix_ms=hit.seen_ns // 1_000_000))
         for key, d in edges.items():
             d.sessions_active = len(self._open.get(key, ()))
+            d.verdict = verdict(self.policy, key[0], key[1], key[2], key[3], answered=d.bytes_s2c > 0,
+                                opened=d.sessions_opened > 0)
             if not d.sessions_active:
                 self._open.pop(key, None)
         names = [pb.DnsName(ip=text(a.address), name=a.name.rstrip(".").lower(), ttl_seconds=a.ttl,

@@ -5,7 +5,9 @@ found from its host route, plus the uplinks), take the dp's session records, agg
 edge, cut a numbered batch, save the outbox to disk, then deliver whatever is not acknowledged.
 The loop never waits on the operator longer than a send timeout, and backs off with jitter.
 The dp starts with the node's own addresses (the Node object's and the uplinks'), so it also
-counts what the node itself sends, where it leaves the node.
+counts what the node itself sends, where it leaves the node. Alongside, Protect mode
+(flowmap_agent.protecting) keeps the node's nftables table to the policy the operator streams,
+and each delta says what that policy did to it.
 
 What a crash can lose, exactly, and how it is counted:
 
@@ -52,8 +54,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from flowmap_agent import links, nat
 from flowmap_agent.aggregation import Aggregator
+from flowmap_agent.enforcement import Policy
 from flowmap_agent.outbox import Outbox, StateError
 from flowmap_agent.pods import LocalPods
+from flowmap_agent.protecting import Protector
 from flowmap_agent.settings import Settings
 from flowmap_api import report_pb2 as pb
 from flowmap_api import report_pb2_grpc as pb_grpc
@@ -131,6 +135,11 @@ class Agent:
         self.backoff = 0.5
         self.last_tick = time.monotonic()
         self.dp_lost: dict[tuple[int, int], int] = {}  # (run, worker) -> lost sessions seen
+        self.protector = Protector(settings, REGISTRY, applied=self.protected)
+
+    def protected(self, policy: Policy) -> None:
+        """A policy is in force: deltas from now on say what it did to them."""
+        self.aggregator.policy = policy
 
     def _load_outbox(self) -> Outbox:
         s, path = self.settings, Path(self.settings.state_file)
@@ -330,6 +339,7 @@ class Agent:
         tasks = [asyncio.create_task(pods.run(self.stop))]
         if s.dp == "child":
             tasks.append(asyncio.create_task(self.run_dp(local_addresses)))
+        tasks.append(asyncio.create_task(self.protector.run(self.stop)))  # the table stays when it stops
         wanted: list[str] = []
         log.info("agent %s on node %s: uplinks %s, own addresses %s", self.outbox.agent_id, s.node, sorted(uplinks),
                  local_addresses)
