@@ -27,9 +27,9 @@ class Busy(Exception):
 
 class ReportServicer(pb_grpc.ReportServiceServicer):
     def __init__(self, topology: Topology, auth: Authenticator, settings: Settings,
-                 is_leader: Callable[[], bool], series: metrics.EdgeSeries) -> None:
+                 is_leader: Callable[[], bool]) -> None:
         self.topology, self.auth, self.settings = topology, auth, settings
-        self.is_leader, self.series = is_leader, series
+        self.is_leader = is_leader
 
     async def Report(self, request: pb.ReportBatch, context: grpc.aio.ServicerContext) -> pb.ReportAck:  # noqa: N802
         code, message = grpc.StatusCode.OK, ""
@@ -75,12 +75,6 @@ class ReportServicer(pb_grpc.ReportServiceServicer):
             metrics.REPORT_EDGES.labels(outcome).inc(getattr(result, outcome))
         metrics.RESOLUTION_MISSES.inc(result.external)
         metrics.CONNECTION_OVERFLOW.inc(result.overflow)
-        for key, c in result.applied:
-            client, server = self.topology.groups[key[0]].peer, self.topology.groups[key[1]].peer
-            app = self.topology.edges[key].apps
-            self.series.add((client.group, client.namespace), (server.group, server.namespace), key[2], key[3],
-                            ",".join(sorted(app - {"unknown"})) or "unknown", c.bytes_c2s, c.bytes_s2c,
-                            c.packets_c2s, c.packets_s2c, c.sessions)
         metrics.REPORTS.labels("applied" if request.sequence else "ack_query").inc()
         applied, received, waiting = ledger.progress(request.agent_id)
         return pb.ReportAck(applied=applied, received=received, waiting=waiting, leader=True)

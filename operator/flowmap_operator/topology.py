@@ -42,6 +42,11 @@ class EdgeInfo:
     denied: bool = False
     active: dict[str, int] = field(default_factory=dict)  # agent -> sessions open at its last report
 
+    @property
+    def app(self) -> str:
+        """The APP column (and metrics label): the applications seen, "unknown" only if nothing better."""
+        return (",".join(a for a in sorted(self.apps) if a != "unknown") or "unknown")[:256]
+
 
 @dataclass
 class GroupInfo:
@@ -62,7 +67,6 @@ class Ingested:
     other_observer: int = 0  # counted by the node on the other side
     overflow: int = 0  # dropped: the Connection cap is reached
     external: int = 0  # ends that resolved to nothing better than "external"
-    applied: list[tuple[EdgeKey, Counters]] = field(default_factory=list)
 
 
 class Topology:
@@ -174,7 +178,6 @@ class Topology:
             info.active[agent] = active
             if self.ledger.apply(agent, seq, key, counters, now):
                 result.counted += 1
-                result.applied.append((key, counters))
                 info.threats += len(threats)
                 info.threat_examples.extend({"name": t.name, "snippet": t.snippet[:256]} for t in threats)
             else:
