@@ -1,0 +1,108 @@
+"""A real Prometheus scrapes the simulated cluster: PromQL gives the kernel's bytes.
+
+Debian's prometheus scrapes the operator's metrics port and each agent's health port every second.
+After the shop's traffic, once the agents hold nothing unacknowledged, a PromQL query for the bytes
+between two groups must return exactly what the client node's kernel forwarded (the nftables
+counters of the simulated cluster), through a kill -9 of the operator too.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from flowmap_devenv.prometheus import Prometheus
+from flowmap_devenv.simcluster import API, WEB, WORKER, SimCluster
+from tests.conftest import need
+from tests.e2e.test_simcluster import EDGES, settled, sim  # noqa: F401 - sim: the module's cluster
+
+ROUNDS = 10
+
+
+@pytest.fixture(scope="module")
+def prom(sim: SimCluster) -> Iterator[Prometheus]:  # noqa: F811 - the fixture imported above
+    need(shutil.which("prometheus") is not None, "this test needs prometheus (Debian package prometheus)")
+    assert sim.operator is not None
+    folder = Path(tempfile.mkdtemp(prefix="flowmap-prom-"))
+    server = Prometheus(folder, {
+        "flowmap-operator": [(f"127.0.0.1:{sim.operator.metrics_port}", {})],
+        "flowmap-agent": [(f"127.0.0.1:{port}", {"node": node}) for node, port in sim.health_ports.items()]})
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def shop(sim: SimCluster, prom: Prometheus) -> dict[str, tuple[int, int]]:  # noqa: F811
+    """The shop's traffic, run once: the kernel's bytes per edge (client to server, server to client)."""
+    clients = [sim.traffic(pod, ROUNDS, pause=0.05) for pod in (WEB, API, WORKER)]
+    for proc in clients:
+        assert proc.popen.wait(120) == 0, proc.log.read_text()[-2000:]
+    truth, _ = settled(sim)
+    assert all(c2s and s2c for c2s, s2c in truth.values()), truth
+    prom.scraped_since(time.time())
+    return truth
+
+
+def edge_bytes(prom: Prometheus) -> dict[str, tuple[int, int]]:
+    """flowmap_edge_bytes_total as Prometheus has it, per edge of EDGES."""
+    got: dict[tuple[str, str, str, str, str], int] = {}
+    for s in prom.query("flowmap_edge_bytes_total"):
+        m = s["metric"]
+        key = (m["client_group"], m["server_group"], m["port"], m["protocol"], m["direction"])
+        assert key not in got, f"two series for one edge and direction: {m}"
+        got[key] = int(float(s["value"][1]))
+    edges = {(e[0], e[1], str(e[2]), e[3]) for e in EDGES.values()}
+    assert {k[:4] for k in got} == edges, f"unexpected edges: {sorted({k[:4] for k in got} - edges)}"
+    return {name: (got.get((e[0], e[1], str(e[2]), e[3], "client_to_server"), -1),
+                   got.get((e[0], e[1], str(e[2]), e[3], "server_to_client"), -1)) for name, e in EDGES.items()}
+
+
+def between(prom: Prometheus, selector: str) -> tuple[int, int]:
+    """The bytes of the edges ``selector`` picks, client to server and server to client."""
+    by = {s["metric"]["direction"]: int(float(s["value"][1]))
+          for s in prom.query(f"sum by (direction) (flowmap_edge_bytes_total{{{selector}}})")}
+    return by.get("client_to_server", -1), by.get("server_to_client", -1)
+
+
+def test_promql_gives_the_kernels_bytes_between_two_groups(sim: SimCluster, prom: Prometheus,  # noqa: F811
+                                                          shop: dict[str, tuple[int, int]]) -> None:
+    web_api = shop["web-api"]
+    assert between(prom, 'client_group="shop.web", server_group="shop.api", port="8080"') == web_api
+    # Both of web's ports on api (HTTP through the Service, gRPC direct) in one query.
+    both = [a + b for a, b in zip(web_api, shop["web-grpc"])]
+    assert list(between(prom, 'client_group="shop.web", server_group="shop.api"')) == both
+    assert edge_bytes(prom) == shop
+
+    up = {(s["metric"]["job"], s["metric"].get("node", "")): s["value"][1] for s in prom.query("up")}
+    assert up == {("flowmap-operator", ""): "1", ("flowmap-agent", "node-a"): "1", ("flowmap-agent", "node-b"): "1"}
+    packets = {s["metric"]["node"]: float(s["value"][1]) for s in prom.query("flowmap_agent_dp_packets_total")}
+    assert set(packets) == {"node-a", "node-b"} and all(packets.values()), packets
+    # Health series of both agents (what they hold changes as sessions close: any value will do).
+    for name in ("flowmap_agent_unacked_edges", "flowmap_agent_dp_sessions", "flowmap_agent_dp_kernel_drops_total"):
+        assert {s["metric"]["node"] for s in prom.query(name)} == {"node-a", "node-b"}, name
+    apps = {s["metric"]["client_group"] + ">" + s["metric"]["server_group"] + ":" + s["metric"]["port"]:
+            s["metric"]["app"] for s in prom.query('flowmap_edge_sessions_total')}
+    assert apps == {f"{e[0]}>{e[1]}:{e[2]}": e[7] for e in EDGES.values()}
+
+
+def test_a_restarted_operator_exports_the_same_totals(sim: SimCluster, prom: Prometheus,  # noqa: F811
+                                                      shop: dict[str, tuple[int, int]]) -> None:
+    op = sim.operator
+    assert op is not None
+    before = edge_bytes(prom)
+    op.kill()
+    op.start().wait_leading()
+    prom.scraped_since(time.time())
+    assert edge_bytes(prom) == before == shop
+    # Prometheus saw no counter go back (a restart from zero would be a reset of every edge).
+    resets = prom.query("sum(resets(flowmap_edge_bytes_total[10m]))")
+    assert [float(s["value"][1]) for s in resets] == [0.0]
+
