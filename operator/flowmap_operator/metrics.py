@@ -28,6 +28,8 @@ UNACKED_BATCHES = Gauge("flowmap_operator_unacked_batches", "Batches received bu
                         registry=REGISTRY)
 API_WRITES = Counter("flowmap_operator_api_writes", "Writes to the API server.", ("kind", "verb", "result"),
                      registry=REGISTRY)
+WRITE_BUDGET = Gauge("flowmap_operator_write_budget", "API writes per second allowed (FLOWMAP_OPERATOR_WRITE_BUDGET).",
+                     registry=REGISTRY)
 API_CONFLICTS = Counter("flowmap_operator_api_conflicts", "Status updates refused for a stale resourceVersion.",
                         registry=REGISTRY)
 API_THROTTLED = Counter("flowmap_operator_api_throttled", "API answers 429 Too Many Requests.", registry=REGISTRY)

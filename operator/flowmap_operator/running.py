@@ -202,6 +202,7 @@ async def run(settings: Settings) -> None:
     server.add_secure_port(f"[::]:{settings.grpc_port}", creds)
     # The edge series are read from the ledger at scrape time: the report path does no metrics work.
     metrics.REGISTRY.register(metrics.EdgeCollector(topology, settings.metrics_series_cap, leadership))
+    metrics.WRITE_BUDGET.set(settings.write_budget)
     start_http_server(settings.metrics_port, registry=metrics.REGISTRY)
 
     registry = kopf.OperatorRegistry()
