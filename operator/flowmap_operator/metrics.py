@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+import threading
+from collections.abc import Callable, Iterator
 
-# A "_created" series beside every edge counter doubles /metrics for nothing Prometheus needs.
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from flowmap_operator.ledger import Counters, EdgeKey
+from flowmap_operator.topology import Topology
+
+# A "_created" series beside every counter doubles /metrics for nothing Prometheus needs.
 disable_created_metrics()
 
 REGISTRY = CollectorRegistry(auto_describe=True)
-
-EDGE_LABELS = ("client_group", "client_namespace", "server_group", "server_namespace", "port", "protocol", "app",
-               "direction")
-EDGE_BYTES = Counter("flowmap_edge_bytes", "Bytes between two groups (IP length), counted once per edge.",
-                     EDGE_LABELS, registry=REGISTRY)
-EDGE_PACKETS = Counter("flowmap_edge_packets", "Packets between two groups.", EDGE_LABELS, registry=REGISTRY)
-EDGE_SESSIONS = Counter("flowmap_edge_sessions", "Sessions opened between two groups.", EDGE_LABELS[:-1],
-                        registry=REGISTRY)
-EDGE_SERIES_OVERFLOW = Counter("flowmap_operator_edge_series_overflow",
-                               "Edge samples folded into the 'other' series because of the series cap.",
-                               registry=REGISTRY)
 
 REPORTS = Counter("flowmap_operator_reports", "Report batches by outcome.", ("outcome",), registry=REGISTRY)
 LOST_DELTAS = Counter("flowmap_operator_lost_deltas",
@@ -31,6 +27,8 @@ BATCH_LAG = Histogram("flowmap_operator_batch_lag_seconds", "Time from an agent 
 UNACKED_BATCHES = Gauge("flowmap_operator_unacked_batches", "Batches received but not yet written.",
                         registry=REGISTRY)
 API_WRITES = Counter("flowmap_operator_api_writes", "Writes to the API server.", ("kind", "verb", "result"),
+                     registry=REGISTRY)
+WRITE_BUDGET = Gauge("flowmap_operator_write_budget", "API writes per second allowed (FLOWMAP_OPERATOR_WRITE_BUDGET).",
                      registry=REGISTRY)
 API_CONFLICTS = Counter("flowmap_operator_api_conflicts", "Status updates refused for a stale resourceVersion.",
                         registry=REGISTRY)
@@ -57,31 +55,105 @@ POLICY_WATCHERS = Gauge("flowmap_operator_policy_watchers", "Agents taking polic
 LEADER = Gauge("flowmap_operator_leader", "1 when this replica applies reports.", registry=REGISTRY)
 
 
-class EdgeSeries:
-    """Per-edge counters with a cap on distinct label sets; the rest goes to one 'other' series."""
 
-    def __init__(self, cap: int) -> None:
-        self.cap = cap
-        self.seen: set[tuple[str, ...]] = set()
 
-    def labels(self, values: tuple[str, ...]) -> tuple[str, ...]:
-        if values in self.seen:
-            return values
-        if len(self.seen) < self.cap:
-            self.seen.add(values)
-            return values
-        EDGE_SERIES_OVERFLOW.inc()
-        return ("other",) * len(values)
 
-    def add(self, client: tuple[str, str], server: tuple[str, str], port: int, protocol: str, app: str,
-            bytes_c2s: int, bytes_s2c: int, packets_c2s: int, packets_s2c: int, sessions: int) -> None:
-        base = (client[0], client[1], server[0], server[1], str(port), protocol, app)
-        for direction, nbytes, npackets in (("client_to_server", bytes_c2s, packets_c2s),
-                                            ("server_to_client", bytes_s2c, packets_s2c)):
-            values = self.labels((*base, direction))
-            if nbytes:
-                EDGE_BYTES.labels(*values).inc(nbytes)
-            if npackets:
-                EDGE_PACKETS.labels(*values).inc(npackets)
-        if sessions:
-            EDGE_SESSIONS.labels(*self.labels((*base, "client_to_server"))[:-1]).inc(sessions)
+EDGE_LABELS = ("client_group", "client_namespace", "server_group", "server_namespace", "port", "protocol", "app",
+               "direction")
+OTHER = "other"
+
+
+class EdgeCollector:
+    """Per-edge counters read at scrape time from the totals each Connection carries.
+
+    The values are the ledger's persisted counters, those written to (or read from) the
+    Connection's status: ``flowmap_edge_bytes_total`` equals ``status.bytes``, survives operator
+    restarts (the ledger is loaded from the Connections) and costs the report path nothing.
+    Deltas not yet written show at the first scrape after their write.
+
+    At most ``cap`` edges get series of their own; the others are summed into one ``other``
+    series (per direction) and counted. Whether an edge has its own series is decided once and
+    kept, so that no series goes down: an edge in ``other`` stays there, and its last counters
+    stay in ``other`` after its Connection is deleted.
+
+    Only the leader exports them: a follower's counters stop where it loaded them, and a second
+    set of series would double every sum over the replicas.
+    """
+
+    def __init__(self, topology: Topology, cap: int, leading: Callable[[], bool] = lambda: True) -> None:
+        self.topology, self.cap, self.leading = topology, cap, leading
+        self.own: set[EdgeKey] = set()
+        self.folded: dict[EdgeKey, Counters] = {}  # edge in "other" -> its counters as last scraped
+        self.retired = Counters()  # what edges in "other" that are gone had counted
+        self.lock = threading.Lock()  # the metrics server answers each scrape on a thread of its own
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self._families()
+        yield self._overflow(0)
+
+    def collect(self) -> Iterator[Metric]:
+        bytes_, packets, sessions = self._families()
+        if not self.leading():
+            yield from (bytes_, packets, sessions, self._overflow(0))
+            return
+        # Scrapes run on the metrics server's threads while the event loop changes the topology.
+        # Each read here is one C-level step under the GIL (a dict copied, an attribute read, a
+        # set sorted), and the ledger replaces an edge's persisted Counters instead of changing
+        # them, so every read sees a whole value. An edge with no Connection yet has no series.
+        edges = [(key, edge.persisted) for key, edge in list(self.topology.ledger.edges.items())
+                 if edge.resource_version is not None]
+        with self.lock:
+            present = {key for key, _ in edges}
+            self.own &= present  # a deleted Connection's slot goes to the next new edge
+            for key in [k for k in self.folded if k not in present]:
+                self.retired.add(self.folded.pop(key))
+            other = Counters()
+            for key, counters in edges:
+                if key not in self.own and key not in self.folded:
+                    if len(self.own) < self.cap:
+                        self.own.add(key)
+                    else:
+                        self.folded[key] = counters
+                if key in self.folded:
+                    self.folded[key] = counters
+                    other.add(counters)
+                    continue
+                base = self._labels(key)
+                bytes_.add_metric((*base, "client_to_server"), counters.bytes_c2s)
+                bytes_.add_metric((*base, "server_to_client"), counters.bytes_s2c)
+                packets.add_metric((*base, "client_to_server"), counters.packets_c2s)
+                packets.add_metric((*base, "server_to_client"), counters.packets_s2c)
+                sessions.add_metric(base, counters.sessions)
+            if self.folded or not self.retired.is_zero():
+                other.add(self.retired)
+                base = (OTHER,) * (len(EDGE_LABELS) - 1)
+                bytes_.add_metric((*base, "client_to_server"), other.bytes_c2s)
+                bytes_.add_metric((*base, "server_to_client"), other.bytes_s2c)
+                packets.add_metric((*base, "client_to_server"), other.packets_c2s)
+                packets.add_metric((*base, "server_to_client"), other.packets_s2c)
+                sessions.add_metric(base, other.sessions)
+            overflow = len(self.folded)
+        yield from (bytes_, packets, sessions)
+        yield self._overflow(overflow)
+
+    def _labels(self, key: EdgeKey) -> tuple[str, ...]:
+        """The edge's labels but direction; the app as the Connection's APP column shows it."""
+        groups = self.topology.groups
+        client, server, info = groups.get(key[0]), groups.get(key[1]), self.topology.edges.get(key)
+        return (key[0], client.peer.namespace if client else "", key[1], server.peer.namespace if server else "",
+                str(key[2]), key[3], info.app if info else "unknown")
+
+    @staticmethod
+    def _families() -> tuple[CounterMetricFamily, CounterMetricFamily, CounterMetricFamily]:
+        return (CounterMetricFamily("flowmap_edge_bytes", "Bytes between two groups (IP length), counted once per "
+                                    "edge: the Connection's status.bytes.", labels=EDGE_LABELS),
+                CounterMetricFamily("flowmap_edge_packets", "Packets between two groups: the Connection's "
+                                    "status.packets.", labels=EDGE_LABELS),
+                CounterMetricFamily("flowmap_edge_sessions", "Sessions opened between two groups: the "
+                                    "Connection's status.sessions.total.", labels=EDGE_LABELS[:-1]))
+
+    @staticmethod
+    def _overflow(edges: int) -> GaugeMetricFamily:
+        return GaugeMetricFamily("flowmap_operator_edge_series_overflow",
+                                 "Edges beyond the series cap (FLOWMAP_OPERATOR_METRICS_SERIES_CAP), counted in the "
+                                 "'other' series.", value=edges)

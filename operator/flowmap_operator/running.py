@@ -210,10 +210,9 @@ async def run(settings: Settings) -> None:
     leadership = Leadership(custom, settings.peering_name, identity, priority)
     auth = Authenticator(client.AuthenticationV1Api(api_client), namespace=settings.namespace,
                          service_account=settings.agent_service_account, audience=settings.token_audience)
-    series = metrics.EdgeSeries(settings.metrics_series_cap)
 
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
-    pb_grpc.add_ReportServiceServicer_to_server(ReportServicer(topology, auth, settings, leadership, series), server)
+    pb_grpc.add_ReportServiceServicer_to_server(ReportServicer(topology, auth, settings, leadership), server)
     hub = PolicyHub(modes)
     policing = PolicyWriter(writer, modes, hub, core, identity, status_interval=settings.policy_status_interval,
                             events_per_second=settings.events_per_second)
@@ -222,6 +221,9 @@ async def run(settings: Settings) -> None:
     creds = grpc.ssl_server_credentials([(Path(settings.grpc_tls_key).read_bytes(),
                                           Path(settings.grpc_tls_cert).read_bytes())])
     server.add_secure_port(f"[::]:{settings.grpc_port}", creds)
+    # The edge series are read from the ledger at scrape time: the report path does no metrics work.
+    metrics.REGISTRY.register(metrics.EdgeCollector(topology, settings.metrics_series_cap, leadership))
+    metrics.WRITE_BUDGET.set(settings.write_budget)
     start_http_server(settings.metrics_port, registry=metrics.REGISTRY)
 
     registry = kopf.OperatorRegistry()

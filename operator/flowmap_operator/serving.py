@@ -27,10 +27,10 @@ class Busy(Exception):
 
 class ReportServicer(pb_grpc.ReportServiceServicer):
     def __init__(self, topology: Topology, auth: Authenticator, settings: Settings,
-                 is_leader: Callable[[], bool], series: metrics.EdgeSeries) -> None:
+                 is_leader: Callable[[], bool]) -> None:
         self.topology, self.auth, self.settings = topology, auth, settings
-        self.is_leader, self.series = is_leader, series
-        self.blocked_series = metrics.EdgeSeries(settings.metrics_series_cap)
+        self.is_leader = is_leader
+        self.blocked_labels: set[tuple[str, ...]] = set()  # violation series, capped
 
     async def Report(self, request: pb.ReportBatch, context: grpc.aio.ServicerContext) -> pb.ReportAck:  # noqa: N802
         code, message = grpc.StatusCode.OK, ""
@@ -77,21 +77,23 @@ class ReportServicer(pb_grpc.ReportServiceServicer):
             metrics.REPORT_EDGES.labels(outcome).inc(getattr(result, outcome))
         metrics.RESOLUTION_MISSES.inc(result.external)
         metrics.CONNECTION_OVERFLOW.inc(result.overflow)
-        for key, c in result.applied:
-            client, server = self.topology.groups[key[0]].peer, self.topology.groups[key[1]].peer
-            app = self.topology.edges[key].apps
-            self.series.add((client.group, client.namespace), (server.group, server.namespace), key[2], key[3],
-                            ",".join(sorted(app - {"unknown"})) or "unknown", c.bytes_c2s, c.bytes_s2c,
-                            c.packets_c2s, c.packets_s2c, c.sessions)
         for key, action, sessions in result.blocked:
             if sessions:
                 client, server = self.topology.groups[key[0]].peer, self.topology.groups[key[1]].peer
-                labels = self.blocked_series.labels((client.group, client.namespace, server.group, server.namespace,
-                                                     str(key[2]), key[3], action))
-                metrics.POLICY_VIOLATIONS.labels(*labels).inc(sessions)
+                metrics.POLICY_VIOLATIONS.labels(*self._capped((client.group, client.namespace, server.group,
+                                                                server.namespace, str(key[2]), key[3]), action)).inc(sessions)
         metrics.REPORTS.labels("applied" if request.sequence else "ack_query").inc()
         applied, received, waiting = ledger.progress(request.agent_id)
         return pb.ReportAck(applied=applied, received=received, waiting=waiting, leader=True)
+
+
+    def _capped(self, labels: tuple[str, ...], action: str) -> tuple[str, ...]:
+        """A violation series' labels, or "other" beyond the series cap."""
+        if labels not in self.blocked_labels:
+            if len(self.blocked_labels) >= self.settings.metrics_series_cap:
+                return (*(("other",) * len(labels)), action)
+            self.blocked_labels.add(labels)
+        return (*labels, action)
 
 
 class PolicyServicer(pb_grpc.PolicyServiceServicer):

@@ -24,7 +24,7 @@ class Settings:
     gc_interval: float = 60.0
     max_batch_edges: int = 20_000
     max_waiting_batches: int = 1024  # per agent: beyond this the agent is asked to back off
-    metrics_series_cap: int = 10_000
+    metrics_series_cap: int = 10_000  # edges with series of their own; the rest are summed into "other"
     peering_name: str = "flowmap"
     default_mode: str = "Learn"  # of groups no NetworkLearningPolicy selects
     enforcement_disabled: bool = False  # the emergency switch: no node blocks anything

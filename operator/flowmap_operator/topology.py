@@ -45,6 +45,11 @@ class EdgeInfo:
     policy: PolicyKey | None = None  # the policy whose rules decided
     active: dict[str, int] = field(default_factory=dict)  # agent -> sessions open at its last report
 
+    @property
+    def app(self) -> str:
+        """The APP column (and metrics label): the applications seen, "unknown" only if nothing better."""
+        return (",".join(a for a in sorted(self.apps) if a != "unknown") or "unknown")[:256]
+
 
 @dataclass
 class GroupInfo:
@@ -65,7 +70,6 @@ class Ingested:
     other_observer: int = 0  # counted by the node on the other side
     overflow: int = 0  # dropped: the Connection cap is reached
     external: int = 0  # ends that resolved to nothing better than "external"
-    applied: list[tuple[EdgeKey, Counters]] = field(default_factory=list)
     blocked: list[tuple[EdgeKey, str, int]] = field(default_factory=list)  # (edge, Violation|Denied, sessions)
 
 
@@ -188,7 +192,6 @@ class Topology:
             info.active[agent] = active
             if self.ledger.apply(agent, seq, key, counters, now):
                 result.counted += 1
-                result.applied.append((key, counters))
                 if info.action in (VIOLATION, DENIED):
                     result.blocked.append((key, info.action, counters.sessions))
                 info.threats += len(threats)

@@ -44,7 +44,7 @@ def connection_status(plan: FlushPlan, info: EdgeInfo) -> dict[str, Any]:
     c = plan.counters
     apps = sorted(info.apps)
     status: dict[str, Any] = {
-        "app": (",".join(a for a in apps if a != "unknown") or "unknown")[:256],
+        "app": info.app,
         "applications": apps,
         "bytes": {"clientToServer": c.bytes_c2s, "serverToClient": c.bytes_s2c, "total": c.bytes_c2s + c.bytes_s2c},
         "packets": {"clientToServer": c.packets_c2s, "serverToClient": c.packets_s2c},

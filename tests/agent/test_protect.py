@@ -232,7 +232,7 @@ table inet kubeproxy {{
 
 @pytest.mark.parametrize("family", [0, 1], ids=["ipv4", "ipv6"])
 def test_allowed_traffic_passes_and_the_rest_is_reset_or_dropped(node: Node, family: int) -> None:
-    a, b, c, service = PODS["a"][family], PODS["b"][family], PODS["c"][family], SERVICE[family]
+    b, c, service = PODS["b"][family], PODS["c"][family], SERVICE[family]
     assert node.protector().apply(policy(1)) is not None
     assert node.probe("a", ("tcp", b, 8080), ("udp", b, 5353), ("tcp", service, 80)) == ["ok", "ok", "ok"]
     # The node's own traffic to and from its pods is never filtered (kubelet probes).

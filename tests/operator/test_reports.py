@@ -82,19 +82,31 @@ def test_reports_become_groups_and_connections(cluster: Cluster, operator: Opera
     assert ["shop.web-shop.api-8080-tcp", "shop.web", "shop.api", "8080", "TCP", "http"] in [r[:6] for r in rows]
 
 
-def test_edge_counters_are_exported_for_prometheus(cluster: Cluster, operator: Operator) -> None:
+def test_edge_counters_are_the_connections_and_survive_a_restart(cluster: Cluster, operator: Operator) -> None:
     a = agent(cluster, operator, "node-a", "agent-a", f"metrics-{time.monotonic_ns()}")
     a.batch([edge(WEB, 40000, REDIS, 6380, apps=("redis",), bytes_c2s=123, bytes_s2c=4567, packets=9)])
-    a.flush()
-    text = urllib.request.urlopen(f"http://127.0.0.1:{operator.metrics_port}/metrics", timeout=5).read().decode()
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for family in text_string_to_metric_families(text) for s in family.samples}
+    a.flush()  # acknowledged: written to the Connection
     edge_labels = {"client_group": "shop.web", "client_namespace": "shop", "server_group": "shop.redis",
                    "server_namespace": "shop", "port": "6380", "protocol": "TCP", "app": "redis"}
 
-    def value(name: str, direction: str) -> float | None:
-        return samples.get((name, tuple(sorted({**edge_labels, "direction": direction}.items()))))
+    def exported() -> dict[tuple[str, str], float]:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{operator.metrics_port}/metrics", timeout=5).read().decode()
+        return {(s.name, s.labels.get("direction", "")): s.value for family in text_string_to_metric_families(text)
+                for s in family.samples if {k: v for k, v in s.labels.items() if k != "direction"} == edge_labels}
 
-    assert value("flowmap_edge_bytes_total", "client_to_server") == 123
-    assert value("flowmap_edge_bytes_total", "server_to_client") == 4567
-    assert value("flowmap_edge_packets_total", "server_to_client") == 9
+    status = (connection(cluster, "shop.web-shop.redis-6380-tcp") or {})["status"]
+    want = {("flowmap_edge_bytes_total", "client_to_server"): status["bytes"]["clientToServer"],
+            ("flowmap_edge_bytes_total", "server_to_client"): status["bytes"]["serverToClient"],
+            ("flowmap_edge_packets_total", "client_to_server"): status["packets"]["clientToServer"],
+            ("flowmap_edge_packets_total", "server_to_client"): status["packets"]["serverToClient"],
+            ("flowmap_edge_sessions_total", ""): status["sessions"]["total"]}
+    assert want == {("flowmap_edge_bytes_total", "client_to_server"): 123,
+                    ("flowmap_edge_bytes_total", "server_to_client"): 4567,
+                    ("flowmap_edge_packets_total", "client_to_server"): 9,
+                    ("flowmap_edge_packets_total", "server_to_client"): 9,
+                    ("flowmap_edge_sessions_total", ""): 1}
+    assert exported() == want
+    # A restarted operator exports the Connection's totals, not counters starting from zero.
+    operator.stop()
+    operator.start().wait_leading()
+    assert exported() == want

@@ -1,0 +1,168 @@
+"""A real Prometheus scrapes the simulated cluster: PromQL gives the kernel's bytes, and the dashboard evaluates.
+
+Debian's prometheus scrapes the operator's metrics port and each agent's health port every second.
+After the shop's traffic, once the agents hold nothing unacknowledged, a PromQL query for the bytes
+between two groups must return exactly what the client node's kernel forwarded (the nftables
+counters of the simulated cluster), through a kill -9 of the operator too; and every expression of
+the Grafana dashboard must parse and evaluate, the map's panels with data.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flowmap_devenv.controlplane import REPO
+from flowmap_devenv.prometheus import Prometheus
+from flowmap_devenv.simcluster import API, WEB, WORKER, SimCluster
+from tests.conftest import need
+from tests.e2e.test_simcluster import EDGES, settled, sim  # noqa: F401 - sim: the module's cluster
+
+DASHBOARD = REPO / "manifests" / "monitoring" / "grafana-dashboard.json"
+ROUNDS = 10
+# What Grafana puts in place of its variables, for a 1 s scrape interval (the shop ran within the
+# last minute): $__rate_interval is max(4 x scrape interval, $__interval + scrape interval).
+GRAFANA = {"$__rate_interval": "30s", "$__interval": "1s", "$__range": "5m"}
+
+
+@pytest.fixture(scope="module")
+def prom(sim: SimCluster) -> Iterator[Prometheus]:  # noqa: F811 - the fixture imported above
+    need(shutil.which("prometheus") is not None, "this test needs prometheus (Debian package prometheus)")
+    assert sim.operator is not None
+    folder = Path(tempfile.mkdtemp(prefix="flowmap-prom-"))
+    server = Prometheus(folder, {
+        "flowmap-operator": [(f"127.0.0.1:{sim.operator.metrics_port}", {})],
+        "flowmap-agent": [(f"127.0.0.1:{port}", {"node": node}) for node, port in sim.health_ports.items()]})
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def shop(sim: SimCluster, prom: Prometheus) -> dict[str, tuple[int, int]]:  # noqa: F811
+    """The shop's traffic, run once: the kernel's bytes per edge (client to server, server to client)."""
+    clients = [sim.traffic(pod, ROUNDS, pause=0.05) for pod in (WEB, API, WORKER, None)]
+    for proc in clients:
+        assert proc.popen.wait(120) == 0, proc.log.read_text()[-2000:]
+    truth, _ = settled(sim)
+    assert all(c2s and s2c for c2s, s2c in truth.values()), truth
+    prom.scraped_since(time.time())
+    return truth
+
+
+def edge_bytes(prom: Prometheus) -> dict[str, tuple[int, int]]:
+    """flowmap_edge_bytes_total as Prometheus has it, per edge of EDGES."""
+    got: dict[tuple[str, str, str, str, str], int] = {}
+    for s in prom.query("flowmap_edge_bytes_total"):
+        m = s["metric"]
+        key = (m["client_group"], m["server_group"], m["port"], m["protocol"], m["direction"])
+        assert key not in got, f"two series for one edge and direction: {m}"
+        got[key] = int(float(s["value"][1]))
+    edges = {(e[0], e[1], str(e[2]), e[3]) for e in EDGES.values()}
+    assert {k[:4] for k in got} == edges, f"unexpected edges: {sorted({k[:4] for k in got} - edges)}"
+    return {name: (got.get((e[0], e[1], str(e[2]), e[3], "client_to_server"), -1),
+                   got.get((e[0], e[1], str(e[2]), e[3], "server_to_client"), -1)) for name, e in EDGES.items()}
+
+
+def between(prom: Prometheus, selector: str) -> tuple[int, int]:
+    """The bytes of the edges ``selector`` picks, client to server and server to client."""
+    by = {s["metric"]["direction"]: int(float(s["value"][1]))
+          for s in prom.query(f"sum by (direction) (flowmap_edge_bytes_total{{{selector}}})")}
+    return by.get("client_to_server", -1), by.get("server_to_client", -1)
+
+
+def test_promql_gives_the_kernels_bytes_between_two_groups(sim: SimCluster, prom: Prometheus,  # noqa: F811
+                                                          shop: dict[str, tuple[int, int]]) -> None:
+    web_api = shop["web-api"]
+    assert between(prom, 'client_group="shop.web", server_group="shop.api", port="8080"') == web_api
+    # Both of web's ports on api (HTTP through the Service, gRPC direct) in one query.
+    both = [a + b for a, b in zip(web_api, shop["web-grpc"])]
+    assert list(between(prom, 'client_group="shop.web", server_group="shop.api"')) == both
+    assert edge_bytes(prom) == shop
+
+    up = {(s["metric"]["job"], s["metric"].get("node", "")): s["value"][1] for s in prom.query("up")}
+    assert up == {("flowmap-operator", ""): "1", ("flowmap-agent", "node-a"): "1", ("flowmap-agent", "node-b"): "1"}
+    packets = {s["metric"]["node"]: float(s["value"][1]) for s in prom.query("flowmap_agent_dp_packets_total")}
+    assert set(packets) == {"node-a", "node-b"} and all(packets.values()), packets
+    # Health series of both agents (what they hold changes as sessions close: any value will do).
+    for name in ("flowmap_agent_unacked_edges", "flowmap_agent_dp_sessions", "flowmap_agent_dp_kernel_drops_total"):
+        assert {s["metric"]["node"] for s in prom.query(name)} == {"node-a", "node-b"}, name
+    apps = {s["metric"]["client_group"] + ">" + s["metric"]["server_group"] + ":" + s["metric"]["port"]:
+            s["metric"]["app"] for s in prom.query('flowmap_edge_sessions_total')}
+    assert apps == {f"{e[0]}>{e[1]}:{e[2]}": e[7] for e in EDGES.values()}
+
+
+def test_a_restarted_operator_exports_the_same_totals(sim: SimCluster, prom: Prometheus,  # noqa: F811
+                                                      shop: dict[str, tuple[int, int]]) -> None:
+    op = sim.operator
+    assert op is not None
+    before = edge_bytes(prom)
+    op.kill()
+    op.start().wait_leading()
+    prom.scraped_since(time.time())
+    assert edge_bytes(prom) == before == shop
+    # Prometheus saw no counter go back (a restart from zero would be a reset of every edge).
+    resets = prom.query("sum(resets(flowmap_edge_bytes_total[10m]))")
+    assert [float(s["value"][1]) for s in resets] == [0.0]
+
+
+def expressions(node: Any) -> Iterator[tuple[str, str, str]]:
+    """(panel title, refId, expr) of every query in the dashboard, rows' panels included."""
+    for panel in node.get("panels", []):
+        for t in panel.get("targets", []):
+            yield panel["title"], t["refId"], t["expr"]
+        yield from expressions(panel)
+
+
+def grafana(expr: str) -> str:
+    for var, value in GRAFANA.items():
+        expr = expr.replace(var, value)
+    assert "$" not in re.sub(r'"\$\d"', "", expr), f"a variable the test does not know: {expr}"
+    return expr
+
+
+def test_every_dashboard_query_evaluates_and_the_map_has_data(prom: Prometheus,
+                                                              shop: dict[str, tuple[int, int]]) -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert [v["name"] for v in dashboard["templating"]["list"]] == ["datasource"]
+    queries = list(expressions(dashboard))
+    assert len(queries) >= 20, queries
+    for panel in (p for p in dashboard["panels"] if p["type"] != "row"):
+        for where in (panel, *panel["targets"]):
+            assert where["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+    # Every metric read is one the operator or an agent declares (a typo would read nothing, silently).
+    # Families by their base name: the operator answers Prometheus in OpenMetrics ("# TYPE x counter"
+    # for x_total), the agent in the text format ("# TYPE x_total counter").
+    family = lambda name: re.sub(r"_(total|bucket|sum|count)$", "", name)  # noqa: E731
+    declared = {family(name) for name in prom.metadata()}
+    for title, ref, expr in queries:
+        for name in set(re.findall(r"\bflowmap_[a-z0-9_]+", expr)):
+            assert family(name) in declared, f"{title} ({ref}) reads {name}, which nothing declares"
+
+    results = {(title, ref): prom.query(grafana(expr)) for title, ref, expr in queries}  # PromQLError if refused
+    map_panels = {title for title, _, expr in queries if "flowmap_edge_" in expr}
+    assert {"Groups and the bytes between them", "Top talkers"} <= map_panels
+    for title in map_panels:
+        assert any(results[(t, ref)] for t, ref in results if t == title), f"{title}: no data"
+
+    graph = next(p for p in dashboard["panels"] if p["type"] == "nodeGraph")
+    nodes, edges = (results[(graph["title"], ref)] for ref in ("nodes", "edges"))
+    ids = {s["metric"]["id"] for s in nodes}
+    assert ids >= {e[0] for e in EDGES.values()} | {e[1] for e in EDGES.values()}
+    assert all(s["metric"]["title"] == s["metric"]["id"] for s in nodes)
+    # The labels the panel's transformations turn into the node graph's source and target.
+    organize = next(t for t in graph["transformations"] if t["id"] == "organize")["options"]
+    assert organize["renameByName"] == {"client_group": "source", "server_group": "target"}
+    assert {(s["metric"]["client_group"], s["metric"]["server_group"]) for s in edges} == {
+        (e[0], e[1]) for e in EDGES.values()}
+    assert all(s["metric"]["id"] and s["metric"]["server_group"] in ids for s in edges)
