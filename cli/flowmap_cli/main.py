@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "controlplane": ("flowmap_devenv.controlplane_cli", "run a local etcd + kube-apiserver with the flowmap CRDs"),
     "demo": ("flowmap_devenv.demo", "the local demo: control plane, flowmap, and the map it learns"),
     "dp": ("flowmap_dp.cli", "the datapath: capture, sessions, protocol detection"),
+    "graph": ("flowmap_cli.graph", "a picture of the map: SVG, PNG or HTML, or a page that keeps itself up to date"),
     "operator": ("flowmap_operator.cli", "the operator: reports become Group and Connection resources"),
 }
 
