@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("flowmap_devenv.demo", "the local demo: control plane, flowmap, and the map it learns"),
     "dp": ("flowmap_dp.cli", "the datapath: capture, sessions, protocol detection"),
     "export": ("flowmap_cli.export", "the learned map of a namespace as YAML for git (policies)"),
+    "graph": ("flowmap_cli.graph", "a picture of the map: SVG, PNG or HTML, or a page that keeps itself up to date"),
     "operator": ("flowmap_operator.cli", "the operator: reports become Group and Connection resources"),
 }
 
