@@ -32,7 +32,7 @@ from prometheus_client import start_http_server
 
 from flowmap_api import report_pb2 as pb
 from flowmap_api import report_pb2_grpc as pb_grpc
-from flowmap_operator import metrics
+from flowmap_operator import certs, metrics
 from flowmap_operator.auth import Authenticator
 from flowmap_operator.resolution import Resolver
 from flowmap_operator.serving import PolicyServicer, ReportServicer
@@ -126,6 +126,16 @@ async def _prime(resolver: Resolver, core: client.CoreV1Api, custom: client.Cust
         resolver.cidr_group_seen(group)
 
 
+async def _tls(settings: Settings, core: client.CoreV1Api) -> certs.Keeper | None:
+    """The Secret-kept serving certificate (flowmap_operator.certs), or None to serve the files."""
+    if not settings.grpc_tls_secret:
+        return None
+    keeper = certs.Keeper(core, settings.namespace, settings.grpc_tls_secret, settings.ca_configmap,
+                          certs.service_names(settings.grpc_service, settings.namespace))
+    await keeper.ensure()
+    return keeper
+
+
 async def _until_done(what: str, step: Callable[[], Awaitable[None]], stop: asyncio.Event) -> bool:
     """Retry ``step`` with backoff while the API server is away or busy; False if stopped first."""
     delay = 0.5
@@ -198,8 +208,9 @@ async def run(settings: Settings) -> None:
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
     pb_grpc.add_ReportServiceServicer_to_server(ReportServicer(topology, auth, settings, leadership, series), server)
     pb_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(auth, lambda node: pb.NodePolicy()), server)
-    creds = grpc.ssl_server_credentials([(Path(settings.grpc_tls_key).read_bytes(),
-                                          Path(settings.grpc_tls_cert).read_bytes())])
+    keeper = await _tls(settings, core)
+    creds = keeper.credentials() if keeper else grpc.ssl_server_credentials([(
+        Path(settings.grpc_tls_key).read_bytes(), Path(settings.grpc_tls_cert).read_bytes())])
     server.add_secure_port(f"[::]:{settings.grpc_port}", creds)
     start_http_server(settings.metrics_port, registry=metrics.REGISTRY)
 
@@ -226,6 +237,7 @@ async def run(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     leader_task = asyncio.create_task(leadership.watch(stop))
+    tls_task = asyncio.create_task(keeper.keep(stop)) if keeper else None
     await server.start()
     flush_task = asyncio.create_task(_flush_loop(writer, leadership, settings, stop))
     log.info("serving reports on :%d (metrics on :%d)", settings.grpc_port, settings.metrics_port)
@@ -240,5 +252,5 @@ async def run(settings: Settings) -> None:
         while topology.ledger.dirty() and time.monotonic() < deadline:
             await writer.flush(deadline)
     kopf_stop.set()
-    await asyncio.gather(kopf_task, leader_task, return_exceptions=True)
+    await asyncio.gather(kopf_task, leader_task, *([tls_task] if tls_task else []), return_exceptions=True)
     await api_client.close()
