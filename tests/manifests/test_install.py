@@ -68,6 +68,10 @@ def test_the_base_is_what_the_api_server_stores(installed: ControlPlane) -> None
     assert pod["hostNetwork"] and pod["tolerations"] == [{"operator": "Exists"}]
     token = next(v for v in pod["volumes"] if v["name"] == "token")["projected"]["sources"][0]["serviceAccountToken"]
     assert token["audience"] == "flowmap"
+    assert pod["automountServiceAccountToken"] is False
+    mounts = {c["name"]: {m["mountPath"] for m in c["volumeMounts"]} for c in pod["containers"]}
+    api_token = "/var/run/secrets/kubernetes.io/serviceaccount"
+    assert api_token in mounts["agent"] and api_token not in mounts["dp"]  # the dp holds no API credential
     caps = {c["name"]: c["securityContext"]["capabilities"] for c in pod["containers"]}
     assert caps == {"agent": {"drop": ["ALL"], "add": ["NET_ADMIN"]}, "dp": {"drop": ["ALL"], "add": ["NET_RAW"]}}
     deploy = json.loads(installed.kubectl("get", "deployment", "flowmap-operator", "-n", NS, "-o", "json").stdout)
