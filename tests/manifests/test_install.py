@@ -1,8 +1,8 @@
 """The base installs on an empty API server, and its RBAC grants each party what it needs, no more.
 
-The install is the README's: the CRDs, wait until they are established (the base holds a
-ClusterKopfPeering, which kubectl cannot map before its CRD is served), then the base, dry-run
-on the server first. Then ``kubectl auth can-i`` and SelfSubjectRulesReviews, impersonating each
+The install is the README's commands, run as written: the CRDs, a wait until they are served
+(the base holds a ClusterKopfPeering, which kubectl cannot map before its CRD is served), then
+the base, dry-run on the server first. Then ``kubectl auth can-i`` and SelfSubjectRulesReviews, impersonating each
 ServiceAccount and two users bound to the user roles, give the matrix. This API server is the
 module's own, not the session's: empty at the start, and no other test's objects in the answers.
 There is no controller-manager, so the aggregation of flowmap-viewer/editor into view/edit/admin
@@ -12,6 +12,7 @@ is checked by its labels only.
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -30,6 +31,14 @@ VIEWER, EDITOR, NOBODY = "alice", "bob", "mallory"  # bound to flowmap-viewer, f
 Rule = tuple[str, str, str, str]  # (api group, resource, verb, resource name or "*")
 
 
+def readme_install() -> list[list[str]]:
+    """The kubectl commands of the README's "Install on a cluster", with the repository's paths."""
+    text = (REPO / "README.md").read_text()
+    block = text.split("## Install on a cluster", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
+    commands = [shlex.split(line)[1:] for line in block.splitlines() if line.startswith("kubectl ")]
+    return [[str(REPO / a) if (REPO / a).exists() and a.endswith("/") else a for a in args] for args in commands]
+
+
 @pytest.fixture(scope="module")
 def installed() -> Iterator[ControlPlane]:
     need(binaries.find() is not None, "the control plane needs kube-apiserver and etcd ('flowmap controlplane build')")
@@ -38,17 +47,20 @@ def installed() -> Iterator[ControlPlane]:
     plane.up()
     try:
         assert "flowmap.dev" not in plane.kubectl("api-resources").stdout  # empty indeed
-        plane.kubectl("apply", "--server-side", "-k", str(REPO / "crds"))
-        plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "-l",
-                      "app.kubernetes.io/part-of=flowmap")
-        # A dry run cannot create the namespace its other objects go into: that one goes first.
-        plane.kubectl("apply", "--server-side", "-f", str(REPO / "manifests" / "namespace.yaml"))
-        dry = plane.kubectl("apply", "--server-side", "--dry-run=server", "-k", str(REPO / "manifests"), check=False)
-        assert dry.returncode == 0, dry.stderr
-        for kind in ("deployment.apps/flowmap-operator", "daemonset.apps/flowmap-agent",
-                     "clusterrole.rbac.authorization.k8s.io/flowmap-viewer", "clusterkopfpeering.kopf.dev/flowmap"):
-            assert f"{kind} serverside-applied (server dry run)" in dry.stdout, dry.stdout
-        plane.kubectl("apply", "--server-side", "-k", str(REPO / "manifests"))
+        commands = readme_install()
+        base = ["apply", "--server-side", "-k", str(REPO / "manifests")]
+        assert base in commands and commands.index(base) > 0, commands
+        for args in commands:
+            if args == base:
+                # A dry run cannot create the namespace its other objects go into: that one first.
+                plane.kubectl("apply", "--server-side", "-f", str(REPO / "manifests" / "namespace.yaml"))
+                dry = plane.kubectl(*args, "--dry-run=server", check=False)
+                assert dry.returncode == 0, dry.stderr
+                for kind in ("deployment.apps/flowmap-operator", "daemonset.apps/flowmap-agent",
+                             "clusterrole.rbac.authorization.k8s.io/flowmap-viewer",
+                             "clusterkopfpeering.kopf.dev/flowmap"):
+                    assert f"{kind} serverside-applied (server dry run)" in dry.stdout, dry.stdout
+            plane.kubectl(*args, timeout=90)
         bindings = [{"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
                      "metadata": {"name": f"test-{user}"},
                      "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
