@@ -70,7 +70,8 @@ def capture(node: Node, caps: list[str], folder: Path) -> tuple[list[str], list[
     """Run the dp with ``caps`` on the pod's veth while the pod sends; (attached, failed, pod seen)."""
     reader = ReportReader(str(folder / "dp.sock"))
     dp = node.run(caps, sys.executable, "-m", "flowmap_cli", "dp", "run", "--socket", reader.path, "--interval", "0.2",
-                  "--iface", node.host_side, "--local-address", NODE_IP, stdout=subprocess.DEVNULL,
+                  # Both families in one argument, as the DaemonSet passes status.hostIPs.
+                  "--iface", node.host_side, "--local-address", f"{NODE_IP},fd63::1", stdout=subprocess.DEVNULL,
                   stderr=subprocess.STDOUT)
     try:
         health, seen, deadline = None, False, time.monotonic() + 15
