@@ -17,6 +17,7 @@ import grpc
 import pytest
 import yaml
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from kubernetes_asyncio import client, config
 
 from flowmap_api import report_pb2 as pb
@@ -182,5 +183,4 @@ def served_certificate(port: int, ca: bytes) -> bytes:
 
 
 def pem_to_der(pem: bytes) -> bytes:
-    from cryptography.hazmat.primitives.serialization import Encoding
     return x509.load_pem_x509_certificate(pem).public_bytes(Encoding.DER)
