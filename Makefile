@@ -7,7 +7,7 @@ STAMP := $(VENV)/.flowmap-installed
 FLOWMAP := $(VENV)/bin/flowmap
 PYTEST_ARGS ?=
 
-.PHONY: demo test setup debs controlplane proto clean
+.PHONY: demo test setup debs controlplane proto docs clean
 
 demo: setup
 	$(FLOWMAP) demo
@@ -33,6 +33,10 @@ controlplane: $(STAMP)
 # Regenerate the committed protobuf code after editing a .proto (tests/test_generated.py checks).
 proto: $(STAMP)
 	$(VENV)/bin/python hack/generate_protos.py
+
+# Regenerate docs/crd-reference.md after editing a CRD (tests/test_generated.py checks).
+docs: $(STAMP)
+	$(VENV)/bin/python hack/crd_reference.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,4 +1,5 @@
-"""Generated protobuf code is committed and must match its .proto sources."""
+"""Generated files are committed and must match their sources: the protobuf code its .proto
+files, docs/crd-reference.md the CRDs."""
 
 from __future__ import annotations
 
@@ -18,3 +19,15 @@ def test_generated_code_matches_the_protos(tmp_path: Path) -> None:
     stale = [str(p.relative_to(tmp_path)) for p in fresh
              if (REPO / p.relative_to(tmp_path)).read_bytes() != p.read_bytes()]
     assert not stale, f"generated code differs from the .proto sources; run 'make proto': {stale}"
+
+
+def test_crd_reference_matches_the_crds(tmp_path: Path) -> None:
+    out = tmp_path / "crd-reference.md"
+    proc = subprocess.run([sys.executable, str(REPO / "hack" / "crd_reference.py"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    fresh = out.read_text()
+    for kind in ("## Group (", "## Connection (", "## NetworkLearningPolicy (", "`spec.port` | integer"):
+        assert kind in fresh
+    assert (REPO / "docs" / "crd-reference.md").read_text() == fresh, \
+        "docs/crd-reference.md differs from crds/*.yaml; run 'make docs'"

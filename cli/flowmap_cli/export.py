@@ -11,7 +11,11 @@ MODES = ("Learn", "Monitor", "Protect")
 
 def _export(args: argparse.Namespace) -> int:
     import yaml
-    from kubernetes import client, config
+    try:
+        from kubernetes import client, config
+    except ImportError:
+        print("flowmap export: needs the Kubernetes client: pip install 'flowmap[cli]'", file=sys.stderr)
+        return 1
     from kubernetes.client.exceptions import ApiException
     from kubernetes.config.config_exception import ConfigException
 

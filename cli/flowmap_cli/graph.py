@@ -39,7 +39,10 @@ class Source:
     context: str | None = None
 
     def client(self) -> Any:
-        from kubernetes import client, config  # here: `flowmap graph --help` stays fast
+        try:
+            from kubernetes import client, config  # here: `flowmap graph --help` stays fast
+        except ImportError:
+            raise ReadError("flowmap graph needs the Kubernetes client: pip install 'flowmap[cli]'") from None
 
         cfg = client.Configuration()
         files = self.kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"

@@ -72,9 +72,9 @@ def _register_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--filter", default=None, metavar="EXPR", help="pcap filter expression (needs tcpdump to compile)")
     p.add_argument("--direction", choices=("received", "both"), default="received",
                    help="received: count each frame where it enters the node (default); both: every frame")
-    p.add_argument("--local-address", action="append", default=[], metavar="ADDR",
-                   help="one of the node's own addresses (repeat): in received mode, frames the node sends "
-                        "from it are counted too")
+    p.add_argument("--local-address", action="append", default=[], metavar="ADDR[,ADDR]",
+                   help="the node's own addresses (repeat, or comma-separated as the downward API's "
+                        "status.hostIPs gives them): in received mode, frames the node sends from them are counted too")
     p.add_argument("--snaplen", type=int, default=1024, help="bytes copied per packet (default 1024)")
     p.add_argument("--block-size", type=int, default=1 << 20, help="ring block size in bytes (page multiple)")
     p.add_argument("--block-count", type=int, default=16, help="ring blocks per interface and worker")
@@ -95,7 +95,7 @@ def _run(args: argparse.Namespace) -> int:
         bpf = compile_filter(args.filter, args.snaplen) if args.filter else None
         ring = RingConfig(block_size=args.block_size, block_count=args.block_count, retire_timeout_ms=args.retire_ms,
                           snaplen=args.snaplen, direction=Direction(args.direction), filter=bpf,
-                          local_addresses=tuple(args.local_address))
+                          local_addresses=tuple(a for arg in args.local_address for a in arg.split(",") if a))
     except (ValueError, RuntimeError, OSError) as e:
         print(f"flowmap dp run: {e}", file=sys.stderr)
         return 2

@@ -31,7 +31,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from prometheus_client import start_http_server
 
 from flowmap_api import report_pb2_grpc as pb_grpc
-from flowmap_operator import metrics
+from flowmap_operator import certs, metrics
 from flowmap_operator.auth import Authenticator
 from flowmap_operator.modes import Modes
 from flowmap_operator.policing import PolicyHub, PolicyWriter
@@ -135,6 +135,16 @@ async def _prime(resolver: Resolver, modes: Modes, core: client.CoreV1Api, custo
         modes.seen(policy, leading=False)  # learned rules come from their status
 
 
+async def _tls(settings: Settings, core: client.CoreV1Api) -> certs.Keeper | None:
+    """The Secret-kept serving certificate (flowmap_operator.certs), or None to serve the files."""
+    if not settings.grpc_tls_secret:
+        return None
+    keeper = certs.Keeper(core, settings.namespace, settings.grpc_tls_secret, settings.ca_configmap,
+                          certs.service_names(settings.grpc_service, settings.namespace))
+    await keeper.ensure()
+    return keeper
+
+
 async def _until_done(what: str, step: Callable[[], Awaitable[None]], stop: asyncio.Event) -> bool:
     """Retry ``step`` with backoff while the API server is away or busy; False if stopped first."""
     delay = 0.5
@@ -218,8 +228,9 @@ async def run(settings: Settings) -> None:
                             events_per_second=settings.events_per_second)
     policing.seed()  # modes in force before any agent asks: an empty first policy would lift Protect
     pb_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(auth, hub, leadership), server)
-    creds = grpc.ssl_server_credentials([(Path(settings.grpc_tls_key).read_bytes(),
-                                          Path(settings.grpc_tls_cert).read_bytes())])
+    keeper = await _tls(settings, core)
+    creds = keeper.credentials() if keeper else grpc.ssl_server_credentials([(
+        Path(settings.grpc_tls_key).read_bytes(), Path(settings.grpc_tls_cert).read_bytes())])
     server.add_secure_port(f"[::]:{settings.grpc_port}", creds)
     # The edge series are read from the ledger at scrape time: the report path does no metrics work.
     metrics.REGISTRY.register(metrics.EdgeCollector(topology, settings.metrics_series_cap, leadership))
@@ -249,6 +260,7 @@ async def run(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     leader_task = asyncio.create_task(leadership.watch(stop))
+    tls_task = asyncio.create_task(keeper.keep(stop)) if keeper else None
     await server.start()
     flush_task = asyncio.create_task(_flush_loop(writer, policing, hub, leadership, settings, stop))
     log.info("serving reports on :%d (metrics on :%d)", settings.grpc_port, settings.metrics_port)
@@ -263,5 +275,5 @@ async def run(settings: Settings) -> None:
         while topology.ledger.dirty() and time.monotonic() < deadline:
             await writer.flush(deadline)
     kopf_stop.set()
-    await asyncio.gather(kopf_task, leader_task, return_exceptions=True)
+    await asyncio.gather(kopf_task, leader_task, *([tls_task] if tls_task else []), return_exceptions=True)
     await api_client.close()

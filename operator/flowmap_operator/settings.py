@@ -14,6 +14,11 @@ class Settings:
     grpc_port: int = 9443
     grpc_tls_cert: str = "/etc/flowmap/tls/tls.crt"  # the gRPC port always serves TLS
     grpc_tls_key: str = "/etc/flowmap/tls/tls.key"
+    # A Secret of the namespace to serve from instead of the two files: made, renewed and its CA
+    # published in the ConfigMap below when missing (flowmap_operator.certs); empty: the files.
+    grpc_tls_secret: str = ""
+    ca_configmap: str = "flowmap-ca"
+    grpc_service: str = "flowmap-operator"  # the Service agents dial: its DNS names go in the certificate
     metrics_port: int = 9090
     write_budget: float = 20.0  # API writes per second, all kinds together
     flush_interval: float = 0.5  # seconds between flush rounds
