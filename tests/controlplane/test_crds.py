@@ -125,6 +125,27 @@ spec:
 """, "spec.rules[0].peer", "either a group or a cidr"),
     ("""
 apiVersion: flowmap.dev/v1alpha1
+kind: NetworkLearningPolicy
+metadata: {name: both, namespace: default}
+spec: {mode: Learn, selector: {}, groups: [default.web]}
+""", "spec", "not both"),
+    ("""
+apiVersion: flowmap.dev/v1alpha1
+kind: NetworkLearningPolicy
+metadata: {name: icmp-port, namespace: default}
+spec:
+  mode: Protect
+  groups: [default.web]
+  rules: [{direction: Ingress, peer: {group: nodes}, ports: [{port: 8, protocol: ICMP}]}]
+""", "spec.rules[0].ports[0]", "ICMP has no ports"),
+    ("""
+apiVersion: flowmap.dev/v1alpha1
+kind: NetworkLearningPolicy
+metadata: {name: not-a-group, namespace: default}
+spec: {mode: Monitor, groups: [web]}
+""", "spec.groups[0]", "should match"),
+    ("""
+apiVersion: flowmap.dev/v1alpha1
 kind: Group
 metadata: {name: bad-cidr}
 spec: {cidrs: [10.0.0.0/33]}
