@@ -185,6 +185,20 @@ class Modes:
             if policy.learned_overflow and not before:
                 self.urgent.add(eff.policy)  # Degraded: LearnedRulesFull
 
+    def seed(self, key: PolicyKey, group: str,
+             edges: Iterable[tuple[str, str, int, str, Iterable[str], int, float, float]]) -> None:
+        """A Learn policy that newly governs ``group`` learns what the map already saw of it:
+        (client, server, port, protocol, apps, sessions, first, last) per edge. Rules it already has
+        (from its status, after a restart) keep their evidence."""
+        policy = self.policies.get(key)
+        if policy is None:
+            return
+        for client, server, port, protocol, apps, sessions, first, last in edges:
+            for me, peer, direction in ((client, server, EGRESS), (server, client, INGRESS)):
+                if me == group and not policy.allows(group, direction, peer, "", port, protocol):
+                    policy.learn(group, direction, peer, port, protocol, set(apps), sessions, first, last)
+        self.dirty.add(key)
+
     def blocked(self, policy: PolicyKey | None, connection: str, action: str, message: str, when: float,
                 first: bool) -> None:
         """A connection no rule allows was seen (``first``: its action just became ``action``)."""

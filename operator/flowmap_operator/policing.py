@@ -104,24 +104,19 @@ class PolicyWriter:
         self.written: dict[PolicyKey, float] = {}
         self._event_at = 0.0
 
-    def seed(self) -> None:
-        """Groups a Learn policy newly governs learn, at once, what the map already saw of them."""
+    def refresh(self) -> None:
+        """Take in changed policies and pods; groups a Learn policy newly governs learn, at once,
+        what the map already saw of them."""
         topology = self.writer.topology
         for key, group in self.modes.refresh():
-            policy = self.modes.policies.get(key)
-            if policy is None:
-                continue
+            seen = []
             for edge_key, info in topology.edges.items():
-                client, server, port, protocol = edge_key
-                if group not in (client, server) or info.action == "Denied":
-                    continue
-                edge = topology.ledger.edges.get(edge_key)
-                sessions = (edge.persisted.sessions + sum(p.counters.sessions for p in edge.pending.values())) if edge else 0
-                for me, peer, direction in ((client, server, "Egress"), (server, client, "Ingress")):
-                    if me == group:
-                        policy.learn(group, direction, peer, port, protocol, info.apps, sessions, info.first_seen,
-                                     info.last_seen)
-            self.modes.dirty.add(key)
+                if group in edge_key[:2] and info.action != "Denied":
+                    edge = topology.ledger.edges.get(edge_key)
+                    sessions = edge.persisted.sessions + sum(p.counters.sessions for p in edge.pending.values()) \
+                        if edge else 0
+                    seen.append((*edge_key, info.apps, sessions, info.first_seen, info.last_seen))
+            self.modes.seed(key, group, seen)
 
     async def flush(self, deadline: float) -> int:
         """Write what is due until ``deadline`` (monotonic): urgent status, due status, Events."""

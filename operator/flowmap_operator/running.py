@@ -168,12 +168,16 @@ async def _until_done(what: str, step: Callable[[], Awaitable[None]], stop: asyn
 
 async def _flush_loop(writer: Writer, policing: PolicyWriter, hub: PolicyHub, leads: Callable[[], bool],
                       settings: Settings, stop: asyncio.Event) -> None:
-    collected = time.monotonic()
+    collected = refreshed = time.monotonic()
     while not stop.is_set():
         if leads():
             try:
-                policing.seed()
-                await hub.update(time.time())
+                # Who selects what, and what each node enforces, follow pods and policies within a
+                # flush interval; not at every round (a busy writer loops every 10 ms).
+                if time.monotonic() - refreshed >= settings.flush_interval:
+                    refreshed = time.monotonic()
+                    policing.refresh()
+                    await hub.update(time.time())
                 deadline = time.monotonic() + settings.flush_interval
                 await writer.flush(deadline)
                 await policing.flush(deadline)
@@ -226,7 +230,7 @@ async def run(settings: Settings) -> None:
     hub = PolicyHub(modes)
     policing = PolicyWriter(writer, modes, hub, core, identity, status_interval=settings.policy_status_interval,
                             events_per_second=settings.events_per_second)
-    policing.seed()  # modes in force before any agent asks: an empty first policy would lift Protect
+    policing.refresh()  # modes in force before any agent asks: an empty first policy would lift Protect
     pb_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(auth, hub, leadership), server)
     keeper = await _tls(settings, core)
     creds = keeper.credentials() if keeper else grpc.ssl_server_credentials([(

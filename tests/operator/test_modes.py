@@ -251,3 +251,18 @@ def test_a_follower_takes_learned_rules_from_status_the_leader_keeps_its_own(mod
     assert m.policies[("shop", "web")].learned_count() == 1  # the leader's memory is the truth
     m.seen(body("web", mode, groups=["shop.web"], status={}), leading=False)
     assert m.policies[("shop", "web")].learned_count() == 0
+
+
+def test_a_new_learn_policy_learns_what_the_map_saw_and_a_restart_doubles_nothing() -> None:
+    seen = [("shop.web", "shop.api", 8080, "TCP", {"http"}, 12, NOW - 60, NOW),
+            ("shop.db", "shop.web", 9000, "TCP", set(), 1, NOW - 30, NOW - 30),
+            ("shop.api", "shop.db", 5432, "TCP", {"postgresql"}, 3, NOW, NOW)]  # not web's
+    m = modes(body("web", "Learn", groups=["shop.web"]))
+    m.seed(("shop", "web"), "shop.web", seen)
+    rules = {(r["direction"], r["peer"], r["port"], r["evidence"]) for r in m.policies[("shop", "web")].learned_rules()}
+    assert rules == {("Egress", "shop.api", 8080, 12), ("Ingress", "shop.db", 9000, 1)}
+    # After a restart the rules come from the status, and seeding again adds nothing to them.
+    again = modes(body("web", "Learn", groups=["shop.web"], status=m.status(
+        ("shop", "web"), NOW, agents=set(), watching=set(), lossy=set())))
+    again.seed(("shop", "web"), "shop.web", seen)
+    assert again.policies[("shop", "web")].learned_rules() == m.policies[("shop", "web")].learned_rules()
