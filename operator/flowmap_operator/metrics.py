@@ -55,9 +55,6 @@ POLICY_WATCHERS = Gauge("flowmap_operator_policy_watchers", "Agents taking polic
 LEADER = Gauge("flowmap_operator_leader", "1 when this replica applies reports.", registry=REGISTRY)
 
 
-
-
-
 EDGE_LABELS = ("client_group", "client_namespace", "server_group", "server_namespace", "port", "protocol", "app",
                "direction")
 OTHER = "other"

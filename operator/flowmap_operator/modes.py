@@ -58,10 +58,12 @@ class Modes:
             # A new policy, or a follower keeping up with the leader: its status is the truth.
             policy = self.policies[key] = policy or Policy(*key)
             policy.load_status(body.get("status") or {})
-        if policy.generation != int(meta.get("generation") or 0):
-            self.blocking.pop(key, None)  # new rules or mode: what they block shows anew
-            policy.blocked_forgotten = 0
+        before = (policy.generation, policy.disabled) if policy.generation else None
         policy.update(body)
+        if before == (policy.generation, policy.disabled):
+            return  # our own status write coming back, or a label: nothing to redo
+        self.blocking.pop(key, None)  # new rules or mode: what they block shows anew
+        policy.blocked_forgotten = 0
         self._stale = True
         self.urgent.add(key)
 

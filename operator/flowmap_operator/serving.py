@@ -80,12 +80,11 @@ class ReportServicer(pb_grpc.ReportServiceServicer):
         for key, action, sessions in result.blocked:
             if sessions:
                 client, server = self.topology.groups[key[0]].peer, self.topology.groups[key[1]].peer
-                metrics.POLICY_VIOLATIONS.labels(*self._capped((client.group, client.namespace, server.group,
-                                                                server.namespace, str(key[2]), key[3]), action)).inc(sessions)
+                labels = (client.group, client.namespace, server.group, server.namespace, str(key[2]), key[3])
+                metrics.POLICY_VIOLATIONS.labels(*self._capped(labels, action)).inc(sessions)
         metrics.REPORTS.labels("applied" if request.sequence else "ack_query").inc()
         applied, received, waiting = ledger.progress(request.agent_id)
         return pb.ReportAck(applied=applied, received=received, waiting=waiting, leader=True)
-
 
     def _capped(self, labels: tuple[str, ...], action: str) -> tuple[str, ...]:
         """A violation series' labels, or "other" beyond the series cap."""

@@ -266,3 +266,16 @@ def test_a_new_learn_policy_learns_what_the_map_saw_and_a_restart_doubles_nothin
         ("shop", "web"), NOW, agents=set(), watching=set(), lossy=set())))
     again.seed(("shop", "web"), "shop.web", seen)
     assert again.policies[("shop", "web")].learned_rules() == m.policies[("shop", "web")].learned_rules()
+
+
+def test_only_a_change_of_spec_or_switch_asks_for_a_status_write() -> None:
+    m = modes(body("web", "Monitor", groups=["shop.web"]))
+    m.urgent.clear()
+    m.seen(body("web", "Monitor", groups=["shop.web"], status={"ruleCount": 0}), leading=True)  # our write, back
+    assert not m.urgent
+    m.seen(body("web", "Protect", groups=["shop.web"], generation=2), leading=True)
+    assert m.urgent == {("shop", "web")}
+    m.urgent.clear()
+    m.seen(body("web", "Protect", groups=["shop.web"], generation=2,
+                annotations={"flowmap.dev/enforcement": "disabled"}), leading=True)
+    assert m.urgent == {("shop", "web")}

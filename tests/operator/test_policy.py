@@ -200,3 +200,4 @@ def test_watch_refuses_what_report_refuses(cluster: Cluster, operator: Operator)
             assert watcher.error.code() == code and not watcher.got
         finally:
             watcher.close()
+
