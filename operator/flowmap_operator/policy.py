@@ -26,10 +26,12 @@ LearnKey = tuple[str, str, str, str]  # group, direction, peer group, protocol
 
 
 def iso(ts: float) -> str:
+    """A Kubernetes timestamp (RFC 3339, UTC, seconds)."""
     return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def parse_iso(value: Any) -> float:
+    """Seconds since the epoch of a Kubernetes timestamp; 0 when absent or not a timestamp."""
     try:
         return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp() if value else 0.0
     except ValueError:

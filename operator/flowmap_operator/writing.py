@@ -12,7 +12,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 from typing import Any
 
 import aiohttp
@@ -23,6 +22,7 @@ from flowmap_operator import metrics
 from flowmap_operator.ledger import Counters, EdgeKey, FlushPlan, watermarks_from_status, watermarks_to_status
 from flowmap_operator.resolution import Peer
 from flowmap_operator.naming import object_name
+from flowmap_operator.policy import iso, parse_iso
 from flowmap_operator.topology import EdgeInfo, GroupInfo, Topology
 
 log = logging.getLogger("flowmap.operator.writing")
@@ -30,14 +30,6 @@ GROUP, VERSION = "flowmap.dev", "v1alpha1"
 MERGE = "application/merge-patch+json"
 FIELD_MANAGER = "flowmap-operator"  # one stable manager for everything the operator writes
 GROUP_REFRESH = 60.0  # seconds between lastSeen refreshes of a Group: it is not worth the budget
-
-
-def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_iso(value: str | None) -> float:
-    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() if value else 0.0
 
 
 def connection_status(plan: FlushPlan, info: EdgeInfo) -> dict[str, Any]:
