@@ -79,6 +79,24 @@ class Lab:
             self.exec(ns, "ip", "link", "set", dev, "up")
         return a, b
 
+    def pod(self, node_ns: str, ips: Sequence[str]) -> tuple[str, str]:
+        """A pod namespace wired to its node as Calico and kindnet do: a veth, a /32 (/128) host
+        route per address on the node, proxy ARP (and the node's fe80::1) as the pod's gateway.
+        Returns (the pod's namespace, the node-side interface)."""
+        pod_ns = self.ns("fmpod")
+        six = [ip for ip in ips if ":" in ip]
+        host_side, pod_side = self.veth(node_ns, ["fe80::1/64"] if six else [], pod_ns,
+                                        [f"{ip}/{128 if ':' in ip else 32}" for ip in ips])
+        self.exec(node_ns, "sysctl", "-qw", f"net.ipv4.conf.{host_side}.proxy_arp=1")
+        for ip in ips:
+            self.exec(node_ns, "ip", *(["-6"] if ":" in ip else []), "route", "add",
+                      f"{ip}/{128 if ':' in ip else 32}", "dev", host_side)
+        self.exec(pod_ns, "ip", "route", "add", "169.254.1.1", "dev", pod_side, "scope", "link")
+        self.exec(pod_ns, "ip", "route", "add", "default", "via", "169.254.1.1", "dev", pod_side)
+        if six:
+            self.exec(pod_ns, "ip", "-6", "route", "add", "default", "via", "fe80::1", "dev", pod_side)
+        return pod_ns, host_side
+
     def close(self) -> None:
         """Delete every namespace (their veths go with them)."""
         for name in reversed(self.namespaces):

@@ -224,14 +224,7 @@ table ip pod-egress {
 
     def _pod(self, p: Pod) -> None:
         lab, node_ns = self.lab, self.ns[p.node.name]
-        pod_ns = self.ns[p.name] = lab.ns("fmpod")
-        host_side, pod_side = lab.veth(node_ns, ["fe80::1/64"], pod_ns, [f"{p.ip}/32", f"{p.ip6}/128"])
-        lab.exec(node_ns, "sysctl", "-qw", f"net.ipv4.conf.{host_side}.proxy_arp=1")
-        lab.exec(node_ns, "ip", "route", "add", f"{p.ip}/32", "dev", host_side)
-        lab.exec(node_ns, "ip", "-6", "route", "add", f"{p.ip6}/128", "dev", host_side)
-        lab.exec(pod_ns, "ip", "route", "add", "169.254.1.1", "dev", pod_side, "scope", "link")
-        lab.exec(pod_ns, "ip", "route", "add", "default", "via", "169.254.1.1", "dev", pod_side)
-        lab.exec(pod_ns, "ip", "-6", "route", "add", "default", "via", "fe80::1", "dev", pod_side)
+        pod_ns = self.ns[p.name] = lab.pod(node_ns, [p.ip, p.ip6])[0]
         # `ip netns exec` mounts /etc/netns/NAME/* over /etc: the pod's resolver is the DNS pod.
         etc = Path("/etc/netns") / pod_ns
         etc.mkdir(parents=True, exist_ok=True)

@@ -52,12 +52,7 @@ def node(cluster: Cluster) -> Iterator[tuple[Lab, str]]:
         # Proxy ARP answers the pods' 169.254.1.1 only for what the node can route: a default route.
         lab.exec(node_ns, "ip", "route", "add", "default", "via", "172.18.0.1")
         for ip in (WEB, CACHE):
-            pod_ns = lab.ns("fmpod")
-            host_side, pod_side = lab.veth(node_ns, [], pod_ns, [f"{ip}/32"])
-            lab.exec(node_ns, "sysctl", "-qw", f"net.ipv4.conf.{host_side}.proxy_arp=1")
-            lab.exec(node_ns, "ip", "route", "add", f"{ip}/32", "dev", host_side)
-            lab.exec(pod_ns, "ip", "route", "add", "169.254.1.1", "dev", pod_side, "scope", "link")
-            lab.exec(pod_ns, "ip", "route", "add", "default", "via", "169.254.1.1", "dev", pod_side)
+            lab.pod(node_ns, [ip])
         # Ground truth: the kernel counts each direction of the flow as it forwards it, or as
         # the node sends and receives it.
         lab.exec(node_ns, "nft", "-f", "-", input_text=f"""

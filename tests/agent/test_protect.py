@@ -195,14 +195,7 @@ def node() -> Iterator[Node]:
             lab.exec(node_ns, "sysctl", "-qw", sysctl)
         pods = {}
         for name, (ip4, ip6) in PODS.items():
-            pod_ns = pods[name] = lab.ns("fmpod")
-            host_side, pod_side = lab.veth(node_ns, ["fe80::1/64"], pod_ns, [f"{ip4}/32", f"{ip6}/128"])
-            lab.exec(node_ns, "sysctl", "-qw", f"net.ipv4.conf.{host_side}.proxy_arp=1")
-            lab.exec(node_ns, "ip", "route", "add", f"{ip4}/32", "dev", host_side)
-            lab.exec(node_ns, "ip", "-6", "route", "add", f"{ip6}/128", "dev", host_side)
-            lab.exec(pod_ns, "ip", "route", "add", "169.254.1.1", "dev", pod_side, "scope", "link")
-            lab.exec(pod_ns, "ip", "route", "add", "default", "via", "169.254.1.1", "dev", pod_side)
-            lab.exec(pod_ns, "ip", "-6", "route", "add", "default", "via", "fe80::1", "dev", pod_side)
+            pods[name] = lab.pod(node_ns, [ip4, ip6])[0]
         # Proxy ARP answers the pods' 169.254.1.1 only for what the node can route: a default route.
         lab.veth(node_ns, ["172.18.0.2/24"], lab.ns("fmrtr"), ["172.18.0.1/24"])  # the uplink, to a router
         lab.exec(node_ns, "ip", "route", "add", "default", "via", "172.18.0.1")
