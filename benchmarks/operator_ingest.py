@@ -576,7 +576,7 @@ async def scenario(args: argparse.Namespace, nodes: int) -> dict[str, Any]:
             t = time.monotonic()
             op.stop()
             port = op.grpc_port  # the same address: the agents' channels reconnect, as to a Service
-            op = Operator(cluster, write_budget=args.budget, grpc_port=port)
+            op = Operator(cluster, write_budget=args.budget, grpc_listen=port)
             op.grpc_port = port
             op.start()
             sampler.op = op

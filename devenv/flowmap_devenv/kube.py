@@ -105,8 +105,8 @@ class Operator:
         self.grpc_port, self.metrics_port = free_port(), free_port()
         self.log = cluster.folder / f"operator-{self.grpc_port}.log"
         self.env = {**os.environ, "KUBECONFIG": str(cluster.operator_kubeconfig()),
-                    "FLOWMAP_OPERATOR_GRPC_PORT": str(self.grpc_port),
-                    "FLOWMAP_OPERATOR_METRICS_PORT": str(self.metrics_port),
+                    "FLOWMAP_OPERATOR_GRPC_LISTEN": str(self.grpc_port),
+                    "FLOWMAP_OPERATOR_METRICS_LISTEN": str(self.metrics_port),
                     "FLOWMAP_OPERATOR_GRPC_TLS_CERT": str(cluster.keys.serving_cert),
                     "FLOWMAP_OPERATOR_GRPC_TLS_KEY": str(cluster.keys.serving_key),
                     **{f"FLOWMAP_OPERATOR_{k.upper()}": str(v) for k, v in settings.items()}}

@@ -336,7 +336,7 @@ table ip kube-proxy {{
                "FLOWMAP_AGENT_OPERATOR": f"localhost:{self.operator.grpc_port}",
                "FLOWMAP_AGENT_CA_FILE": str(cluster.keys.ca_cert), "FLOWMAP_AGENT_TOKEN_FILE": str(folder / "token"),
                "FLOWMAP_AGENT_STATE_FILE": str(folder / "state"), "FLOWMAP_AGENT_SOCKET": str(folder / "dp.sock"),
-               "FLOWMAP_AGENT_HEALTH_PORT": str(port), "FLOWMAP_AGENT_NETNS": self.ns[n.name],
+               "FLOWMAP_AGENT_HEALTH_LISTEN": str(port), "FLOWMAP_AGENT_NETNS": self.ns[n.name],
                "FLOWMAP_AGENT_INTERVAL": str(self.interval), "FLOWMAP_AGENT_DP": "sidecar"}
         self._agent_env[n.name] = env
         self.start_agent(n.name)

@@ -292,7 +292,7 @@ class Agent:
         app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", metrics)])
         runner = web.AppRunner(app)
         await runner.setup()
-        await web.TCPSite(runner, port=self.settings.health_port).start()
+        await web.TCPSite(runner, port=self.settings.health_listen).start()
         return runner
 
     # -- the loop --------------------------------------------------------------------------------

@@ -1,4 +1,8 @@
-"""The agent's settings, read once from ``FLOWMAP_AGENT_*`` environment variables."""
+"""The agent's settings, read once from ``FLOWMAP_AGENT_*`` environment variables.
+
+As the operator's (flowmap_operator.settings): no name may take the shape of a service-link
+variable, so ports we listen on are ``*_listen``, never ``*_port``.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ class Settings:
     socket: str = "/run/flowmap/dp.sock"
     interval: float = 1.0
     window: int = 1024  # unacknowledged batches before deltas only merge (the operator's max_waiting_batches)
-    health_port: int = 9091
+    health_listen: int = 9091  # the port of /healthz, /readyz and /metrics
     # "child": the agent runs the dp and restarts it; "sidecar": the dp runs on its own (a second
     # container of the pod) and outlives the agent's restarts, so the rings keep capturing.
     dp: str = "child"
@@ -42,7 +46,12 @@ class Settings:
             if raw is not None:
                 kind = type(f.default)
                 try:
-                    values[f.name] = kind(raw)
+                    if kind is bool:  # bool("false") is True: spelled out, as the operator reads them
+                        if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                            raise ValueError(raw)
+                        values[f.name] = raw.lower() in ("1", "true", "yes")
+                    else:
+                        values[f.name] = kind(raw)
                 except ValueError:
                     raise ValueError(f"FLOWMAP_AGENT_{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
         settings = cls(**values)  # type: ignore[arg-type]

@@ -235,11 +235,11 @@ async def run(settings: Settings) -> None:
     keeper = await _tls(settings, core)
     creds = keeper.credentials() if keeper else grpc.ssl_server_credentials([(
         Path(settings.grpc_tls_key).read_bytes(), Path(settings.grpc_tls_cert).read_bytes())])
-    server.add_secure_port(f"[::]:{settings.grpc_port}", creds)
+    server.add_secure_port(f"[::]:{settings.grpc_listen}", creds)
     # The edge series are read from the ledger at scrape time: the report path does no metrics work.
     metrics.REGISTRY.register(metrics.EdgeCollector(topology, settings.metrics_series_cap, leadership))
     metrics.WRITE_BUDGET.set(settings.write_budget)
-    start_http_server(settings.metrics_port, registry=metrics.REGISTRY)
+    start_http_server(settings.metrics_listen, registry=metrics.REGISTRY)
 
     registry = kopf.OperatorRegistry()
     _register_watches(registry, resolver, modes, leadership)
@@ -267,7 +267,7 @@ async def run(settings: Settings) -> None:
     tls_task = asyncio.create_task(keeper.keep(stop)) if keeper else None
     await server.start()
     flush_task = asyncio.create_task(_flush_loop(writer, policing, hub, leadership, settings, stop))
-    log.info("serving reports on :%d (metrics on :%d)", settings.grpc_port, settings.metrics_port)
+    log.info("serving reports on :%d (metrics on :%d)", settings.grpc_listen, settings.metrics_listen)
 
     await asyncio.wait([kopf_task, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
     stop.set()

@@ -1,4 +1,10 @@
-"""The operator's settings, read once from ``FLOWMAP_OPERATOR_*`` environment variables."""
+"""The operator's settings, read once from ``FLOWMAP_OPERATOR_*`` environment variables.
+
+No name may take a shape the kubelet gives its service-link variables (``<SERVICE>_SERVICE_HOST``,
+``<SERVICE>_PORT``, ``<SERVICE>_PORT_9090_TCP_ADDR`` …): the Service ``flowmap-operator-metrics``
+would otherwise set ``FLOWMAP_OPERATOR_METRICS_PORT=tcp://…``. Hence ``*_listen`` for the ports we
+listen on; ``tests/test_settings.py`` checks every field.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ class Settings:
     namespace: str = "flowmap-system"  # where the operator and the agents run
     agent_service_account: str = "flowmap-agent"
     token_audience: str = "flowmap"
-    grpc_port: int = 9443
+    grpc_listen: int = 9443  # the port of the gRPC server
     grpc_tls_cert: str = "/etc/flowmap/tls/tls.crt"  # the gRPC port always serves TLS
     grpc_tls_key: str = "/etc/flowmap/tls/tls.key"
     # A Secret of the namespace to serve from instead of the two files: made, renewed and its CA
@@ -19,7 +25,7 @@ class Settings:
     grpc_tls_secret: str = ""
     ca_configmap: str = "flowmap-ca"
     grpc_service: str = "flowmap-operator"  # the Service agents dial: its DNS names go in the certificate
-    metrics_port: int = 9090
+    metrics_listen: int = 9090  # the port of /metrics
     write_budget: float = 20.0  # API writes per second, all kinds together
     flush_interval: float = 0.5  # seconds between flush rounds
     max_connections: int = 10_000

@@ -86,7 +86,7 @@ def agent_process(cluster: Cluster, op: Operator, netns: str, folder: Path) -> s
     env = {**os.environ, "KUBECONFIG": str(folder / "kubeconfig"), "FLOWMAP_AGENT_NODE": "node-a",
            "FLOWMAP_AGENT_OPERATOR": f"localhost:{op.grpc_port}", "FLOWMAP_AGENT_CA_FILE": str(cluster.keys.ca_cert),
            "FLOWMAP_AGENT_TOKEN_FILE": str(folder / "token"), "FLOWMAP_AGENT_STATE_FILE": str(folder / "state"),
-           "FLOWMAP_AGENT_SOCKET": str(folder / "dp.sock"), "FLOWMAP_AGENT_HEALTH_PORT": str(HEALTH_PORT),
+           "FLOWMAP_AGENT_SOCKET": str(folder / "dp.sock"), "FLOWMAP_AGENT_HEALTH_LISTEN": str(HEALTH_PORT),
            "FLOWMAP_AGENT_NETNS": netns, "FLOWMAP_AGENT_INTERVAL": "0.5"}
     log = open(folder / "agent.log", "wb")  # noqa: SIM115 - the child owns it
     return subprocess.Popen([sys.executable, "-m", "flowmap_cli", "agent", "run"], env=env, stdout=log,
