@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from tests.operator.harness import Cluster
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
+NDPI = REPO / "tests" / "data" / "ndpi"  # public nDPI captures, vendored: a clone has them too
 REQUIRE_PRIVILEGED = os.environ.get("FLOWMAP_REQUIRE_PRIVILEGED") == "1"
 
 

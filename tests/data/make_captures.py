@@ -5,7 +5,7 @@ For each protocol this creates two network namespaces joined by a veth pair, sta
 server in one (or, where no server can run here, a listener that answers with the protocol's
 real replies — said so in the manifest), runs a real client in the other, and records the veth
 with ``tcpdump -s 0``. The result is ``tests/data/captures/<protocol>/<name>.pcap`` plus an entry
-in ``tests/data/captures/MANIFEST.json`` (same format as ``shared/pcaps/ndpi/MANIFEST.json``).
+in ``tests/data/captures/MANIFEST.json`` (same format as ``tests/data/ndpi/MANIFEST.json``).
 
 Run as root from the repository root, with the Debian packages in
 ``hack/debian-packages-captures.txt`` and the ``captures`` extra installed::

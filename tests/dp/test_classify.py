@@ -1,5 +1,5 @@
 """Offline classification: capture file formats, link types, golden flows, the CLI, and the
-client/server direction of every flow the shared nDPI captures give evidence for."""
+client/server direction of every flow the nDPI captures (tests/data/ndpi) give evidence for."""
 
 from __future__ import annotations
 
@@ -14,9 +14,8 @@ from flowmap_cli.main import main as flowmap
 from flowmap_dp.classify import classify_file
 from flowmap_dp.pcapfile import CaptureFormatError, read_records
 from flowmap_dp.synth import ether, ipv4, ipv6, tcp, udp
-from tests.conftest import SHARED
+from tests.conftest import NDPI
 
-NDPI = SHARED / "pcaps" / "ndpi"
 A, B = bytes([192, 168, 1, 1]), bytes([192, 168, 1, 2])
 
 
@@ -162,7 +161,7 @@ def test_cli_json_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert flowmap(["dp", "classify", "--pcap", str(tmp_path / "missing.pcap")]) == 2
 
 
-def test_every_shared_capture_classifies_cleanly() -> None:
+def test_every_ndpi_capture_classifies_cleanly() -> None:
     for entry in manifest():
         flows = classify_file(NDPI / entry["file"])
         assert flows and all(f["bytes_c2s"] + f["bytes_s2c"] > 0 for f in flows)

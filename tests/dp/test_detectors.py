@@ -1,6 +1,6 @@
 """Unit tests for every protocol detector, on real payload bytes.
 
-Samples come from the public nDPI captures in ``../shared/pcaps/ndpi`` and from this project's own
+Samples come from the public nDPI captures in ``tests/data/ndpi`` and from this project's own
 captures of real clients and servers in ``tests/data/captures`` (both described by a
 MANIFEST.json): the pcaps are read with scapy (tests only) and each labeled flow becomes the list
 of its payloads in arrival order. Each detector must recognise its protocol's flows, reject every
@@ -24,7 +24,7 @@ from flowmap_dp.detectors import BY_NAME, REGISTRY
 from flowmap_dp.detectors.base import Flow, Verdict
 
 REPO = Path(__file__).resolve().parents[2]
-SOURCES = (REPO.parent / "shared" / "pcaps" / "ndpi", REPO / "tests" / "data" / "captures")
+SOURCES = (REPO / "tests" / "data" / "ndpi", REPO / "tests" / "data" / "captures")
 APP_DETECTORS = [d for d in REGISTRY if d.scan is None]
 
 
@@ -96,10 +96,7 @@ def samples() -> tuple[Sample, ...]:
     """Every labeled, certain flow of both capture collections that carries payload."""
     out: list[Sample] = []
     for base in SOURCES:
-        manifest = base / "MANIFEST.json"
-        if not manifest.exists():
-            continue
-        for entry in json.loads(manifest.read_text()):
+        for entry in json.loads((base / "MANIFEST.json").read_text()):
             flows = _payloads(base / entry["file"])
             for label in entry["flows"]:
                 if label.get("uncertain"):

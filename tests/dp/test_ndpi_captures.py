@@ -1,4 +1,4 @@
-"""Classify every nDPI capture listed in ../shared/pcaps/ndpi/MANIFEST.json and compare each
+"""Classify every nDPI capture listed in tests/data/ndpi/MANIFEST.json and compare each
 labeled flow with its label.
 
 Done criteria (issue 3): >= 99 % agreement on the non-``uncertain`` flows, overall and for every
@@ -9,6 +9,7 @@ sqlinjection. The per-label table is printed and carried in the assertion messag
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from collections import defaultdict
@@ -21,12 +22,9 @@ import pytest
 from flowmap_dp.classify import classify_file
 from flowmap_dp.detectors import NAMES
 
-NDPI = Path(__file__).resolve().parents[3] / "shared" / "pcaps" / "ndpi"
+NDPI = Path(__file__).resolve().parents[1] / "data" / "ndpi"
 MANIFEST = NDPI / "MANIFEST.json"
 THRESHOLD = 0.99
-
-pytestmark = pytest.mark.skipif(not MANIFEST.exists(), reason=f"{MANIFEST} is not there")
-
 
 def _endpoint(text: str) -> str:
     return text.lower()
@@ -123,3 +121,13 @@ def test_every_labeled_flow_is_found() -> None:
     # Uncertain flows may be ones nDPI saw inside a tunnel (dtls.pcap's GTP-U flow); ours are not.
     missing = [r for r in _results() if r["got"] == "<missing>" and not r["uncertain"]]
     assert not missing, missing
+
+
+def test_the_vendored_captures_are_ndpis_unmodified() -> None:
+    entries = json.loads(MANIFEST.read_text())
+    on_disk = {p.name for p in NDPI.iterdir()} - {"MANIFEST.json", "README.md", "COPYING"}
+    assert on_disk == {e["file"] for e in entries}, "every capture here is listed in MANIFEST.json, and only those"
+    for e in entries:
+        data = (NDPI / e["file"]).read_bytes()
+        assert (hashlib.sha256(data).hexdigest(), len(data)) == (e["sha256"], e["bytes"]), f"{e['file']} is not nDPI's"
+        assert e["source"] == f"ntop/nDPI tests/cfgs/default/pcap/{e['file']}", e["source"]

@@ -9,7 +9,7 @@ client's bytes — what a detector mostly keys on — are the real library's.
 
 A flow labeled ``sqlinjection`` agrees when its threats contain a sqlinjection hit and its app
 is the carrying protocol (the flow's ``carrier``). Also checked: each of the 21 protocols has at
-least two captures of real traffic across the shared nDPI captures and ours (files, not flows).
+least two captures of real traffic across the nDPI captures (tests/data/ndpi) and ours (files, not flows).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from flowmap_dp.classify import classify_file
 
 OWN = Path(__file__).resolve().parents[1] / "data" / "captures"
 OWN_MANIFEST = OWN / "MANIFEST.json"
-NDPI_MANIFEST = Path(__file__).resolve().parents[3] / "shared" / "pcaps" / "ndpi" / "MANIFEST.json"
+NDPI_MANIFEST = Path(__file__).resolve().parents[1] / "data" / "ndpi" / "MANIFEST.json"
 
 MAX_BYTES = 200_000
 PROTOCOLS = ("cassandra", "couchbase", "dhcp", "dns", "echo", "grpc", "http", "kafka", "mongodb", "mysql", "ntp",
@@ -103,8 +103,6 @@ def _labels_of(entry: dict[str, Any]) -> set[str]:
 def test_every_protocol_has_two_captures() -> None:
     files: dict[str, set[str]] = {p: set() for p in PROTOCOLS}
     for name, manifest in (("ndpi", NDPI_MANIFEST), ("own", OWN_MANIFEST)):
-        if not manifest.exists():
-            continue
         for entry in json.loads(manifest.read_text()):
             for label in _labels_of(entry) & set(PROTOCOLS):
                 files[label].add(f"{name}/{entry['file']}")
