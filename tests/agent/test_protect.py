@@ -39,17 +39,25 @@ from tests.operator.test_reports import wait_for
 Peer = pb.PodPolicy.Peer
 PODS = {"a": ("10.244.1.10", "fd00:10::a"), "b": ("10.244.1.20", "fd00:10::b"), "c": ("10.244.1.30", "fd00:10::c")}
 SERVICE = ("10.96.0.10", "fd00:96::10")  # port 80, DNATed to b:8080
+# The pod's echo servers. UDP listens on the pod's own addresses (argv), not the wildcard, so that an
+# answer leaves from the address it was asked on, as a real server's does: from a wildcard socket the
+# kernel picks the source by the asker, and for a link-local asker (the node has no global IPv6
+# address) that is the pod's own link-local address once its duplicate address detection is over,
+# which the asker's connected socket refuses. Every socket is bound before "ready".
 SERVER = """
 import socket, sys, threading
-def serve(kind, port):
-    s = socket.socket(socket.AF_INET6, kind)
-    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+def bound(kind, host, port):
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, kind)
+    if host == "::":
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("::", port))
-    if kind == socket.SOCK_DGRAM:
-        while True:
-            data, peer = s.recvfrom(4096)
-            s.sendto(data, peer)
+    s.bind((host, port))
+    return s
+def answer(s):
+    while True:
+        data, peer = s.recvfrom(4096)
+        s.sendto(data, peer)
+def accept(s):
     s.listen(128)
     while True:
         c, _ = s.accept()
@@ -58,8 +66,10 @@ def echo(c):
     with c:
         while data := c.recv(4096):
             c.sendall(data)
-for kind, port in ((socket.SOCK_STREAM, 8080), (socket.SOCK_STREAM, 9090), (socket.SOCK_DGRAM, 5353)):
-    threading.Thread(target=serve, args=(kind, port), daemon=True).start()
+servers = [(accept, bound(socket.SOCK_STREAM, "::", port)) for port in (8080, 9090)]
+servers += [(answer, bound(socket.SOCK_DGRAM, host, 5353)) for host in sys.argv[1:]]
+for serve, s in servers:
+    threading.Thread(target=serve, args=(s,), daemon=True).start()
 print("ready", flush=True)
 sys.stdin.read()
 """
@@ -208,8 +218,8 @@ table inet kubeproxy {{
     ip6 daddr {SERVICE[1]} tcp dport 80 dnat ip6 to [{PODS["b"][1]}]:8080
   }}
 }}""")
-        for pod_ns in pods.values():
-            servers.append(lab.popen(pod_ns, [sys.executable, "-c", SERVER], stdin=subprocess.PIPE,
+        for name, pod_ns in pods.items():
+            servers.append(lab.popen(pod_ns, [sys.executable, "-c", SERVER, *PODS[name]], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE))
             assert servers[-1].stdout is not None and servers[-1].stdout.readline().strip() == "ready"
         n = Node(lab, node_ns, pods)
