@@ -164,7 +164,6 @@ def test_connection_identity_is_immutable(controlplane: ControlPlane) -> None:
 
 
 def test_samples_and_manifests_pass_server_side_dry_run(controlplane: ControlPlane) -> None:
-    controlplane.kubectl("create", "namespace", "shop", check=False)
     samples = sorted((REPO / "manifests" / "samples").glob("*.yaml"))
     assert len(samples) >= 3
     for sample in samples:
