@@ -11,7 +11,9 @@ Layout (``linux/if_packet.h``): ``struct tpacket_block_desc`` = version, offset_
 ``tpacket_hdr_v1`` {block_status, num_pkts, offset_to_first_pkt, blk_len, seq_num, ts_first,
 ts_last}; then a chain of ``struct tpacket3_hdr`` linked by ``tp_next_offset``, the frame at
 ``tp_mac`` from its header. When the NIC/kernel stripped a VLAN tag, ``tp_status`` has
-``TP_STATUS_VLAN_VALID`` and the tag is in ``hv1.tp_vlan_tci``.
+``TP_STATUS_VLAN_VALID`` and the tag is in ``hv1.tp_vlan_tci``. A device without a link header
+(an IPIP or WireGuard tunnel) gives frames whose network header is where the frame starts
+(``tp_net == tp_mac``): they are read as raw IP.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import struct
 from struct import Struct
 from typing import Final
 
-from flowmap_dp.decode import LINK_ETHERNET, decode
+from flowmap_dp.decode import LINK_ETHERNET, LINK_RAW, decode
 from flowmap_dp.session import SessionTable
 
 TP_STATUS_USER: Final = 0x1
@@ -59,10 +61,11 @@ def feed_block(block: bytes | memoryview, table: SessionTable) -> int:
     for _ in range(n):
         if off + TPACKET3_HDR.size > size:
             break
-        nxt, sec, nsec, snap, wire, status, mac, _net, _rx, tci, _tpid, _pad = hdr(mv, off)
+        nxt, sec, nsec, snap, wire, status, mac, net, _rx, tci, _tpid, _pad = hdr(mv, off)
         start = off + mac
         end = min(start + snap, size)
-        out = decode(mv, start, end, LINK_ETHERNET, tci & 0x0FFF if status & TP_STATUS_VLAN_VALID else 0, wire)
+        out = decode(mv, start, end, LINK_RAW if net == mac else LINK_ETHERNET,
+                     tci & 0x0FFF if status & TP_STATUS_VLAN_VALID else 0, wire)
         count(out)
         seen += 1
         if type(out) is not str:
@@ -74,14 +77,16 @@ def feed_block(block: bytes | memoryview, table: SessionTable) -> int:
 
 
 def pack_block(frames: Iterable[tuple[bytes, float] | tuple[bytes, float, int | None]], block_size: int = 1 << 20,
-               snaplen: int = 65535, seq: int = 0) -> tuple[bytes, int]:
+               snaplen: int = 65535, seq: int = 0, link_header: int = 14) -> tuple[bytes, int]:
     """Lay frames out as the kernel would in one TPACKET_V3 block (for tests and benchmarks).
 
     Each frame is (bytes, timestamp) or (bytes, timestamp, stripped VLAN TCI). Returns the block
-    and how many frames fit; the rest belong in the next block.
+    and how many frames fit; the rest belong in the next block. ``link_header`` is the device's
+    link header length: 14 for Ethernet, 0 for a tunnel whose frames are raw IP.
     """
     out = bytearray(block_size)
-    mac = ((TPACKET3_HDRLEN + 16 + 15) & ~15) - 14  # the kernel's macoff for a 14-byte MAC header
+    # The kernel's macoff: the network header aligned to 16 after the headers (tpacket_rcv).
+    mac = ((TPACKET3_HDRLEN + max(link_header, 16) + 15) & ~15) - link_header
     first = off = (BLOCK_DESC_SIZE + 7) & ~7
     n = last = 0
     ts_first = ts_last = (0, 0)
@@ -97,7 +102,7 @@ def pack_block(frames: Iterable[tuple[bytes, float] | tuple[bytes, float, int | 
         if nsec >= 1_000_000_000:
             sec, nsec = sec + 1, nsec - 1_000_000_000
         status = TP_STATUS_USER | (TP_STATUS_VLAN_VALID if tci is not None else 0)
-        TPACKET3_HDR.pack_into(out, off, step, sec, nsec, cap, len(data), status, mac, mac + 14, 0, tci or 0,
+        TPACKET3_HDR.pack_into(out, off, step, sec, nsec, cap, len(data), status, mac, mac + link_header, 0, tci or 0,
                                0x8100 if tci is not None else 0, 0)
         out[off + mac : off + mac + cap] = data[:cap]
         last = off

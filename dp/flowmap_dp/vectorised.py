@@ -6,8 +6,9 @@ flow per block.
    kernel puts frames at even offsets, and every field we read is at an even distance).
 3. Frames of the common shape — Ethernet, up to two VLAN tags, IPv4 unfragmented / IPv6 without
    extension headers, TCP or UDP with the whole L4 header captured — take the fast path.
-   Everything else (ICMP, fragments, extension headers, PPPoE, malformed) is decoded one by one
-   by ``decode``, the same code the per-packet reader runs.
+   Everything else (ICMP, fragments, extension headers, PPPoE, raw IP from a tunnel without a
+   link header, malformed) is decoded one by one by ``decode``, the same code the per-packet
+   reader runs.
 4. Fast frames are grouped by canonical flow: a stable sort on a hash, then exact comparison of
    every key column, so a hash collision can only split a group, never merge two flows.
 5. Groups are applied in order of their last packet (so the table's recency order ends as the
@@ -30,7 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from flowmap_dp.block import BLOCK_DESC_SIZE, TP_STATUS_VLAN_VALID, block_packets, feed_block
-from flowmap_dp.decode import LINK_ETHERNET, Decoded, decode, flow_key
+from flowmap_dp.decode import LINK_ETHERNET, LINK_RAW, Decoded, decode, flow_key
 from flowmap_dp.session import DNS_NEW_LOOKUP, OPEN, Session, SessionTable
 
 OPENING_WINDOW = 16  # packets within which a session's late-read opening is still looked for
@@ -124,6 +125,7 @@ class _Block:
         words = np.frombuffer(mv, dtype="<u4")
         q = o >> 2
         self.start = o + (words[q + 6] & 0xFFFF)
+        self.raw = (words[q + 6] & 0xFFFF) == (words[q + 6] >> 16)  # tp_net == tp_mac: no link header
         self.end = np.minimum(self.start + words[q + 3], len(mv))
         self.wire = words[q + 4]
         self.hint = np.where(words[q + 5] & TP_STATUS_VLAN_VALID, words[q + 8] & 0xFFF, 0).astype(np.int64)
@@ -139,8 +141,8 @@ class _Block:
 
     def decode_one(self, i: int) -> Decoded | str:
         """``decode`` of frame ``i``, exactly as the per-packet reader calls it."""
-        return decode(self.mv, self.start.item(i), self.end.item(i), LINK_ETHERNET, self.hint.item(i),
-                      self.wire.item(i))
+        return decode(self.mv, self.start.item(i), self.end.item(i), LINK_RAW if self.raw.item(i) else LINK_ETHERNET,
+                      self.hint.item(i), self.wire.item(i))
 
     def ts_of(self, i: int) -> float:
         return self.ts.item(i)  # type: ignore[no-any-return]
@@ -206,6 +208,7 @@ class _Block:
             (et == 0x86DD) & (w0 >> 12 == 6) & (ip_len > 40))
         ok &= (tcp | (proto == 17)) & (stop - l4 >= np.where(tcp, 20, 8)) & (hlen >= 8)
         ok &= ~tcp | (hlen >= 20)
+        ok &= ~self.raw
         fast = np.flatnonzero(ok)
         self.f_l3, self.f_l4, self.f_proto, self.f_vid = l3[fast], l4[fast], proto[fast], vid[fast]
         self.f_is6, self.f_len = ~is4[fast], ip_len[fast]

@@ -255,3 +255,21 @@ def test_a_dns_lookup_opens_one_session_whichever_ring_is_read_first(reader: Rea
     t = run(reader, [pack_block(frames)[0] for frames in rings], SessionTable())
     (d,) = t.collect(2.0).sessions
     assert (d.opened, d.client_port, d.packets_c2s, d.packets_s2c) == (True, 40000, 2, 2)
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_raw_ip_frames_of_a_tunnel_count_as_their_ethernet_twins(seed: int) -> None:
+    """A tunnel without a link header (IPIP, WireGuard) gives raw IP frames (``tp_net == tp_mac``):
+    both readers count them exactly as the same packets behind an Ethernet header."""
+    frames = [f for f in mixed_traffic(3000, flows=200, seed=seed, pps=1e4, vlan_share=0.0)]
+    raw = [(data[14:], ts, None) for data, ts, _tci in frames]
+    want = snapshot(run(feed_block, blocks_of(frames)))
+    assert want
+    for reader in (feed_block, feed_block_vectorised):
+        out: list[bytes] = []
+        rest = raw
+        while rest:
+            block, n = pack_block(rest, 1 << 16, link_header=0)
+            out.append(block)
+            rest = rest[n:]
+        assert snapshot(run(reader, out)) == want
