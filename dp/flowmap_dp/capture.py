@@ -28,11 +28,23 @@ Decisions worth knowing:
     whose source the node rewrote to one of its own addresses (masquerade, a NodePort's SNAT)
     is kept too, and counted a second time under the rewritten 5-tuple.
 
-  The source test reads the frame as untagged Ethernet, as the dp reads every ring (veths and
-  uplinks are Ethernet): an outgoing frame with a VLAN tag inside it is not kept; a tag the
+  The source test reads the IP header where the kernel says the network header is
+  (``SKF_NET_OFF``) and the family from the packet's protocol (``SKF_AD_PROTOCOL``), so it is
+  the same program on Ethernet devices and on tunnels without a link header (IPIP, WireGuard).
+  An outgoing frame with a VLAN tag inside it is not kept (its protocol is the tag's); a tag the
   kernel keeps in the packet's metadata (VLAN offload) is not in the frame and changes nothing.
   ``Direction.BOTH`` keeps every frame: right for a single interface where nothing else is
   watched (a bridge port, a test).
+* **Overlay encapsulation** (``overlay``, set on the underlay: the node's uplinks). Between
+  nodes, an overlay (VXLAN, Geneve, WireGuard, IPIP, GRE …) carries every cross-node pod packet
+  a second time, encapsulated. The packet inside is captured where it enters the node
+  decapsulated (the tunnel device, received) or leaves a pod, so the encapsulated copy is
+  dropped in the kernel, before the direction check: neither a received nor an outgoing one is
+  copied into the ring, and no ``node -> node :8472/udp`` session exists. A UDP encapsulation
+  matches the tunnel's port at either end of the datagram (the IPv4 header's length read from
+  the packet, options included); the others match the outer IP protocol. Not recognised, and
+  so kept: UDP behind IPv6 extension headers, and the non-first fragments of an encapsulated
+  datagram (they carry no UDP header; the decoder ignores fragments anyway).
 * **Fanout.** ``PACKET_FANOUT_HASH | PACKET_FANOUT_FLAG_DEFRAG`` spreads one interface over N
   sockets (one per worker process) by the kernel's flow hash, which is symmetric in source and
   destination, so both directions of a session land in the same worker; DEFRAG reassembles IP
@@ -54,6 +66,7 @@ import socket
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 # <linux/if_packet.h>, <linux/if_ether.h>, <asm-generic/socket.h>, <linux/filter.h>
 SOL_PACKET = 263
@@ -74,14 +87,23 @@ TP_FT_REQ_FILL_RXHASH = 1
 PACKET_OUTGOING = 4
 SKF_AD_PKTTYPE = 0xFFFFF000 + 4  # SKF_AD_OFF (-0x1000) + SKF_AD_PKTTYPE, as u32
 
+SKF_AD_PROTOCOL = 0xFFFFF000  # SKF_AD_OFF + SKF_AD_PROTOCOL: the packet's ethertype, host order
+SKF_NET_OFF = 0xFFF00000  # -0x100000 as u32: loads from here on are relative to the network header
+
 BPF_LD_W_ABS = 0x20
 BPF_LD_H_ABS = 0x28
+BPF_LD_B_ABS = 0x30
+BPF_LD_H_IND = 0x48  # A = the 16 bits at X + k
+BPF_LDX_B_MSH = 0xB1  # X = 4 * (the byte at k & 0xf): an IPv4 header's length
 BPF_JA = 0x05
 BPF_JEQ_K = 0x15
+BPF_JSET_K = 0x45
 BPF_RET_K = 0x06
-# Offsets of the IP source address in an untagged Ethernet frame.
-IPV4_SRC = 14 + 12
-IPV6_SRC = 14 + 8
+IPPROTO_UDP = 17
+# Offsets in the IP header, from the network header (SKF_NET_OFF + ...).
+IPV4_PROTO, IPV4_FRAG, IPV4_SRC = 9, 6, 12
+IPV6_NEXT, IPV6_SRC, IPV6_PAYLOAD = 6, 8, 40
+MAX_OVERLAY = 16  # encapsulations per ring: conditional jumps reach 255 instructions
 
 _REQ3 = struct.Struct("=7I")  # struct tpacket_req3
 _STATS3 = struct.Struct("=3I")  # struct tpacket_stats_v3
@@ -97,6 +119,20 @@ FRAME = struct.Struct("=6IHH")
 SLL_PKTTYPE = 48 + 10
 
 Insn = tuple[int, int, int, int]  # (code, jt, jf, k) as tcpdump -ddd prints it
+Asm = tuple[int, int | str, int | str, int | str]  # an instruction whose jump targets may be labels
+
+
+class Encapsulation(NamedTuple):
+    """What an overlay's tunnel puts on the wire between nodes."""
+
+    ip_proto: int  # the outer IP protocol: 17 UDP, 4 IPv4 in IP, 41 IPv6 in IP, 47 GRE
+    port: int = 0  # UDP: the tunnel's port (either end of the datagram); 0 for the others
+
+    def check(self) -> None:
+        """ValueError unless this is an IP protocol, with a port for UDP only."""
+        if not 0 < self.ip_proto < 256 or not 0 <= self.port < 65536 or (
+                (self.ip_proto == IPPROTO_UDP) != (self.port > 0)):
+            raise ValueError(f"{self}: an IP protocol, and a port for UDP only")
 
 
 class Direction(enum.Enum):
@@ -120,16 +156,26 @@ class RingConfig:
     filter: tuple[Insn, ...] | None = None  # a classic-BPF program, e.g. from compile_filter()
     # The node's own addresses: in RECEIVED mode, outgoing frames from them are kept too.
     local_addresses: tuple[str, ...] = ()
+    # Overlay encapsulation dropped before anything else (the underlay's rings: the uplinks).
+    overlay: tuple[Encapsulation, ...] = ()
 
     def __post_init__(self) -> None:
         for address in self.local_addresses:
             ipaddress.ip_address(address)  # ValueError names the bad one
+        for encap in self.overlay:
+            encap.check()
+        if len(self.overlay) > MAX_OVERLAY:
+            raise ValueError(f"at most {MAX_OVERLAY} overlay encapsulations")
         if self.block_size % mmap.PAGESIZE or self.block_size <= 0:
             raise ValueError(f"block_size must be a positive multiple of {mmap.PAGESIZE}")
         if self.frame_size % 16 or self.frame_size < 64 or self.block_size % self.frame_size:
             raise ValueError("frame_size must be a multiple of 16, >= 64, and divide block_size")
         if self.block_count < 2 or not 0 < self.snaplen <= 262144:
             raise ValueError("block_count must be >= 2 and snaplen in 1..262144")
+
+    def shape(self) -> tuple[int, int, int, int, bool]:
+        """What a ring keeps for its life; the rest (the filter) can change on an open ring."""
+        return self.block_size, self.block_count, self.frame_size, self.retire_timeout_ms, self.fill_rxhash
 
 
 @dataclass
@@ -143,8 +189,8 @@ class RingStats:
 
 
 def build_filter(config: RingConfig) -> list[Insn]:
-    """The socket's BPF program: direction check, the user's filter, snaplen on every accept."""
-    prog: list[Insn] = []
+    """The socket's BPF program: overlay drop, direction check, the user's filter, snaplen on every accept."""
+    prog: list[Insn] = _drop_overlay(config.overlay)
     if config.direction is Direction.RECEIVED:
         outgoing = _from_own_address(config.local_addresses)
         # A = pkttype; outgoing -> the source check, else jump past it. Conditional jumps reach
@@ -171,7 +217,7 @@ def _from_own_address(addresses: Sequence[str]) -> list[Insn]:
     if not ips:
         return [(BPF_RET_K, 0, 0, 0)]
     match = -1  # placeholder target of a "ja" to the end of the block, resolved below
-    four: list[Insn] = [(BPF_LD_W_ABS, 0, 0, IPV4_SRC)]
+    four: list[Insn] = [(BPF_LD_W_ABS, 0, 0, SKF_NET_OFF + IPV4_SRC)]
     for a in v4:
         four += [(BPF_JEQ_K, 0, 1, int.from_bytes(a, "big")), (BPF_JA, 0, 0, match)]
     four.append((BPF_RET_K, 0, 0, 0))
@@ -179,15 +225,66 @@ def _from_own_address(addresses: Sequence[str]) -> list[Insn]:
     for a in v6:
         for i in range(4):  # a mismatch skips the rest of this address, its "ja" included
             word = int.from_bytes(a[4 * i : 4 * i + 4], "big")
-            six += [(BPF_LD_W_ABS, 0, 0, IPV6_SRC + 4 * i), (BPF_JEQ_K, 0, 7 - 2 * i, word)]
+            six += [(BPF_LD_W_ABS, 0, 0, SKF_NET_OFF + IPV6_SRC + 4 * i), (BPF_JEQ_K, 0, 7 - 2 * i, word)]
         six.append((BPF_JA, 0, 0, match))
     six.append((BPF_RET_K, 0, 0, 0))
-    # A = ethertype; IPv4 -> four, IPv6 -> six, else (ARP, a tag in the frame) reject.
-    block: list[Insn] = [(BPF_LD_H_ABS, 0, 0, 12), (BPF_JEQ_K, 0, 1, ETH_P_IP), (BPF_JA, 0, 0, 3),
+    # A = the packet's protocol; IPv4 -> four, IPv6 -> six, else (ARP, a tag in the frame) reject.
+    block: list[Insn] = [(BPF_LD_W_ABS, 0, 0, SKF_AD_PROTOCOL), (BPF_JEQ_K, 0, 1, ETH_P_IP), (BPF_JA, 0, 0, 3),
                          (BPF_JEQ_K, 0, 1, ETH_P_IPV6), (BPF_JA, 0, 0, 1 + len(four)), (BPF_RET_K, 0, 0, 0),
                          *four, *six]
     return [(code, jt, jf, len(block) - i - 1 if code == BPF_JA and k == match else k)
             for i, (code, jt, jf, k) in enumerate(block)]
+
+
+def _drop_overlay(overlay: Sequence[Encapsulation]) -> list[Insn]:
+    """Rejects the overlay's encapsulated packets; everything else falls out at the end."""
+    if not overlay:
+        return []
+    protos = sorted({e.ip_proto for e in overlay if e.ip_proto != IPPROTO_UDP})
+    ports = sorted({e.port for e in overlay if e.ip_proto == IPPROTO_UDP})
+    net = SKF_NET_OFF
+
+    def by_port(load: Asm) -> list[Asm | str]:
+        return [load, *((BPF_JEQ_K, "drop", 0, p) for p in ports)]
+
+    four: list[Asm | str] = [(BPF_LD_B_ABS, 0, 0, net + IPV4_PROTO), *((BPF_JEQ_K, "drop", 0, p) for p in protos)]
+    six: list[Asm | str] = [(BPF_LD_B_ABS, 0, 0, net + IPV6_NEXT), *((BPF_JEQ_K, "drop", 0, p) for p in protos)]
+    if ports:
+        # IPv4: a later fragment has no UDP header; X = the header's length, options included.
+        four += [(BPF_JEQ_K, 0, "keep", IPPROTO_UDP), (BPF_LD_H_ABS, 0, 0, net + IPV4_FRAG),
+                 (BPF_JSET_K, "keep", 0, 0x1FFF), (BPF_LDX_B_MSH, 0, 0, net),
+                 *by_port((BPF_LD_H_IND, 0, 0, net)), *by_port((BPF_LD_H_IND, 0, 0, net + 2))]
+        # IPv6: UDP right after the fixed header (behind extension headers it is not looked for).
+        six += [(BPF_JEQ_K, 0, "keep", IPPROTO_UDP), *by_port((BPF_LD_H_ABS, 0, 0, net + IPV6_PAYLOAD)),
+                *by_port((BPF_LD_H_ABS, 0, 0, net + IPV6_PAYLOAD + 2))]
+    return _assemble([(BPF_LD_W_ABS, 0, 0, SKF_AD_PROTOCOL), (BPF_JEQ_K, 0, "six", ETH_P_IP),
+                      *four, (BPF_JA, 0, 0, "keep"),
+                      "six", (BPF_JEQ_K, 0, "keep", ETH_P_IPV6), *six, (BPF_JA, 0, 0, "keep"),
+                      "drop", (BPF_RET_K, 0, 0, 0), "keep"])
+
+
+def _assemble(items: Sequence[Asm | str]) -> list[Insn]:
+    """Instructions with labels: a string item marks a place, a string jump target names one
+    (``ja``'s target is its ``k``). A label after the last instruction is the code that follows."""
+    where: dict[str, int] = {}
+    count = 0
+    for item in items:
+        if isinstance(item, str):
+            where[item] = count
+        else:
+            count += 1
+    out: list[Insn] = []
+    for item in (i for i in items if not isinstance(i, str)):
+        code, jt, jf, k = item
+        after = len(out) + 1  # a jump counts from the next instruction
+
+        def to(t: int | str) -> int:
+            return where[t] - after if isinstance(t, str) else t
+
+        out.append((code, to(jt), to(jf), to(k) if code == BPF_JA else int(k) & 0xFFFFFFFF))
+    if any(c != BPF_JA and not (jt <= 255 and jf <= 255) for c, jt, jf, _ in out):
+        raise ValueError("a conditional jump beyond 255 instructions")
+    return out
 
 
 def compile_filter(expression: str, snaplen: int = 262144) -> tuple[Insn, ...]:
@@ -274,6 +371,17 @@ class Ring:
         self.view = memoryview(self.map)
         self.next_block = 0
         self.gone = False  # the interface disappeared under us (pod deleted)
+
+    def refilter(self, config: RingConfig) -> None:
+        """Put ``config``'s filter (local addresses, overlay, snap length …) on the open ring.
+
+        ``SO_ATTACH_FILTER`` on a socket that has a program swaps it for the new one in one step:
+        no packet meets no program. Frames already in the ring stay, as the old one took them.
+        """
+        if config.shape() != self.config.shape():
+            raise ValueError("only the filter of an open ring can change, not its shape")
+        _attach_filter(self.socket, build_filter(config))
+        self.config = config
 
     def fileno(self) -> int:
         """The socket's descriptor, for poll/epoll."""

@@ -74,7 +74,8 @@ def _register_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                    help="received: count each frame where it enters the node (default); both: every frame")
     p.add_argument("--local-address", action="append", default=[], metavar="ADDR[,ADDR]",
                    help="the node's own addresses (repeat, or comma-separated as the downward API's "
-                        "status.hostIPs gives them): in received mode, frames the node sends from them are counted too")
+                        "status.hostIPs gives them): in received mode, frames the node sends from them are counted too; "
+                        "the agent adds the addresses it reads at run time")
     p.add_argument("--snaplen", type=int, default=1024, help="bytes copied per packet (default 1024)")
     p.add_argument("--block-size", type=int, default=1 << 20, help="ring block size in bytes (page multiple)")
     p.add_argument("--block-count", type=int, default=16, help="ring blocks per interface and worker")

@@ -13,7 +13,8 @@ from ``wire.proto`` (package ``flowmap.dp.v1``)::
       magic  u16 BE    u16 BE   u32 BE
 
 ``kind`` 1 is a ``Report`` (dp -> agent), 2 a ``Control`` (agent -> dp: the full set of
-interfaces to capture; the agent sends it on every new connection and whenever it changes), 3
+interfaces to capture, the node's addresses, the overlay to drop on the underlay; the agent
+sends it on every new connection and whenever it changes), 3
 an ``Ack`` (agent -> dp: reports up to a sequence are saved on the agent's side).
 A reader rejects a bad magic, an unknown version and lengths above ``MAX_FRAME`` by closing
 the connection: a corrupt stream cannot be resynchronised, a reconnect can.
@@ -280,8 +281,8 @@ class ReportReader:
     """Agent side: listen on a unix socket, accept dp workers, yield their reports.
 
     Single-threaded over ``selectors``; the agent calls :meth:`poll` from its own loop (or a
-    thread). :meth:`set_interfaces` tells every connected worker, and every later one, which
-    interfaces to capture.
+    thread). :meth:`set_control` tells every connected worker, and every later one, what to
+    capture.
     """
 
     def __init__(self, path: str, backlog: int = 16) -> None:
@@ -298,7 +299,12 @@ class ReportReader:
 
     def set_interfaces(self, interfaces: list[str]) -> None:
         """Send the desired interface set to all workers now and to each new one on connect."""
-        self._control = wire_pb2.Control(interfaces=interfaces)
+        self.set_control(wire_pb2.Control(interfaces=interfaces))
+
+    def set_control(self, control: wire_pb2.Control) -> None:
+        """Send what to capture (interfaces, the node's addresses, the overlay on the underlay)
+        to all workers now and to each new one on connect."""
+        self._control = control
         for conn in list(self._decoders):
             self._send_control(conn)
 

@@ -8,9 +8,10 @@ one interface form a PACKET_FANOUT group. The loop:
 2. every ready block of every ready ring goes through the block parser, then back to the kernel;
 3. at each interval: fold PACKET_STATISTICS into the totals, ``table.collect()``, build the
    protobuf report and *offer* it to the exporter (never waiting: see ``exporting``);
-4. apply the newest interface set the agent sent (attach what is new, detach what is gone;
-   interfaces that cannot be attached yet are retried each interval, since the agent may name
-   a pod's veth a moment before it exists).
+4. apply the newest capture the agent sent (:class:`Capture`): attach what is new, detach what
+   is gone, put the new filter (the node's addresses, the overlay to drop on the underlay) on
+   the rings kept; interfaces that cannot be attached yet are retried each interval, since the
+   agent may name a pod's veth a moment before it exists.
 
 **Why a supervisor opens the fanout members.** The kernel picks a member by
 ``hash % members`` over the group's members *in join order*, separately for each interface. A
@@ -26,6 +27,7 @@ anything else is counted as ``internal_error`` and the block is still given back
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import multiprocessing
 import os
@@ -39,7 +41,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from flowmap_dp import wire_pb2
-from flowmap_dp.capture import Ring, RingConfig, fanout_group, open_socket
+from flowmap_dp.capture import MAX_OVERLAY, Encapsulation, Ring, RingConfig, fanout_group, open_socket
 from flowmap_dp.exporting import Exporter, iter_reports
 from flowmap_dp.session import SessionTable
 
@@ -62,6 +64,52 @@ class Settings:
     part_size: int = 20_000  # session records per frame: keeps frames far below MAX_FRAME
     parser: str = "vectorised"  # or "per-packet"
     run_id: int = 0  # 0: pick a random one
+
+
+@dataclass(frozen=True)
+class Capture:
+    """What the agent asked the dp to capture (its latest ``Control``), applied to each ring."""
+
+    interfaces: tuple[str, ...] = ()
+    local_addresses: tuple[str, ...] = ()  # the agent's: the command line's are added
+    underlay: frozenset[str] = frozenset()
+    overlay: tuple[Encapsulation, ...] = ()
+
+    @classmethod
+    def from_control(cls, control: wire_pb2.Control) -> Capture:
+        """The capture a ``Control`` asks for; an address or encapsulation the dp cannot use is
+        left out, never fatal (a newer agent's, say)."""
+        def address(a: str) -> bool:
+            try:
+                ipaddress.ip_address(a)
+            except ValueError:
+                return False
+            return True
+
+        def usable(e: Encapsulation) -> bool:
+            try:
+                e.check()
+            except ValueError:
+                return False
+            return True
+
+        overlay = (Encapsulation(e.ip_proto, e.port) for e in control.overlay)
+        return cls(tuple(dict.fromkeys(control.interfaces)), tuple(filter(address, control.local_addresses)),
+                   frozenset(control.underlay), tuple(dict.fromkeys(filter(usable, overlay)))[:MAX_OVERLAY])
+
+    def ring(self, base: RingConfig, name: str) -> RingConfig:
+        """The ring for interface ``name``: ``base`` (the command line) with this capture's filter."""
+        return replace(base, local_addresses=tuple(dict.fromkeys(base.local_addresses + self.local_addresses)),
+                       overlay=self.overlay if name in self.underlay else ())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"want": list(self.interfaces), "local": list(self.local_addresses), "underlay": sorted(self.underlay),
+                "overlay": [list(e) for e in self.overlay]}
+
+    @classmethod
+    def from_json(cls, msg: dict[str, Any]) -> Capture:
+        return cls(tuple(msg["want"]), tuple(msg["local"]), frozenset(msg["underlay"]),
+                   tuple(Encapsulation(*e) for e in msg["overlay"]))
 
 
 def make_parser(table: SessionTable, kind: str = "vectorised") -> BlockParser:
@@ -96,7 +144,7 @@ class Worker:
                                  queue_sessions=settings.queue_sessions)
         self.rings: dict[str, Ring] = {}
         self.by_fd: dict[int, Ring] = {}
-        self.wanted: list[str] = list(settings.interfaces)
+        self.capture = Capture(tuple(settings.interfaces))
         self.failed: dict[str, str] = {}
         self.epoll = select.epoll()
         if channel is not None:
@@ -108,25 +156,45 @@ class Worker:
 
     # -- interfaces ----------------------------------------------------------------------------
 
-    def set_interfaces(self, wanted: Sequence[str]) -> None:
-        """Attach what is wanted and missing, detach what is attached and not wanted."""
-        self.wanted = list(dict.fromkeys(wanted))
+    @property
+    def wanted(self) -> tuple[str, ...]:
+        return self.capture.interfaces
+
+    def apply(self, capture: Capture) -> None:
+        """Attach what is wanted and missing, detach what is attached and not wanted, and put
+        the capture's filter on the rings that stay (an address of the node, an underlay)."""
+        self.capture = capture
+        for name, ring in list(self.rings.items()):
+            if name in capture.interfaces:
+                try:
+                    ring.refilter(capture.ring(self.settings.ring, name))
+                except OSError as e:  # never seen; a ring that cannot take its filter must not count
+                    self.detach(name)
+                    self.failed[name] = str(e)
         if self.channel is not None:
-            _send(self.channel, {"want": self.wanted})  # the supervisor attaches for all workers
+            _send(self.channel, capture.to_json())  # the supervisor attaches for all workers
             return
-        for name in [n for n in self.rings if n not in self.wanted]:
+        for name in [n for n in self.rings if n not in capture.interfaces]:
             self.detach(name)
-        for name in self.wanted:
+        for name in capture.interfaces:
             if name not in self.rings:
                 self.attach(name)
 
     def attach(self, name: str, sock: socket.socket | None = None) -> None:
         """Open a ring on ``name`` (or map ``sock``); a failure is remembered and retried."""
+        config = self.capture.ring(self.settings.ring, name)
         try:
-            ring = Ring(name, self.settings.ring, sock=sock)
+            ring = Ring(name, config, sock=sock)
         except OSError as e:
             self.failed[name] = str(e)
             return
+        if sock is not None:
+            try:
+                ring.refilter(config)  # the supervisor opened it for a capture older than ours, maybe
+            except OSError as e:
+                ring.close()
+                self.failed[name] = str(e)
+                return
         self.failed.pop(name, None)
         self.rings[name] = ring
         self.by_fd[ring.fileno()] = ring
@@ -210,7 +278,7 @@ class Worker:
         """Capture until ``stopping`` is set (by a signal), then send a final report."""
         self.exporter.start()
         if self.channel is None:
-            self.set_interfaces(self.wanted)
+            self.apply(self.capture)
         interval = self.settings.interval
         start = time.time()
         next_report = time.monotonic() + interval
@@ -253,7 +321,7 @@ class Worker:
         while not self.exporter.controls.empty():
             latest = self.exporter.controls.get()
         if latest is not None:
-            self.set_interfaces(list(latest.interfaces))
+            self.apply(Capture.from_control(latest))
         for name, ring in list(self.rings.items()):
             if ring.gone:  # the interface went away: it stays wanted, it may come back
                 self.detach(name)
@@ -271,18 +339,18 @@ class Supervisor:
     def __init__(self, settings: Settings, channels: list[socket.socket]) -> None:
         self.settings = settings
         self.channels = channels
-        self.wanted: list[str] = list(settings.interfaces)
+        self.capture = Capture(tuple(settings.interfaces))
         self.attached: set[str] = set()
         self.failed: dict[str, str] = {}
         self.generation = 0
 
     def sync(self) -> None:
         """Bring every worker to the wanted set; retry what failed before."""
-        for name in sorted(self.attached - set(self.wanted)):
+        for name in sorted(self.attached - set(self.capture.interfaces)):
             self.attached.discard(name)
             self._broadcast({"detach": name})
         failed: dict[str, str] = {}
-        for name in self.wanted:
+        for name in self.capture.interfaces:
             if name in self.attached:
                 continue
             socks: list[socket.socket] = []
@@ -290,7 +358,7 @@ class Supervisor:
                 self.generation += 1
                 group = fanout_group(self.settings.run_id + self.generation, socket.if_nametoindex(name))
                 for _ in self.channels:
-                    socks.append(open_socket(name, self.settings.ring, group))
+                    socks.append(open_socket(name, self.capture.ring(self.settings.ring, name), group))
             except OSError as e:
                 failed[name] = str(e)
                 continue
@@ -335,7 +403,7 @@ class Supervisor:
                     continue
                 msg = json.loads(data)
                 if "want" in msg:
-                    self.wanted = list(msg["want"])
+                    self.capture = Capture.from_json(msg)
                 elif "gone" in msg:
                     self.attached.discard(msg["gone"])
                 self.sync()

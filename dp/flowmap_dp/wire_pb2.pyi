@@ -183,11 +183,25 @@ class Report(_message.Message):
     health: Health
     def __init__(self, run_id: _Optional[int] = ..., worker: _Optional[int] = ..., workers: _Optional[int] = ..., sequence: _Optional[int] = ..., part: _Optional[int] = ..., parts: _Optional[int] = ..., start_ns: _Optional[int] = ..., end_ns: _Optional[int] = ..., sessions: _Optional[_Iterable[_Union[Session, _Mapping]]] = ..., dns: _Optional[_Iterable[_Union[DnsAnswer, _Mapping]]] = ..., threats: _Optional[_Iterable[_Union[ThreatHit, _Mapping]]] = ..., health: _Optional[_Union[Health, _Mapping]] = ...) -> None: ...
 
+class Encapsulation(_message.Message):
+    __slots__ = ("ip_proto", "port")
+    IP_PROTO_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    ip_proto: int
+    port: int
+    def __init__(self, ip_proto: _Optional[int] = ..., port: _Optional[int] = ...) -> None: ...
+
 class Control(_message.Message):
-    __slots__ = ("interfaces",)
+    __slots__ = ("interfaces", "local_addresses", "underlay", "overlay")
     INTERFACES_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    UNDERLAY_FIELD_NUMBER: _ClassVar[int]
+    OVERLAY_FIELD_NUMBER: _ClassVar[int]
     interfaces: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, interfaces: _Optional[_Iterable[str]] = ...) -> None: ...
+    local_addresses: _containers.RepeatedScalarFieldContainer[str]
+    underlay: _containers.RepeatedScalarFieldContainer[str]
+    overlay: _containers.RepeatedCompositeFieldContainer[Encapsulation]
+    def __init__(self, interfaces: _Optional[_Iterable[str]] = ..., local_addresses: _Optional[_Iterable[str]] = ..., underlay: _Optional[_Iterable[str]] = ..., overlay: _Optional[_Iterable[_Union[Encapsulation, _Mapping]]] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("run_id", "worker", "sequence")

@@ -13,8 +13,9 @@ import pytest
 from flowmap_devenv.netns import Lab, netns
 from flowmap_dp import synth
 from flowmap_dp.capture import (
-    BPF_JA, BPF_JEQ_K, BPF_LD_H_ABS, BPF_LD_W_ABS, BPF_RET_K, PACKET_OUTGOING, SKF_AD_PKTTYPE, Direction, Insn, Ring,
-    RingConfig, build_filter, compile_filter, fanout_group, iter_frames, open_socket,
+    BPF_JA, BPF_JEQ_K, BPF_JSET_K, BPF_LD_B_ABS, BPF_LD_H_ABS, BPF_LD_H_IND, BPF_LD_W_ABS, BPF_LDX_B_MSH, BPF_RET_K,
+    ETH_P_IP, ETH_P_IPV6, PACKET_OUTGOING, SKF_AD_PKTTYPE, SKF_AD_PROTOCOL, SKF_NET_OFF, Direction, Encapsulation,
+    Insn, Ring, RingConfig, build_filter, compile_filter, fanout_group, iter_frames, open_socket,
 )
 
 A4, B4, A6, B6 = "10.61.0.1", "10.61.0.2", "fd61::1", "fd61::2"
@@ -84,30 +85,51 @@ def test_filter_program_shapes() -> None:
     assert fanout_group(1, 5) != fanout_group(1, 6)
 
 
-def _run(prog: list[Insn], frame: bytes, pkttype: int) -> int:
+def _run(prog: list[Insn], frame: bytes, pkttype: int, link_header: int = 14) -> int:
     """What the kernel's classic-BPF interpreter returns for ``frame``, for the instructions
     ``build_filter`` emits; it also checks what the kernel's checker would (jump targets, a final
-    return)."""
+    return). ``link_header`` is where the network header starts (0: a tunnel without one); the
+    packet's protocol is the frame's ethertype, or the IP version's for a raw frame."""
     assert prog[-1][0] == BPF_RET_K and len(prog) <= 4096
-    a = pc = 0
+    if link_header:
+        protocol = int.from_bytes(frame[12:14], "big")
+    else:
+        protocol = {4: ETH_P_IP, 6: ETH_P_IPV6}.get(frame[0] >> 4, 0)
+    a = x = pc = 0
+
+    def load(at: int, size: int) -> int | None:
+        if at >= SKF_NET_OFF:
+            at = at - SKF_NET_OFF + link_header
+        if at + size > len(frame):
+            return None  # the kernel drops the frame on a load past its end
+        return int.from_bytes(frame[at : at + size], "big")
+
     while True:
         code, jt, jf, k = prog[pc]
         pc += 1
         if code == BPF_RET_K:
             return k
-        if code in (BPF_LD_W_ABS, BPF_LD_H_ABS):
-            size = 4 if code == BPF_LD_W_ABS else 2
+        if code in (BPF_LD_W_ABS, BPF_LD_H_ABS, BPF_LD_B_ABS, BPF_LD_H_IND):
             if k == SKF_AD_PKTTYPE:
                 a = pkttype
-            elif k + size > len(frame):
-                return 0  # the kernel drops the frame on a load past its end
+            elif k == SKF_AD_PROTOCOL:
+                a = protocol
             else:
-                a = int.from_bytes(frame[k : k + size], "big")
+                size = {BPF_LD_W_ABS: 4, BPF_LD_H_ABS: 2, BPF_LD_B_ABS: 1, BPF_LD_H_IND: 2}[code]
+                got = load((k + x) & 0xFFFFFFFF if code == BPF_LD_H_IND else k, size)
+                if got is None:
+                    return 0
+                a = got
+        elif code == BPF_LDX_B_MSH:
+            got = load(k, 1)
+            if got is None:
+                return 0
+            x = 4 * (got & 0xF)
         elif code == BPF_JA:
             pc += k
-        elif code == BPF_JEQ_K:
+        elif code in (BPF_JEQ_K, BPF_JSET_K):
             assert jt <= 255 and jf <= 255
-            pc += jt if a == k else jf
+            pc += jt if (a == k if code == BPF_JEQ_K else a & k) else jf
         else:
             raise AssertionError(f"unexpected opcode {code:#x}")
         assert pc < len(prog), "a jump past the end"
@@ -280,3 +302,171 @@ def test_interface_removed_under_the_ring(pair: tuple[Lab, str, str, str, str]) 
         assert ring.gone
     finally:
         ring.close()
+
+
+def _ipv4_with_options(src: str, dst: str, l4: bytes, proto: int = 17) -> bytes:
+    """An IPv4 packet with 8 bytes of options (NOPs, end): its L4 header starts at 28, not 20."""
+    base = synth.ipv4(socket.inet_aton(src), socket.inet_aton(dst), proto, l4)
+    packet = bytearray([0x47]) + base[1:20] + b"\x01\x01\x01\x01\x01\x01\x01\x00" + base[20:]
+    packet[2:4] = struct.pack("!H", len(packet))
+    return bytes(packet)
+
+
+def test_the_overlay_is_dropped_before_the_direction_check() -> None:
+    """On the underlay, the overlay's encapsulated packets never reach the ring, whichever way they
+    pass and whatever their source; everything else is judged as before."""
+    own = ("172.18.0.2", "fd00:172:18::2")
+    vxlan, ipip = Encapsulation(17, 8472), Encapsulation(4)
+    prog = build_filter(RingConfig(snaplen=200, local_addresses=own, overlay=(vxlan, ipip)))
+    inner = synth.ipv4(socket.inet_aton("10.244.1.10"), socket.inet_aton("10.244.2.10"), 17, synth.udp(5000, 53))
+    n4, m4 = socket.inet_aton("172.18.0.2"), socket.inet_aton("172.18.0.3")
+    n6, m6 = socket.inet_pton(socket.AF_INET6, own[1]), socket.inet_pton(socket.AF_INET6, "fd00:172:18::3")
+    vx = b"\x08\0\0\0\0\0\x01\0" + synth.ether(inner)  # VXLAN header, VNI 1, the inner frame
+
+    def four(src: bytes, dst: bytes, proto: int, l4: bytes, frag: int = 0x4000) -> bytes:
+        return synth.ether(synth.ipv4(src, dst, proto, l4, frag=frag))
+
+    def six(src: bytes, dst: bytes, nh: int, l4: bytes) -> bytes:
+        return synth.ether(synth.ipv6(src, dst, nh, l4))
+
+    for pkttype in (PACKET_HOST, PACKET_OUTGOING):
+        for src, dst in ((m4, n4), (n4, m4)):
+            assert _run(prog, four(src, dst, 17, synth.udp(41234, 8472, vx)), pkttype) == 0  # to the tunnel's port
+            assert _run(prog, four(src, dst, 17, synth.udp(8472, 41234, vx)), pkttype) == 0  # from it
+            assert _run(prog, four(src, dst, 4, inner), pkttype) == 0  # IPv4 in IPv4
+        for src, dst in ((m6, n6), (n6, m6)):
+            assert _run(prog, six(src, dst, 17, synth.udp(41234, 8472, vx)), pkttype) == 0
+            assert _run(prog, six(src, dst, 4, inner), pkttype) == 0  # IPv4 in IPv6 (ip6tnl)
+        # IPv4 options move the UDP header: its ports are read where they are.
+        assert _run(prog, synth.ether(_ipv4_with_options("172.18.0.3", "172.18.0.2", synth.udp(41234, 8472))),
+                    pkttype) == 0
+    # Not the overlay: judged by the direction check as before.
+    assert _run(prog, four(m4, n4, 17, synth.udp(41234, 8473)), PACKET_HOST) == 200
+    assert _run(prog, four(n4, m4, 17, synth.udp(41234, 53)), PACKET_OUTGOING) == 200
+    assert _run(prog, four(m4, n4, 17, synth.udp(41234, 53)), PACKET_OUTGOING) == 0  # forwarded
+    assert _run(prog, four(m4, n4, 47, b"\0" * 8), PACKET_HOST) == 200  # GRE: not this node's overlay
+    assert _run(prog, six(m6, n6, 6, synth.tcp(8472, 80, 2)), PACKET_HOST) == 200  # TCP on the port: not UDP
+    # With options, the bytes where ports would be without them are not ports: kept.
+    opts = bytearray(_ipv4_with_options("172.18.0.3", "172.18.0.2", synth.udp(41234, 53)))
+    opts[20:24] = struct.pack("!HH", 8472, 8472)  # inside the options
+    assert _run(prog, synth.ether(bytes(opts)), PACKET_HOST) == 200
+    # A later fragment has no UDP header: its first bytes are payload, not ports (the decoder
+    # ignores fragments). Behind an IPv6 extension header, UDP is not looked for.
+    assert _run(prog, four(m4, n4, 17, struct.pack("!HH", 8472, 8472) + b"\0" * 20, frag=0x0003), PACKET_HOST) == 200
+    hbh = bytes([17, 0, 1, 4, 0, 0, 0, 0])
+    assert _run(prog, six(m6, n6, 0, hbh + synth.udp(41234, 8472, vx)), PACKET_HOST) == 200
+    # A tunnel device's raw IP frames (no link header) are read the same way.
+    raw = synth.ipv4(m4, n4, 17, synth.udp(41234, 8472, vx))
+    assert _run(prog, raw, PACKET_HOST, link_header=0) == 0
+    assert _run(prog, synth.ipv4(n4, m4, 17, synth.udp(41234, 53)), PACKET_OUTGOING, link_header=0) == 200
+    assert _run(prog, synth.ipv4(m4, n4, 17, synth.udp(41234, 53)), PACKET_OUTGOING, link_header=0) == 0
+    # Without an overlay, the program is what it was.
+    assert build_filter(RingConfig(snaplen=200, local_addresses=own))[0] == (BPF_LD_W_ABS, 0, 0, SKF_AD_PKTTYPE)
+    for bad in (Encapsulation(17, 0), Encapsulation(4, 80), Encapsulation(0), Encapsulation(17, 70000)):
+        with pytest.raises(ValueError):
+            RingConfig(overlay=(bad,))
+
+
+def _vxlan_pair(lab: Lab, a: str, b: str, va: str, vb: str, port: int = 8472) -> tuple[str, str]:
+    """A VXLAN tunnel over the a-b veth (the underlay), 10.63.0.1 (a) and 10.63.0.2 (b) inside."""
+    names = []
+    for ns, local, remote, inner, dev in ((a, A4, B4, "10.63.0.1/24", va), (b, B4, A4, "10.63.0.2/24", vb)):
+        name = f"vx{dev[-6:]}"
+        lab.exec(ns, "ip", "link", "add", name, "type", "vxlan", "id", "1", "local", local, "remote", remote,
+                 "dstport", str(port), "dev", dev)
+        lab.exec(ns, "ip", "addr", "add", inner, "dev", name)
+        lab.exec(ns, "ip", "link", "set", name, "up")
+        names.append(name)
+    return names[0], names[1]
+
+
+def test_vxlan_between_two_namespaces_stays_out_of_the_underlays_ring(pair: tuple[Lab, str, str, str, str]) -> None:
+    """Real VXLAN over a veth: the underlay's ring with the overlay named takes only what is not
+    encapsulated; the tunnel's ring takes the packets inside, as they entered; and naming the
+    overlay on an open ring (a new filter on the socket) takes effect at once."""
+    lab, a, b, va, vb = pair
+    _, tunnel = _vxlan_pair(lab, a, b, va, vb)
+    cfg = dict(block_size=1 << 16, block_count=32, retire_timeout_ms=20, local_addresses=(B4, "10.63.0.2"))
+    plain = RingConfig(**cfg)  # type: ignore[arg-type]
+    with netns(b):
+        under = Ring(vb, RingConfig(overlay=(Encapsulation(17, 8472),), **cfg))  # type: ignore[arg-type]
+        late = Ring(vb, plain)
+        inside = Ring(tunnel, plain)
+    try:
+        _udp(a, b, socket.AF_INET, "10.63.0.2", 5600, [100, 700])  # through the tunnel
+        _udp(a, b, socket.AF_INET, B4, 5601, [100])  # on the underlay itself
+        f_inside, f_late = _frames(inside, 4), _frames(late, 6)
+        f_under = _frames(under, 2, timeout=1.0)
+        # Inside: the queries as they entered b, and b's answers from its tunnel address.
+        assert sorted((f[4], f[1]) for f in f_inside if f[4] == 5600) == [(5600, 142), (5600, 742)]
+        assert sorted(f[1] for f in f_inside if f[3] == 5600) == [92, 392]
+        # The encapsulated copies, 50 bytes longer, pass the underlay (with the tunnel's own ARP,
+        # 92 bytes): only the ring without the overlay takes them.
+        assert sorted(f[1] for f in f_late if 8472 in f[3:] and f[1] > 92) == [142, 192, 442, 792]
+        assert len(f_under) == 2 and all(5601 in f[3:] for f in f_under)  # the plain exchange, nothing else
+        late.refilter(RingConfig(overlay=(Encapsulation(17, 8472),), **cfg))  # type: ignore[arg-type]
+        _udp(a, b, socket.AF_INET, "10.63.0.2", 5602, [300])
+        _udp(a, b, socket.AF_INET, B4, 5603, [300])
+        assert [5603 in f[3:] for f in _frames(late, 2, timeout=1.0)] == [True, True]
+        assert [5602 in f[3:] for f in _frames(inside, 2)] == [True, True]
+        with pytest.raises(ValueError):
+            late.refilter(RingConfig(block_count=8))
+    finally:
+        under.close()
+        late.close()
+        inside.close()
+
+
+def test_a_tunnel_without_a_link_header_is_read_as_raw_ip(privileged: None) -> None:
+    """A TUN device (raw IP, like IPIP and WireGuard tunnels): the direction check finds the
+    source where the packet starts, and both readers decode the frames as IP."""
+    import fcntl
+    import os
+
+    from flowmap_dp.block import feed_block
+    from flowmap_dp.session import SessionTable
+    from flowmap_dp.vectorised import feed_block_vectorised
+
+    lab = Lab()
+    try:
+        ns = lab.ns()
+        lab.exec(ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        with netns(ns):
+            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
+            fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH", b"fmtun0", 0x0001 | 0x1000))  # TUNSETIFF: IFF_TUN|IFF_NO_PI
+        lab.exec(ns, "ip", "addr", "add", "10.64.0.1/24", "dev", "fmtun0")
+        lab.exec(ns, "ip", "link", "set", "fmtun0", "up")
+        with netns(ns):
+            ring = Ring("fmtun0", RingConfig(block_size=1 << 16, block_count=32, retire_timeout_ms=20,
+                                             local_addresses=("10.64.0.1",)))
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            here, there, far = (socket.inet_aton(a) for a in ("10.64.0.1", "10.64.0.2", "10.64.0.9"))
+            os.write(fd, synth.ipv4(there, here, 17, synth.udp(7000, 7001, b"a" * 100)))  # received
+            os.write(fd, synth.ipv4(there, far, 17, synth.udp(7000, 7002, b"b" * 50)))  # received, then forwarded back out
+            sock.sendto(b"c" * 30, ("10.64.0.2", 7003))  # the node's own, out of the tunnel: kept
+            blocks: list[bytes] = []
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and sum(b[12] for b in blocks) < 2:
+                ring.wait(0.05)
+                blocks += [bytes(b) for b in ring.blocks()]
+            time.sleep(0.2)
+            ring.wait(0.1)
+            blocks += [bytes(b) for b in ring.blocks()]
+            port = sock.getsockname()[1]
+            for reader in (feed_block, feed_block_vectorised):
+                table = SessionTable()
+                for block in blocks:
+                    reader(block, table)
+                got = sorted((min((d.client, d.client_port), (d.server, d.server_port)),
+                              max((d.client, d.client_port), (d.server, d.server_port)), d.bytes_c2s + d.bytes_s2c)
+                             for d in table.collect(time.time()).sessions)
+                # Each packet once: the forwarded one where it entered, not again as it left.
+                assert got == sorted([((here, port), (there, 7003), 58), ((there, 7000), (far, 7002), 78),
+                                      ((here, 7001), (there, 7000), 128)]), got
+        finally:
+            ring.close()
+            sock.close()
+            os.close(fd)
+    finally:
+        lab.close()

@@ -17,14 +17,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 
 from flowmap_devenv.netns import Lab, netns
 from flowmap_dp import wire_pb2
+from flowmap_dp.capture import Encapsulation, RingConfig
 from flowmap_dp.exporting import ReportReader
+from flowmap_dp.running import Capture
 
 FLOWMAP = str(Path(sys.executable).with_name("flowmap"))
 A4, B4, A6, B6 = "10.62.1.2", "10.62.2.2", "fd62:1::2", "fd62:2::2"
@@ -381,6 +383,69 @@ def test_fanout_two_workers_count_every_flow_once(node: Node, agent: Agent, star
                 owners.setdefault(s.client_port, set()).add(r.worker)
     assert len(owners) == flows and all(len(w) == 1 for w in owners.values())
     assert {w for ws in owners.values() for w in ws} == {0, 1}  # the hash spread 64 flows over both
+
+
+def test_a_control_becomes_each_rings_filter() -> None:
+    """The agent's addresses add to the command line's; the overlay goes on the underlay's rings
+    only; what the dp cannot use (a newer agent's, a typo) is left out, never fatal."""
+    control = wire_pb2.Control(interfaces=["veth1", "eth0", "veth1", "flannel.1"],
+                               local_addresses=["10.244.0.1", "not-an-address", "172.18.0.2"], underlay=["eth0"],
+                               overlay=[wire_pb2.Encapsulation(ip_proto=17, port=8472),
+                                        wire_pb2.Encapsulation(ip_proto=17, port=0),
+                                        wire_pb2.Encapsulation(ip_proto=4)])
+    capture = Capture.from_control(control)
+    assert capture.interfaces == ("veth1", "eth0", "flannel.1")
+    base = RingConfig(local_addresses=("172.18.0.2",))
+    assert capture.ring(base, "eth0") == replace(base, local_addresses=("172.18.0.2", "10.244.0.1"),
+                                                 overlay=(Encapsulation(17, 8472), Encapsulation(4)))
+    assert capture.ring(base, "veth1").overlay == capture.ring(base, "flannel.1").overlay == ()
+    assert Capture.from_json(json.loads(json.dumps(capture.to_json()))) == capture
+    assert Capture.from_control(wire_pb2.Control(interfaces=["eth0"])).ring(base, "eth0") == base
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_agent_names_the_nodes_addresses_at_run_time(node: Node, agent: Agent, start_dp: Callable[..., object],
+                                                         workers: int) -> None:
+    """An address the node gains after the dp started (a CNI's bridge or tunnel address appears
+    with the first pod) counts as the node's own once the agent names it, and no longer once it
+    stops naming it; the command line's addresses stay. With two workers, the supervisor opens
+    the rings with the agent's addresses."""
+    gateway = "10.62.2.254"
+    node.lab.exec(node.node, "ip", "addr", "add", f"{gateway}/32", "dev", node.host_b)
+    start_dp("--workers", str(workers))
+    ports = iter(range(43100, 43300))
+
+    def exchange(source: str) -> tuple[int, int, int, int]:
+        """The node (from ``source``) asks pod-b; what the dp counted of it."""
+        port = next(ports)
+        with netns(node.pod_b):
+            srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            srv.bind((B4, 6001))
+        with netns(node.node):
+            cli = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            cli.bind((source, port))
+        with srv, cli:
+            srv.settimeout(5)
+            cli.sendto(b"ping", (B4, 6001))
+            _, peer = srv.recvfrom(100)
+            srv.sendto(b"pong", peer)
+        key = (17, _ip(source), port, _ip(B4), 6001)
+        agent.wait(lambda: agent.totals(key)[2] == 1)  # the answer entered through pod-b's veth
+        agent.pump(0.5)
+        return agent.totals(key)
+
+    both = [node.host_a, node.host_b]
+    agent.reader.set_control(wire_pb2.Control(interfaces=both, local_addresses=[gateway]))
+    assert agent.wait(lambda: agent.reader.connections == workers and {r.worker for r in agent.reports} == set(
+        range(workers)) and all(sorted(agent.health(w).interfaces) == both for w in range(workers)))
+    assert exchange(gateway) == (1, 32, 1, 32)  # 20 + 8 + 4 each way
+    assert exchange(NODE_B4) == (1, 32, 1, 32)  # the command line's: still the node's
+    agent.reader.set_control(wire_pb2.Control(interfaces=both))
+    deadline = time.monotonic() + 10
+    while (got := exchange(gateway)) != (0, 0, 1, 32) and time.monotonic() < deadline:
+        assert got == (1, 32, 1, 32)  # until the dp has the new filter on
+    assert got == (0, 0, 1, 32), agent.dump()
+    assert exchange(NODE_B4) == (1, 32, 1, 32)
 
 
 def _dns_name(name: str) -> bytes:
