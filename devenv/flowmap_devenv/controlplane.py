@@ -1,10 +1,15 @@
-"""A real, local Kubernetes control plane: etcd and kube-apiserver on loopback.
+"""A real, local Kubernetes control plane: etcd and kube-apiserver, on loopback or for a cluster.
 
-In the spirit of controller-runtime's envtest: no kubelet, scheduler or controller-manager, so no
-pod ever runs and no controller acts (the default ServiceAccounts, garbage collection and
-namespace finalization are controller-manager work). What is real is what flowmap talks to: the
-API server with TLS, client-certificate and service-account authentication, RBAC, TokenRequest and
-TokenReview, CRD validation with CEL, and etcd behind it.
+By default in the spirit of controller-runtime's envtest: no kubelet, scheduler or
+controller-manager, so no pod ever runs and no controller acts (the default ServiceAccounts,
+garbage collection and namespace finalization are controller-manager work). What is real is what
+flowmap talks to: the API server with TLS, client-certificate and service-account authentication,
+RBAC, TokenRequest and TokenReview, CRD validation with CEL, and etcd behind it.
+
+With :class:`Options` naming a ``cluster_cidr`` it is the control plane of a real cluster
+(flowmap_devenv.cluster): the API server listens on an address nodes reach, with the admission and
+authorization of a production cluster (ServiceAccount, NodeRestriction; Node,RBAC), and
+kube-controller-manager (allocating each node's pod CIDR) and kube-scheduler run beside it.
 
 Everything a control plane owns lives in its state folder: certificates, etcd data, logs, the
 admin kubeconfig, and ``state.json`` with the processes and ports, so ``down`` needs nothing else.
@@ -13,6 +18,7 @@ admin kubeconfig, and ``state.json`` with the processes and ports, so ``down`` n
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import os
 import shutil
@@ -23,7 +29,7 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from flowmap_devenv import binaries, pki
@@ -41,6 +47,16 @@ class ControlPlaneError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class Options:
+    """Where the API server listens, and whether it runs a cluster with nodes."""
+
+    address: str = "127.0.0.1"  # it listens and advertises here; the serving certificate names it
+    port: int = 0  # 0: a free port
+    service_cidrs: str = SERVICE_CIDRS
+    cluster_cidr: str = ""  # pods' addresses: set, the controllers run and nodes may join
+
+
+@dataclass(frozen=True)
 class State:
     etcd_pid: int
     apiserver_pid: int
@@ -49,6 +65,8 @@ class State:
     kubectl: str
     bin_dir: str
     apiserver_argv: list[str]
+    address: str = "127.0.0.1"
+    controllers: dict[str, int] = field(default_factory=dict)  # kube-controller-manager, kube-scheduler: pid
 
 
 def default_state_dir() -> Path:
@@ -125,10 +143,11 @@ class ControlPlane:
     """One local control plane, identified by its state folder."""
 
     def __init__(self, state_dir: Path | None = None, *, crds: Path | None = DEFAULT_CRDS,
-                 log: Log = print) -> None:
+                 log: Log = print, options: Options = Options()) -> None:
         self.dir = (state_dir or default_state_dir()).resolve()
         self.crds = crds
         self.log = log
+        self.options = options
 
     @property
     def kubeconfig(self) -> Path:
@@ -142,7 +161,8 @@ class ControlPlane:
 
     def running(self) -> bool:
         st = self.state()
-        return bool(st and _alive(st.etcd_pid) and _alive(st.apiserver_pid) and self._ready(st.apiserver_port))
+        return bool(st and _alive(st.etcd_pid) and _alive(st.apiserver_pid) and self._ready(st)
+                    and all(_alive(pid) for pid in st.controllers.values()))
 
     # -- up -------------------------------------------------------------------------------------
 
@@ -155,11 +175,14 @@ class ControlPlane:
             return st
         if self.dir.exists():
             self.down(quiet=True)
+        opts = self.options
         bins = binaries.ensure(self.log)
         self.dir.mkdir(parents=True)
         (self.dir / "state.json").write_text("{}")  # marks the folder as ours before anything starts
-        keys = pki.create(self.dir / "pki")
+        service_ip = str(ipaddress.ip_network(opts.service_cidrs.split(",")[0])[1])  # the kubernetes Service
+        keys = pki.create(self.dir / "pki", server_ips=(opts.address, service_ip))
         etcd_port, peer_port, api_port = _free_ports(3)
+        api_port = opts.port or api_port
 
         etcd = self._spawn("etcd", [
             str(bins.etcd), "--name=flowmap", f"--data-dir={self.dir / 'etcd'}",
@@ -177,30 +200,81 @@ class ControlPlane:
             str(bins.kube_apiserver),
             f"--etcd-servers=https://127.0.0.1:{etcd_port}", f"--etcd-cafile={keys.ca_cert}",
             f"--etcd-certfile={keys.etcd_client_cert}", f"--etcd-keyfile={keys.etcd_client_key}",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={api_port}",
+            f"--bind-address={opts.address}", f"--advertise-address={opts.address}", f"--secure-port={api_port}",
             f"--tls-cert-file={keys.serving_cert}", f"--tls-private-key-file={keys.serving_key}",
             f"--client-ca-file={keys.ca_cert}", f"--cert-dir={self.dir / 'apiserver'}",
-            "--authorization-mode=RBAC",
             f"--service-account-issuer={ISSUER}", f"--service-account-key-file={keys.sa_pub}",
             f"--service-account-signing-key-file={keys.sa_key}",
-            f"--service-cluster-ip-range={SERVICE_CIDRS}",
-            # No controller-manager creates the "default" ServiceAccounts this plugin insists on
-            # (envtest disables it for the same reason).
-            "--disable-admission-plugins=ServiceAccount",
+            f"--service-cluster-ip-range={opts.service_cidrs}",
             "--allow-privileged=true", "--profiling=false",
         ]
+        if opts.cluster_cidr:
+            kubelet_client = pki.issue(keys.ca_cert.parent, "kubelet-client", "kube-apiserver-kubelet-client",
+                                       "system:masters")
+            apiserver_argv += [
+                "--authorization-mode=Node,RBAC", "--enable-admission-plugins=NodeRestriction",
+                f"--kubelet-client-certificate={kubelet_client[0]}", f"--kubelet-client-key={kubelet_client[1]}",
+                "--kubelet-preferred-address-types=InternalIP",
+            ]
+        else:
+            # No controller-manager creates the "default" ServiceAccounts this plugin insists on
+            # (envtest disables it for the same reason).
+            apiserver_argv += ["--authorization-mode=RBAC", "--disable-admission-plugins=ServiceAccount"]
         apiserver = self._spawn("kube-apiserver", apiserver_argv)
         kubectl = choose_kubectl(bins.kubectl)
         st = State(etcd.pid, apiserver.pid, etcd_port, api_port, str(kubectl), str(bins.kube_apiserver.parent),
-                   apiserver_argv)
+                   apiserver_argv, opts.address)
         (self.dir / "state.json").write_text(json.dumps(asdict(st), indent=1))
         self._write_kubeconfig(keys, api_port)
         self._wait_ready(st, (etcd, apiserver))
-        self.log(f"kube-apiserver {binaries.KUBERNETES_VERSION} ready at https://127.0.0.1:{api_port} "
+        self.log(f"kube-apiserver {binaries.KUBERNETES_VERSION} ready at {self.server(st)} "
                  f"(etcd {binaries.ETCD_VERSION} on :{etcd_port})")
+        if opts.cluster_cidr:
+            st = self._start_controllers(st, keys)
         if self.crds is not None:
             self.install_crds(self.crds)
         return st
+
+    def _start_controllers(self, st: State, keys: pki.Pki) -> State:
+        """kube-controller-manager and kube-scheduler, each with its own identity."""
+        opts = self.options
+        bins = binaries.ensure_programs(("kube-controller-manager", "kube-scheduler"), self.log)
+        cm = self.client_kubeconfig("kube-controller-manager", "system:kube-controller-manager")
+        sched = self.client_kubeconfig("kube-scheduler", "system:kube-scheduler")
+        pids = {
+            "kube-controller-manager": self._spawn("kube-controller-manager", [
+                str(bins["kube-controller-manager"]), f"--kubeconfig={cm}", "--leader-elect=false",
+                "--bind-address=127.0.0.1", "--secure-port=0",
+                "--allocate-node-cidrs", f"--cluster-cidr={opts.cluster_cidr}", "--node-cidr-mask-size=24",
+                f"--service-cluster-ip-range={opts.service_cidrs}", "--use-service-account-credentials",
+                f"--service-account-private-key-file={keys.sa_key}", f"--root-ca-file={keys.ca_cert}",
+                f"--cluster-signing-cert-file={keys.ca_cert}", f"--cluster-signing-key-file={keys.ca_key}",
+                "--controllers=*,-cloud-node-lifecycle,-service-lb-controller,-node-route-controller",
+            ]).pid,
+            "kube-scheduler": self._spawn("kube-scheduler", [
+                str(bins["kube-scheduler"]), f"--kubeconfig={sched}", f"--authentication-kubeconfig={sched}",
+                f"--authorization-kubeconfig={sched}", "--leader-elect=false", "--bind-address=127.0.0.1",
+                f"--secure-port={_free_ports(1)[0]}",
+            ]).pid,
+        }
+        st = State(**{**asdict(st), "controllers": pids})
+        (self.dir / "state.json").write_text(json.dumps(asdict(st), indent=1))
+        return st
+
+    def server(self, st: State | None = None) -> str:
+        st = st or self.state()
+        if st is None:
+            raise ControlPlaneError(f"no control plane in {self.dir}")
+        host = f"[{st.address}]" if ":" in st.address else st.address
+        return f"https://{host}:{st.apiserver_port}"
+
+    def client_kubeconfig(self, stem: str, user: str, group: str | None = None) -> Path:
+        """A kubeconfig for ``user`` (and ``group``), with a certificate of its own."""
+        folder = self.dir / "pki"
+        cert, key = pki.issue(folder, stem, user, group)
+        path = self.dir / f"{stem}.kubeconfig"
+        self._write_config(path, folder / "ca.crt", cert, key)
+        return path
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         log = open(self.dir / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
@@ -214,9 +288,9 @@ class ControlPlane:
         ctx.load_cert_chain(str(self.dir / "pki" / "admin.crt"), str(self.dir / "pki" / "admin.key"))
         return ctx
 
-    def _ready(self, port: int) -> bool:
+    def _ready(self, st: State) -> bool:
         try:
-            with urllib.request.urlopen(f"https://127.0.0.1:{port}/readyz", context=self._ssl(), timeout=5) as r:
+            with urllib.request.urlopen(f"{self.server(st)}/readyz", context=self._ssl(), timeout=5) as r:
                 return bool(r.status == 200)
         except (OSError, ValueError):
             return False
@@ -224,7 +298,7 @@ class ControlPlane:
     def _wait_ready(self, st: State, procs: Sequence[subprocess.Popen[bytes]],
                     names: Sequence[str] = ("etcd", "kube-apiserver")) -> None:
         deadline = time.monotonic() + READY_TIMEOUT
-        while not self._ready(st.apiserver_port):
+        while not self._ready(st):
             for proc, name in zip(procs, names):
                 if proc.poll() is not None:
                     raise ControlPlaneError(f"{name} exited with code {proc.returncode}:\n{self._tail(name)}")
@@ -240,19 +314,22 @@ class ControlPlane:
             return "(no log)"
 
     def _write_kubeconfig(self, keys: pki.Pki, port: int) -> None:
-        def b64(path: Path) -> str:
-            return base64.b64encode(path.read_bytes()).decode()
+        self._write_config(self.kubeconfig, keys.ca_cert, keys.admin_cert, keys.admin_key)
+
+    def _write_config(self, path: Path, ca: Path, cert: Path, key: Path) -> None:
+        def b64(p: Path) -> str:
+            return base64.b64encode(p.read_bytes()).decode()
 
         config = {
             "apiVersion": "v1", "kind": "Config", "current-context": "flowmap",
             "clusters": [{"name": "flowmap", "cluster": {
-                "server": f"https://127.0.0.1:{port}", "certificate-authority-data": b64(keys.ca_cert)}}],
-            "users": [{"name": "flowmap-admin", "user": {
-                "client-certificate-data": b64(keys.admin_cert), "client-key-data": b64(keys.admin_key)}}],
-            "contexts": [{"name": "flowmap", "context": {"cluster": "flowmap", "user": "flowmap-admin"}}],
+                "server": self.server(), "certificate-authority-data": b64(ca)}}],
+            "users": [{"name": "user", "user": {
+                "client-certificate-data": b64(cert), "client-key-data": b64(key)}}],
+            "contexts": [{"name": "flowmap", "context": {"cluster": "flowmap", "user": "user"}}],
         }
-        self.kubeconfig.write_text(json.dumps(config, indent=1))  # JSON is YAML: no YAML writer needed
-        self.kubeconfig.chmod(0o600)
+        path.write_text(json.dumps(config, indent=1))  # JSON is YAML: no YAML writer needed
+        path.chmod(0o600)
 
     def stop_apiserver(self) -> None:
         """Stop kube-apiserver only (etcd keeps the data): for tests of an API outage."""
@@ -311,15 +388,17 @@ class ControlPlane:
         if st is None:
             return {"state": str(self.dir), "running": False}
         return {"state": str(self.dir), "running": self.running(), "etcd": _alive(st.etcd_pid),
-                "kube-apiserver": _alive(st.apiserver_pid), "server": f"https://127.0.0.1:{st.apiserver_port}",
+                "kube-apiserver": _alive(st.apiserver_pid), "server": self.server(st),
                 "kubeconfig": str(self.kubeconfig), "kubectl": st.kubectl}
 
     # -- down -----------------------------------------------------------------------------------
 
     def down(self, *, quiet: bool = False) -> None:
-        """Stop both processes and remove all state."""
+        """Stop every process and remove all state."""
         st = self.state()
         if st:
+            for pid in st.controllers.values():
+                _stop(pid)
             _stop(st.apiserver_pid)
             _stop(st.etcd_pid)
         if self.dir.exists():

@@ -67,36 +67,47 @@ def _cert(subject: x509.Name, key: ec.EllipticCurvePrivateKey, issuer: x509.Name
     return builder.sign(issuer_key, hashes.SHA256())
 
 
-def create(folder: Path) -> Pki:
-    """Write a CA, serving and client certificates and a service-account key pair into ``folder``."""
+def _name(cn: str, org: str | None = None) -> x509.Name:
+    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
+    if org:
+        attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, org))
+    return x509.Name(attrs)
+
+
+def _save(folder: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> tuple[Path, Path]:
+    cert_path, key_path = folder / f"{stem}.crt", folder / f"{stem}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(key_path, key)
+    return cert_path, key_path
+
+
+def issue(folder: Path, stem: str, cn: str, org: str | None = None, *, server: bool = False,
+          names: tuple[str, ...] = (), ips: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """A certificate signed by the CA in ``folder`` (``ca.crt``, ``ca.key``): a client's, or a
+    server's too with its names. Kubernetes reads the user from CN and the groups from O."""
+    ca = x509.load_pem_x509_certificate((folder / "ca.crt").read_bytes())
+    ca_key = serialization.load_pem_private_key((folder / "ca.key").read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    usages = (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH) if server else (
+        ExtendedKeyUsageOID.CLIENT_AUTH,)
+    key = ec.generate_private_key(ec.SECP256R1())
+    return _save(folder, stem, _cert(_name(cn, org), key, ca.subject, ca_key, usages=usages, names=names, ips=ips), key)
+
+
+def create(folder: Path, *, server_ips: tuple[str, ...] = ()) -> Pki:
+    """Write a CA, serving and client certificates and a service-account key pair into ``folder``.
+
+    The serving certificate is valid for loopback and the API server's usual names, and for
+    ``server_ips`` (the address it advertises, the ``kubernetes`` Service's ClusterIP).
+    """
     folder.mkdir(parents=True, exist_ok=True)
-
-    def name(cn: str, org: str | None = None) -> x509.Name:
-        attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
-        if org:
-            attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, org))
-        return x509.Name(attrs)
-
-    def save(stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> tuple[Path, Path]:
-        cert_path, key_path = folder / f"{stem}.crt", folder / f"{stem}.key"
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        _write_key(key_path, key)
-        return cert_path, key_path
-
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = name("flowmap-local-ca")
-    ca_cert, ca_key_path = save("ca", _cert(ca_name, ca_key, ca_name, ca_key, ca=True), ca_key)
-
-    def issue(stem: str, subject: x509.Name, usages: tuple[x509.ObjectIdentifier, ...],
-              **san: tuple[str, ...]) -> tuple[Path, Path]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        return save(stem, _cert(subject, key, ca_name, ca_key, usages=usages, **san), key)  # type: ignore[arg-type]
-
-    serving = issue("serving", name("kube-apiserver"),
-                    (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH),
-                    names=SERVER_NAMES, ips=("127.0.0.1", "::1"))
-    admin = issue("admin", name("flowmap-admin", "system:masters"), (ExtendedKeyUsageOID.CLIENT_AUTH,))
-    etcd_client = issue("etcd-client", name("kube-apiserver-etcd-client"), (ExtendedKeyUsageOID.CLIENT_AUTH,))
+    ca_name = _name("flowmap-local-ca")
+    ca_cert, ca_key_path = _save(folder, "ca", _cert(ca_name, ca_key, ca_name, ca_key, ca=True), ca_key)
+    serving = issue(folder, "serving", "kube-apiserver", server=True, names=SERVER_NAMES,
+                    ips=("127.0.0.1", "::1", *server_ips))
+    admin = issue(folder, "admin", "flowmap-admin", "system:masters")
+    etcd_client = issue(folder, "etcd-client", "kube-apiserver-etcd-client")
 
     # The token signing key is RSA: every Kubernetes version and client library accepts RS256.
     sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
