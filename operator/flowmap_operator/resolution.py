@@ -2,10 +2,23 @@
 
 In order: a pod (its workload's group; hostNetwork pods are the node), a Service ClusterIP (the
 workload behind it, via EndpointSlices, with the Service recorded), a node address (``nodes``),
-a user CIDR group (longest prefix), a name the agents learned from DNS answers (an FQDN group),
-else ``external``. Pod addresses are kept with the time span they were held, and for a grace
-period after the pod is gone, so a delta is resolved as of its own time even if the IP was
-reused since.
+an address inside a Node's ``spec.podCIDRs`` that no pod holds (that node), a user CIDR group
+(longest prefix), a name the agents learned from DNS answers (an FQDN group), else ``external``.
+Pod addresses are kept with the time span they were held, and for a grace period after the pod
+is gone, so a delta is resolved as of its own time even if the IP was reused since.
+
+A node sends from more addresses than its Node object lists: a CNI bridge's gateway (the
+kubelet's probes leave from ``cni0``'s 10.244.N.1), a ptp host-side veth's, an overlay tunnel's
+(flannel's ``flannel.1`` holds 10.244.N.0, the source of a hostNetwork client reaching a pod on
+another node). The observing agent knows them all: an end it marks local without naming a pod
+is that node itself, whatever its address (:meth:`Resolver.resolve_endpoint`). Seen from
+another node, such an address is known by where it lies: CNIs that take the node's pod range
+from Kubernetes (flannel, the bridge and ptp plugins, kindnet, Cilium's Kubernetes IPAM) give
+the node's own addresses out of its ``spec.podCIDRs``. The blind spot: CNIs with their own IPAM
+(Calico's blocks and its tunnel addresses on ``vxlan.calico``/``tunl0``, Cilium's cluster pool,
+the AWS VPC CNI) put them outside ``spec.podCIDRs``: seen from another node they resolve as
+``external`` (or to a user's CIDR group that covers them), and that node, not seeing the client
+as a captured node, counts the session too.
 """
 
 from __future__ import annotations
@@ -94,6 +107,7 @@ class Resolver:
         self._jobs: dict[tuple[str, str], str] = {}  # (ns, job) -> cronjob
         self._nodes: dict[str, str] = {}  # ip -> node name
         self._node_ips: dict[str, list[str]] = {}
+        self._pod_cidrs: dict[str, list[ipaddress.IPv4Network | ipaddress.IPv6Network]] = {}  # node -> spec.podCIDRs
         self._services: dict[tuple[str, str], _Service] = {}
         self._cluster_ips: dict[str, tuple[str, str]] = {}
         self._cidrs: dict[str, list[ipaddress.IPv4Network | ipaddress.IPv6Network]] = {}
@@ -168,10 +182,20 @@ class Resolver:
         self.version += 1
         for ip in ips:
             self._nodes[ip] = name
+        spec = node.get("spec") or {}
+        cidrs = []
+        for cidr in spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else []):
+            try:
+                cidrs.append(ipaddress.ip_network(cidr, strict=False))
+            except ValueError:
+                continue  # the API server validates these; never trust, never crash
+        if cidrs:
+            self._pod_cidrs[name] = cidrs
 
     def node_gone(self, name: str) -> None:
         for ip in self._node_ips.pop(name, []):
             self._nodes.pop(ip, None)
+        self._pod_cidrs.pop(name, None)
 
     def service_seen(self, svc: Body) -> None:
         meta, spec = svc.get("metadata", {}), svc.get("spec", {})
@@ -251,15 +275,28 @@ class Resolver:
     def service_at(self, ip: str) -> tuple[str, str] | None:
         return self._cluster_ips.get(ip)
 
+    def resolve_endpoint(self, ip: str, when: float, observer: str, local: bool, pod: str) -> Peer:
+        """The group behind one end of a node's delta. An end the observing node marked local
+        without naming a pod is that node itself, from any of its own addresses (unless a pod
+        holds the address: a report that marks a pod's end local without naming it); else
+        ``resolve``."""
+        if local and not pod and observer:
+            return self.pod_at(ip, when) or Peer(NODES, "Nodes", member=observer, node=observer)
+        return self.resolve(ip, when)
+
     def resolve(self, ip: str, when: float) -> Peer:
         """The group behind an address (not a ClusterIP: see ``resolve_service``)."""
         pod = self.pod_at(ip, when)
         if pod:
             return pod
         node = self._nodes.get(ip)
+        addr = ipaddress.ip_address(ip)
+        if not node:
+            # No pod holds it (any more): inside a node's pod range it is the node's own.
+            node = next((name for name, nets in self._pod_cidrs.items()
+                         if any(addr.version == net.version and addr in net for net in nets)), "")
         if node:
             return Peer(NODES, "Nodes", member=node, node=node)
-        addr = ipaddress.ip_address(ip)
         best: tuple[int, str] | None = None
         for name, nets in self._cidrs.items():
             for net in nets:

@@ -136,7 +136,8 @@ class Topology:
         for delta in batch.edges:
             when = delta.last_seen_unix_ms / 1000 or now
             protocol = PROTOCOLS[delta.protocol]
-            client = self.resolver.resolve(delta.client.ip, when)
+            client = self.resolver.resolve_endpoint(delta.client.ip, when, batch.node, delta.client.local,
+                                                    delta.client.pod)
             # One observer per session: the client's node when the client is captured (a pod or a
             # node that runs an agent), else the server's (an external client, a pod or a node
             # without an agent). Another node's report of a captured client's session is not
@@ -149,7 +150,9 @@ class Topology:
             if via:
                 server, port, service = via
             else:
-                server, port, service = self.resolver.resolve(delta.server.ip, when), delta.server.port, ""
+                server = self.resolver.resolve_endpoint(delta.server.ip, when, batch.node, delta.server.local,
+                                                        delta.server.pod)
+                port, service = delta.server.port, ""
             self._touch(client, when)
             key = self.key_for(client.group, server.group, port, protocol)
             if key is None:
