@@ -2,8 +2,10 @@
 
 An edge, from the node's point of view, is client address -> server address and port, L4
 protocol: the client's ephemeral port does not matter to the map, so all sessions between the
-same two addresses on one server port add up. Endpoints on this node (its pods, the node itself)
-are marked local and local pods named, which is how the operator knows which node counts an edge.
+same two addresses on one server port add up. Endpoints on this node (its pods, the node itself
+from any of its own addresses, a CNI bridge's gateway included) are marked local and local pods
+named, which is how the operator knows which node counts an edge (and that a local end without
+a pod is the node itself).
 Under Protect mode each delta also says what this node's policy did to it (the policy in force
 is injected; see flowmap_agent.enforcement.verdict).
 Traffic that never leaves a link (IPv6 neighbour discovery, link-local, multicast, broadcast) is
@@ -37,7 +39,7 @@ def link_scoped(ip: bytes) -> bool:
 @dataclass
 class Aggregator:
     local_pods: Mapping[str, str] = field(default_factory=dict)  # pod IP on this node -> "namespace/name"
-    node_ips: frozenset[str] = frozenset()
+    node_ips: frozenset[str] = frozenset()  # the node's own addresses (flowmap_agent.plumbing.own_addresses)
     policy: Policy = field(default_factory=Policy)  # the policy in force on this node
     # Open sessions per edge (their 5-tuples), for the sessions_active gauge.
     _open: dict[tuple[str, str, int, int], set[tuple[int, int]]] = field(default_factory=dict)

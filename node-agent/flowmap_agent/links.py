@@ -1,22 +1,41 @@
-"""Which host interface leads to each local pod, read from the kernel's routes over netlink.
+"""The node's links and addresses, and each pod veth's peer addresses, read over netlink.
 
-CNIs like kindnet and Calico route each pod with a host route (/32 or /128) through the host
-side of the pod's veth; the dp captures there. The node's own addresses tell the uplinks, and
-the uplinks' addresses tell the dp what the node itself sends.
+The thin edge of flowmap_agent.plumbing, which decides what they mean. A pod's addresses are
+read in the pod's own namespace without entering it: ``RTM_GETADDR`` with
+``IFA_TARGET_NETNSID`` (Linux 4.20) names the namespace by the id the node's namespace gives it,
+the one a host-side veth reports for its peer (``IFLA_LINK_NETNSID``). That needs no route (a
+bridge CNI has none per pod), no runtime socket and no hostPID, only NET_ADMIN over the pod's
+namespace, which the agent holds in the node's. pyroute2 (0.9) has no call for it and declares
+the attribute a string, so the request is built with its message class, the attribute an s32 as
+the kernel reads it; the kernel honours it only on a socket with strict checking.
+
+The alternatives were weaker: bridge FDB or neighbour entries tie a pod's MAC or IP to a bridge
+port only once the pod has sent something (and ageing forgets them), per-pod host routes do not
+exist on bridge CNIs, and the runtime's namespaces are not visible without hostPID or its socket.
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import socket
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 
-from pyroute2 import IPRoute
+from pyroute2 import IPRoute, WireGuard
+from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl import RTM_GETADDR
+from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
+from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 
+from flowmap_agent.plumbing import Address, Link, PeerKey, Seen, global_addresses, to_read
+
+log = logging.getLogger("flowmap.agent.links")
 _CLONE_NEWNET = 0x40000000
-RT_SCOPE_UNIVERSE = 0
+IFF_UP = 0x1
 
 
 @contextmanager
@@ -43,41 +62,98 @@ def in_netns(netns: str) -> Iterator[None]:
 
 @contextmanager
 def _ipr(netns: str) -> Iterator[IPRoute]:
-    """An IPRoute socket in ``netns``, or in our own namespace."""
+    """An IPRoute socket in ``netns``, or in our own namespace, with strict checking."""
     with in_netns(netns):
-        ipr = IPRoute()
+        ipr = IPRoute(strict_check=True)
     with ipr:
         yield ipr
 
 
-def pod_interfaces(pod_ips: Iterable[str], netns: str = "") -> dict[str, str]:
-    """Pod IP -> host interface name, for the pods that have a host route."""
-    wanted = set(pod_ips)
-    out: dict[str, str] = {}
-    with _ipr(netns) as ipr:
-        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
-        for family, full in ((socket.AF_INET, 32), (socket.AF_INET6, 128)):
-            for route in ipr.get_routes(family=family):
-                dst, oif = route.get_attr("RTA_DST"), route.get_attr("RTA_OIF")
-                if route["dst_len"] == full and dst in wanted and oif in names:
-                    out[dst] = names[oif]
-    return out
+class _ifaddrmsg_target(ifaddrmsg):  # noqa: N801 - pyroute2's naming
+    """``ifaddrmsg`` with IFA_TARGET_NETNSID an s32, as the kernel reads it."""
+
+    nla_map = tuple((name, "int32" if name == "IFA_TARGET_NETNSID" else kind) for name, kind in ifaddrmsg.nla_map)
+    # pyroute2 compiles a class's map on its first message and keeps it on the class: a subclass
+    # made after ifaddrmsg was used would inherit ifaddrmsg's compiled one, not this map.
+    _nlmsg_base__compiled_nla = False
 
 
-def address_interfaces(addresses: Iterable[str], netns: str = "") -> set[str]:
-    """The interfaces holding any of these addresses (the node's uplinks)."""
-    wanted = set(addresses)
-    with _ipr(netns) as ipr:
-        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
-        return {names[a["index"]] for a in ipr.get_addr() if a.get_attr("IFA_ADDRESS") in wanted
-                and a["index"] in names}
+@dataclass
+class View:
+    """One reading of the node's plumbing."""
+
+    links: list[Link]
+    addresses: list[Address]
+    peers: dict[PeerKey, Seen]  # every pod veth's peer addresses known now
 
 
-def interface_addresses(interfaces: Iterable[str], netns: str = "") -> set[str]:
-    """The global addresses on these interfaces (link-local ones never leave their link)."""
-    wanted = set(interfaces)
-    with _ipr(netns) as ipr:
-        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
-        # IFA_LOCAL is our end of a point-to-point link (IFA_ADDRESS the peer's); IPv6 has only IFA_ADDRESS.
-        return {a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS") for a in ipr.get_addr()
-                if a["scope"] == RT_SCOPE_UNIVERSE and names.get(a["index"]) in wanted}
+@dataclass
+class Reader:
+    """Reads the node's plumbing in ``netns`` ("" for ours), remembering what each pod's veth
+    peer held: a pod's addresses do not change while its veth lives, so only new (or still
+    empty) peers are read each time."""
+
+    netns: str = ""
+    peers: dict[PeerKey, Seen] = field(default_factory=dict)
+
+    def read(self, missing: bool = False, now: float = 0.0) -> View:
+        """Links, addresses, and the peers of new veths (and of all, every ``REREAD`` seconds,
+        while ``missing``: a pod IP not found)."""
+        with _ipr(self.netns) as ipr:
+            links = [_link(msg) for msg in ipr.get_links()]
+            addresses = [_address(msg) for msg in ipr.get_addr()]
+            for key in to_read(links, self.peers, missing, now):
+                self.peers[key] = Seen(global_addresses(_peer_addresses(ipr, key)), now)
+        links = [replace(link, port=self._wireguard_port(link.name)) if link.kind == "wireguard" else link
+                 for link in links]
+        alive = {link.peer_key for link in links}
+        for key in [k for k in self.peers if k not in alive]:
+            del self.peers[key]
+        return View(links, addresses, dict(self.peers))
+
+    def _wireguard_port(self, name: str) -> int:
+        """A WireGuard device's listen port, over generic netlink; 0 if it cannot be read (then
+        WireGuard's usual port is assumed). pyroute2 opens the socket at its first request, so
+        the request is made in the namespace too."""
+        try:
+            with in_netns(self.netns), WireGuard() as wg:
+                replies = list(wg.info(name))
+        except Exception as exc:  # noqa: BLE001 - an optional detail (untested here: no wireguard module)
+            log.warning("cannot read the listen port of %s (%s): assuming 51820", name, exc)
+            return 0
+        return next((int(port) for msg in replies if (port := msg.get_attr("WGDEVICE_A_LISTEN_PORT"))), 0)
+
+
+def _link(msg: ifinfmsg) -> Link:
+    info = msg.get_attr("IFLA_LINKINFO")
+    kind = (info.get_attr("IFLA_INFO_KIND") if info is not None else None) or ""
+    data = info.get_attr("IFLA_INFO_DATA") if info is not None else None
+    port = 0
+    if kind == "vxlan" and data is not None:
+        port = data.get_attr("IFLA_VXLAN_PORT") or 0
+    elif kind == "geneve" and data is not None:
+        port = data.get_attr("IFLA_GENEVE_PORT") or 0
+    return Link(index=msg["index"], name=msg.get_attr("IFLA_IFNAME") or "", kind=kind,
+                up=bool(msg["flags"] & IFF_UP), peer=msg.get_attr("IFLA_LINK") or 0,
+                peer_netns=msg.get_attr("IFLA_LINK_NETNSID"), port=port)
+
+
+def _address(msg: ifaddrmsg) -> Address:
+    # IFA_LOCAL is our end of a point-to-point link (IFA_ADDRESS the peer's); IPv6 has only IFA_ADDRESS.
+    return Address(msg["index"], msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS"), msg["scope"])
+
+
+def _peer_addresses(ipr: IPRoute, key: PeerKey) -> list[Address]:
+    """The addresses of a veth's peer, read in the peer's namespace; [] if it went away."""
+    _index, netnsid, peer = key
+    request = _ifaddrmsg_target()
+    request["family"] = socket.AF_UNSPEC
+    request["index"] = peer  # the kernel filters by index under strict checking
+    request["attrs"] = [("IFA_TARGET_NETNSID", netnsid)]
+    try:
+        sent = ipr.put(request, RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP)
+        replies = ipr.get(msg_seq=sent.msg["header"]["sequence_number"])
+    except NetlinkError as exc:  # the namespace went away between the two dumps
+        log.debug("addresses of %s: %s", key, exc)
+        return []
+    return [_address(msg) for msg in replies if msg["index"] == peer and msg.get_attr("IFA_ADDRESS")]

@@ -39,6 +39,7 @@ _PORTED = (6, 17, 132)  # protocols with ports in their conntrack tuple
 
 class Unnat:
     def __init__(self, lookup: Lookup, node_addresses: Iterable[str], local_pods: Mapping[str, str]) -> None:
+        # The node's own addresses: the agent replaces them when the node's plumbing changes.
         self.lookup, self.node_addresses, self.local_pods = lookup, frozenset(node_addresses), local_pods
         self._cache: OrderedDict[Tuple5, Original] = OrderedDict()
         self.translated = 0  # sessions that became their pod's

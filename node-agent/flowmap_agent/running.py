@@ -1,11 +1,15 @@
 """``flowmap agent run``: the dp (a child, or a sidecar), local pods, per-edge deltas, reports to the operator.
 
-Each interval: tell the dp which interfaces to capture (the host side of each local pod's veth,
-found from its host route, plus the uplinks), take the dp's session records, aggregate them per
-edge, cut a numbered batch, save the outbox to disk, then deliver whatever is not acknowledged.
-The loop never waits on the operator longer than a send timeout, and backs off with jitter.
-The dp starts with the node's own addresses (the Node object's and the uplinks'), so it also
-counts what the node itself sends, where it leaves the node. Alongside, Protect mode
+Each interval: read the node's plumbing over netlink (flowmap_agent.links, .plumbing) and tell
+the dp what to capture (the host side of each local pod's veth, found through its peer on any
+veth-based CNI; the uplinks; the overlay's tunnels), the node's own addresses (every global
+address on an interface that is up: they change, a CNI's bridge and tunnel appear with the
+first pod) and the overlay's encapsulation to drop on the uplinks; take the dp's session
+records, aggregate them per edge, cut a numbered batch, save the outbox to disk, then deliver
+whatever is not acknowledged. The loop never waits on the operator longer than a send timeout,
+and backs off with jitter. The dp starts with the Node object's addresses and takes the rest
+from the agent, so it also counts what the node itself sends (a kubelet probe from a bridge's
+gateway address too), where it leaves the node. Alongside, Protect mode
 (flowmap_agent.protecting) keeps the node's nftables table to the policy the operator streams,
 and each delta says what that policy did to it.
 
@@ -52,7 +56,7 @@ from kubernetes_asyncio import client, config
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from flowmap_agent import links, nat
+from flowmap_agent import links, nat, plumbing
 from flowmap_agent.aggregation import Aggregator
 from flowmap_agent.enforcement import Policy
 from flowmap_agent.outbox import Outbox, StateError
@@ -245,8 +249,9 @@ class Agent:
     async def run_dp(self, local_addresses: Sequence[str]) -> None:
         """Keep the dp running as a child; restart it (with backoff) if it exits.
 
-        ``local_addresses`` are the node's own: the dp counts what the node sends from them where
-        it leaves (see ``flowmap_dp.capture``, "Direction").
+        ``local_addresses`` are the node's own to start with (the Node object's, as the DaemonSet
+        gives the sidecar): the dp counts what the node sends from them where it leaves (see
+        ``flowmap_dp.capture``, "Direction"); the agent adds the rest at run time.
         """
         s = self.settings
         own = [arg for address in local_addresses for arg in ("--local-address", address)]
@@ -272,6 +277,20 @@ class Agent:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), timeout=delay)
             delay = min(max(delay * 2, 0.5), 30.0)
+
+    def tell(self, dp: ReportReader, wanted: plumbing.Plan, told: plumbing.Plan | None) -> None:
+        """The node's plumbing changed: the dp captures what it should, and the node's own
+        addresses are the same for the dp, the aggregation and the NAT's undoing."""
+        if told is None or wanted.own != told.own:
+            log.info("the node's own addresses: %s", sorted(wanted.own))
+            self.aggregator.node_ips = wanted.own
+            if self.unnat is not None:
+                self.unnat.node_addresses = wanted.own
+        if told is None or (wanted.underlay, wanted.overlay) != (told.underlay, told.overlay):
+            log.info("overlay %s dropped on %s", [tuple(e) for e in wanted.overlay], list(wanted.underlay))
+        dp.set_control(wire_pb2.Control(
+            interfaces=wanted.interfaces, local_addresses=sorted(wanted.own), underlay=wanted.underlay,
+            overlay=[wire_pb2.Encapsulation(ip_proto=e.ip_proto, port=e.port) for e in wanted.overlay]))
 
     # -- health ----------------------------------------------------------------------------------
 
@@ -311,16 +330,17 @@ class Agent:
         pods = LocalPods(core, s.node)
         self.aggregator.local_pods = pods.by_ip
         node = await core.read_node(s.node)
-        node_ips = [a.address for a in node.status.addresses or [] if a.type in ("InternalIP", "ExternalIP")]
-        self.aggregator.node_ips = frozenset(node_ips)
-        uplinks = set(filter(None, s.uplinks.split(","))) or await asyncio.to_thread(
-            links.address_interfaces, node_ips, s.netns)
-        # What the node sends from any of its addresses is its own traffic for the dp. Only the
-        # Node object's are marked local in reports: the operator knows a node by those alone.
-        local_addresses = sorted(set(node_ips) | await asyncio.to_thread(links.interface_addresses, uplinks, s.netns))
+        node_ips = frozenset(a.address for a in node.status.addresses or [] if a.type in ("InternalIP", "ExternalIP"))
+        node_links = links.Reader(s.netns)
+        uplinks = set(filter(None, s.uplinks.split(",")))
+        view = await asyncio.to_thread(node_links.read, False, time.monotonic())
+        wanted = plumbing.plan(view.links, view.addresses, view.peers, (), node_ips, uplinks)
+        # What the node sends from any of its addresses is its own traffic: the dp keeps it, and
+        # reports mark that end local (the operator takes a local end without a pod for the node).
+        self.aggregator.node_ips = wanted.own
         try:
             lookup, close_conntrack = await loop.run_in_executor(self.conntrack, nat.conntrack_lookup, s.netns)
-            self.unnat = nat.Unnat(lookup, local_addresses, pods.by_ip)
+            self.unnat = nat.Unnat(lookup, wanted.own, pods.by_ip)
         except nat.Unavailable as exc:
             log.warning("no connection tracking (%s): masqueraded traffic will show as the node's", exc)
             close_conntrack = lambda: None  # noqa: E731
@@ -334,25 +354,27 @@ class Agent:
         Path(s.socket).parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(s.socket)
-        reader = ReportReader(s.socket)
-        runner = await self.serve_health(pods, reader)
+        dp = ReportReader(s.socket)
+        runner = await self.serve_health(pods, dp)
         tasks = [asyncio.create_task(pods.run(self.stop))]
         if s.dp == "child":
-            tasks.append(asyncio.create_task(self.run_dp(local_addresses)))
+            tasks.append(asyncio.create_task(self.run_dp(sorted(node_ips))))
         tasks.append(asyncio.create_task(self.protector.run(self.stop)))  # the table stays when it stops
-        wanted: list[str] = []
-        log.info("agent %s on node %s: uplinks %s, own addresses %s", self.outbox.agent_id, s.node, sorted(uplinks),
-                 local_addresses)
+        log.info("agent %s on node %s: uplinks %s", self.outbox.agent_id, s.node, list(wanted.underlay))
+        told: plumbing.Plan | None = None
         while not self.stop.is_set():
             self.last_tick = time.monotonic()
-            interfaces = sorted(set((await asyncio.to_thread(links.pod_interfaces, list(pods.by_ip), s.netns)).values()) | uplinks)
-            if interfaces != wanted:
-                wanted = interfaces
-                reader.set_interfaces(wanted)
-            self.take(await self.untranslate(reader.poll(0)))
+            pod_ips = list(pods.by_ip)
+            view = await asyncio.to_thread(node_links.read, wanted.missing(pod_ips), self.last_tick)
+            wanted = plumbing.plan(view.links, view.addresses, view.peers, pod_ips, node_ips, uplinks)
+            if told is None or (wanted.interfaces, wanted.own, wanted.underlay, wanted.overlay) != (
+                    told.interfaces, told.own, told.underlay, told.overlay):
+                self.tell(dp, wanted, told)
+                told = wanted
+            self.take(await self.untranslate(dp.poll(0)))
             self.outbox.cut()
             await asyncio.to_thread(self.outbox.save, Path(s.state_file))
-            reader.ack(self.outbox.dp_positions)  # saved: the dp may forget them
+            dp.ack(self.outbox.dp_positions)  # saved: the dp may forget them
             await self.deliver()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), timeout=max(0.0, s.interval - (time.monotonic() - self.last_tick)))
@@ -362,11 +384,11 @@ class Agent:
         deadline = time.monotonic() + STOP_DEADLINE
         if tasks[1:]:
             await asyncio.wait(tasks[1:], timeout=STOP_DEADLINE / 2)
-        self.take(await self.untranslate(list(reader.reports(timeout=0.5))))
+        self.take(await self.untranslate(list(dp.reports(timeout=0.5))))
         while time.monotonic() < deadline:
             self.outbox.cut()
             self.outbox.save(Path(s.state_file))
-            reader.ack(self.outbox.dp_positions)
+            dp.ack(self.outbox.dp_positions)
             if not self.outbox.unacked and not self.outbox.pending:
                 break
             self.retry_at = 0.0
@@ -375,7 +397,7 @@ class Agent:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        reader.close()
+        dp.close()
         await loop.run_in_executor(self.conntrack, close_conntrack)
         self.conntrack.shutdown()
         await self._drop_channel()

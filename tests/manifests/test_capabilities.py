@@ -3,8 +3,9 @@
 The dp and the agent's privileged work run here as the container runtime runs them: root, in a
 node's network namespace, with every capability but the ones manifests/agent/daemonset.yaml adds
 removed from the bounding set (``setpriv``). The dp captures a pod's traffic with its grant, and
-cannot open a ring without it; the agent reads links, routes and connection tracking and writes
-nftables rules with its grant, and is refused conntrack and nftables without it.
+cannot open a ring without it; the agent reads links, its pods' addresses (in their namespaces)
+and connection tracking and writes nftables rules with its grant, and is refused its pods'
+addresses, conntrack and nftables without it.
 """
 
 from __future__ import annotations
@@ -104,8 +105,10 @@ def test_the_dp_cannot_capture_without_net_raw(node: Node, tmp_path: Path) -> No
 
 AGENT_WORK = f"""
 import json, subprocess
-from flowmap_agent import links, nat
-out = {{"pods": links.pod_interfaces(["{POD_IP}"]), "uplinks": sorted(links.address_interfaces(["{NODE_IP}"]))}}
+from flowmap_agent import links, nat, plumbing
+view = links.Reader("").read()
+out = {{"pods": plumbing.pod_interfaces(view.links, view.peers, ["{POD_IP}"]),
+       "uplinks": sorted(plumbing.holders(view.links, view.addresses, ["{NODE_IP}"]))}}
 try:
     lookup, close = nat.conntrack_lookup("")
     out["conntrack"] = lookup((6, "{NODE_IP}", 40000, "192.0.2.1", 443)) or "read"
@@ -137,5 +140,6 @@ def test_the_agent_reads_links_conntrack_and_writes_nftables_with_net_admin_alon
 def test_without_net_admin_the_agent_is_refused_conntrack_and_nftables(node: Node) -> None:
     need(shutil.which("nft") is not None, "this test needs nft (Debian package nftables)")
     got = agent_work(node, [c for c in granted("agent") if c != "NET_ADMIN"])
-    assert got["pods"] == {POD_IP: node.host_side}  # rtnetlink reads need no capability
+    assert got["uplinks"] == [node.host_side]  # the node's own links and addresses need no capability
+    assert got["pods"] == {}  # a pod's addresses, read in its namespace, do
     assert str(got["conntrack"]).startswith("refused") and str(got["nft"]).startswith("refused"), got
