@@ -12,8 +12,10 @@ The kernel's connection tracking knows both: looking the node's session up by it
 node's session becomes the pod's — its answer bytes are the pod's answer, its request bytes a
 copy already counted on the veth (dropped), and it opens nothing. When the original client is
 not a pod of this node (a NodePort's SNAT of an outside client), the node's session is the
-kernel's plumbing of a connection counted as it entered: it is dropped. Sessions conntrack does
-not know (not NATed, or expired) are left as they are.
+kernel's plumbing of a connection counted as it entered: it is dropped. When the original client
+is the node itself (kube-proxy and flannel masquerade a hostNetwork client of a ClusterIP onto the
+bridge's or the tunnel's address), the session is the node's own, seen nowhere else: it stays.
+Sessions conntrack does not know (not NATed, or expired) are left as they are.
 
 Lookups go to the kernel once per session (a bounded cache remembers them), only for sessions
 whose client is one of the node's addresses.
@@ -58,7 +60,10 @@ class Unnat:
                 continue
             original = self._original((s.ip_proto, client, s.client_port,
                                        str(ipaddress.ip_address(s.server_ip)), s.server_port))
-            if original is None:
+            if original is None or original[0] in self.node_addresses:
+                # Not NATed, or the node's own traffic given another of its addresses (a hostNetwork
+                # client of a ClusterIP, masqueraded onto cni0's or flannel.1's address): it entered
+                # the network nowhere else, so it is counted here, as the node's.
                 keep.append(s)
             elif original[0] in self.local_pods:
                 s.client_ip, s.client_port = ipaddress.ip_address(original[0]).packed, original[1]
