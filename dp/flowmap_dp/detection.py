@@ -79,6 +79,20 @@ class Inspector:
             self._conclude()
         return self._done
 
+    def judge_server_alone(self) -> bool:
+        """The client's words are not coming: judge the server's now, not at the session's end.
+
+        A session can hold only its server's half: the answers of a DNAT'd flow (a DNS lookup of
+        the cluster DNS Service: the query went to the ClusterIP, the answer comes back from the
+        pod, another 5-tuple until the node reverses the DNAT). The table calls this once the
+        other rings had their time (see ``SessionTable.collect``). True once done."""
+        if self._done or self._matched is not None or self._bytes[True] or not self._before_client:
+            return self._done
+        self._detect()
+        if self._matched is not None and self._finished_lingering() or not self._candidates:
+            self._conclude()
+        return self._done
+
     def finish(self) -> None:
         """The session ended (or the capture did): settle the result with what was seen."""
         if not self._done:

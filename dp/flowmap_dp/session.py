@@ -91,6 +91,8 @@ class InspectorLike(Protocol):
 
     def feed(self, from_client: bool, payload: bytes) -> bool: ...
 
+    def judge_server_alone(self) -> bool: ...
+
     def finish(self) -> None: ...
 
 
@@ -385,6 +387,21 @@ class SessionTable:
             s.insp = False
             s.app_new = True
 
+    def _judge_server_alone(self, s: Session, insp: InspectorLike) -> None:
+        """A session whose server spoke and whose client did not, in time for its client's packets
+        to have come from any ring: its words are judged alone (a DNAT'd DNS answer names its
+        addresses in this report, not when the session expires)."""
+        try:
+            if insp.judge_server_alone():
+                self._settle(s, finish=False)
+            elif insp.app != s.app:
+                s.app = insp.app
+                s.app_new = True
+        except Exception:
+            self.inspector_errors += 1
+            s.insp = False
+            s.app_new = True
+
     def _settle(self, s: Session, finish: bool) -> None:
         insp = s.insp
         s.insp = False
@@ -467,6 +484,10 @@ class SessionTable:
         """
         self.expire(now)
         recent = now - hold
+        for s in list(self._dirty.values()):
+            insp = s.insp
+            if insp is not None and insp is not False and insp is not True and s.first <= recent:
+                self._judge_server_alone(s, insp)
         held = {k: s for k, s in self._dirty.items() if s.new and s.first > recent} if hold else {}
         deltas = [self._delta(s) for k, s in self._dirty.items() if k not in held]
         self._dirty = held

@@ -365,6 +365,23 @@ def test_a_dns_5_tuple_used_again_after_a_pause_is_inspected_again() -> None:
         assert d.app == "dns" and d.metadata["dns"]["answers"], (i, d)
 
 
+def test_a_dnatd_dns_answer_names_its_address_in_the_next_report() -> None:
+    """The query went to the DNS Service's ClusterIP, the answer comes from the pod: on the node
+    they are two 5-tuples, and the answer's session never sees a client word. Its answer is read
+    once the other rings had their time (the hold), not when the session expires."""
+    from tests.dp.test_detection import _dns_answer, _dns_query
+
+    table = SessionTable()  # the real detectors
+    feed(table, frame(C, 40000, "10.96.0.10", 53, None, _dns_query(7)), ts=1.0)
+    feed(table, frame(S, 53, C, 40000, None, _dns_answer(7)), ts=1.001)
+    held = table.collect(1.05, hold=0.1).sessions  # too recent: another ring may still hold its client
+    assert held == []
+    by_server = {d.server: d for d in table.collect(1.2, hold=0.1).sessions}
+    answer = by_server[addr(S)]
+    assert answer.app == "dns" and answer.app_decided and answer.metadata["dns"]["answers"], answer
+    assert by_server[addr("10.96.0.10")].app != "dns" or not by_server[addr("10.96.0.10")].metadata
+
+
 @pytest.mark.parametrize("answer_first", [False, True], ids=["query-first", "answer-first"])
 def test_each_lookup_on_a_reused_dns_5_tuple_opens_a_session(answer_first: bool) -> None:
     """Two lookups a pause apart on one source port are two sessions, whichever ring is read first."""
