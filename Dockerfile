@@ -21,7 +21,12 @@ COPY node-agent node-agent
 COPY operator operator
 # The base image's pip installs into the virtualenv, so pip itself stays out of the image. Not
 # editable, and byte-compiled here: the containers' root filesystems are read-only.
-RUN pip --python /opt/flowmap/bin/python install --only-binary=:all: .
+# Behind a proxy with its own certificate authority, pass the CA bundle for this step only:
+#   --secret id=build-ca,src=/etc/ssl/certs/ca-certificates.crt
+# A secret is mounted for the one RUN and is never part of a layer.
+RUN --mount=type=secret,id=build-ca \
+    if [ -s /run/secrets/build-ca ]; then export PIP_CERT=/run/secrets/build-ca; fi; \
+    pip --python /opt/flowmap/bin/python install --only-binary=:all: .
 
 # Runtime stage: the virtualenv and the one Debian tool a component runs.
 FROM ${BASE}
