@@ -7,7 +7,9 @@ from any of its own addresses, a CNI bridge's gateway included) are marked local
 named, which is how the operator knows which node counts an edge (and that a local end without
 a pod is the node itself).
 Under Protect mode each delta also says what this node's policy did to it (the policy in force
-is injected; see flowmap_agent.enforcement.verdict).
+is injected; see flowmap_agent.enforcement.verdict). The dp sees a pod's call to a ClusterIP
+before the node's DNAT, while the node's table judges it after: an edge the policy would deny
+is judged again at the address the kernel sent it to (``destination``, from conntrack, injected).
 Traffic that never leaves a link (IPv6 neighbour discovery, link-local, multicast, broadcast) is
 the network's own plumbing, not a connection between workloads: it is not reported.
 """
@@ -15,7 +17,7 @@ the network's own plumbing, not a connection between workloads: it is not report
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from flowmap_agent.enforcement import Policy, verdict
@@ -41,6 +43,8 @@ class Aggregator:
     local_pods: Mapping[str, str] = field(default_factory=dict)  # pod IP on this node -> "namespace/name"
     node_ips: frozenset[str] = frozenset()  # the node's own addresses (flowmap_agent.plumbing.own_addresses)
     policy: Policy = field(default_factory=Policy)  # the policy in force on this node
+    # Where the node's DNAT sent a session: (l4, client, port, server, port) -> (address, port), or None.
+    destination: Callable[[tuple[int, str, int, str, int]], tuple[str, int] | None] | None = None
     # Open sessions per edge (their 5-tuples), for the sessions_active gauge.
     _open: dict[tuple[str, str, int, int], set[tuple[int, int]]] = field(default_factory=dict)
 
@@ -51,6 +55,7 @@ class Aggregator:
     def take(self, report: wire_pb2.Report) -> tuple[list[pb.EdgeDelta], list[pb.DnsName]]:
         """One dp report's sessions as edge deltas (one per edge), and the names its DNS answers gave."""
         edges: dict[tuple[str, str, int, int], pb.EdgeDelta] = {}
+        sample: dict[tuple[str, str, int, int], tuple[int, str, int, str, int]] = {}  # a session of each edge
         threats: dict[tuple[int, bytes, int, bytes, int], list[wire_pb2.ThreatHit]] = {}
         for hit in report.threats:
             threats.setdefault((hit.ip_proto, hit.client_ip, hit.client_port, hit.server_ip, hit.server_port),
@@ -68,6 +73,7 @@ class Aggregator:
             if d is None:
                 d = edges[key] = pb.EdgeDelta(client=self._endpoint(client, 0), server=self._endpoint(server, port),
                                               protocol=protocol)
+                sample[key] = (s.ip_proto, client, s.client_port, server, s.server_port)
             d.bytes_c2s += s.bytes_c2s
             d.bytes_s2c += s.bytes_s2c
             d.packets_c2s += s.packets_c2s
@@ -95,6 +101,11 @@ class Aggregator:
             d.sessions_active = len(self._open.get(key, ()))
             d.verdict = verdict(self.policy, key[0], key[1], key[2], key[3], answered=d.bytes_s2c > 0,
                                 opened=d.sessions_opened > 0)
+            if d.verdict == pb.DENIED and self.destination is not None:
+                sent_to = self.destination(sample[key])  # a ClusterIP: judged where the table saw it
+                if sent_to is not None:
+                    d.verdict = verdict(self.policy, key[0], sent_to[0], sent_to[1], key[3],
+                                        answered=d.bytes_s2c > 0, opened=d.sessions_opened > 0)
             if not d.sessions_active:
                 self._open.pop(key, None)
         names = [pb.DnsName(ip=text(a.address), name=a.name.rstrip(".").lower(), ttl_seconds=a.ttl,

@@ -35,6 +35,9 @@ from flowmap_dp import wire_pb2
 Tuple5 = tuple[int, str, int, str, int]
 Original = tuple[str, int, str, int] | None
 Lookup = Callable[[Tuple5], Original]
+# (l4 protocol, client, client port, server, server port) as the client sent it -> the (address,
+# port) the kernel sent it to, when it translated the destination (a ClusterIP's DNAT), else None.
+Destination = Callable[[Tuple5], tuple[str, int] | None]
 CACHE = 65536
 _PORTED = (6, 17, 132)  # protocols with ports in their conntrack tuple
 
@@ -93,8 +96,10 @@ class Unavailable(Exception):
     """The kernel's connection tracking cannot be read (no nf_conntrack_netlink, no permission)."""
 
 
-def conntrack_lookup(netns: str) -> tuple[Lookup, Callable[[], None]]:
-    """A lookup in the kernel's connection tracking of ``netns`` ("" for ours), and its closer."""
+def conntrack_lookup(netns: str) -> tuple[Lookup, Destination, Callable[[], None]]:
+    """Lookups in the kernel's connection tracking of ``netns`` ("" for ours): a session's original
+    tuple by its reply, its translated destination by its original; and their closer. Both run
+    on the thread that made them (pyroute2's sockets)."""
     from pyroute2.netlink.exceptions import NetlinkError
     from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple, NFCTSocket
 
@@ -127,8 +132,23 @@ def conntrack_lookup(netns: str) -> tuple[Lookup, Callable[[], None]]:
                 return None if o.saddr == client else (o.saddr, o.sport, o.daddr, o.dport)
         return None
 
+    def destination(key: Tuple5) -> tuple[str, int] | None:
+        proto, client, cport, server, sport = key
+        family = socket.AF_INET6 if ":" in client else socket.AF_INET
+        orig = NFCTAttrTuple(family=family, saddr=client, daddr=server, proto=proto, sport=cport, dport=sport)
+        try:
+            messages = sockets[family].entry("get", tuple_orig=orig)
+        except NetlinkError:
+            return None
+        for msg in messages:
+            reply = msg.get_attr("CTA_TUPLE_REPLY")
+            if reply is not None:
+                r = NFCTAttrTuple.from_netlink(family, reply)
+                return None if (r.saddr, r.sport) == (server, sport) else (r.saddr, r.sport)
+        return None
+
     def close() -> None:
         for sock in sockets.values():
             sock.close()
 
-    return lookup, close
+    return lookup, destination, close

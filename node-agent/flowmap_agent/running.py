@@ -1,4 +1,4 @@
-"""``flowmap agent run``: the dp (a child, or a sidecar), local pods, per-edge deltas, reports to the operator.
+"""``flowmap agent run``: the dp (a child, or external), local pods, per-edge deltas, reports to the operator.
 
 Each interval: read the node's plumbing over netlink (flowmap_agent.links, .plumbing) and tell
 the dp what to capture (the host side of each local pod's veth, found through its peer on any
@@ -15,16 +15,16 @@ and each delta says what that policy did to it.
 
 What a crash can lose, exactly, and how it is counted:
 
-* a crash of the agent loses nothing when the dp is a sidecar (``FLOWMAP_AGENT_DP=sidecar``, as
-  the DaemonSet runs it): the dp keeps capturing, keeps every report until the agent has saved
-  it (``Ack``), queues new ones (``--queue``) and sends them all to the next agent, which skips
-  what it had saved already; a gap in the reports' sequence would still be counted
+* a crash, restart or upgrade of the agent loses nothing when the dp runs on its own
+  (``FLOWMAP_AGENT_DP=external``: the DaemonSet flowmap-dp beside the agent's): the dp keeps
+  capturing, keeps every report until the agent has saved it (``Ack``), queues new ones
+  (``--queue``) and sends them all to the next agent, which skips what it had saved already; a gap in the reports' sequence would still be counted
   (``flowmap_agent_dp_report_gaps_total``). With the dp as a child, it goes with the agent (it
   gets SIGTERM when the agent dies, so a restarted agent never shares the rings with an orphan),
   losing its current interval and what passes until the next one captures. Either way the
   restarted agent counts the run that did not stop cleanly (``flowmap_agent_unclean_restarts_total``);
 * a crash of the dp loses the deltas it held for its current interval, and the packets that pass
-  until a new dp captures (the agent restarts a child at once; a sidecar is restarted by the
+  until a new dp captures (the agent restarts a child at once; an external one is restarted by the
   kubelet); the agent sees the dp's new run id and counts the restart
   (``flowmap_agent_dp_restarts_total``);
 * reports the dp could not hand over (agent away past its queue) it counts as
@@ -210,16 +210,24 @@ class Agent:
 
     # -- the dp ----------------------------------------------------------------------------------
 
-    async def untranslate(self, reports: list[wire_pb2.Report]) -> list[wire_pb2.Report]:
-        """Undo the node's source NAT in the reports (flowmap_agent.nat), on the conntrack thread."""
+    async def ingest(self, reports: list[wire_pb2.Report]) -> None:
+        """The dp's reports, their source NAT undone (flowmap_agent.nat), into the outbox: on the
+        conntrack thread, whose sockets the NAT undo and the judgement of DNAT'd edges read."""
+        if not reports:
+            return
         unnat = self.unnat
-        if unnat is None or not reports:
-            return reports
-        translated, dropped = unnat.translated, unnat.dropped
-        await asyncio.get_running_loop().run_in_executor(self.conntrack, lambda: [unnat.apply(r) for r in reports])
-        NAT_SESSIONS.labels("translated").inc(unnat.translated - translated)
-        NAT_SESSIONS.labels("dropped").inc(unnat.dropped - dropped)
-        return reports
+        translated, dropped = (unnat.translated, unnat.dropped) if unnat else (0, 0)
+
+        def work() -> None:
+            if unnat is not None:
+                for r in reports:
+                    unnat.apply(r)
+            self.take(reports)
+
+        await asyncio.get_running_loop().run_in_executor(self.conntrack, work)
+        if unnat is not None:
+            NAT_SESSIONS.labels("translated").inc(unnat.translated - translated)
+            NAT_SESSIONS.labels("dropped").inc(unnat.dropped - dropped)
 
     def take(self, reports: list[wire_pb2.Report]) -> None:
         positions = self.outbox.dp_positions
@@ -250,7 +258,7 @@ class Agent:
         """Keep the dp running as a child; restart it (with backoff) if it exits.
 
         ``local_addresses`` are the node's own to start with (the Node object's, as the DaemonSet
-        gives the sidecar): the dp counts what the node sends from them where it leaves (see
+        gives the external one): the dp counts what the node sends from them where it leaves (see
         ``flowmap_dp.capture``, "Direction"); the agent adds the rest at run time.
         """
         s = self.settings
@@ -339,8 +347,10 @@ class Agent:
         # reports mark that end local (the operator takes a local end without a pod for the node).
         self.aggregator.node_ips = wanted.own
         try:
-            lookup, close_conntrack = await loop.run_in_executor(self.conntrack, nat.conntrack_lookup, s.netns)
+            lookup, destination, close_conntrack = await loop.run_in_executor(self.conntrack, nat.conntrack_lookup,
+                                                                              s.netns)
             self.unnat = nat.Unnat(lookup, wanted.own, pods.by_ip)
+            self.aggregator.destination = destination
         except nat.Unavailable as exc:
             log.warning("no connection tracking (%s): masqueraded traffic will show as the node's", exc)
             close_conntrack = lambda: None  # noqa: E731
@@ -371,7 +381,7 @@ class Agent:
                     told.interfaces, told.own, told.underlay, told.overlay):
                 self.tell(dp, wanted, told)
                 told = wanted
-            self.take(await self.untranslate(dp.poll(0)))
+            await self.ingest(dp.poll(0))
             self.outbox.cut()
             await asyncio.to_thread(self.outbox.save, Path(s.state_file))
             dp.ack(self.outbox.dp_positions)  # saved: the dp may forget them
@@ -380,11 +390,11 @@ class Agent:
                 await asyncio.wait_for(self.stop.wait(), timeout=max(0.0, s.interval - (time.monotonic() - self.last_tick)))
 
         # Ordered stop: our dp sends its last report, which is saved and delivered within the
-        # deadline (a sidecar dp keeps capturing, for the next agent).
+        # deadline (an external dp keeps capturing, for the next agent).
         deadline = time.monotonic() + STOP_DEADLINE
         if tasks[1:]:
             await asyncio.wait(tasks[1:], timeout=STOP_DEADLINE / 2)
-        self.take(await self.untranslate(list(dp.reports(timeout=0.5))))
+        await self.ingest(list(dp.reports(timeout=0.5)))
         while time.monotonic() < deadline:
             self.outbox.cut()
             self.outbox.save(Path(s.state_file))

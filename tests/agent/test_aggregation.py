@@ -86,3 +86,28 @@ def test_link_scoped_traffic_is_no_connection() -> None:
         session("fd00:10:244:1::10", 40000, "fd00:10:244:2::30", 6379, new=True, c2s=90),
     ]))
     assert [(d.client.ip, d.server.ip) for d in edges] == [("fd00:10:244:1::10", "fd00:10:244:2::30")]
+
+
+def test_a_call_to_a_clusterip_is_judged_where_the_node_sent_it() -> None:
+    """The dp sees the pod's SYN to the ClusterIP, before the node's DNAT; the node's table sees it
+    after, towards the pod behind it. An edge the policy would deny is judged there again."""
+    import ipaddress as ipa
+
+    from flowmap_agent.enforcement import Peer, Policy
+
+    web, api, service, db = "10.244.1.10", "10.244.2.20", "10.96.0.50", "10.244.2.30"
+    allowed = Peer(pb.TCP, (ipa.ip_network(f"{api}/32"),), frozenset({8080}))
+    asked: list[tuple[int, str, int, str, int]] = []
+
+    def destination(key: tuple[int, str, int, str, int]) -> tuple[str, int] | None:
+        asked.append(key)
+        return {service: (api, 8080)}.get(key[3])
+
+    agg = Aggregator(local_pods={web: "shop/web-1"}, policy=Policy(egress={web: (allowed,)}), destination=destination)
+    # The answer of a ClusterIP call comes back as another 5-tuple: this edge never sees one.
+    via_service, direct_db = agg.take(wire_pb2.Report(sessions=[
+        session(web, 40000, service, 80, new=True, c2s=74),
+        session(web, 40001, db, 5432, new=True, c2s=74)]))[0]
+    assert via_service.verdict == pb.ALLOWED
+    assert direct_db.verdict == pb.DENIED  # no DNAT: nothing else to judge
+    assert [k[3] for k in asked] == [service, db]  # asked only for edges the policy would deny

@@ -1,7 +1,7 @@
-"""The capabilities the DaemonSet grants are enough, and each one is needed.
+"""The capabilities the DaemonSets grant are enough, and each one is needed.
 
 The dp and the agent's privileged work run here as the container runtime runs them: root, in a
-node's network namespace, with every capability but the ones manifests/agent/daemonset.yaml adds
+node's network namespace, with every capability but the ones manifests/agent/ (daemonset.yaml, dp.yaml) add
 removed from the bounding set (``setpriv``). The dp captures a pod's traffic with its grant, and
 cannot open a ring without it; the agent reads links, its pods' addresses (in their namespaces)
 and connection tracking and writes nftables rules with its grant, and is refused its pods'
@@ -30,8 +30,9 @@ NODE_IP, POD_IP = "10.63.0.1", "10.63.1.2"
 
 
 def granted(container: str) -> list[str]:
-    ds = yaml.safe_load((REPO / "manifests" / "agent" / "daemonset.yaml").read_text())
-    found = next(c for c in ds["spec"]["template"]["spec"]["containers"] if c["name"] == container)
+    docs = [d for f in ("daemonset.yaml", "dp.yaml")
+            for d in yaml.safe_load_all((REPO / "manifests" / "agent" / f).read_text()) if d["kind"] == "DaemonSet"]
+    found = next(c for ds in docs for c in ds["spec"]["template"]["spec"]["containers"] if c["name"] == container)
     caps = found["securityContext"]["capabilities"]
     assert caps["drop"] == ["ALL"]
     return [str(c) for c in caps.get("add", [])]
@@ -110,7 +111,7 @@ view = links.Reader("").read()
 out = {{"pods": plumbing.pod_interfaces(view.links, view.peers, ["{POD_IP}"]),
        "uplinks": sorted(plumbing.holders(view.links, view.addresses, ["{NODE_IP}"]))}}
 try:
-    lookup, close = nat.conntrack_lookup("")
+    lookup, _, close = nat.conntrack_lookup("")
     out["conntrack"] = lookup((6, "{NODE_IP}", 40000, "192.0.2.1", 443)) or "read"
     close()
 except nat.Unavailable as exc:
