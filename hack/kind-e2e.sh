@@ -38,7 +38,8 @@ finish() {
     say "failed: what the cluster shows"
     "${kubectl_ctx[@]}" get pods -A -o wide || true
     "${kubectl_ctx[@]}" -n flowmap-system logs deployment/flowmap-operator --tail=50 || true
-    "${kubectl_ctx[@]}" -n flowmap-system logs daemonset/flowmap-agent -c agent --tail=50 || true
+    "${kubectl_ctx[@]}" -n flowmap-system logs daemonset/flowmap-agent --tail=50 || true
+    "${kubectl_ctx[@]}" -n flowmap-system logs daemonset/flowmap-dp --tail=50 || true
   fi
   rm -rf "$overlay"
   if [ "${KEEP:-0}" = 1 ]; then
@@ -72,6 +73,7 @@ images:
 EOF
 "${kubectl_ctx[@]}" apply --server-side -k "$overlay"
 "${kubectl_ctx[@]}" -n flowmap-system rollout status deployment/flowmap-operator --timeout="${TIMEOUT}s"
+"${kubectl_ctx[@]}" -n flowmap-system rollout status daemonset/flowmap-dp --timeout="${TIMEOUT}s"
 "${kubectl_ctx[@]}" -n flowmap-system rollout status daemonset/flowmap-agent --timeout="${TIMEOUT}s"
 
 say "a server on $SERVER_NODE, a client on $CLIENT_NODE calling it through its Service"

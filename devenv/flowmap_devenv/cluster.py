@@ -328,8 +328,8 @@ table ip fmc-masquerade {{
             shutil.rmtree(overlay, ignore_errors=True)
         self.kubectl("-n", "flowmap-system", "rollout", "status", "deployment/flowmap-operator", "--timeout=240s",
                      timeout=260)
-        self.kubectl("-n", "flowmap-system", "rollout", "status", "daemonset/flowmap-agent", "--timeout=240s",
-                     timeout=260)
+        for ds in ("flowmap-dp", "flowmap-agent"):
+            self.kubectl("-n", "flowmap-system", "rollout", "status", f"daemonset/{ds}", "--timeout=240s", timeout=260)
 
     # -- the demo shop ---------------------------------------------------------------------------
 

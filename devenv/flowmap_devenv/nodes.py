@@ -36,7 +36,7 @@ from pathlib import Path
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 # Paths a node owns: each gets a folder of the node's own, bind-mounted in its mount namespace.
 NODE_PATHS = ("/var/lib/kubelet", "/var/lib/containerd", "/run/containerd", "/etc/cni/net.d", "/var/lib/cni",
-              "/var/log/pods", "/var/log/containers", "/run/netns", "/run/flannel", "/var/lib/flowmap",
+              "/var/log/pods", "/var/log/containers", "/run/netns", "/run/flannel", "/run/flowmap", "/var/lib/flowmap",
               "/etc/kubernetes")
 CNI_BIN = "/usr/lib/cni"  # Debian's containernetworking-plugins
 Log = Callable[[str], None]

@@ -337,7 +337,7 @@ table ip kube-proxy {{
                "FLOWMAP_AGENT_CA_FILE": str(cluster.keys.ca_cert), "FLOWMAP_AGENT_TOKEN_FILE": str(folder / "token"),
                "FLOWMAP_AGENT_STATE_FILE": str(folder / "state"), "FLOWMAP_AGENT_SOCKET": str(folder / "dp.sock"),
                "FLOWMAP_AGENT_HEALTH_LISTEN": str(port), "FLOWMAP_AGENT_NETNS": self.ns[n.name],
-               "FLOWMAP_AGENT_INTERVAL": str(self.interval), "FLOWMAP_AGENT_DP": "sidecar"}
+               "FLOWMAP_AGENT_INTERVAL": str(self.interval), "FLOWMAP_AGENT_DP": "external"}
         self._agent_env[n.name] = env
         self.start_agent(n.name)
         self.start_dp(n.name)
@@ -350,7 +350,7 @@ table ip kube-proxy {{
         return self.agents[node_name]
 
     def start_dp(self, node_name: str) -> Proc:
-        """(Re)start a node's dp, as the DaemonSet runs it: a sidecar of the agent (its own
+        """(Re)start a node's dp, as the DaemonSet flowmap-dp runs it, apart from the agent (its own
         process in the node's namespace, told the node's addresses, reporting to the agent's
         socket, which it finds again when the agent restarts)."""
         n = next(n for n in NODES if n.name == node_name)

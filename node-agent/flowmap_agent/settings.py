@@ -21,8 +21,8 @@ class Settings:
     interval: float = 1.0
     window: int = 1024  # unacknowledged batches before deltas only merge (the operator's max_waiting_batches)
     health_listen: int = 9091  # the port of /healthz, /readyz and /metrics
-    # "child": the agent runs the dp and restarts it; "sidecar": the dp runs on its own (a second
-    # container of the pod) and outlives the agent's restarts, so the rings keep capturing.
+    # "child": the agent runs the dp and restarts it; "external": the dp runs on its own (the
+    # DaemonSet flowmap-dp) and outlives the agent's restarts, so the rings keep capturing.
     dp: str = "child"
     dp_workers: int = 1
     dp_args: str = ""  # extra arguments for `flowmap dp run`, space-separated
@@ -57,6 +57,6 @@ class Settings:
         settings = cls(**values)  # type: ignore[arg-type]
         if not settings.node:
             raise ValueError("FLOWMAP_AGENT_NODE is required (set it from spec.nodeName)")
-        if settings.dp not in ("child", "sidecar"):
-            raise ValueError(f"FLOWMAP_AGENT_DP={settings.dp!r}: child or sidecar")
+        if settings.dp not in ("child", "external"):
+            raise ValueError(f"FLOWMAP_AGENT_DP={settings.dp!r}: child or external")
         return settings

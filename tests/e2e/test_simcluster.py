@@ -225,7 +225,7 @@ def test_kill_9_of_a_dp_or_an_agent_loses_at_most_its_interval_and_counts_it(sim
             # traffic's average rate, with half a second to spare: the rounds are bursts).
             allowed = [int(b / duration * (sim.interval + gap[0] + 0.5)) for b in sent[name]]
         else:
-            # The dp (a sidecar) kept capturing and kept every report until the agent saved it:
+            # The dp (its own process) kept capturing and kept every report until the agent saved it:
             # nothing is lost (a report lost anyway would be a counted gap).
             allowed = [int(b / duration * gaps * sim.interval) for b in sent[name]]
         assert 0 <= lost[0] <= allowed[0] and 0 <= lost[1] <= allowed[1], (name, lost, allowed, gap, health(sim))

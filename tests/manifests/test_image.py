@@ -48,9 +48,10 @@ def test_the_image_runs_as_a_numeric_non_root_user() -> None:
 
 def containers() -> list[dict[str, object]]:
     found = []
-    for name in ("operator/deployment.yaml", "agent/daemonset.yaml"):
-        doc = yaml.safe_load((REPO / "manifests" / name).read_text())
-        found += doc["spec"]["template"]["spec"]["containers"]
+    for name in ("operator/deployment.yaml", "agent/daemonset.yaml", "agent/dp.yaml"):
+        for doc in yaml.safe_load_all((REPO / "manifests" / name).read_text()):
+            if doc["kind"] in ("Deployment", "DaemonSet"):
+                found += doc["spec"]["template"]["spec"]["containers"]
     return found
 
 

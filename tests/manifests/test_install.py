@@ -57,6 +57,7 @@ def installed() -> Iterator[ControlPlane]:
                 dry = plane.kubectl(*args, "--dry-run=server", check=False)
                 assert dry.returncode == 0, dry.stderr
                 for kind in ("deployment.apps/flowmap-operator", "daemonset.apps/flowmap-agent",
+                             "daemonset.apps/flowmap-dp",
                              "clusterrole.rbac.authorization.k8s.io/flowmap-viewer",
                              "clusterkopfpeering.kopf.dev/flowmap"):
                     assert f"{kind} serverside-applied (server dry run)" in dry.stdout, dry.stdout
@@ -75,16 +76,16 @@ def installed() -> Iterator[ControlPlane]:
 
 
 def test_the_base_is_what_the_api_server_stores(installed: ControlPlane) -> None:
-    ds = json.loads(installed.kubectl("get", "daemonset", "flowmap-agent", "-n", NS, "-o", "json").stdout)
-    pod = ds["spec"]["template"]["spec"]
-    assert pod["hostNetwork"] and pod["tolerations"] == [{"operator": "Exists"}]
-    token = next(v for v in pod["volumes"] if v["name"] == "token")["projected"]["sources"][0]["serviceAccountToken"]
+    pods = {name: json.loads(installed.kubectl("get", "daemonset", name, "-n", NS, "-o", "json").stdout)
+            ["spec"]["template"]["spec"] for name in ("flowmap-agent", "flowmap-dp")}
+    for pod in pods.values():
+        assert pod["hostNetwork"] and pod["tolerations"] == [{"operator": "Exists"}]
+        assert {v["hostPath"]["path"] for v in pod["volumes"] if v["name"] == "run"} == {"/run/flowmap"}  # the socket
+    token = next(v for v in pods["flowmap-agent"]["volumes"]
+                 if v["name"] == "token")["projected"]["sources"][0]["serviceAccountToken"]
     assert token["audience"] == "flowmap"
-    assert pod["automountServiceAccountToken"] is False
-    mounts = {c["name"]: {m["mountPath"] for m in c["volumeMounts"]} for c in pod["containers"]}
-    api_token = "/var/run/secrets/kubernetes.io/serviceaccount"
-    assert api_token in mounts["agent"] and api_token not in mounts["dp"]  # the dp holds no API credential
-    caps = {c["name"]: c["securityContext"]["capabilities"] for c in pod["containers"]}
+    assert pods["flowmap-dp"]["automountServiceAccountToken"] is False  # the dp holds no API credential
+    caps = {c["name"]: c["securityContext"]["capabilities"] for pod in pods.values() for c in pod["containers"]}
     assert caps == {"agent": {"drop": ["ALL"], "add": ["NET_ADMIN"]}, "dp": {"drop": ["ALL"], "add": ["NET_RAW"]}}
     deploy = json.loads(installed.kubectl("get", "deployment", "flowmap-operator", "-n", NS, "-o", "json").stdout)
     spec = deploy["spec"]["template"]["spec"]
