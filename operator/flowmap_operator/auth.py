@@ -17,21 +17,11 @@ import aiohttp
 from kubernetes_asyncio.client import AuthenticationV1Api, V1TokenReview, V1TokenReviewSpec
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from flowmap_operator.errors import PermissionDenied, Unauthenticated, Unavailable
+
 NODE_EXTRA = "authentication.kubernetes.io/node-name"
 CACHE_SECONDS = 60.0
 CACHE_MAX = 10_000
-
-
-class Unauthenticated(Exception):
-    """No credentials, or credentials the API server does not accept."""
-
-
-class Unavailable(Exception):
-    """The token cannot be checked now (the API server is away): the agent should retry."""
-
-
-class PermissionDenied(Exception):
-    """Authenticated, but not allowed to report this (wrong account, or another node)."""
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from flowmap_operator.errors import OutOfOrder
+
 EdgeKey = tuple[str, str, int, str]  # client group, server group, server port (0 = any), protocol
 
 
@@ -109,15 +111,6 @@ class _Agent:
     delivered: int = 0  # highest batch received (or acknowledged by an earlier replica)
     acked_by_agent: int = 0  # the agent will never resend batches up to here
     waiting: dict[int, set[EdgeKey]] = field(default_factory=dict)  # batch -> edges not yet written (never empty)
-
-
-class OutOfOrder(ValueError):
-    """A batch follows one that has not arrived: the agent must resend what it holds, in order."""
-
-    def __init__(self, sequence: int, previous: int, delivered: int) -> None:
-        super().__init__(f"batch {sequence} follows batch {previous}, but the last batch received is {delivered}: "
-                         "resend in order")
-        self.delivered = delivered
 
 
 class Ledger:

@@ -11,18 +11,32 @@ import grpc
 from flowmap_api import report_pb2 as pb
 from flowmap_api import report_pb2_grpc as pb_grpc
 from flowmap_operator import metrics
-from flowmap_operator.auth import Authenticator, PermissionDenied, Unauthenticated, Unavailable
-from flowmap_operator.ledger import OutOfOrder
+from flowmap_operator.auth import Authenticator
+from flowmap_operator.errors import (Busy, Crowded, InvalidReport, OutOfOrder, PermissionDenied, Unauthenticated,
+                                     Unavailable)
 from flowmap_operator.policing import PolicyHub
 from flowmap_operator.settings import Settings
-from flowmap_operator.topology import Crowded, Topology
-from flowmap_operator.validation import InvalidReport, validate
+from flowmap_operator.topology import Topology
+from flowmap_operator.validation import validate
 
 log = logging.getLogger("flowmap.operator.serving")
+# The one mapping of the operator's errors (flowmap_operator.errors) to gRPC status codes, with the
+# outcome label they are counted under. The agent drops a batch only on INVALID_ARGUMENT.
+STATUS: dict[type[Exception], tuple[grpc.StatusCode, str]] = {
+    Unauthenticated: (grpc.StatusCode.UNAUTHENTICATED, "unauthenticated"),
+    PermissionDenied: (grpc.StatusCode.PERMISSION_DENIED, "permission_denied"),
+    InvalidReport: (grpc.StatusCode.INVALID_ARGUMENT, "invalid"),
+    OutOfOrder: (grpc.StatusCode.FAILED_PRECONDITION, "out_of_order"),
+    Busy: (grpc.StatusCode.RESOURCE_EXHAUSTED, "busy"),
+    Crowded: (grpc.StatusCode.RESOURCE_EXHAUSTED, "busy"),
+    Unavailable: (grpc.StatusCode.UNAVAILABLE, "unavailable"),
+}
+REFUSALS = tuple(STATUS)
 
 
-class Busy(Exception):
-    """The operator holds too much of this agent's unwritten data: retry later, keep the batch."""
+def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status code and outcome label of one of the operator's errors."""
+    return next(STATUS[t] for t in type(exc).__mro__ if t in STATUS)
 
 
 class ReportServicer(pb_grpc.ReportServiceServicer):
@@ -33,21 +47,10 @@ class ReportServicer(pb_grpc.ReportServiceServicer):
         self.blocked_labels: set[tuple[str, ...]] = set()  # violation series, capped
 
     async def Report(self, request: pb.ReportBatch, context: grpc.aio.ServicerContext) -> pb.ReportAck:  # noqa: N802
-        code, message = grpc.StatusCode.OK, ""
         try:
             return await self._report(request, context)
-        except Unauthenticated as exc:
-            code, message, outcome = grpc.StatusCode.UNAUTHENTICATED, str(exc), "unauthenticated"
-        except PermissionDenied as exc:
-            code, message, outcome = grpc.StatusCode.PERMISSION_DENIED, str(exc), "permission_denied"
-        except InvalidReport as exc:
-            code, message, outcome = grpc.StatusCode.INVALID_ARGUMENT, str(exc), "invalid"
-        except OutOfOrder as exc:
-            code, message, outcome = grpc.StatusCode.FAILED_PRECONDITION, str(exc), "out_of_order"
-        except (Busy, Crowded) as exc:
-            code, message, outcome = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), "busy"
-        except Unavailable as exc:
-            code, message, outcome = grpc.StatusCode.UNAVAILABLE, str(exc), "unavailable"
+        except REFUSALS as exc:
+            (code, outcome), message = status_of(exc), str(exc)
         metrics.REPORTS.labels(outcome).inc()
         # Back-pressure is routine under load (one line per agent per second): only counted.
         log.log(logging.DEBUG if outcome == "busy" else logging.INFO, "report refused (%s): %s", code.name, message)
@@ -110,14 +113,11 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         try:
             identity = await self.auth.identify(tuple(context.invocation_metadata() or ()))
             self.auth.authorize(identity, request.node)
-        except Unauthenticated as exc:
-            metrics.REPORTS.labels("unauthenticated").inc()
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
-        except PermissionDenied as exc:
-            metrics.REPORTS.labels("permission_denied").inc()
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
-        except Unavailable as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except (Unauthenticated, PermissionDenied, Unavailable) as exc:
+            code, outcome = status_of(exc)
+            if not isinstance(exc, Unavailable):
+                metrics.REPORTS.labels(outcome).inc()
+            await context.abort(code, str(exc))
         if not self.is_leader():
             await context.abort(grpc.StatusCode.UNAVAILABLE, "not the leader: policy comes from the leader")
         log.info("node %s takes policy", request.node)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flowmap_api import report_pb2 as pb
+from flowmap_operator.errors import Crowded
 from flowmap_operator.ledger import Counters, EdgeKey, Ledger
 from flowmap_operator.modes import DENIED, LEARNED, VIOLATION, Modes
 from flowmap_operator.naming import connection_name
@@ -20,14 +21,6 @@ from flowmap_operator.resolution import Peer, Resolver
 PROTOCOLS = {pb.TCP: "TCP", pb.UDP: "UDP", pb.SCTP: "SCTP", pb.ICMP: "ICMP"}
 # Watermarks one Connection may carry (the CRD's status.observers maxItems): ~7 kB at most.
 MAX_OBSERVERS = 128
-
-
-class Crowded(Exception):
-    """An edge has as many unconfirmed observers as it may hold: retry the batch a little later.
-
-    Watermarks are pruned as soon as their agents confirm the acknowledgement, so this only
-    delays a batch; refusing it whole keeps it exact.
-    """
 
 
 @dataclass

@@ -7,6 +7,7 @@ import re
 
 from flowmap_api import report_pb2 as pb
 from flowmap_api.apps import APPLICATIONS, UNKNOWN
+from flowmap_operator.errors import InvalidReport
 
 _APPS = frozenset((*APPLICATIONS, UNKNOWN))
 _AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
@@ -16,10 +17,6 @@ MAX_COUNTER = 2**62  # far above any real interval, far below int64 overflow whe
 MAX_THREATS = 16
 MAX_SNIPPET = 256
 MAX_NAMES = 10_000
-
-
-class InvalidReport(ValueError):
-    """The batch breaks the contract; the message names the first problem found."""
 
 
 def _ip(value: str, where: str) -> None:

@@ -1,0 +1,46 @@
+"""Why the operator refuses a report or a policy watch, typed by what the agent should do.
+
+Raised by the pure core (validation, ledger, topology, resolution) and by authentication;
+``flowmap_operator.serving`` maps them to gRPC status codes, in one table. The agent drops a
+batch only for ``InvalidReport`` (it would be refused forever); everything else it keeps and
+resends, in order, with backoff.
+"""
+
+from __future__ import annotations
+
+
+class Unauthenticated(Exception):
+    """No credentials, or credentials the API server does not accept."""
+
+
+class PermissionDenied(Exception):
+    """Authenticated, but not allowed to report this (wrong account, or another node)."""
+
+
+class Unavailable(Exception):
+    """The token cannot be checked now (the API server is away): the agent should retry."""
+
+
+class InvalidReport(ValueError):
+    """The batch breaks the contract; the message names the first problem found."""
+
+
+class OutOfOrder(ValueError):
+    """A batch follows one that has not arrived: the agent must resend what it holds, in order."""
+
+    def __init__(self, sequence: int, previous: int, delivered: int) -> None:
+        super().__init__(f"batch {sequence} follows batch {previous}, but the last batch received is {delivered}: "
+                         "resend in order")
+        self.delivered = delivered
+
+
+class Busy(Exception):
+    """The operator holds too much of this agent's unwritten data: retry later, keep the batch."""
+
+
+class Crowded(Exception):
+    """An edge has as many unconfirmed observers as it may hold: retry the batch a little later.
+
+    Watermarks are pruned as soon as their agents confirm the acknowledgement, so this only
+    delays a batch; refusing it whole keeps it exact.
+    """
