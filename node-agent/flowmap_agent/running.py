@@ -6,12 +6,15 @@ veth-based CNI; the uplinks; the overlay's tunnels), the node's own addresses (e
 address on an interface that is up: they change, a CNI's bridge and tunnel appear with the
 first pod) and the overlay's encapsulation to drop on the uplinks; take the dp's session
 records, aggregate them per edge, cut a numbered batch, save the outbox to disk, then deliver
-whatever is not acknowledged. The loop never waits on the operator longer than a send timeout,
-and backs off with jitter. The dp starts with the Node object's addresses and takes the rest
-from the agent, so it also counts what the node itself sends (a kubelet probe from a bridge's
-gateway address too), where it leaves the node. Alongside, Protect mode
-(flowmap_agent.protecting) keeps the node's nftables table to the policy the operator streams,
-and each delta says what that policy did to it.
+whatever is not acknowledged, each batch saying the node's own addresses as they are when it is
+sent (``node_addresses``: another node's report of them, a hostNetwork client arriving through the
+tunnel, is then this node's, not a pod's nor the outside's). The loop never waits on the operator
+longer than a send timeout, and backs off with jitter (from 0.5 s: a batch the operator defers
+because it names a pod it does not know yet goes again within a second). The dp starts with
+the Node object's addresses and takes the rest from the agent, so it also counts what the node
+itself sends (a kubelet probe from a bridge's gateway address too), where it leaves the node.
+Alongside, Protect mode (flowmap_agent.protecting) keeps the node's nftables table to the policy
+the operator streams, and each delta says what that policy did to it.
 
 What a crash can lose, exactly, and how it is counted:
 
@@ -292,6 +295,7 @@ class Agent:
         if told is None or wanted.own != told.own:
             log.info("the node's own addresses: %s", sorted(wanted.own))
             self.aggregator.node_ips = wanted.own
+            self.outbox.node_addresses = wanted.announced  # the operator names them this node
             if self.unnat is not None:
                 self.unnat.node_addresses = wanted.own
         if told is None or (wanted.underlay, wanted.overlay) != (told.underlay, told.overlay):
@@ -317,7 +321,7 @@ class Agent:
 
         app = web.Application()
         app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", metrics)])
-        runner = web.AppRunner(app)
+        runner = web.AppRunner(app, access_log=None)  # a line per kubelet probe and scrape is noise
         await runner.setup()
         await web.TCPSite(runner, port=self.settings.health_listen).start()
         return runner
