@@ -1,5 +1,5 @@
 # The README's two commands: `make demo` and `make test`. Both set up what is missing first:
-# Debian packages, a virtualenv with flowmap and its test tools, the control-plane binaries.
+# Debian packages, a virtualenv with flowmap and its test tools, the cluster's binaries and images.
 SHELL := /bin/bash
 VENV ?= .venv
 PYTHON ?= python3
@@ -7,7 +7,7 @@ STAMP := $(VENV)/.flowmap-installed
 FLOWMAP := $(VENV)/bin/flowmap
 PYTEST_ARGS ?=
 
-.PHONY: demo test setup debs controlplane proto docs clean
+.PHONY: demo test setup debs controlplane cluster proto docs clean
 
 demo: setup
 	$(FLOWMAP) demo
@@ -15,7 +15,7 @@ demo: setup
 test: setup
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-setup: debs $(STAMP) controlplane
+setup: debs $(STAMP) controlplane cluster
 
 debs:
 	@hack/install-debian-packages.sh hack/debian-packages.txt
@@ -29,6 +29,12 @@ $(STAMP): pyproject.toml
 # Built once from the official Go modules into ~/.cache/flowmap (or FLOWMAP_CONTROLPLANE_BIN).
 controlplane: $(STAMP)
 	@$(FLOWMAP) controlplane build >/dev/null
+
+# The local cluster's programs (kubelet, kube-proxy, the controllers, CoreDNS, flannel, crictl)
+# and images (a Debian base, flowmap's from the Dockerfile, pause, CoreDNS, flannel, the shop's),
+# built once into ~/.cache/flowmap; flowmap's image again whenever the tree changed.
+cluster: $(STAMP)
+	@$(FLOWMAP) cluster build >/dev/null
 
 # Regenerate the committed protobuf code after editing a .proto (tests/test_generated.py checks).
 proto: $(STAMP)

@@ -49,6 +49,14 @@ def _status(args: argparse.Namespace) -> int:
     return 0 if status["running"] else 1
 
 
+def _build(args: argparse.Namespace) -> int:
+    log = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    binaries.ensure_programs(binaries.CLUSTER, log)
+    for name, built in images.Builder(log).all().items():
+        print(f"{name}: {built.name} ({built.archive})")
+    return 0
+
+
 def _load_image(args: argparse.Namespace) -> int:
     cluster = _cluster(args)
     if args.image == "flowmap":
@@ -88,6 +96,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     load.add_argument("image")
     load.set_defaults(func=_guard(_load_image))
     for name, func, help_text in (
+        ("build", _build, "build (or find) the cluster's programs and images only"),
         ("down", _down, "stop everything and remove its state"),
         ("env", _env, "print the KUBECONFIG export"),
         ("status", _status, "print what runs (exit 1 unless every node is Ready)"),
