@@ -55,7 +55,7 @@ say "kind cluster $CLUSTER"
 kind create cluster --name "$CLUSTER" --config hack/kind-cluster.yaml --wait "${TIMEOUT}s"
 
 say "image $IMAGE"
-docker build -t "$IMAGE" .
+DOCKER_BUILDKIT=1 docker build -t "$IMAGE" .  # the Dockerfile mounts a build secret (BuildKit)
 kind load docker-image "$IMAGE" --name "$CLUSTER"
 
 say "flowmap: CRDs first (the base holds a ClusterKopfPeering), then the base with $IMAGE"
