@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66lowmap_api/report.proto\x12\x10\x66lowmap.v1alpha1\"@\n\x08\x45ndpoint\x12\n\n\x02ip\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\x0b\n\x03pod\x18\x03 \x01(\t\x12\r\n\x05local\x18\x04 \x01(\x08\"@\n\tThreatHit\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07snippet\x18\x02 \x01(\t\x12\x14\n\x0ctime_unix_ms\x18\x03 \x01(\x03\"\xcb\x03\n\tEdgeDelta\x12*\n\x06\x63lient\x18\x01 \x01(\x0b\x32\x1a.flowmap.v1alpha1.Endpoint\x12*\n\x06server\x18\x02 \x01(\x0b\x32\x1a.flowmap.v1alpha1.Endpoint\x12,\n\x08protocol\x18\x03 \x01(\x0e\x32\x1a.flowmap.v1alpha1.Protocol\x12\x0c\n\x04\x61pps\x18\x04 \x03(\t\x12\x11\n\tbytes_c2s\x18\x05 \x01(\x04\x12\x11\n\tbytes_s2c\x18\x06 \x01(\x04\x12\x13\n\x0bpackets_c2s\x18\x07 \x01(\x04\x12\x13\n\x0bpackets_s2c\x18\x08 \x01(\x04\x12\x17\n\x0fsessions_opened\x18\t \x01(\r\x12\x17\n\x0fsessions_closed\x18\n \x01(\r\x12\x17\n\x0fsessions_active\x18\x0b \x01(\r\x12\x1a\n\x12\x66irst_seen_unix_ms\x18\x0c \x01(\x03\x12\x19\n\x11last_seen_unix_ms\x18\r \x01(\x03\x12,\n\x07threats\x18\x0e \x03(\x0b\x32\x1b.flowmap.v1alpha1.ThreatHit\x12*\n\x07verdict\x18\x0f \x01(\x0e\x32\x19.flowmap.v1alpha1.Verdict\"N\n\x07\x44nsName\x12\n\n\x02ip\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\r\x12\x14\n\x0cseen_unix_ms\x18\x04 \x01(\x03\"\xf6\x01\n\x0bReportBatch\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12\r\n\x05\x61\x63ked\x18\x04 \x01(\x04\x12\x13\n\x0binterval_ms\x18\x05 \x01(\r\x12\x14\n\x0csent_unix_ms\x18\x06 \x01(\x03\x12*\n\x05\x65\x64ges\x18\x07 \x03(\x0b\x32\x1b.flowmap.v1alpha1.EdgeDelta\x12(\n\x05names\x18\x08 \x03(\x0b\x32\x19.flowmap.v1alpha1.DnsName\x12\x13\n\x0blost_deltas\x18\t \x01(\x04\x12\x10\n\x08previous\x18\n \x01(\x04\"O\n\tReportAck\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x04\x12\x0e\n\x06leader\x18\x02 \x01(\x08\x12\x10\n\x08received\x18\x03 \x01(\x04\x12\x0f\n\x07waiting\x18\x04 \x03(\x04\"\x1c\n\x0cWatchRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\"\xde\x01\n\tPodPolicy\x12\x0b\n\x03pod\x18\x01 \x01(\t\x12\x0b\n\x03ips\x18\x02 \x03(\t\x12\x30\n\x06\x65gress\x18\x03 \x03(\x0b\x32 .flowmap.v1alpha1.PodPolicy.Peer\x12\x31\n\x07ingress\x18\x04 \x03(\x0b\x32 .flowmap.v1alpha1.PodPolicy.Peer\x1aR\n\x04Peer\x12\r\n\x05\x63idrs\x18\x01 \x03(\t\x12,\n\x08protocol\x18\x02 \x01(\x0e\x32\x1a.flowmap.v1alpha1.Protocol\x12\r\n\x05ports\x18\x03 \x03(\r\"f\n\nNodePolicy\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x1c\n\x14\x65nforcement_disabled\x18\x02 \x01(\x08\x12)\n\x04pods\x18\x03 \x03(\x0b\x32\x1b.flowmap.v1alpha1.PodPolicy*J\n\x08Protocol\x12\x18\n\x14PROTOCOL_UNSPECIFIED\x10\x00\x12\x07\n\x03TCP\x10\x01\x12\x07\n\x03UDP\x10\x02\x12\x08\n\x04SCTP\x10\x03\x12\x08\n\x04ICMP\x10\x04*;\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x41LLOWED\x10\x01\x12\n\n\x06\x44\x45NIED\x10\x02\x32U\n\rReportService\x12\x44\n\x06Report\x12\x1d.flowmap.v1alpha1.ReportBatch\x1a\x1b.flowmap.v1alpha1.ReportAck2X\n\rPolicyService\x12G\n\x05Watch\x12\x1e.flowmap.v1alpha1.WatchRequest\x1a\x1c.flowmap.v1alpha1.NodePolicy0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66lowmap_api/report.proto\x12\x10\x66lowmap.v1alpha1\"@\n\x08\x45ndpoint\x12\n\n\x02ip\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\x0b\n\x03pod\x18\x03 \x01(\t\x12\r\n\x05local\x18\x04 \x01(\x08\"@\n\tThreatHit\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07snippet\x18\x02 \x01(\t\x12\x14\n\x0ctime_unix_ms\x18\x03 \x01(\x03\"\xcb\x03\n\tEdgeDelta\x12*\n\x06\x63lient\x18\x01 \x01(\x0b\x32\x1a.flowmap.v1alpha1.Endpoint\x12*\n\x06server\x18\x02 \x01(\x0b\x32\x1a.flowmap.v1alpha1.Endpoint\x12,\n\x08protocol\x18\x03 \x01(\x0e\x32\x1a.flowmap.v1alpha1.Protocol\x12\x0c\n\x04\x61pps\x18\x04 \x03(\t\x12\x11\n\tbytes_c2s\x18\x05 \x01(\x04\x12\x11\n\tbytes_s2c\x18\x06 \x01(\x04\x12\x13\n\x0bpackets_c2s\x18\x07 \x01(\x04\x12\x13\n\x0bpackets_s2c\x18\x08 \x01(\x04\x12\x17\n\x0fsessions_opened\x18\t \x01(\r\x12\x17\n\x0fsessions_closed\x18\n \x01(\r\x12\x17\n\x0fsessions_active\x18\x0b \x01(\r\x12\x1a\n\x12\x66irst_seen_unix_ms\x18\x0c \x01(\x03\x12\x19\n\x11last_seen_unix_ms\x18\r \x01(\x03\x12,\n\x07threats\x18\x0e \x03(\x0b\x32\x1b.flowmap.v1alpha1.ThreatHit\x12*\n\x07verdict\x18\x0f \x01(\x0e\x32\x19.flowmap.v1alpha1.Verdict\"N\n\x07\x44nsName\x12\n\n\x02ip\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\r\x12\x14\n\x0cseen_unix_ms\x18\x04 \x01(\x03\"\x8e\x02\n\x0bReportBatch\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12\r\n\x05\x61\x63ked\x18\x04 \x01(\x04\x12\x13\n\x0binterval_ms\x18\x05 \x01(\r\x12\x14\n\x0csent_unix_ms\x18\x06 \x01(\x03\x12*\n\x05\x65\x64ges\x18\x07 \x03(\x0b\x32\x1b.flowmap.v1alpha1.EdgeDelta\x12(\n\x05names\x18\x08 \x03(\x0b\x32\x19.flowmap.v1alpha1.DnsName\x12\x13\n\x0blost_deltas\x18\t \x01(\x04\x12\x10\n\x08previous\x18\n \x01(\x04\x12\x16\n\x0enode_addresses\x18\x0b \x03(\t\"O\n\tReportAck\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x04\x12\x0e\n\x06leader\x18\x02 \x01(\x08\x12\x10\n\x08received\x18\x03 \x01(\x04\x12\x0f\n\x07waiting\x18\x04 \x03(\x04\"\x1c\n\x0cWatchRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\"\xde\x01\n\tPodPolicy\x12\x0b\n\x03pod\x18\x01 \x01(\t\x12\x0b\n\x03ips\x18\x02 \x03(\t\x12\x30\n\x06\x65gress\x18\x03 \x03(\x0b\x32 .flowmap.v1alpha1.PodPolicy.Peer\x12\x31\n\x07ingress\x18\x04 \x03(\x0b\x32 .flowmap.v1alpha1.PodPolicy.Peer\x1aR\n\x04Peer\x12\r\n\x05\x63idrs\x18\x01 \x03(\t\x12,\n\x08protocol\x18\x02 \x01(\x0e\x32\x1a.flowmap.v1alpha1.Protocol\x12\r\n\x05ports\x18\x03 \x03(\r\"f\n\nNodePolicy\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x1c\n\x14\x65nforcement_disabled\x18\x02 \x01(\x08\x12)\n\x04pods\x18\x03 \x03(\x0b\x32\x1b.flowmap.v1alpha1.PodPolicy*J\n\x08Protocol\x12\x18\n\x14PROTOCOL_UNSPECIFIED\x10\x00\x12\x07\n\x03TCP\x10\x01\x12\x07\n\x03UDP\x10\x02\x12\x08\n\x04SCTP\x10\x03\x12\x08\n\x04ICMP\x10\x04*;\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x41LLOWED\x10\x01\x12\n\n\x06\x44\x45NIED\x10\x02\x32U\n\rReportService\x12\x44\n\x06Report\x12\x1d.flowmap.v1alpha1.ReportBatch\x1a\x1b.flowmap.v1alpha1.ReportAck2X\n\rPolicyService\x12G\n\x05Watch\x12\x1e.flowmap.v1alpha1.WatchRequest\x1a\x1c.flowmap.v1alpha1.NodePolicy0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'flowmap_api.report_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROTOCOL']._serialized_start=1409
-  _globals['_PROTOCOL']._serialized_end=1483
-  _globals['_VERDICT']._serialized_start=1485
-  _globals['_VERDICT']._serialized_end=1544
+  _globals['_PROTOCOL']._serialized_start=1433
+  _globals['_PROTOCOL']._serialized_end=1507
+  _globals['_VERDICT']._serialized_start=1509
+  _globals['_VERDICT']._serialized_end=1568
   _globals['_ENDPOINT']._serialized_start=46
   _globals['_ENDPOINT']._serialized_end=110
   _globals['_THREATHIT']._serialized_start=112
@@ -44,19 +44,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DNSNAME']._serialized_start=640
   _globals['_DNSNAME']._serialized_end=718
   _globals['_REPORTBATCH']._serialized_start=721
-  _globals['_REPORTBATCH']._serialized_end=967
-  _globals['_REPORTACK']._serialized_start=969
-  _globals['_REPORTACK']._serialized_end=1048
-  _globals['_WATCHREQUEST']._serialized_start=1050
-  _globals['_WATCHREQUEST']._serialized_end=1078
-  _globals['_PODPOLICY']._serialized_start=1081
-  _globals['_PODPOLICY']._serialized_end=1303
-  _globals['_PODPOLICY_PEER']._serialized_start=1221
-  _globals['_PODPOLICY_PEER']._serialized_end=1303
-  _globals['_NODEPOLICY']._serialized_start=1305
-  _globals['_NODEPOLICY']._serialized_end=1407
-  _globals['_REPORTSERVICE']._serialized_start=1546
-  _globals['_REPORTSERVICE']._serialized_end=1631
-  _globals['_POLICYSERVICE']._serialized_start=1633
-  _globals['_POLICYSERVICE']._serialized_end=1721
+  _globals['_REPORTBATCH']._serialized_end=991
+  _globals['_REPORTACK']._serialized_start=993
+  _globals['_REPORTACK']._serialized_end=1072
+  _globals['_WATCHREQUEST']._serialized_start=1074
+  _globals['_WATCHREQUEST']._serialized_end=1102
+  _globals['_PODPOLICY']._serialized_start=1105
+  _globals['_PODPOLICY']._serialized_end=1327
+  _globals['_PODPOLICY_PEER']._serialized_start=1245
+  _globals['_PODPOLICY_PEER']._serialized_end=1327
+  _globals['_NODEPOLICY']._serialized_start=1329
+  _globals['_NODEPOLICY']._serialized_end=1431
+  _globals['_REPORTSERVICE']._serialized_start=1570
+  _globals['_REPORTSERVICE']._serialized_end=1655
+  _globals['_POLICYSERVICE']._serialized_start=1657
+  _globals['_POLICYSERVICE']._serialized_end=1745
 # @@protoc_insertion_point(module_scope)

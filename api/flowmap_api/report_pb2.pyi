@@ -98,7 +98,7 @@ class DnsName(_message.Message):
     def __init__(self, ip: _Optional[str] = ..., name: _Optional[str] = ..., ttl_seconds: _Optional[int] = ..., seen_unix_ms: _Optional[int] = ...) -> None: ...
 
 class ReportBatch(_message.Message):
-    __slots__ = ("agent_id", "node", "sequence", "acked", "interval_ms", "sent_unix_ms", "edges", "names", "lost_deltas", "previous")
+    __slots__ = ("agent_id", "node", "sequence", "acked", "interval_ms", "sent_unix_ms", "edges", "names", "lost_deltas", "previous", "node_addresses")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +109,7 @@ class ReportBatch(_message.Message):
     NAMES_FIELD_NUMBER: _ClassVar[int]
     LOST_DELTAS_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_FIELD_NUMBER: _ClassVar[int]
+    NODE_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     node: str
     sequence: int
@@ -119,7 +120,8 @@ class ReportBatch(_message.Message):
     names: _containers.RepeatedCompositeFieldContainer[DnsName]
     lost_deltas: int
     previous: int
-    def __init__(self, agent_id: _Optional[str] = ..., node: _Optional[str] = ..., sequence: _Optional[int] = ..., acked: _Optional[int] = ..., interval_ms: _Optional[int] = ..., sent_unix_ms: _Optional[int] = ..., edges: _Optional[_Iterable[_Union[EdgeDelta, _Mapping]]] = ..., names: _Optional[_Iterable[_Union[DnsName, _Mapping]]] = ..., lost_deltas: _Optional[int] = ..., previous: _Optional[int] = ...) -> None: ...
+    node_addresses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, agent_id: _Optional[str] = ..., node: _Optional[str] = ..., sequence: _Optional[int] = ..., acked: _Optional[int] = ..., interval_ms: _Optional[int] = ..., sent_unix_ms: _Optional[int] = ..., edges: _Optional[_Iterable[_Union[EdgeDelta, _Mapping]]] = ..., names: _Optional[_Iterable[_Union[DnsName, _Mapping]]] = ..., lost_deltas: _Optional[int] = ..., previous: _Optional[int] = ..., node_addresses: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ReportAck(_message.Message):
     __slots__ = ("applied", "leader", "received", "waiting")

@@ -89,6 +89,9 @@ class Outbox:
         self.delivered = 0  # the last batch delivered on the current connection
         self.lost_deltas = 0  # to be reported with the next batch
         self.dp_positions: dict[int, tuple[int, int]] = {}  # dp worker -> (run id, last report taken)
+        # The node's own addresses as they are now: every batch says them when it is sent (a resent
+        # one too), so the operator always has the latest (plumbing.announced).
+        self.node_addresses: tuple[str, ...] = ()
 
     # -- filling --------------------------------------------------------------------------------
 
@@ -128,10 +131,12 @@ class Outbox:
         for b in self.unacked:
             if b.sequence > self.delivered:
                 b.acked, b.previous, b.sent_unix_ms = self.acked, previous, now
+                b.node_addresses[:] = self.node_addresses
                 out.append(b)
             previous = b.sequence
         if not out and self.unacked:
-            out.append(pb.ReportBatch(agent_id=self.agent_id, node=self.node, acked=self.acked, sent_unix_ms=now))
+            out.append(pb.ReportBatch(agent_id=self.agent_id, node=self.node, acked=self.acked, sent_unix_ms=now,
+                                      node_addresses=self.node_addresses))
         return out
 
     def delivered_ok(self, batch: pb.ReportBatch, ack: pb.ReportAck) -> None:

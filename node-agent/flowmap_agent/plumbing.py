@@ -30,6 +30,7 @@ import ipaddress
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
+from flowmap_api.limits import MAX_NODE_ADDRESSES
 from flowmap_dp.capture import Encapsulation
 
 RT_SCOPE_UNIVERSE = 0
@@ -142,6 +143,15 @@ def overlay(links: Iterable[Link]) -> tuple[Encapsulation, ...]:
     return tuple(sorted({e for encap in tunnels(links).values() for e in encap}))
 
 
+def announced(own: Collection[str], node_ips: Collection[str], limit: int = MAX_NODE_ADDRESSES) -> tuple[str, ...]:
+    """The node's own addresses as the operator is told them with each batch, so that another
+    node's report of them names this node: the Node object's first, then the rest, at most
+    ``limit`` (the contract's bound; a node with more keeps its uplinks and the first of the rest)."""
+    first = sorted(set(node_ips))
+    rest = sorted(set(own) - set(first), key=lambda ip: (ipaddress.ip_address(ip).version, ipaddress.ip_address(ip)))
+    return tuple([*first, *rest][:limit])
+
+
 @dataclass(frozen=True)
 class Plan:
     """What the dp captures on a node, and what the agent calls the node's own."""
@@ -151,6 +161,7 @@ class Plan:
     own: frozenset[str]  # the node's own addresses
     underlay: tuple[str, ...]  # the uplinks: the overlay's encapsulation passes there
     overlay: tuple[Encapsulation, ...]
+    announced: tuple[str, ...] = ()  # the own addresses the operator is told (ReportBatch.node_addresses)
 
     def missing(self, pod_ips: Iterable[str]) -> bool:
         """Is a pod's interface not found (yet)?"""
@@ -165,5 +176,5 @@ def plan(links: Collection[Link], addresses: Collection[Address], peers: Mapping
     pods = pod_interfaces(links, peers, pod_ips)
     underlay = set(uplinks) or holders(links, addresses, node_ips)
     interfaces = set(pods.values()) | underlay | set(tunnels(links))
-    return Plan(pods, tuple(sorted(interfaces)), own_addresses(links, addresses) | frozenset(node_ips),
-                tuple(sorted(underlay)), overlay(links))
+    own = own_addresses(links, addresses) | frozenset(node_ips)
+    return Plan(pods, tuple(sorted(interfaces)), own, tuple(sorted(underlay)), overlay(links), announced(own, node_ips))

@@ -7,6 +7,7 @@ import re
 
 from flowmap_api import report_pb2 as pb
 from flowmap_api.apps import APPLICATIONS, UNKNOWN
+from flowmap_api.limits import MAX_NODE_ADDRESSES
 from flowmap_operator.errors import InvalidReport
 
 _APPS = frozenset((*APPLICATIONS, UNKNOWN))
@@ -42,7 +43,8 @@ def validate(batch: pb.ReportBatch, *, max_edges: int) -> None:
         raise InvalidReport(f"node: {batch.node[:64]!r} is not a node name")
     if not batch.sequence:
         if batch.edges or batch.names or batch.lost_deltas or batch.previous:
-            raise InvalidReport("sequence: 0 asks for the acknowledgement only, and carries nothing else")
+            raise InvalidReport("sequence: 0 asks for the acknowledgement (and says the node's addresses) only, "
+                                "and carries nothing else")
     elif not batch.acked <= batch.previous < batch.sequence:
         raise InvalidReport(f"acked {batch.acked} <= previous {batch.previous} < sequence {batch.sequence} "
                             "does not hold")
@@ -50,6 +52,11 @@ def validate(batch: pb.ReportBatch, *, max_edges: int) -> None:
         raise InvalidReport(f"edges: {len(batch.edges)} edges, more than the limit {max_edges}")
     if len(batch.names) > MAX_NAMES:
         raise InvalidReport(f"names: {len(batch.names)} names, more than the limit {MAX_NAMES}")
+    if len(batch.node_addresses) > MAX_NODE_ADDRESSES:
+        raise InvalidReport(f"node_addresses: {len(batch.node_addresses)} addresses, more than the limit "
+                            f"{MAX_NODE_ADDRESSES}")
+    for i, address in enumerate(batch.node_addresses):
+        _ip(address, f"node_addresses[{i}]")
     for i, edge in enumerate(batch.edges):
         where = f"edges[{i}]"
         _endpoint(edge.client, f"{where}.client")
