@@ -10,7 +10,9 @@ Every call is real and by name through the cluster's DNS:
 * ``web``: calls the api's Service over HTTP and gRPC, and counts visits in Redis;
 * ``worker``: calls the api's Service over HTTP;
 * ``postgres``, ``redis``: the servers (PostgreSQL initialised on first start, as its user);
-* ``payments``: the TLS server outside the cluster.
+* ``payments``: the TLS server outside the cluster; ``http --port N``: an HTTP server alone.
+
+The simulated cluster (flowmap_devenv.simcluster, simtraffic) runs the same servers and calls.
 
 A client does ``--rounds`` rounds (0: forever; -1: none, a test runs them with ``kubectl exec``),
 prints ``done ROUNDS FAILURES`` and keeps its servers running, so a test can wait for the traffic
@@ -107,8 +109,9 @@ def grpc_call(target: str) -> None:
         channel.unary_unary("/shop.Catalog/List")(b"", timeout=5)
 
 
-def payments() -> None:
-    context = ssl.create_default_context(cafile=PAYMENTS_CA)
+def payments(ca: str = PAYMENTS_CA) -> None:
+    """Resolve the external service by name, then a TLS request checked against that name."""
+    context = ssl.create_default_context(cafile=ca)
     with socket.create_connection((PAYMENTS, 443), timeout=5) as raw, \
             context.wrap_socket(raw, server_hostname=PAYMENTS) as tls:
         tls.sendall(f"GET /charge HTTP/1.1\r\nHost: {PAYMENTS}\r\nConnection: close\r\n\r\n".encode())
@@ -203,13 +206,14 @@ def serve_payments(cert: str, key: str) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("role", choices=[*CLIENTS, "postgres", "redis", "payments", "connect"])
+    p.add_argument("role", choices=[*CLIENTS, "postgres", "redis", "payments", "http", "connect"])
     p.add_argument("target", nargs="*", help="connect: HOST PORT")
     p.add_argument("--rounds", type=int, default=0, help="client rounds, 0: until stopped")
     p.add_argument("--pause", type=float, default=1.0, help="seconds between rounds")
     p.add_argument("--serve", action="store_true", help="api: serve HTTP and gRPC too")
     p.add_argument("--stay", action="store_true", help="keep running after the rounds (a pod's main process)")
     p.add_argument("--data", default="/var/lib/shop-pg", help="postgres: its data folder")
+    p.add_argument("--port", type=int, default=HTTP_PORT, help="http: its port")
     p.add_argument("--cert", help="payments: certificate")
     p.add_argument("--key", help="payments: key")
     args = p.parse_args()
@@ -220,6 +224,10 @@ def main() -> int:
                                    "--appendonly", "no"])
     elif args.role == "payments":
         serve_payments(args.cert, args.key)
+    elif args.role == "http":
+        serve_http(args.port)
+        while True:
+            time.sleep(3600)
     elif args.role == "connect":
         print(*connect(args.target[0], int(args.target[1])))
     else:

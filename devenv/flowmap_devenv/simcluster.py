@@ -280,14 +280,14 @@ table ip kube-proxy {{
                                 *(f"--address=/{name}/{ip}" for name, ip in map(site, range(SITES)))])
         self.spawn("redis", REDIS, ["redis-server", "--bind", REDIS.ip, REDIS.ip6, "--port", "6379", "--save", "",
                                     "--appendonly", "no", "--protected-mode", "no"])
-        self.spawn("api", API, [sys.executable, "-c", _HTTP_SERVER.format(ip=API.ip, port=SERVICE["target"])])
-        self.spawn("api-grpc", API, [sys.executable, "-c", _GRPC_SERVER.format(ip=API.ip, port=GRPC_PORT)])
+        shop = [sys.executable, "-m", "flowmap_devenv.shop"]  # the real cluster's shop runs the same servers
+        self.spawn("api", API, [*shop, "api", "--serve", "--stay", "--rounds", "-1"])
         self._postgres()
-        self.spawn("payments", self.ns["internet"], [sys.executable, "-c", _TLS_SERVER.format(
-            ip=INTERNET, cert=ca, key=self.folder / "payments.key")])
-        self.spawn("sites", self.ns["internet"], [sys.executable, "-c", _HTTP_SERVER.format(ip="0.0.0.0", port=80)])
+        self.spawn("payments", self.ns["internet"], [*shop, "payments", "--cert", str(ca),
+                                                     "--key", str(self.folder / "payments.key")])
+        self.spawn("sites", self.ns["internet"], [*shop, "http", "--port", "80"])
         for name, p, port in (("dns", DNS, 53), ("redis", REDIS, 6379), ("api", API, SERVICE["target"]),
-                              ("api-grpc", API, GRPC_PORT), ("postgres", POSTGRES, 5432)):
+                              ("api", API, GRPC_PORT), ("postgres", POSTGRES, 5432)):
             self._wait_listening(self.ns[p.name], port, name)
         self._wait_listening(self.ns["internet"], 443, "payments")
         self._wait_listening(self.ns["internet"], 80, "sites")
@@ -460,53 +460,3 @@ def leftovers() -> list[str]:
     names = run("ip", "netns", "list").split()
     return [n for n in names if n.startswith(("fmrtr", "fmnet", "fmnode", "fmpod"))]
 
-
-_HTTP_SERVER = """
-import http.server, socketserver
-class Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def do_GET(self):
-        body = b'{{"items": ["espresso", "filter", "cold brew"]}}'
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *args):
-        pass
-class Server(http.server.ThreadingHTTPServer):
-    def server_bind(self):  # no reverse DNS lookup of our own address
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = "api", {port}
-Server(("{ip}", {port}), Handler).serve_forever()
-"""
-
-_TLS_SERVER = """
-import socket, ssl, threading
-ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-ctx.load_cert_chain("{cert}", "{key}")
-srv = socket.create_server(("{ip}", 443))
-def serve(conn):
-    try:
-        with ctx.wrap_socket(conn, server_side=True) as tls:
-            tls.recv(4096)
-            tls.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Length: 9\\r\\nConnection: close\\r\\n\\r\\ncharged\\r\\n")
-    except (OSError, ssl.SSLError):
-        pass
-while True:
-    conn, _ = srv.accept()
-    threading.Thread(target=serve, args=(conn,), daemon=True).start()
-"""
-
-_GRPC_SERVER = """
-import grpc, time
-from concurrent import futures
-def list_items(request, context):
-    return b"espresso,filter,cold brew"
-server = grpc.server(futures.ThreadPoolExecutor(4))
-server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-    "shop.Catalog", {{"List": grpc.unary_unary_rpc_method_handler(list_items)}}),))
-server.add_insecure_port("{ip}:{port}")
-server.start()
-server.wait_for_termination()
-"""

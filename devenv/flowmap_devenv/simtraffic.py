@@ -15,8 +15,6 @@ when each call began (``N unix-time``): each is an edge never seen before.
 from __future__ import annotations
 
 import argparse
-import socket
-import ssl
 import subprocess
 import sys
 import time
@@ -24,38 +22,13 @@ import urllib.request
 
 import grpc
 
+from flowmap_devenv.shop import payments, redis  # the real cluster's shop makes the same calls
+
 API_URL = "http://api.shop.svc.cluster.local/"  # the ClusterIP Service, by name
 REDIS_V4 = ("10.244.2.30", 6379)
 REDIS_V6 = ("fd00:10:244:2::30", 6379)
-PAYMENTS = "payments.example.com"
 GRPC_TARGET = "10.244.2.20:9090"
 POSTGRES = "10.244.1.40"
-
-
-def redis(address: tuple[str, int], *commands: list[str]) -> None:
-    """Send RESP commands over one connection and read one reply line each."""
-    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.settimeout(5)
-        s.connect(address)
-        reader = s.makefile("rb")
-        for cmd in commands:
-            s.sendall(b"".join([f"*{len(cmd)}\r\n".encode()] +
-                               [f"${len(a.encode())}\r\n{a}\r\n".encode() for a in cmd]))
-            line = reader.readline()
-            if line.startswith(b"$") and line[1:].strip() != b"-1":
-                reader.readline()
-
-
-def payments(ca: str) -> None:
-    """Resolve the external service by name, then a TLS request checked against that name."""
-    address = socket.getaddrinfo(PAYMENTS, 443, socket.AF_INET, socket.SOCK_STREAM)[0][4]
-    context = ssl.create_default_context(cafile=ca)
-    with socket.create_connection(address, timeout=5) as raw, \
-            context.wrap_socket(raw, server_hostname=PAYMENTS) as tls:
-        tls.sendall(f"GET /charge HTTP/1.1\r\nHost: {PAYMENTS}\r\nConnection: close\r\n\r\n".encode())
-        while tls.recv(4096):
-            pass
 
 
 def web(n: int, ca: str) -> None:
