@@ -44,3 +44,16 @@ class Crowded(Exception):
     Watermarks are pruned as soon as their agents confirm the acknowledgement, so this only
     delays a batch; refusing it whole keeps it exact.
     """
+
+
+class NotKnownYet(Exception):
+    """A delta names an address inside a node's pod range that neither a pod the operator knows nor
+    an address of a node holds: most likely a pod whose Pod object the operator's watch has not
+    delivered yet, or a node whose agent has not reported its addresses to this operator yet. The
+    batch is refused whole, without a trace, and the agent resends it with backoff; the wait is
+    bounded (flowmap_operator.resolution), so a batch can never jam an agent."""
+
+    def __init__(self, ip: str, node: str) -> None:
+        super().__init__(f"{ip} is inside node {node}'s pod range, but no known pod or node holds it yet: "
+                         "resend shortly")
+        self.ip, self.node = ip, node

@@ -20,6 +20,10 @@ REPORTS = Counter("flowmap_operator_reports", "Report batches by outcome.", ("ou
 LOST_DELTAS = Counter("flowmap_operator_lost_deltas",
                       "Deltas agents report they could not keep (a crash, the dp unable to hand over).",
                       ("node",), registry=REGISTRY)
+DEFERRALS = Counter("flowmap_operator_report_deferrals",
+                    "Batches refused for a moment (UNAVAILABLE, resent by the agent) because they name an address "
+                    "inside the node's pod range that no known pod or node holds yet, by that node.", ("node",),
+                    registry=REGISTRY)
 REPORT_EDGES = Counter("flowmap_operator_report_edges", "Edge deltas by what became of them.", ("outcome",),
                        registry=REGISTRY)
 BATCH_LAG = Histogram("flowmap_operator_batch_lag_seconds", "Time from an agent sending a batch to its arrival.",

@@ -1,24 +1,30 @@
-"""Who is behind an IP address at a given time (pure: fed with API objects, no I/O).
+"""Who is behind an IP address at a given time (pure: fed with API objects and reports, no I/O).
 
 In order: a pod (its workload's group; hostNetwork pods are the node), a Service ClusterIP (the
-workload behind it, via EndpointSlices, with the Service recorded), a node address (``nodes``),
-an address inside a Node's ``spec.podCIDRs`` that no pod holds (that node), a user CIDR group
-(longest prefix), a name the agents learned from DNS answers (an FQDN group), else ``external``.
-Pod addresses are kept with the time span they were held, and for a grace period after the pod
-is gone, so a delta is resolved as of its own time even if the IP was reused since.
+workload behind it, via EndpointSlices, with the Service recorded), a node address (``nodes``:
+the Node object's, and those its agent reports), a user CIDR group (longest prefix), a name the
+agents learned from DNS answers (an FQDN group), else ``external``. Pod addresses are kept with
+the time span they were held, and for a grace period after the pod is gone, so a delta is
+resolved as of its own time even if the IP was reused since.
 
 A node sends from more addresses than its Node object lists: a CNI bridge's gateway (the
 kubelet's probes leave from ``cni0``'s 10.244.N.1), a ptp host-side veth's, an overlay tunnel's
 (flannel's ``flannel.1`` holds 10.244.N.0, the source of a hostNetwork client reaching a pod on
-another node). The observing agent knows them all: an end it marks local without naming a pod
-is that node itself, whatever its address (:meth:`Resolver.resolve_endpoint`). Seen from
-another node, such an address is known by where it lies: CNIs that take the node's pod range
-from Kubernetes (flannel, the bridge and ptp plugins, kindnet, Cilium's Kubernetes IPAM) give
-the node's own addresses out of its ``spec.podCIDRs``. The blind spot: CNIs with their own IPAM
-(Calico's blocks and its tunnel addresses on ``vxlan.calico``/``tunl0``, Cilium's cluster pool,
-the AWS VPC CNI) put them outside ``spec.podCIDRs``: seen from another node they resolve as
-``external`` (or to a user's CIDR group that covers them), and that node, not seeing the client
-as a captured node, counts the session too.
+another node). Its agent knows them all exactly: an end it marks local without naming a pod is
+that node itself (:meth:`Resolver.resolve_endpoint`), and every batch carries the node's current
+addresses (``ReportBatch.node_addresses``), which resolve to that node wherever they are seen.
+
+**Not known yet.** An address inside a Node's ``spec.podCIDRs`` that neither a known pod nor an
+address of a node holds is, almost always, a pod whose Pod object the operator's watch has not
+delivered yet (a new pod's first DNS lookups), or a node address whose agent has not reported to
+this operator yet (just after a restart). Resolving it now would name it wrongly for good, so
+``resolve`` raises :class:`NotKnownYet` and the batch is refused whole, retryable, until the
+address is known. The wait is bounded (``wait`` seconds from the delta's time or from the first
+time the address was asked about, whichever is earlier): an address still unknown after it is
+taken for that node's own (an agentless node's gateway or tunnel, which no agent reports). The
+blind spot: CNIs with their own IPAM (Calico's blocks, Cilium's cluster pool, the AWS VPC CNI)
+put pods outside ``spec.podCIDRs``, so a new pod there is not waited for, and an agentless
+node's addresses there resolve as ``external`` (or a user's CIDR group that covers them).
 """
 
 from __future__ import annotations
@@ -31,10 +37,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from flowmap_operator.errors import NotKnownYet
 from flowmap_operator.naming import object_name
 
 Body = Mapping[str, Any]
 NODES, EXTERNAL = "nodes", "external"
+MAX_UNKNOWN = 4096  # addresses whose wait is timed at once; beyond, the stale ones are forgotten
 # Labels a controller puts on each pod of a workload to tell revisions or pods apart: they say
 # nothing about what the workload is, so selectors and exported NetworkPolicies never use them.
 RUNTIME_LABELS = frozenset(("pod-template-hash", "controller-revision-hash", "pod-template-generation",
@@ -99,8 +107,9 @@ def group_name(namespace: str, workload: str) -> str:
 
 
 class Resolver:
-    def __init__(self, grace: float = 300.0) -> None:
+    def __init__(self, grace: float = 300.0, wait: float = 15.0) -> None:
         self.grace = grace
+        self.wait = wait  # how long an unknown address inside a node's pod range is waited for
         self._pods: dict[str, list[_Span]] = {}  # ip -> spans, oldest first
         self._pod_ips: dict[tuple[str, str], tuple[list[str], Peer]] = {}  # (ns, name) -> ips, peer
         self._pod_labels: dict[tuple[str, str], dict[str, str]] = {}
@@ -108,6 +117,9 @@ class Resolver:
         self._nodes: dict[str, str] = {}  # ip -> node name
         self._node_ips: dict[str, list[str]] = {}
         self._pod_cidrs: dict[str, list[ipaddress.IPv4Network | ipaddress.IPv6Network]] = {}  # node -> spec.podCIDRs
+        self._reported: dict[str, tuple[float, frozenset[str]]] = {}  # node -> (sent, the addresses its agent reported)
+        self._reported_ips: dict[str, set[str]] = {}  # ip -> the nodes reporting it
+        self._unknown: dict[str, tuple[float, float]] = {}  # ip -> (first, last) asked about while not known
         self._services: dict[tuple[str, str], _Service] = {}
         self._cluster_ips: dict[str, tuple[str, str]] = {}
         self._cidrs: dict[str, list[ipaddress.IPv4Network | ipaddress.IPv6Network]] = {}
@@ -155,6 +167,7 @@ class Resolver:
         start = _ts(meta.get("creationTimestamp"), now)
         for ip in ips:
             self._pods.setdefault(ip, []).append(_Span(start, math.inf, peer))
+            self._unknown.pop(ip, None)
         self._pod_ips[(ns, name)] = (ips, peer)
 
     def pod_gone(self, namespace: str, name: str, now: float) -> None:
@@ -175,7 +188,7 @@ class Resolver:
 
     def node_seen(self, node: Body) -> None:
         name = node.get("metadata", {}).get("name", "")
-        self.node_gone(name)
+        self._node_object_gone(name)
         ips = [a["address"] for a in node.get("status", {}).get("addresses") or []
                if a.get("type") in ("InternalIP", "ExternalIP")]
         self._node_ips[name] = ips
@@ -193,9 +206,40 @@ class Resolver:
             self._pod_cidrs[name] = cidrs
 
     def node_gone(self, name: str) -> None:
+        self._node_object_gone(name)
+        _, reported = self._reported.pop(name, (0.0, frozenset()))
+        self._unreport(name, reported)
+        self.version += 1
+
+    def _node_object_gone(self, name: str) -> None:
         for ip in self._node_ips.pop(name, []):
             self._nodes.pop(ip, None)
         self._pod_cidrs.pop(name, None)
+
+    def _unreport(self, node: str, ips: Iterable[str]) -> None:
+        for ip in ips:
+            holders = self._reported_ips.get(ip, set())
+            holders.discard(node)
+            if not holders:
+                self._reported_ips.pop(ip, None)
+
+    def node_addresses_seen(self, node: str, addresses: Iterable[str], sent: float) -> None:
+        """The addresses ``node``'s agent says the node has (every global address on an interface
+        that is up, and the Node object's), as of ``sent``: they resolve to that node. An older
+        report than the one kept (a batch resent by an agent since replaced) changes nothing;
+        none at all says nothing (an agent that does not send them)."""
+        ips = frozenset(addresses)
+        kept = self._reported.get(node)
+        if not ips or (kept is not None and sent < kept[0]):
+            return
+        self._reported[node] = (sent, ips)
+        if kept is not None and kept[1] == ips:
+            return
+        self.version += 1
+        self._unreport(node, kept[1] - ips if kept else ())
+        for ip in ips:
+            self._reported_ips.setdefault(ip, set()).add(node)
+            self._unknown.pop(ip, None)
 
     def service_seen(self, svc: Body) -> None:
         meta, spec = svc.get("metadata", {}), svc.get("spec", {})
@@ -275,28 +319,61 @@ class Resolver:
     def service_at(self, ip: str) -> tuple[str, str] | None:
         return self._cluster_ips.get(ip)
 
-    def resolve_endpoint(self, ip: str, when: float, observer: str, local: bool, pod: str) -> Peer:
+    def resolve_endpoint(self, ip: str, when: float, observer: str, local: bool, pod: str, now: float) -> Peer:
         """The group behind one end of a node's delta. An end the observing node marked local
         without naming a pod is that node itself, from any of its own addresses (unless a pod
         holds the address: a report that marks a pod's end local without naming it); else
         ``resolve``."""
         if local and not pod and observer:
             return self.pod_at(ip, when) or Peer(NODES, "Nodes", member=observer, node=observer)
-        return self.resolve(ip, when)
+        return self.resolve(ip, when, now)
 
-    def resolve(self, ip: str, when: float) -> Peer:
-        """The group behind an address (not a ClusterIP: see ``resolve_service``)."""
+    def node_at(self, ip: str) -> str:
+        """The node an address is one of (its Node object's, or reported by its agent), or ""."""
+        node = self._nodes.get(ip)
+        if node:
+            return node
+        holders = self._reported_ips.get(ip)
+        return min(holders) if holders else ""  # an address several nodes report: any one, but always the same
+
+    def pod_range_of(self, ip: str) -> str:
+        """The node whose ``spec.podCIDRs`` hold the address, or ""."""
+        addr = ipaddress.ip_address(ip)
+        return next((name for name, nets in self._pod_cidrs.items()
+                     if any(addr.version == net.version and addr in net for net in nets)), "")
+
+    def waiting(self, ip: str, when: float, now: float) -> bool:
+        """Is an address that is not known yet still worth waiting for? For ``wait`` seconds from
+        the delta's time or from the first time it was asked about, whichever is earlier: a batch
+        can never be held longer, however often it is resent. Only this clock is kept for a
+        refused batch; an address not asked about for the grace period is waited for afresh."""
+        first, last = self._unknown.get(ip, (math.inf, now))
+        if now - last > self.grace:
+            first = math.inf
+        first = min(first, when, now)
+        if ip not in self._unknown and len(self._unknown) >= MAX_UNKNOWN:
+            self._unknown = {k: v for k, v in self._unknown.items() if now - v[1] <= self.grace}
+            if len(self._unknown) >= MAX_UNKNOWN:
+                self._unknown.clear()  # at worst, some addresses are waited for once more
+        self._unknown[ip] = (first, now)
+        return now - first < self.wait
+
+    def resolve(self, ip: str, when: float, now: float) -> Peer:
+        """The group behind an address (not a ClusterIP: see ``resolve_service``) at ``when``;
+        ``now`` is the operator's clock. Raises NotKnownYet for an address inside a node's pod
+        range that no known pod or node holds, while it is worth waiting for (``waiting``)."""
         pod = self.pod_at(ip, when)
         if pod:
             return pod
-        node = self._nodes.get(ip)
-        addr = ipaddress.ip_address(ip)
+        node = self.node_at(ip)
         if not node:
-            # No pod holds it (any more): inside a node's pod range it is the node's own.
-            node = next((name for name, nets in self._pod_cidrs.items()
-                         if any(addr.version == net.version and addr in net for net in nets)), "")
+            node = self.pod_range_of(ip)
+            if node and self.waiting(ip, when, now):
+                raise NotKnownYet(ip, node)
+            # Still unknown after the wait: the node's own (an agentless node's gateway or tunnel).
         if node:
             return Peer(NODES, "Nodes", member=node, node=node)
+        addr = ipaddress.ip_address(ip)
         best: tuple[int, str] | None = None
         for name, nets in self._cidrs.items():
             for net in nets:
@@ -374,7 +451,8 @@ class Resolver:
                 if ns == namespace and labels.items() <= self._pod_labels.get((ns, name), {}).items()}
 
     def node_addresses(self) -> list[str]:
-        return sorted(self._nodes)
+        """Every address of a node: the Node objects', and those the agents reported."""
+        return sorted(self._nodes.keys() | self._reported_ips.keys())
 
     def cidr_networks(self, group: str) -> list[str]:
         return [str(net) for net in self._cidrs.get(group, [])]

@@ -208,7 +208,7 @@ async def run(settings: Settings) -> None:
     api_client = client.ApiClient()
     custom, core = client.CustomObjectsApi(api_client), client.CoreV1Api(api_client)
 
-    resolver = Resolver()
+    resolver = Resolver(wait=settings.unknown_address_wait)
     modes = Modes(resolver, default_mode=settings.default_mode, enforcement_disabled=settings.enforcement_disabled,
                   dns=(settings.dns_namespace, dict(kv.split("=", 1) for kv in settings.dns_labels.split(",") if kv)))
     topology = Topology(resolver, max_connections=settings.max_connections, max_ports=settings.max_ports_per_pair,

@@ -12,8 +12,8 @@ from flowmap_api import report_pb2 as pb
 from flowmap_api import report_pb2_grpc as pb_grpc
 from flowmap_operator import metrics
 from flowmap_operator.auth import Authenticator
-from flowmap_operator.errors import (Busy, Crowded, InvalidReport, OutOfOrder, PermissionDenied, Unauthenticated,
-                                     Unavailable)
+from flowmap_operator.errors import (Busy, Crowded, InvalidReport, NotKnownYet, OutOfOrder, PermissionDenied,
+                                     Unauthenticated, Unavailable)
 from flowmap_operator.policing import PolicyHub
 from flowmap_operator.settings import Settings
 from flowmap_operator.topology import Topology
@@ -30,6 +30,8 @@ STATUS: dict[type[Exception], tuple[grpc.StatusCode, str]] = {
     Busy: (grpc.StatusCode.RESOURCE_EXHAUSTED, "busy"),
     Crowded: (grpc.StatusCode.RESOURCE_EXHAUSTED, "busy"),
     Unavailable: (grpc.StatusCode.UNAVAILABLE, "unavailable"),
+    # "Retry with backoff" in gRPC's own words; the agent keeps the batch and starts at 0.5 s.
+    NotKnownYet: (grpc.StatusCode.UNAVAILABLE, "deferred"),
 }
 REFUSALS = tuple(STATUS)
 
@@ -51,9 +53,13 @@ class ReportServicer(pb_grpc.ReportServiceServicer):
             return await self._report(request, context)
         except REFUSALS as exc:
             (code, outcome), message = status_of(exc), str(exc)
+            if isinstance(exc, NotKnownYet):
+                metrics.DEFERRALS.labels(exc.node).inc()
         metrics.REPORTS.labels(outcome).inc()
-        # Back-pressure is routine under load (one line per agent per second): only counted.
-        log.log(logging.DEBUG if outcome == "busy" else logging.INFO, "report refused (%s): %s", code.name, message)
+        # Back-pressure is routine under load (one line per agent per second), and so is waiting for
+        # a new pod: only counted.
+        log.log(logging.DEBUG if outcome in ("busy", "deferred") else logging.INFO, "report refused (%s): %s",
+                code.name, message)
         await context.abort(code, message)
         raise AssertionError("unreachable")  # context.abort raises
 

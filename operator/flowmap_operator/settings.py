@@ -35,6 +35,10 @@ class Settings:
     gc_interval: float = 60.0
     max_batch_edges: int = 20_000
     max_waiting_batches: int = 1024  # per agent: beyond this the agent is asked to back off
+    # Seconds a batch naming an address inside a node's pod range that no known pod or node holds
+    # (a pod the watch has not delivered yet) is refused, retryable, before the address is taken for
+    # that node's own (flowmap_operator.resolution, "Not known yet").
+    unknown_address_wait: float = 15.0
     metrics_series_cap: int = 10_000  # edges with series of their own; the rest are summed into "other"
     peering_name: str = "flowmap"
     default_mode: str = "Learn"  # of groups no NetworkLearningPolicy selects

@@ -56,6 +56,10 @@ class GroupInfo:
     written_overflow: int = 0
 
 
+# A delta with both ends resolved: (delta, when, protocol, client, server, port, service, counted elsewhere)
+_Resolved = tuple[pb.EdgeDelta, float, str, Peer, Peer, int, str, bool]
+
+
 @dataclass
 class Ingested:
     counted: int = 0  # edge deltas applied
@@ -115,37 +119,26 @@ class Topology:
         group.last_seen = max(group.last_seen, when)
 
     def ingest(self, batch: pb.ReportBatch, now: float) -> Ingested:
-        """Apply one validated batch, or refuse it whole (ledger.OutOfOrder, Crowded)."""
+        """Apply one validated batch, or refuse it whole (OutOfOrder, NotKnownYet, Crowded).
+
+        Every end is resolved before anything is changed: a batch refused because an address is
+        not known yet leaves no trace, and is applied whole when resent. What the batch teaches
+        about the world comes first, since its own deltas may need it: the node's addresses and
+        the DNS answers it saw are facts of the node, and taking them twice changes nothing.
+        """
         agent, seq = batch.agent_id, batch.sequence
+        self.resolver.node_addresses_seen(batch.node, batch.node_addresses, batch.sent_unix_ms / 1000 or now)
         if not seq:  # a question for the acknowledgement
             self.ledger.begin_batch(agent, batch.node, 0, batch.acked, 0)
             return Ingested()
         for name in batch.names:
             self.resolver.learn_name(name.ip, name.name, name.ttl_seconds, name.seen_unix_ms / 1000 or now)
         result = Ingested()
+        resolved = [r for r in (self._resolve(delta, batch.node, now, result) for delta in batch.edges) if r]
         # Several deltas of one batch can land on one edge (two pods of a workload on this node,
         # collapsed ports): merge them first, since the ledger takes one delta per edge per batch.
         merged: dict[EdgeKey, tuple[Counters, list[pb.ThreatHit], int, Peer, Peer]] = {}
-        for delta in batch.edges:
-            when = delta.last_seen_unix_ms / 1000 or now
-            protocol = PROTOCOLS[delta.protocol]
-            client = self.resolver.resolve_endpoint(delta.client.ip, when, batch.node, delta.client.local,
-                                                    delta.client.pod)
-            # One observer per session: the client's node when the client is captured (a pod or a
-            # node that runs an agent), else the server's (an external client, a pod or a node
-            # without an agent). Another node's report of a captured client's session is not
-            # counted; only a block it saw its own rules make is taken from it.
-            other = not delta.client.local and not (delta.server.local and not self.resolver.captured(client))
-            if other and delta.verdict != pb.DENIED:
-                result.other_observer += 1
-                continue
-            via = self.resolver.resolve_service(delta.server.ip, delta.server.port, protocol, when)
-            if via:
-                server, port, service = via
-            else:
-                server = self.resolver.resolve_endpoint(delta.server.ip, when, batch.node, delta.server.local,
-                                                        delta.server.pod)
-                port, service = delta.server.port, ""
+        for delta, when, protocol, client, server, port, service, other in resolved:
             self._touch(client, when)
             key = self.key_for(client.group, server.group, port, protocol)
             if key is None:
@@ -198,6 +191,33 @@ class Topology:
             else:
                 result.duplicates += 1
         return result
+
+    def _resolve(self, delta: pb.EdgeDelta, node: str, now: float, result: Ingested) -> _Resolved | None:
+        """Both ends of one delta (raises NotKnownYet), or None for a delta the other observer counts.
+
+        One observer per session: the client's node when the client is captured (a pod or a node
+        that runs an agent), else the server's (an external client, a pod or a node without an
+        agent). Another node's report of a captured client's session is not counted; only a block
+        it saw its own rules make is taken from it.
+        """
+        when = delta.last_seen_unix_ms / 1000 or now
+        protocol = PROTOCOLS[delta.protocol]
+        if not delta.client.local and not delta.server.local and delta.verdict != pb.DENIED:
+            result.other_observer += 1  # neither end is this node's: whoever it is, not ours to count
+            return None
+        client = self.resolver.resolve_endpoint(delta.client.ip, when, node, delta.client.local, delta.client.pod, now)
+        other = not delta.client.local and not (delta.server.local and not self.resolver.captured(client))
+        if other and delta.verdict != pb.DENIED:
+            result.other_observer += 1
+            return None
+        via = self.resolver.resolve_service(delta.server.ip, delta.server.port, protocol, when)
+        if via:
+            server, port, service = via
+        else:
+            server = self.resolver.resolve_endpoint(delta.server.ip, when, node, delta.server.local,
+                                                    delta.server.pod, now)
+            port, service = delta.server.port, ""
+        return delta, when, protocol, client, server, port, service, other
 
     def _act(self, key: EdgeKey, info: EdgeInfo, action: str, by: PolicyKey | None, when: float, now: float) -> None:
         """Take a judgement of the edge: a change is written, and what no rule allows is raised."""

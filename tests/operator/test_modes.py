@@ -59,7 +59,7 @@ def modes(*policies: dict[str, Any], default: str = "Learn", disabled: bool = Fa
 
 
 def peer(r: Resolver, ip: str) -> Peer:
-    return r.resolve(ip, NOW)
+    return r.resolve(ip, NOW, NOW)
 
 
 def judge(m: Modes, client: str, server: str, port: int, protocol: str = "TCP", *, denied: bool = False,
@@ -218,6 +218,21 @@ def test_a_node_enforces_its_protected_pods_allowed_peers() -> None:
     assert Modes(cluster(), enforcement_disabled=True).enforcement_disabled
     off = Compiler(modes(body("web", "Protect", groups=["shop.web"]), disabled=True)).node("node-a", NOW)
     assert off.enforcement_disabled and not off.pods
+
+
+def test_the_nodes_peer_holds_every_address_the_agents_report() -> None:
+    """A hostNetwork client on node-a reaching a protected pod on node-b through flannel leaves from
+    flannel.1's 10.244.1.0: the nodes peer must hold it, or Protect drops what the map calls nodes."""
+    m = modes(body("web", "Protect", groups=["shop.web"], rules=[{"direction": "Ingress", "peer": {"group": "nodes"}}]))
+    r = m.resolver
+    r.node_addresses_seen("node-a", ["172.18.0.2", "10.244.1.0", "10.244.1.1", "fd00:10:244:1::"], NOW)
+    cidrs = {c for p in Compiler(m).node("node-b", NOW).pods[0].ingress for c in p.cidrs}
+    assert cidrs == {"172.18.0.2/32", "172.18.0.3/32", "10.244.1.0/32", "10.244.1.1/32", "fd00:10:244:1::/128"}
+    version = r.version
+    r.node_addresses_seen("node-a", ["172.18.0.2", "10.244.1.0"], NOW + 1)  # cni0 went away
+    assert r.version > version and "10.244.1.1" not in r.node_addresses()
+    r.node_gone("node-a")
+    assert r.node_addresses() == ["172.18.0.3"]
 
 
 def test_judgements_reach_the_connection_and_denied_is_taken_from_the_other_node() -> None:
