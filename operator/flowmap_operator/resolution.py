@@ -241,6 +241,32 @@ class Resolver:
             self._reported_ips.setdefault(ip, set()).add(node)
             self._unknown.pop(ip, None)
 
+    def group_members_seen(self, group: Body, now: float) -> None:
+        """A workload Group as the last operator wrote it, read on start: the pods its status lists
+        that no pod of the cluster now holds were deleted before this operator listed the pods (the
+        previous operator's own pod, after a restart). Each keeps its addresses as a pod gone
+        ``now``, for the grace period, so that the batches agents resend resolve as they would
+        have before the restart."""
+        status = group.get("status") or {}
+        if status.get("kind", "Workload") != "Workload":
+            return
+        namespace, workload = status.get("namespace", ""), status.get("workload") or {}
+        for member in status.get("members") or []:
+            name = member.get("name", "")
+            if not name or (namespace, name) in self._pod_ips:
+                continue  # alive: listed with its own span
+            peer = Peer(group.get("metadata", {}).get("name", ""), "Workload", namespace, workload.get("kind", ""),
+                        workload.get("name", ""), name, member.get("node", ""))
+            for ip in member.get("ips") or []:
+                try:
+                    ipaddress.ip_address(ip)
+                except ValueError:
+                    continue  # the schema refuses these; never trust, never crash
+                spans = self._pods.setdefault(ip, [])
+                if not any(span.peer == peer for span in spans):
+                    # Since before anything known: any pod listed with this address started later and wins.
+                    spans.insert(0, _Span(-math.inf, now, peer))
+
     def service_seen(self, svc: Body) -> None:
         meta, spec = svc.get("metadata", {}), svc.get("spec", {})
         key = (meta.get("namespace", ""), meta.get("name", ""))
@@ -310,11 +336,16 @@ class Resolver:
     # -- resolving -------------------------------------------------------------------------------
 
     def pod_at(self, ip: str, when: float) -> Peer | None:
-        best = None
+        """The pod that held ``ip`` at ``when``: the one whose span holds ``when``, else one whose
+        span does within the grace period; the latest started of those."""
+        best: tuple[bool, float] | None = None
+        peer = None
         for span in self._pods.get(ip, ()):
-            if span.start - self.grace <= when <= span.end + self.grace and (best is None or span.start > best.start):
-                best = span
-        return best.peer if best else None
+            if span.start - self.grace <= when <= span.end + self.grace:
+                rank = (span.start <= when <= span.end, span.start)
+                if best is None or rank > best:
+                    best, peer = rank, span.peer
+        return peer
 
     def service_at(self, ip: str) -> tuple[str, str] | None:
         return self._cluster_ips.get(ip)

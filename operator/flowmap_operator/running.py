@@ -2,6 +2,8 @@
 
 Start: read the cluster (pods, nodes, services, slices, jobs, groups) and every Connection, so
 that the first report after a restart resolves and counts exactly as before it; only then serve.
+The Groups' members also name the pods deleted before the cluster was read (the previous
+operator's own pod): the batches agents resend after the restart still resolve to their groups.
 Leadership: kopf peering with the start time (ms) as priority, so the newest replica leads and a
 restarted operator takes over at once; each replica reads the peering object to know whether it
 leads (followers answer ``leader=false``). Even two leaders for a moment cannot double a count:

@@ -120,7 +120,11 @@ class Writer:
                 info.policy = (namespace, name)
             self.topology.ports.setdefault((key[0], key[1], key[3]), set()).add(key[2])
         groups = await self.api.list_cluster_custom_object(GROUP, VERSION, "groups")
+        started = time.time()
         for obj in groups.get("items", []):
+            # Pods deleted before the cluster was read (the previous operator's own) are known only
+            # here: batches resent after the restart still name them.
+            self.topology.resolver.group_members_seen(obj, started)
             status = obj.get("status") or {}
             name = obj["metadata"]["name"]
             wl = status.get("workload") or {}

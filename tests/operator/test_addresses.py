@@ -1,5 +1,5 @@
 """Whose an address is when the operator cannot know yet, pure: a pod its watch has not delivered,
-a node whose agent has not reported.
+a node whose agent has not reported, a pod deleted before the operator (re)started.
 
 A Resolver fed as the operator's watches feed it, a Topology, batches as the agents send them.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import time
+from datetime import datetime, timezone
 from typing import Any
 
 import pytest
@@ -147,4 +148,40 @@ def test_reported_addresses_keep_the_latest_report_of_the_node() -> None:
     assert r.resolve("10.0.0.100", NOW, NOW).member == "node-a"
     r.node_addresses_seen("node-a", ["172.18.0.2"], NOW + 9)
     assert r.resolve("10.0.0.100", NOW, NOW).member == "node-b"
+
+
+def group(name: str, namespace: str, workload: str, *members: tuple[str, str, str]) -> dict[str, Any]:
+    return {"metadata": {"name": name}, "status": {
+        "kind": "Workload", "namespace": namespace, "workload": {"kind": "Deployment", "name": workload},
+        "members": [{"name": n, "ips": [ip], "node": node} for n, ip, node in members], "memberCount": len(members)}}
+
+
+def test_a_pod_gone_before_a_restart_is_known_from_its_groups_members() -> None:
+    """The previous operator's pod was deleted before the new one listed pods: only its Group's
+    status still names it, and the batches agents resend after the restart name its address."""
+    old_ip, start = "10.244.2.50", NOW
+    r = resolver(start)
+    r.pod_seen(pod("flowmap-operator-5f6c8-new", "10.244.1.60", "node-a", owner="flowmap-operator",
+                   namespace="flowmap-system"), start)
+    r.group_members_seen(group("flowmap-system.flowmap-operator", "flowmap-system", "flowmap-operator",
+                               ("flowmap-operator-5f6c8-old", old_ip, "node-b"),
+                               ("flowmap-operator-5f6c8-new", "10.244.1.60", "node-a")), start)
+    r.group_members_seen({"metadata": {"name": "example.com"}, "status": {"kind": "FQDN", "members": [
+        {"name": "example.com", "ips": ["10.244.2.51"]}]}}, start)  # not a workload: no pods
+    old = r.resolve(old_ip, start - 3, start + 2)  # a delta from before the restart, resent after it
+    assert (old.group, old.member, old.node) == ("flowmap-system.flowmap-operator", "flowmap-operator-5f6c8-old",
+                                                 "node-b")
+    assert r.resolve(old_ip, start + 60, start + 60).member == "flowmap-operator-5f6c8-old"  # late packets: grace
+    new = r.resolve("10.244.1.60", start, start)
+    assert new.member == "flowmap-operator-5f6c8-new"  # the live pod keeps its own span
+    assert r.members("flowmap-system.flowmap-operator", 10)[1] == 1  # a gone pod is no member
+    with pytest.raises(NotKnownYet):
+        r.resolve("10.244.2.51", start, start)
+    with pytest.raises(NotKnownYet):  # past the grace period the address is nobody's again
+        r.resolve(old_ip, start + r.grace + 1, start + r.grace + 1)
+    # The address reused by a new pod since: the new pod wins for its own time.
+    r.pod_seen(pod("redis-0", old_ip, "node-b", created=datetime.fromtimestamp(start + 4, timezone.utc).isoformat()),
+               start + 5)
+    assert r.resolve(old_ip, start + 5, start + 5).member == "redis-0"
+    assert r.resolve(old_ip, start - 3, start + 5).member == "flowmap-operator-5f6c8-old"
 

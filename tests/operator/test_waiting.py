@@ -1,5 +1,5 @@
 """What the operator does not know yet, against the real API server: a pod its watch has not
-delivered, a node whose agent has not reported.
+delivered, a node whose agent has not reported, a pod deleted before the operator restarted.
 
 Two nodes of this module's own (``node-p``, ``node-q``) with flannel's shape: a pod range each
 (``spec.podCIDRs``), the tunnel's .0 and the bridge's .1 as addresses only their agents know. The
@@ -116,3 +116,35 @@ def test_a_nodes_own_addresses_come_from_its_agent_and_reach_protect(cluster: Cl
     finally:
         watcher.close()
         cluster.plane.kubectl("delete", "nlp", "server", "-n", NS)
+
+
+def test_a_pod_deleted_across_an_operator_restart_keeps_its_group(cluster: Cluster, operator: Operator) -> None:
+    """The agents resend their unacknowledged batches to the new operator; some name the old
+    operator's pod, gone from the API before the new one listed pods. Its Group's members say who
+    it was: the batch is taken at once, to that group, never to nodes."""
+    old = "10.250.2.50"
+    create_pods(cluster.plane, pod(NS, "metrics-5d8f-m1", "node-q", old, owner=("ReplicaSet", "metrics-5d8f"),
+                                   labels={"app": "metrics", "pod-template-hash": "5d8f"}))
+    p = agent(cluster, operator, "node-p")
+    said(p.batch([edge(NODE_P, 42000, old, 9090, bytes_c2s=100, bytes_s2c=900)]), "node-p")
+    p.flush()  # resent while the operator's watch has not delivered the pod yet
+    name = f"nodes-{NS}.metrics-9090-tcp"
+    wait_for(lambda: total(cluster, name) == 1000, what="nodes -> metrics")
+    wait_for(lambda: [m for m in _group(cluster, f"{NS}.metrics").get("members", []) if old in m.get("ips", [])],
+             what="the Group's members")
+    resent = said(p.batch([edge(NODE_P, 42001, old, 9090, bytes_c2s=50, bytes_s2c=450)]), "node-p")
+    operator.kill()
+    cluster.plane.kubectl("delete", "pod", "metrics-5d8f-m1", "-n", NS, "--force", "--grace-period=0")
+    operator.start().wait_leading()
+    ack = p.send(resent)  # taken at once: not deferred, not nodes
+    assert ack.leader
+    p.flush()
+    wait_for(lambda: total(cluster, name) == 1500, what="the resent batch counted to metrics")
+    assert not [n for n, c in connections(cluster).items()
+                if c["spec"]["client"] == "nodes" and c["spec"]["server"] in ("nodes", "external")
+                and c["spec"]["port"] == 9090]
+
+
+def _group(cluster: Cluster, name: str) -> dict[str, Any]:
+    proc = cluster.plane.kubectl("get", "group", name, "-o", "json", check=False)
+    return (json.loads(proc.stdout).get("status") or {}) if proc.returncode == 0 else {}
