@@ -357,8 +357,24 @@ table ip fmc-masquerade {{
 
     # -- down ------------------------------------------------------------------------------------
 
-    def down(self) -> None:
-        """Stop and remove everything, whatever state ``up`` got to."""
+    def down(self, force: bool = False) -> None:
+        """Stop and remove everything, whatever state ``up`` got to.
+
+        What a cluster makes on the machine has fixed names (namespaces, cgroups: one cluster per
+        machine), so without a cluster in its own state folder ``down`` removes only that folder,
+        unless ``force``: then whatever a cluster whose state is gone left here (``flowmap cluster
+        down`` says so)."""
+        if self.layout() is not None or force:
+            self._teardown()
+        if self.dir.exists():
+            # Each node's images, unpacked: tens of thousands of files. rm -rf, the nodes at once.
+            removing = [subprocess.Popen(["rm", "-rf", "--one-file-system", str(p)]) for p in (self.dir / "nodes").glob("*")]
+            for proc in removing:
+                proc.wait()
+            shutil.rmtree(self.dir)
+        self.log(f"[cluster] down; removed {self.dir}")
+
+    def _teardown(self) -> None:
         for node in self.nodes() or [Node(s, self.dir / "nodes" / s.name, self.log) for s in node_specs(9)]:
             node.stop()
         pid_file = self.dir / "internet" / "payments.pid"
@@ -375,13 +391,6 @@ table ip fmc-masquerade {{
         for ns in [ROUTER_NS, INTERNET_NS, *(s.netns for s in node_specs(9))]:
             if Path(f"/run/netns/{ns}").exists():
                 subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        if self.dir.exists():
-            # Each node's images, unpacked: tens of thousands of files. rm -rf, the nodes at once.
-            removing = [subprocess.Popen(["rm", "-rf", "--one-file-system", str(p)]) for p in (self.dir / "nodes").glob("*")]
-            for proc in removing:
-                proc.wait()
-            shutil.rmtree(self.dir)
-        self.log(f"[cluster] down; removed {self.dir}")
 
 
 def _ns_add(name: str) -> None:

@@ -30,7 +30,7 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
-    _cluster(args).down()
+    _cluster(args).down(force=True)  # also what a cluster whose state folder is gone left behind
     return 0
 
 
