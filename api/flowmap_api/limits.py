@@ -1,5 +1,22 @@
-"""Bounds of the report contract that both sides keep: the agent trims to them, the operator
-refuses a batch beyond them (flowmap_operator.validation)."""
+"""Bounds of the report contract that both sides keep: the agent splits and trims its batches to
+them. The operator refuses a message above MAX_MESSAGE_BYTES (RESOURCE_EXHAUSTED) and a batch with
+more edges or node addresses than allowed (INVALID_ARGUMENT, naming no edge); names beyond MAX_NAMES
+are metadata, dropped and counted (flowmap_api.validity). A batch within them is never refused for
+its size.
+"""
+
+# The operator's gRPC receive limit, for every message. Well below the operator's 1 GiB memory
+# limit even with several reports parsed at once; a typical edge is ~120 bytes, so a batch of
+# MAX_BATCH_EDGES edges is ~0.6 MB, and the agent splits by ByteSize() as well as by count (threat
+# snippets and pod names make an edge up to ~20 KB).
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+# ReportBatch.edges: a batch is applied in one step of the operator's event loop; 5,000 edges keep
+# that step short for every other agent waiting on the same loop.
+MAX_BATCH_EDGES = 5_000
+
+# ReportBatch.names: DNS answers (IP -> name) seen in one interval.
+MAX_NAMES = 10_000
 
 # ReportBatch.node_addresses: a node's uplinks, a CNI's bridge and tunnel, each in two families,
 # fit many times over; kube-proxy's IPVS dummy, which holds every ClusterIP, is down and not sent.

@@ -1,0 +1,211 @@
+"""What a report may say: one definition, used by the agent before it sends and by the operator
+when it receives (an old agent may not have checked).
+
+Nothing counted is ever lost for its metadata. What cannot stop counting is normalised or
+dropped, and counted by (field, reason): a DNS name that is not one (dropped; non-ASCII is
+converted to IDNA), an application the registry does not know (``unknown``), a pod string that
+is not ``namespace/name`` (cleared: the endpoint still counts by its address), an address in a
+non-canonical spelling, threat hits beyond the bound or an over-long snippet (cut). Only an edge
+that cannot be counted is refused, by its index into ``batch.edges`` (``Invalid.edge``): an
+address that is not an IP, a port above 65535, an unknown L4 protocol or verdict, a counter above
+``MAX_COUNTER``. A batch is refused as a whole only for what is the batch's own: its agent id,
+node, sequence order, and the counts of ``flowmap_api.limits``.
+
+Every pattern is anchored at both ends with ``re.fullmatch`` (``$`` would match before a final
+newline: ``evil.com\\n`` passed once). Pure: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections import Counter
+
+from flowmap_api import report_pb2 as pb
+from flowmap_api.apps import APPLICATIONS, UNKNOWN
+from flowmap_api.limits import MAX_BATCH_EDGES, MAX_NAMES, MAX_NODE_ADDRESSES
+
+# The trailing metadata key of an INVALID_ARGUMENT refusal caused by one edge; its value is the
+# edge's index into ``batch.edges`` (decimal). A refusal of the batch itself has no such key.
+REFUSED_EDGE = "flowmap-refused-edge"
+
+MAX_COUNTER = 2**62  # far above any real interval, far below int64 overflow when summed
+MAX_THREATS = 16  # threat hits per edge per batch
+MAX_SNIPPET = 256  # characters of a threat hit's snippet (the Connection CRD's bound)
+MAX_POD = 317  # namespace (63) / name (253)
+MAX_NAME = 253  # a DNS name in text, without the root's dot
+
+_APPS = frozenset((*APPLICATIONS, UNKNOWN))
+_PROTOCOLS = frozenset(v for v in pb.Protocol.values() if v != pb.PROTOCOL_UNSPECIFIED)
+_VERDICTS = frozenset(pb.Verdict.values())
+_COUNTERS = ("bytes_c2s", "bytes_s2c", "packets_c2s", "packets_s2c")
+_AGENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
+_K8S_NAME = re.compile(r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*")
+_POD = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?/[a-z0-9](?:[-.a-z0-9]*[a-z0-9])?")
+# A DNS label as resolvers hand them out: letters, digits, hyphens inside, and underscores anywhere
+# (SRV and DNS-SD names such as _http._tcp.api.shop.svc.cluster.local are ordinary DNS).
+_LABEL = r"[a-z0-9_](?:[-a-z0-9_]{0,61}[a-z0-9_])?"
+_DNS_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+
+# What became of an element, as (field, reason): the labels of the operator's metric.
+Tally = Counter[tuple[str, str]]
+
+
+class Invalid(ValueError):
+    """The batch cannot be applied: ``edge`` is the index of the one edge that cannot be counted,
+    or None when the batch itself breaks the contract. The message names the field."""
+
+    def __init__(self, message: str, edge: int | None = None) -> None:
+        super().__init__(message)
+        self.edge = edge
+
+
+def dns_name(raw: str) -> tuple[str | None, str]:
+    """A name as the map keeps it: lower case, no root dot, IDNA (punycode) for non-ASCII.
+
+    Returns ``(name, "")`` when it was already so (up to case and the root dot, which are
+    spelling), ``(name, reason)`` when converted, ``(None, reason)`` when it is no DNS name
+    (control characters, ``<``, spaces, empty labels, over-long).
+    """
+    if len(raw) > 4 * MAX_NAME:
+        return None, "too_long"
+    name, reason = raw, ""
+    if not name.isascii():
+        try:
+            name = name.encode("idna").decode("ascii")  # nameprep + punycode, per label (IDNA 2003)
+        except UnicodeError:
+            return None, "invalid"
+        reason = "idna"
+    name = name.lower().removesuffix(".")
+    if not name:
+        return None, "empty"
+    if len(name) > MAX_NAME:
+        return None, "too_long"
+    if not _DNS_NAME.fullmatch(name):
+        return None, "invalid"
+    return name, reason
+
+
+def address(raw: str) -> str | None:
+    """The canonical text of an IP address, or None when it is not one. A zone (``%eth0``) is
+    dropped: it names an interface of the sender, not an address of the map."""
+    try:
+        ip = ipaddress.ip_address(raw.partition("%")[0] if "%" in raw else raw)
+    except ValueError:
+        return None
+    return str(ip) if ip.version == 6 or "%" in raw else raw  # an IPv4 address parses only canonical
+
+
+def uncountable(edge: pb.EdgeDelta) -> str | None:
+    """Why this edge cannot be counted (naming the field), or None when it can."""
+    for side, ep in (("client", edge.client), ("server", edge.server)):
+        if address(ep.ip) is None:
+            return f"{side}.ip: {ep.ip[:64]!r} is not an IP address"
+        if ep.port > 65535:
+            return f"{side}.port: {ep.port} is above 65535"
+    if edge.protocol not in _PROTOCOLS:
+        return f"protocol: {edge.protocol} is not TCP, UDP, SCTP or ICMP"
+    if edge.verdict not in _VERDICTS:
+        return f"verdict: {edge.verdict} is not a known verdict (whether the bytes were delivered is unknown)"
+    for name in _COUNTERS:
+        if getattr(edge, name) > MAX_COUNTER:
+            return f"{name}: {getattr(edge, name)} is above {MAX_COUNTER}"
+    return None
+
+
+def normalise_edge(edge: pb.EdgeDelta, tally: Tally) -> None:
+    """Normalise, in place, the metadata of an edge that can be counted; count what changed."""
+    for ep in (edge.client, edge.server):
+        canonical = address(ep.ip)
+        if canonical is not None and canonical != ep.ip:
+            ep.ip = canonical
+            tally["ip", "not_canonical"] += 1
+        if ep.pod and (len(ep.pod) > MAX_POD or not _POD.fullmatch(ep.pod)):
+            ep.pod = ""
+            tally["pod", "invalid"] += 1
+    if any(app not in _APPS for app in edge.apps) or len(set(edge.apps)) != len(edge.apps):
+        apps = list(dict.fromkeys(app if app in _APPS else UNKNOWN for app in edge.apps))
+        tally["app", "unknown"] += sum(app not in _APPS for app in edge.apps)
+        del edge.apps[:]
+        edge.apps.extend(apps)
+    if edge.first_seen_unix_ms > edge.last_seen_unix_ms:
+        edge.first_seen_unix_ms = edge.last_seen_unix_ms
+        tally["seen", "first_after_last"] += 1
+    if len(edge.threats) > MAX_THREATS:
+        tally["threats", "too_many"] += len(edge.threats) - MAX_THREATS
+        del edge.threats[MAX_THREATS:]
+    for threat in edge.threats:
+        if threat.name not in _APPS:
+            threat.name = UNKNOWN
+            tally["threat_name", "unknown"] += 1
+        if len(threat.snippet) > MAX_SNIPPET:
+            threat.snippet = threat.snippet[:MAX_SNIPPET]
+            tally["snippet", "too_long"] += 1
+
+
+def normalise_names(batch: pb.ReportBatch, tally: Tally) -> None:
+    """Keep, in place, the DNS answers that name an address with a DNS name, normalised; count the rest."""
+    if len(batch.names) > MAX_NAMES:
+        tally["names", "too_many"] += len(batch.names) - MAX_NAMES
+        del batch.names[MAX_NAMES:]
+    dropped = False
+    for entry in batch.names:
+        ip, (name, reason) = address(entry.ip), dns_name(entry.name)
+        if ip is None:
+            tally["name_ip", "not_ip"] += 1
+        elif name is None or reason:
+            tally["name", reason] += 1
+        if ip is None or name is None:
+            dropped = True
+            entry.name = ""  # marks it for removal below
+            continue
+        if ip != entry.ip:
+            entry.ip = ip
+        if name != entry.name:
+            entry.name = name
+    if dropped:
+        kept = [entry for entry in batch.names if entry.name]
+        del batch.names[:]
+        batch.names.extend(kept)
+
+
+def check_batch(batch: pb.ReportBatch, *, max_edges: int = MAX_BATCH_EDGES) -> None:
+    """Raise ``Invalid`` (naming no edge) unless the batch's own fields are within the contract."""
+    if not _AGENT_ID.fullmatch(batch.agent_id):
+        raise Invalid(f"agent_id: {batch.agent_id[:64]!r} is not 1-128 characters of [A-Za-z0-9._:/-]")
+    if len(batch.node) > MAX_NAME or not _K8S_NAME.fullmatch(batch.node):
+        raise Invalid(f"node: {batch.node[:64]!r} is not a node name")
+    if not batch.sequence:
+        if batch.edges or batch.names or batch.lost_deltas or batch.previous:
+            raise Invalid("sequence: 0 asks for the acknowledgement (and says the node's addresses) only, "
+                          "and carries nothing else")
+    elif not batch.acked <= batch.previous < batch.sequence:
+        raise Invalid(f"acked {batch.acked} <= previous {batch.previous} < sequence {batch.sequence} does not hold")
+    if len(batch.edges) > max_edges:
+        raise Invalid(f"edges: {len(batch.edges)} edges, more than the limit {max_edges}")
+    if len(batch.node_addresses) > MAX_NODE_ADDRESSES:
+        raise Invalid(f"node_addresses: {len(batch.node_addresses)} addresses, more than the limit "
+                      f"{MAX_NODE_ADDRESSES}")
+    for i, raw in enumerate(batch.node_addresses):
+        if address(raw) is None:
+            raise Invalid(f"node_addresses[{i}]: {raw[:64]!r} is not an IP address")
+
+
+def normalise(batch: pb.ReportBatch, *, max_edges: int = MAX_BATCH_EDGES) -> Tally:
+    """Check the batch and normalise its metadata in place; what was normalised or dropped, by
+    (field, reason). Raises ``Invalid`` for the batch, or for the first edge that cannot be counted
+    (edges before it may already be normalised)."""
+    check_batch(batch, max_edges=max_edges)
+    tally: Tally = Counter()
+    for i, edge in enumerate(batch.edges):
+        problem = uncountable(edge)
+        if problem is not None:
+            raise Invalid(f"edges[{i}].{problem}", edge=i)
+        normalise_edge(edge, tally)
+    for i, raw in enumerate(batch.node_addresses):
+        canonical = address(raw)
+        if canonical is not None and canonical != raw:
+            batch.node_addresses[i] = canonical
+            tally["node_address", "not_canonical"] += 1
+    normalise_names(batch, tally)
+    return tally
