@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from flowmap_operator.conditions import Said, conditions
 from flowmap_operator.policy import DISABLE_ANNOTATION, EGRESS, INGRESS, MAX_LEARNED, Policy, PolicyKey, iso
 from flowmap_operator.resolution import Peer, Resolver
 
@@ -33,9 +34,12 @@ class Effective:
 
 class Modes:
     def __init__(self, resolver: Resolver, *, default_mode: str = "Learn", enforcement_disabled: bool = False,
-                 dns: tuple[str, Mapping[str, str]] = ("kube-system", {"k8s-app": "kube-dns"})) -> None:
+                 dns: tuple[str, Mapping[str, str]] = ("kube-system", {"k8s-app": "kube-dns"}),
+                 system_namespaces: Iterable[str] = ("kube-system",)) -> None:
         self.resolver, self.default_mode, self.enforcement_disabled = resolver, default_mode, enforcement_disabled
         self.dns_namespace, self.dns_labels = dns
+        # Where Protect for every workload at once blocks the cluster's own plumbing: a warning.
+        self.system_namespaces = frozenset(system_namespaces)
         self.policies: dict[PolicyKey, Policy] = {}
         self.groups: dict[str, Effective] = {}  # selected workload groups
         self.prior: dict[str, str] = {}  # group -> the mode its Group showed when we started
@@ -118,6 +122,10 @@ class Modes:
 
     def is_dns(self, group: str) -> bool:
         return group in self._dns
+
+    def named_peers(self) -> set[str]:
+        """The groups the rules of ``spec.rules`` name as peers (what git says must keep working)."""
+        return {rule.peer for policy in self.policies.values() for rule in policy.rules if rule.peer}
 
     def dns_groups(self) -> list[str]:
         """The cluster DNS's workload groups (pods labelled as kube-dns in kube-system, by default)."""
@@ -240,7 +248,7 @@ class Modes:
         unwatched = sorted(nodes - (watching if p.mode == "Protect" else agents))
         foreign = p.foreign_groups()
         off = self.enforcement_disabled or p.disabled
-        said: list[tuple[str, bool, str, str]] = []
+        said: list[Said] = []
         if foreign:
             said.append(("Ready", False, "InvalidGroups", f"groups of another namespace: {', '.join(foreign[:5])}"))
         elif conflicts:
@@ -273,14 +281,9 @@ class Modes:
                              f"{MAX_LEARNED} rules is the most a policy keeps; split it or write spec.rules"))
         said.append(("Degraded", bool(problems), ",".join(r for r, _ in problems) or "AsExpected",
                      "; ".join(m for _, m in problems) or "nothing lost, every node has an agent"))
-        conditions = []
-        for kind, ok, reason, message in said:
-            old = p.conditions.get(kind, {})
-            value = "True" if ok else "False"
-            since = old.get("lastTransitionTime") if old.get("status") == value else iso(now)
-            conditions.append({"type": kind, "status": value, "reason": reason, "message": message[:1024],
-                               "lastTransitionTime": since, "observedGeneration": p.generation})
-        p.conditions = {c["type"]: c for c in conditions}
+        said.append(self._warning(p))
+        written = conditions(said, p.conditions, now, p.generation)
+        p.conditions = {c["type"]: c for c in written}
         blocking = self.blocking.get(key, {})
         examples = sorted(blocking.items(), key=lambda kv: -kv[1])[:MAX_EXAMPLES]
         learned = p.learned_rules()
@@ -288,5 +291,18 @@ class Modes:
                 "groups": selected[:256], "learnedRules": learned[:MAX_LEARNED],
                 "wouldBlock": {"count": len(blocking) + p.blocked_forgotten,
                                "examples": [{"connection": c, "lastSeen": iso(t)} for c, t in examples]},
-                "conditions": conditions}
+                "conditions": written}
+
+    def _warning(self, p: Policy) -> Said:
+        """What the API server accepts but is most likely a mistake: Protect for every workload of a
+        namespace the cluster runs on (its DNS, its CNI, kube-proxy), where whatever was not learned
+        is then blocked."""
+        everything = p.selector is not None and not p.groups and not (
+            p.selector.get("matchLabels") or p.selector.get("matchExpressions"))
+        if p.mode == "Protect" and everything and p.namespace in self.system_namespaces:
+            return ("Warning", True, "ProtectsWholeSystemNamespace",
+                    f"selector {{}} puts every workload of {p.namespace} in Protect mode: the cluster's own "
+                    "components there (DNS, the CNI, kube-proxy …) are blocked from whatever they were not seen "
+                    "doing; select the workloads to protect by name or labels")
+        return ("Warning", False, "AsExpected", "nothing unusual")
 

@@ -294,3 +294,22 @@ def test_only_a_change_of_spec_or_switch_asks_for_a_status_write() -> None:
     m.seen(body("web", "Protect", groups=["shop.web"], generation=2,
                 annotations={"flowmap.dev/enforcement": "disabled"}), leading=True)
     assert m.urgent == {("shop", "web")}
+
+
+def test_protect_for_every_workload_of_kube_system_is_a_warning() -> None:
+    modes = Modes(cluster(), system_namespaces=("kube-system", "flowmap-system"))
+
+    def warning(namespace: str, mode: str, **spec: Any) -> tuple[str, str]:
+        modes.seen({"metadata": {"namespace": namespace, "name": "p", "generation": 1},
+                    "spec": {"mode": mode, **spec}}, leading=True)
+        c = next(c for c in modes.status((namespace, "p"), NOW, agents=set(), watching=set(), lossy=set())[
+            "conditions"] if c["type"] == "Warning")
+        modes.gone(namespace, "p")
+        return c["status"], c["reason"]
+
+    assert warning("kube-system", "Protect", selector={}) == ("True", "ProtectsWholeSystemNamespace")
+    assert warning("flowmap-system", "Protect", selector={"matchLabels": {}}) == ("True", "ProtectsWholeSystemNamespace")
+    assert warning("kube-system", "Monitor", selector={}) == ("False", "AsExpected")
+    assert warning("kube-system", "Protect", selector={"matchLabels": {"k8s-app": "metrics-server"}}) == (
+        "False", "AsExpected")
+    assert warning("shop", "Protect", selector={}) == ("False", "AsExpected")

@@ -201,3 +201,25 @@ def test_watch_refuses_what_report_refuses(cluster: Cluster, operator: Operator)
         finally:
             watcher.close()
 
+
+
+def test_protect_for_all_of_kube_system_is_accepted_with_a_warning(cluster: Cluster, operator: Operator) -> None:
+    # As found: accepted without a word; the cluster's DNS and CNI are then blocked from whatever
+    # they were not seen doing.
+    def warning(name: str, namespace: str) -> dict[str, Any]:
+        got = json.loads(cluster.plane.kubectl("get", "nlp", name, "-n", namespace, "-o", "json").stdout)
+        return next((c for c in (got.get("status") or {}).get("conditions", []) if c["type"] == "Warning"), {})
+
+    apply(cluster.plane, {"apiVersion": "flowmap.dev/v1alpha1", "kind": "NetworkLearningPolicy",
+                          "metadata": {"name": "everything", "namespace": "kube-system"},
+                          "spec": {"mode": "Protect", "selector": {}}})
+    policy(cluster, "everything", "Protect", selector={})  # the same in an application's namespace: fine
+    try:
+        said = wait_for(lambda: warning("everything", "kube-system").get("status") == "True"
+                        and warning("everything", "kube-system"), what="the warning")
+        assert said["reason"] == "ProtectsWholeSystemNamespace" and "kube-system" in said["message"]
+        assert said["observedGeneration"] == 1
+        assert wait_for(lambda: warning("everything", NS), what="the policy's conditions")["status"] == "False"
+    finally:
+        cluster.plane.kubectl("delete", "nlp", "everything", "-n", "kube-system")
+        cluster.plane.kubectl("delete", "nlp", "everything", "-n", NS)
