@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 import threading
 from collections.abc import Callable, Iterator
 
@@ -62,6 +64,21 @@ LEADER = Gauge("flowmap_operator_leader", "1 when this replica applies reports."
 EDGE_LABELS = ("client_group", "client_namespace", "server_group", "server_namespace", "port", "protocol", "app",
                "direction")
 OTHER = "other"
+MAX_LABEL = 256  # characters of a label value taken from an object (a group name is at most 253)
+# Control characters (C0, DEL, C1) and the line and paragraph separators: a line-oriented reader of
+# the text format takes any of them for the end of a sample, and a NUL ends a C string.
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def label_value(value: str) -> str:
+    """A label value taken from an object anyone with write access may have written (a Connection's
+    spec, an app list): control characters replaced, the length bounded. Whatever was changed gets
+    a short hash of the original, so two objects never share a series."""
+    clean = _UNPRINTABLE.sub("?", value)
+    if clean == value and len(value) <= MAX_LABEL:
+        return value
+    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    return f"{clean[:MAX_LABEL - len(digest) - 1]}~{digest}"
 
 
 class EdgeCollector:
@@ -141,8 +158,10 @@ class EdgeCollector:
         """The edge's labels but direction; the app as the Connection's APP column shows it."""
         groups = self.topology.groups
         client, server, info = groups.get(key[0]), groups.get(key[1]), self.topology.edges.get(key)
-        return (key[0], client.peer.namespace if client else "", key[1], server.peer.namespace if server else "",
-                str(key[2]), key[3], info.app if info else "unknown")
+        # Every value but the port may come from a Connection or Group someone wrote by hand.
+        return tuple(label_value(v) for v in (
+            key[0], client.peer.namespace if client else "", key[1], server.peer.namespace if server else "",
+            str(key[2]), key[3], info.app if info else "unknown"))
 
     @staticmethod
     def _families() -> tuple[CounterMetricFamily, CounterMetricFamily, CounterMetricFamily]:

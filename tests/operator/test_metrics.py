@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from flowmap_operator.ledger import Counters, EdgeKey
-from flowmap_operator.metrics import EdgeCollector
+from flowmap_operator.metrics import EdgeCollector, label_value
 from flowmap_operator.resolution import Peer, Resolver
 from flowmap_operator.topology import GroupInfo, Topology
 
@@ -162,3 +162,30 @@ def test_scrapes_on_another_thread_while_reports_are_written() -> None:
     assert not errors, errors
     assert len(seen) > 2 and seen[-1] <= 3000
     assert scrape(collector)[("flowmap_edge_bytes_total", labels(WEB_API, "http", "client_to_server"))] == 3000
+
+
+def test_a_connection_written_by_hand_with_control_characters_cannot_break_the_page() -> None:
+    # As found: an admin's Connection with CR and NUL in spec.client was exported raw.
+    evil: EdgeKey = ("evil\r\nname\x00\x1b[2J", "shop.api", 8080, "TCP")
+    long: EdgeKey = ("shop.web", "x" * 5000, 443, "TCP")
+    topo = topology((WEB_API, "http"), (evil, "http\u2028tls"), (long, "tls"))
+    collector = EdgeCollector(topo, cap=10)
+    for n, key in enumerate((WEB_API, evil, long), start=1):
+        write(topo, f"agent-{n}", 1, key, Counters(100 * n, 1, 1, 1, 1), str(n))
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(collector)  # type: ignore[arg-type]
+    text = generate_latest(registry).decode()
+    # A line-oriented reader of the text format sees one sample per line, whatever it takes for one.
+    assert text.splitlines() == text.split("\n")[:-1]
+    samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+    assert len([s for s in samples if s.name == "flowmap_edge_bytes_total"]) == 6  # every edge, both directions
+    for s in samples:
+        for value in s.labels.values():
+            assert value.isprintable() and len(value) <= 256, repr(value)
+    by_bytes = {s.value: s.labels for s in samples if s.name == "flowmap_edge_bytes_total"
+                and s.labels["direction"] == "client_to_server"}
+    assert by_bytes[100] == dict(labels(WEB_API, "http", "client_to_server"))  # the others are untouched
+    assert by_bytes[200]["client_group"].startswith("evil??name??[2J~") and by_bytes[200]["app"].startswith("http?tls~")
+    assert by_bytes[300]["server_group"].startswith("x" * 200) and len(by_bytes[300]["server_group"]) == 256
+    # Two names that differ only where they were cleaned are still two series.
+    assert label_value("a\rb") != label_value("a\nb") and label_value("shop.web") == "shop.web"
