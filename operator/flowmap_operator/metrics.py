@@ -81,6 +81,35 @@ def label_value(value: str) -> str:
     return f"{clean[:MAX_LABEL - len(digest) - 1]}~{digest}"
 
 
+class BoundsCollector:
+    """What the operator's bounds turned away or forgot, read at scrape time from what it keeps."""
+
+    def __init__(self, topology: Topology) -> None:
+        self.topology = topology
+
+    def describe(self) -> Iterator[Metric]:
+        return self.collect()
+
+    def collect(self) -> Iterator[Metric]:
+        # Plain attribute reads and a copy of a two-key Counter: whole values under the GIL while
+        # the event loop changes them.
+        topology, resolver = self.topology, self.topology.resolver
+        yield CounterMetricFamily("flowmap_operator_fqdn_group_overflow",
+                                  "Edge ends named by DNS counted as 'external': a Group for the name would pass "
+                                  "FLOWMAP_OPERATOR_MAX_FQDN_GROUPS.", value=topology.fqdn_overflow_total)
+        yield GaugeMetricFamily("flowmap_operator_cidr_groups_ignored",
+                                "CIDR Groups not used to resolve addresses: beyond FLOWMAP_OPERATOR_MAX_CIDR_GROUPS "
+                                "(the newest).", value=resolver.cidr_groups_ignored_count)
+        yield GaugeMetricFamily("flowmap_operator_dns_names", "Addresses whose name from a DNS answer is kept "
+                                "(at most FLOWMAP_OPERATOR_MAX_DNS_NAMES).", value=len(resolver.names))
+        forgotten = CounterMetricFamily("flowmap_operator_dns_names_forgotten",
+                                        "Names from DNS answers forgotten: expired (TTL and grace passed), or full "
+                                        "(the table was at its bound).", labels=("reason",))
+        for reason, count in sorted(dict(resolver.names.forgotten).items()):
+            forgotten.add_metric((reason,), count)
+        yield forgotten
+
+
 class EdgeCollector:
     """Per-edge counters read at scrape time from the totals each Connection carries.
 

@@ -2,8 +2,11 @@
 
 In order: a pod (its workload's group; hostNetwork pods are the node), a Service ClusterIP (the
 workload behind it, via EndpointSlices, with the Service recorded), a node address (``nodes``:
-the Node object's, and those its agent reports), a user CIDR group (longest prefix), a name the
-agents learned from DNS answers (an FQDN group), else ``external``. Pod addresses are kept with
+the Node object's, and those its agent reports), a user CIDR group (longest prefix: one bisect in
+a table of every group's networks, flowmap_operator.prefixes), a name the agents learned from DNS
+answers (an FQDN group; the table of names is bounded, flowmap_operator.dns), else ``external``.
+At most ``max_cidr_groups`` CIDR groups are used, the oldest: thousands of Groups importing a
+cloud's address ranges cost a rebuild of the table, never a slower lookup. Pod addresses are kept with
 the time span they were held, and for a grace period after the pod is gone, so a delta is
 resolved as of its own time even if the IP was reused since.
 
@@ -37,8 +40,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from flowmap_operator.dns import NameTable
 from flowmap_operator.errors import NotKnownYet
 from flowmap_operator.naming import object_name
+from flowmap_operator.prefixes import Network, PrefixTable, Span, span
 
 Body = Mapping[str, Any]
 NODES, EXTERNAL = "nodes", "external"
@@ -107,24 +112,30 @@ def group_name(namespace: str, workload: str) -> str:
 
 
 class Resolver:
-    def __init__(self, grace: float = 300.0, wait: float = 15.0) -> None:
+    def __init__(self, grace: float = 300.0, wait: float = 15.0, *, max_names: int = 100_000,
+                 max_cidr_groups: int = 1000) -> None:
         self.grace = grace
         self.wait = wait  # how long an unknown address inside a node's pod range is waited for
+        self.max_cidr_groups = max_cidr_groups  # beyond, the groups created last are not used
         self._pods: dict[str, list[_Span]] = {}  # ip -> spans, oldest first
         self._pod_ips: dict[tuple[str, str], tuple[list[str], Peer]] = {}  # (ns, name) -> ips, peer
         self._pod_labels: dict[tuple[str, str], dict[str, str]] = {}
         self._jobs: dict[tuple[str, str], str] = {}  # (ns, job) -> cronjob
         self._nodes: dict[str, str] = {}  # ip -> node name
         self._node_ips: dict[str, list[str]] = {}
-        self._pod_cidrs: dict[str, list[ipaddress.IPv4Network | ipaddress.IPv6Network]] = {}  # node -> spec.podCIDRs
+        self._pod_cidrs: dict[str, list[Network]] = {}  # node -> spec.podCIDRs
+        self._pod_ranges: PrefixTable | None = None  # of _pod_cidrs; None: to build at the next lookup
         self._reported: dict[str, tuple[float, frozenset[str]]] = {}  # node -> (sent, the addresses its agent reported)
         self._reported_ips: dict[str, set[str]] = {}  # ip -> the nodes reporting it
         self._unknown: dict[str, tuple[float, float]] = {}  # ip -> (first, last) asked about while not known
         self._services: dict[tuple[str, str], _Service] = {}
         self._cluster_ips: dict[str, tuple[str, str]] = {}
-        self._cidrs: dict[str, list[ipaddress.IPv4Network | ipaddress.IPv6Network]] = {}
-        self._names: dict[str, tuple[str, float]] = {}  # ip -> (fqdn, valid until)
-        self._name_ips: dict[str, dict[str, float]] = {}  # FQDN group -> {ip: valid until}
+        self._cidrs: dict[str, list[Network]] = {}  # CIDR group -> its spec.cidrs
+        self._spans: dict[str, list[Span]] = {}  # the same, as integers for the table
+        self._cidr_created: dict[str, float] = {}  # CIDR group -> its creationTimestamp: the oldest are used
+        self._prefixes: PrefixTable | None = None  # of the groups used; None: to build at the next lookup
+        self._ignored: frozenset[str] = frozenset()  # CIDR groups beyond max_cidr_groups, as of the last build
+        self.names = NameTable(max_names)
         # Bumped on every change of who holds which address: what is compiled from it is stale.
         self.version = 0
         self.agent_nodes: set[str] = set()  # nodes whose pods and own traffic are captured by an agent
@@ -204,6 +215,7 @@ class Resolver:
                 continue  # the API server validates these; never trust, never crash
         if cidrs:
             self._pod_cidrs[name] = cidrs
+        self._pod_ranges = None
 
     def node_gone(self, name: str) -> None:
         self._node_object_gone(name)
@@ -214,7 +226,8 @@ class Resolver:
     def _node_object_gone(self, name: str) -> None:
         for ip in self._node_ips.pop(name, []):
             self._nodes.pop(ip, None)
-        self._pod_cidrs.pop(name, None)
+        if self._pod_cidrs.pop(name, None):
+            self._pod_ranges = None
 
     def _unreport(self, node: str, ips: Iterable[str]) -> None:
         for ip in ips:
@@ -302,36 +315,60 @@ class Resolver:
             svc.slices.pop(name, None)
 
     def cidr_group_seen(self, group: Body) -> None:
-        name = group.get("metadata", {}).get("name", "")
+        meta = group.get("metadata", {})
+        name = meta.get("name", "")
         nets = []
         for cidr in (group.get("spec") or {}).get("cidrs") or []:
             try:
                 nets.append(ipaddress.ip_network(cidr, strict=False))
             except ValueError:
                 continue  # the schema refuses these; never trust, never crash
-        if nets != self._cidrs.get(name, []):
-            self.version += 1
+        if nets == self._cidrs.get(name, []):
+            return  # most events are the operator's own status writes
+        self.version += 1
+        self._prefixes = None
         if nets:
-            self._cidrs[name] = nets
+            self._cidrs[name], self._spans[name] = nets, [span(net) for net in nets]
+            self._cidr_created[name] = _ts(meta.get("creationTimestamp"), 0.0)
         else:
-            self._cidrs.pop(name, None)
+            self.cidr_group_gone(name)
 
     def cidr_group_gone(self, name: str) -> None:
+        self._cidr_created.pop(name, None)
+        self._spans.pop(name, None)
         if self._cidrs.pop(name, None):
             self.version += 1
+            self._prefixes = None
 
-    def learn_name(self, ip: str, name: str, ttl: float, seen: float) -> None:
-        """An agent saw ``name`` resolve to ``ip``; the name holds while its TTL (plus grace) does."""
-        until = seen + ttl + self.grace
-        name = name.lower().rstrip(".")
-        current = self._names.get(ip)
-        if current is None or current[1] < until:
-            if current is None or current[0] != name:
-                self.version += 1
-                if current is not None:
-                    self._name_ips.get(object_name(current[0]), {}).pop(ip, None)
-            self._names[ip] = (name, until)
-            self._name_ips.setdefault(object_name(name), {})[ip] = until
+    def _cidr_table(self) -> PrefixTable:
+        """The CIDR groups' table, built after a change. Beyond ``max_cidr_groups`` the groups created
+        last are left out (and listed in ``cidr_groups_ignored``): a new group never displaces one
+        in use, and a restart picks the same ones."""
+        if self._prefixes is None:
+            order = sorted(self._cidrs, key=lambda g: (self._cidr_created.get(g, 0.0), g))
+            used, self._ignored = order[:self.max_cidr_groups], frozenset(order[self.max_cidr_groups:])
+            self._prefixes = PrefixTable({g: self._spans[g] for g in used})
+        return self._prefixes
+
+    def cidr_groups_ignored(self) -> list[str]:
+        """CIDR groups beyond ``max_cidr_groups``: their addresses resolve as if they did not exist."""
+        self._cidr_table()
+        return sorted(self._ignored)
+
+    @property
+    def cidr_groups_ignored_count(self) -> int:
+        """How many CIDR groups the last build left out (read from another thread: builds nothing)."""
+        return len(self._ignored)
+
+    def catch_all(self, group: str) -> list[str]:
+        """The networks of the group's ``spec.cidrs`` that hold every address (``0.0.0.0/0``, ``::/0``)."""
+        return [str(net) for net in self._cidrs.get(group, ()) if net.prefixlen == 0]
+
+    def learn_name(self, ip: str, name: str, ttl: float, seen: float, now: float | None = None) -> None:
+        """An agent saw ``name`` resolve to ``ip``; the name holds while its TTL (plus grace) does.
+        ``now``: the operator's clock, by which answers expire (default ``seen``)."""
+        if self.names.learn(ip, name.lower().rstrip("."), seen + ttl + self.grace, seen if now is None else now):
+            self.version += 1
 
     # -- resolving -------------------------------------------------------------------------------
 
@@ -369,9 +406,9 @@ class Resolver:
 
     def pod_range_of(self, ip: str) -> str:
         """The node whose ``spec.podCIDRs`` hold the address, or ""."""
-        addr = ipaddress.ip_address(ip)
-        return next((name for name, nets in self._pod_cidrs.items()
-                     if any(addr.version == net.version and addr in net for net in nets)), "")
+        if self._pod_ranges is None:
+            self._pod_ranges = PrefixTable({node: map(span, nets) for node, nets in self._pod_cidrs.items()})
+        return self._pod_ranges.lookup(ipaddress.ip_address(ip)) or ""
 
     def waiting(self, ip: str, when: float, now: float) -> bool:
         """Is an address that is not known yet still worth waiting for? For ``wait`` seconds from
@@ -404,17 +441,12 @@ class Resolver:
             # Still unknown after the wait: the node's own (an agentless node's gateway or tunnel).
         if node:
             return Peer(NODES, "Nodes", member=node, node=node)
-        addr = ipaddress.ip_address(ip)
-        best: tuple[int, str] | None = None
-        for name, nets in self._cidrs.items():
-            for net in nets:
-                if addr.version == net.version and addr in net and (best is None or net.prefixlen > best[0]):
-                    best = (net.prefixlen, name)
-        if best:
-            return Peer(best[1], "CIDR", member=ip)
-        named = self._names.get(ip)
-        if named and named[1] >= when:
-            return Peer(object_name(named[0]), "FQDN", member=named[0])
+        group = self._cidr_table().lookup(ipaddress.ip_address(ip)) if self._cidrs else None
+        if group:
+            return Peer(group, "CIDR", member=ip)
+        name = self.names.name_at(ip, when)
+        if name:
+            return Peer(object_name(name), "FQDN", member=name)
         return Peer(EXTERNAL, "External", member=ip)
 
     def resolve_service(self, ip: str, port: int, protocol: str, when: float) -> tuple[Peer, int, str] | None:
@@ -471,6 +503,11 @@ class Resolver:
                 k: v for k, v in common.items() if labels.get(k) == v}
         return found
 
+    def workload_peer(self, group: str) -> Peer | None:
+        """The workload group of that name, if a live pod is of it."""
+        peer = next((peer for _, peer in self._pod_ips.values() if peer.group == group), None)
+        return Peer(peer.group, peer.kind, peer.namespace, peer.workload_kind, peer.workload) if peer else None
+
     def group_pods(self, group: str) -> list[tuple[str, str, list[str], str]]:
         """The live pods of a workload group: (namespace, name, addresses, node), sorted."""
         return sorted((ns, name, ips, peer.node) for (ns, name), (ips, peer) in self._pod_ips.items()
@@ -486,11 +523,12 @@ class Resolver:
         return sorted(self._nodes.keys() | self._reported_ips.keys())
 
     def cidr_networks(self, group: str) -> list[str]:
+        """A CIDR group's networks; none for a group beyond the cap (resolution does not use it either)."""
+        self._cidr_table()
+        if group in self._ignored:
+            return []
         return [str(net) for net in self._cidrs.get(group, [])]
 
     def fqdn_addresses(self, group: str, now: float) -> list[str]:
         """Addresses agents saw a name resolve to, while that answer (TTL plus grace) holds."""
-        ips = self._name_ips.get(group, {})
-        for ip in [ip for ip, until in ips.items() if until < now]:
-            del ips[ip]
-        return sorted(ips)
+        return self.names.addresses(group, now)

@@ -87,14 +87,13 @@ class Leadership:
         return True
 
 
-def _register_watches(registry: kopf.OperatorRegistry, resolver: Resolver, modes: Modes,
-                      leads: Callable[[], bool]) -> None:
+def _register_watches(registry: kopf.OperatorRegistry, topology: Topology, leads: Callable[[], bool]) -> None:
     def feed(seen: Callable[[Any], None], gone: Callable[[Any], None]) -> Callable[..., None]:
         def handler(type: str | None, body: kopf.Body, **_: Any) -> None:  # noqa: A002 - kopf's name
             (gone if type == "DELETED" else seen)(body)
         return handler
 
-    now = time.time
+    now, resolver, modes = time.time, topology.resolver, topology.modes
     watches: list[tuple[tuple[str, str, str], Callable[..., None]]] = [
         (("", "v1", "pods"), feed(lambda b: resolver.pod_seen(b, now()),
                                   lambda b: resolver.pod_gone(b.metadata.namespace or "", b.metadata.name or "", now()))),
@@ -104,8 +103,9 @@ def _register_watches(registry: kopf.OperatorRegistry, resolver: Resolver, modes
         (("discovery.k8s.io", "v1", "endpointslices"), feed(resolver.slice_seen, lambda b: resolver.slice_gone(
             b.metadata.namespace or "", b.metadata.name or "", b.metadata.labels.get("kubernetes.io/service-name", "")))),
         (("batch", "v1", "jobs"), feed(resolver.job_seen, lambda b: None)),
-        (("flowmap.dev", "v1alpha1", "groups"), feed(resolver.cidr_group_seen,
-                                                    lambda b: resolver.cidr_group_gone(b.metadata.name or ""))),
+        # A user's CIDRs; a Group someone deleted (the operator's own are written anew).
+        (("flowmap.dev", "v1alpha1", "groups"), feed(topology.group_seen,
+                                                    lambda b: topology.group_deleted(b.metadata.name or ""))),
         # What users edit: a policy's spec (and, on a follower, the leader's status) is taken as it
         # comes; nothing is written back through kopf (no finalizers, no progress annotations).
         (("flowmap.dev", "v1alpha1", "networklearningpolicies"), feed(
@@ -210,12 +210,15 @@ async def run(settings: Settings) -> None:
     api_client = client.ApiClient()
     custom, core = client.CustomObjectsApi(api_client), client.CoreV1Api(api_client)
 
-    resolver = Resolver(wait=settings.unknown_address_wait)
+    resolver = Resolver(wait=settings.unknown_address_wait, max_names=settings.max_dns_names,
+                        max_cidr_groups=settings.max_cidr_groups)
     modes = Modes(resolver, default_mode=settings.default_mode, enforcement_disabled=settings.enforcement_disabled,
+                  system_namespaces=("kube-system", settings.dns_namespace, settings.namespace),
                   dns=(settings.dns_namespace, dict(kv.split("=", 1) for kv in settings.dns_labels.split(",") if kv)))
     topology = Topology(resolver, max_connections=settings.max_connections, max_ports=settings.max_ports_per_pair,
-                        modes=modes)
+                        modes=modes, max_fqdn_groups=settings.max_fqdn_groups)
     writer = Writer(custom, topology, Bucket(settings.write_budget))
+    metrics.REGISTRY.register(metrics.BoundsCollector(topology))
     if not (await _until_done("reading the cluster", lambda: _prime(resolver, modes, core, custom, api_client), stop)
             and await _until_done("reading the map", writer.load, stop)):
         await api_client.close()
@@ -244,7 +247,7 @@ async def run(settings: Settings) -> None:
     start_http_server(settings.metrics_listen, registry=metrics.REGISTRY)
 
     registry = kopf.OperatorRegistry()
-    _register_watches(registry, resolver, modes, leadership)
+    _register_watches(registry, topology, leadership)
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:

@@ -47,6 +47,12 @@ class Settings:
     events_per_second: float = 1.0  # Events for connections no rule allows (each is also an API write)
     dns_namespace: str = "kube-system"  # the cluster DNS: always allowed on port 53
     dns_labels: str = "k8s-app=kube-dns"
+    # Bounds on what addresses resolve to (flowmap_operator.resolution): CIDR Groups used (the oldest;
+    # each holds up to 64 CIDRs), Groups made for names learned from DNS (beyond: "external"), and
+    # addresses whose DNS name is kept (each until its TTL and the grace pass; beyond: the soonest to expire go).
+    max_cidr_groups: int = 1000
+    max_fqdn_groups: int = 1000
+    max_dns_names: int = 100_000
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:

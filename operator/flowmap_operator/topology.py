@@ -2,21 +2,28 @@
 
 Pure apart from the clock it is handed: the writer turns what this module keeps into API
 objects, and rebuilds it from them on start.
+
+Bounded: at most ``max_connections`` edges, ``max_ports`` ports between two groups, and
+``max_fqdn_groups`` groups learned from DNS names (beyond it, a new name's addresses are
+``external``, unless a policy's rule names its group); what did not fit is counted and said on
+the Groups (``conditions``).
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from flowmap_api import report_pb2 as pb
+from flowmap_operator.conditions import Said
 from flowmap_operator.errors import Crowded
 from flowmap_operator.ledger import Counters, EdgeKey, Ledger
 from flowmap_operator.modes import DENIED, LEARNED, VIOLATION, Modes
 from flowmap_operator.naming import connection_name
 from flowmap_operator.policy import PolicyKey
-from flowmap_operator.resolution import Peer, Resolver
+from flowmap_operator.resolution import EXTERNAL, Peer, Resolver
 
 PROTOCOLS = {pb.TCP: "TCP", pb.UDP: "UDP", pb.SCTP: "SCTP", pb.ICMP: "ICMP"}
 # Watermarks one Connection may carry (the CRD's status.observers maxItems): ~7 kB at most.
@@ -54,6 +61,9 @@ class GroupInfo:
     empty_since: float | None = None  # a workload group with no pods since then
     overflow: int = 0  # its edges dropped because the Connection cap is reached
     written_overflow: int = 0
+    generation: int = 0  # of the object, as last seen (its spec: a user's CIDRs)
+    conditions: dict[str, dict[str, Any]] = field(default_factory=dict)  # as last written, by type
+    written_said: tuple[tuple[str, bool, str], ...] = ()  # (type, holds, reason) of those
 
 
 # A delta with both ends resolved: (delta, when, protocol, client, server, port, service, counted elsewhere)
@@ -67,11 +77,13 @@ class Ingested:
     other_observer: int = 0  # counted by the node on the other side
     overflow: int = 0  # dropped: the Connection cap is reached
     external: int = 0  # ends that resolved to nothing better than "external"
+    fqdn_overflow: int = 0  # of those, ends named by DNS whose group would pass the FQDN Group cap
     blocked: list[tuple[EdgeKey, str, int]] = field(default_factory=list)  # (edge, Violation|Denied, sessions)
 
 
 class Topology:
-    def __init__(self, resolver: Resolver, *, max_connections: int, max_ports: int, modes: Modes | None = None) -> None:
+    def __init__(self, resolver: Resolver, *, max_connections: int, max_ports: int, modes: Modes | None = None,
+                 max_fqdn_groups: int = 1000) -> None:
         self.resolver = resolver
         self.modes = modes or Modes(resolver)
         self.ledger = Ledger()
@@ -80,7 +92,9 @@ class Topology:
         self.ports: dict[tuple[str, str, str], set[int]] = {}  # (client, server, protocol) -> ports
         self.max_connections = max_connections
         self.max_ports = max_ports
+        self.max_fqdn_groups = max_fqdn_groups
         self.overflow_total = 0
+        self.fqdn_overflow_total = 0  # edge ends resolved to "external" for the FQDN Group cap
         self.lost: dict[str, float] = {}  # node -> when its agent last reported deltas it could not keep
 
     def forget(self, key: EdgeKey) -> None:
@@ -115,8 +129,99 @@ class Topology:
         if group is None:
             # An FQDN group keeps its name (its object name may be shortened); a pod is no group's name.
             group = self.groups[peer.group] = GroupInfo(Peer(peer.group, peer.kind, peer.namespace, peer.workload_kind,
-                                                             peer.workload, peer.member if peer.kind == "FQDN" else ""))
+                                                             peer.workload, peer.member if peer.kind == "FQDN" else ""),
+                                                        user_defined=peer.kind == "CIDR")
         group.last_seen = max(group.last_seen, when)
+
+    # -- the Group objects, as the watch sees them --------------------------------------------------
+
+    def group_seen(self, body: Mapping[str, Any]) -> None:
+        """A Group object was written (by a user: its spec; by us: its status)."""
+        self.resolver.cidr_group_seen(body)
+        meta = body.get("metadata") or {}
+        group = self.groups.get(meta.get("name", ""))
+        if group is None and self.resolver.catch_all(meta.get("name", "")):
+            # Never seen in traffic, but it must say what its CIDRs do: a Group of its own to write.
+            name = meta.get("name", "")
+            group = self.groups[name] = GroupInfo(self.resolver.workload_peer(name) or Peer(name, "CIDR"),
+                                                  exists=True, user_defined=True)
+        if group is not None:
+            group.generation = int(meta.get("generation") or 0)
+
+    def group_deleted(self, name: str) -> None:
+        """A Group object was deleted. Its user's CIDR group is gone with it; a group the operator
+        keeps (a workload, ``nodes``, ``external``, a name from DNS) is written anew at the next flush.
+        Deleting one idle past its TTL, the operator forgets it first: it is not brought back."""
+        self.resolver.cidr_group_gone(name)
+        group = self.groups.get(name)
+        if group is None:
+            return
+        if group.user_defined or group.peer.kind == "CIDR":
+            del self.groups[name]
+        else:
+            group.exists, group.conditions, group.written_said = False, {}, ()
+
+    def fqdn_groups(self) -> int:
+        return sum(1 for g in self.groups.values() if g.peer.kind == "FQDN")
+
+    def said(self, group: GroupInfo) -> list[Said]:
+        """What a Group's conditions say, beyond its mode (pure: from what is kept here)."""
+        said: list[Said] = []
+        name = group.peer.group
+        eff = self.modes.groups.get(name) if group.peer.kind == "Workload" else None
+        if eff and eff.conflict:
+            said.append(("ModeConflict", True, "EquallySpecificPolicies",
+                         f"{', '.join(f'{ns}/{n}' for ns, n in eff.conflict)} select this group as specifically and "
+                         f"set different modes: it keeps mode {eff.mode} until one of them changes"))
+        if group.overflow:
+            said.append(("ConnectionsRecorded", False, "ConnectionLimitReached",
+                         f"{group.overflow} reports of new edges of this group were dropped: the cluster holds "
+                         f"the maximum of {self.max_connections} Connections (FLOWMAP_OPERATOR_MAX_CONNECTIONS)"))
+        if name == EXTERNAL:
+            ignored = self.resolver.cidr_groups_ignored()
+            why, what = [], []
+            if self.fqdn_overflow_total:
+                why.append("FQDNGroupLimitReached")
+                what.append(f"{self.fqdn_overflow_total} reports of addresses named by DNS counted here: the cluster holds the "
+                            f"maximum of {self.max_fqdn_groups} FQDN Groups (FLOWMAP_OPERATOR_MAX_FQDN_GROUPS)")
+            if ignored:
+                why.append("CIDRGroupLimitReached")
+                what.append(f"{len(ignored)} CIDR Groups are not used, the newest ({', '.join(ignored[:5])}"
+                            f"{' …' if len(ignored) > 5 else ''}): the operator uses at most "
+                            f"{self.resolver.max_cidr_groups} (FLOWMAP_OPERATOR_MAX_CIDR_GROUPS)")
+            if why:
+                said.append(("GroupsRecorded", False, ",".join(why), "; ".join(what)))
+        if self.resolver.catch_all(name):
+            whose = (f"every address that is not a pod's, a Service's or a node's counts as workload "
+                     f"{group.peer.namespace}/{group.peer.workload}, and a rule allowing this group allows the "
+                     "whole Internet") if group.peer.kind == "Workload" else (
+                     "every address that is not a pod's, a Service's or a node's counts as this group: nothing "
+                     "is 'external' any more, and a rule allowing this group allows the whole Internet")
+            said.append(("Warning", True, "CatchAllCIDR",
+                         f"spec.cidrs holds {' and '.join(self.resolver.catch_all(name))}: {whose}"))
+        return said
+
+    def _fqdn_bound(self, result: Ingested) -> Callable[[Peer, str], Peer]:
+        """For one batch: an end named by DNS whose group would pass the FQDN Group cap counts as
+        ``external``, unless a rule of a policy names that group. What is kept is counted once."""
+        admitted: set[str] = set()  # new FQDN groups of this batch
+        kept: list[int] = []
+        named: list[set[str]] = []
+
+        def bound(peer: Peer, ip: str) -> Peer:
+            if peer.kind != "FQDN" or peer.group in self.groups or peer.group in admitted:
+                return peer
+            if not kept:
+                kept.append(self.fqdn_groups())
+            if kept[0] + len(admitted) >= self.max_fqdn_groups:
+                if not named:
+                    named.append(self.modes.named_peers())
+                if peer.group not in named[0]:
+                    result.fqdn_overflow += 1
+                    return Peer(EXTERNAL, "External", member=ip)
+            admitted.add(peer.group)
+            return peer
+        return bound
 
     def ingest(self, batch: pb.ReportBatch, now: float) -> Ingested:
         """Apply one validated batch, or refuse it whole (OutOfOrder, NotKnownYet, Crowded).
@@ -132,20 +237,27 @@ class Topology:
             self.ledger.begin_batch(agent, batch.node, 0, batch.acked, 0)
             return Ingested()
         for name in batch.names:
-            self.resolver.learn_name(name.ip, name.name, name.ttl_seconds, name.seen_unix_ms / 1000 or now)
+            self.resolver.learn_name(name.ip, name.name, name.ttl_seconds, name.seen_unix_ms / 1000 or now, now)
         result = Ingested()
         resolved = [r for r in (self._resolve(delta, batch.node, now, result) for delta in batch.edges) if r]
+        bound = self._fqdn_bound(result)
+        resolved = [(delta, when, protocol, bound(client, delta.client.ip), bound(server, delta.server.ip), port,
+                     service, other) for delta, when, protocol, client, server, port, service, other in resolved]
         # Several deltas of one batch can land on one edge (two pods of a workload on this node,
         # collapsed ports): merge them first, since the ledger takes one delta per edge per batch.
         merged: dict[EdgeKey, tuple[Counters, list[pb.ThreatHit], int, Peer, Peer]] = {}
         for delta, when, protocol, client, server, port, service, other in resolved:
-            self._touch(client, when)
             key = self.key_for(client.group, server.group, port, protocol)
             if key is None:
+                # Said on the group whose edges these are: the client's, unless it would be a new group
+                # only to say so (an outside client of one of ours: 500 of them made 500 Groups).
+                holder = client if client.kind == "Workload" or client.group in self.groups else server
+                self._touch(holder, when)
                 result.overflow += 1
                 self.overflow_total += 1
-                self.groups[client.group].overflow += 1
+                self.groups[holder.group].overflow += 1
                 continue
+            self._touch(client, when)
             self._touch(server, when)
             info = self.edge(key)
             action, by = self.modes.judge(client, server, delta.client.ip, delta.server.ip, key[2], protocol,
@@ -175,7 +287,11 @@ class Topology:
                 raise Crowded(f"edge {key} already carries {MAX_OBSERVERS} unconfirmed observers")
         # Only now does the batch take its place in the agent's sequence: a refusal above must
         # leave no trace, or the batch could be acknowledged without having been counted.
+        state = self.ledger.agents.get(agent)
+        fresh = state is None or seq > max(state.delivered, batch.acked)  # not a batch resent
         self.ledger.begin_batch(agent, batch.node, seq, batch.acked, batch.previous)
+        if fresh:
+            self.fqdn_overflow_total += result.fqdn_overflow
         for key, (counters, threats, active, client, server) in merged.items():
             info = self.edges[key]
             info.active[agent] = active
