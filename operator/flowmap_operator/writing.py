@@ -4,14 +4,20 @@ Every write, of any kind, takes a token from one bucket filled at ``write_budget
 New Connections go first (a new edge should show within seconds), then the longest-dirty ones.
 A Connection's counters and watermarks travel in one status update guarded by resourceVersion;
 a conflict re-reads the object, an update of unknown outcome is settled by re-reading too.
+
+A Group the API server refuses (a status its schema does not allow) says so in a condition of its
+own, written alone, and is tried again with backoff, not at every round. A Group someone deleted
+is created again (the watch says so, or the next write's 404).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -19,6 +25,7 @@ from kubernetes_asyncio.client import CustomObjectsApi
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from flowmap_operator import metrics
+from flowmap_operator.conditions import Said, conditions
 from flowmap_operator.ledger import Counters, EdgeKey, FlushPlan, watermarks_from_status, watermarks_to_status
 from flowmap_operator.resolution import Peer
 from flowmap_operator.naming import object_name
@@ -30,6 +37,21 @@ GROUP, VERSION = "flowmap.dev", "v1alpha1"
 MERGE = "application/merge-patch+json"
 FIELD_MANAGER = "flowmap-operator"  # one stable manager for everything the operator writes
 GROUP_REFRESH = 60.0  # seconds between lastSeen refreshes of a Group: it is not worth the budget
+RETRY_FIRST, RETRY_MAX = 1.0, 300.0  # seconds before writing a refused object again: doubling, up to this
+
+
+def backoff(refusals: int) -> float:
+    """Seconds to wait after the ``refusals``-th refusal in a row of the same write."""
+    return min(RETRY_MAX, RETRY_FIRST * 2.0 ** max(0, refusals - 1))
+
+
+@dataclass
+class Refusal:
+    """A Group's writes the API server refuses: how often in a row, until when to wait, and what it said."""
+
+    count: int = 0
+    retry_at: float = 0.0  # monotonic
+    said: str = ""  # the message the Group's condition carries
 
 
 def connection_status(plan: FlushPlan, info: EdgeInfo) -> dict[str, Any]:
@@ -57,6 +79,19 @@ def connection_status(plan: FlushPlan, info: EdgeInfo) -> dict[str, Any]:
     return status
 
 
+def _facts(said: list[Said]) -> tuple[tuple[str, bool, str], ...]:
+    """What a change of is worth a write: the conditions but their messages (counts in them change often)."""
+    return tuple((kind, holds, reason) for kind, holds, reason, _ in said)
+
+
+def _api_message(exc: ApiException) -> str:
+    """The API server's own words (its Status message), else the HTTP reason."""
+    try:
+        return str(json.loads(exc.body or "{}").get("message") or exc.reason)
+    except (ValueError, AttributeError):
+        return str(exc.reason)
+
+
 class Bucket:
     """A token bucket without bursts: writes spaced ``1/rate`` apart, so that no window of the API
     server's sees more than ``rate`` per second (plus the one write an idle bucket holds)."""
@@ -79,6 +114,7 @@ class Bucket:
 class Writer:
     def __init__(self, api: CustomObjectsApi, topology: Topology, bucket: Bucket) -> None:
         self.api, self.topology, self.bucket = api, topology, bucket
+        self.refused: dict[str, Refusal] = {}  # Group name -> its refused writes
 
     async def call(self, kind: str, verb: str, coro: Any) -> Any:
         """One API write, once the budget allows it, counted by outcome."""
@@ -129,7 +165,7 @@ class Writer:
             name = obj["metadata"]["name"]
             wl = status.get("workload") or {}
             members = status.get("members") or []
-            kind = status.get("kind", "Workload")
+            kind = status.get("kind") or ("CIDR" if (obj.get("spec") or {}).get("cidrs") else "Workload")
             fqdn = members[0].get("name", "") if kind == "FQDN" and members else ""
             peer = Peer(name, kind, status.get("namespace", ""), wl.get("kind", ""), wl.get("name", ""), fqdn)
             info = self.topology.groups.setdefault(name, GroupInfo(peer))
@@ -142,6 +178,10 @@ class Writer:
                     self.topology.resolver.learn_name(ip, member.get("name", ""), 0, parse_iso(status.get("lastSeen")))
             info.exists = True
             info.user_defined = bool((obj.get("spec") or {}).get("cidrs"))
+            info.generation = int(obj["metadata"].get("generation") or 0)
+            info.conditions = {c["type"]: c for c in status.get("conditions") or [] if isinstance(c, dict) and "type" in c}
+            info.written_said = tuple((c["type"], c.get("status") == "True", c.get("reason", ""))
+                                      for c in info.conditions.values())
             info.written_last_seen = info.last_seen = max(info.last_seen, parse_iso(status.get("lastSeen")))
         log.info("loaded %d connections and %d groups", len(self.topology.edges), len(self.topology.groups))
 
@@ -165,20 +205,23 @@ class Writer:
             if time.monotonic() >= deadline:
                 return written
             written += await self.guard(self._write_edge(edge.key))
-        for group in [g for g in self.topology.groups.values() if not g.exists]:
+        for group in [g for g in self.topology.groups.values() if not g.exists and not self._waiting(g)]:
             if time.monotonic() >= deadline:
                 return written
-            written += await self.guard(self._create_group(group))
+            written += await self.guard(self._group_write(group, self._create_group(group)))
         for edge in dirty[len(fresh):]:
             if time.monotonic() >= deadline:
                 break
             written += await self.guard(self._write_edge(edge.key))
-        for group in self.topology.groups.values():
+        for group in list(self.topology.groups.values()):
             if time.monotonic() >= deadline:
                 break
-            if (group.last_seen - group.written_last_seen >= GROUP_REFRESH or group.overflow != group.written_overflow
-                    or group.peer.group in self.topology.modes.changed_groups):
-                written += await self.guard(self._refresh_group(group))
+            if group.exists and not self._waiting(group) and (
+                    group.last_seen - group.written_last_seen >= GROUP_REFRESH
+                    or group.overflow != group.written_overflow
+                    or group.peer.group in self.topology.modes.changed_groups
+                    or _facts(self.topology.said(group)) != group.written_said):
+                written += await self.guard(self._group_write(group, self._refresh_group(group)))
         metrics.DIRTY_OBJECTS.set(len(self.topology.ledger.dirty()))
         return written
 
@@ -207,6 +250,7 @@ class Writer:
             if gone:
                 deleted += await self.guard(self._delete("groups", name, None))
                 del self.topology.groups[name]
+                self.refused.pop(name, None)
         return deleted
 
     async def _delete(self, plural: str, name: str, resource_version: str | None) -> bool:
@@ -233,6 +277,49 @@ class Writer:
             await asyncio.sleep(0.5)
         return 0
 
+    def _waiting(self, group: GroupInfo) -> bool:
+        refusal = self.refused.get(group.peer.group)
+        return refusal is not None and time.monotonic() < refusal.retry_at
+
+    async def _group_write(self, group: GroupInfo, step: Any) -> bool:
+        """One write of a Group (``step``); a refusal of what was written (4xx: the schema, a policy
+        of the cluster) is said on the Group and waited out with backoff before the next try."""
+        name = group.peer.group
+        try:
+            done = bool(await step)
+        except ApiException as exc:
+            if exc.status is None or not 400 <= exc.status < 500 or exc.status in (404, 409, 429):
+                raise
+            refusal = self.refused.setdefault(name, Refusal())
+            refusal.count += 1
+            refusal.retry_at = time.monotonic() + backoff(refusal.count)
+            await self._say_refused(group, refusal, exc)
+            raise
+        self.refused.pop(name, None)
+        return done
+
+    async def _say_refused(self, group: GroupInfo, refusal: Refusal, exc: ApiException) -> None:
+        """The refusal as a condition, alone in a status patch (what was refused is not in it); once
+        per distinct answer, not at every retry."""
+        said = f"the API server refused this Group's status ({exc.status}): {_api_message(exc)}"
+        if not group.exists or said == refusal.said:
+            return
+        refusal.said = said
+        written = conditions([*((c["type"], c.get("status") == "True", c.get("reason", ""), c.get("message", ""))
+                                for c in group.conditions.values() if c["type"] != "StatusWritten"),
+                              ("StatusWritten", False, "RefusedByAPIServer",
+                               f"{said}; it is written again with backoff, at most every {RETRY_MAX:.0f} s")],
+                             group.conditions, time.time(), group.generation or None)
+        try:
+            await self.call("group", "status", self.api.patch_cluster_custom_object_status(
+                GROUP, VERSION, "groups", group.peer.group, {"status": {"conditions": written}},
+                _content_type=MERGE, field_manager=FIELD_MANAGER))
+        except ApiException as refused:
+            log.warning("Group %s: its refusal could not be said either: %s %s", group.peer.group, refused.status,
+                        refused.reason)
+            return
+        group.conditions = {c["type"]: c for c in written}
+
     async def _create_group(self, group: GroupInfo) -> bool:
         peer = group.peer
         body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Group", "metadata": {"name": peer.group,
@@ -252,7 +339,6 @@ class Writer:
     async def _refresh_group(self, group: GroupInfo) -> bool:
         peer, modes = group.peer, self.topology.modes
         status: dict[str, Any] = {"kind": peer.kind, "lastSeen": iso(group.last_seen or time.time())}
-        conditions = []
         if peer.namespace:
             status["namespace"] = peer.namespace
         if peer.kind == "Workload":
@@ -261,30 +347,26 @@ class Writer:
             status["members"], status["memberCount"] = members, count
             status["mode"], by = modes.mode(peer.group)
             status["policy"] = f"{by[0]}/{by[1]}" if by else None
-            eff = modes.groups.get(peer.group)
-            if eff and eff.conflict:
-                conditions.append({
-                    "type": "ModeConflict", "status": "True", "reason": "EquallySpecificPolicies",
-                    "lastTransitionTime": iso(time.time()),
-                    "message": f"{', '.join(f'{ns}/{n}' for ns, n in eff.conflict)} select this group as specifically "
-                               f"and set different modes: it keeps mode {eff.mode} until one of them changes"})
         elif peer.kind == "FQDN":
             ips = self.topology.resolver.fqdn_addresses(peer.group, time.time())
             status["members"] = [{"name": peer.member or peer.group, "ips": ips[i:i + 4]}
                                  for i in range(0, min(len(ips), 128), 4)]
             status["memberCount"] = len(ips)
-        if group.overflow:
-            conditions.append({
-                "type": "ConnectionsRecorded", "status": "False", "reason": "ConnectionLimitReached",
-                "lastTransitionTime": iso(time.time()),
-                "message": f"{group.overflow} reports of new edges of this group were dropped: the cluster holds "
-                           f"the maximum of {self.topology.max_connections} Connections "
-                           "(FLOWMAP_OPERATOR_MAX_CONNECTIONS)"})
-        status["conditions"] = conditions or None
+        said = self.topology.said(group)
+        written = conditions(said, group.conditions, time.time(), group.generation or None)
+        status["conditions"] = written or None
         modes.changed_groups.discard(peer.group)
-        await self.call("group", "status", self.api.patch_cluster_custom_object_status(
-            GROUP, VERSION, "groups", peer.group, {"status": status}, _content_type=MERGE, field_manager=FIELD_MANAGER))
+        try:
+            await self.call("group", "status", self.api.patch_cluster_custom_object_status(
+                GROUP, VERSION, "groups", peer.group, {"status": status}, _content_type=MERGE,
+                field_manager=FIELD_MANAGER))
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            group.exists, group.conditions, group.written_said = False, {}, ()  # deleted: created at the next round
+            return False
         group.written_last_seen, group.written_overflow = group.last_seen, group.overflow
+        group.conditions, group.written_said = {c["type"]: c for c in written}, _facts(said)
         return True
 
     async def _write_edge(self, key: EdgeKey) -> bool:
