@@ -16,14 +16,16 @@ from ``wire.proto`` (package ``flowmap.dp.v1``)::
 interfaces to capture, the node's addresses, the overlay to drop on the underlay; the agent
 sends it on every new connection and whenever it changes), 3
 an ``Ack`` (agent -> dp: reports up to a sequence are saved on the agent's side).
-A reader rejects a bad magic, an unknown version and lengths above ``MAX_FRAME`` by closing
-the connection: a corrupt stream cannot be resynchronised, a reconnect can.
+A reader rejects a bad magic, an unknown version, lengths above ``MAX_FRAME`` (16 MiB; the dp
+keeps its parts near a quarter of it) and a report body that does not parse by closing the
+connection, and counts it: a corrupt stream cannot be resynchronised, a reconnect can.
 
 **Nothing lost to an agent's crash.** A report written to the socket may still die with the
 agent (unread in its socket buffer, or read and not yet saved). So the dp keeps each report it
 sent until the agent acknowledges it (``Ack``, once its state is on disk), and on a new
 connection sends the unacknowledged ones again, in order, before anything new; the agent skips
-the reports it had already saved (by their sequence).
+the reports it had already saved (by their sequence and part), and acknowledges an interval only
+once it has all its parts.
 
 **Never blocking the packet loop.** The loop calls :meth:`Exporter.offer`, which puts the report
 into a bounded queue or, when the queue is full, drops it and counts it (``lost_reports`` and
@@ -31,7 +33,11 @@ the ``lost_sessions`` records inside). A writer thread sends, oldest first; a re
 send (no agent, send timeout, broken pipe) waits and goes on the next connection, so an agent
 restart loses nothing that fits the queue (only what waits when the dp stops is dropped, and
 counted). The counts are cumulative and are stamped into the ``Health`` of the next report that
-is sent, like Hubble's lost-events record.
+is sent, like Hubble's lost-events record. The send timeout is for progress: a reader that takes
+its time over a large report is waited for, one that stops reading is left for a new connection.
+
+**Whoever connects.** The reader (the agent's end) reads as data arrives, whatever the size of
+a report, and holds boundedly much whatever a peer sends: see :class:`ReportReader`.
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from google.protobuf.message import DecodeError
+
 from flowmap_dp import wire_pb2
 from flowmap_dp.session import Report, SessionDelta
 
@@ -60,44 +68,83 @@ KIND_REPORT = 1
 KIND_CONTROL = 2
 KIND_ACK = 3
 HEADER = struct.Struct(">4sHHI")
-MAX_FRAME = 64 << 20
+# A frame is one part of a report (iter_reports keeps each part's estimate under PART_BYTES): a
+# reader never has to hold more than this for one connection, whoever is on the other end.
+MAX_FRAME = 16 << 20
+RECV_BYTES = 1 << 20  # one read of one connection
+PART_BYTES = 4 << 20
+RECORD_BYTES = 96  # a session record without metadata, with room to spare (about 70 on the wire)
 
 
 class WireError(ValueError):
-    """The peer sent something that is not a version-1 flowmap dp frame."""
+    """The peer sent something that is not a version-1 flowmap dp frame. ``reason`` says what, as
+    the agent counts it: magic, version, length, payload (a body that is not its message)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def frame(kind: int, payload: bytes) -> bytes:
     """Header + payload, ready for ``sendall``."""
     if len(payload) > MAX_FRAME:
-        raise WireError(f"frame of {len(payload)} bytes exceeds {MAX_FRAME}")
+        raise WireError("length", f"frame of {len(payload)} bytes exceeds {MAX_FRAME}")
     return HEADER.pack(MAGIC, VERSION, kind, len(payload)) + payload
 
 
 class FrameDecoder:
-    """Incremental decoder: feed bytes as they arrive, get complete (kind, payload) frames."""
+    """Incremental decoder: feed bytes as they arrive, get complete (kind, payload) frames.
+
+    Holds at most one incomplete frame and what arrived after it in the same ``feed`` (so at most
+    ``HEADER.size + MAX_FRAME`` plus one read). After a WireError the stream is useless: close it.
+    """
 
     def __init__(self) -> None:
         self._buf = bytearray()
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held, waiting for the rest of their frame."""
+        return len(self._buf)
 
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
         """Append ``data``; return every frame now complete. Raises WireError on garbage."""
         self._buf += data
         out: list[tuple[int, bytes]] = []
-        while len(self._buf) >= HEADER.size:
-            magic, version, kind, length = HEADER.unpack_from(self._buf)
-            if magic != MAGIC:
-                raise WireError(f"bad magic {bytes(magic)!r}")
-            if version != VERSION:
-                raise WireError(f"unsupported version {version}")
-            if length > MAX_FRAME:
-                raise WireError(f"frame length {length} exceeds {MAX_FRAME}")
-            end = HEADER.size + length
-            if len(self._buf) < end:
-                break
-            out.append((kind, bytes(self._buf[HEADER.size : end])))
-            del self._buf[:end]
+        start = 0
+        try:
+            while len(self._buf) - start >= HEADER.size:
+                magic, version, kind, length = HEADER.unpack_from(self._buf, start)
+                if magic != MAGIC:
+                    raise WireError("magic", f"bad magic {bytes(magic)!r}")
+                if version != VERSION:
+                    raise WireError("version", f"unsupported version {version}")
+                if length > MAX_FRAME:
+                    raise WireError("length", f"frame length {length} exceeds {MAX_FRAME}")
+                end = start + HEADER.size + length
+                if len(self._buf) < end:
+                    break
+                out.append((kind, bytes(self._buf[start + HEADER.size : end])))
+                start = end
+        finally:
+            del self._buf[:start]  # once per feed: many small frames cost no quadratic copying
         return out
+
+
+def parse_report(payload: bytes) -> wire_pb2.Report:
+    """The ``Report`` in a frame's payload; WireError("payload") if it is not one."""
+    try:
+        return wire_pb2.Report.FromString(payload)
+    except DecodeError as exc:
+        raise WireError("payload", f"a report frame whose body is not a Report: {exc}") from None
+
+
+def send_all(sock: socket.socket, data: bytes) -> None:
+    """``sendall`` whose timeout (the socket's) is for progress, not for the whole: a reader that
+    takes its time over a large frame is waited for, one that stops reading is given up on."""
+    view = memoryview(data)
+    while view:
+        view = view[sock.send(view):]
 
 
 @dataclass
@@ -192,7 +239,8 @@ class Exporter:
 
     def _send(self, report: wire_pb2.Report) -> None:
         """Send one report, on a new connection if need be: an agent that restarts finds it (and
-        the queue behind it) when it is back. Dropped, and counted, only when stopping."""
+        the queue behind it) when it is back. Dropped, and counted, only when stopping (or when it
+        is larger than a frame may be, which iter_reports never makes)."""
         while not self._stopping.is_set():
             sock = self._connect()
             if sock is None:
@@ -201,9 +249,12 @@ class Exporter:
             if report.HasField("health"):
                 report.health.lost_reports = self.lost_reports
                 report.health.lost_sessions = self.lost_sessions
-            data = frame(KIND_REPORT, report.SerializeToString())
             try:
-                sock.sendall(data)
+                data = frame(KIND_REPORT, report.SerializeToString())
+            except WireError:
+                break  # larger than any reader takes (iter_reports keeps parts far below): counted
+            try:
+                send_all(sock, data)
             except OSError:
                 self._close()  # a half-written frame poisons the stream: start a new one
                 continue
@@ -232,7 +283,7 @@ class Exporter:
             again = [data for *_, data in self._unacked]
         try:
             for data in again:  # what the last agent may not have saved, before anything new
-                sock.sendall(data)
+                send_all(sock, data)
         except OSError:
             sock.close()
             return None
@@ -248,19 +299,21 @@ class Exporter:
             try:
                 data = sock.recv(65536)
                 frames = decoder.feed(data) if data else None
+                messages = [wire_pb2.Control.FromString(p) if kind == KIND_CONTROL else wire_pb2.Ack.FromString(p)
+                            for kind, p in frames or () if kind in (KIND_CONTROL, KIND_ACK)]
             except TimeoutError:
                 continue  # the socket's timeout is for sends; reads just wait again
-            except (OSError, WireError):
+            except (OSError, WireError, DecodeError):
                 frames = None
             if frames is None:
                 if self._sock is sock:
-                    self._close()  # the agent went away: reconnect on the next report
+                    self._close()  # the agent went away (or is no agent): reconnect on the next report
                 return
-            for kind, payload in frames:
-                if kind == KIND_CONTROL:
-                    self.controls.put(wire_pb2.Control.FromString(payload))
-                elif kind == KIND_ACK:
-                    self._acknowledged(wire_pb2.Ack.FromString(payload))
+            for message in messages:
+                if isinstance(message, wire_pb2.Control):
+                    self.controls.put(message)
+                else:
+                    self._acknowledged(message)
 
     def _acknowledged(self, ack: wire_pb2.Ack) -> None:
         with self._unacked_lock:
@@ -277,25 +330,77 @@ class Exporter:
             sock.close()
 
 
+class Stream:
+    """One connection's bytes as the reports they carry (pure): the framing, then each report's
+    body. Raises WireError (and is then useless) on anything else."""
+
+    def __init__(self) -> None:
+        self.decoder = FrameDecoder()
+        self.since = 0.0  # when its incomplete frame began (the caller's clock); 0: none
+
+    @property
+    def buffered(self) -> int:
+        return self.decoder.buffered
+
+    def feed(self, data: bytes, now: float = 0.0) -> list[wire_pb2.Report]:
+        """The reports ``data`` completes (frames of other kinds are the agent's own: ignored)."""
+        frames = self.decoder.feed(data)
+        out = [parse_report(payload) for kind, payload in frames if kind == KIND_REPORT]
+        if not self.decoder.buffered:
+            self.since = 0.0
+        elif frames or not self.since:
+            self.since = now
+        return out
+
+
 class ReportReader:
     """Agent side: listen on a unix socket, accept dp workers, yield their reports.
 
-    Single-threaded over ``selectors``; the agent calls :meth:`poll` from its own loop (or a
-    thread). :meth:`set_control` tells every connected worker, and every later one, what to
-    capture.
+    Single-threaded over ``selectors``; the agent calls :meth:`poll` whenever :meth:`fileno` is
+    readable (or from a thread), so reports of any size are read as they arrive. :meth:`set_control`
+    tells every connected worker, and every later one, what to capture.
+
+    Whatever is on the other end: a connection that breaks the framing, sends a body that is not a
+    Report, or does not read what the agent sends it (a dp reads its controls at once) is closed
+    and counted in :attr:`errors` by reason; at most ``max_connections`` are kept; and the bytes
+    held for incomplete frames, all connections together, stay under ``max_buffered`` (beyond it
+    the connection whose frame has waited longest is closed: a dp's frame arrives at the speed of
+    memory, and a dp resends what was not acknowledged on its next connection).
     """
 
-    def __init__(self, path: str, backlog: int = 16) -> None:
+    def __init__(self, path: str, backlog: int = 16, *, max_connections: int = 64,
+                 max_buffered: int = 4 * MAX_FRAME) -> None:
         self.path = path
+        self.max_connections, self.max_buffered = max_connections, max_buffered
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(path)
+        # Only its owner may connect; the agent also keeps the directory its own (0700), so there
+        # is no moment at which another user could, whatever the umask.
+        os.chmod(path, 0o600)
         self._listener.listen(backlog)
         self._listener.setblocking(False)
         self._sel = selectors.DefaultSelector()
         self._sel.register(self._listener, selectors.EVENT_READ, None)
-        self._decoders: dict[socket.socket, FrameDecoder] = {}
+        self._peers: dict[socket.socket, Stream] = {}
         self._control: wire_pb2.Control | None = None
-        self.rejected = 0  # connections closed for a framing error
+        # Connections closed, by reason: magic, version, length, payload (WireError), stalled (does
+        # not read), truncated (closed in the middle of a frame), budget (max_buffered), and
+        # connections (refused beyond max_connections).
+        self.errors: collections.Counter[str] = collections.Counter()
+
+    @property
+    def rejected(self) -> int:
+        """Connections closed for what they sent (framing or payload)."""
+        return sum(self.errors[r] for r in ("magic", "version", "length", "payload"))
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for incomplete frames, all connections together."""
+        return sum(p.buffered for p in self._peers.values())
+
+    def fileno(self) -> int:
+        """Readable whenever a connection or the listener is: for an event loop's ``add_reader``."""
+        return self._sel.fileno()
 
     def set_interfaces(self, interfaces: list[str]) -> None:
         """Send the desired interface set to all workers now and to each new one on connect."""
@@ -305,65 +410,88 @@ class ReportReader:
         """Send what to capture (interfaces, the node's addresses, the overlay on the underlay)
         to all workers now and to each new one on connect."""
         self._control = control
-        for conn in list(self._decoders):
+        for conn in list(self._peers):
             self._send_control(conn)
 
     def _send_control(self, conn: socket.socket) -> None:
-        if self._control is None:
-            return
+        if self._control is not None:
+            self._send(conn, frame(KIND_CONTROL, self._control.SerializeToString()))
+
+    def _send(self, conn: socket.socket, data: bytes) -> None:
+        """Never waits: a dp reads what the agent sends at once (a thread of its own), so a full
+        socket buffer means a peer that does not read, and a half-sent frame would poison it."""
         try:
-            conn.setblocking(True)
-            conn.sendall(frame(KIND_CONTROL, self._control.SerializeToString()))
-            conn.setblocking(False)
+            sent = conn.send(data)
+        except BlockingIOError:
+            sent = 0
         except OSError:
             self._drop(conn)
+            return
+        if sent < len(data):
+            self._drop(conn, "stalled")
 
     def ack(self, positions: Mapping[int, tuple[int, int]]) -> None:
         """Tell the dp workers which of their reports are saved: worker -> (run id, sequence)."""
         data = b"".join(frame(KIND_ACK, wire_pb2.Ack(run_id=run, worker=worker, sequence=seq).SerializeToString())
                         for worker, (run, seq) in positions.items())
-        for conn in list(self._decoders):
-            try:
-                conn.setblocking(True)
-                conn.sendall(data)
-                conn.setblocking(False)
-            except OSError:
-                self._drop(conn)
+        if data:
+            for conn in list(self._peers):
+                self._send(conn, data)
 
     @property
     def connections(self) -> int:
         """dp workers connected now."""
-        return len(self._decoders)
+        return len(self._peers)
 
     def poll(self, timeout: float | None = None) -> list[wire_pb2.Report]:
-        """Wait up to ``timeout`` for activity; return the reports that arrived."""
+        """Wait up to ``timeout`` for activity; return the reports that arrived (one read per ready
+        connection: call again while :meth:`fileno` is readable)."""
         out: list[wire_pb2.Report] = []
         for key, _ev in self._sel.select(timeout):
             if key.fileobj is self._listener:
-                conn, _ = self._listener.accept()
-                conn.setblocking(False)
-                self._decoders[conn] = FrameDecoder()
-                self._sel.register(conn, selectors.EVENT_READ, None)
-                self._send_control(conn)
+                self._accept()
                 continue
-            conn = key.fileobj  # type: ignore[assignment]
+            conn = key.fileobj
+            assert isinstance(conn, socket.socket)
+            peer = self._peers.get(conn)
+            if peer is None:
+                continue  # closed earlier in this round
             try:
-                data = conn.recv(1 << 20)
+                data = conn.recv(RECV_BYTES)
             except BlockingIOError:
                 continue
             except OSError:
                 data = b""
             if not data:
-                self._drop(conn)
+                self._drop(conn, "truncated" if peer.buffered else None)
                 continue
             try:
-                frames = self._decoders[conn].feed(data)
-            except WireError:
-                self.rejected += 1
-                self._drop(conn)
-                continue
-            out.extend(wire_pb2.Report.FromString(p) for kind, p in frames if kind == KIND_REPORT)
+                out += peer.feed(data, time.monotonic())
+            except WireError as exc:
+                self._drop(conn, exc.reason)
+        self._keep_budget()
         return out
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self._listener.accept()
+        except OSError:  # gone before we took it, or out of descriptors: the next poll tries again
+            return
+        if len(self._peers) >= self.max_connections:
+            self.errors["connections"] += 1
+            conn.close()
+            return
+        conn.setblocking(False)
+        self._peers[conn] = Stream()
+        self._sel.register(conn, selectors.EVENT_READ, None)
+        self._send_control(conn)
+
+    def _keep_budget(self) -> None:
+        held = self.buffered
+        while held > self.max_buffered:
+            conn, peer = min(((c, p) for c, p in self._peers.items() if p.buffered), key=lambda cp: cp[1].since)
+            held -= peer.buffered
+            self._drop(conn, "budget")
 
     def reports(self, timeout: float) -> Iterator[wire_pb2.Report]:
         """Yield reports until ``timeout`` seconds pass without a new one."""
@@ -374,15 +502,16 @@ class ReportReader:
                 yield from batch
                 deadline = time.monotonic() + timeout
 
-    def _drop(self, conn: socket.socket) -> None:
-        if conn in self._decoders:
+    def _drop(self, conn: socket.socket, reason: str | None = None) -> None:
+        if reason is not None:
+            self.errors[reason] += 1
+        if self._peers.pop(conn, None) is not None:
             self._sel.unregister(conn)
-            del self._decoders[conn]
         conn.close()
 
     def close(self) -> None:
         """Close every connection and the listener, and remove the socket file."""
-        for conn in list(self._decoders):
+        for conn in list(self._peers):
             self._drop(conn)
         self._sel.close()
         self._listener.close()
@@ -401,8 +530,25 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, default=str, sort_keys=True)
 
 
-def add_session(report: wire_pb2.Report, d: SessionDelta) -> wire_pb2.Session:
-    """Append one table delta to ``report`` as a wire record.
+def _flat(metadata: dict[str, Any]) -> dict[str, str]:
+    """Detectors nest per protocol: {"http": {"host": ...}} -> {"http.host": ...}; lists as JSON."""
+    out: dict[str, str] = {}
+    for k, v in metadata.items():
+        if isinstance(v, dict):
+            for k2, v2 in v.items():
+                out[f"{k}.{k2}"] = _text(v2)
+        else:
+            out[k] = _text(v)
+    return out
+
+
+def _utf8(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "replace"))
+
+
+def add_session(report: wire_pb2.Report, d: SessionDelta, metadata: dict[str, str] | None = None) -> wire_pb2.Session:
+    """Append one table delta to ``report`` as a wire record (``metadata``: its flattened
+    metadata, when the caller has it already).
 
     Built in place with ``add()`` (constructing a detached message and copying it into the
     report costs about twice as much; at 100k sessions per interval that matters).
@@ -415,13 +561,10 @@ def add_session(report: wire_pb2.Report, d: SessionDelta) -> wire_pb2.Session:
         packets_c2s=d.packets_c2s, packets_s2c=d.packets_s2c, first_seen_ns=int(d.first_seen * 1e9),
         last_seen_ns=int(d.last_seen * 1e9),
     )
-    if d.metadata:
-        for k, v in d.metadata.items():
-            if isinstance(v, dict):  # detectors nest per protocol: {"http": {"host": ...}} -> "http.host"
-                for k2, v2 in v.items():
-                    rec.metadata[f"{k}.{k2}"] = _text(v2)
-            else:
-                rec.metadata[k] = _text(v)
+    if metadata is None and d.metadata:
+        metadata = _flat(d.metadata)
+    if metadata:
+        rec.metadata.update(metadata)
     return rec
 
 
@@ -456,12 +599,39 @@ def build_reports(rep: Report, *, run_id: int, worker: int, workers: int, sequen
                              health=health, part_size=part_size))
 
 
+@dataclass
+class _Part:
+    """Which records, answers and hits one wire part of an interval's report holds."""
+
+    first: int  # index of its first session record
+    records: int = 0
+    size: int = 0  # estimated bytes
+    dns: list[wire_pb2.DnsAnswer] = field(default_factory=list)
+    threats: list[wire_pb2.ThreatHit] = field(default_factory=list)
+
+    def fits(self, size: int) -> bool:
+        """Room for ``size`` more bytes (an empty part takes anything: one record is never too big)."""
+        return self.size + size <= PART_BYTES or not self.size
+
+    def add(self, size: int, record: bool = True) -> None:
+        self.records += record
+        self.size += size
+
+
 def iter_reports(rep: Report, *, run_id: int, worker: int, workers: int, sequence: int, start: float,
                  health: wire_pb2.Health, part_size: int) -> Iterator[wire_pb2.Report]:
     """Like :func:`build_reports`, one part at a time: the caller offers each part before the
-    next is built, so a large interval never holds all its wire records at once."""
+    next is built, so a large interval never holds all its wire records at once.
+
+    A part holds at most ``part_size`` session records and, by estimate, at most ``PART_BYTES``
+    (a quarter of ``MAX_FRAME``: whatever the detectors' metadata, no frame is too long for the
+    reader); the interval's DNS answers and threat hits follow the last records, in parts of their
+    own when they do not fit.
+    """
     dns: list[wire_pb2.DnsAnswer] = []
     threats: list[wire_pb2.ThreatHit] = []
+    items: list[tuple[SessionDelta, dict[str, str] | None]] = []
+    parts = [_Part(0)]
     for d in rep.sessions:
         if d.app_decided and d.app == "dns":
             dns += dns_answers(d)
@@ -470,15 +640,29 @@ def iter_reports(rep: Report, *, run_id: int, worker: int, workers: int, sequenc
                 threat=t.name, ip_proto=d.proto, client_ip=d.client, client_port=d.client_port,
                 server_ip=d.server, server_port=d.server_port, app=d.app, snippet=t.snippet,
                 seen_ns=_ns(d.last_seen), where=t.where))
-    deltas = rep.sessions
-    chunks = [deltas[i : i + part_size] for i in range(0, len(deltas), part_size)] or [[]]
-    for i, chunk in enumerate(chunks):
+        meta = _flat(d.metadata) if d.metadata else None
+        size = RECORD_BYTES + (sum(_utf8(k) + _utf8(v) + 8 for k, v in meta.items()) if meta else 0)
+        if parts[-1].records >= part_size or not parts[-1].fits(size):
+            parts.append(_Part(len(items)))
+        items.append((d, meta))
+        parts[-1].add(size)
+    for answer in dns:
+        if not parts[-1].fits(size := answer.ByteSize() + 8):
+            parts.append(_Part(len(items)))
+        parts[-1].dns.append(answer)
+        parts[-1].add(size, record=False)
+    for hit in threats:
+        if not parts[-1].fits(size := hit.ByteSize() + 8):
+            parts.append(_Part(len(items)))
+        parts[-1].threats.append(hit)
+        parts[-1].add(size, record=False)
+    for i, part in enumerate(parts):
         r = wire_pb2.Report(run_id=run_id, worker=worker, workers=workers, sequence=sequence, part=i,
-                            parts=len(chunks), start_ns=_ns(start), end_ns=_ns(rep.time))
-        for d in chunk:
-            add_session(r, d)
-        if i == len(chunks) - 1:
-            r.dns.extend(dns)
-            r.threats.extend(threats)
+                            parts=len(parts), start_ns=_ns(start), end_ns=_ns(rep.time))
+        for d, meta in items[part.first : part.first + part.records]:
+            add_session(r, d, meta)
+        r.dns.extend(part.dns)
+        r.threats.extend(part.threats)
+        if i == len(parts) - 1:
             r.health.CopyFrom(health)
         yield r

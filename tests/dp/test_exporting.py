@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
+import stat
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -12,8 +16,8 @@ import pytest
 from flowmap_dp import wire_pb2
 from flowmap_dp.detectors.base import Threat
 from flowmap_dp.exporting import (
-    HEADER, KIND_CONTROL, KIND_REPORT, MAGIC, MAX_FRAME, Exporter, FrameDecoder, ReportReader, WireError, build_reports,
-    frame,
+    HEADER, KIND_CONTROL, KIND_REPORT, MAGIC, MAX_FRAME, RECV_BYTES, Exporter, FrameDecoder, ReportReader, WireError,
+    build_reports, frame,
 )
 from flowmap_dp.session import Health, Report, SessionDelta
 
@@ -223,3 +227,152 @@ def test_queue_is_bounded_by_session_records_too(tmp_path: Path) -> None:
     assert not exporter.offer(_report(2, sessions=6))  # 12 records would exceed 10
     assert exporter.offer(_report(3, sessions=4))
     assert (exporter.lost_reports, exporter.lost_sessions) == (1, 6)
+
+
+# -- whoever connects: the reader stays up and holds boundedly much ----------------------------
+
+def _connect(path: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    return s
+
+
+def test_a_frame_whose_body_is_not_a_report_closes_that_connection_only(tmp_path: Path) -> None:
+    path = str(tmp_path / "agent.sock")
+    reader = ReportReader(path)
+    exporter = Exporter(path).start()
+    try:
+        _wait(lambda: bool(reader.poll(0.01)) or reader.connections == 1)
+        bad = _connect(path)
+        bad.sendall(frame(KIND_REPORT, b"\xff" * 32))  # 44 bytes: a valid header, a body no Report parses
+        _wait(lambda: bool(reader.poll(0.01)) or reader.errors["payload"] == 1)
+        assert reader.rejected == 1 and reader.connections == 1  # the dp's connection stays
+        exporter.offer(_report(1))
+        assert [r.sequence for r in _collect(reader, 1)] == [1]
+        bad.close()
+    finally:
+        exporter.stop()
+        reader.close()
+
+
+def test_the_socket_is_its_owners_alone(tmp_path: Path) -> None:
+    path = tmp_path / "agent.sock"
+    reader = ReportReader(str(path))
+    try:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_ISSOCK(path.stat().st_mode)
+    finally:
+        reader.close()
+
+
+def test_hostile_connections_hold_boundedly_many_bytes_and_a_dp_still_gets_through(tmp_path: Path) -> None:
+    """8 connections announce the longest frame a reader takes and send all but its last byte; 8
+    more announce 64 MiB (refused at the header). The reader holds at most its budget, closes the
+    oldest stalled frames, and a dp's report still arrives."""
+    path = str(tmp_path / "agent.sock")
+    reader = ReportReader(path)
+    rss0 = _rss()
+    peers: list[socket.socket] = []
+
+    def hostile(length: int, body: int) -> None:
+        s = _connect(path)
+        peers.append(s)
+        with contextlib.suppress(OSError):  # the reader closes it: broken pipe
+            s.sendall(HEADER.pack(MAGIC, 1, KIND_REPORT, length))
+            chunk = b"\x00" * (1 << 20)
+            for _ in range(body >> 20):
+                s.sendall(chunk)
+
+    writers = [threading.Thread(target=hostile, args=(MAX_FRAME, MAX_FRAME - (1 << 20)), daemon=True)
+               for _ in range(8)]
+    writers += [threading.Thread(target=hostile, args=(64 << 20, 0), daemon=True) for _ in range(8)]
+    for w in writers:
+        w.start()
+    most = 0
+    deadline = time.monotonic() + 60
+    while any(w.is_alive() for w in writers) and time.monotonic() < deadline:
+        reader.poll(0.05)
+        most = max(most, reader.buffered)
+    assert not any(w.is_alive() for w in writers)
+    grew = _rss() - rss0
+    print(f"hostile frames: at most {most / 2**20:.1f} MiB held for incomplete frames (budget "
+          f"{reader.max_buffered / 2**20:.0f} MiB), resident memory grew {grew / 2**20:.1f} MiB; "
+          f"closed: {dict(reader.errors)}")
+    assert most <= reader.max_buffered + RECV_BYTES
+    assert reader.errors["length"] == 8 and reader.errors["budget"] >= 4
+    exporter = Exporter(path).start()
+    try:
+        exporter.offer(_report(1, sessions=1000))
+        assert [r.sequence for r in _collect(reader, 1)] == [1]
+    finally:
+        exporter.stop()
+        for s in peers:
+            s.close()
+        reader.close()
+
+
+def test_connections_beyond_the_bound_are_refused_and_a_peer_that_does_not_read_is_closed(tmp_path: Path) -> None:
+    path = str(tmp_path / "agent.sock")
+    reader = ReportReader(path, max_connections=3)
+    peers = [_connect(path) for _ in range(4)]
+    try:
+        _wait(lambda: bool(reader.poll(0.01)) or reader.errors["connections"] == 1)
+        assert reader.connections == 3
+        # A Control larger than a socket buffer: a dp reads it at once; these peers never read.
+        reader.set_control(wire_pb2.Control(interfaces=[f"veth{i:010d}" for i in range(200_000)]))
+        assert reader.errors["stalled"] == 3 and reader.connections == 0
+    finally:
+        for s in peers:
+            s.close()
+        reader.close()
+
+
+def test_a_slow_reader_is_waited_for_a_stopped_one_is_not(tmp_path: Path) -> None:
+    """The send timeout is for progress: a 3 MB report to a reader taking ~6 MB/s (0.5 s) goes on
+    one connection with a 0.2 s timeout; a reader that stops gets the report on a new connection."""
+    path = str(tmp_path / "agent.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(4)
+    exporter = Exporter(path, send_timeout=0.2, max_backoff=0.05).start()
+    report = _report(1, sessions=50_000)
+    size = len(frame(KIND_REPORT, report.SerializeToString()))
+    try:
+        conn, _ = listener.accept()
+        exporter.offer(report)
+        got, started = 0, time.monotonic()
+        while got < size:
+            got += len(conn.recv(32768))
+            time.sleep(0.005)
+        assert time.monotonic() - started > 0.2 and exporter.connects == 1 and exporter.sent_reports == 1
+        exporter.offer(_report(2, sessions=50_000))  # nobody reads now: the writer gives up on this connection
+        again, _ = listener.accept()
+        decoder, frames = FrameDecoder(), []
+        while len(frames) < 2:  # on the new connection: what was not acknowledged, then the new one
+            frames += decoder.feed(again.recv(1 << 20))
+        assert [wire_pb2.Report.FromString(p).sequence for _, p in frames] == [1, 2]
+        assert exporter.connects >= 2
+        conn.close()
+        again.close()
+    finally:
+        listener.close()
+        exporter.stop(timeout=1.0)
+
+
+def test_parts_stay_far_below_the_longest_frame_whatever_the_metadata() -> None:
+    big = {"http": {"host": "h" * 1000, "path": "é" * 3000, "agent": "a" * 4000}}
+    deltas = [_delta(i, app="http", app_decided=True, metadata=big) for i in range(3_000)]
+    answers = [{"name": f"n{i}.example", "type": "A", "data": "192.0.2.7", "ttl": 30} for i in range(60_000)]
+    deltas.append(_delta(9999, app_decided=True, metadata={"dns": {"answers": answers}}))
+    health = Health(10, 9, {}, {}, 5, 5, 0, 0, 0, 0)
+    parts = build_reports(Report(3.0, deltas, health), run_id=1, worker=0, workers=1, sequence=1, start=2.0,
+                          health=wire_pb2.Health(packets=10), part_size=20_000)
+    sizes = [p.ByteSize() for p in parts]
+    assert len(parts) > 3 and max(sizes) <= MAX_FRAME // 2, sizes
+    assert sum(len(p.sessions) for p in parts) == 3_001 and sum(len(p.dns) for p in parts) == 60_000
+    assert [p.part for p in parts] == list(range(len(parts))) and {p.parts for p in parts} == {len(parts)}
+    assert [p.HasField("health") for p in parts] == [False] * (len(parts) - 1) + [True]
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
