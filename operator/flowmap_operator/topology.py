@@ -131,6 +131,12 @@ class Topology:
             group = self.groups[peer.group] = GroupInfo(Peer(peer.group, peer.kind, peer.namespace, peer.workload_kind,
                                                              peer.workload, peer.member if peer.kind == "FQDN" else ""),
                                                         user_defined=peer.kind == "CIDR")
+        elif peer.kind == group.peer.kind == "Workload" and (peer.workload_kind, peer.workload) != (
+                group.peer.workload_kind, group.peer.workload):
+            # Read back from a Group whose status was never written, or a workload of the same name
+            # and another kind (a StatefulSet replaced by a Deployment): what the pods say now.
+            group.peer = Peer(peer.group, peer.kind, peer.namespace, peer.workload_kind, peer.workload)
+            group.written_last_seen = -1.0  # its status says the old one
         group.last_seen = max(group.last_seen, when)
 
     # -- the Group objects, as the watch sees them --------------------------------------------------

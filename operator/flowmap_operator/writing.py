@@ -342,7 +342,10 @@ class Writer:
         if peer.namespace:
             status["namespace"] = peer.namespace
         if peer.kind == "Workload":
-            status["workload"] = {"kind": peer.workload_kind, "name": peer.workload}
+            if not peer.workload_kind:  # read back from a Group without status: the pods know better
+                peer = group.peer = self.topology.resolver.workload_peer(peer.group) or peer
+            if peer.workload_kind:  # else not said yet (a merge patch keeps what is there)
+                status["workload"] = {"kind": peer.workload_kind, "name": peer.workload}
             members, count = self.topology.resolver.members(peer.group, 32)
             status["members"], status["memberCount"] = members, count
             status["mode"], by = modes.mode(peer.group)

@@ -15,8 +15,8 @@ import pytest
 
 from flowmap_api import report_pb2 as pb
 from flowmap_operator.errors import NotKnownYet
-from flowmap_operator.resolution import Resolver
-from flowmap_operator.topology import Topology
+from flowmap_operator.resolution import Peer, Resolver
+from flowmap_operator.topology import GroupInfo, Topology
 from tests.operator.harness import edge
 
 NOW = time.time()
@@ -185,3 +185,15 @@ def test_a_pod_gone_before_a_restart_is_known_from_its_groups_members() -> None:
     assert r.resolve(old_ip, start + 5, start + 5).member == "redis-0"
     assert r.resolve(old_ip, start - 3, start + 5).member == "flowmap-operator-5f6c8-old"
 
+
+
+def test_a_group_read_back_without_its_workload_takes_the_one_its_pods_say() -> None:
+    """A Group whose status the API server never took (or a workload replaced by one of another
+    kind under the same name) is read back knowing no workload kind; its next status must not
+    say an empty one (the schema refuses that, and the refusal would repeat at every restart)."""
+    topo = Topology(resolver(), max_connections=100, max_ports=20)
+    topo.groups["shop.web"] = GroupInfo(Peer("shop.web", "Workload"), exists=True)  # as read back
+    topo.ingest(batch("node-a", 1, edge(WEB, 40000, "192.0.2.9", 443, when=NOW)), NOW)
+    peer = topo.groups["shop.web"].peer
+    assert (peer.workload_kind, peer.workload) == ("Deployment", "web")
+    assert topo.groups["shop.web"].written_last_seen < topo.groups["shop.web"].last_seen  # written again
