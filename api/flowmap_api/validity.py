@@ -123,9 +123,11 @@ def normalise_edge(edge: pb.EdgeDelta, tally: Tally) -> None:
         if ep.pod and (len(ep.pod) > MAX_POD or not _POD.fullmatch(ep.pod)):
             ep.pod = ""
             tally["pod", "invalid"] += 1
-    if any(app not in _APPS for app in edge.apps) or len(set(edge.apps)) != len(edge.apps):
-        apps = list(dict.fromkeys(app if app in _APPS else UNKNOWN for app in edge.apps))
-        tally["app", "unknown"] += sum(app not in _APPS for app in edge.apps)
+    if len(edge.apps) > 1 or (edge.apps and edge.apps[0] not in _APPS):
+        unknown = sum(app not in _APPS for app in edge.apps)
+        apps = list(dict.fromkeys(app if app in _APPS else UNKNOWN for app in edge.apps))  # each once
+        if unknown:
+            tally["app", "unknown"] += unknown
         del edge.apps[:]
         edge.apps.extend(apps)
     if edge.first_seen_unix_ms > edge.last_seen_unix_ms:

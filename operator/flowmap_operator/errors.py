@@ -1,9 +1,10 @@
 """Why the operator refuses a report or a policy watch, typed by what the agent should do.
 
 Raised by the pure core (validation, ledger, topology, resolution) and by authentication;
-``flowmap_operator.serving`` maps them to gRPC status codes, in one table. The agent drops a
-batch only for ``InvalidReport`` (it would be refused forever); everything else it keeps and
-resends, in order, with backoff.
+``flowmap_operator.serving`` maps them to gRPC status codes, in one table. ``InvalidReport`` is
+the only refusal that would repeat forever: when it names an edge (trailing metadata
+``flowmap-refused-edge``) the agent sets that edge aside, counted, and resends the rest at once.
+Everything else the agent keeps and resends, in order, with backoff.
 """
 
 from __future__ import annotations
@@ -22,7 +23,19 @@ class Unavailable(Exception):
 
 
 class InvalidReport(ValueError):
-    """The batch breaks the contract; the message names the first problem found."""
+    """The batch breaks the contract (flowmap_api.validity); the message names the first problem found.
+
+    ``edge`` is the index into ``batch.edges`` of the one edge that cannot be counted, or None when
+    the problem is the batch's own (agent id, node, sequence order, counts beyond the limits).
+    """
+
+    def __init__(self, message: str, edge: int | None = None) -> None:
+        super().__init__(message)
+        self.edge = edge
+
+
+class Malformed(InvalidReport):
+    """The message is not the protobuf its RPC takes: nothing of it can be read."""
 
 
 class OutOfOrder(ValueError):

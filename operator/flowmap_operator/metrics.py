@@ -206,3 +206,15 @@ class EdgeCollector:
         return GaugeMetricFamily("flowmap_operator_edge_series_overflow",
                                  "Edges beyond the series cap (FLOWMAP_OPERATOR_METRICS_SERIES_CAP), counted in the "
                                  "'other' series.", value=edges)
+
+
+# What reports said that the contract normalised or dropped (flowmap_api.validity): the edges still count.
+NORMALISED = Counter("flowmap_operator_report_normalised",
+                     "Report metadata normalised or dropped while its edges still count, by field and reason "
+                     "(e.g. name/invalid: a DNS name dropped; name/idna: converted to punycode; app/unknown).",
+                     ("field", "reason"), registry=REGISTRY)
+TOKEN_REVIEWS = Counter("flowmap_operator_token_reviews", "TokenReviews made to authenticate agents, by result "
+                        "(accepted, refused, error).", ("result",), registry=REGISTRY)
+TOKENS_UNREVIEWED = Counter("flowmap_operator_tokens_unreviewed",
+                            "Unknown tokens refused without a TokenReview: their address had too many refused lately.",
+                            registry=REGISTRY)

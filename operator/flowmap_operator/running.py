@@ -38,7 +38,7 @@ from flowmap_operator.auth import Authenticator
 from flowmap_operator.modes import Modes
 from flowmap_operator.policing import PolicyHub, PolicyWriter
 from flowmap_operator.resolution import Resolver
-from flowmap_operator.serving import PolicyServicer, ReportServicer
+from flowmap_operator.serving import OPTIONS, Gate, PolicyServicer, Refusals, ReportServicer
 from flowmap_operator.settings import Settings
 from flowmap_operator.topology import Topology
 from flowmap_operator.writing import Bucket, Writer
@@ -230,13 +230,15 @@ async def run(settings: Settings) -> None:
     auth = Authenticator(client.AuthenticationV1Api(api_client), namespace=settings.namespace,
                          service_account=settings.agent_service_account, audience=settings.token_audience)
 
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
-    pb_grpc.add_ReportServiceServicer_to_server(ReportServicer(topology, auth, settings, leadership), server)
+    refusals = Refusals()
+    server = grpc.aio.server(interceptors=[Gate(auth, refusals, settings.max_reports_at_once)], options=OPTIONS,
+                             maximum_concurrent_rpcs=settings.max_rpcs)
+    pb_grpc.add_ReportServiceServicer_to_server(ReportServicer(topology, auth, settings, refusals, leadership), server)
     hub = PolicyHub(modes)
     policing = PolicyWriter(writer, modes, hub, core, identity, status_interval=settings.policy_status_interval,
                             events_per_second=settings.events_per_second)
     policing.refresh()  # modes in force before any agent asks: an empty first policy would lift Protect
-    pb_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(auth, hub, leadership), server)
+    pb_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(auth, hub, refusals, leadership), server)
     keeper = await _tls(settings, core)
     creds = keeper.credentials() if keeper else grpc.ssl_server_credentials([(
         Path(settings.grpc_tls_key).read_bytes(), Path(settings.grpc_tls_cert).read_bytes())])

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 
+from flowmap_api.limits import MAX_BATCH_EDGES
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -33,7 +35,11 @@ class Settings:
     group_ttl: float = 24 * 3600.0  # a group whose workload is gone is deleted after this
     connection_ttl: float = 7 * 24 * 3600.0  # a connection idle this long is deleted
     gc_interval: float = 60.0
-    max_batch_edges: int = 20_000
+    # Edges per batch, at most the contract's (agents split to flowmap_api.limits.MAX_BATCH_EDGES:
+    # below it their full batches would be refused).
+    max_batch_edges: int = MAX_BATCH_EDGES
+    max_rpcs: int = 10_000  # calls at once, all kinds (each agent holds a policy stream): beyond, RESOURCE_EXHAUSTED
+    max_reports_at_once: int = 4  # reports read, parsed and applied at once, each up to MAX_MESSAGE_BYTES
     max_waiting_batches: int = 1024  # per agent: beyond this the agent is asked to back off
     # Seconds a batch naming an address inside a node's pod range that no known pod or node holds
     # (a pod the watch has not delivered yet) is refused, retryable, before the address is taken for
@@ -74,6 +80,11 @@ class Settings:
             except ValueError:
                 raise ValueError(f"FLOWMAP_OPERATOR_{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
         settings = cls(**values)  # type: ignore[arg-type]
+        if not 0 < settings.max_batch_edges <= MAX_BATCH_EDGES:
+            raise ValueError(f"FLOWMAP_OPERATOR_MAX_BATCH_EDGES={settings.max_batch_edges}: 1 to {MAX_BATCH_EDGES}, "
+                             "the contract's limit (flowmap_api.limits)")
+        if settings.max_rpcs < 1 or settings.max_reports_at_once < 1:
+            raise ValueError("FLOWMAP_OPERATOR_MAX_RPCS and FLOWMAP_OPERATOR_MAX_REPORTS_AT_ONCE: at least 1")
         if settings.default_mode not in ("Learn", "Monitor", "Protect"):
             raise ValueError(f"FLOWMAP_OPERATOR_DEFAULT_MODE={settings.default_mode!r}: Learn, Monitor or Protect")
         return settings
