@@ -175,3 +175,85 @@ def fuzz_frames(count: int, seed: int = 0) -> list[bytes]:
             f[at : at + 2] = rnd.choice((0, 1, 0xFF, 0x8100, 0x86DD, 0x0800, 0xFFFF, rnd.randrange(65536))).to_bytes(2, "big")
         out.append(bytes(f))
     return out
+
+
+# -- the dp -> agent stream ---------------------------------------------------------------------
+
+_ODD_NAMES = ("a.example", "_svc1._tcp.example.com.", "Bücher.example", "evil.com\n", "a<b", "", "x" * 300, ".",
+              "a..b", "\x00")
+
+
+def _report(rnd: random.Random) -> bytes:
+    """A serialized Report of a few sessions, answers and hits, with odd values where they are legal."""
+    from flowmap_dp import wire_pb2  # the packet builders above need no protobuf
+
+    def ip() -> bytes:
+        return rnd.choice((bytes([10, 0, 0, rnd.randrange(4)]), b"\xfd" + bytes(14) + b"\x01", bytes([169, 254, 0, 1]),
+                           bytes([224, 0, 0, 1]), rnd.randbytes(rnd.choice((0, 3, 4, 16, 17)))))
+
+    def big() -> int:
+        return rnd.choice((0, 1, 1500, 2**62 + 1, 2**64 - 1, rnd.randrange(2**64)))
+
+    r = wire_pb2.Report(run_id=rnd.choice((7, rnd.randrange(2**64))), worker=rnd.choice((0, 1, 1023, 1024, 2**32 - 1)),
+                        workers=rnd.randrange(3), sequence=rnd.choice((1, 2, 3, rnd.randrange(2**64))),
+                        part=rnd.choice((0, 1, 2**32 - 1)), parts=rnd.choice((0, 1, 3, 2**32 - 1)),
+                        start_ns=rnd.randrange(-2**63, 2**63), end_ns=rnd.randrange(-2**63, 2**63))
+    for _ in range(rnd.randrange(6)):
+        s = r.sessions.add(ip_proto=rnd.choice((6, 17, 1, 58, 132, 255, 2**32 - 1)), client_ip=ip(),
+                           client_port=rnd.choice((0, 80, 65535, 65536, 2**32 - 1)), server_ip=ip(),
+                           server_port=rnd.choice((0, 53, 65535, 65536, 2**32 - 1)), vlan=rnd.randrange(4096),
+                           new=rnd.random() < .5, opened=rnd.random() < .5, closed=rnd.random() < .5,
+                           app=rnd.choice(("", "http", "dns", "unknown", "nonsense", "\u00e9")), bytes_c2s=big(),
+                           bytes_s2c=big(), packets_c2s=big(), packets_s2c=big(),
+                           first_seen_ns=rnd.randrange(-2**63, 2**63), last_seen_ns=rnd.randrange(-2**63, 2**63))
+        if rnd.random() < .3:
+            r.threats.add(threat=rnd.choice(("sqlinjection", "nonsense")), ip_proto=s.ip_proto, client_ip=s.client_ip,
+                          client_port=s.client_port, server_ip=s.server_ip, server_port=s.server_port,
+                          snippet="x" * rnd.choice((0, 10, 300)), seen_ns=rnd.randrange(-2**63, 2**63))
+    for _ in range(rnd.randrange(4)):
+        r.dns.add(name=rnd.choice(_ODD_NAMES), type=rnd.choice(("A", "AAAA", "CNAME", "")), address=ip(),
+                  ttl=rnd.randrange(2**32))
+    if rnd.random() < .5:
+        r.health.lost_sessions = big()
+        r.health.lost_reports = big()
+    return r.SerializeToString()
+
+
+def wire_streams(count: int, seed: int = 0) -> list[tuple[list[bytes], int | None]]:
+    """Byte streams as a connection to the agent's socket might carry them: whole frames of
+    reports with odd values (and of the agent's own kinds), and the same mutated (a header or body
+    byte changed, the length a lie, cut short, garbage after them, random bytes), each split into
+    reads at random points. With each, the number of reports it holds when intact, else None."""
+    from flowmap_dp.exporting import HEADER, KIND_ACK, KIND_CONTROL, KIND_REPORT, MAGIC, frame
+
+    rnd = random.Random(seed)
+    out: list[tuple[list[bytes], int | None]] = []
+    while len(out) < count:
+        kinds = [rnd.choice((KIND_REPORT, KIND_REPORT, KIND_REPORT, KIND_CONTROL, KIND_ACK, 9))
+                 for _ in range(rnd.randrange(1, 4))]
+        data = bytearray(b"".join(frame(k, _report(rnd) if k == KIND_REPORT else rnd.randbytes(rnd.randrange(8)))
+                                  for k in kinds))
+        reports: int | None = kinds.count(KIND_REPORT)
+        how = rnd.randrange(7)
+        if how == 1:  # a byte of a header
+            data[rnd.randrange(HEADER.size)] = rnd.randrange(256)
+            reports = None
+        elif how == 2:  # bytes of a body
+            for _ in range(rnd.randrange(1, 5)):
+                data[rnd.randrange(len(data))] = rnd.randrange(256)
+            reports = None
+        elif how == 3:  # the length a lie
+            data[8:12] = rnd.choice((0, 1, 2**24, 2**31, 2**32 - 1, rnd.randrange(2**32))).to_bytes(4, "big")
+            reports = None
+        elif how == 4:  # cut short
+            del data[rnd.randrange(len(data)):]
+            reports = None
+        elif how == 5:  # garbage after
+            data += rnd.choice((rnd.randbytes(rnd.randrange(1, 40)), MAGIC + bytes(8), MAGIC))
+            reports = None
+        elif how == 6:  # no frame at all
+            data = bytearray(rnd.randbytes(rnd.randrange(0, 64)))
+            reports = None
+        cuts = sorted(rnd.randrange(len(data) + 1) for _ in range(rnd.randrange(4)))
+        out.append(([bytes(data[a:b]) for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)], reports))
+    return out

@@ -12,6 +12,8 @@ before the node's DNAT, while the node's table judges it after: an edge the poli
 is judged again at the address the kernel sent it to (``destination``, from conntrack, injected).
 Traffic that never leaves a link (IPv6 neighbour discovery, link-local, multicast, broadcast) is
 the network's own plumbing, not a connection between workloads: it is not reported.
+What enters the outbox has passed the one definition of a valid report the operator applies too
+(:func:`admit`, flowmap_api.validity): metadata normalised, never a reason to lose a count.
 """
 
 from __future__ import annotations
@@ -19,13 +21,53 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from flowmap_agent.enforcement import Policy, verdict
 from flowmap_api import report_pb2 as pb
+from flowmap_api import validity
 from flowmap_dp import wire_pb2
 
 PROTOCOLS = {6: pb.TCP, 17: pb.UDP, 132: pb.SCTP, 1: pb.ICMP, 58: pb.ICMP}
 MAX_OPEN_PER_EDGE = 1 << 20  # open-session tracking is a gauge; never let it grow without end
+U64, U32 = (1 << 64) - 1, (1 << 32) - 1
+# An edge's sums while a report is read: bytes and packets each way, first and last seen (ms),
+# sessions opened and closed, applications, threat hits.
+_Sums = list[Any]
+
+
+@dataclass
+class Admitted:
+    """What of an interval's deltas and names may enter a batch."""
+
+    edges: list[pb.EdgeDelta]
+    names: list[pb.DnsName]
+    refused: list[tuple[pb.EdgeDelta, str]]  # edges no operator can count, and why
+    tally: validity.Tally  # metadata normalised or dropped, by (field, reason)
+
+
+def admit(edges: list[pb.EdgeDelta], names: list[pb.DnsName]) -> Admitted:
+    """Normalise, in place, what the operator would (it would refuse a whole batch otherwise,
+    or an older operator would): names, applications, pods, snippets; set apart an edge that can
+    never be counted (an address that is not one, a port above 65535...), so that it holds back
+    no other."""
+    tally: validity.Tally = validity.Tally()
+    kept, refused = [], []
+    for d in edges:
+        problem = validity.uncountable(d)
+        if problem is None:
+            validity.normalise_edge(d, tally)
+            kept.append(d)
+        else:
+            refused.append((d, problem))
+    holder = pb.ReportBatch(names=names)
+    validity.normalise_names(holder, tally)
+    return Admitted(kept, list(holder.names), refused, tally)
+
+
+def _reported(ip: bytes) -> str:
+    """The text of an address the map shows, or "" (not an address, or it never leaves its link)."""
+    return text(ip) if len(ip) in (4, 16) and not link_scoped(ip) else ""
 
 
 def text(ip: bytes) -> str:
@@ -53,52 +95,71 @@ class Aggregator:
         return pb.Endpoint(ip=ip, port=port, pod=pod, local=bool(pod) or ip in self.node_ips)
 
     def take(self, report: wire_pb2.Report) -> tuple[list[pb.EdgeDelta], list[pb.DnsName]]:
-        """One dp report's sessions as edge deltas (one per edge), and the names its DNS answers gave."""
-        edges: dict[tuple[str, str, int, int], pb.EdgeDelta] = {}
+        """One dp report's sessions as edge deltas (one per edge), and the names its DNS answers gave.
+
+        Sums are kept in plain lists and each address is read once per report (a report holds up
+        to 100k sessions among far fewer addresses): the protobuf messages are built at the end.
+        """
+        acc: dict[tuple[str, str, int, int], _Sums] = {}
         sample: dict[tuple[str, str, int, int], tuple[int, str, int, str, int]] = {}  # a session of each edge
         threats: dict[tuple[int, bytes, int, bytes, int], list[wire_pb2.ThreatHit]] = {}
         for hit in report.threats:
             threats.setdefault((hit.ip_proto, hit.client_ip, hit.client_port, hit.server_ip, hit.server_port),
                                []).append(hit)
+        addresses: dict[bytes, str] = {}  # "": not reported (not an address, or link-scoped)
         for s in report.sessions:
             protocol = PROTOCOLS.get(s.ip_proto)
-            if protocol is None or len(s.client_ip) not in (4, 16) or len(s.server_ip) not in (4, 16):
+            if protocol is None:
                 continue
-            if link_scoped(s.client_ip) or link_scoped(s.server_ip):
+            cip, sip = s.client_ip, s.server_ip
+            client = addresses.get(cip)
+            if client is None:
+                client = addresses[cip] = _reported(cip)
+            server = addresses.get(sip)
+            if server is None:
+                server = addresses[sip] = _reported(sip)
+            if not client or not server:
                 continue
-            client, server = text(s.client_ip), text(s.server_ip)
             port = s.server_port if protocol != pb.ICMP else 0
             key = (client, server, port, protocol)
-            d = edges.get(key)
-            if d is None:
-                d = edges[key] = pb.EdgeDelta(client=self._endpoint(client, 0), server=self._endpoint(server, port),
-                                              protocol=protocol)
+            e = acc.get(key)
+            if e is None:
+                e = acc[key] = [0, 0, 0, 0, 0, 0, 0, 0, [], []]
                 sample[key] = (s.ip_proto, client, s.client_port, server, s.server_port)
-            d.bytes_c2s += s.bytes_c2s
-            d.bytes_s2c += s.bytes_s2c
-            d.packets_c2s += s.packets_c2s
-            d.packets_s2c += s.packets_s2c
+            e[0] += s.bytes_c2s
+            e[1] += s.bytes_s2c
+            e[2] += s.packets_c2s
+            e[3] += s.packets_s2c
             first, last = s.first_seen_ns // 1_000_000, s.last_seen_ns // 1_000_000
-            if first and (not d.first_seen_unix_ms or first < d.first_seen_unix_ms):
-                d.first_seen_unix_ms = first
-            d.last_seen_unix_ms = max(d.last_seen_unix_ms, last)
-            if s.app and s.app not in d.apps:
-                d.apps.append(s.app)
+            if first and (not e[4] or first < e[4]):
+                e[4] = first
+            if last > e[5]:
+                e[5] = last
+            if s.app and s.app not in e[8]:
+                e[8].append(s.app)
             opened = self._open.setdefault(key, set())
             session = (s.client_port, s.vlan)
             if s.opened:  # not s.new: a DNAT'd reply half or a session picked up mid-stream is no new session
-                d.sessions_opened += 1
+                e[6] += 1
                 if len(opened) < MAX_OPEN_PER_EDGE:
                     opened.add(session)
             if s.closed:
-                d.sessions_closed += 1
+                e[7] += 1
                 opened.discard(session)
-            for hit in threats.get((s.ip_proto, s.client_ip, s.client_port, s.server_ip, s.server_port), ()):
-                if len(d.threats) < 16:
-                    d.threats.append(pb.ThreatHit(name=hit.threat, snippet=hit.snippet[:256],
-                                                  time_unix_ms=hit.seen_ns // 1_000_000))
-        for key, d in edges.items():
-            d.sessions_active = len(self._open.get(key, ()))
+            if threats:
+                for hit in threats.get((s.ip_proto, cip, s.client_port, sip, s.server_port), ()):
+                    if len(e[9]) < 16:
+                        e[9].append(pb.ThreatHit(name=hit.threat, snippet=hit.snippet[:256],
+                                                 time_unix_ms=hit.seen_ns // 1_000_000))
+        edges = []
+        for key, e in acc.items():
+            # Sums beyond the fields' widths come only from a peer that is no dp: kept at the bound,
+            # where the shared validity refuses them (their edge is set apart, not the report).
+            d = pb.EdgeDelta(client=self._endpoint(key[0], 0), server=self._endpoint(key[1], key[2]), protocol=key[3],
+                             bytes_c2s=min(e[0], U64), bytes_s2c=min(e[1], U64), packets_c2s=min(e[2], U64),
+                             packets_s2c=min(e[3], U64), first_seen_unix_ms=e[4], last_seen_unix_ms=e[5],
+                             sessions_opened=min(e[6], U32), sessions_closed=min(e[7], U32), apps=e[8], threats=e[9])
+            d.sessions_active = min(len(self._open.get(key, ())), U32)
             d.verdict = verdict(self.policy, key[0], key[1], key[2], key[3], answered=d.bytes_s2c > 0,
                                 opened=d.sessions_opened > 0)
             if d.verdict == pb.DENIED and self.destination is not None:
@@ -108,7 +169,8 @@ class Aggregator:
                                         answered=d.bytes_s2c > 0, opened=d.sessions_opened > 0)
             if not d.sessions_active:
                 self._open.pop(key, None)
+            edges.append(d)
         names = [pb.DnsName(ip=text(a.address), name=a.name.rstrip(".").lower(), ttl_seconds=a.ttl,
                             seen_unix_ms=report.end_ns // 1_000_000)
                  for a in report.dns if a.type in ("A", "AAAA") and len(a.address) in (4, 16) and a.name]
-        return list(edges.values()), names
+        return edges, names

@@ -15,15 +15,24 @@
 * ``save``/``load`` keep all of it on disk (written atomically each interval, before sending),
   so a crash of the agent loses at most what reached it after the last save.
 
-* It also keeps where each dp worker's reports got to (run id, sequence), so that a restarted
-  agent counts the reports that never reached it (a gap in the sequence) instead of losing them
-  silently.
+* A batch keeps to the contract's limits (flowmap_api.limits: edges, names, encoded bytes): what
+  does not fit waits for the next batch, cut at once. A batch the operator refused whole holds
+  nothing the operator applied, so the one edge it names as uncountable is taken out
+  (:meth:`Outbox.quarantine`) and the rest goes again under the same number; and a batch over the
+  limits (cut by an older agent, read from its state file) is cut down to them, its surplus
+  returned to the pending deltas for the next numbers (:meth:`Outbox.split`). Nothing
+  unacknowledged is ever dropped otherwise.
 
-File format (version 2): ``FMAS`` | version u16 | u16 count, then that many dp positions (u32
-worker, u64 run id, u64 sequence) | then records, each a u32 length and a serialized
-``ReportBatch``: the first holds the pending deltas (sequence 0) with the agent id, the next
-sequence and the acked number; the rest are the unacknowledged batches, in order. Version 1 (no
-positions) is still read.
+* It also keeps where each dp worker's reports got to (flowmap_agent.positions), so that a
+  restarted agent counts the reports that never reached it (a gap in the sequence) instead of
+  losing them silently.
+
+File format (version 3): ``FMAS`` | version u16 | u16 count, then that many dp positions (u32
+worker, u64 run id, u64 sequence, u32 part, u32 parts, u64 lost sessions counted) | then records,
+each a u32 length and a serialized ``ReportBatch``: the first holds the pending deltas (sequence
+0) with the agent id, the next sequence and the acked number; the rest are the unacknowledged
+batches, in order. Versions 1 (no positions) and 2 (worker, run id, sequence: whole intervals)
+are still read.
 """
 
 from __future__ import annotations
@@ -34,14 +43,22 @@ import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TypeVar
 
+from flowmap_agent.positions import MAX_WORKERS, Position
 from flowmap_api import report_pb2 as pb
+from flowmap_api.limits import MAX_BATCH_EDGES, MAX_MESSAGE_BYTES, MAX_NAMES
 
-MAGIC, VERSION = b"FMAS", 2
+MAGIC, VERSION = b"FMAS", 3
 _HEAD, _LEN = struct.Struct("!4sH"), struct.Struct("!I")
-_COUNT, _POSITION = struct.Struct("!H"), struct.Struct("!IQQ")
-MAX_WORKERS = 1024
+_COUNT = struct.Struct("!H")
+_POSITIONS = {2: struct.Struct("!IQQ"), 3: struct.Struct("!IQQIIQ")}
 MAX_STATE_BYTES = 512 * 1024 * 1024
+# What a batch's deltas and names may weigh: the operator's receive limit, less what is set when
+# the batch is sent (acked, previous, the time, up to MAX_NODE_ADDRESSES addresses: under 4 KiB).
+MAX_BATCH_BYTES = MAX_MESSAGE_BYTES - 16 * 1024
+_M = TypeVar("_M", pb.EdgeDelta, pb.DnsName)
+_U64, _U32 = (1 << 64) - 1, (1 << 32) - 1
 
 # What identifies one agent edge; counters of deltas with the same key add up.
 EdgeKey = tuple[str, str, int, int, str, bool, bool]  # client ip, server ip, server port, protocol,
@@ -58,12 +75,14 @@ def edge_key(d: pb.EdgeDelta) -> EdgeKey:
 
 def merge(into: pb.EdgeDelta, d: pb.EdgeDelta) -> None:
     """Add ``d`` to ``into`` (same edge key): counters add, times widen, gauges take the latest."""
-    into.bytes_c2s += d.bytes_c2s
-    into.bytes_s2c += d.bytes_s2c
-    into.packets_c2s += d.packets_c2s
-    into.packets_s2c += d.packets_s2c
-    into.sessions_opened += d.sessions_opened
-    into.sessions_closed += d.sessions_closed
+    # At the fields' widths, sums stop (a flood held for hours while the operator is away must not
+    # stop the agent); the shared validity refuses counters that large, so the edge is set apart.
+    into.bytes_c2s = min(into.bytes_c2s + d.bytes_c2s, _U64)
+    into.bytes_s2c = min(into.bytes_s2c + d.bytes_s2c, _U64)
+    into.packets_c2s = min(into.packets_c2s + d.packets_c2s, _U64)
+    into.packets_s2c = min(into.packets_s2c + d.packets_s2c, _U64)
+    into.sessions_opened = min(into.sessions_opened + d.sessions_opened, _U32)
+    into.sessions_closed = min(into.sessions_closed + d.sessions_closed, _U32)
     into.sessions_active = d.sessions_active
     if d.first_seen_unix_ms and (not into.first_seen_unix_ms or d.first_seen_unix_ms < into.first_seen_unix_ms):
         into.first_seen_unix_ms = d.first_seen_unix_ms
@@ -77,6 +96,47 @@ def merge(into: pb.EdgeDelta, d: pb.EdgeDelta) -> None:
         into.verdict = d.verdict
 
 
+def _weight(msg: pb.EdgeDelta | pb.DnsName) -> int:
+    """Bytes ``msg`` adds to a batch: itself, its tag and its length."""
+    return msg.ByteSize() + 6
+
+
+def _copy(msg: _M) -> _M:
+    out = type(msg)()
+    out.CopyFrom(msg)
+    return out
+
+
+def oversized(batch: pb.ReportBatch) -> bool:
+    """More than the operator takes in one batch (flowmap_api.limits; names beyond MAX_NAMES it
+    drops, as metadata)."""
+    return len(batch.edges) > MAX_BATCH_EDGES or batch.ByteSize() > MAX_MESSAGE_BYTES
+
+
+class _Filling:
+    """A batch being filled up to the limits."""
+
+    def __init__(self, batch: pb.ReportBatch) -> None:
+        self.batch, self.room = batch, MAX_BATCH_BYTES - batch.ByteSize()
+
+    def edge(self, d: pb.EdgeDelta) -> bool:
+        """Add ``d`` if it fits (one always does, in a batch without edges)."""
+        size = _weight(d)
+        if len(self.batch.edges) >= MAX_BATCH_EDGES or (size > self.room and self.batch.edges):
+            return False
+        self.batch.edges.append(d)
+        self.room -= size
+        return True
+
+    def name(self, n: pb.DnsName) -> bool:
+        size = _weight(n)
+        if len(self.batch.names) >= MAX_NAMES or (size > self.room and (self.batch.edges or self.batch.names)):
+            return False
+        self.batch.names.append(n)
+        self.room -= size
+        return True
+
+
 class Outbox:
     def __init__(self, agent_id: str, node: str, *, window: int = 1024, interval_ms: int = 1000) -> None:
         self.agent_id, self.node, self.window, self.interval_ms = agent_id, node, window, interval_ms
@@ -88,7 +148,7 @@ class Outbox:
         self.acked = 0  # no batch up to here is held
         self.delivered = 0  # the last batch delivered on the current connection
         self.lost_deltas = 0  # to be reported with the next batch
-        self.dp_positions: dict[int, tuple[int, int]] = {}  # dp worker -> (run id, last report taken)
+        self.dp_positions: dict[int, Position] = {}  # dp worker -> the last report taken
         # The node's own addresses as they are now: every batch says them when it is sent (a resent
         # one too), so the operator always has the latest (plumbing.announced).
         self.node_addresses: tuple[str, ...] = ()
@@ -108,19 +168,35 @@ class Outbox:
             self.names[n.ip] = n  # the latest answer for an address is the one that counts
 
     def cut(self) -> pb.ReportBatch | None:
-        """The next numbered batch: pending deltas of edges with none in flight, and new names."""
-        ready = [key for key in self.pending if key not in self.in_flight]
-        if len(self.unacked) >= self.window or not (ready or self.names or self.lost_deltas):
+        """The next numbered batch: pending deltas of edges with none in flight, and new names, as
+        many as the contract's limits allow (the rest waits for the next batch)."""
+        if len(self.unacked) >= self.window:
             return None
+        ready = [key for key in self.pending if key not in self.in_flight]
+        if not (ready or self.names or self.lost_deltas):
+            return None
+        filling = _Filling(pb.ReportBatch(agent_id=self.agent_id, node=self.node, sequence=self.sequence + 1,
+                                          interval_ms=self.interval_ms, lost_deltas=self.lost_deltas))
+        for key in ready:
+            if not filling.edge(self.pending[key]):
+                break
+            del self.pending[key]
+            self.in_flight.add(key)
+        for ip in list(self.names):
+            if not filling.name(self.names[ip]):
+                break
+            del self.names[ip]
         self.sequence += 1
-        batch = pb.ReportBatch(agent_id=self.agent_id, node=self.node, sequence=self.sequence,
-                               interval_ms=self.interval_ms, edges=[self.pending.pop(key) for key in ready],
-                               names=list(self.names.values()), lost_deltas=self.lost_deltas)
-        self.in_flight.update(ready)
-        self.names.clear()
         self.lost_deltas = 0
-        self.unacked.append(batch)
-        return batch
+        self.unacked.append(filling.batch)
+        return filling.batch
+
+    def cut_all(self) -> list[pb.ReportBatch]:
+        """Every batch there is room for now (in the window): nothing ready waits for the next interval."""
+        out = []
+        while (batch := self.cut()) is not None:
+            out.append(batch)
+        return out
 
     # -- delivering -----------------------------------------------------------------------------
 
@@ -152,13 +228,47 @@ class Outbox:
         self.unacked = keep
         self.acked = keep[0].sequence - 1 if keep else self.sequence
 
-    def refused(self, batch: pb.ReportBatch) -> None:
-        """The operator refused ``batch`` as invalid, whole: it will never take it. Drop it and
-        count its deltas as lost (``lost_deltas``), rather than block everything behind it."""
-        self.unacked = [b for b in self.unacked if b is not batch]
-        self.in_flight.difference_update(edge_key(d) for d in batch.edges)
-        self.lost_deltas += len(batch.edges)
-        self.acked = self.unacked[0].sequence - 1 if self.unacked else self.sequence
+    def quarantine(self, batch: pb.ReportBatch, index: int) -> pb.EdgeDelta | None:
+        """The operator refused ``batch`` whole because it can never count its edge ``index``:
+        take that delta out (returned, for the caller to count and log; counted in
+        ``lost_deltas`` too). The rest of the batch goes again under its own number: a batch
+        refused whole holds nothing the operator applied. None: the batch has no such edge."""
+        if not any(b is batch for b in self.unacked) or not 0 <= index < len(batch.edges):
+            return None
+        bad = pb.EdgeDelta()
+        bad.CopyFrom(batch.edges[index])
+        del batch.edges[index]
+        self.in_flight.discard(edge_key(bad))  # its next delta goes in a batch of its own
+        self.lost_deltas += 1
+        return bad
+
+    def split(self, batch: pb.ReportBatch) -> bool:
+        """``batch``, refused whole, is over the contract's limits (an older agent cut it): keep
+        under its number what fits and return the rest to the pending deltas, for the next
+        numbers (the operator holds nothing of a refused batch, so nothing is counted twice).
+        False: it is within the limits, and was refused for something else."""
+        if not oversized(batch) or not any(b is batch for b in self.unacked):
+            return False
+        edges, names = [_copy(d) for d in batch.edges], [_copy(n) for n in batch.names]
+        del batch.edges[:]
+        del batch.names[:]
+        filling = _Filling(batch)
+        kept = 0
+        while kept < len(edges) and filling.edge(edges[kept]):
+            kept += 1
+        named = 0
+        while named < len(names) and filling.name(names[named]):
+            named += 1
+        for d in edges[kept:]:
+            key = edge_key(d)
+            self.in_flight.discard(key)
+            newer = self.pending.get(key)
+            if newer is not None:
+                merge(d, newer)  # the returned delta is the older: the newer's gauges win
+            self.pending[key] = d
+        for n in names[named:]:
+            self.names.setdefault(n.ip, n)  # a newer answer for the address wins
+        return True
 
     def failed(self) -> None:
         """The connection broke or the operator refused: resend all unacknowledged, in order."""
@@ -178,7 +288,7 @@ class Outbox:
                               lost_deltas=self.lost_deltas)
         positions = sorted(self.dp_positions.items())[:MAX_WORKERS]
         parts = [_HEAD.pack(MAGIC, VERSION), _COUNT.pack(len(positions))]
-        parts += [_POSITION.pack(worker, run, seq) for worker, (run, seq) in positions]
+        parts += [_POSITIONS[VERSION].pack(worker, *p) for worker, p in positions]
         for msg in (head, *self.unacked):
             data = msg.SerializeToString()
             parts += [_LEN.pack(len(data)), data]
@@ -201,20 +311,21 @@ class Outbox:
         if len(data) > MAX_STATE_BYTES or len(data) < _HEAD.size:
             raise StateError(f"{path}: {len(data)} bytes is not a state file")
         magic, version = _HEAD.unpack_from(data)
-        if magic != MAGIC or version not in (1, VERSION):
-            raise StateError(f"{path}: not a version 1 or {VERSION} agent state file")
+        if magic != MAGIC or version not in (1, *_POSITIONS):
+            raise StateError(f"{path}: not a version 1 to {VERSION} agent state file")
         pos, positions = _HEAD.size, {}
-        if version >= 2:
+        if version in _POSITIONS:
+            entry = _POSITIONS[version]
             if pos + _COUNT.size > len(data):
                 raise StateError(f"{path}: truncated")
             (count,) = _COUNT.unpack_from(data, pos)
             pos += _COUNT.size
-            if count > MAX_WORKERS or pos + count * _POSITION.size > len(data):
+            if count > MAX_WORKERS or pos + count * entry.size > len(data):
                 raise StateError(f"{path}: truncated")
             for _ in range(count):
-                worker, run, seq = _POSITION.unpack_from(data, pos)
-                positions[worker] = (run, seq)
-                pos += _POSITION.size
+                worker, *fields = entry.unpack_from(data, pos)
+                positions[worker] = Position(*fields)  # version 2: whole intervals, nothing counted lost
+                pos += entry.size
         records = []
         while pos < len(data):
             if pos + _LEN.size > len(data):

@@ -4,8 +4,10 @@ Each interval: read the node's plumbing over netlink (flowmap_agent.links, .plum
 the dp what to capture (the host side of each local pod's veth, found through its peer on any
 veth-based CNI; the uplinks; the overlay's tunnels), the node's own addresses (every global
 address on an interface that is up: they change, a CNI's bridge and tunnel appear with the
-first pod) and the overlay's encapsulation to drop on the uplinks; take the dp's session
-records, aggregate them per edge, cut a numbered batch, save the outbox to disk, then deliver
+first pod) and the overlay's encapsulation to drop on the uplinks; take the dp's reports (read
+off its socket as they arrive, flowmap_agent.receiving), aggregate them per edge, pass them
+through the one definition of a valid report, cut numbered batches within the contract's limits,
+save the outbox to disk, then deliver
 whatever is not acknowledged, each batch saying the node's own addresses as they are when it is
 sent (``node_addresses``: another node's report of them, a hostNetwork client arriving through the
 tunnel, is then this node's, not a pod's nor the outside's). The loop never waits on the operator
@@ -32,7 +34,14 @@ What a crash can lose, exactly, and how it is counted:
   (``flowmap_agent_dp_restarts_total``);
 * reports the dp could not hand over (agent away past its queue) it counts as
   ``lost_reports``/``lost_sessions``; the agent forwards those as ``lost_deltas``, which the
-  operator counts per node.
+  operator counts per node (once: where the count stood is saved with the outbox). The agent
+  counts, itself, every report that never reached it (``flowmap_agent_dp_report_gaps_total``:
+  whole intervals or parts of one) and every connection to its socket it closed, by reason
+  (``flowmap_agent_dp_stream_errors_total``), so a loss shows even when the reports carrying the
+  dp's own counts are lost;
+* an edge delta no operator can count (an address that is not one, a port above 65535) is set
+  apart, logged once and counted (``flowmap_agent_quarantined_edges_total``, and ``lost_deltas``);
+  no refusal of the operator makes the agent drop anything else (see :meth:`Agent.deliver`).
 
 Nothing is lost silently.
 """
@@ -60,14 +69,17 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from flowmap_agent import links, nat, plumbing
-from flowmap_agent.aggregation import Aggregator
+from flowmap_agent.aggregation import Aggregator, admit
 from flowmap_agent.enforcement import Policy
-from flowmap_agent.outbox import Outbox, StateError
+from flowmap_agent.outbox import EdgeKey, Outbox, StateError, edge_key
 from flowmap_agent.pods import LocalPods
+from flowmap_agent.positions import acks, follow
 from flowmap_agent.protecting import Protector
+from flowmap_agent.receiving import Receiver
 from flowmap_agent.settings import Settings
 from flowmap_api import report_pb2 as pb
 from flowmap_api import report_pb2_grpc as pb_grpc
+from flowmap_api import validity
 from flowmap_dp import wire_pb2
 from flowmap_dp.exporting import ReportReader
 
@@ -95,6 +107,27 @@ LOST = Counter("flowmap_agent_lost_sessions", "Session records lost between the 
 UNACKED = Gauge("flowmap_agent_unacked_edges", "Edge deltas held until the operator acknowledges them.",
                 registry=REGISTRY)
 LAG = Gauge("flowmap_agent_report_lag_seconds", "Age of the oldest unacknowledged batch.", registry=REGISTRY)
+NORMALISED = Counter("flowmap_agent_normalised", "Metadata of deltas and names normalised or dropped before a batch "
+                     "(flowmap_api.validity), by field and reason: the counts still go.", ("field", "reason"),
+                     registry=REGISTRY)
+QUARANTINED = Counter("flowmap_agent_quarantined_edges",
+                      "Edge deltas no operator can count (an address that is not one, a port above 65535...), set "
+                      "apart before a batch (agent) or named by the operator's refusal (operator); each is counted "
+                      "in lost_deltas too.", ("by",), registry=REGISTRY)
+SPLITS = Counter("flowmap_agent_split_batches",
+                 "Batches over the contract's limits (from an older agent's state), refused whole and cut down.",
+                 registry=REGISTRY)
+MAX_QUARANTINE_LOG = 4096  # edges whose quarantine was logged (each once), remembered
+MAX_REFUSAL_ROUNDS = 64  # refusals handled in one delivery, before the next interval's
+
+
+def refused_edge(exc: grpc.aio.AioRpcError) -> int | None:
+    """The edge an INVALID_ARGUMENT refusal names (flowmap_api.validity.REFUSED_EDGE), if any."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == validity.REFUSED_EDGE:
+            text = value.decode() if isinstance(value, bytes) else str(value)
+            return int(text) if text.isdigit() else None
+    return None
 
 
 class DpHealth:
@@ -127,12 +160,17 @@ class DpHealth:
 
 
 class Agent:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, registry: CollectorRegistry = REGISTRY) -> None:
         self.settings = settings
+        self.registry = registry  # where this agent's own collectors go (a test makes several agents)
         self.stop = asyncio.Event()
         self.health = DpHealth()
-        REGISTRY.register(self.health)  # type: ignore[arg-type]
+        registry.register(self.health)  # type: ignore[arg-type]
+        self.receiver: Receiver | None = None
         self.outbox = self._load_outbox()
+        # A node name no operator would take makes every batch fail, forever: say so now.
+        validity.check_batch(pb.ReportBatch(agent_id=self.outbox.agent_id, node=settings.node))
+        self.logged: set[EdgeKey] = set()  # quarantined edges already logged
         self.aggregator = Aggregator()
         self.unnat: nat.Unnat | None = None
         # pyroute2's netlink sockets run their own event loop: they live on a thread of their own.
@@ -141,8 +179,7 @@ class Agent:
         self.retry_at = 0.0
         self.backoff = 0.5
         self.last_tick = time.monotonic()
-        self.dp_lost: dict[tuple[int, int], int] = {}  # (run, worker) -> lost sessions seen
-        self.protector = Protector(settings, REGISTRY, applied=self.protected)
+        self.protector = Protector(settings, registry, applied=self.protected)
 
     def protected(self, policy: Policy) -> None:
         """A policy is in force: deltas from now on say what it did to them."""
@@ -157,7 +194,9 @@ class Agent:
                 return box
             except (StateError, OSError) as exc:
                 log.error("cannot resume from %s (%s): starting afresh", path, exc)
-        return Outbox(f"{s.node}/{secrets.token_hex(6)}", s.node, window=s.window, interval_ms=int(s.interval * 1000))
+        # An agent id is at most 128 characters (flowmap_api.validity); a node name may be 253.
+        return Outbox(f"{s.node[:114]}/{secrets.token_hex(6)}", s.node, window=s.window,
+                      interval_ms=int(s.interval * 1000))
 
     # -- the operator ----------------------------------------------------------------------------
 
@@ -174,42 +213,94 @@ class Agent:
             self.channel = None
 
     async def deliver(self) -> None:
-        """Send what is not acknowledged, in order; on any failure, back off and resend later."""
+        """Send what is not acknowledged, in order; on a failure, back off and resend later.
+
+        A refusal is never a reason to drop what is unacknowledged: a batch refused for one edge
+        (``flowmap-refused-edge``) loses that edge alone, counted, and goes again at once; a batch
+        over the contract's limits is cut down and goes again at once; any other refusal is
+        retried with backoff, and the batch kept, however long it takes (it is counted under
+        ``flowmap_agent_reports_total`` by its code, and logged each time).
+        """
         if time.monotonic() < self.retry_at:
             return
         box = self.outbox
-        batches = box.to_deliver()
         batch: pb.ReportBatch | None = None
         try:
             token = Path(self.settings.token_file).read_text().strip()
-            for batch in batches:
-                started = time.monotonic()
-                ack = await self._stub().Report(batch, metadata=(("authorization", f"Bearer {token}"),),
-                                                timeout=self.settings.send_timeout)
-                REPORT_SECONDS.observe(time.monotonic() - started)
-                if not ack.leader:
-                    REPORTS.labels("not_leader").inc()
-                    await self._drop_channel()  # a new connection may reach the leader
-                    raise ConnectionError("not the leader")
-                REPORTS.labels("ok").inc()
-                box.delivered_ok(batch, ack)
+            rounds = 0
+            again = True
+            while again:
+                again = False
+                for batch in box.to_deliver():
+                    try:
+                        ack = await self._report(batch, token)
+                    except grpc.aio.AioRpcError as exc:
+                        if not self._refused(batch, exc):
+                            raise
+                        rounds += 1
+                        again = rounds < MAX_REFUSAL_ROUNDS  # beyond: the next interval goes on, no backoff
+                        break
+                    box.delivered_ok(batch, ack)
             self.backoff = 0.5
         except (grpc.RpcError, ConnectionError, OSError) as exc:
             code = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else type(exc).__name__
             if isinstance(exc, grpc.aio.AioRpcError):
                 REPORTS.labels(code.lower()).inc()
-                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT and batch is not None and batch.sequence:
-                    # Refused whole, and it would be forever: a bug to fix, counted, not a jam.
-                    log.error("batch %d refused as invalid (%s): its %d deltas are dropped and counted as lost",
-                              batch.sequence, exc.details(), len(batch.edges))
-                    box.refused(batch)
-            log.warning("report failed (%s); resending from batch %d in %.1f s", code, box.acked + 1, self.backoff)
+            if isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                # Nothing the agent can take out: kept, and retried, until an agent or operator that
+                # agree on the contract are running.
+                log.error("batch %d refused as invalid (%s): kept, resent in %.1f s", batch.sequence if batch else 0,
+                          exc.details(), self.backoff)
+            else:
+                log.warning("report failed (%s); resending from batch %d in %.1f s", code, box.acked + 1, self.backoff)
             box.failed()
             self.retry_at = time.monotonic() + self.backoff * random.uniform(0.5, 1.5)
             self.backoff = min(self.backoff * 2, 30.0)
         UNACKED.set(box.edges)
         oldest = box.unacked[0].sent_unix_ms if box.unacked and box.unacked[0].sent_unix_ms else 0
         LAG.set(max(0.0, time.time() - oldest / 1000) if oldest else 0.0)
+
+    async def _report(self, batch: pb.ReportBatch, token: str) -> pb.ReportAck:
+        """One call; the operator's acknowledgement (ConnectionError if it is no leader)."""
+        started = time.monotonic()
+        ack: pb.ReportAck = await self._stub().Report(batch, metadata=(("authorization", f"Bearer {token}"),),
+                                                      timeout=self.settings.send_timeout)
+        REPORT_SECONDS.observe(time.monotonic() - started)
+        if not ack.leader:
+            REPORTS.labels("not_leader").inc()
+            await self._drop_channel()  # a new connection may reach the leader
+            raise ConnectionError("not the leader")
+        REPORTS.labels("ok").inc()
+        return ack
+
+    def _refused(self, batch: pb.ReportBatch, exc: grpc.aio.AioRpcError) -> bool:
+        """A refusal the agent can act on at once: True once ``batch`` is fit to go again."""
+        code = exc.code()
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            edge = refused_edge(exc)
+            if edge is not None and (bad := self.outbox.quarantine(batch, edge)) is not None:
+                REPORTS.labels("refused_edge").inc()
+                self.quarantined(bad, exc.details() or "refused", by="operator")
+                return True
+        if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED) and self.outbox.split(batch):
+            REPORTS.labels("split").inc()
+            SPLITS.inc()
+            log.warning("batch %d was over the contract's limits (%s): cut down, the rest goes in the next batches",
+                        batch.sequence, exc.details())
+            return True
+        return False
+
+    def quarantined(self, d: pb.EdgeDelta, reason: str, *, by: str) -> None:
+        """Count an edge delta no operator can count; log it the first time its edge is seen so."""
+        QUARANTINED.labels(by).inc()
+        key = edge_key(d)
+        if key in self.logged or len(self.logged) >= MAX_QUARANTINE_LOG:
+            return
+        self.logged.add(key)
+        protocol = pb.Protocol.Name(d.protocol) if d.protocol in pb.Protocol.values() else str(d.protocol)
+        log.error("edge %r -> %r port %d %s cannot be counted (%s): its deltas are set apart and counted as lost "
+                  "(%d bytes this time); logged once", d.client.ip[:64], d.server.ip[:64], d.server.port, protocol,
+                  reason[:200], d.bytes_c2s + d.bytes_s2c)
 
     # -- the dp ----------------------------------------------------------------------------------
 
@@ -233,29 +324,36 @@ class Agent:
             NAT_SESSIONS.labels("dropped").inc(unnat.dropped - dropped)
 
     def take(self, reports: list[wire_pb2.Report]) -> None:
-        positions = self.outbox.dp_positions
+        """The dp's reports into the outbox, each once (flowmap_agent.positions), through the
+        one definition of a valid report (flowmap_agent.aggregation.admit)."""
+        positions, box = self.outbox.dp_positions, self.outbox
         for report in reports:
-            run, seq = positions.get(report.worker, (report.run_id, report.sequence - 1))
-            if run != report.run_id:
+            step, here = follow(positions.get(report.worker), report)
+            if step.restarted:
                 DP_RESTARTS.inc()  # its current interval died with it
-            elif report.sequence <= seq:
+            if not step.take:
                 continue  # sent again after our restart, but saved before it: already counted
-            elif report.sequence > seq + 1:
-                # Sent by the dp, never taken here: dropped by it (counted in lost_reports too) or
-                # read by an agent that crashed before saving them.
-                REPORT_GAPS.inc(report.sequence - seq - 1)
-                log.warning("dp worker %d: %d reports never arrived", report.worker, report.sequence - seq - 1)
-            positions[report.worker] = (report.run_id, report.sequence)
+            if step.missing:
+                # Sent by the dp, never taken here: dropped by it (counted in lost_reports too),
+                # cut off with a broken connection, or read by an agent that died before saving.
+                REPORT_GAPS.inc(step.missing)
+                log.warning("dp worker %d: %d reports never arrived", report.worker, step.missing)
             deltas, names = self.aggregator.take(report)
-            self.outbox.add(deltas, names)
+            admitted = admit(deltas, names)
+            for (field, reason), n in admitted.tally.items():
+                NORMALISED.labels(field, reason).inc(n)
+            for d, problem in admitted.refused:
+                box.lost_deltas += 1
+                self.quarantined(d, problem, by="agent")
+            box.add(admitted.edges, admitted.names)
             if report.HasField("health"):
                 self.health.by_worker[report.worker] = report.health
-                key = (report.run_id, report.worker)
-                lost = report.health.lost_sessions - self.dp_lost.get(key, 0)
+                lost = report.health.lost_sessions - here.lost  # cumulative, per run: counted once
                 if lost > 0:
-                    self.dp_lost[key] = report.health.lost_sessions
-                    self.outbox.lost_deltas += lost
+                    here = here._replace(lost=report.health.lost_sessions)
+                    box.lost_deltas += lost
                     LOST.inc(lost)
+            positions[report.worker] = here
 
     async def run_dp(self, local_addresses: Sequence[str]) -> None:
         """Keep the dp running as a child; restart it (with backoff) if it exits.
@@ -328,6 +426,25 @@ class Agent:
 
     # -- the loop --------------------------------------------------------------------------------
 
+    def open_dp(self) -> ReportReader:
+        """The dp socket, the agent's own (flowmap_agent.receiving), read as data arrives from now on."""
+        self.receiver = Receiver(self.settings.socket).start()
+        self.registry.register(self.receiver)  # type: ignore[arg-type]
+        return self.receiver.reader
+
+    async def step(self, dp: ReportReader, *, take: bool = True) -> None:
+        """One interval's work: what the dp sent meanwhile into the outbox, numbered batches cut
+        and saved, the dp told what is saved, then delivery. Not ``take``: the node's pods are not
+        read yet, and an end taken now would miss its pod (and the operator the node that counts
+        it); the reports wait, unacknowledged, in the receiver and the dp."""
+        assert self.receiver is not None
+        if take:
+            await self.ingest(self.receiver.take())
+        self.outbox.cut_all()
+        await asyncio.to_thread(self.outbox.save, Path(self.settings.state_file))
+        dp.ack(acks(self.outbox.dp_positions))  # saved: the dp may forget them
+        await self.deliver()
+
     async def run(self) -> None:
         s = self.settings
         loop = asyncio.get_running_loop()
@@ -365,10 +482,7 @@ class Agent:
             log.warning("the last run did not stop cleanly: reports it took after its last save are lost")
         running.parent.mkdir(parents=True, exist_ok=True)
         running.touch()
-        Path(s.socket).parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(s.socket)
-        dp = ReportReader(s.socket)
+        dp = self.open_dp()
         runner = await self.serve_health(pods, dp)
         tasks = [asyncio.create_task(pods.run(self.stop))]
         if s.dp == "child":
@@ -381,15 +495,14 @@ class Agent:
             pod_ips = list(pods.by_ip)
             view = await asyncio.to_thread(node_links.read, wanted.missing(pod_ips), self.last_tick)
             wanted = plumbing.plan(view.links, view.addresses, view.peers, pod_ips, node_ips, uplinks)
-            if told is None or (wanted.interfaces, wanted.own, wanted.underlay, wanted.overlay) != (
-                    told.interfaces, told.own, told.underlay, told.overlay):
+            # Until the node's pods are read, a plan knows none of their veths: told to the dp, it
+            # would stop capturing them (a restarted agent's dp captures on as it was told).
+            synced = pods.synced.is_set()
+            if synced and (told is None or (wanted.interfaces, wanted.own, wanted.underlay, wanted.overlay) != (
+                    told.interfaces, told.own, told.underlay, told.overlay)):
                 self.tell(dp, wanted, told)
                 told = wanted
-            await self.ingest(dp.poll(0))
-            self.outbox.cut()
-            await asyncio.to_thread(self.outbox.save, Path(s.state_file))
-            dp.ack(self.outbox.dp_positions)  # saved: the dp may forget them
-            await self.deliver()
+            await self.step(dp, take=synced)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), timeout=max(0.0, s.interval - (time.monotonic() - self.last_tick)))
 
@@ -398,11 +511,13 @@ class Agent:
         deadline = time.monotonic() + STOP_DEADLINE
         if tasks[1:]:
             await asyncio.wait(tasks[1:], timeout=STOP_DEADLINE / 2)
-        await self.ingest(list(dp.reports(timeout=0.5)))
+        assert self.receiver is not None
+        if pods.synced.is_set():  # else left to the dp, unacknowledged, for the next agent
+            await self.ingest(self.receiver.last(timeout=0.5))
         while time.monotonic() < deadline:
-            self.outbox.cut()
+            self.outbox.cut_all()  # in batches within the contract's limits, however large the backlog
             self.outbox.save(Path(s.state_file))
-            dp.ack(self.outbox.dp_positions)
+            dp.ack(acks(self.outbox.dp_positions))
             if not self.outbox.unacked and not self.outbox.pending:
                 break
             self.retry_at = 0.0
@@ -411,7 +526,7 @@ class Agent:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        dp.close()
+        self.receiver.close()
         await loop.run_in_executor(self.conntrack, close_conntrack)
         self.conntrack.shutdown()
         await self._drop_channel()

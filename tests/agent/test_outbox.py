@@ -2,13 +2,17 @@
 
 A model run: deltas arrive every interval; the state is saved before sending (as the agent
 does); answers get lost, the operator crashes (its memory rebuilt from the "API"), writes fail
-or land in doubt, and the agent itself crashes and restarts from its saved file.
+or land in doubt, and the agent itself crashes and restarts from its saved file. Some deltas
+name a port no operator can count: the operator refuses their batch naming the edge (the shared
+validity), the agent sets that one delta apart and resends the rest; and half the runs cut
+batches of one edge, as a backlog beyond the contract's limits is cut.
 """
 
 from __future__ import annotations
 
 import random
 import shutil
+import struct
 import tempfile
 from collections import defaultdict
 from collections.abc import Iterator
@@ -16,18 +20,23 @@ from pathlib import Path
 
 import pytest
 
+from flowmap_agent.outbox import MAX_BATCH_BYTES, Outbox, StateError
+from flowmap_agent.positions import Position
 from flowmap_api import report_pb2 as pb
-from flowmap_agent.outbox import Outbox, StateError
+from flowmap_api import validity
+from flowmap_api.limits import MAX_BATCH_EDGES, MAX_NAMES
 from flowmap_operator.ledger import Counters, Ledger, OutOfOrder
 
 SERVERS = ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"]
 # The operator's edge for each: two agent edges resolve to one operator edge (one workload
 # behind two pod IPs), so deltas of different batches and edges meet on one object.
 GROUP = {"10.0.0.1": "g1", "10.0.0.2": "g2", "10.0.0.3": "g34", "10.0.0.4": "g34"}
+BAD = "10.0.0.9"  # its deltas say port 70000: no operator can count them
 
 
 def delta(server: str, n: int) -> pb.EdgeDelta:
-    return pb.EdgeDelta(client=pb.Endpoint(ip="10.1.0.1", local=True), server=pb.Endpoint(ip=server, port=80),
+    return pb.EdgeDelta(client=pb.Endpoint(ip="10.1.0.1", local=True),
+                        server=pb.Endpoint(ip=server, port=70000 if server == BAD else 80),
                         protocol=pb.TCP, bytes_c2s=n, bytes_s2c=3 * n, packets_c2s=1, packets_s2c=1,
                         sessions_opened=1)
 
@@ -65,6 +74,15 @@ def run(seed: int, tmp: Path) -> None:
 
     def deliver() -> None:
         for batch in box.to_deliver():
+            seen = pb.ReportBatch()
+            seen.CopyFrom(batch)
+            try:
+                validity.normalise(seen)  # as the operator does, before anything of the batch is applied
+            except validity.Invalid as exc:
+                assert exc.edge is not None, exc
+                bad = box.quarantine(batch, exc.edge)
+                assert bad is not None and bad.server.ip == BAD
+                return  # the rest goes again (the next call), under the same number
             try:
                 ledger.begin_batch(batch.agent_id, batch.node, batch.sequence, batch.acked, batch.previous)
             except OutOfOrder:
@@ -83,12 +101,13 @@ def run(seed: int, tmp: Path) -> None:
             box.delivered_ok(batch, pb.ReportAck(applied=applied, received=received, waiting=waiting, leader=True))
 
     for _ in range(300):
-        deltas = [delta(s, rng.randint(1, 1000)) for s in rng.sample(SERVERS, rng.randint(0, 3))]
+        deltas = [delta(s, rng.randint(1, 1000)) for s in rng.sample(SERVERS + [BAD], rng.randint(0, 3))]
         box.add(deltas)
-        box.cut()
+        box.cut_all()
         box.save(state)  # before anything is sent: what is saved is never lost
         for d in deltas:
-            truth[GROUP[d.server.ip]] += d.bytes_c2s
+            if d.server.ip != BAD:
+                truth[GROUP[d.server.ip]] += d.bytes_c2s
         deliver()
         for _ in range(rng.randint(0, 3)):
             write_one()
@@ -101,7 +120,7 @@ def run(seed: int, tmp: Path) -> None:
                 ledger.load(("10.1.0.1", group, 80, "TCP"), counters, marks, str(rv))
             box.failed()
     for _ in range(5000):
-        box.cut()
+        box.cut_all()
         deliver()
         write_one()
         if not box.unacked and not box.pending:
@@ -127,7 +146,10 @@ def fast_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 
 @pytest.mark.parametrize("seed", range(150))
-def test_agent_and_operator_crashes_neither_lose_nor_double(seed: int, fast_dir: Path) -> None:
+def test_agent_and_operator_crashes_neither_lose_nor_double(seed: int, fast_dir: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    if seed % 2:
+        monkeypatch.setattr("flowmap_agent.outbox.MAX_BATCH_EDGES", 1)  # every edge a batch of its own
     run(seed, fast_dir)
 
 
@@ -168,30 +190,81 @@ def test_an_unreadable_or_foreign_state_file_is_refused(tmp_path: Path) -> None:
         Outbox.load(path, "node-a")
 
 
-def test_a_batch_refused_as_invalid_is_dropped_and_counted_not_resent_forever() -> None:
+def test_a_refused_edge_is_set_apart_and_the_rest_goes_again_under_the_same_number() -> None:
     box = Outbox("a", "n")
-    box.add([delta("10.0.0.1", 5), delta("10.0.0.2", 1)])
-    bad = box.cut()
+    box.add([delta("10.0.0.1", 5), delta(BAD, 1), delta("10.0.0.2", 2)])
+    first = box.cut()
     box.add([delta("10.0.0.3", 1)])
-    good = box.cut()
-    assert bad is not None and good is not None
-    box.refused(bad)
-    assert [b.sequence for b in box.to_deliver()] == [good.sequence] and box.lost_deltas == 2
-    box.add([delta("10.0.0.1", 7)])  # its edges are free again
-    assert [d.bytes_c2s for d in box.cut().edges] == [7]  # type: ignore[union-attr]
+    second = box.cut()
+    assert first is not None and second is not None
+    sent = box.to_deliver()
+    assert [(b.sequence, b.previous) for b in sent] == [(1, 0), (2, 1)]
+    bad = box.quarantine(sent[0], 1)  # the operator refused batch 1 naming its edge 1
+    assert bad is not None and bad.server.port == 70000
+    again = box.to_deliver()  # at once, in order, with the same numbers: nothing else dropped
+    assert [(b.sequence, b.previous, [d.bytes_c2s for d in b.edges]) for b in again] == [(1, 0, [5, 2]), (2, 1, [1])]
+    assert box.quarantine(again[0], 5) is None  # no such edge: not a refusal the agent can act on
+    box.add([delta(BAD, 7)])  # its edge is free again, and so counted as lost once more if refused again
+    third = box.cut()
+    assert third is not None and third.lost_deltas == 1 and [d.bytes_c2s for d in third.edges] == [7]
 
 
-def test_the_dps_positions_survive_a_restart_and_version_1_files_still_load(tmp_path: Path) -> None:
+def test_batches_keep_to_the_contracts_limits_however_large_the_backlog() -> None:
+    box = Outbox("a", "n")
+    box.add(pb.EdgeDelta(client=pb.Endpoint(ip="10.1.0.1"), server=pb.Endpoint(ip=f"10.{i >> 16}.{i >> 8 & 255}.{i & 255}",
+                                                                            port=80), protocol=pb.TCP, bytes_c2s=1)
+            for i in range(50_001))
+    box.add((), (pb.DnsName(ip=f"192.0.{i >> 8}.{i & 255}", name=f"n{i}.example.com") for i in range(MAX_NAMES + 5)))
+    batches = box.cut_all()
+    assert [len(b.edges) for b in batches] == [MAX_BATCH_EDGES] * 10 + [1]
+    assert [len(b.names) for b in batches] == [MAX_NAMES, 5] + [0] * 9
+    assert [b.sequence for b in batches] == list(range(1, 12)) and not box.pending and not box.names
+    # Heavy edges (16 threat hits of 256 characters each) are cut by their bytes.
+    heavy = [pb.EdgeDelta(client=pb.Endpoint(ip="10.2.0.1"), server=pb.Endpoint(ip=f"10.3.{i >> 8}.{i & 255}", port=80),
+                          protocol=pb.TCP, threats=[pb.ThreatHit(name="sqlinjection", snippet="x" * 256)] * 16)
+             for i in range(2_000)]
+    box.add(heavy)
+    cut = box.cut_all()
+    assert len(cut) > 1 and sum(len(b.edges) for b in cut) == 2_000
+    assert all(b.ByteSize() <= MAX_BATCH_BYTES for b in cut)
+
+
+def test_a_batch_over_the_limits_from_an_older_agent_is_cut_down_when_refused(tmp_path: Path) -> None:
+    old = Outbox("a", "node-a")
+    old.unacked = [pb.ReportBatch(agent_id="a", node="node-a", sequence=1, edges=[delta(f"10.0.{i >> 8}.{i & 255}", 1)
+                                                                                  for i in range(MAX_BATCH_EDGES + 10)])]
+    old.in_flight = {("10.1.0.1", d.server.ip, 80, pb.TCP, "", True, False) for d in old.unacked[0].edges}
+    old.sequence = 1
+    old.add([delta("10.0.19.140", 100)])  # a newer delta of an edge in the old batch's surplus (index 5004)
+    old.save(tmp_path / "state")
+    box = Outbox.load(tmp_path / "state", "node-a")
+    [batch] = box.to_deliver()
+    assert box.split(batch)  # the operator refused it whole for its size
+    assert len(batch.edges) == MAX_BATCH_EDGES and batch.sequence == 1
+    assert not box.split(batch)  # within the limits now: a refusal of it is about something else
+    rest = box.cut_all()
+    assert [(b.sequence, len(b.edges)) for b in rest] == [(2, 10)]
+    merged = {d.server.ip: d.bytes_c2s for d in rest[0].edges}
+    assert merged["10.0.19.140"] == 101  # the surplus and the newer delta of the same edge: one delta
+
+
+def test_the_dps_positions_survive_a_restart_and_older_files_still_load(tmp_path: Path) -> None:
     path = tmp_path / "state"
     box = Outbox("a", "node-a")
-    box.dp_positions = {0: (77, 12), 1: (78, 9)}
+    box.dp_positions = {0: Position(77, 12, 1, 3, 40), 1: Position(78, 9)}
     box.add([delta("10.0.0.1", 5)])
     box.save(path)
     again = Outbox.load(path, "node-a")
-    assert again.dp_positions == {0: (77, 12), 1: (78, 9)} and len(again.pending) == 1
-    # Version 1 had no positions: the same records after the header.
+    assert again.dp_positions == {0: Position(77, 12, 1, 3, 40), 1: Position(78, 9)} and len(again.pending) == 1
     data = path.read_bytes()
-    header = 4 + 2 + 2 + 2 * 20  # magic, version, count, two positions
-    path.write_bytes(b"FMAS\x00\x01" + data[header:])
+    records = data[4 + 2 + 2 + 2 * 36:]  # magic, version, count, two positions of version 3
+    # Version 2 kept whole intervals: (worker, run, sequence).
+    v2 = b"FMAS\x00\x02\x00\x02" + struct.pack("!IQQIQQ", 0, 77, 12, 1, 78, 9) + records
+    path.write_bytes(v2)
+    older = Outbox.load(path, "node-a")
+    assert older.dp_positions == {0: Position(77, 12), 1: Position(78, 9)} and len(older.pending) == 1
+    assert older.dp_positions[0].acked == 12
+    # Version 1 had no positions: the same records after the header.
+    path.write_bytes(b"FMAS\x00\x01" + records)
     old = Outbox.load(path, "node-a")
     assert old.dp_positions == {} and len(old.pending) == 1
