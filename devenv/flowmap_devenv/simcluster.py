@@ -58,6 +58,9 @@ INTERNET, INTERNET_GW = "203.0.113.10", "203.0.113.1"
 PAYMENTS = "payments.example.com"
 # More external services, one name and address each (new edges on demand): site-N.example.net.
 SITES = 50
+# What every other name under example.com (_svcN.example.com, looked up by the "lookups" client)
+# resolves to: an address no one calls, so that the names change no edge's group.
+LOOKED_UP = "203.0.113.20"
 
 
 def site(n: int) -> tuple[str, str]:
@@ -276,7 +279,8 @@ table ip kube-proxy {{
         self.spawn("dns", DNS, ["dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--bind-interfaces",
                                 f"--listen-address={DNS.ip}", f"--listen-address={DNS.ip6}", "--user=root",
                                 f"--address=/api.shop.svc.cluster.local/{SERVICE['ip']}",
-                                f"--address=/{PAYMENTS}/{INTERNET}", "--log-facility=-", "--pid-file=",
+                                f"--address=/{PAYMENTS}/{INTERNET}", f"--address=/example.com/{LOOKED_UP}",
+                                "--log-facility=-", "--pid-file=",
                                 *(f"--address=/{name}/{ip}" for name, ip in map(site, range(SITES)))])
         self.spawn("redis", REDIS, ["redis-server", "--bind", REDIS.ip, REDIS.ip6, "--port", "6379", "--save", "",
                                     "--appendonly", "no", "--protected-mode", "no"])

@@ -9,12 +9,17 @@ IPv6, gRPC, PostgreSQL with psql, TLS to a server on the "internet" checked agai
 
 ``probe`` runs in the api pod's node, as the kubelet's readiness probe does. ``sites`` calls a
 new external site each round (site-N.example.net, N = round - 1) and prints
-when each call began (``N unix-time``): each is an edge never seen before.
+when each call began (``N unix-time``): each is an edge never seen before. ``lookups`` (in the
+web pod) asks the cluster DNS for a new SRV-style name each round (``_svcN.example.com``, with
+the underscore DNS-SD and meshes use) and calls the api.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -54,6 +59,28 @@ def sites(n: int, ca: str) -> None:
         r.read()
 
 
+def resolve(name: str) -> bytes:
+    """An A query for ``name`` to the pod's nameserver (the resolver's own checks would refuse an
+    underscore before asking); the raw answer."""
+    with open("/etc/resolv.conf") as f:
+        server = next(line.split()[1] for line in f if line.startswith("nameserver"))
+    query = struct.pack("!HHHHHH", random.randrange(65536), 0x0100, 1, 0, 0, 0)
+    query += b"".join(bytes([len(label)]) + label.encode() for label in name.split(".")) + b"\0" + struct.pack("!HH", 1, 1)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(5)
+        s.sendto(query, (server, 53))
+        answer = s.recv(512)
+    if struct.unpack_from("!H", answer, 6)[0] < 1:
+        raise OSError(f"no answer for {name}")
+    return answer
+
+
+def lookups(n: int, ca: str) -> None:
+    resolve(f"_svc{n}.example.com")
+    with urllib.request.urlopen(API_URL + f"lookups/{n}", timeout=5) as r:
+        r.read()
+
+
 def worker(n: int, ca: str) -> None:
     with urllib.request.urlopen(API_URL + f"orders/{n}", timeout=5) as r:
         r.read()
@@ -65,7 +92,7 @@ def probe(n: int, ca: str) -> None:
         r.read()
 
 
-ROLES = {"web": web, "api": api, "worker": worker, "sites": sites, "probe": probe}
+ROLES = {"web": web, "api": api, "worker": worker, "sites": sites, "probe": probe, "lookups": lookups}
 
 
 def main() -> int:
