@@ -32,10 +32,12 @@ def _export(args: argparse.Namespace) -> int:
         sanitize = api.sanitize_for_serialization
         pods = [sanitize(p) for p in core.list_pod_for_all_namespaces().items]
         nodes = [sanitize(n) for n in core.list_node().items]
-        groups = custom.list_cluster_custom_object("flowmap.dev", "v1alpha1", "groups")["items"]
-        connections = custom.list_cluster_custom_object("flowmap.dev", "v1alpha1", "connections")["items"]
-        bodies = custom.list_namespaced_custom_object("flowmap.dev", "v1alpha1", args.namespace,
-                                                      "networklearningpolicies")["items"]
+        # The client annotates custom objects as `object` (OpenAPI's JSON object): they are dicts.
+        groups = custom.list_cluster_custom_object("flowmap.dev", "v1alpha1", "groups")["items"]  # type: ignore[index]
+        connections = custom.list_cluster_custom_object(  # type: ignore[index]
+            "flowmap.dev", "v1alpha1", "connections")["items"]
+        bodies = custom.list_namespaced_custom_object(  # type: ignore[index]
+            "flowmap.dev", "v1alpha1", args.namespace, "networklearningpolicies")["items"]
     except (ApiException, ConfigException, OSError) as exc:
         reason = f"{exc.status} {exc.reason}" if isinstance(exc, ApiException) else str(exc)
         print(f"flowmap export: cannot read the cluster: {reason}", file=sys.stderr)
@@ -48,6 +50,7 @@ def _export(args: argparse.Namespace) -> int:
         policies.append(policy)
     inventory = Inventory.build(pods, nodes, groups)
     docs: list[dict[str, Any]]
+    warnings: list[str]
     if args.format == "nlp":
         docs, warnings = learning_policies(args.namespace, args.mode, inventory, connections, policies), []
     else:

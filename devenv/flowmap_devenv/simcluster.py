@@ -46,7 +46,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from flowmap_devenv.controlplane import REPO, ControlPlane
 from flowmap_devenv.kube import NS, Cluster, Operator, apply, create_pods, free_port, node, pod
@@ -66,7 +66,17 @@ LOOKED_UP = "203.0.113.20"
 def site(n: int) -> tuple[str, str]:
     """The name and address of external site ``n`` (0 <= n < SITES)."""
     return f"site-{n}.example.net", f"203.0.113.{100 + n}"
-SERVICE = {"namespace": "shop", "name": "api", "ip": "10.96.0.50", "port": 80, "target": 8080}
+
+
+class _Service(TypedDict):
+    namespace: str
+    name: str
+    ip: str
+    port: int
+    target: int
+
+
+SERVICE: _Service = {"namespace": "shop", "name": "api", "ip": "10.96.0.50", "port": 80, "target": 8080}
 
 
 @dataclass(frozen=True)

@@ -530,7 +530,7 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, default=str, sort_keys=True)
 
 
-def _flat(metadata: dict[str, Any]) -> dict[str, str]:
+def _flat(metadata: Mapping[str, Any]) -> dict[str, str]:
     """Detectors nest per protocol: {"http": {"host": ...}} -> {"http.host": ...}; lists as JSON."""
     out: dict[str, str] = {}
     for k, v in metadata.items():

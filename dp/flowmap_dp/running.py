@@ -384,7 +384,7 @@ class Supervisor:
         for chan in self.channels:
             self._send(chan, msg)
 
-    def run(self, procs: list[multiprocessing.process.BaseProcess]) -> int:
+    def run(self, procs: Sequence[multiprocessing.process.BaseProcess]) -> int:
         """Serve the workers' interface requests until all of them have exited."""
         self.sync()
         by_fd = {c.fileno(): c for c in self.channels}

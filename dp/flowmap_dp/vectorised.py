@@ -274,7 +274,7 @@ class _Block:
         touch = sessions.move_to_end
         dirty = self.table._dirty
         for gi in self.plan(np.argsort(lasts, kind="stable").tolist(), fast[lasts].tolist(), keys, odd):
-            if type(gi) is bytes:  # a flow only the per-packet decoder could parse
+            if isinstance(gi, bytes):  # a flow only the per-packet decoder could parse
                 self.replay([], odd.pop(gi))
                 continue
             key = keys[gi]

@@ -88,7 +88,7 @@ class Aggregator:
     # Where the node's DNAT sent a session: (l4, client, port, server, port) -> (address, port), or None.
     destination: Callable[[tuple[int, str, int, str, int]], tuple[str, int] | None] | None = None
     # Open sessions per edge (their 5-tuples), for the sessions_active gauge.
-    _open: dict[tuple[str, str, int, int], set[tuple[int, int]]] = field(default_factory=dict)
+    _open: dict[tuple[str, str, int, pb.Protocol], set[tuple[int, int]]] = field(default_factory=dict)
 
     def _endpoint(self, ip: str, port: int) -> pb.Endpoint:
         pod = self.local_pods.get(ip, "")
@@ -100,8 +100,8 @@ class Aggregator:
         Sums are kept in plain lists and each address is read once per report (a report holds up
         to 100k sessions among far fewer addresses): the protobuf messages are built at the end.
         """
-        acc: dict[tuple[str, str, int, int], _Sums] = {}
-        sample: dict[tuple[str, str, int, int], tuple[int, str, int, str, int]] = {}  # a session of each edge
+        acc: dict[tuple[str, str, int, pb.Protocol], _Sums] = {}
+        sample: dict[tuple[str, str, int, pb.Protocol], tuple[int, str, int, str, int]] = {}  # a session of each edge
         threats: dict[tuple[int, bytes, int, bytes, int], list[wire_pb2.ThreatHit]] = {}
         for hit in report.threats:
             threats.setdefault((hit.ip_proto, hit.client_ip, hit.client_port, hit.server_ip, hit.server_port),

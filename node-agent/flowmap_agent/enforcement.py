@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from flowmap_api import report_pb2 as pb
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-L4 = {pb.TCP: (6, 6), pb.UDP: (17, 17), pb.SCTP: (132, 132), pb.ICMP: (1, 58)}  # protocol -> (IPv4, IPv6)
+# pb.Protocol -> its IP protocol numbers (IPv4, IPv6)
+L4: dict[int, tuple[int, int]] = {pb.TCP: (6, 6), pb.UDP: (17, 17), pb.SCTP: (132, 132), pb.ICMP: (1, 58)}
 ANY_PORT = "0-65535"
 
 

@@ -105,7 +105,7 @@ def conntrack_lookup(netns: str) -> tuple[Lookup, Destination, Callable[[], None
 
     from flowmap_agent.links import in_netns
 
-    sockets = {}
+    sockets: dict[socket.AddressFamily, NFCTSocket] = {}
     for family in (socket.AF_INET, socket.AF_INET6):
         try:
             with in_netns(netns):

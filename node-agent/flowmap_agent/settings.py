@@ -44,7 +44,7 @@ class Settings:
         for f in fields(cls):
             raw = env.get(f"FLOWMAP_AGENT_{f.name.upper()}")
             if raw is not None:
-                kind = type(f.default)
+                kind: type = type(f.default)  # every field has a default
                 try:
                     if kind is bool:  # bool("false") is True: spelled out, as the operator reads them
                         if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from flowmap_operator.policy import ANY, Policy
 from flowmap_operator.resolution import EXTERNAL, NODES, RUNTIME_LABELS, group_name, workload_of
@@ -91,8 +91,9 @@ def rules_of(group: str, connections: Iterable[Obj], policies: Iterable[Policy],
             continue
         for me, peer, direction in ((spec.get("client"), spec.get("server"), "Egress"),
                                     (spec.get("server"), spec.get("client"), "Ingress")):
-            if me == group:
-                add((direction, peer, "", int(spec.get("port", 0)), spec.get("protocol", "TCP")), status.get("app", ""))
+            if me == group:  # the schema requires client and server: peer is a name
+                add((direction, cast(str, peer), "", int(spec.get("port", 0)), spec.get("protocol", "TCP")),
+                    status.get("app", ""))
     for policy in policies:
         if not policy.selects(group, labels):
             continue

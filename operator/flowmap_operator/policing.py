@@ -145,7 +145,7 @@ class PolicyWriter:
         try:
             await self.writer.call("policy", "status", self.writer.api.patch_namespaced_custom_object_status(
                 GROUP, VERSION, namespace, "networklearningpolicies", name, {"status": status},
-                _content_type=MERGE, field_manager=FIELD_MANAGER))
+                _content_type=MERGE, field_manager=FIELD_MANAGER))  # type: ignore[call-arg]  # not in the stub
         except ApiException as exc:
             if exc.status != 404:
                 raise
@@ -165,6 +165,7 @@ class PolicyWriter:
                 "type": "Warning", "reason": reason, "message": message[:1024], "count": 1,
                 "firstTimestamp": now, "lastTimestamp": now, "source": {"component": "flowmap-operator"},
                 "reportingComponent": "flowmap.dev/operator", "reportingInstance": self.identity[:128]}
-        await self.writer.call("event", "create", self.core.create_namespaced_event(namespace, body))
+        # The client takes a plain dict for body; its stub says CoreV1Event.
+        await self.writer.call("event", "create", self.core.create_namespaced_event(namespace, body))  # type: ignore[arg-type]
         metrics.POLICY_EVENTS.labels(reason).inc()
         return True

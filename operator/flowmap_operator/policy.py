@@ -108,7 +108,8 @@ class Policy:
         meta, spec = body.get("metadata") or {}, body.get("spec") or {}
         self.generation = int(meta.get("generation") or 0)
         self.uid = meta.get("uid", "")
-        self.mode = spec.get("mode") if spec.get("mode") in MODES else "Learn"
+        mode = spec.get("mode")
+        self.mode = mode if mode in MODES else "Learn"
         self.groups = tuple(spec.get("groups") or ())
         self.selector = spec.get("selector")
         self.rules = tuple(_rule(r) for r in spec.get("rules") or [])
@@ -168,7 +169,7 @@ class Policy:
         if ANY in entry.ports:
             port = ANY
         elif port not in entry.ports and len(entry.ports) >= MAX_PORTS:
-            merged = {"apps": set(), "first": first, "last": last, "evidence": 0}
+            merged: dict[str, Any] = {"apps": set(), "first": first, "last": last, "evidence": 0}
             for seen in entry.ports.values():
                 merged["apps"] |= seen["apps"]
                 merged["first"] = min(merged["first"], seen["first"] or merged["first"])

@@ -247,8 +247,8 @@ class ReportServicer(pb_grpc.ReportServiceServicer):
                 labels = (client.group, client.namespace, server.group, server.namespace, str(key[2]), key[3])
                 metrics.POLICY_VIOLATIONS.labels(*self._capped(labels, action)).inc(sessions)
         metrics.REPORTS.labels("applied" if request.sequence else "ack_query").inc()
-        applied, received, waiting = ledger.progress(request.agent_id)
-        return pb.ReportAck(applied=applied, received=received, waiting=waiting, leader=True)
+        applied, received, still_waiting = ledger.progress(request.agent_id)
+        return pb.ReportAck(applied=applied, received=received, waiting=still_waiting, leader=True)
 
     def _capped(self, labels: tuple[str, ...], action: str) -> tuple[str, ...]:
         """A violation series' labels, or "other" beyond the series cap."""

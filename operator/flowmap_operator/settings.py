@@ -69,7 +69,7 @@ class Settings:
             raw = env.get(f"FLOWMAP_OPERATOR_{f.name.upper()}")
             if raw is None:
                 continue
-            kind = type(f.default)
+            kind: type = type(f.default)  # every field has a default
             try:
                 if kind is bool:
                     if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):

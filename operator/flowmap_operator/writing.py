@@ -168,7 +168,7 @@ class Writer:
             kind = status.get("kind") or ("CIDR" if (obj.get("spec") or {}).get("cidrs") else "Workload")
             fqdn = members[0].get("name", "") if kind == "FQDN" and members else ""
             peer = Peer(name, kind, status.get("namespace", ""), wl.get("kind", ""), wl.get("name", ""), fqdn)
-            info = self.topology.groups.setdefault(name, GroupInfo(peer))
+            group = self.topology.groups.setdefault(name, GroupInfo(peer))
             if status.get("mode"):
                 self.topology.modes.prior[name] = status["mode"]
             for member in members if fqdn else ():
@@ -176,13 +176,13 @@ class Writer:
                 # keeps allowing it until agents see the name again.
                 for ip in member.get("ips") or []:
                     self.topology.resolver.learn_name(ip, member.get("name", ""), 0, parse_iso(status.get("lastSeen")))
-            info.exists = True
-            info.user_defined = bool((obj.get("spec") or {}).get("cidrs"))
-            info.generation = int(obj["metadata"].get("generation") or 0)
-            info.conditions = {c["type"]: c for c in status.get("conditions") or [] if isinstance(c, dict) and "type" in c}
-            info.written_said = tuple((c["type"], c.get("status") == "True", c.get("reason", ""))
-                                      for c in info.conditions.values())
-            info.written_last_seen = info.last_seen = max(info.last_seen, parse_iso(status.get("lastSeen")))
+            group.exists = True
+            group.user_defined = bool((obj.get("spec") or {}).get("cidrs"))
+            group.generation = int(obj["metadata"].get("generation") or 0)
+            group.conditions = {c["type"]: c for c in status.get("conditions") or [] if isinstance(c, dict) and "type" in c}
+            group.written_said = tuple((c["type"], c.get("status") == "True", c.get("reason", ""))
+                                       for c in group.conditions.values())
+            group.written_last_seen = group.last_seen = max(group.last_seen, parse_iso(status.get("lastSeen")))
         log.info("loaded %d connections and %d groups", len(self.topology.edges), len(self.topology.groups))
 
     def _load_edge(self, key: EdgeKey, obj: dict[str, Any]) -> None:
@@ -256,9 +256,9 @@ class Writer:
     async def _delete(self, plural: str, name: str, resource_version: str | None) -> bool:
         # The precondition makes sure nothing written since we looked is deleted.
         body = {"preconditions": {"resourceVersion": resource_version}} if resource_version else None
-        try:
+        try:  # the client takes a plain dict (and None, the default) for body; its stub says V1DeleteOptions
             await self.call(plural[:-1], "delete", self.api.delete_cluster_custom_object(
-                GROUP, VERSION, plural, name, body=body))
+                GROUP, VERSION, plural, name, body=body))  # type: ignore[arg-type]
         except ApiException as exc:
             if exc.status != 404:
                 raise
@@ -313,7 +313,7 @@ class Writer:
         try:
             await self.call("group", "status", self.api.patch_cluster_custom_object_status(
                 GROUP, VERSION, "groups", group.peer.group, {"status": {"conditions": written}},
-                _content_type=MERGE, field_manager=FIELD_MANAGER))
+                _content_type=MERGE, field_manager=FIELD_MANAGER))  # type: ignore[call-arg]  # not in the stub
         except ApiException as refused:
             log.warning("Group %s: its refusal could not be said either: %s %s", group.peer.group, refused.status,
                         refused.reason)
@@ -322,8 +322,8 @@ class Writer:
 
     async def _create_group(self, group: GroupInfo) -> bool:
         peer = group.peer
-        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Group", "metadata": {"name": peer.group,
-                "labels": {"flowmap.dev/kind": peer.kind.lower()}}}
+        body: dict[str, Any] = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Group",
+                                "metadata": {"name": peer.group, "labels": {"flowmap.dev/kind": peer.kind.lower()}}}
         if peer.namespace:
             body["metadata"]["labels"]["flowmap.dev/namespace"] = peer.namespace
         try:
@@ -361,7 +361,8 @@ class Writer:
         modes.changed_groups.discard(peer.group)
         try:
             await self.call("group", "status", self.api.patch_cluster_custom_object_status(
-                GROUP, VERSION, "groups", peer.group, {"status": status}, _content_type=MERGE,
+                # _content_type: the client takes it, its stub does not list it
+                GROUP, VERSION, "groups", peer.group, {"status": status}, _content_type=MERGE,  # type: ignore[call-arg]
                 field_manager=FIELD_MANAGER))
         except ApiException as exc:
             if exc.status != 404:
