@@ -69,7 +69,7 @@ def _load_image(args: argparse.Namespace) -> int:
     return 0
 
 
-def _guard(func):  # type: ignore[no-untyped-def]
+def _guard(func):
     def run(args: argparse.Namespace) -> int:
         try:
             return int(func(args))

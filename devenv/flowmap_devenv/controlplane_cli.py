@@ -47,7 +47,7 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _guard(func):  # type: ignore[no-untyped-def]
+def _guard(func):
     def run(args: argparse.Namespace) -> int:
         try:
             return int(func(args))

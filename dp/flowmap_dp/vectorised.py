@@ -145,7 +145,7 @@ class _Block:
                       self.hint.item(i), self.wire.item(i))
 
     def ts_of(self, i: int) -> float:
-        return self.ts.item(i)  # type: ignore[no-any-return]
+        return self.ts.item(i)
 
     def run(self) -> None:
         table = self.table

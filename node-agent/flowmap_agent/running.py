@@ -165,7 +165,7 @@ class Agent:
         self.registry = registry  # where this agent's own collectors go (a test makes several agents)
         self.stop = asyncio.Event()
         self.health = DpHealth()
-        registry.register(self.health)  # type: ignore[arg-type]
+        registry.register(self.health)
         self.receiver: Receiver | None = None
         self.outbox = self._load_outbox()
         # A node name no operator would take makes every batch fail, forever: say so now.
@@ -429,7 +429,7 @@ class Agent:
     def open_dp(self) -> ReportReader:
         """The dp socket, the agent's own (flowmap_agent.receiving), read as data arrives from now on."""
         self.receiver = Receiver(self.settings.socket).start()
-        self.registry.register(self.receiver)  # type: ignore[arg-type]
+        self.registry.register(self.receiver)
         return self.receiver.reader
 
     async def step(self, dp: ReportReader, *, take: bool = True) -> None:
