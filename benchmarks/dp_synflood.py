@@ -25,8 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dp_lab import Link, require, syn_config  # noqa: E402
+from flowmap_agent.listening import ReportReader  # noqa: E402
 from flowmap_dp import wire_pb2  # noqa: E402
-from flowmap_dp.exporting import ReportReader  # noqa: E402
 
 
 def memory(pid: int) -> dict[str, float]:

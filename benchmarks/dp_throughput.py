@@ -30,9 +30,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dp_lab import Link, build_c_reader, cpu_seconds, mixed_config, netns, require  # noqa: E402
+from flowmap_agent.listening import ReportReader  # noqa: E402
 from flowmap_dp import wire_pb2  # noqa: E402
 from flowmap_dp.capture import Direction, Ring, RingConfig, fanout_group  # noqa: E402
-from flowmap_dp.exporting import ReportReader  # noqa: E402
 from flowmap_dp.running import make_parser  # noqa: E402
 from flowmap_dp.session import SessionTable  # noqa: E402
 

@@ -2,7 +2,7 @@
 
 Streams of ``flowmap_dp.synth.wire_streams`` (reports with odd values, the same mutated: header
 and body bytes, lying lengths, cut short, garbage after, random bytes; split into reads at random
-points) go through ``flowmap_dp.exporting.Stream`` one read at a time, and every report that
+points) go through ``flowmap_dp.framing.Stream`` one read at a time, and every report that
 parses through the agent's own path (``Agent.take``: positions, aggregation, the shared
 validity, the outbox). Prints the count, the time, and why connections would be closed. Exits 1
 if an exception other than a counted WireError escaped, or an intact stream lost a report.
@@ -26,7 +26,7 @@ from flowmap_agent.aggregation import Aggregator
 from flowmap_agent.receiving import admissible
 from flowmap_agent.running import Agent
 from flowmap_agent.settings import Settings
-from flowmap_dp.exporting import HEADER, MAX_FRAME, Stream, WireError
+from flowmap_dp.framing import HEADER, MAX_FRAME, Stream, WireError
 from flowmap_dp.synth import wire_streams
 
 CHUNK = 20_000

@@ -42,7 +42,8 @@ from typing import Any
 
 from flowmap_dp import wire_pb2
 from flowmap_dp.capture import MAX_OVERLAY, Encapsulation, Ring, RingConfig, fanout_group, open_socket
-from flowmap_dp.exporting import Exporter, iter_reports
+from flowmap_dp.exporting import Exporter
+from flowmap_dp.reporting import iter_reports
 from flowmap_dp.session import SessionTable
 
 BlockParser = Callable[[memoryview], None]

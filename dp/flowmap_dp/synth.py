@@ -224,7 +224,7 @@ def wire_streams(count: int, seed: int = 0) -> list[tuple[list[bytes], int | Non
     reports with odd values (and of the agent's own kinds), and the same mutated (a header or body
     byte changed, the length a lie, cut short, garbage after them, random bytes), each split into
     reads at random points. With each, the number of reports it holds when intact, else None."""
-    from flowmap_dp.exporting import HEADER, KIND_ACK, KIND_CONTROL, KIND_REPORT, MAGIC, frame
+    from flowmap_dp.framing import HEADER, KIND_ACK, KIND_CONTROL, KIND_REPORT, MAGIC, frame
 
     rnd = random.Random(seed)
     out: list[tuple[list[bytes], int | None]] = []

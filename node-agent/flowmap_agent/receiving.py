@@ -24,9 +24,9 @@ from pathlib import Path
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from flowmap_agent.listening import ReportReader
 from flowmap_agent.positions import MAX_WORKERS
 from flowmap_dp import wire_pb2
-from flowmap_dp.exporting import ReportReader
 
 MAX_WAITING_SESSIONS = 400_000  # two full dp queues' worth of records (flowmap_dp.running.Settings)
 

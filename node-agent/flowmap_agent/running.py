@@ -71,6 +71,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from flowmap_agent import links, nat, plumbing
 from flowmap_agent.aggregation import Aggregator, admit
 from flowmap_agent.enforcement import Policy
+from flowmap_agent.listening import ReportReader
 from flowmap_agent.outbox import EdgeKey, Outbox, StateError, edge_key
 from flowmap_agent.pods import LocalPods
 from flowmap_agent.positions import acks, follow
@@ -81,7 +82,6 @@ from flowmap_api import report_pb2 as pb
 from flowmap_api import report_pb2_grpc as pb_grpc
 from flowmap_api import validity
 from flowmap_dp import wire_pb2
-from flowmap_dp.exporting import ReportReader
 
 log = logging.getLogger("flowmap.agent")
 STOP_DEADLINE = 10.0

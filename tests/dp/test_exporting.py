@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from flowmap_agent.listening import RECV_BYTES, ReportReader
 from flowmap_dp import wire_pb2
 from flowmap_dp.detectors.base import Threat
-from flowmap_dp.exporting import (
-    HEADER, KIND_CONTROL, KIND_REPORT, MAGIC, MAX_FRAME, RECV_BYTES, Exporter, FrameDecoder, ReportReader, WireError,
-    build_reports, frame,
-)
+from flowmap_dp.exporting import Exporter
+from flowmap_dp.framing import HEADER, KIND_CONTROL, KIND_REPORT, MAGIC, MAX_FRAME, FrameDecoder, WireError, frame
+from flowmap_dp.reporting import build_reports
 from flowmap_dp.session import Health, Report, SessionDelta
 
 

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 
+from flowmap_agent.listening import ReportReader
 from flowmap_devenv.netns import Lab, netns
 from flowmap_dp import wire_pb2
 from flowmap_dp.capture import Encapsulation, RingConfig
-from flowmap_dp.exporting import ReportReader
 from flowmap_dp.running import Capture
 
 FLOWMAP = str(Path(sys.executable).with_name("flowmap"))

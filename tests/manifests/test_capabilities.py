@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from flowmap_agent.listening import ReportReader
 from flowmap_devenv.netns import Lab
-from flowmap_dp.exporting import ReportReader
 from tests.conftest import REPO, need
 
 NODE_IP, POD_IP = "10.63.0.1", "10.63.1.2"
