@@ -60,10 +60,19 @@ def _print(flows: list[dict[str, Any]], as_json: bool) -> None:
             out.write(f"threat {t['name']} in {f['client']} -> {f['server']} ({t['where']}): {t['snippet']}\n")
 
 
+RUN_DESCRIPTION = ("Capture on AF_PACKET TPACKET_V3 rings and send the agent, each interval, "
+                   "the session deltas and the dp's health over a unix socket (the agent listens).")
+
+
 def _register_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("run", help="capture live traffic and stream per-interval deltas to the agent",
-                       description="Capture on AF_PACKET TPACKET_V3 rings and send the agent, each interval, "
-                                   "the session deltas and the dp's health over a unix socket (the agent listens).")
+                       description=RUN_DESCRIPTION)
+    add_run_arguments(p)
+    p.set_defaults(func=run_command)
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``flowmap dp run`` (and of ``python -m flowmap_dp``, the same command)."""
     p.add_argument("--iface", action="append", default=[], metavar="IF",
                    help="interface to capture (repeat; the agent can change the set at run time)")
     p.add_argument("--socket", required=True, metavar="PATH", help="the agent's unix socket to connect to")
@@ -85,10 +94,10 @@ def _register_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                    help="reports waiting for the agent (while it restarts, say) before they are dropped")
     p.add_argument("--parser", choices=("vectorised", "per-packet"), default="vectorised",
                    help="block reader: numpy over whole blocks (default) or the per-packet reference")
-    p.set_defaults(func=_run)
 
 
-def _run(args: argparse.Namespace) -> int:
+def run_command(args: argparse.Namespace) -> int:
+    """``flowmap dp run``: the live dp with the parsed arguments, until it is stopped."""
     from flowmap_dp.capture import Direction, RingConfig, compile_filter
     from flowmap_dp.running import Settings, run
 
