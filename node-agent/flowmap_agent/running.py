@@ -356,7 +356,8 @@ class Agent:
             positions[report.worker] = here
 
     async def run_dp(self, local_addresses: Sequence[str]) -> None:
-        """Keep the dp running as a child; restart it (with backoff) if it exits.
+        """Keep the dp running as a child (``python -m flowmap_dp``, the arguments of ``flowmap dp run``);
+        restart it (with backoff) if it exits.
 
         ``local_addresses`` are the node's own to start with (the Node object's, as the DaemonSet
         gives the external one): the dp counts what the node sends from them where it leaves (see
@@ -369,7 +370,7 @@ class Agent:
             started = time.monotonic()
             inside = ("ip", "netns", "exec", s.netns) if s.netns else ()
             proc = await asyncio.create_subprocess_exec(
-                *inside, sys.executable, "-m", "flowmap_cli", "dp", "run", "--socket", s.socket, "--interval", str(s.interval),
+                *inside, sys.executable, "-m", "flowmap_dp", "--socket", s.socket, "--interval", str(s.interval),
                 "--workers", str(s.dp_workers), *own, *s.dp_args.split(), preexec_fn=_die_with_parent)
             waiter = asyncio.ensure_future(proc.wait())
             await asyncio.wait([waiter, asyncio.ensure_future(self.stop.wait())], return_when=asyncio.FIRST_COMPLETED)

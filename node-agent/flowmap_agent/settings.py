@@ -25,7 +25,7 @@ class Settings:
     # DaemonSet flowmap-dp) and outlives the agent's restarts, so the rings keep capturing.
     dp: str = "child"
     dp_workers: int = 1
-    dp_args: str = ""  # extra arguments for `flowmap dp run`, space-separated
+    dp_args: str = ""  # extra arguments for the dp (`flowmap dp run`'s), space-separated
     uplinks: str = ""  # interfaces to watch besides the pods' (comma-separated); empty: the node IPs' interfaces
     send_timeout: float = 10.0
     # The node's network namespace when it is not the agent's own (the simulated cluster runs
