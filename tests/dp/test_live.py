@@ -291,6 +291,9 @@ def test_udp_exchange_counts_equal_the_kernel(node: Node, agent: Agent, start_dp
                     sum(p for p, _ in on_wire[1]), sum(b for _, b in on_wire[1]))
     assert n["c2s"][0] == n["s2c"][0] == len(SIZES) and n["c2s_frag"][0] == 2 + 4 and n["s2c_frag"][0] == 1
     assert agent.health().ignored["fragment"] == 0
+    # The fragment table's events, as exported: 3 fragmented datagrams, 7 later fragments.
+    frags = {"tracked": 3, "attributed": 7, "evicted_full": 0, "expired": 0}
+    assert agent.wait(lambda: dict(agent.health().fragments) == frags), agent.health().fragments
 
 
 SIZES = (1, 100, 1000, 1400, 4000, 7000)
