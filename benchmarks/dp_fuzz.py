@@ -17,7 +17,7 @@ import sys
 import time
 
 from flowmap_dp.block import feed_block, pack_block
-from flowmap_dp.decode import Decoded, DecodeStats, decode
+from flowmap_dp.decode import Decoded, DecodeStats
 from flowmap_dp.session import SessionTable
 from flowmap_dp.synth import fuzz_frames
 from flowmap_dp.vectorised import feed_block_vectorised
@@ -51,7 +51,7 @@ def main() -> int:
             frames = fuzz_frames(min(CHUNK, args.frames - done), seed=args.seed * 1_000_003 + done)
             t = time.process_time()
             for i, raw in enumerate(frames):
-                out = decode(raw, 0, len(raw), 1, 0, len(raw))
+                out = direct.fragments.decode(raw, 0, len(raw), 1, 0, len(raw), float(done + i))
                 direct.stats.count(out)
                 if type(out) is Decoded:
                     direct.packet(out, float(done + i), raw)

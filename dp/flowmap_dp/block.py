@@ -23,7 +23,7 @@ import struct
 from struct import Struct
 from typing import Final
 
-from flowmap_dp.decode import LINK_ETHERNET, LINK_RAW, decode
+from flowmap_dp.decode import LINK_ETHERNET, LINK_RAW
 from flowmap_dp.session import SessionTable
 
 TP_STATUS_USER: Final = 0x1
@@ -56,6 +56,7 @@ def feed_block(block: bytes | memoryview, table: SessionTable) -> int:
     n, off = block_packets(mv)
     count = table.stats.count
     add = table.packet
+    decode = table.fragments.decode
     hdr = TPACKET3_HDR.unpack_from
     seen = 0
     for _ in range(n):
@@ -64,12 +65,13 @@ def feed_block(block: bytes | memoryview, table: SessionTable) -> int:
         nxt, sec, nsec, snap, wire, status, mac, net, _rx, tci, _tpid, _pad = hdr(mv, off)
         start = off + mac
         end = min(start + snap, size)
+        ts = sec + nsec * 1e-9
         out = decode(mv, start, end, LINK_RAW if net == mac else LINK_ETHERNET,
-                     tci & 0x0FFF if status & TP_STATUS_VLAN_VALID else 0, wire)
+                     tci & 0x0FFF if status & TP_STATUS_VLAN_VALID else 0, wire, ts)
         count(out)
         seen += 1
         if type(out) is not str:
-            add(out, sec + nsec * 1e-9, mv)  # type: ignore[arg-type]
+            add(out, ts, mv)  # type: ignore[arg-type]
         if nxt == 0:
             break
         off += nxt

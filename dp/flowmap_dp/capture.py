@@ -44,7 +44,8 @@ Decisions worth knowing:
   matches the tunnel's port at either end of the datagram (the IPv4 header's length read from
   the packet, options included); the others match the outer IP protocol. Not recognised, and
   so kept: UDP behind IPv6 extension headers, and the non-first fragments of an encapsulated
-  datagram (they carry no UDP header; the decoder ignores fragments anyway).
+  datagram (they carry no UDP header; with their first fragment dropped here, the decoder leaves
+  them unattributed, counted as ``fragment``).
 * **Fanout.** ``PACKET_FANOUT_HASH | PACKET_FANOUT_FLAG_DEFRAG`` spreads one interface over N
   sockets (one per worker process) by the kernel's flow hash, which is symmetric in source and
   destination, so both directions of a session land in the same worker; DEFRAG reassembles IP

@@ -12,7 +12,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from flowmap_dp.decode import decode
 from flowmap_dp.pcapfile import read_records
 from flowmap_dp.session import InspectorFactory, SessionDelta, SessionTable
 
@@ -32,7 +31,7 @@ def classify_table(path: str | Path, inspector_factory: InspectorFactory | None 
     table = SessionTable(OFFLINE_MAX_SESSIONS, timeouts=None, inspector_factory=inspector_factory)
     count = table.stats.count
     for rec in read_records(path):
-        out = decode(rec.data, 0, len(rec.data), rec.link, 0, rec.wire_len)
+        out = table.fragments.decode(rec.data, 0, len(rec.data), rec.link, 0, rec.wire_len, rec.ts)
         count(out)
         if type(out) is not str:
             table.packet(out, rec.ts, rec.data)  # type: ignore[arg-type]

@@ -6,6 +6,12 @@
 frames, non-first IP fragments). Callers count the outcome in a ``DecodeStats``, whose totals
 always add up: ``total == decoded + sum(malformed) + sum(ignored)``.
 
+Fragments: a non-first IP fragment carries no L4 header, so ``decode`` alone cannot say whose it
+is. ``Fragments.decode`` (what the readers call) remembers, per first fragment, the ports it
+carried, keyed by (VLAN, src, dst, protocol, IP identification) — bounded in size and in time —
+and turns a later fragment of the same datagram into a ``Decoded`` of that session (its bytes,
+no payload to inspect). A later fragment whose first one was not seen stays ``"fragment"``.
+
 Addresses stay bytes all the way to the session key; they become text only at the edges
 (``format_endpoint``). The session key is one bytes object (see ``flow_key``): small to keep,
 cheap to hash, and the same whichever direction the packet travels.
@@ -14,6 +20,7 @@ cheap to hash, and the same whichever direction the packet travels.
 from __future__ import annotations
 
 import ipaddress
+from collections import OrderedDict
 from struct import Struct
 from typing import Final
 
@@ -57,14 +64,24 @@ MALFORMED: Final = (
 )
 IGNORED: Final = (
     "not_ip",  # ARP, LLDP, ... : well-formed, not ours
-    "fragment",  # a non-first IP fragment: carries no ports, so no session
+    "fragment",  # a non-first IP fragment whose first fragment was not seen (or is forgotten)
 )
+# Counters of the fragment table (``Fragments``); they count table events, not frames, so they
+# are kept apart from the balanced frame outcomes above.
+FRAGMENT_COUNTERS: Final = (
+    "tracked",  # first fragments remembered (their datagram's later fragments can be attributed)
+    "attributed",  # later fragments counted toward their first fragment's session
+    "evicted_full",  # remembered first fragments pushed out by the size bound (table full)
+    "expired",  # remembered first fragments forgotten after FRAGMENT_TIMEOUT seconds
+)
+FRAGMENT_TIMEOUT: Final = 30.0  # seconds a first fragment is remembered (the kernel's ipfrag_time)
+FRAGMENT_MAX: Final = 4096  # first fragments remembered at most; the oldest goes first
 
 L4_NAMES: Final = {PROTO_TCP: "tcp", PROTO_UDP: "udp", PROTO_ICMP: "icmp", PROTO_ICMPV6: "icmpv6"}
 
 _U16 = Struct("!H")
 _U16x2 = Struct("!HH")
-_IP4 = Struct("!BxHxxHxB2x4s4s")  # vihl, total length, flags+fragment offset, protocol, src, dst
+_IP4 = Struct("!BxHHHxB2x4s4s")  # vihl, total length, identification, flags+fragment offset, protocol, src, dst
 _IP6 = Struct("!BxxxHB1x16s16s")  # version byte, payload length, next header, src, dst
 _PORTS = Struct("!HH")
 _TCP_FLAGS = Struct("!BB")  # data offset byte, flags byte (at TCP offset 12)
@@ -77,14 +94,19 @@ _ICMP_ECHO: Final = frozenset({0, 8})
 _ICMP6_ECHO: Final = frozenset({128, 129})
 _IP6_EXT_8: Final = frozenset({0, 43, 60})  # hop-by-hop, routing, destination options: (len+1)*8
 _IP6_FRAGMENT: Final = 44
+_U32 = Struct("!I")
 _IP6_AH: Final = 51
 _MAX_IP6_EXT: Final = 8  # more than this many extension headers is treated as hostile
+
+
+FragKey = tuple[int, bytes, bytes, int, int]  # vlan, src, dst, IP protocol, IP identification
 
 
 class Decoded:
     """One packet that belongs to a session. Offsets index the buffer given to ``decode``."""
 
-    __slots__ = ("vlan", "proto", "src", "dst", "sport", "dport", "flags", "ip_len", "payload_start", "payload_end")
+    __slots__ = ("vlan", "proto", "src", "dst", "sport", "dport", "flags", "ip_len", "payload_start", "payload_end",
+                 "frag")
 
     def __init__(
         self,
@@ -109,6 +131,8 @@ class Decoded:
         self.ip_len = ip_len  # bytes counted for the session: IP header + payload as sent
         self.payload_start = payload_start
         self.payload_end = payload_end  # payload_end - payload_start may be < what was sent (snaplen)
+        # A first fragment (more follow): its datagram's id, (vlan, src, dst, protocol, ident).
+        self.frag: FragKey | None = None
 
     @property
     def payload_len(self) -> int:
@@ -120,6 +144,16 @@ class Decoded:
             f" -> {format_endpoint(self.dst, self.dport)} vlan={self.vlan} flags={self.flags:#x}"
             f" ip_len={self.ip_len} payload={self.payload_len})"
         )
+
+
+class _Later:
+    """A non-first fragment, as ``_decode`` hands it to ``Fragments`` (``decode`` says "fragment")."""
+
+    __slots__ = ("key", "ip_len")
+
+    def __init__(self, key: FragKey, ip_len: int) -> None:
+        self.key = key
+        self.ip_len = ip_len
 
 
 class DecodeStats:
@@ -189,12 +223,96 @@ def decode(buf: bytes | memoryview, start: int, end: int, link: int = LINK_ETHER
     ``orig_len``); it is used only when an IP length field is 0 (GSO/BIG TCP super-packets).
     """
     try:
-        return _decode(buf, start, end, link, vlan, wire_len or end - start)
+        out = _decode(buf, start, end, link, vlan, wire_len or end - start)
     except Exception:  # a decoder bug must not stop the packet loop; it is counted and fuzzed
         return "internal_error"
+    return "fragment" if type(out) is _Later else out  # type: ignore[return-value]
 
 
-def _decode(buf: bytes | memoryview, start: int, end: int, link: int, vlan: int, wire_len: int) -> Decoded | str:
+class Fragments:
+    """Later IP fragments attributed to the session of their datagram's first fragment.
+
+    The first fragment carries the L4 header: its ports (and flags) are remembered under the
+    datagram's id — (VLAN, src, dst, IP protocol, IP identification; IPv6: the Fragment header's
+    identification and next header) — for ``timeout`` seconds of capture time, at most ``limit``
+    datagrams (the oldest is forgotten first: a datagram's fragments follow each other within
+    milliseconds, so a flood of first fragments costs old entries, not new ones). A later
+    fragment of a remembered datagram decodes as that session's packet, in its direction, with its
+    own IP length as bytes and no payload (its bytes are not the start of an L4 payload); of
+    any other datagram it stays ``"fragment"``. Like ``decode``, never raises.
+    """
+
+    __slots__ = ("limit", "timeout", "_seen", "counters")
+
+    def __init__(self, limit: int = FRAGMENT_MAX, timeout: float = FRAGMENT_TIMEOUT) -> None:
+        self.limit = max(0, limit)
+        self.timeout = timeout
+        self._seen: OrderedDict[FragKey, tuple[int, int, int, float]] = OrderedDict()  # -> sport, dport, flags, ts
+        self.counters: dict[str, int] = dict.fromkeys(FRAGMENT_COUNTERS, 0)
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def decode(self, buf: bytes | memoryview, start: int, end: int, link: int = LINK_ETHERNET, vlan: int = 0,
+               wire_len: int = 0, ts: float = 0.0) -> Decoded | str:
+        """``decode``, with later fragments of remembered datagrams attributed; ``ts`` is the
+        frame's capture time."""
+        try:
+            out = _decode(buf, start, end, link, vlan, wire_len or end - start)
+            if type(out) is _Later:
+                return self._later(out, ts)
+            if type(out) is Decoded and out.frag is not None:
+                self._first(out, ts)
+            return out  # type: ignore[return-value]
+        except Exception:  # as decode: a bug is counted and fuzzed, never raised
+            return "internal_error"
+
+    def _first(self, d: Decoded, ts: float) -> None:
+        seen = self._seen
+        key = d.frag
+        assert key is not None
+        if key in seen:
+            seen.move_to_end(key)
+        elif self.limit == 0:
+            return
+        else:
+            self._expire(ts)
+            if len(seen) >= self.limit:
+                seen.popitem(last=False)
+                self.counters["evicted_full"] += 1
+        seen[key] = (d.sport, d.dport, d.flags, ts)
+        self.counters["tracked"] += 1
+
+    def _expire(self, ts: float) -> None:
+        """Forget the oldest datagrams while they are older than the timeout (insertion order is
+        capture order, give or take the rings' interleaving: a few may stay a little longer,
+        never past the size bound)."""
+        seen = self._seen
+        while seen:
+            key, entry = next(iter(seen.items()))
+            if ts - entry[3] <= self.timeout:
+                break
+            del seen[key]
+            self.counters["expired"] += 1
+
+    def _later(self, f: _Later, ts: float) -> Decoded | str:
+        entry = self._seen.get(f.key)
+        if entry is None:
+            return "fragment"
+        sport, dport, flags, first_ts = entry
+        if abs(ts - first_ts) > self.timeout:
+            del self._seen[f.key]
+            self.counters["expired"] += 1
+            return "fragment"
+        self.counters["attributed"] += 1
+        vlan, src, dst, proto, _ = f.key
+        # Flags as the first fragment's (the same TCP segment or ICMP message: applying them
+        # again changes no state); no payload to inspect.
+        return Decoded(vlan, proto, src, dst, sport, dport, flags, f.ip_len, 0, 0)
+
+
+def _decode(buf: bytes | memoryview, start: int, end: int, link: int, vlan: int,
+            wire_len: int) -> Decoded | _Later | str:
     pos = start
     if link == LINK_ETHERNET:
         if end - pos < 14:
@@ -247,10 +365,10 @@ def _decode(buf: bytes | memoryview, start: int, end: int, link: int, vlan: int,
     return "not_ip"
 
 
-def _ipv4(buf: bytes | memoryview, pos: int, end: int, vlan: int, wire_ip: int) -> Decoded | str:
+def _ipv4(buf: bytes | memoryview, pos: int, end: int, vlan: int, wire_ip: int) -> Decoded | _Later | str:
     if end - pos < 20:
         return "truncated_ip"
-    vihl, ip_len, frag, proto, src, dst = _IP4.unpack_from(buf, pos)
+    vihl, ip_len, ident, frag, proto, src, dst = _IP4.unpack_from(buf, pos)
     if vihl >> 4 != 4:
         return "bad_ip_version"
     ihl = (vihl & 0x0F) * 4
@@ -261,13 +379,17 @@ def _ipv4(buf: bytes | memoryview, pos: int, end: int, vlan: int, wire_ip: int) 
     if ip_len < ihl:
         return "bad_ip_length"
     if frag & 0x1FFF:
-        return "fragment"  # later fragments have no L4 header; the first one carried the ports
+        # Later fragments have no L4 header; the first one carried the ports.
+        return _Later((vlan, src, dst, proto, ident), ip_len)
     if end - pos < ihl:
         return "truncated_ip"
-    return _l4(buf, pos + ihl, min(end, pos + ip_len), vlan, proto, src, dst, ip_len)
+    out = _l4(buf, pos + ihl, min(end, pos + ip_len), vlan, proto, src, dst, ip_len)
+    if frag & 0x2000 and type(out) is Decoded:  # more fragments follow: this is the first
+        out.frag = (vlan, src, dst, proto, ident)
+    return out
 
 
-def _ipv6(buf: bytes | memoryview, pos: int, end: int, vlan: int, wire_ip: int) -> Decoded | str:
+def _ipv6(buf: bytes | memoryview, pos: int, end: int, vlan: int, wire_ip: int) -> Decoded | _Later | str:
     if end - pos < 40:
         return "truncated_ip"
     ver, plen, nh, src, dst = _IP6.unpack_from(buf, pos)
@@ -276,6 +398,7 @@ def _ipv6(buf: bytes | memoryview, pos: int, end: int, vlan: int, wire_ip: int) 
     ip_len = 40 + plen if plen else max(wire_ip, 40)  # plen 0: jumbogram / BIG TCP
     stop = min(end, pos + ip_len)
     off = pos + 40
+    first: FragKey | None = None
     for _ in range(_MAX_IP6_EXT):
         if nh in _IP6_EXT_8:
             if stop - off < 2:
@@ -285,8 +408,11 @@ def _ipv6(buf: bytes | memoryview, pos: int, end: int, vlan: int, wire_ip: int) 
             if stop - off < 8:
                 return "truncated_ext"
             (fo,) = _U16.unpack_from(buf, off + 2)
+            (ident,) = _U32.unpack_from(buf, off + 4)
             if fo & 0xFFF8:
-                return "fragment"
+                return _Later((vlan, src, dst, buf[off], ident), ip_len)
+            if fo & 1:  # more fragments follow: this is the first
+                first = (vlan, src, dst, buf[off], ident)
             nh, ext = buf[off], 8
         elif nh == _IP6_AH:
             if stop - off < 2:
@@ -299,7 +425,10 @@ def _ipv6(buf: bytes | memoryview, pos: int, end: int, vlan: int, wire_ip: int) 
             return "bad_ip_length"
     else:
         return "truncated_ext"
-    return _l4(buf, off, stop, vlan, nh, src, dst, ip_len)
+    out = _l4(buf, off, stop, vlan, nh, src, dst, ip_len)
+    if first is not None and type(out) is Decoded:
+        out.frag = first
+    return out
 
 
 def _l4(buf: bytes | memoryview, off: int, stop: int, vlan: int, proto: int, src: bytes, dst: bytes,

@@ -260,7 +260,7 @@ class Worker:
             lost_reports=self.exporter.lost_reports, lost_sessions=self.exporter.lost_sessions,
             interfaces=sorted(self.rings), failed_interfaces=sorted(self.failed), blocks=self.blocks,
             sessions_created=h.created, sessions_expired=h.expired, sessions_closed=h.closed,
-            inspector_errors=h.inspector_errors,
+            inspector_errors=h.inspector_errors, fragments=h.fragments,
         )
 
     def report(self, start: float, final: bool = False) -> None:

@@ -44,7 +44,7 @@ from typing import Any, Protocol
 
 from flowmap_dp.decode import (
     L4_NAMES, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
-    Decoded, DecodeStats, flow_key, format_endpoint, split_key,
+    FRAGMENT_MAX, Decoded, DecodeStats, Fragments, flow_key, format_endpoint, split_key,
 )
 from flowmap_dp.detectors.base import Threat
 
@@ -217,6 +217,7 @@ class Health:
     closed: int  # sessions that left the table for any reason (incl. evicted and expired)
     inspector_errors: int
     unreported: int = 0  # sessions born and ended between two reports past ``max_pending``
+    fragments: dict[str, int] = field(default_factory=dict)  # fragment table events (decode.FRAGMENT_COUNTERS)
 
 
 @dataclass(slots=True)
@@ -231,7 +232,7 @@ class SessionTable:
 
     def __init__(self, max_sessions: int = 200_000, timeouts: Timeouts | None = Timeouts(),
                  inspector_factory: InspectorFactory | None = None, feed_limit: int = 32,
-                 max_pending: int | None = None) -> None:
+                 max_pending: int | None = None, max_fragments: int = FRAGMENT_MAX) -> None:
         self.max_sessions = max_sessions
         # Sessions born and ended within one report interval that the next report still
         # carries; beyond this (a SYN flood) they are only counted (``Health.unreported``).
@@ -239,6 +240,9 @@ class SessionTable:
         self.timeouts = timeouts
         self.feed_limit = feed_limit  # payload packets fed before giving up on an undecided app
         self.stats = DecodeStats()  # whoever decodes for this table counts here
+        # Whoever decodes for this table decodes through here: later IP fragments of a datagram
+        # whose first fragment was seen count toward its session.
+        self.fragments = Fragments(max_fragments)
         self.sessions: OrderedDict[bytes, Session] = OrderedDict()
         self._factory = inspector_factory
         self._dirty: dict[int, Session] = {}  # id -> session, in the order they changed
@@ -499,7 +503,7 @@ class SessionTable:
         st = self.stats
         return Health(st.total, st.decoded, dict(st.malformed), dict(st.ignored), len(self.sessions),
                       self.created, self.evicted, self.expired, self.closed, self.inspector_errors,
-                      self.unreported)
+                      self.unreported, dict(self.fragments.counters))
 
     def _delta(self, s: Session) -> SessionDelta:
         c, cp, sv, sp, vlan = s.endpoints()

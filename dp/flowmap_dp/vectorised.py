@@ -7,8 +7,9 @@ flow per block.
 3. Frames of the common shape — Ethernet, up to two VLAN tags, IPv4 unfragmented / IPv6 without
    extension headers, TCP or UDP with the whole L4 header captured — take the fast path.
    Everything else (ICMP, fragments, extension headers, PPPoE, raw IP from a tunnel without a
-   link header, malformed) is decoded one by one by ``decode``, the same code the per-packet
-   reader runs.
+   link header, malformed) is decoded one by one, in arrival order, by the table's
+   ``Fragments.decode``, the same code the per-packet reader runs (fragments never take the fast
+   path, so the fragment table sees the same frames in the same order in both readers).
 4. Fast frames are grouped by canonical flow: a stable sort on a hash, then exact comparison of
    every key column, so a hash collision can only split a group, never merge two flows.
 5. Groups are applied in order of their last packet (so the table's recency order ends as the
@@ -144,6 +145,12 @@ class _Block:
         return decode(self.mv, self.start.item(i), self.end.item(i), LINK_RAW if self.raw.item(i) else LINK_ETHERNET,
                       self.hint.item(i), self.wire.item(i))
 
+    def decode_slow(self, i: int) -> Decoded | str:
+        """``decode_one`` through the table's fragment tracking, as the per-packet reader decodes."""
+        return self.table.fragments.decode(
+            self.mv, self.start.item(i), self.end.item(i), LINK_RAW if self.raw.item(i) else LINK_ETHERNET,
+            self.hint.item(i), self.wire.item(i), self.ts.item(i))
+
     def ts_of(self, i: int) -> float:
         return self.ts.item(i)
 
@@ -159,7 +166,7 @@ class _Block:
         stats.decoded += len(fast)
         odd: dict[bytes, list[tuple[int, Decoded]]] = {}
         for i in slow.tolist():
-            out = self.decode_one(i)
+            out = self.decode_slow(i)
             stats.count(out)
             if type(out) is not str:
                 d: Decoded = out  # type: ignore[assignment]

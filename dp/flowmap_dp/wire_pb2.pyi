@@ -100,7 +100,7 @@ class ThreatHit(_message.Message):
     def __init__(self, threat: _Optional[str] = ..., ip_proto: _Optional[int] = ..., client_ip: _Optional[bytes] = ..., client_port: _Optional[int] = ..., server_ip: _Optional[bytes] = ..., server_port: _Optional[int] = ..., app: _Optional[str] = ..., snippet: _Optional[str] = ..., seen_ns: _Optional[int] = ..., where: _Optional[str] = ...) -> None: ...
 
 class Health(_message.Message):
-    __slots__ = ("packets", "decoded", "kernel_packets", "kernel_drops", "kernel_freezes", "malformed", "ignored", "table_size", "table_capacity", "evictions", "lost_reports", "lost_sessions", "interfaces", "failed_interfaces", "blocks", "sessions_created", "sessions_expired", "sessions_closed", "inspector_errors")
+    __slots__ = ("packets", "decoded", "kernel_packets", "kernel_drops", "kernel_freezes", "malformed", "ignored", "table_size", "table_capacity", "evictions", "lost_reports", "lost_sessions", "interfaces", "failed_interfaces", "blocks", "sessions_created", "sessions_expired", "sessions_closed", "inspector_errors", "fragments")
     class MalformedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +109,13 @@ class Health(_message.Message):
         value: int
         def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     class IgnoredEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class FragmentsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +141,7 @@ class Health(_message.Message):
     SESSIONS_EXPIRED_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_CLOSED_FIELD_NUMBER: _ClassVar[int]
     INSPECTOR_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    FRAGMENTS_FIELD_NUMBER: _ClassVar[int]
     packets: int
     decoded: int
     kernel_packets: int
@@ -153,7 +161,8 @@ class Health(_message.Message):
     sessions_expired: int
     sessions_closed: int
     inspector_errors: int
-    def __init__(self, packets: _Optional[int] = ..., decoded: _Optional[int] = ..., kernel_packets: _Optional[int] = ..., kernel_drops: _Optional[int] = ..., kernel_freezes: _Optional[int] = ..., malformed: _Optional[_Mapping[str, int]] = ..., ignored: _Optional[_Mapping[str, int]] = ..., table_size: _Optional[int] = ..., table_capacity: _Optional[int] = ..., evictions: _Optional[int] = ..., lost_reports: _Optional[int] = ..., lost_sessions: _Optional[int] = ..., interfaces: _Optional[_Iterable[str]] = ..., failed_interfaces: _Optional[_Iterable[str]] = ..., blocks: _Optional[int] = ..., sessions_created: _Optional[int] = ..., sessions_expired: _Optional[int] = ..., sessions_closed: _Optional[int] = ..., inspector_errors: _Optional[int] = ...) -> None: ...
+    fragments: _containers.ScalarMap[str, int]
+    def __init__(self, packets: _Optional[int] = ..., decoded: _Optional[int] = ..., kernel_packets: _Optional[int] = ..., kernel_drops: _Optional[int] = ..., kernel_freezes: _Optional[int] = ..., malformed: _Optional[_Mapping[str, int]] = ..., ignored: _Optional[_Mapping[str, int]] = ..., table_size: _Optional[int] = ..., table_capacity: _Optional[int] = ..., evictions: _Optional[int] = ..., lost_reports: _Optional[int] = ..., lost_sessions: _Optional[int] = ..., interfaces: _Optional[_Iterable[str]] = ..., failed_interfaces: _Optional[_Iterable[str]] = ..., blocks: _Optional[int] = ..., sessions_created: _Optional[int] = ..., sessions_expired: _Optional[int] = ..., sessions_closed: _Optional[int] = ..., inspector_errors: _Optional[int] = ..., fragments: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class Report(_message.Message):
     __slots__ = ("run_id", "worker", "workers", "sequence", "part", "parts", "start_ns", "end_ns", "sessions", "dns", "threats", "health")

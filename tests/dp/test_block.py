@@ -66,8 +66,9 @@ def odd_frames(rnd: random.Random, ts: float) -> list[Frame]:
     hbh = bytes([17, 0, 1, 4, 0, 0, 0, 0])  # hop-by-hop -> UDP
     v6a, v6b = b"\xfd" + bytes(14) + b"\x01", b"\xfd" + bytes(14) + b"\x02"
     ext = ipv6(v6a, v6b, 0, hbh + udp(1000, 53, b"q"))
-    frag1 = ipv4(A4, B4, 17, udp(5000, 53, b"z" * 20), frag=0x2000)
-    frag2 = ipv4(A4, B4, 17, b"tail", frag=0x0003)
+    frag1 = ipv4(A4, B4, 17, udp(5000, 53, b"z" * 20), ident=7, frag=0x2000)
+    frag2 = ipv4(A4, B4, 17, b"tail", ident=7, frag=0x0003)  # attributed to frag1's session
+    orphan = ipv4(A4, B4, 17, b"lost", ident=8, frag=0x0003)  # its first fragment never came
     opts = bytearray(ipv4(A4, B4, 6, tcp(40000, 80, 0x18, b"opt")))
     opts = bytearray([0x46]) + opts[1:20] + b"\x01\x01\x01\x00" + opts[20:]
     opts[2:4] = struct.pack("!H", len(opts))
@@ -77,6 +78,7 @@ def odd_frames(rnd: random.Random, ts: float) -> list[Frame]:
         (ether(ext), ts, None),
         (ether(frag1), ts, None),
         (ether(frag2), ts, None),
+        (ether(orphan), ts, None),
         (ether(bytes(opts)), ts, None),
         (whole[: rnd.randrange(0, len(whole))], ts, None),
         (bytes(rnd.randrange(256) for _ in range(rnd.randrange(0, 80))), ts, None),
@@ -154,6 +156,7 @@ def test_readers_agree_exactly(seed: int) -> None:
     assert (a.stats.total, a.stats.decoded, a.stats.malformed, a.stats.ignored) == \
         (b.stats.total, b.stats.decoded, b.stats.malformed, b.stats.ignored)
     assert a.stats.balanced() and sum(a.stats.malformed.values()) > 0 and a.stats.ignored["fragment"] > 0
+    assert a.fragments.counters == b.fragments.counters and a.fragments.counters["attributed"] > 0
     ra, rb = a.collect(1e12), b.collect(1e12)
     key = lambda d: (d.client, d.client_port, d.server, d.server_port, d.proto, d.vlan, d.first_seen)  # noqa: E731
     assert sorted(ra.sessions, key=key) == sorted(rb.sessions, key=key)

@@ -351,7 +351,8 @@ def test_the_overlay_is_dropped_before_the_direction_check() -> None:
     opts[20:24] = struct.pack("!HH", 8472, 8472)  # inside the options
     assert _run(prog, synth.ether(bytes(opts)), PACKET_HOST) == 200
     # A later fragment has no UDP header: its first bytes are payload, not ports (the decoder
-    # ignores fragments). Behind an IPv6 extension header, UDP is not looked for.
+    # attributes it only through its first fragment). Behind an IPv6 extension header, UDP is
+    # not looked for.
     assert _run(prog, four(m4, n4, 17, struct.pack("!HH", 8472, 8472) + b"\0" * 20, frag=0x0003), PACKET_HOST) == 200
     hbh = bytes([17, 0, 1, 4, 0, 0, 0, 0])
     assert _run(prog, six(m6, n6, 0, hbh + synth.udp(41234, 8472, vx)), PACKET_HOST) == 200

@@ -16,7 +16,7 @@ from flowmap_dp.vectorised import feed_block_vectorised
 
 LINKS = [0, 1, 101, 113, 228, 229, 276, 999]
 SEEDS = seed_frames(random.Random(3))
-TABLE = SessionTable(max_sessions=1000)  # real Inspector: detectors see the hostile payloads too
+TABLE = SessionTable(max_sessions=1000, max_fragments=16)  # real Inspector: detectors see the hostile payloads too
 
 
 def check(out: Decoded | str, size: int) -> None:
@@ -33,6 +33,10 @@ def check(out: Decoded | str, size: int) -> None:
 def test_random_bytes(raw: bytes, link: int, vlan: int) -> None:
     out = decode(raw, 0, len(raw), link, vlan)
     check(out, len(raw))
+    tracked = TABLE.fragments.decode(raw, 0, len(raw), link, vlan, 0, 1.0)
+    check(tracked, len(raw))
+    if isinstance(out, str) and out != "fragment":  # tracking changes only what a later fragment is
+        assert tracked == out
     if isinstance(out, Decoded):
         TABLE.packet(out, 1.0, raw)
 
@@ -46,7 +50,7 @@ def test_mutated_frames(seed: bytes, flips: list[tuple[int, int]], cut: int) -> 
         if at < len(raw):
             raw[at] = value
     data = bytes(raw[:cut])
-    out = decode(data, 0, len(data))
+    out = TABLE.fragments.decode(data, 0, len(data), ts=2.0)
     check(out, len(data))
     if isinstance(out, Decoded):
         TABLE.packet(out, 2.0, data)
@@ -56,9 +60,9 @@ def test_mutated_frames(seed: bytes, flips: list[tuple[int, int]], cut: int) -> 
 def test_bulk_fuzz_through_decode_sessions_inspector_and_both_readers() -> None:
     frames = fuzz_frames(20_000, seed=42)
     rnd = random.Random(42)
-    direct = SessionTable(max_sessions=2000)
+    direct = SessionTable(max_sessions=2000, max_fragments=64)  # small: the fragment bound is hit too
     for i, raw in enumerate(frames):
-        out = decode(raw, 0, len(raw), 1, 0, len(raw) + rnd.randrange(0, 3))
+        out = direct.fragments.decode(raw, 0, len(raw), 1, 0, len(raw) + rnd.randrange(0, 3), float(i))
         direct.stats.count(out)
         if isinstance(out, Decoded):
             direct.packet(out, float(i), raw)
@@ -73,7 +77,7 @@ def test_bulk_fuzz_through_decode_sessions_inspector_and_both_readers() -> None:
         block, n = pack_block(tagged, 1 << 15)
         blocks.append(block)
         tagged = tagged[n:]
-    a, b = SessionTable(), SessionTable()
+    a, b = SessionTable(max_fragments=64), SessionTable(max_fragments=64)
     for i, block in enumerate(blocks):
         feed_block(block, a)
         feed_block_vectorised(block, b)
@@ -86,3 +90,4 @@ def test_bulk_fuzz_through_decode_sessions_inspector_and_both_readers() -> None:
     assert a.stats.balanced() and b.stats.balanced() and a.stats.malformed == b.stats.malformed
     ra, rb = a.collect(1e9), b.collect(1e9)
     assert ra.health.malformed["internal_error"] == 0 and ra.health.decoded == rb.health.decoded
+    assert ra.health.fragments == rb.health.fragments and len(a.fragments) <= 64

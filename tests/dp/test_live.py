@@ -50,18 +50,24 @@ class Node:
     def nft(self, family: str, proto: str, client: str, cport: int, server: str, sport: int,
             hooks: tuple[str, ...] = ("forward",)) -> None:
         """Count the 5-tuple per direction at the node's forward hook (or ``hooks``: input and
-        output for the node's own sessions)."""
+        output for the node's own sessions). A later IP fragment carries no ports: those between
+        the two addresses are counted apart, per direction (``c2s_frag``, ``s2c_frag``)."""
         fam = "ip" if family == "ip" else "ip6"
+        later = "ip frag-off & 0x1fff != 0" if fam == "ip" else "frag frag-off != 0"
         chains = "".join(f"""
           chain fm{hook} {{
             type filter hook {hook} priority 0; policy accept;
             {fam} saddr {client} {fam} daddr {server} {proto} sport {cport} {proto} dport {sport} counter name c2s
             {fam} saddr {server} {fam} daddr {client} {proto} sport {sport} {proto} dport {cport} counter name s2c
+            {fam} saddr {client} {fam} daddr {server} {later} counter name c2s_frag
+            {fam} saddr {server} {fam} daddr {client} {later} counter name s2c_frag
           }}""" for hook in hooks)
         rules = f"""
         table inet fmtest {{
           counter c2s {{ packets 0 bytes 0 }}
-          counter s2c {{ packets 0 bytes 0 }}{chains}
+          counter s2c {{ packets 0 bytes 0 }}
+          counter c2s_frag {{ packets 0 bytes 0 }}
+          counter s2c_frag {{ packets 0 bytes 0 }}{chains}
         }}"""
         self.lab.exec(self.node, "nft", "-f", "-", input_text=rules)
 
@@ -266,20 +272,44 @@ def test_udp_exchange_counts_equal_the_kernel(node: Node, agent: Agent, start_dp
     with srv, cli:
         srv.settimeout(5)
         cli.settimeout(5)
-        for size in (1, 100, 1000, 1400, 7000):
+        for size in SIZES:
             cli.sendto(b"u" * size, (server, 5353))
             data, peer = srv.recvfrom(65536)
             srv.sendto(data[: size // 3], peer)
             cli.recv(65536)
-    c2s, s2c = node.counters()["c2s"], node.counters()["s2c"]
+    n = node.counters()
     key = (17, _ip(client), 41001, _ip(server), 5353)
-    want = (c2s[0], c2s[1], s2c[0], s2c[1])
+    # The 4000- and 7000-byte datagrams (and the 2333-byte answer) are fragmented on the 1500-byte
+    # veths: the session counts every fragment, the later ones attributed through their first.
+    want = (n["c2s"][0] + n["c2s_frag"][0], n["c2s"][1] + n["c2s_frag"][1],
+            n["s2c"][0] + n["s2c_frag"][0], n["s2c"][1] + n["s2c_frag"][1])
     agent.wait(lambda: agent.totals(key) == want)
     assert agent.totals(key) == want
-    # The 7000-byte datagram is fragmented. Like the kernel's port-matching rule, the session
-    # counts its first fragment; the others carry no ports and are counted as ignored fragments.
-    assert want[0] == want[2] == 5
-    assert agent.wait(lambda: agent.health().ignored["fragment"] >= 4)
+    v6 = family == socket.AF_INET6
+    on_wire = [_on_wire(size, v6) for size in SIZES], [_on_wire(size // 3, v6) for size in SIZES]
+    assert want == (sum(p for p, _ in on_wire[0]), sum(b for _, b in on_wire[0]),
+                    sum(p for p, _ in on_wire[1]), sum(b for _, b in on_wire[1]))
+    assert n["c2s"][0] == n["s2c"][0] == len(SIZES) and n["c2s_frag"][0] == 2 + 4 and n["s2c_frag"][0] == 1
+    assert agent.health().ignored["fragment"] == 0
+    # The fragment table's events, as exported: 3 fragmented datagrams, 7 later fragments.
+    frags = {"tracked": 3, "attributed": 7, "evicted_full": 0, "expired": 0}
+    assert agent.wait(lambda: dict(agent.health().fragments) == frags), agent.health().fragments
+
+
+SIZES = (1, 100, 1000, 1400, 4000, 7000)
+
+
+def _on_wire(size: int, v6: bool, mtu: int = 1500) -> tuple[int, int]:
+    """(packets, IP bytes) of a UDP datagram of ``size`` payload bytes as the kernel sends it on
+    a ``mtu`` link: fragments of (mtu - headers) rounded down to 8 bytes, each with its own IP
+    header (IPv6: 40 bytes + an 8-byte Fragment header)."""
+    l4, hdr = size + 8, 40 if v6 else 20
+    if hdr + l4 <= mtu:
+        return 1, hdr + l4
+    frag_hdr = hdr + (8 if v6 else 0)
+    per = (mtu - frag_hdr) & ~7
+    count = -(-l4 // per)
+    return count, l4 + count * frag_hdr
 
 
 def test_attach_and_detach_at_run_time(node: Node, agent: Agent, start_dp: Callable[..., object]) -> None:
