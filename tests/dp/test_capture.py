@@ -376,6 +376,9 @@ def _vxlan_pair(lab: Lab, a: str, b: str, va: str, vb: str, port: int = 8472) ->
         lab.exec(ns, "ip", "link", "add", name, "type", "vxlan", "id", "1", "local", local, "remote", remote,
                  "dstport", str(port), "dev", dev)
         lab.exec(ns, "ip", "addr", "add", inner, "dev", name)
+        # IPv4 only inside: the tunnel's own IPv6 (DAD, MLD, router solicitations, at moments of
+        # the kernel's choosing) would add encapsulated frames to those the tests count.
+        lab.exec(ns, "sysctl", "-qw", f"net.ipv6.conf.{name}.disable_ipv6=1")
         lab.exec(ns, "ip", "link", "set", name, "up")
         names.append(name)
     return names[0], names[1]
