@@ -493,12 +493,12 @@ class Agent:
         told: plumbing.Plan | None = None
         while not self.stop.is_set():
             self.last_tick = time.monotonic()
-            pod_ips = list(pods.by_ip)
+            # Until the node's pods are read, a plan knows none of their veths: told to the dp, it
+            # would stop capturing them (a restarted agent's dp captures on as it was told). Whether
+            # they were read is taken with the pods the plan is made of: they may arrive meanwhile.
+            synced, pod_ips = pods.synced.is_set(), list(pods.by_ip)
             view = await asyncio.to_thread(node_links.read, wanted.missing(pod_ips), self.last_tick)
             wanted = plumbing.plan(view.links, view.addresses, view.peers, pod_ips, node_ips, uplinks)
-            # Until the node's pods are read, a plan knows none of their veths: told to the dp, it
-            # would stop capturing them (a restarted agent's dp captures on as it was told).
-            synced = pods.synced.is_set()
             if synced and (told is None or (wanted.interfaces, wanted.own, wanted.underlay, wanted.overlay) != (
                     told.interfaces, told.own, told.underlay, told.overlay)):
                 self.tell(dp, wanted, told)
