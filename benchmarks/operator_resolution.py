@@ -33,22 +33,9 @@ if str(REPO) not in sys.path:
 from flowmap_api import report_pb2 as pb  # noqa: E402
 from flowmap_operator.resolution import Resolver  # noqa: E402
 from flowmap_operator.topology import Topology  # noqa: E402
+from tests.operator.test_bounds import linear, networks  # noqa: E402
 
 POD = "10.244.1.10"
-
-
-def networks(count: int, rng: random.Random) -> list[str]:
-    seen: set[str] = set()
-    while len(seen) < count:
-        if rng.random() < 0.1:
-            seen.add(str(ipaddress.ip_network(f"2001:db8:{rng.randrange(65536):x}:{rng.randrange(65536):x}::/"
-                                              f"{rng.choice((48, 56, 64))}", strict=False)))
-        else:
-            bits = rng.choice((8, 12, 16, 20, 22, 24, 24, 24, 26, 28, 32))
-            seen.add(str(ipaddress.ip_network(f"{ipaddress.IPv4Address(rng.randrange(2**32))}/{bits}", strict=False)))
-    nets = sorted(seen)
-    rng.shuffle(nets)
-    return nets
 
 
 def cluster(groups: dict[str, list[str]], now: float) -> Resolver:
@@ -66,17 +53,6 @@ def cluster(groups: dict[str, list[str]], now: float) -> Resolver:
     return r
 
 
-def scan(groups: dict[str, list[ipaddress.IPv4Network | ipaddress.IPv6Network]], ip: str) -> str:
-    """The operator's lookup before the table: every CIDR of every group."""
-    addr = ipaddress.ip_address(ip)
-    best: tuple[int, str] | None = None
-    for name, nets in groups.items():
-        for net in nets:
-            if addr.version == net.version and addr in net and (best is None or net.prefixlen > best[0]):
-                best = (net.prefixlen, name)
-    return best[1] if best else "external"
-
-
 def addresses(count: int, rng: random.Random) -> list[str]:
     return [str(ipaddress.IPv4Address(rng.randrange(2**32))) if rng.random() < 0.9 else
             str(ipaddress.IPv6Address((0x20010db8 << 96) | rng.randrange(2**96))) for _ in range(count)]
@@ -92,7 +68,7 @@ def lookups(args: argparse.Namespace) -> None:
     parsed = {name: [ipaddress.ip_network(c) for c in cidrs] for name, cidrs in groups.items()}
     sample = addresses(args.scan_sample, rng)
     started = time.perf_counter()
-    expected = [scan(parsed, ip) for ip in sample]
+    expected = [linear(parsed, ip) or "external" for ip in sample]
     scan_rate = len(sample) / (time.perf_counter() - started)
     print(f"reference, the scan of every CIDR: {scan_rate:,.1f} lookups/s ({len(sample)} addresses)")
 

@@ -91,11 +91,11 @@ def test_the_table_finds_what_the_scan_of_every_cidr_finds(groups: dict[str, lis
         assert table.lookup(ipaddress.ip_address(ip)) == linear(groups, ip), ip
 
 
-def hundred_thousand_cidrs(rng: random.Random) -> dict[str, list[str]]:
-    """100,000 distinct networks in Groups of 64 (the schema's most): a cloud's address ranges and
-    more, nested /8s to /32s, a tenth IPv6."""
+def networks(count: int, rng: random.Random) -> list[str]:
+    """``count`` distinct networks in random order: a cloud's address ranges and more, nested /8s
+    to /32s, a tenth IPv6 (benchmarks/operator_resolution.py uses them too)."""
     seen: set[str] = set()
-    while len(seen) < 100_000:
+    while len(seen) < count:
         if rng.random() < 0.1:
             seen.add(str(ipaddress.ip_network(f"2001:db8:{rng.randrange(65536):x}:{rng.randrange(65536):x}::/"
                                               f"{rng.choice((48, 56, 64))}", strict=False)))
@@ -104,6 +104,12 @@ def hundred_thousand_cidrs(rng: random.Random) -> dict[str, list[str]]:
             seen.add(str(ipaddress.ip_network(f"{ipaddress.IPv4Address(rng.randrange(2**32))}/{bits}", strict=False)))
     nets = sorted(seen)
     rng.shuffle(nets)
+    return nets
+
+
+def hundred_thousand_cidrs(rng: random.Random) -> dict[str, list[str]]:
+    """100,000 distinct networks in Groups of 64 (the schema's most)."""
+    nets = networks(100_000, rng)
     return {f"ranges-{g}": nets[i:i + 64] for g, i in enumerate(range(0, len(nets), 64))}
 
 
