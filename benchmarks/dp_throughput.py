@@ -33,33 +33,31 @@ from dp_lab import Link, build_c_reader, cpu_seconds, mixed_config, netns, requi
 from flowmap_agent.listening import ReportReader  # noqa: E402
 from flowmap_dp import wire_pb2  # noqa: E402
 from flowmap_dp.capture import Direction, Ring, RingConfig, fanout_group  # noqa: E402
-from flowmap_dp.running import make_parser  # noqa: E402
-from flowmap_dp.session import SessionTable  # noqa: E402
+from flowmap_dp.running import BlockParser, LiveTable, make_table  # noqa: E402
 
 BLOCK, BLOCKS, SNAP = 1 << 22, 64, 256
 RING = RingConfig(block_size=BLOCK, block_count=BLOCKS, snaplen=SNAP, direction=Direction.BOTH)
 _NUM = struct.Struct("=I")
 
 
-def drain_ring(ring: Ring, table: SessionTable, parser: str) -> tuple[int, float, float, int]:
+def drain_ring(ring: Ring, table: LiveTable, parse: BlockParser) -> tuple[int, float, float, int]:
     """Drain every ready block through the dp's block reader: (packets, cpu s, wall s, sessions)."""
-    parse = make_parser(table, parser)
     n = 0
     c0, w0 = time.process_time(), time.perf_counter()
     for block in ring.blocks():
         n += _NUM.unpack_from(block, 12)[0]
         parse(block)
-    return n, time.process_time() - c0, time.perf_counter() - w0, len(table)
+    return n, time.process_time() - c0, time.perf_counter() - w0, table.health().sessions
 
 
 def _dp_child(cap_ns: str, group: int | None, parser: str, rounds: int, conn: Connection) -> None:
     with netns(cap_ns):
         ring = Ring("c0", RING, fanout=group)
-    table = SessionTable(max_sessions=1_000_000)  # kept across rounds: round 2 is the steady state
+    table, parse = make_table(parser, 1_000_000)  # kept across rounds: round 2 is the steady state
     conn.send("ready")
     for _ in range(rounds):
         conn.recv()
-        conn.send(drain_ring(ring, table, parser))
+        conn.send(drain_ring(ring, table, parse))
     ring.close()
 
 
@@ -126,8 +124,8 @@ def drain(link: Link, exe: Path, packets: int) -> None:
           f"snaplen {SNAP}")
     print(f"{'reader':28} {'procs':>5} {'packets':>9} {'cpu s':>7} {'wall s':>7} {'Mpps/cpu-s':>11} {'Mpps wall':>10}")
     rows: dict[tuple[str, int], tuple[int, float, float]] = {}
-    for name, procs in (("C reference", 1), ("dp vectorised", 1), ("dp per-packet", 1),
-                        ("C reference", 2), ("dp vectorised", 2)):
+    for name, procs in (("C reference", 1), ("dp compiled", 1), ("dp per-packet", 1),
+                        ("C reference", 2), ("dp compiled", 2)):
         if name.startswith("C"):
             results = {name: c_drain(link, exe, config, packets, procs)}
         else:
@@ -140,12 +138,12 @@ def drain(link: Link, exe: Path, packets: int) -> None:
                   f"{pk / wall / 1e6:>10.2f}")
     per_cpu = {k: v[0] / v[1] for k, v in rows.items()}
     c_ref = per_cpu[("C reference", 1)]
-    for label in ("dp vectorised, steady", "dp vectorised, new flows", "dp per-packet, steady",
+    for label in ("dp compiled, steady", "dp compiled, new flows", "dp per-packet, steady",
                   "dp per-packet, new flows"):
         print(f"ratio {label} / C reader (per CPU-second): {per_cpu[(label, 1)] / c_ref:.4f}")
-    print(f"vectorised / per-packet, steady: "
-          f"{per_cpu[('dp vectorised, steady', 1)] / per_cpu[('dp per-packet, steady', 1)]:.2f}x")
-    for label in ("dp vectorised, steady", "C reference"):
+    print(f"compiled / per-packet, steady: "
+          f"{per_cpu[('dp compiled, steady', 1)] / per_cpu[('dp per-packet, steady', 1)]:.2f}x")
+    for label in ("dp compiled, steady", "C reference"):
         one, two = rows[(label, 1)], rows[(label, 2)]
         print(f"fanout scaling, {label}, 2 processes vs 1 (wall-clock pps): {(two[0] / two[2]) / (one[0] / one[2]):.2f}x"
               f"  (pps per CPU-second, 2 vs 1: {per_cpu[(label, 2)] / per_cpu[(label, 1)]:.2f}x)")

@@ -92,8 +92,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-sessions", type=int, default=200_000, help="session table bound per worker")
     p.add_argument("--queue", type=int, default=32,
                    help="reports waiting for the agent (while it restarts, say) before they are dropped")
-    p.add_argument("--parser", choices=("vectorised", "per-packet"), default="vectorised",
-                   help="block reader: numpy over whole blocks (default) or the per-packet reference")
+    p.add_argument("--parser", choices=("compiled", "per-packet"), default="compiled",
+                   help="block reader and session table: compiled (default) or the Python reference")
 
 
 def run_command(args: argparse.Namespace) -> int:

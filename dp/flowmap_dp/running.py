@@ -38,13 +38,14 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 from flowmap_dp import wire_pb2
 from flowmap_dp.capture import MAX_OVERLAY, Encapsulation, Ring, RingConfig, fanout_group, open_socket
 from flowmap_dp.exporting import Exporter
 from flowmap_dp.reporting import iter_reports
-from flowmap_dp.session import SessionTable
+from flowmap_dp.compiled import CompiledTable
+from flowmap_dp.session import Health, Report, SessionTable
 
 BlockParser = Callable[[memoryview], None]
 BLOCKS_PER_TURN = 4
@@ -63,7 +64,7 @@ class Settings:
     queue_size: int = 8
     queue_sessions: int = 200_000  # session records waiting for the writer, all reports together
     part_size: int = 20_000  # session records per frame: keeps frames far below MAX_FRAME
-    parser: str = "vectorised"  # or "per-packet"
+    parser: str = "compiled"  # or "per-packet" (the reference)
     run_id: int = 0  # 0: pick a random one
 
 
@@ -113,18 +114,39 @@ class Capture:
                    tuple(Encapsulation(*e) for e in msg["overlay"]))
 
 
-def make_parser(table: SessionTable, kind: str = "vectorised") -> BlockParser:
-    """The core's block reader bound to ``table``: ``vectorised`` (numpy, per-block flow
-    grouping) or ``per-packet`` (the reference walk)."""
+class LiveTable(Protocol):
+    """What the loop needs of a session table (``SessionTable``, ``CompiledTable``)."""
+
+    max_sessions: int
+
+    def collect(self, now: float, hold: float = 0.0) -> Report: ...
+
+    def close_all(self, reason: str = "end") -> None: ...
+
+    def health(self) -> Health: ...
+
+    def count_parser_error(self) -> None: ...
+
+
+PARSERS = ("compiled", "per-packet")
+
+
+def make_table(kind: str, max_sessions: int) -> tuple[LiveTable, BlockParser]:
+    """A session table and its block reader: ``compiled`` (the Rust walk, decoder and table) or
+    ``per-packet`` (the Python reference it is tested against)."""
     if kind == "per-packet":
-        from flowmap_dp.block import feed_block as feed
-    else:
-        from flowmap_dp.vectorised import feed_block_vectorised as feed
+        from flowmap_dp.block import feed_block
 
-    def parse(block: memoryview) -> None:
-        feed(block, table)
+        table = SessionTable(max_sessions=max_sessions)
 
-    return parse
+        def parse(block: memoryview) -> None:
+            feed_block(block, table)
+
+        return table, parse
+    if kind != "compiled":
+        raise ValueError(f"unknown parser {kind!r}: one of {', '.join(PARSERS)}")
+    compiled = CompiledTable(max_sessions=max_sessions)
+    return compiled, compiled.feed_block
 
 
 def _send(chan: socket.socket, msg: dict[str, Any], fds: Sequence[int] = ()) -> None:
@@ -134,13 +156,11 @@ def _send(chan: socket.socket, msg: dict[str, Any], fds: Sequence[int] = ()) -> 
 class Worker:
     """One packet loop: its rings, its table, its exporter."""
 
-    def __init__(self, settings: Settings, worker: int = 0, channel: socket.socket | None = None, *,
-                 parser_factory: Callable[[SessionTable, str], BlockParser] = make_parser) -> None:
+    def __init__(self, settings: Settings, worker: int = 0, channel: socket.socket | None = None) -> None:
         self.settings = settings
         self.worker = worker
         self.channel = channel  # to the supervisor (N > 1): it opens our rings
-        self.table = SessionTable(max_sessions=settings.max_sessions)
-        self.parse = parser_factory(self.table, settings.parser)
+        self.table, self.parse = make_table(settings.parser, settings.max_sessions)
         self.exporter = Exporter(settings.socket_path, queue_size=settings.queue_size,
                                  queue_sessions=settings.queue_sessions)
         self.rings: dict[str, Ring] = {}
@@ -240,7 +260,7 @@ class Worker:
             try:
                 self.parse(block)
             except Exception:  # a parser bug must not stop capture; counted, block given back
-                self.table.stats.malformed["internal_error"] += 1
+                self.table.count_parser_error()
             finally:
                 block.release()
                 ring.release_block()

@@ -62,6 +62,7 @@ SERVICE_PORTS = frozenset({
 # UDP services: a first packet *from* one of these to another port is a reply seen first.
 UDP_SERVICES = frozenset({53, 67, 69, 123, 137, 161, 162, 389, 500, 514, 547, 1812, 1813, 4789, 5353, 8472})
 TFTP_PORT = 69
+DNS_APP = "dns"
 DNS_NEW_LOOKUP = 1.0  # seconds of silence after which a DNS session's next query is inspected anew
 TFTP_REMEMBERED = 1024  # recent TFTP requesters kept to orient their data sessions
 # Below 1024 but used by clients: DHCP and DHCPv6 clients are not servers.
@@ -227,6 +228,80 @@ class Report:
     health: Health
 
 
+class Inspected(Protocol):
+    """What the slow path keeps of one session (a ``Session``; ``compiled``'s per-handle record)."""
+
+    insp: InspectorLike | None | bool  # None: no payload yet; an inspector while deciding; False once decided
+    feeds: int
+    app: str
+    metadata: Mapping[str, Any]
+    threats: tuple[Threat, ...]
+    app_new: bool  # the app was matched or settled since the session's previous report
+
+
+class Detection:
+    """The slow path's rules, for every table: feed a session's payload to its inspector until
+    it is done (or ``feed_limit`` packets), judge a server's lone words, settle. A detector bug
+    never stops the packet loop: it is counted in ``errors`` and the session stops asking."""
+
+    def __init__(self, factory: InspectorFactory | None, feed_limit: int) -> None:
+        self.factory = factory
+        self.feed_limit = feed_limit
+        self.errors = 0
+
+    def inspect(self, s: Inspected, tcp: bool, client_port: int, server_port: int, from_client: bool,
+                payload: bytes) -> None:
+        insp = s.insp
+        try:
+            if insp is None:
+                if self.factory is None:
+                    self.factory = _default_inspector()
+                insp = s.insp = self.factory("tcp" if tcp else "udp", client_port, server_port)
+            assert insp is not None and insp is not True and insp is not False
+            s.feeds += 1
+            if insp.feed(from_client, payload) or s.feeds >= self.feed_limit:
+                self.settle(s, finish=s.feeds >= self.feed_limit)
+            elif insp.app != s.app:
+                # A detector matched and the inspector lingers for metadata and threats, which
+                # may take until the session ends: the name is final, so report it now.
+                s.app = insp.app
+                s.app_new = True
+        except Exception:  # a detector bug must not stop the packet loop: count it, stop asking
+            self.errors += 1
+            s.insp = False
+            s.app_new = True
+
+    def judge_server_alone(self, s: Inspected, insp: InspectorLike) -> None:
+        """A session whose server spoke and whose client did not, in time for its client's packets
+        to have come from any ring: its words are judged alone (a DNAT'd DNS answer names its
+        addresses in this report, not when the session expires)."""
+        try:
+            if insp.judge_server_alone():
+                self.settle(s, finish=False)
+            elif insp.app != s.app:
+                s.app = insp.app
+                s.app_new = True
+        except Exception:
+            self.errors += 1
+            s.insp = False
+            s.app_new = True
+
+    def settle(self, s: Inspected, finish: bool) -> None:
+        insp = s.insp
+        s.insp = False
+        if insp is None or insp is False or insp is True:
+            return
+        try:
+            if finish:
+                insp.finish()
+            s.app = insp.app or "unknown"
+            s.metadata = dict(insp.metadata) if insp.metadata else _NO_METADATA
+            s.threats = tuple(insp.threats)
+        except Exception:
+            self.errors += 1
+        s.app_new = True
+
+
 class SessionTable:
     """Bounded session table in least-recently-seen order (the front is evicted first)."""
 
@@ -238,21 +313,24 @@ class SessionTable:
         # carries; beyond this (a SYN flood) they are only counted (``Health.unreported``).
         self.max_pending = max_sessions if max_pending is None else max_pending
         self.timeouts = timeouts
-        self.feed_limit = feed_limit  # payload packets fed before giving up on an undecided app
         self.stats = DecodeStats()  # whoever decodes for this table counts here
         # Whoever decodes for this table decodes through here: later IP fragments of a datagram
         # whose first fragment was seen count toward its session.
         self.fragments = Fragments(max_fragments)
         self.sessions: OrderedDict[bytes, Session] = OrderedDict()
-        self._factory = inspector_factory
+        self.detection = Detection(inspector_factory, feed_limit)
         self._dirty: dict[int, Session] = {}  # id -> session, in the order they changed
         self._pending_ended = 0
         self._tftp_clients: OrderedDict[tuple[bytes, int], None] = OrderedDict()
-        self.created = self.evicted = self.expired = self.closed = self.inspector_errors = 0
+        self.created = self.evicted = self.expired = self.closed = 0
         self.unreported = 0
 
     def __len__(self) -> int:
         return len(self.sessions)
+
+    @property
+    def inspector_errors(self) -> int:
+        return self.detection.errors
 
     # -- hot path ------------------------------------------------------------------------------
 
@@ -268,7 +346,7 @@ class SessionTable:
                 self._end(s, "reused")  # a new connection on the same 5-tuple after a full close
                 s = self._create(key, fwd, d, ts)
         from_client = fwd == s.a_is_client
-        if (s.insp is False and s.app == "dns" and ts - s.last > DNS_NEW_LOOKUP
+        if (s.insp is False and s.app == DNS_APP and ts - s.last > DNS_NEW_LOOKUP
                 and d.payload_end > d.payload_start):
             # A DNS 5-tuple used again after a pause (a resolver's port, picked again) carries a
             # new lookup: a session of its own, inspected too, or the names its answers give are
@@ -294,7 +372,9 @@ class SessionTable:
         if d.proto == PROTO_TCP:
             self._tcp(s, d.flags, from_client)
         if s.insp is not False and d.payload_end > d.payload_start:
-            self._inspect(s, from_client, bytes(buf[d.payload_start:d.payload_end]))
+            _, client_port, _, server_port, _ = s.endpoints()
+            self.detection.inspect(s, s.proto == PROTO_TCP, client_port, server_port, from_client,
+                                   bytes(buf[d.payload_start:d.payload_end]))
         if not s.dirty:
             s.dirty = True
             self._dirty[id(s)] = s
@@ -367,67 +447,13 @@ class SessionTable:
             else:
                 s.state = OPEN  # the handshake's last ACK (or a lost SYN-ACK): data can flow
 
-    # -- slow path -----------------------------------------------------------------------------
-
-    def _inspect(self, s: Session, from_client: bool, payload: bytes) -> None:
-        insp = s.insp
-        try:
-            if insp is None:
-                if self._factory is None:
-                    self._factory = _default_inspector()
-                _, client_port, _, server_port, _ = s.endpoints()
-                insp = s.insp = self._factory("tcp" if s.proto == PROTO_TCP else "udp", client_port, server_port)
-            assert insp is not None and insp is not True and insp is not False
-            s.feeds += 1
-            if insp.feed(from_client, payload) or s.feeds >= self.feed_limit:
-                self._settle(s, finish=s.feeds >= self.feed_limit)
-            elif insp.app != s.app:
-                # A detector matched and the inspector lingers for metadata and threats, which
-                # may take until the session ends: the name is final, so report it now.
-                s.app = insp.app
-                s.app_new = True
-        except Exception:  # a detector bug must not stop the packet loop: count it, stop asking
-            self.inspector_errors += 1
-            s.insp = False
-            s.app_new = True
-
-    def _judge_server_alone(self, s: Session, insp: InspectorLike) -> None:
-        """A session whose server spoke and whose client did not, in time for its client's packets
-        to have come from any ring: its words are judged alone (a DNAT'd DNS answer names its
-        addresses in this report, not when the session expires)."""
-        try:
-            if insp.judge_server_alone():
-                self._settle(s, finish=False)
-            elif insp.app != s.app:
-                s.app = insp.app
-                s.app_new = True
-        except Exception:
-            self.inspector_errors += 1
-            s.insp = False
-            s.app_new = True
-
-    def _settle(self, s: Session, finish: bool) -> None:
-        insp = s.insp
-        s.insp = False
-        if insp is None or insp is False or insp is True:
-            return
-        try:
-            if finish:
-                insp.finish()
-            s.app = insp.app or "unknown"
-            s.metadata = dict(insp.metadata) if insp.metadata else _NO_METADATA
-            s.threats = tuple(insp.threats)
-        except Exception:
-            self.inspector_errors += 1
-        s.app_new = True
-
     # -- ends ----------------------------------------------------------------------------------
 
     def _end(self, s: Session, reason: str, in_table: bool = True) -> None:
         if in_table:
             del self.sessions[s.key]
         if s.insp is not False:
-            self._settle(s, finish=True)
+            self.detection.settle(s, finish=True)
         s.end_reason = reason
         self.closed += 1
         if s.new and self._pending_ended >= self.max_pending:
@@ -491,18 +517,22 @@ class SessionTable:
         for s in list(self._dirty.values()):
             insp = s.insp
             if insp is not None and insp is not False and insp is not True and s.first <= recent:
-                self._judge_server_alone(s, insp)
+                self.detection.judge_server_alone(s, insp)
         held = {k: s for k, s in self._dirty.items() if s.new and s.first > recent} if hold else {}
         deltas = [self._delta(s) for k, s in self._dirty.items() if k not in held]
         self._dirty = held
         self._pending_ended = sum(1 for s in held.values() if s.end_reason)
         return Report(now, deltas, self.health())
 
+    def count_parser_error(self) -> None:
+        """A block whose parsing raised (a bug): counted as ``internal_error``."""
+        self.stats.malformed["internal_error"] += 1
+
     def health(self) -> Health:
         """Cumulative counters (decoder and table)."""
         st = self.stats
         return Health(st.total, st.decoded, dict(st.malformed), dict(st.ignored), len(self.sessions),
-                      self.created, self.evicted, self.expired, self.closed, self.inspector_errors,
+                      self.created, self.evicted, self.expired, self.closed, self.detection.errors,
                       self.unreported, dict(self.fragments.counters))
 
     def _delta(self, s: Session) -> SessionDelta:

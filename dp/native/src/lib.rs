@@ -1,8 +1,10 @@
-//! flowmap's compiled per-packet path (see dp/flowmap_dp/compiled.py).
-use pyo3::prelude::*;
+//! flowmap's compiled per-packet path: the TPACKET_V3 block walk (`block`), the decoder and the
+//! fragment table (`decode`), the session table (`table`). The Python face is `python`; the
+//! reference it is held to is the Python of `flowmap_dp.block`, `decode` and `session`.
 
-#[pymodule]
-fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add("VERSION", env!("CARGO_PKG_VERSION"))?;
-    Ok(())
-}
+pub mod block;
+pub mod decode;
+pub mod table;
+
+#[cfg(feature = "python")]
+mod python;
