@@ -63,7 +63,7 @@ impl Table {
     #[pyo3(signature = (max_sessions, max_pending, feed_limit, max_fragments, fragment_timeout, timeouts,
                         service_ports, udp_services, tftp_port, tftp_remembered, new_lookup_after))]
     #[allow(clippy::too_many_arguments)]
-    fn new(max_sessions: usize, max_pending: usize, feed_limit: u16, max_fragments: usize, fragment_timeout: f64,
+    fn new(max_sessions: usize, max_pending: usize, feed_limit: u8, max_fragments: usize, fragment_timeout: f64,
            timeouts: Option<[f64; 7]>, service_ports: &[u8], udp_services: &[u8], tftp_port: u16,
            tftp_remembered: usize, new_lookup_after: f64) -> PyResult<Self> {
         if max_sessions == 0 {

@@ -40,6 +40,7 @@ const INSP_LIVE: u8 = 1; // payload handed off; the detectors have not said they
 const INSP_DONE: u8 = 2; // decided (or never inspected: not TCP/UDP)
 
 const NIL: u32 = u32::MAX;
+const RESERVED: usize = 1 << 20;
 
 /// The canonical bidirectional key (`decode.flow_key`): the smaller endpoint first.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
@@ -76,36 +77,42 @@ pub fn flow_key(d: &Decoded) -> (Key, bool) {
     (Key { proto: d.proto, v6: d.v6, vlan: d.vlan, a, ap, b, bp }, fwd)
 }
 
+/// One session: 128 bytes, two cache lines (the first holds what every packet touches).
+/// Counters are by role (c2s = client to server) and since the previous report: totals are
+/// never reported, so none are kept.
 #[derive(Clone, Default)]
+#[repr(C, align(64))]
 pub struct Session {
-    pub key: Key,
-    gen: u32,
     prev: u32,
     next: u32,
-    batch: u32, // the event batch its last hand-off went into
+    batch: u16, // the event batch its last hand-off went into (wrapping: a match is only a pause)
+    handoffs: u8,
+    pub new: bool,
     pub a_is_client: bool,
     pub state: u8,
     fins: u8,
-    pub in_table: bool,
-    pub used: bool,
     insp: u8,
     dns: bool, // decided as an app whose 5-tuple may carry a new exchange after a pause
-    inspected: bool, // some payload was ever handed off (Python keeps a record for it)
     pub dirty: bool,
-    pub new: bool,
     pub opening_seen: bool,
     pub opened: bool,
-    pub end_reason: u8,
-    handoffs: u16,
-    pub first: f64,
     pub last: f64,
-    reply_at: f64,
     pub pkts_c2s: u64,
     pub pkts_s2c: u64,
     pub bytes_c2s: u64,
     pub bytes_s2c: u64,
-    rep: [u64; 4],
+    // -- the second line: what lookups, ends and reports need
+    pub first: f64,
+    reply_at: f64,
+    pub key: Key,
+    gen: u32,
+    pub in_table: bool,
+    pub used: bool,
+    inspected: bool, // some payload was ever handed off (Python keeps a record for it)
+    pub end_reason: u8,
 }
+
+const _: () = assert!(std::mem::size_of::<Session>() == 128);
 
 impl Session {
     /// (client addr, client port, server addr, server port).
@@ -124,12 +131,7 @@ impl Session {
 
     /// Counters since the previous report: packets c2s, s2c, bytes c2s, s2c.
     pub fn deltas(&self) -> [u64; 4] {
-        [
-            self.pkts_c2s - self.rep[0],
-            self.pkts_s2c - self.rep[1],
-            self.bytes_c2s - self.rep[2],
-            self.bytes_s2c - self.rep[3],
-        ]
+        [self.pkts_c2s, self.pkts_s2c, self.bytes_c2s, self.bytes_s2c]
     }
 }
 
@@ -149,7 +151,7 @@ pub struct Timeouts(pub [f64; 7]);
 pub struct Config {
     pub max_sessions: usize,
     pub max_pending: usize,
-    pub feed_limit: u16,
+    pub feed_limit: u8,
     pub timeouts: Option<Timeouts>,
     pub service: Vec<bool>,     // 65,536: `session.is_service_port`
     pub udp_service: Vec<bool>, // 65,536: `session.UDP_SERVICES`
@@ -185,16 +187,19 @@ pub struct Table {
     pub counters: Counters,
     pub events: Vec<Event>,
     pub arena: Vec<u8>,
-    pub batch: u32,
+    pub batch: u16,
 }
 
 impl Table {
     pub fn new(cfg: Config, fragments: Fragments) -> Self {
+        // Room for a full table up front (up to a million sessions: an offline table may be
+        // bounded far higher), so filling it never rehashes or moves the slots: address space
+        // is reserved, pages are touched as sessions arrive.
+        let room = cfg.max_sessions.min(RESERVED);
         Table {
-            cfg,
-            slots: Vec::new(),
+            slots: Vec::with_capacity(room + cfg.max_pending.min(RESERVED)),
             free: Vec::new(),
-            index: HashMap::with_hasher(RandomState::new()),
+            index: HashMap::with_capacity_and_hasher(room, RandomState::new()),
             head: NIL,
             tail: NIL,
             dirty: Vec::new(),
@@ -206,6 +211,7 @@ impl Table {
             events: Vec::new(),
             arena: Vec::new(),
             batch: 1,
+            cfg,
         }
     }
 
@@ -585,7 +591,7 @@ impl Table {
                 continue;
             }
             out(i, s);
-            s.rep = [s.pkts_c2s, s.pkts_s2c, s.bytes_c2s, s.bytes_s2c];
+            (s.pkts_c2s, s.pkts_s2c, s.bytes_c2s, s.bytes_s2c) = (0, 0, 0, 0);
             s.dirty = false;
             s.new = false;
             s.opened = false;
