@@ -12,6 +12,7 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 
 use ahash::RandomState;
+use hashbrown::HashTable;
 
 use crate::decode::{Addr, Decoded, Fragments, Reason, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, REASONS};
 
@@ -176,7 +177,8 @@ pub struct Table {
     cfg: Config,
     slots: Vec<Session>,
     free: Vec<u32>,
-    index: HashMap<Key, u32, RandomState>,
+    index: HashTable<u32>, // slots, by the keyed hash of their key (4 bytes a session: cache-resident)
+    hasher: RandomState,
     head: u32,
     tail: u32,
     dirty: Vec<(u32, u32)>, // (slot, gen) in the order they changed
@@ -199,7 +201,8 @@ impl Table {
         Table {
             slots: Vec::with_capacity(room + cfg.max_pending.min(RESERVED)),
             free: Vec::new(),
-            index: HashMap::with_capacity_and_hasher(room, RandomState::new()),
+            index: HashTable::with_capacity(room),
+            hasher: RandomState::new(),
             head: NIL,
             tail: NIL,
             dirty: Vec::new(),
@@ -217,6 +220,27 @@ impl Table {
 
     pub fn len(&self) -> usize {
         self.index.len()
+    }
+
+    fn hash(&self, key: &Key) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    fn find(&self, hash: u64, key: &Key) -> Option<u32> {
+        let slots = &self.slots;
+        self.index.find(hash, |&i| slots[i as usize].key == *key).copied()
+    }
+
+    fn index_insert(&mut self, hash: u64, i: u32) {
+        let (slots, hasher) = (&self.slots, &self.hasher);
+        self.index.insert_unique(hash, i, |&j| hasher.hash_one(&slots[j as usize].key));
+    }
+
+    fn index_remove(&mut self, i: u32) {
+        let hash = self.hash(&self.slots[i as usize].key);
+        if let Ok(entry) = self.index.find_entry(hash, |&j| j == i) {
+            entry.remove();
+        }
     }
 
     pub fn max_sessions(&self) -> usize {
@@ -289,8 +313,9 @@ impl Table {
     /// the untaken events: the caller takes them, lets the detectors answer, and tries again.
     pub fn packet(&mut self, d: &Decoded, ts: f64, buf: &[u8]) -> bool {
         let (key, fwd) = flow_key(d);
-        let i = match self.index.get(&key).copied() {
-            None => self.create(key, fwd, d, ts),
+        let hash = self.hash(&key);
+        let i = match self.find(hash, &key) {
+            None => self.create(key, hash, fwd, d, ts),
             Some(i) => {
                 let s = &self.slots[i as usize];
                 let reused = s.state == CLOSED && d.proto == PROTO_TCP && d.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
@@ -302,7 +327,7 @@ impl Table {
                 self.touch(i);
                 if reused {
                     self.end(i, REUSED, true); // a new connection on the same 5-tuple after a full close
-                    self.create(key, fwd, d, ts)
+                    self.create(key, hash, fwd, d, ts)
                 } else {
                     i
                 }
@@ -367,7 +392,7 @@ impl Table {
         true
     }
 
-    fn create(&mut self, key: Key, fwd: bool, d: &Decoded, ts: f64) -> u32 {
+    fn create(&mut self, key: Key, hash: u64, fwd: bool, d: &Decoded, ts: f64) -> u32 {
         if self.index.len() >= self.cfg.max_sessions && self.head != NIL {
             let oldest = self.head;
             self.counters.evicted += 1;
@@ -422,7 +447,7 @@ impl Table {
                 s.reply_at = ts;
             }
         }
-        self.index.insert(key, i);
+        self.index_insert(hash, i);
         self.push_back(i);
         self.counters.created += 1;
         i
@@ -485,8 +510,7 @@ impl Table {
 
     fn end(&mut self, i: u32, reason: u8, in_table: bool) {
         if in_table {
-            let key = self.slots[i as usize].key;
-            self.index.remove(&key);
+            self.index_remove(i);
             self.unlink(i);
         }
         let max_pending = self.cfg.max_pending;
