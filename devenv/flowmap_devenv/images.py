@@ -22,11 +22,11 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from flowmap_devenv import binaries
+from flowmap_devenv import binaries, dockerignore
 from flowmap_devenv.binaries import MissingTool
 
 Log = Callable[[str], None]
@@ -36,9 +36,6 @@ MIRROR = os.environ.get("FLOWMAP_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 BASE_PACKAGES = ("python3", "python3-venv", "python3-pip", "python-is-python3", "ca-certificates")
 SHOP_PACKAGES = ("redis-server", "postgresql", "python3-grpcio", "procps")
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
-# What the Dockerfile's build context holds (.dockerignore): a change here is a new flowmap image.
-CONTEXT = ("pyproject.toml", "README.md", "LICENSE", "Dockerfile", ".dockerignore", "api", "cli", "devenv", "dp",
-           "node-agent", "operator")
 
 NAMES = {
     "base": f"localhost/flowmap-base:{SUITE}",
@@ -111,8 +108,9 @@ class Builder:
 
     def flowmap(self, base: Built) -> Built:
         """The repository's Dockerfile, as users build it, with the local base."""
-        files = sorted(f for entry in CONTEXT for f in _files(REPO / entry))
-        key = _digest(base.archive.name, *(f"{f.relative_to(REPO)}:{_file_digest(f)}" for f in files))
+        # What the build context holds (.dockerignore), and the two files Docker reads besides.
+        files = sorted({"Dockerfile", ".dockerignore", *dockerignore.context(REPO)})
+        key = _digest(base.archive.name, *(f"{f}:{_file_digest(REPO / f)}" for f in files))
         built = self._cached("flowmap", key)
         if built:
             return built
@@ -186,16 +184,6 @@ class Builder:
 def _apt(*packages: str) -> str:
     return ("RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "
             f"{' '.join(packages)} && rm -rf /var/lib/apt/lists/*\n")
-
-
-def _files(path: Path) -> Iterable[Path]:
-    if path.is_file():
-        yield path
-        return
-    for p in path.rglob("*"):
-        if p.is_file() and "__pycache__" not in p.parts and not any(x.endswith(".egg-info") for x in p.parts) \
-                and p.suffix != ".pyc":
-            yield p
 
 
 def _file_digest(path: Path) -> str:
