@@ -1,6 +1,7 @@
 """The images a local cluster runs, all built on this machine (no registry is needed or used).
 
-* ``base``: Debian made with ``debootstrap --variant=minbase``, with Python: it stands in for the
+* ``base``: Debian made with ``debootstrap --variant=minbase``, with Python and the official
+  images' apt sources (bookworm, bookworm-updates, bookworm-security): it stands in for the
   Dockerfile's ``BASE`` (python:3.11-slim) and is the base of the others;
 * ``flowmap``: the repository's own Dockerfile, unmodified, built with ``--build-arg BASE``;
 * ``pause``: the sandbox image, Kubernetes' own ``build/pause/linux/pause.c`` linked statically;
@@ -33,6 +34,21 @@ Log = Callable[[str], None]
 REPO = Path(__file__).resolve().parents[2]
 SUITE = "bookworm"
 MIRROR = os.environ.get("FLOWMAP_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+# The apt sources of Debian's official images, python:3.11-slim's among them (debootstrap writes
+# only the release itself; FLOWMAP_DEBIAN_MIRROR replaces the first, as for debootstrap): the
+# Dockerfile's build stage takes its Rust from bookworm-security.
+SOURCES = f"""Types: deb
+URIs: {MIRROR}
+Suites: {SUITE} {SUITE}-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: http://deb.debian.org/debian-security
+Suites: {SUITE}-security
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+"""
 BASE_PACKAGES = ("python3", "python3-venv", "python3-pip", "python-is-python3", "ca-certificates")
 SHOP_PACKAGES = ("redis-server", "postgresql", "python3-grpcio", "procps")
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
@@ -86,7 +102,7 @@ class Builder:
         }
 
     def base(self) -> Built:
-        key = _digest(SUITE, MIRROR, *BASE_PACKAGES)
+        key = _digest(SUITE, MIRROR, *BASE_PACKAGES, SOURCES)
         built = self._cached("base", key)
         if built:
             return built
@@ -95,6 +111,8 @@ class Builder:
             root = Path(tmp) / "root"
             _run(["debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}", SUITE, str(root),
                   MIRROR])
+            (root / "etc/apt/sources.list").unlink(missing_ok=True)
+            (root / "etc/apt/sources.list.d/debian.sources").write_text(SOURCES)
             for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
                 for p in (root / junk).glob("*"):
                     if p.is_file():
