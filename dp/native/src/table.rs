@@ -97,6 +97,7 @@ pub struct Session {
     pub dirty: bool,
     pub opening_seen: bool,
     pub opened: bool,
+    pub app: u8, // the detectors' last word, by the Python side's code (0: unknown)
     pub last: f64,
     pub pkts_c2s: u64,
     pub pkts_s2c: u64,
@@ -140,7 +141,7 @@ impl Session {
 pub enum Event {
     /// A payload packet of an undecided session (`fresh`: the first since it began or since a
     /// DNS 5-tuple's new lookup); its bytes are `arena[start..start + len]`.
-    Feed { handle: u64, fresh: bool, tcp: bool, client_port: u16, server_port: u16, from_client: bool, start: usize, len: usize },
+    Feed { handle: u64, fresh: bool, tcp: bool, client_port: u16, server_port: u16, from_client: bool, app: u8, start: usize, len: usize },
     /// A session that had payload handed off ended (`dropped`: it will never be reported).
     End { handle: u64, dropped: bool },
 }
@@ -384,6 +385,7 @@ impl Table {
                 client_port: cp,
                 server_port: sp,
                 from_client,
+                app: s.app,
                 start,
                 len: payload.len(),
             });
@@ -487,16 +489,39 @@ impl Table {
 
     // -- the detectors' answers ----------------------------------------------------------------
 
-    /// The detectors are done with the session `handle` (`dns`: it was decided as an app whose
-    /// 5-tuple may carry a new exchange after a pause). A handle that is gone is ignored.
-    pub fn set_inspection(&mut self, handle: u64, dns: bool) {
-        let (i, gen) = ((handle & 0xFFFF_FFFF) as usize, (handle >> 32) as u32);
-        if let Some(s) = self.slots.get_mut(i) {
+    /// The detectors are done with the session `handle`: `app` is their word (`dns`: an app whose
+    /// 5-tuple may carry a new exchange after a pause; `dirty`: the next report carries it). A
+    /// handle that is gone is ignored.
+    pub fn set_inspection(&mut self, handle: u64, app: u8, dns: bool, dirty: bool) {
+        let (i, gen) = ((handle & 0xFFFF_FFFF) as u32, (handle >> 32) as u32);
+        if let Some(s) = self.slots.get_mut(i as usize) {
             if s.used && s.gen == gen {
                 s.insp = INSP_DONE;
+                s.app = app;
                 s.dns = dns;
+                if dirty {
+                    self.mark_dirty(i);
+                }
             }
         }
+    }
+
+    /// Sessions in the table, least recently seen first, whose payload went to the detectors,
+    /// undecided, and that were last seen at or before `before` (`SessionTable.settle_idle`).
+    pub fn idle_inspecting(&self, before: f64) -> Vec<u64> {
+        let mut out = Vec::new();
+        let mut i = self.head;
+        while i != NIL {
+            let s = &self.slots[i as usize];
+            if s.last > before {
+                break;
+            }
+            if s.insp == INSP_LIVE {
+                out.push(s.handle(i));
+            }
+            i = s.next;
+        }
+        out
     }
 
     /// Starts a new batch of events: the previous one was taken.
