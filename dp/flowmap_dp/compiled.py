@@ -10,8 +10,9 @@ What is not per packet stays here, in Python: application detection. The compile
 each undecided session's payload packets over as *events* (and tells when such a session
 ends); after each block they are fed, in order, to the same ``Detection`` the reference table
 uses, and the table is told which sessions are decided. A decision can change how a later
-packet is counted only in one case (a DNS 5-tuple's new lookup after a pause): the compiled
-walk stops there, the events are answered, and it goes on, so both tables agree exactly.
+packet is counted only in one case (a 5-tuple's new exchange after a pause: a DNS resolver's
+port picked again): the compiled walk stops there, the events are answered, and it goes on, so
+both tables agree exactly.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from typing import Any
 from flowmap_dp import _native
 from flowmap_dp.decode import FRAGMENT_COUNTERS, FRAGMENT_MAX, FRAGMENT_TIMEOUT, IGNORED, L4_NAMES, MALFORMED
 from flowmap_dp.detectors.base import Threat
+from flowmap_dp.detectors import NAMES
 from flowmap_dp.session import (
-    _NO_METADATA, DNS_APP, DNS_NEW_LOOKUP, INSPECTOR_IDLE, STATE_NAMES, TFTP_PORT, TFTP_REMEMBERED, UDP_SERVICES, Detection, Health,
-    InspectorFactory, InspectorLike, Report, SessionDelta, Timeouts, is_service_port,
+    _NO_METADATA, HANDOFF_PORTS, HANDOFF_REMEMBERED, INSPECTOR_IDLE, NEW_EXCHANGE_AFTER, STATE_NAMES, UDP_SERVICES,
+    Detection, Health, InspectorFactory, InspectorLike, Report, SessionDelta, Timeouts, is_service_port,
 )
 
 FRAMES_PER_ANSWER = 1024  # capture-file frames fed between two answers to the events
@@ -32,6 +34,7 @@ FRAMES_PER_ANSWER = 1024  # capture-file frames fed between two answers to the e
 _PORTS = range(65536)
 _SERVICE = bytes(is_service_port(p) for p in _PORTS)
 _UDP_SERVICES = bytes(p in UDP_SERVICES for p in _PORTS)
+_HANDOFF_PORTS = bytes(p in HANDOFF_PORTS for p in _PORTS)
 
 
 class _Record:
@@ -62,12 +65,13 @@ class CompiledTable:
         self.detection = Detection(inspector_factory, feed_limit)
         limits = None if timeouts is None else (timeouts.tcp_open, timeouts.tcp_half_open, timeouts.tcp_closing,
                                                 timeouts.tcp_closed, timeouts.udp, timeouts.icmp, timeouts.other)
+        self._apps = ["unknown", *NAMES]  # app names by the code the compiled table keeps
+        self._codes = {app: code for code, app in enumerate(self._apps)}
+        exchange = [(self._codes[app], seconds) for app, seconds in NEW_EXCHANGE_AFTER.items()]
         self._t = _native.Table(max_sessions, max_sessions if max_pending is None else max_pending, feed_limit,
-                                max(0, max_fragments), FRAGMENT_TIMEOUT, limits, _SERVICE, _UDP_SERVICES, TFTP_PORT,
-                                TFTP_REMEMBERED, DNS_NEW_LOOKUP)
+                                max(0, max_fragments), FRAGMENT_TIMEOUT, limits, _SERVICE, _UDP_SERVICES,
+                                _HANDOFF_PORTS, HANDOFF_REMEMBERED, exchange)
         self._records: dict[int, _Record] = {}
-        self._apps = ["unknown"]  # app names by the code the compiled table keeps
-        self._codes = {"unknown": 0}
         self._frames = 0
         self.parser_errors = 0  # blocks whose parsing raised (counted as ``internal_error``)
 
@@ -99,7 +103,8 @@ class CompiledTable:
         self._answer()
 
     def _code(self, app: str) -> int:
-        """The code of an app name (detector names: a few dozen; never more than a byte holds)."""
+        """The code of an app name: the registry's from the start, others (a test's inspector)
+        as they come, never more than a byte holds."""
         code = self._codes.get(app)
         if code is None:
             if len(self._apps) > 255:
@@ -110,7 +115,7 @@ class CompiledTable:
 
     def _decided(self, handle: int, r: _Record, dirty: bool = False) -> None:
         """Tell the compiled table the detectors are done with ``handle``."""
-        self._t.set_inspection(handle, self._code(r.app), r.app == DNS_APP, dirty)
+        self._t.set_inspection(handle, self._code(r.app), dirty)
 
     def _answer(self) -> None:
         """Feed the handed-over payloads to the detectors, in order; tell the table who is done."""
@@ -129,8 +134,8 @@ class CompiledTable:
             r = records.get(handle)
             if r is None:
                 r = records[handle] = _Record()
-                r.app = self._apps[app]  # a DNS 5-tuple's new lookup: the old app until it settles
-            elif fresh:  # the same, its previous lookup not reported yet
+                r.app = self._apps[app]  # a 5-tuple's new exchange: the old app until it settles
+            elif fresh:  # the same, its previous exchange not reported yet
                 r.insp, r.feeds = None, 0
             if r.insp is False:
                 continue  # decided earlier in this batch

@@ -46,31 +46,37 @@ from flowmap_dp.decode import (
     L4_NAMES, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
     FRAGMENT_MAX, Decoded, DecodeStats, Fragments, flow_key, format_endpoint, split_key,
 )
+from flowmap_dp.detection import Inspector
+from flowmap_dp.detectors import REGISTRY
 from flowmap_dp.detectors.base import Threat
 
 # TCP states; every non-TCP session is OPEN.
 SYN_SENT, SYN_RECV, OPEN, CLOSING, CLOSED = range(5)
 STATE_NAMES = ("syn_sent", "syn_recv", "open", "closing", "closed")
 
-# Server ports at or above 1024 that a session picked up mid-stream should still treat as the
-# server side (databases, brokers, the 21 detectors' usual ports, common HTTP alternates).
-SERVICE_PORTS = frozenset({
-    1433, 1521, 1883, 2181, 2379, 2380, 3000, 3306, 4222, 5000, 5432, 5672, 5984, 6379, 6443, 7000,
-    7001, 7077, 8000, 8080, 8081, 8091, 8443, 8888, 9000, 9042, 9090, 9092, 9093, 9200, 9300,
-    10250, 11211, 15672, 27017, 50051,
+# Where a session picked up mid-stream (or a UDP reply seen first) has its server: a port below
+# 1024, or one of these, is a server's. Every port a detector hints at, and services no detector
+# names (MQTT, etcd, NATS, AMQP, CouchDB, Elasticsearch, RabbitMQ's console, common app ports).
+SERVICE_PORTS = frozenset({p for d in REGISTRY for p in d.ports} | {
+    1883, 2379, 2380, 3000, 4222, 5000, 5672, 5984, 8081, 9000, 9200, 9300, 15672,
 })
-# UDP services: a first packet *from* one of these to another port is a reply seen first.
-UDP_SERVICES = frozenset({53, 67, 69, 123, 137, 161, 162, 389, 500, 514, 547, 1812, 1813, 4789, 5353, 8472})
-TFTP_PORT = 69
+# UDP services: a first packet *from* one of these to another port is a reply seen first. The
+# UDP detectors' ports, and SNMP, LDAP, IKE, syslog, RADIUS, mDNS, NetBIOS, VXLAN.
+UDP_SERVICES = frozenset({p for d in REGISTRY if "udp" in d.l4 for p in d.ports} | {
+    137, 161, 162, 389, 500, 514, 547, 1812, 1813, 4789, 5353, 8472,
+})
+# Below 1024 but used by clients: DHCP and DHCPv6 clients are not servers.
+CLIENT_PORTS = frozenset({68, 546})
+# Ports whose server answers from a new port (TFTP): the requester leads the session that follows.
+HANDOFF_PORTS = frozenset(p for d in REGISTRY if d.answers_from_new_port for p in d.ports)
+HANDOFF_REMEMBERED = 1024  # recent requesters on those ports kept to orient their answers' sessions
+# Apps whose 5-tuple, used again after this many seconds of silence, carries a new exchange.
+NEW_EXCHANGE_AFTER: Mapping[str, float] = MappingProxyType(
+    {d.name: d.new_exchange_after for d in REGISTRY if d.new_exchange_after is not None})
 # An inspector whose session carried nothing for this long is settled at the next report: a
 # matched one stops lingering for later packets (an idle keep-alive connection reports its
 # metadata now, not when it ends, and holds no buffered payload meanwhile).
 INSPECTOR_IDLE = 2.0
-DNS_APP = "dns"
-DNS_NEW_LOOKUP = 1.0  # seconds of silence after which a DNS session's next query is inspected anew
-TFTP_REMEMBERED = 1024  # recent TFTP requesters kept to orient their data sessions
-# Below 1024 but used by clients: DHCP and DHCPv6 clients are not servers.
-CLIENT_PORTS = frozenset({68, 546})
 
 _NO_METADATA: Mapping[str, Any] = MappingProxyType({})
 _ICMP_REPLIES = frozenset({0, 129})  # echo reply: the receiver asked, so it is the client
@@ -102,12 +108,6 @@ class InspectorLike(Protocol):
 
 
 InspectorFactory = Callable[[str, int, int], InspectorLike]
-
-
-def _default_inspector() -> InspectorFactory:
-    from flowmap_dp.detection import Inspector  # imported late: detectors load only when used
-
-    return Inspector
 
 
 def is_service_port(port: int) -> bool:
@@ -249,7 +249,7 @@ class Detection:
     never stops the packet loop: it is counted in ``errors`` and the session stops asking."""
 
     def __init__(self, factory: InspectorFactory | None, feed_limit: int) -> None:
-        self.factory = factory
+        self.factory: InspectorFactory = Inspector if factory is None else factory
         self.feed_limit = feed_limit
         self.errors = 0
 
@@ -258,8 +258,6 @@ class Detection:
         insp = s.insp
         try:
             if insp is None:
-                if self.factory is None:
-                    self.factory = _default_inspector()
                 insp = s.insp = self.factory("tcp" if tcp else "udp", client_port, server_port)
             assert insp is not None and insp is not True and insp is not False
             s.feeds += 1
@@ -325,7 +323,7 @@ class SessionTable:
         self.detection = Detection(inspector_factory, feed_limit)
         self._dirty: dict[int, Session] = {}  # id -> session, in the order they changed
         self._pending_ended = 0
-        self._tftp_clients: OrderedDict[tuple[bytes, int], None] = OrderedDict()
+        self._requesters: OrderedDict[tuple[bytes, int], None] = OrderedDict()
         self.created = self.evicted = self.expired = self.closed = 0
         self.unreported = 0
 
@@ -350,11 +348,11 @@ class SessionTable:
                 self._end(s, "reused")  # a new connection on the same 5-tuple after a full close
                 s = self._create(key, fwd, d, ts)
         from_client = fwd == s.a_is_client
-        if (s.insp is False and s.app == DNS_APP and ts - s.last > DNS_NEW_LOOKUP
+        if (s.insp is False and s.app in NEW_EXCHANGE_AFTER and ts - s.last > NEW_EXCHANGE_AFTER[s.app]
                 and d.payload_end > d.payload_start):
-            # A DNS 5-tuple used again after a pause (a resolver's port, picked again) carries a
-            # new lookup: a session of its own, inspected too, or the names its answers give are
-            # lost. Its query opens it, even when read after the answer (another ring).
+            # A 5-tuple used again after a pause (DNS: a resolver's port, picked again) carries a
+            # new exchange: a session of its own, inspected too, or the names its answers give are
+            # lost. Its request opens it, even when read after the answer (another ring).
             s.insp, s.feeds = None, 0
             if from_client:
                 s.opened = True
@@ -421,18 +419,18 @@ class SessionTable:
         return s
 
     def _udp_expected(self, d: Decoded, src_client: bool) -> bool:
-        """TFTP moves off port 69 at once: the server answers from a new port to the client's
-        port, so the data session's first packet comes from the server. Remember who asked on
-        69 (bounded) and let that endpoint be the client of the session that follows."""
-        tftp = self._tftp_clients
-        if d.dport == TFTP_PORT:
-            tftp[(d.src, d.sport)] = None
-            if len(tftp) > TFTP_REMEMBERED:
-                tftp.popitem(last=False)
-        elif tftp and d.sport != TFTP_PORT:
-            if (d.dst, d.dport) in tftp:
+        """A server that answers from a new port (TFTP) sends the first packet of the session that
+        follows, to the requester's port. Remember who asked on such a port (bounded) and let
+        that endpoint be the client of the session that follows."""
+        asked = self._requesters
+        if d.dport in HANDOFF_PORTS:
+            asked[(d.src, d.sport)] = None
+            if len(asked) > HANDOFF_REMEMBERED:
+                asked.popitem(last=False)
+        elif asked and d.sport not in HANDOFF_PORTS:
+            if (d.dst, d.dport) in asked:
                 return False
-            if (d.src, d.sport) in tftp:
+            if (d.src, d.sport) in asked:
                 return True
         return src_client
 

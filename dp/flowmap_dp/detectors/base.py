@@ -83,3 +83,9 @@ class Detector:
     # Asked once when the session ends while the detector still says MORE: for protocols that
     # only the session's whole shape confirms (echo: everything sent came back, nothing else).
     conclude: Callable[[Flow], Verdict] | None = None
+    # Seconds of silence after which the protocol's 5-tuple, used again, carries a new exchange
+    # to inspect anew (DNS: a resolver picks the same source port again for another lookup).
+    new_exchange_after: float | None = None
+    # The server answers from a new port of its own (TFTP), so the session that carries the
+    # answer starts with the server's packet: its requester is remembered as that one's client.
+    answers_from_new_port: bool = False

@@ -180,4 +180,5 @@ DETECTOR = Detector(
     extract=extract,
     linger=12,
     settled=settled,
+    new_exchange_after=1.0,
 )

@@ -90,6 +90,7 @@ DETECTOR = Detector(
     name="tftp",
     l4=frozenset({"udp"}),
     ports=frozenset({69}),
+    answers_from_new_port=True,
     max_packets=4,
     detect=detect,
     extract=extract,

@@ -60,14 +60,20 @@ impl Table {
 #[pymethods]
 impl Table {
     #[new]
+    /// Ports come as 65,536 bytes each (non-zero: in the set); `new_exchange_after` by app code
+    /// (the caller's codes; 256 at most, absent ones never).
     #[pyo3(signature = (max_sessions, max_pending, feed_limit, max_fragments, fragment_timeout, timeouts,
-                        service_ports, udp_services, tftp_port, tftp_remembered, new_lookup_after))]
+                        service_ports, udp_services, handoff_ports, handoff_remembered, new_exchange_after))]
     #[allow(clippy::too_many_arguments)]
     fn new(max_sessions: usize, max_pending: usize, feed_limit: u8, max_fragments: usize, fragment_timeout: f64,
-           timeouts: Option<[f64; 7]>, service_ports: &[u8], udp_services: &[u8], tftp_port: u16,
-           tftp_remembered: usize, new_lookup_after: f64) -> PyResult<Self> {
+           timeouts: Option<[f64; 7]>, service_ports: &[u8], udp_services: &[u8], handoff_ports: &[u8],
+           handoff_remembered: usize, new_exchange_after: Vec<(u8, f64)>) -> PyResult<Self> {
         if max_sessions == 0 {
             return Err(PyValueError::new_err("max_sessions must be at least 1"));
+        }
+        let mut exchange = [f64::INFINITY; 256];
+        for (code, seconds) in new_exchange_after {
+            exchange[code as usize] = seconds;
         }
         let cfg = Config {
             max_sessions,
@@ -76,9 +82,9 @@ impl Table {
             timeouts: timeouts.map(Timeouts),
             service: flags(service_ports, "service_ports")?,
             udp_service: flags(udp_services, "udp_services")?,
-            tftp_port,
-            tftp_remembered,
-            new_lookup_after,
+            handoff: flags(handoff_ports, "handoff_ports")?,
+            handoff_remembered,
+            new_exchange_after: exchange,
         };
         Ok(Table { inner: table::Table::new(cfg, Fragments::new(max_fragments, fragment_timeout)), resume: None, held: None })
     }
@@ -160,11 +166,11 @@ impl Table {
         Ok(out)
     }
 
-    /// The detectors are done with `handle`: `app` is their word, by the caller's code; `dns`: the
-    /// app starts a new exchange after a pause; `dirty`: the next report carries the session.
-    #[pyo3(signature = (handle, app, dns, dirty = false))]
-    fn set_inspection(&mut self, handle: u64, app: u8, dns: bool, dirty: bool) {
-        self.inner.set_inspection(handle, app, dns, dirty);
+    /// The detectors are done with `handle`: `app` is their word, by the caller's code; `dirty`:
+    /// the next report carries the session.
+    #[pyo3(signature = (handle, app, dirty = false))]
+    fn set_inspection(&mut self, handle: u64, app: u8, dirty: bool) {
+        self.inner.set_inspection(handle, app, dirty);
     }
 
     /// Handles of the sessions seen last at or before `before` whose detection is still running,

@@ -93,7 +93,6 @@ pub struct Session {
     pub state: u8,
     fins: u8,
     insp: u8,
-    dns: bool, // decided as an app whose 5-tuple may carry a new exchange after a pause
     pub dirty: bool,
     pub opening_seen: bool,
     pub opened: bool,
@@ -157,9 +156,11 @@ pub struct Config {
     pub timeouts: Option<Timeouts>,
     pub service: Vec<bool>,     // 65,536: `session.is_service_port`
     pub udp_service: Vec<bool>, // 65,536: `session.UDP_SERVICES`
-    pub tftp_port: u16,
-    pub tftp_remembered: usize,
-    pub new_lookup_after: f64, // `session.DNS_NEW_LOOKUP`
+    pub handoff: Vec<bool>,     // 65,536: `session.HANDOFF_PORTS`
+    pub handoff_remembered: usize,
+    /// By app code: seconds of silence after which a decided session's 5-tuple carries a new
+    /// exchange (`session.NEW_EXCHANGE_AFTER`; infinite: never). Set as codes are handed out.
+    pub new_exchange_after: [f64; 256],
 }
 
 #[derive(Default, Clone, Copy)]
@@ -184,8 +185,9 @@ pub struct Table {
     tail: u32,
     dirty: Vec<(u32, u32)>, // (slot, gen) in the order they changed
     pending_ended: usize,
-    tftp: HashMap<(bool, Addr, u16), (), RandomState>,
-    tftp_order: VecDeque<(bool, Addr, u16)>,
+    asked: HashMap<(bool, Addr, u16), (), RandomState>, // requesters on a handoff port
+    asked_order: VecDeque<(bool, Addr, u16)>,
+    soonest_exchange: f64, // the smallest of `new_exchange_after`
     pub fragments: Fragments,
     pub counters: Counters,
     pub events: Vec<Event>,
@@ -208,8 +210,9 @@ impl Table {
             tail: NIL,
             dirty: Vec::new(),
             pending_ended: 0,
-            tftp: HashMap::with_hasher(RandomState::new()),
-            tftp_order: VecDeque::new(),
+            asked: HashMap::with_hasher(RandomState::new()),
+            asked_order: VecDeque::new(),
+            soonest_exchange: cfg.new_exchange_after.iter().copied().fold(f64::INFINITY, f64::min),
             fragments,
             counters: Counters::default(),
             events: Vec::new(),
@@ -321,7 +324,7 @@ impl Table {
                 let s = &self.slots[i as usize];
                 let reused = s.state == CLOSED && d.proto == PROTO_TCP && d.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
                 if !reused && s.insp == INSP_LIVE && s.batch == self.batch && d.has_payload()
-                    && ts - s.last > self.cfg.new_lookup_after
+                    && ts - s.last > self.soonest_exchange
                 {
                     return false;
                 }
@@ -334,11 +337,10 @@ impl Table {
                 }
             }
         };
-        let new_lookup_after = self.cfg.new_lookup_after;
         let s = &mut self.slots[i as usize];
         let from_client = fwd == s.a_is_client;
-        if s.insp == INSP_DONE && s.dns && ts - s.last > new_lookup_after && d.has_payload() {
-            // A DNS 5-tuple used again after a pause carries a new lookup (session.py says why).
+        if s.insp == INSP_DONE && ts - s.last > self.cfg.new_exchange_after[s.app as usize] && d.has_payload() {
+            // A 5-tuple used again after a pause carries a new exchange (session.py says why).
             s.insp = INSP_NONE;
             s.handoffs = 0;
             if from_client {
@@ -463,24 +465,25 @@ impl Table {
         dport <= sport // both or neither look like services: the lower port serves
     }
 
-    /// TFTP moves off its port at once: remember who asked (bounded), as `_udp_expected`.
+    /// A server that answers from a new port (TFTP): remember who asked (bounded), as
+    /// `_udp_expected`.
     fn udp_expected(&mut self, d: &Decoded, src_client: bool) -> bool {
-        let port = self.cfg.tftp_port;
-        if d.dport == port {
+        let handoff = &self.cfg.handoff;
+        if handoff[d.dport as usize] {
             let k = (d.v6, d.src, d.sport);
-            if self.tftp.insert(k, ()).is_none() {
-                self.tftp_order.push_back(k);
-                if self.tftp.len() > self.cfg.tftp_remembered {
-                    if let Some(old) = self.tftp_order.pop_front() {
-                        self.tftp.remove(&old);
+            if self.asked.insert(k, ()).is_none() {
+                self.asked_order.push_back(k);
+                if self.asked.len() > self.cfg.handoff_remembered {
+                    if let Some(old) = self.asked_order.pop_front() {
+                        self.asked.remove(&old);
                     }
                 }
             }
-        } else if !self.tftp.is_empty() && d.sport != port {
-            if self.tftp.contains_key(&(d.v6, d.dst, d.dport)) {
+        } else if !self.asked.is_empty() && !handoff[d.sport as usize] {
+            if self.asked.contains_key(&(d.v6, d.dst, d.dport)) {
                 return false;
             }
-            if self.tftp.contains_key(&(d.v6, d.src, d.sport)) {
+            if self.asked.contains_key(&(d.v6, d.src, d.sport)) {
                 return true;
             }
         }
@@ -489,16 +492,14 @@ impl Table {
 
     // -- the detectors' answers ----------------------------------------------------------------
 
-    /// The detectors are done with the session `handle`: `app` is their word (`dns`: an app whose
-    /// 5-tuple may carry a new exchange after a pause; `dirty`: the next report carries it). A
-    /// handle that is gone is ignored.
-    pub fn set_inspection(&mut self, handle: u64, app: u8, dns: bool, dirty: bool) {
+    /// The detectors are done with the session `handle`: `app` is their word (`dirty`: the next
+    /// report carries it). A handle that is gone is ignored.
+    pub fn set_inspection(&mut self, handle: u64, app: u8, dirty: bool) {
         let (i, gen) = ((handle & 0xFFFF_FFFF) as u32, (handle >> 32) as u32);
         if let Some(s) = self.slots.get_mut(i as usize) {
             if s.used && s.gen == gen {
                 s.insp = INSP_DONE;
                 s.app = app;
-                s.dns = dns;
                 if dirty {
                     self.mark_dirty(i);
                 }
