@@ -2,14 +2,20 @@
 
 (a) **drain** — trafgen fills a TPACKET_V3 ring on a veth while the reader is paused (mixed
 64-1500-byte UDP/TCP frames over thousands of flows), then the reader drains it. Packets per
-CPU-second for the dp's block readers (vectorised and per-packet, each into a real
-SessionTable) and, in the same run, for a reference C reader compiled here; then the same with
-PACKET_FANOUT over 2 processes, as a scaling factor against 1 process.
+CPU-second and per packet (ns) for the dp's two block readers — compiled (the Rust walk and
+table) and per-packet (the Python reference) — each into its session table with the real
+detectors, the first round all new flows, the second the same flows again (steady); in the same
+run, a reference C reader compiled here that walks the blocks and keeps no table. Then the
+same with PACKET_FANOUT over 2 processes. The detection's cost per new session is the new-flow
+round's CPU minus the steady round's, over the sessions made.
+
+(c) **SYN flood** — 1,000,000 SYNs of distinct 5-tuples drained into a table bounded at 200,000,
+against the C reader.
 
 (b) **live** — ``flowmap dp run`` watches the veth while trafgen sends as fast as it can (and at
 a few fixed rates): packets handled per second, kernel drops, dp CPU %.
 
-Usage: sudo .venv/bin/python benchmarks/dp_throughput.py [--packets N] [--live-seconds S]
+Usage: sudo .venv/bin/python benchmarks/dp_throughput.py [--packets N] [--synflood N] [--live-seconds S]
 """
 
 from __future__ import annotations
@@ -29,10 +35,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dp_lab import Link, build_c_reader, cpu_seconds, mixed_config, netns, require  # noqa: E402
+from dp_lab import Link, build_c_reader, cpu_seconds, mixed_config, netns, require, syn_config  # noqa: E402
 from flowmap_agent.listening import ReportReader  # noqa: E402
 from flowmap_dp import wire_pb2  # noqa: E402
 from flowmap_dp.capture import Direction, Ring, RingConfig, fanout_group  # noqa: E402
+from flowmap_dp.compiled import CompiledTable  # noqa: E402
 from flowmap_dp.running import BlockParser, LiveTable, make_table  # noqa: E402
 
 BLOCK, BLOCKS, SNAP = 1 << 22, 64, 256
@@ -50,10 +57,15 @@ def drain_ring(ring: Ring, table: LiveTable, parse: BlockParser) -> tuple[int, f
     return n, time.process_time() - c0, time.perf_counter() - w0, table.health().sessions
 
 
-def _dp_child(cap_ns: str, group: int | None, parser: str, rounds: int, conn: Connection) -> None:
+def _dp_child(cap_ns: str, group: int | None, parser: str, rounds: int, conn: Connection,
+              max_sessions: int = 1_000_000) -> None:
     with netns(cap_ns):
         ring = Ring("c0", RING, fanout=group)
-    table, parse = make_table(parser, 1_000_000)  # kept across rounds: round 2 is the steady state
+    if parser == "compiled, no detection":  # nothing handed to the detectors: the table's own cost
+        compiled = CompiledTable(max_sessions=max_sessions, feed_limit=0)
+        table, parse = compiled, compiled.feed_block
+    else:
+        table, parse = make_table(parser, max_sessions)  # kept across rounds: round 2 is the steady state
     conn.send("ready")
     for _ in range(rounds):
         conn.recv()
@@ -61,30 +73,32 @@ def _dp_child(cap_ns: str, group: int | None, parser: str, rounds: int, conn: Co
     ring.close()
 
 
-def dp_drain(link: Link, config: str, packets: int, parser: str, procs: int) -> list[tuple[int, float, float]]:
-    """Fill ``procs`` fanout rings, drain them in parallel, twice (new flows, then the same flows
-    again): per round (packets, summed cpu, max wall)."""
+def dp_drain(link: Link, config: str, packets: int, parser: str, procs: int, rounds: int = 2,
+             max_sessions: int = 1_000_000) -> list[tuple[int, float, float, int]]:
+    """Fill ``procs`` fanout rings, drain them in parallel, ``rounds`` times (new flows, then the
+    same flows again): per round (packets, summed cpu, max wall, sessions in the tables)."""
     ctx = multiprocessing.get_context("fork")
     group = fanout_group(os.getpid(), 7) if procs > 1 else None
     pipes, children = [], []
     for _ in range(procs):
         parent, child = ctx.Pipe()
-        p = ctx.Process(target=_dp_child, args=(link.cap, group, parser, 2, child))
+        p = ctx.Process(target=_dp_child, args=(link.cap, group, parser, rounds, child, max_sessions))
         p.start()
         pipes.append(parent)
         children.append(p)
     for c in pipes:
         c.recv()
-    rounds = []
-    for _ in range(2):
+    out = []
+    for _ in range(rounds):
         fill(link, config, packets)
         for c in pipes:
             c.send("go")
         results = [c.recv() for c in pipes]
-        rounds.append((sum(r[0] for r in results), sum(r[1] for r in results), max(r[2] for r in results)))
+        out.append((sum(r[0] for r in results), sum(r[1] for r in results), max(r[2] for r in results),
+                    sum(r[3] for r in results)))
     for p in children:
         p.join()
-    return rounds
+    return out
 
 
 def c_drain(link: Link, exe: Path, config: str, packets: int, procs: int) -> tuple[int, float, float]:
@@ -122,31 +136,58 @@ def drain(link: Link, exe: Path, packets: int) -> None:
     config = mixed_config(link.mac())
     print(f"\n(a) drain: {packets} frames, sizes 64..1500 (IMIX-like), 4000 flows, ring {BLOCKS} x {BLOCK >> 20} MiB, "
           f"snaplen {SNAP}")
-    print(f"{'reader':28} {'procs':>5} {'packets':>9} {'cpu s':>7} {'wall s':>7} {'Mpps/cpu-s':>11} {'Mpps wall':>10}")
+    print(HEADER)
     rows: dict[tuple[str, int], tuple[int, float, float]] = {}
-    for name, procs in (("C reference", 1), ("dp compiled", 1), ("dp per-packet", 1),
+    sessions = 0
+    for name, procs in (("C reference", 1), ("dp compiled", 1), ("dp compiled, no detection", 1), ("dp per-packet", 1),
                         ("C reference", 2), ("dp compiled", 2)):
         if name.startswith("C"):
             results = {name: c_drain(link, exe, config, packets, procs)}
         else:
-            cold, warm = dp_drain(link, config, packets, name.split()[1], procs)
-            results = {f"{name}, new flows": cold, f"{name}, steady": warm}
+            cold, warm = dp_drain(link, config, packets, name.removeprefix("dp "), procs)
+            sessions = cold[3]
+            results = {f"{name}, new flows": cold[:3], f"{name}, steady": warm[:3]}
         for label, r in results.items():
             rows[(label, procs)] = r
-            pk, cpu, wall = r
-            print(f"{label:28} {procs:>5} {pk:>9} {cpu:>7.3f} {wall:>7.3f} {pk / cpu / 1e6:>11.2f} "
-                  f"{pk / wall / 1e6:>10.2f}")
+            row(label, procs, r)
     per_cpu = {k: v[0] / v[1] for k, v in rows.items()}
     c_ref = per_cpu[("C reference", 1)]
-    for label in ("dp compiled, steady", "dp compiled, new flows", "dp per-packet, steady",
-                  "dp per-packet, new flows"):
+    for label in ("dp compiled, steady", "dp compiled, new flows", "dp compiled, no detection, new flows",
+                  "dp per-packet, steady", "dp per-packet, new flows"):
         print(f"ratio {label} / C reader (per CPU-second): {per_cpu[(label, 1)] / c_ref:.4f}")
+    new = rows[("dp compiled, new flows", 1)]
+    bare = rows[("dp compiled, no detection, new flows", 1)]
+    print(f"detection (Python) per new session: {(new[1] - bare[1]) / sessions * 1e6:.1f} us ({sessions} sessions: "
+          "the new-flow round's CPU with detection minus without, over the sessions made)")
     print(f"compiled / per-packet, steady: "
           f"{per_cpu[('dp compiled, steady', 1)] / per_cpu[('dp per-packet, steady', 1)]:.2f}x")
     for label in ("dp compiled, steady", "C reference"):
         one, two = rows[(label, 1)], rows[(label, 2)]
         print(f"fanout scaling, {label}, 2 processes vs 1 (wall-clock pps): {(two[0] / two[2]) / (one[0] / one[2]):.2f}x"
               f"  (pps per CPU-second, 2 vs 1: {per_cpu[(label, 2)] / per_cpu[(label, 1)]:.2f}x)")
+
+
+HEADER = (f"{'reader':36} {'procs':>5} {'packets':>9} {'cpu s':>7} {'wall s':>7} {'Mpps/cpu-s':>11} "
+          f"{'Mpps wall':>10} {'ns/packet':>10}")
+
+
+def row(label: str, procs: int, r: tuple[int, float, float]) -> None:
+    pk, cpu, wall = r
+    print(f"{label:36} {procs:>5} {pk:>9} {cpu:>7.3f} {wall:>7.3f} {pk / cpu / 1e6:>11.2f} {pk / wall / 1e6:>10.2f} "
+          f"{cpu / pk * 1e9:>10.1f}")
+
+
+def synflood(link: Link, exe: Path, packets: int, bound: int = 200_000) -> None:
+    """Part (c): SYNs of ``packets`` distinct 5-tuples through a table bounded at ``bound``."""
+    config = syn_config(link.mac())
+    print(f"\n(c) SYN flood drain: {packets} SYNs, every one a new 5-tuple, table bound {bound}")
+    print(HEADER)
+    c = c_drain(link, exe, config, packets, 1)
+    row("C reference", 1, c)
+    (d,) = dp_drain(link, config, packets, "compiled", 1, rounds=1, max_sessions=bound)
+    row("dp compiled, SYN flood", 1, d[:3])
+    print(f"sessions in the table after the flood: {d[3]} (bound {bound}); "
+          f"ratio to the C reader (per CPU-second): {(d[0] / d[1]) / (c[0] / c[1]):.4f}")
 
 
 def pump(reader: ReportReader, seconds: float) -> list[wire_pb2.Report]:
@@ -165,7 +206,7 @@ def live(link: Link, seconds: float, workers: int) -> None:
     print(f"\n(b) live: flowmap dp run --workers {workers} on the veth, trafgen for {seconds:.0f} s per rate")
     print(f"{'rate':>10} {'sent':>9} {'sent pps':>9} {'handled':>9} {'pps':>9} {'drops':>8} {'dp CPU %':>9}"
           "   (pps over trafgen's run; CPU % of all dp processes over the run + 0.5 s)")
-    for rate in (None, 400_000, 200_000, 100_000, 50_000):
+    for rate in (None, 400_000, 250_000, 100_000, 50_000):
         with tempfile.TemporaryDirectory() as tmp:
             reader = ReportReader(f"{tmp}/agent.sock")
             dp = subprocess.Popen(["ip", "netns", "exec", link.cap, flowmap, "dp", "run", "--iface", "c0", "--socket",
@@ -212,6 +253,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup in finally blocks
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--packets", type=int, default=500_000)
+    ap.add_argument("--synflood", type=int, default=1_000_000)
     ap.add_argument("--live-seconds", type=float, default=5.0)
     ap.add_argument("--skip-live", action="store_true")
     ap.add_argument("--skip-drain", action="store_true")
@@ -224,6 +266,7 @@ def main() -> None:
             print(f"machine: {os.cpu_count()} CPUs, kernel {os.uname().release}")
             if not args.skip_drain:
                 drain(link, exe, args.packets)
+                synflood(link, exe, args.synflood)
         if not args.skip_live:
             for workers in (1, 2):
                 live(link, args.live_seconds, workers)

@@ -1,6 +1,7 @@
 """The images a local cluster runs, all built on this machine (no registry is needed or used).
 
-* ``base``: Debian made with ``debootstrap --variant=minbase``, with Python: it stands in for the
+* ``base``: Debian made with ``debootstrap --variant=minbase``, with Python and the official
+  images' apt sources (bookworm, bookworm-updates, bookworm-security): it stands in for the
   Dockerfile's ``BASE`` (python:3.11-slim) and is the base of the others;
 * ``flowmap``: the repository's own Dockerfile, unmodified, built with ``--build-arg BASE``;
 * ``pause``: the sandbox image, Kubernetes' own ``build/pause/linux/pause.c`` linked statically;
@@ -22,23 +23,35 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from flowmap_devenv import binaries
+from flowmap_devenv import binaries, dockerignore
 from flowmap_devenv.binaries import MissingTool
 
 Log = Callable[[str], None]
 REPO = Path(__file__).resolve().parents[2]
 SUITE = "bookworm"
 MIRROR = os.environ.get("FLOWMAP_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+# The apt sources of Debian's official images, python:3.11-slim's among them (debootstrap writes
+# only the release itself; FLOWMAP_DEBIAN_MIRROR replaces the first, as for debootstrap): the
+# Dockerfile's build stage takes its Rust from bookworm-security.
+SOURCES = f"""Types: deb
+URIs: {MIRROR}
+Suites: {SUITE} {SUITE}-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: http://deb.debian.org/debian-security
+Suites: {SUITE}-security
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+"""
 BASE_PACKAGES = ("python3", "python3-venv", "python3-pip", "python-is-python3", "ca-certificates")
 SHOP_PACKAGES = ("redis-server", "postgresql", "python3-grpcio", "procps")
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
-# What the Dockerfile's build context holds (.dockerignore): a change here is a new flowmap image.
-CONTEXT = ("pyproject.toml", "README.md", "LICENSE", "Dockerfile", ".dockerignore", "api", "cli", "devenv", "dp",
-           "node-agent", "operator")
 
 NAMES = {
     "base": f"localhost/flowmap-base:{SUITE}",
@@ -89,7 +102,7 @@ class Builder:
         }
 
     def base(self) -> Built:
-        key = _digest(SUITE, MIRROR, *BASE_PACKAGES)
+        key = _digest(SUITE, MIRROR, *BASE_PACKAGES, SOURCES)
         built = self._cached("base", key)
         if built:
             return built
@@ -98,6 +111,8 @@ class Builder:
             root = Path(tmp) / "root"
             _run(["debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}", SUITE, str(root),
                   MIRROR])
+            (root / "etc/apt/sources.list").unlink(missing_ok=True)
+            (root / "etc/apt/sources.list.d/debian.sources").write_text(SOURCES)
             for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
                 for p in (root / junk).glob("*"):
                     if p.is_file():
@@ -111,8 +126,9 @@ class Builder:
 
     def flowmap(self, base: Built) -> Built:
         """The repository's Dockerfile, as users build it, with the local base."""
-        files = sorted(f for entry in CONTEXT for f in _files(REPO / entry))
-        key = _digest(base.archive.name, *(f"{f.relative_to(REPO)}:{_file_digest(f)}" for f in files))
+        # What the build context holds (.dockerignore), and the two files Docker reads besides.
+        files = sorted({"Dockerfile", ".dockerignore", *dockerignore.context(REPO)})
+        key = _digest(base.archive.name, *(f"{f}:{_file_digest(REPO / f)}" for f in files))
         built = self._cached("flowmap", key)
         if built:
             return built
@@ -186,16 +202,6 @@ class Builder:
 def _apt(*packages: str) -> str:
     return ("RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "
             f"{' '.join(packages)} && rm -rf /var/lib/apt/lists/*\n")
-
-
-def _files(path: Path) -> Iterable[Path]:
-    if path.is_file():
-        yield path
-        return
-    for p in path.rglob("*"):
-        if p.is_file() and "__pycache__" not in p.parts and not any(x.endswith(".egg-info") for x in p.parts) \
-                and p.suffix != ".pyc":
-            yield p
 
 
 def _file_digest(path: Path) -> str:

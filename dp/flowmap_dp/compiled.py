@@ -23,7 +23,7 @@ from flowmap_dp import _native
 from flowmap_dp.decode import FRAGMENT_COUNTERS, FRAGMENT_MAX, FRAGMENT_TIMEOUT, IGNORED, L4_NAMES, MALFORMED
 from flowmap_dp.detectors.base import Threat
 from flowmap_dp.session import (
-    _NO_METADATA, DNS_APP, DNS_NEW_LOOKUP, STATE_NAMES, TFTP_PORT, TFTP_REMEMBERED, UDP_SERVICES, Detection, Health,
+    _NO_METADATA, DNS_APP, DNS_NEW_LOOKUP, INSPECTOR_IDLE, STATE_NAMES, TFTP_PORT, TFTP_REMEMBERED, UDP_SERVICES, Detection, Health,
     InspectorFactory, InspectorLike, Report, SessionDelta, Timeouts, is_service_port,
 )
 
@@ -35,7 +35,9 @@ _UDP_SERVICES = bytes(p in UDP_SERVICES for p in _PORTS)
 
 
 class _Record:
-    """The slow path's state of one session (``session.Inspected``), by the table's handle."""
+    """The slow path's state of one session (``session.Inspected``), by the table's handle, from
+    its first handed-over payload until the report after its detection settled (then the
+    compiled table keeps only the app's code)."""
 
     __slots__ = ("insp", "feeds", "app", "metadata", "threats", "app_new")
 
@@ -64,6 +66,8 @@ class CompiledTable:
                                 max(0, max_fragments), FRAGMENT_TIMEOUT, limits, _SERVICE, _UDP_SERVICES, TFTP_PORT,
                                 TFTP_REMEMBERED, DNS_NEW_LOOKUP)
         self._records: dict[int, _Record] = {}
+        self._apps = ["unknown"]  # app names by the code the compiled table keeps
+        self._codes = {"unknown": 0}
         self._frames = 0
         self.parser_errors = 0  # blocks whose parsing raised (counted as ``internal_error``)
 
@@ -94,6 +98,20 @@ class CompiledTable:
                 self._answer()
         self._answer()
 
+    def _code(self, app: str) -> int:
+        """The code of an app name (detector names: a few dozen; never more than a byte holds)."""
+        code = self._codes.get(app)
+        if code is None:
+            if len(self._apps) > 255:
+                return 0
+            code = self._codes[app] = len(self._apps)
+            self._apps.append(app)
+        return code
+
+    def _decided(self, handle: int, r: _Record, dirty: bool = False) -> None:
+        """Tell the compiled table the detectors are done with ``handle``."""
+        self._t.set_inspection(handle, self._code(r.app), r.app == DNS_APP, dirty)
+
     def _answer(self) -> None:
         """Feed the handed-over payloads to the detectors, in order; tell the table who is done."""
         table, records, detection = self._t, self._records, self.detection
@@ -107,17 +125,18 @@ class CompiledTable:
                     if dropped:
                         del records[handle]
                 continue
-            handle, from_client, payload, fresh, tcp, client_port, server_port = event
+            handle, from_client, payload, fresh, tcp, client_port, server_port, app = event
             r = records.get(handle)
             if r is None:
                 r = records[handle] = _Record()
-            elif fresh:  # a DNS 5-tuple's new lookup: a new inspector, the old results until then
+                r.app = self._apps[app]  # a DNS 5-tuple's new lookup: the old app until it settles
+            elif fresh:  # the same, its previous lookup not reported yet
                 r.insp, r.feeds = None, 0
             if r.insp is False:
                 continue  # decided earlier in this batch
             detection.inspect(r, tcp, client_port, server_port, from_client, payload)
             if r.insp is False:
-                table.set_inspection(handle, r.app == DNS_APP)
+                self._decided(handle, r)
 
     # -- ends and reports ------------------------------------------------------------------------
 
@@ -132,7 +151,8 @@ class CompiledTable:
         self._answer()
 
     def collect(self, now: float, hold: float = 0.0) -> Report:
-        """As ``SessionTable.collect``: expire, judge lone server words, then the deltas."""
+        """As ``SessionTable.collect``: expire, judge lone server words, settle idle inspectors,
+        then the deltas."""
         self.expire(now)
         recent = now - hold
         for handle, first in self._t.inspecting():
@@ -143,21 +163,27 @@ class CompiledTable:
             if insp is not None and insp is not False and insp is not True:
                 self.detection.judge_server_alone(r, insp)
                 if r.insp is False:
-                    self._t.set_inspection(handle, r.app == DNS_APP)
+                    self._decided(handle, r)
+        for handle in self._t.idle_inspecting(now - INSPECTOR_IDLE):
+            r = self._records.get(handle)
+            if r is not None and r.insp is not None and r.insp is not False and r.insp is not True:
+                self.detection.settle(r, finish=True)
+                self._decided(handle, r, dirty=True)
         deltas = [self._delta(row) for row in self._t.collect(now, hold)]
         return Report(now, deltas, self.health())
 
     def _delta(self, row: Any) -> SessionDelta:
-        handle, (proto, vlan, client, cport, server, sport), (first, last), (new, opened, end, state), counts = row
+        handle, (proto, vlan, client, cport, server, sport), (first, last), (new, opened, end, state, code), counts = row
         r = self._records.get(handle)
-        app, decided, metadata, threats = "unknown", False, None, []
+        app, decided, metadata, threats = self._apps[code], False, None, []
         if r is not None:
             app, decided = r.app, r.app_new
             if decided:
                 metadata, threats = r.metadata, list(r.threats)
-            r.app_new = False
-            if end:
+            if end or r.insp is False:  # nothing more to say: the table keeps the app's code
                 del self._records[handle]
+            else:
+                r.app_new = False
         return SessionDelta(L4_NAMES.get(proto, str(proto)), proto, vlan, client, cport, server, sport, first, last,
                             new, opened, bool(end), end, STATE_NAMES[state], app, decided, *counts, metadata, threats)
 

@@ -62,6 +62,10 @@ SERVICE_PORTS = frozenset({
 # UDP services: a first packet *from* one of these to another port is a reply seen first.
 UDP_SERVICES = frozenset({53, 67, 69, 123, 137, 161, 162, 389, 500, 514, 547, 1812, 1813, 4789, 5353, 8472})
 TFTP_PORT = 69
+# An inspector whose session carried nothing for this long is settled at the next report: a
+# matched one stops lingering for later packets (an idle keep-alive connection reports its
+# metadata now, not when it ends, and holds no buffered payload meanwhile).
+INSPECTOR_IDLE = 2.0
 DNS_APP = "dns"
 DNS_NEW_LOOKUP = 1.0  # seconds of silence after which a DNS session's next query is inspected anew
 TFTP_REMEMBERED = 1024  # recent TFTP requesters kept to orient their data sessions
@@ -505,7 +509,8 @@ class SessionTable:
     # -- export --------------------------------------------------------------------------------
 
     def collect(self, now: float, hold: float = 0.0) -> Report:
-        """Expire idle sessions, then return what changed since the previous call.
+        """Expire idle sessions, settle the inspectors of sessions idle for ``INSPECTOR_IDLE``,
+        then return what changed since the previous call.
 
         A session first seen less than ``hold`` seconds ago waits for the next call: an older
         packet that belongs before it (the DNS answer that named its server) may still sit in
@@ -518,6 +523,7 @@ class SessionTable:
             insp = s.insp
             if insp is not None and insp is not False and insp is not True and s.first <= recent:
                 self.detection.judge_server_alone(s, insp)
+        self._settle_idle(now - INSPECTOR_IDLE)
         held = {k: s for k, s in self._dirty.items() if s.new and s.first > recent} if hold else {}
         deltas = [self._delta(s) for k, s in self._dirty.items() if k not in held]
         self._dirty = held
@@ -527,6 +533,18 @@ class SessionTable:
     def count_parser_error(self) -> None:
         """A block whose parsing raised (a bug): counted as ``internal_error``."""
         self.stats.malformed["internal_error"] += 1
+
+    def _settle_idle(self, before: float) -> None:
+        """Settle the inspectors of sessions last seen at or before ``before`` (least recently
+        seen first, as far as recency order says they are that old)."""
+        for s in self.sessions.values():
+            if s.last > before:
+                break
+            if s.insp is not None and s.insp is not False and s.insp is not True:
+                self.detection.settle(s, finish=True)
+                if not s.dirty:
+                    s.dirty = True
+                    self._dirty[id(s)] = s
 
     def health(self) -> Health:
         """Cumulative counters (decoder and table)."""
@@ -547,5 +565,7 @@ class SessionTable:
         )
         s.rep_pkts_c2s, s.rep_pkts_s2c = s.pkts_c2s, s.pkts_s2c
         s.rep_bytes_c2s, s.rep_bytes_s2c = s.bytes_c2s, s.bytes_s2c
+        if decided and s.insp is False:  # said once: not kept
+            s.metadata, s.threats = _NO_METADATA, ()
         s.dirty = s.new = s.opened = s.app_new = False
         return d

@@ -9,9 +9,11 @@ import re
 import subprocess
 import sys
 import tomllib
+from pathlib import Path
 
 import yaml
 
+from flowmap_devenv import dockerignore
 from tests.conftest import REPO
 
 DOCKERFILE = (REPO / "Dockerfile").read_text()
@@ -71,46 +73,9 @@ def test_one_entrypoint_serves_every_component_the_manifests_run() -> None:
             assert flag in proc.stdout, f"{name}: flowmap {' '.join(command[:2])} has no {flag}"
 
 
-def _pattern(pattern: str) -> re.Pattern[str]:
-    """A .dockerignore pattern (Go's filepath.Match plus ``**``) as a regular expression."""
-    out, i = "", 0
-    while i < len(pattern):
-        if pattern.startswith("**/", i):
-            out, i = out + "(?:.*/)?", i + 3
-        elif pattern.startswith("**", i):
-            out, i = out + ".*", i + 2
-        elif pattern[i] == "*":
-            out, i = out + "[^/]*", i + 1
-        elif pattern[i] == "?":
-            out, i = out + "[^/]", i + 1
-        else:
-            out, i = out + re.escape(pattern[i]), i + 1
-    return re.compile(out)
-
-
 def context() -> list[str]:
-    """The files ``docker build .`` sends: the last matching .dockerignore line decides, and a
-    line matching a folder decides for everything in it (Docker's rule)."""
-    rules = []
-    for line in (REPO / ".dockerignore").read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            negate = line.startswith("!")
-            rules.append((negate, _pattern(os.path.normpath(line.lstrip("!").strip("/")))))
-    sent = []
-    for root, dirs, files in os.walk(REPO):
-        dirs[:] = [d for d in dirs if d != ".git"]
-        for f in files:
-            rel = os.path.relpath(os.path.join(root, f), REPO)
-            parts = rel.split(os.sep)
-            prefixes = ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
-            excluded = False
-            for negate, rx in rules:
-                if any(rx.fullmatch(p) for p in prefixes):
-                    excluded = not negate
-            if not excluded:
-                sent.append(rel)
-    return sent
+    """The files ``docker build .`` sends (the rules of .dockerignore, as Docker reads them)."""
+    return dockerignore.context(REPO)
 
 
 def test_the_build_context_is_only_what_the_image_installs() -> None:
@@ -119,11 +84,34 @@ def test_the_build_context_is_only_what_the_image_installs() -> None:
     wheres = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["where"]
     assert tops == {"pyproject.toml", "README.md", "LICENSE", *wheres}, tops
     assert not [p for p in sent if "__pycache__" in p or p.endswith(".pyc") or ".egg-info" in p]
-    copied = {arg.split()[0] for kind, arg in instructions() if kind == "COPY" and not arg.startswith("--from")}
-    copied |= {a for kind, arg in instructions() if kind == "COPY" and not arg.startswith("--from")
-               for a in arg.split()[:-1]}
-    assert copied <= tops, f"COPY of something the context leaves out: {copied - tops}"
+    copied = {a for kind, arg in instructions() if kind == "COPY" and not arg.startswith("--from")
+              for a in arg.split()[:-1]}
+    assert {c.split("/")[0] for c in copied} <= tops, f"COPY of something the context leaves out: {copied}"
     assert set(wheres) <= copied, "every package folder is copied"
+
+
+def test_no_local_build_of_the_extension_enters_the_context() -> None:
+    rules = dockerignore.rules((REPO / ".dockerignore").read_text())
+    for built in ("dp/native/target/release/lib_native.so", "dp/native/target/CACHEDIR.TAG",
+                  "dp/flowmap_dp/_native.cpython-311-x86_64-linux-gnu.so"):
+        assert dockerignore.excluded(rules, built), f"{built} would be sent to the build"
+    for source in ("dp/native/Cargo.toml", "dp/native/Cargo.lock", "dp/native/build.rs", "dp/native/src/lib.rs",
+                   "dp/native/debian-packages.txt", "dp/flowmap_dp/__init__.py"):
+        assert not dockerignore.excluded(rules, source), f"{source} is needed by the build and left out"
+    sent = context()
+    assert "dp/native/src/lib.rs" in sent
+    assert not [p for p in sent if p.startswith("dp/native/target/") or p.endswith(".so")]
+
+
+def test_the_context_is_read_as_docker_reads_it(tmp_path: Path) -> None:
+    (tmp_path / ".dockerignore").write_text("# what goes\n*\n!dp\n**/__pycache__\ndp/native/target\n"
+                                            "!dp/native/target/keep\n")
+    for rel in (".venv/bin/python", "dp/x.py", "dp/a/__pycache__/x.pyc", "dp/native/target/debug/x",
+                "dp/native/target/keep"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(rel)
+    # A folder left out is entered only for a "!" line inside it; the last matching line decides.
+    assert dockerignore.context(tmp_path) == ["dp/native/target/keep", "dp/x.py"]
 
 
 def tracked() -> list[str]:

@@ -63,7 +63,7 @@ impl Table {
     #[pyo3(signature = (max_sessions, max_pending, feed_limit, max_fragments, fragment_timeout, timeouts,
                         service_ports, udp_services, tftp_port, tftp_remembered, new_lookup_after))]
     #[allow(clippy::too_many_arguments)]
-    fn new(max_sessions: usize, max_pending: usize, feed_limit: u16, max_fragments: usize, fragment_timeout: f64,
+    fn new(max_sessions: usize, max_pending: usize, feed_limit: u8, max_fragments: usize, fragment_timeout: f64,
            timeouts: Option<[f64; 7]>, service_ports: &[u8], udp_services: &[u8], tftp_port: u16,
            tftp_remembered: usize, new_lookup_after: f64) -> PyResult<Self> {
         if max_sessions == 0 {
@@ -143,15 +143,15 @@ impl Table {
     }
 
     /// The events since the previous call, in order: (handle, from_client, payload, fresh, tcp,
-    /// client_port, server_port) for a payload to inspect, (handle, dropped) for an end.
+    /// client_port, server_port, app) for a payload to inspect, (handle, dropped) for an end.
     fn take_events<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let t = &mut self.inner;
         let out = PyList::empty(py);
         for e in &t.events {
             match *e {
-                Event::Feed { handle, fresh, tcp, client_port, server_port, from_client, start, len } => {
+                Event::Feed { handle, fresh, tcp, client_port, server_port, from_client, app, start, len } => {
                     let payload = PyBytes::new(py, &t.arena[start..start + len]);
-                    out.append((handle, from_client, payload, fresh, tcp, client_port, server_port))?;
+                    out.append((handle, from_client, payload, fresh, tcp, client_port, server_port, app))?;
                 }
                 Event::End { handle, dropped } => out.append((handle, dropped))?,
             }
@@ -160,9 +160,17 @@ impl Table {
         Ok(out)
     }
 
-    /// The detectors are done with `handle`; `dns`: its app starts a new exchange after a pause.
-    fn set_inspection(&mut self, handle: u64, dns: bool) {
-        self.inner.set_inspection(handle, dns);
+    /// The detectors are done with `handle`: `app` is their word, by the caller's code; `dns`: the
+    /// app starts a new exchange after a pause; `dirty`: the next report carries the session.
+    #[pyo3(signature = (handle, app, dns, dirty = false))]
+    fn set_inspection(&mut self, handle: u64, app: u8, dns: bool, dirty: bool) {
+        self.inner.set_inspection(handle, app, dns, dirty);
+    }
+
+    /// Handles of the sessions seen last at or before `before` whose detection is still running,
+    /// least recently seen first.
+    fn idle_inspecting(&self, before: f64) -> Vec<u64> {
+        self.inner.idle_inspecting(before)
     }
 
     fn expire(&mut self, now: f64) -> usize {
@@ -182,7 +190,7 @@ impl Table {
     }
 
     /// The sessions that changed since the previous call: (handle, (proto, vlan, client,
-    /// client_port, server, server_port), (first, last), (new, opened, end_reason, state),
+    /// client_port, server, server_port), (first, last), (new, opened, end_reason, state, app),
     /// (packets c2s, s2c, bytes c2s, s2c)).
     fn collect<'py>(&mut self, py: Python<'py>, now: f64, hold: f64) -> PyResult<Bound<'py, PyList>> {
         let out = PyList::empty(py);
@@ -194,7 +202,7 @@ impl Table {
                 s.handle(i),
                 (k.proto, k.vlan, addr(py, &c, k.v6), cp, addr(py, &sv, k.v6), sp),
                 (s.first, s.last),
-                (s.new, s.opened, END_REASONS[s.end_reason as usize], s.state),
+                (s.new, s.opened, END_REASONS[s.end_reason as usize], s.state, s.app),
                 s.deltas(),
             );
             if let Err(e) = out.append(row) {
@@ -237,6 +245,7 @@ fn decode_frame<'py>(py: Python<'py>, frame: &Bound<'py, PyAny>, start: usize, e
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("VERSION", env!("CARGO_PKG_VERSION"))?;
+    m.add("SOURCE_DIGEST", env!("FLOWMAP_SOURCE_DIGEST"))?;
     m.add("END_REASONS", END_REASONS.to_vec())?;
     m.add("MALFORMED_COUNT", decode::MALFORMED_COUNT)?;
     m.add_class::<Table>()?;

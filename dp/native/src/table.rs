@@ -12,6 +12,7 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 
 use ahash::RandomState;
+use hashbrown::HashTable;
 
 use crate::decode::{Addr, Decoded, Fragments, Reason, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, REASONS};
 
@@ -40,6 +41,7 @@ const INSP_LIVE: u8 = 1; // payload handed off; the detectors have not said they
 const INSP_DONE: u8 = 2; // decided (or never inspected: not TCP/UDP)
 
 const NIL: u32 = u32::MAX;
+const RESERVED: usize = 1 << 20;
 
 /// The canonical bidirectional key (`decode.flow_key`): the smaller endpoint first.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
@@ -76,36 +78,43 @@ pub fn flow_key(d: &Decoded) -> (Key, bool) {
     (Key { proto: d.proto, v6: d.v6, vlan: d.vlan, a, ap, b, bp }, fwd)
 }
 
+/// One session: 128 bytes, two cache lines (the first holds what every packet touches).
+/// Counters are by role (c2s = client to server) and since the previous report: totals are
+/// never reported, so none are kept.
 #[derive(Clone, Default)]
+#[repr(C, align(64))]
 pub struct Session {
-    pub key: Key,
-    gen: u32,
     prev: u32,
     next: u32,
-    batch: u32, // the event batch its last hand-off went into
+    batch: u16, // the event batch its last hand-off went into (wrapping: a match is only a pause)
+    handoffs: u8,
+    pub new: bool,
     pub a_is_client: bool,
     pub state: u8,
     fins: u8,
-    pub in_table: bool,
-    pub used: bool,
     insp: u8,
     dns: bool, // decided as an app whose 5-tuple may carry a new exchange after a pause
-    inspected: bool, // some payload was ever handed off (Python keeps a record for it)
     pub dirty: bool,
-    pub new: bool,
     pub opening_seen: bool,
     pub opened: bool,
-    pub end_reason: u8,
-    handoffs: u16,
-    pub first: f64,
+    pub app: u8, // the detectors' last word, by the Python side's code (0: unknown)
     pub last: f64,
-    reply_at: f64,
     pub pkts_c2s: u64,
     pub pkts_s2c: u64,
     pub bytes_c2s: u64,
     pub bytes_s2c: u64,
-    rep: [u64; 4],
+    // -- the second line: what lookups, ends and reports need
+    pub first: f64,
+    reply_at: f64,
+    pub key: Key,
+    gen: u32,
+    pub in_table: bool,
+    pub used: bool,
+    inspected: bool, // some payload was ever handed off (Python keeps a record for it)
+    pub end_reason: u8,
 }
+
+const _: () = assert!(std::mem::size_of::<Session>() == 128);
 
 impl Session {
     /// (client addr, client port, server addr, server port).
@@ -124,12 +133,7 @@ impl Session {
 
     /// Counters since the previous report: packets c2s, s2c, bytes c2s, s2c.
     pub fn deltas(&self) -> [u64; 4] {
-        [
-            self.pkts_c2s - self.rep[0],
-            self.pkts_s2c - self.rep[1],
-            self.bytes_c2s - self.rep[2],
-            self.bytes_s2c - self.rep[3],
-        ]
+        [self.pkts_c2s, self.pkts_s2c, self.bytes_c2s, self.bytes_s2c]
     }
 }
 
@@ -137,7 +141,7 @@ impl Session {
 pub enum Event {
     /// A payload packet of an undecided session (`fresh`: the first since it began or since a
     /// DNS 5-tuple's new lookup); its bytes are `arena[start..start + len]`.
-    Feed { handle: u64, fresh: bool, tcp: bool, client_port: u16, server_port: u16, from_client: bool, start: usize, len: usize },
+    Feed { handle: u64, fresh: bool, tcp: bool, client_port: u16, server_port: u16, from_client: bool, app: u8, start: usize, len: usize },
     /// A session that had payload handed off ended (`dropped`: it will never be reported).
     End { handle: u64, dropped: bool },
 }
@@ -149,7 +153,7 @@ pub struct Timeouts(pub [f64; 7]);
 pub struct Config {
     pub max_sessions: usize,
     pub max_pending: usize,
-    pub feed_limit: u16,
+    pub feed_limit: u8,
     pub timeouts: Option<Timeouts>,
     pub service: Vec<bool>,     // 65,536: `session.is_service_port`
     pub udp_service: Vec<bool>, // 65,536: `session.UDP_SERVICES`
@@ -174,7 +178,8 @@ pub struct Table {
     cfg: Config,
     slots: Vec<Session>,
     free: Vec<u32>,
-    index: HashMap<Key, u32, RandomState>,
+    index: HashTable<u32>, // slots, by the keyed hash of their key (4 bytes a session: cache-resident)
+    hasher: RandomState,
     head: u32,
     tail: u32,
     dirty: Vec<(u32, u32)>, // (slot, gen) in the order they changed
@@ -185,16 +190,20 @@ pub struct Table {
     pub counters: Counters,
     pub events: Vec<Event>,
     pub arena: Vec<u8>,
-    pub batch: u32,
+    pub batch: u16,
 }
 
 impl Table {
     pub fn new(cfg: Config, fragments: Fragments) -> Self {
+        // Room for a full table up front (up to a million sessions: an offline table may be
+        // bounded far higher), so filling it never rehashes or moves the slots: address space
+        // is reserved, pages are touched as sessions arrive.
+        let room = cfg.max_sessions.min(RESERVED);
         Table {
-            cfg,
-            slots: Vec::new(),
+            slots: Vec::with_capacity(room + cfg.max_pending.min(RESERVED)),
             free: Vec::new(),
-            index: HashMap::with_hasher(RandomState::new()),
+            index: HashTable::with_capacity(room),
+            hasher: RandomState::new(),
             head: NIL,
             tail: NIL,
             dirty: Vec::new(),
@@ -206,11 +215,33 @@ impl Table {
             events: Vec::new(),
             arena: Vec::new(),
             batch: 1,
+            cfg,
         }
     }
 
     pub fn len(&self) -> usize {
         self.index.len()
+    }
+
+    fn hash(&self, key: &Key) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    fn find(&self, hash: u64, key: &Key) -> Option<u32> {
+        let slots = &self.slots;
+        self.index.find(hash, |&i| slots[i as usize].key == *key).copied()
+    }
+
+    fn index_insert(&mut self, hash: u64, i: u32) {
+        let (slots, hasher) = (&self.slots, &self.hasher);
+        self.index.insert_unique(hash, i, |&j| hasher.hash_one(&slots[j as usize].key));
+    }
+
+    fn index_remove(&mut self, i: u32) {
+        let hash = self.hash(&self.slots[i as usize].key);
+        if let Ok(entry) = self.index.find_entry(hash, |&j| j == i) {
+            entry.remove();
+        }
     }
 
     pub fn max_sessions(&self) -> usize {
@@ -283,8 +314,9 @@ impl Table {
     /// the untaken events: the caller takes them, lets the detectors answer, and tries again.
     pub fn packet(&mut self, d: &Decoded, ts: f64, buf: &[u8]) -> bool {
         let (key, fwd) = flow_key(d);
-        let i = match self.index.get(&key).copied() {
-            None => self.create(key, fwd, d, ts),
+        let hash = self.hash(&key);
+        let i = match self.find(hash, &key) {
+            None => self.create(key, hash, fwd, d, ts),
             Some(i) => {
                 let s = &self.slots[i as usize];
                 let reused = s.state == CLOSED && d.proto == PROTO_TCP && d.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
@@ -296,7 +328,7 @@ impl Table {
                 self.touch(i);
                 if reused {
                     self.end(i, REUSED, true); // a new connection on the same 5-tuple after a full close
-                    self.create(key, fwd, d, ts)
+                    self.create(key, hash, fwd, d, ts)
                 } else {
                     i
                 }
@@ -353,6 +385,7 @@ impl Table {
                 client_port: cp,
                 server_port: sp,
                 from_client,
+                app: s.app,
                 start,
                 len: payload.len(),
             });
@@ -361,7 +394,7 @@ impl Table {
         true
     }
 
-    fn create(&mut self, key: Key, fwd: bool, d: &Decoded, ts: f64) -> u32 {
+    fn create(&mut self, key: Key, hash: u64, fwd: bool, d: &Decoded, ts: f64) -> u32 {
         if self.index.len() >= self.cfg.max_sessions && self.head != NIL {
             let oldest = self.head;
             self.counters.evicted += 1;
@@ -416,7 +449,7 @@ impl Table {
                 s.reply_at = ts;
             }
         }
-        self.index.insert(key, i);
+        self.index_insert(hash, i);
         self.push_back(i);
         self.counters.created += 1;
         i
@@ -456,16 +489,39 @@ impl Table {
 
     // -- the detectors' answers ----------------------------------------------------------------
 
-    /// The detectors are done with the session `handle` (`dns`: it was decided as an app whose
-    /// 5-tuple may carry a new exchange after a pause). A handle that is gone is ignored.
-    pub fn set_inspection(&mut self, handle: u64, dns: bool) {
-        let (i, gen) = ((handle & 0xFFFF_FFFF) as usize, (handle >> 32) as u32);
-        if let Some(s) = self.slots.get_mut(i) {
+    /// The detectors are done with the session `handle`: `app` is their word (`dns`: an app whose
+    /// 5-tuple may carry a new exchange after a pause; `dirty`: the next report carries it). A
+    /// handle that is gone is ignored.
+    pub fn set_inspection(&mut self, handle: u64, app: u8, dns: bool, dirty: bool) {
+        let (i, gen) = ((handle & 0xFFFF_FFFF) as u32, (handle >> 32) as u32);
+        if let Some(s) = self.slots.get_mut(i as usize) {
             if s.used && s.gen == gen {
                 s.insp = INSP_DONE;
+                s.app = app;
                 s.dns = dns;
+                if dirty {
+                    self.mark_dirty(i);
+                }
             }
         }
+    }
+
+    /// Sessions in the table, least recently seen first, whose payload went to the detectors,
+    /// undecided, and that were last seen at or before `before` (`SessionTable.settle_idle`).
+    pub fn idle_inspecting(&self, before: f64) -> Vec<u64> {
+        let mut out = Vec::new();
+        let mut i = self.head;
+        while i != NIL {
+            let s = &self.slots[i as usize];
+            if s.last > before {
+                break;
+            }
+            if s.insp == INSP_LIVE {
+                out.push(s.handle(i));
+            }
+            i = s.next;
+        }
+        out
     }
 
     /// Starts a new batch of events: the previous one was taken.
@@ -479,8 +535,7 @@ impl Table {
 
     fn end(&mut self, i: u32, reason: u8, in_table: bool) {
         if in_table {
-            let key = self.slots[i as usize].key;
-            self.index.remove(&key);
+            self.index_remove(i);
             self.unlink(i);
         }
         let max_pending = self.cfg.max_pending;
@@ -585,7 +640,7 @@ impl Table {
                 continue;
             }
             out(i, s);
-            s.rep = [s.pkts_c2s, s.pkts_s2c, s.bytes_c2s, s.bytes_s2c];
+            (s.pkts_c2s, s.pkts_s2c, s.bytes_c2s, s.bytes_s2c) = (0, 0, 0, 0);
             s.dirty = false;
             s.new = false;
             s.opened = false;
