@@ -1,20 +1,22 @@
-"""Per-packet versus per-block reading of TPACKET_V3 blocks, in packets per CPU-second.
+"""The compiled table versus the per-packet reference reading TPACKET_V3 blocks, in packets per
+CPU-second.
 
 Builds realistic blocks in memory (``flowmap_dp.synth``: mixed 64-1500-byte frames, thousands
 of flows with skewed popularity, packet trains, TCP handshakes and closes, IPv4 + IPv6, some
-VLAN tags in the frame and some stripped into the TPACKET header) and feeds them to a session
-table with each reader:
+VLAN tags in the frame and some stripped into the TPACKET header) and feeds them to each table:
 
-* ``per-packet``  — ``flowmap_dp.block.feed_block``
-* ``per-block``   — ``flowmap_dp.vectorised.feed_block_vectorised``
+* ``per-packet``  — ``flowmap_dp.block.feed_block`` into ``SessionTable`` (the Python reference)
+* ``compiled``    — ``flowmap_dp.compiled.CompiledTable.feed_block`` (Rust walk, decoder and table;
+  detection stays Python)
 * ``reference``   — the leanest per-packet Python loop (one Struct call per header, one slice
   as a dict key, no decoding), measured in the same run so numbers from different machines
   can be compared by ratio.
 
 "cold" starts from an empty table and times every block (every flow is created on the way);
 "steady" feeds the first quarter of the blocks untimed, then times the rest (most flows are
-established; new connections, closes and undecided payloads still take the per-packet path). Prints a ratio, asserts
-nothing; the two readers' session counters are checked to be identical.
+established; new connections, closes and undecided payloads still reach the detectors). Prints
+ratios, asserts nothing; the two tables' final reports (every session, every counter) are
+checked to be identical.
 
     .venv/bin/python benchmarks/dp_blocks.py [--packets 300000] [--flows 5000] [--block-kib 1024]
 """
@@ -22,16 +24,18 @@ nothing; the two readers' session counters are checked to be identical.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
-from flowmap_dp.block import TPACKET3_HDR, block_packets, feed_block, pack_block
-from flowmap_dp.session import SessionTable
-from flowmap_dp.synth import mixed_traffic
-from flowmap_dp.vectorised import feed_block_vectorised
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
-Reader = Callable[[bytes, SessionTable], int]
-
+from flowmap_dp.block import TPACKET3_HDR, block_packets, pack_block  # noqa: E402
+from flowmap_dp.synth import mixed_traffic  # noqa: E402
+from tests.dp.twins import KINDS, Table, assert_same_reports, make_table  # noqa: E402
 
 def build_blocks(packets: int, flows: int, block_size: int, seed: int, close_rate: float = 0.005) -> list[bytes]:
     frames = mixed_traffic(packets, flows, seed=seed, close_rate=close_rate)
@@ -67,11 +71,14 @@ class _Settled:
     def feed(self, from_client: bool, payload: bytes) -> bool:
         return True
 
+    def judge_server_alone(self) -> bool:
+        return True
+
     def finish(self) -> None:
         pass
 
 
-def cpu(fn: Callable[[], None]) -> float:
+def cpu(fn: Callable[[], object]) -> float:
     t = time.process_time()
     fn()
     return time.process_time() - t
@@ -99,28 +106,28 @@ def main() -> None:
     print(f"reference loop (walk + slice key):  {ref / 1e6:6.3f} Mpps")
 
     factory = None if args.inspector == "real" else _Settled
-    results: dict[str, tuple[float, float, SessionTable]] = {}
+    results: dict[str, tuple[float, float, Table]] = {}
     warmup = len(blocks) // 4
     steady_packets = sum(block_packets(b)[0] for b in blocks[warmup:])
-    for name, reader in (("per-packet", feed_block), ("per-block", feed_block_vectorised)):
-        table = SessionTable(max_sessions=1_000_000, inspector_factory=factory)
-        cold = total / cpu(lambda: [reader(b, table) for b in blocks])
-        table = SessionTable(max_sessions=1_000_000, inspector_factory=factory)
+    for name in KINDS:
+        table = make_table(name, max_sessions=1_000_000, inspector_factory=factory)
+        cold = total / cpu(lambda: [table.feed_block(b) for b in blocks])
+        warm = make_table(name, max_sessions=1_000_000, inspector_factory=factory)
         for b in blocks[:warmup]:
-            reader(b, table)
-        steady = steady_packets / cpu(lambda: [reader(b, table) for b in blocks[warmup:]])
+            warm.feed_block(b)
+        steady = steady_packets / cpu(lambda: [warm.feed_block(b) for b in blocks[warmup:]])
         results[name] = (cold, steady, table)
         print(f"{name:11s} cold {cold / 1e6:6.3f} Mpps   steady {steady / 1e6:6.3f} Mpps"
               f"   (steady = {steady / ref:4.2f}x the reference loop; sessions {len(table)})")
-    (pc, pw, pt), (bc, bw, bt) = results["per-packet"], results["per-block"]
-    print(f"per-block / per-packet: cold {bc / pc:4.2f}x   steady {bw / pw:4.2f}x")
-
-    def snapshot(t: SessionTable) -> dict[bytes, tuple[object, ...]]:
-        return {k: (s.a_is_client, s.state, s.first, s.last, s.pkts_c2s, s.pkts_s2c, s.bytes_c2s, s.bytes_s2c)
-                for k, s in t.sessions.items()}
-
-    same = snapshot(pt) == snapshot(bt) and pt.stats.malformed == bt.stats.malformed
-    print(f"identical session counters: {'yes' if same else 'NO'}")
+    (pc, pw, pt), (cc, cw, ct) = results["per-packet"], results["compiled"]
+    print(f"compiled / per-packet: cold {cc / pc:4.2f}x   steady {cw / pw:4.2f}x")
+    pt.close_all()
+    ct.close_all()
+    try:
+        assert_same_reports(pt.collect(0.0), ct.collect(0.0))
+        print("identical reports (every session, every counter): yes")
+    except AssertionError as e:
+        print(f"identical reports (every session, every counter): NO\n{e}")
 
 
 if __name__ == "__main__":

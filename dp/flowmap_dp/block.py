@@ -1,11 +1,8 @@
 """TPACKET_V3 blocks: walk the packets of one block and feed them to a session table.
 
-Two readers with the same results (a test holds them to identical reports):
-
-* ``feed_block`` — per packet: one ``Struct`` call per ``tpacket3_hdr``, then ``decode`` and
-  ``SessionTable.packet``. Simple; the reference.
-* ``CompiledTable.feed_block`` (``flowmap_dp.compiled``, Rust in ``dp/native``) — the same walk,
-  decoder and table compiled, what ``flowmap dp run`` uses.
+``feed_block`` reads per packet: one ``Struct`` call per ``tpacket3_hdr``, then ``decode`` and
+``SessionTable.packet``. Simple; the reference of the compiled walk (``CompiledTable.feed_block``
+in ``flowmap_dp.compiled``), which a test holds to identical reports (tests/dp/test_compiled.py).
 
 Layout (``linux/if_packet.h``): ``struct tpacket_block_desc`` = version, offset_to_priv, then
 ``tpacket_hdr_v1`` {block_status, num_pkts, offset_to_first_pkt, blk_len, seq_num, ts_first,

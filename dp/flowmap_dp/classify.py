@@ -8,6 +8,7 @@ RST) starts a new flow, exactly as in the live table.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -29,14 +30,20 @@ def classify_table(path: str | Path, inspector_factory: InspectorFactory | None 
     """Run a capture through a fresh offline table and close every session; ``collect()`` is left
     to the caller (one delta per flow, plus the decode counters in ``health``)."""
     table = SessionTable(OFFLINE_MAX_SESSIONS, timeouts=None, inspector_factory=inspector_factory)
-    count = table.stats.count
-    for rec in read_records(path):
-        out = table.fragments.decode(rec.data, 0, len(rec.data), rec.link, 0, rec.wire_len, rec.ts)
-        count(out)
-        if type(out) is not str:
-            table.packet(out, rec.ts, rec.data)  # type: ignore[arg-type]
+    feed_frames(((rec.data, rec.link, rec.wire_len, rec.ts) for rec in read_records(path)), table)
     table.close_all()
     return table
+
+
+def feed_frames(frames: Iterable[tuple[bytes, int, int, float]], table: SessionTable) -> None:
+    """Capture-file records — (frame, link type, length on the wire, timestamp) — into ``table``,
+    one at a time: the reference of ``CompiledTable.feed_frames``."""
+    count, decode, packet = table.stats.count, table.fragments.decode, table.packet
+    for frame, link, wire_len, ts in frames:
+        out = decode(frame, 0, len(frame), link, 0, wire_len, ts)
+        count(out)
+        if type(out) is not str:
+            packet(out, ts, frame)  # type: ignore[arg-type]
 
 
 def flow_dict(d: SessionDelta) -> dict[str, Any]:

@@ -423,13 +423,11 @@ def test_vxlan_between_two_namespaces_stays_out_of_the_underlays_ring(pair: tupl
 
 def test_a_tunnel_without_a_link_header_is_read_as_raw_ip(privileged: None) -> None:
     """A TUN device (raw IP, like IPIP and WireGuard tunnels): the direction check finds the
-    source where the packet starts, and both readers decode the frames as IP."""
+    source where the packet starts, and both tables (compiled, per-packet) decode the frames as IP."""
     import fcntl
     import os
 
-    from flowmap_dp.block import feed_block
-    from flowmap_dp.session import SessionTable
-    from flowmap_dp.vectorised import feed_block_vectorised
+    from tests.dp.twins import KINDS, make_table
 
     lab = Lab()
     try:
@@ -458,10 +456,10 @@ def test_a_tunnel_without_a_link_header_is_read_as_raw_ip(privileged: None) -> N
             ring.wait(0.1)
             blocks += [bytes(b) for b in ring.blocks()]
             port = sock.getsockname()[1]
-            for reader in (feed_block, feed_block_vectorised):
-                table = SessionTable()
+            for kind in KINDS:
+                table = make_table(kind)
                 for block in blocks:
-                    reader(block, table)
+                    table.feed_block(block)
                 got = sorted((min((d.client, d.client_port), (d.server, d.server_port)),
                               max((d.client, d.client_port), (d.server, d.server_port)), d.bytes_c2s + d.bytes_s2c)
                              for d in table.collect(time.time()).sessions)

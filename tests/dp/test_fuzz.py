@@ -1,5 +1,6 @@
-"""Hostile input: no exception ever leaves decode, the session table or the inspector, and the
-decode counters always add up. The same loop at 1,000,000 frames is ``benchmarks/dp_fuzz.py``."""
+"""Hostile input: no exception ever leaves decode (Python or compiled), the session tables or the
+inspector; the decode counters always add up; and the compiled decoder and table say exactly what
+the Python ones say. The same loop at 1,000,000 frames is ``benchmarks/dp_fuzz.py``."""
 
 from __future__ import annotations
 
@@ -8,15 +9,17 @@ import random
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flowmap_dp.block import feed_block, pack_block
-from flowmap_dp.decode import IGNORED, MALFORMED, Decoded, decode
-from flowmap_dp.session import SessionTable
+from flowmap_dp import _native
+from flowmap_dp.block import pack_block
+from flowmap_dp.decode import IGNORED, MALFORMED, Decoded, Fragments, decode
 from flowmap_dp.synth import fuzz_frames, seed_frames
-from flowmap_dp.vectorised import feed_block_vectorised
+from tests.dp.twins import Twins, balanced, block_time, native_outcome
 
 LINKS = [0, 1, 101, 113, 228, 229, 276, 999]
 SEEDS = seed_frames(random.Random(3))
-TABLE = SessionTable(max_sessions=1000, max_fragments=16)  # real Inspector: detectors see the hostile payloads too
+# Real Inspector: the detectors see the hostile payloads too. Fed by every example, in order.
+TWINS = Twins(max_sessions=1000, max_fragments=16)
+FRAGMENTS = Fragments(16)
 
 
 def check(out: Decoded | str, size: int) -> None:
@@ -29,65 +32,62 @@ def check(out: Decoded | str, size: int) -> None:
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.binary(max_size=200), st.sampled_from(LINKS), st.integers(0, 4095))
-def test_random_bytes(raw: bytes, link: int, vlan: int) -> None:
-    out = decode(raw, 0, len(raw), link, vlan)
+@given(st.binary(max_size=200), st.sampled_from(LINKS), st.integers(0, 4095), st.sampled_from([0, 1, 60, 9000, 70000]))
+def test_random_bytes(raw: bytes, link: int, vlan: int, wire_len: int) -> None:
+    out = decode(raw, 0, len(raw), link, vlan, wire_len)
     check(out, len(raw))
-    tracked = TABLE.fragments.decode(raw, 0, len(raw), link, vlan, 0, 1.0)
+    assert _native.decode_frame(raw, 0, len(raw), link, vlan, wire_len) == native_outcome(out)
+    tracked = FRAGMENTS.decode(raw, 0, len(raw), link, vlan, 0, 1.0)
     check(tracked, len(raw))
     if isinstance(out, str) and out != "fragment":  # tracking changes only what a later fragment is
         assert tracked == out
-    if isinstance(out, Decoded):
-        TABLE.packet(out, 1.0, raw)
+    TWINS.feed_frames([(raw, link, wire_len, 1.0)])
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(SEEDS), st.lists(st.tuples(st.integers(0, 120), st.integers(0, 255)), max_size=8),
-       st.integers(0, 2000))
-def test_mutated_frames(seed: bytes, flips: list[tuple[int, int]], cut: int) -> None:
+       st.integers(0, 2000), st.integers(0, 20))
+def test_mutated_frames(seed: bytes, flips: list[tuple[int, int]], cut: int, start: int) -> None:
     raw = bytearray(seed)
     for at, value in flips:
         if at < len(raw):
             raw[at] = value
     data = bytes(raw[:cut])
-    out = TABLE.fragments.decode(data, 0, len(data), ts=2.0)
+    out = decode(data, 0, len(data))
     check(out, len(data))
-    if isinstance(out, Decoded):
-        TABLE.packet(out, 2.0, data)
-    TABLE.collect(3.0)
+    assert _native.decode_frame(data, 0, len(data), 1) == native_outcome(out)
+    start = min(start, len(data))  # a frame further into a buffer, as in a block
+    assert _native.decode_frame(data, start, len(data), 101) == native_outcome(decode(data, start, len(data), 101))
+    TWINS.feed_frames([(data, 1, len(data), 2.0)])
+    TWINS.collect(3.0)
 
 
-def test_bulk_fuzz_through_decode_sessions_inspector_and_both_readers() -> None:
+def test_bulk_fuzz_through_both_decoders_tables_and_the_inspector() -> None:
     frames = fuzz_frames(20_000, seed=42)
     rnd = random.Random(42)
-    direct = SessionTable(max_sessions=2000, max_fragments=64)  # small: the fragment bound is hit too
-    for i, raw in enumerate(frames):
-        out = direct.fragments.decode(raw, 0, len(raw), 1, 0, len(raw) + rnd.randrange(0, 3), float(i))
-        direct.stats.count(out)
-        if isinstance(out, Decoded):
-            direct.packet(out, float(i), raw)
-    stats = direct.stats
-    assert stats.total == len(frames) and stats.balanced()
-    assert stats.malformed["internal_error"] == 0
-    assert stats.decoded > 1000 and sum(stats.malformed.values()) > 1000 and stats.ignored["fragment"] > 0
+    frames += [rnd.randbytes(rnd.randrange(0, 200)) for _ in range(2000)]
+    outcomes: dict[str, int] = {}
+    for raw in frames:
+        link, wire_len = rnd.choice((1, 1, 1, 101, 113)), len(raw) + rnd.choice((0, 0, 1, 2000))
+        out = decode(raw, 0, len(raw), link, 0, wire_len)
+        assert _native.decode_frame(raw, 0, len(raw), link, 0, wire_len) == native_outcome(out), (raw.hex(), link)
+        kind = out if isinstance(out, str) else "decoded"
+        outcomes[kind] = outcomes.get(kind, 0) + 1
+    assert outcomes["decoded"] > 5000 and len(outcomes) >= 8 and "internal_error" not in outcomes
 
-    tagged = [(f, float(i), rnd.choice((None, None, 5))) for i, f in enumerate(frames)]
+    half = len(frames) // 2  # then a pause: what the fragment table remembers expires
+    tagged = [(f, i * 0.002 + (100 if i > half else 0), rnd.choice((None, None, 5))) for i, f in enumerate(frames)]
     blocks = []
     while tagged:
         block, n = pack_block(tagged, 1 << 15)
         blocks.append(block)
         tagged = tagged[n:]
-    a, b = SessionTable(max_fragments=64), SessionTable(max_fragments=64)
+    twins = Twins(max_sessions=500, max_fragments=64)  # small: the session and fragment bounds are hit
     for i, block in enumerate(blocks):
-        feed_block(block, a)
-        feed_block_vectorised(block, b)
+        twins.feed_blocks([block])
         if i % 3 == 2:  # expiry walks the tables in recency order: it must be the same order
-            a.collect(float(i * 1000))
-            b.collect(float(i * 1000))
-    assert [(k, s.last, s.pkts_c2s, s.pkts_s2c, s.bytes_c2s, s.bytes_s2c) for k, s in a.sessions.items()] == \
-        [(k, s.last, s.pkts_c2s, s.pkts_s2c, s.bytes_c2s, s.bytes_s2c) for k, s in b.sessions.items()]
-    assert a.stats.total == b.stats.total == len(frames)
-    assert a.stats.balanced() and b.stats.balanced() and a.stats.malformed == b.stats.malformed
-    ra, rb = a.collect(1e9), b.collect(1e9)
-    assert ra.health.malformed["internal_error"] == 0 and ra.health.decoded == rb.health.decoded
-    assert ra.health.fragments == rb.health.fragments and len(a.fragments) <= 64
+            twins.collect(block_time(block))
+    h = twins.collect(1e9).health
+    assert h.packets == len(frames) and balanced(h)
+    assert h.malformed["internal_error"] == 0 and h.ignored["fragment"] > 0 and h.evicted > 0 and h.expired > 0
+    assert h.fragments["evicted_full"] > 0 and h.fragments["expired"] > 0 and len(twins.ref.fragments) <= 64

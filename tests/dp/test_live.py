@@ -214,7 +214,7 @@ def _http_exchange(node: Node, tmp_path: Path, server: str, client: str, cport: 
         srv.wait()
 
 
-@pytest.mark.parametrize("parser", ["vectorised", "per-packet"])
+@pytest.mark.parametrize("parser", ["compiled", "per-packet"])
 @pytest.mark.parametrize("server,client", [(B4, A4), (B6, A6)], ids=["ipv4", "ipv6"])
 def test_tcp_session_counts_equal_the_kernel(node: Node, agent: Agent, start_dp: Callable[..., object],
                                              tmp_path: Path, server: str, client: str, parser: str) -> None:
