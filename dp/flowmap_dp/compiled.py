@@ -179,6 +179,7 @@ class CompiledTable:
 
     def _delta(self, row: Any) -> SessionDelta:
         handle, (proto, vlan, client, cport, server, sport), (first, last), (new, opened, end, state, code), counts = row
+        packets_c2s, packets_s2c, bytes_c2s, bytes_s2c = counts
         r = self._records.get(handle)
         app, decided, metadata, threats = self._apps[code], False, None, []
         if r is not None:
@@ -190,7 +191,8 @@ class CompiledTable:
             else:
                 r.app_new = False
         return SessionDelta(L4_NAMES.get(proto, str(proto)), proto, vlan, client, cport, server, sport, first, last,
-                            new, opened, bool(end), end, STATE_NAMES[state], app, decided, *counts, metadata, threats)
+                            new, opened, bool(end), end, STATE_NAMES[state], app, decided, packets_c2s, packets_s2c,
+                            bytes_c2s, bytes_s2c, metadata, threats)
 
     def count_parser_error(self) -> None:
         """A block whose parsing raised (a bug): counted as ``internal_error``."""

@@ -77,6 +77,7 @@ NEW_EXCHANGE_AFTER: Mapping[str, float] = MappingProxyType(
 # matched one stops lingering for later packets (an idle keep-alive connection reports its
 # metadata now, not when it ends, and holds no buffered payload meanwhile).
 INSPECTOR_IDLE = 2.0
+MAX_FEED_LIMIT = 255  # payload packets one session may feed its inspector (0: detection off)
 
 _NO_METADATA: Mapping[str, Any] = MappingProxyType({})
 _ICMP_REPLIES = frozenset({0, 129})  # echo reply: the receiver asked, so it is the client
@@ -249,6 +250,8 @@ class Detection:
     never stops the packet loop: it is counted in ``errors`` and the session stops asking."""
 
     def __init__(self, factory: InspectorFactory | None, feed_limit: int) -> None:
+        if not 0 <= feed_limit <= MAX_FEED_LIMIT:
+            raise ValueError(f"feed_limit must be 0 (detection off) to {MAX_FEED_LIMIT}, not {feed_limit}")
         self.factory: InspectorFactory = Inspector if factory is None else factory
         self.feed_limit = feed_limit
         self.errors = 0
@@ -373,7 +376,7 @@ class SessionTable:
             s.opening_seen = s.opened = True  # the client's first packet, read after the reply
         if d.proto == PROTO_TCP:
             self._tcp(s, d.flags, from_client)
-        if s.insp is not False and d.payload_end > d.payload_start:
+        if s.insp is not False and d.payload_end > d.payload_start and self.detection.feed_limit:
             _, client_port, _, server_port, _ = s.endpoints()
             self.detection.inspect(s, s.proto == PROTO_TCP, client_port, server_port, from_client,
                                    bytes(buf[d.payload_start:d.payload_end]))

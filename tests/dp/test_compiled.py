@@ -21,10 +21,10 @@ from flowmap_dp.block import block_packets, pack_block
 from flowmap_dp.classify import OFFLINE_MAX_SESSIONS, classify_file, flow_dict
 from flowmap_dp.detectors.base import Threat
 from flowmap_dp.pcapfile import read_records
-from flowmap_dp.session import DNS_NEW_LOOKUP, TFTP_REMEMBERED, Timeouts
+from flowmap_dp.session import HANDOFF_REMEMBERED, NEW_EXCHANGE_AFTER, Timeouts
 from flowmap_dp.synth import Frame, ether, ipv4, ipv6, mixed_traffic, tcp, udp
 from tests.dp.test_fragments import frags4, frags6
-from tests.dp.twins import Tape, Twins, assert_same_reports, balanced, block_time, blocks_of
+from tests.dp.twins import Tape, Twins, assert_same_reports, balanced, block_time, blocks_of, make_table
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 CAPTURES = sorted(p for folder in (DATA / "captures", DATA / "ndpi") for p in folder.rglob("*")
@@ -323,7 +323,7 @@ def test_a_new_lookup_on_a_decided_dns_5_tuple_within_one_batch(feed: str, answe
     assert ref[1][1] == [(not answer_first, frames[2][0][42:])]  # the second lookup's first packet
     (d,) = twins.collect(13.0).sessions
     assert (d.app, d.opened, d.packets_c2s, d.packets_s2c) == ("dns", True, 2, 2)
-    assert 12.0 - 10.001 > DNS_NEW_LOOKUP
+    assert 12.0 - 10.001 > NEW_EXCHANGE_AFTER["dns"]
 
 
 def test_a_new_lookup_names_what_the_real_detector_saw_last() -> None:
@@ -352,7 +352,7 @@ def test_tftp_data_sessions_are_oriented_by_the_request(v6: bool) -> None:
               f(s, c, 6000, 5000, b"\x00\x03\x00\x01" + b"x" * 512, 1.001),  # DATA, from a new port
               f(c, s, 5000, 6000, b"\x00\x04\x00\x01", 1.002)]  # ACK
     # More requesters than are remembered: the first one's data session is oriented by ports.
-    crowd = [f(c, s, 20000 + i, 69, b"\x00\x01f\x00octet\x00", 2.0) for i in range(TFTP_REMEMBERED)]
+    crowd = [f(c, s, 20000 + i, 69, b"\x00\x01f\x00octet\x00", 2.0) for i in range(HANDOFF_REMEMBERED)]
     frames += crowd + [f(s, c, 7100, 5000, b"\x00\x03\x00\x01", 3.0), f(s, c, 7001, 20001, b"\x00\x03\x00\x01", 3.0)]
     twins = Twins(Tape)
     twins.feed_blocks(blocks_of(frames))
@@ -504,15 +504,20 @@ def test_random_sessions_with_every_rule(steps: list[tuple[Any, ...]], max_sessi
 
 
 @pytest.mark.parametrize("feed_limit", [
-    pytest.param(0, marks=pytest.mark.xfail(strict=True, reason="the compiled table hands no payload over at "
-                                            "feed_limit=0; the reference feeds one and settles")),
-    1, 2])
+    0, 1, 2])
 def test_the_feed_limit(feed_limit: int) -> None:
     frames = [(ether(ipv4(A4, B4, 17, udp(40000, 7, p))), 1.0 + i, None) for i, p in enumerate([b"a", b"b", b"c"])]
     twins = Twins(Tape, feed_limit=feed_limit)
     twins.feed_blocks(blocks_of(frames))
     twins.collect(9.0)
     assert twins.fed()[0] == twins.fed()[1]
+    assert sum(len(fed) for _, fed in twins.fed()[0]) == min(feed_limit, 3)  # 0: detection off, nothing fed
+
+
+def test_a_feed_limit_a_byte_cannot_hold_is_refused() -> None:
+    for kind in ("per-packet", "compiled"):
+        with pytest.raises(ValueError, match="feed_limit"):
+            make_table(kind, feed_limit=256)
 
 
 def test_a_parser_error_is_counted_alike() -> None:
