@@ -77,6 +77,8 @@ FRAGMENT_COUNTERS: Final = (
 FRAGMENT_TIMEOUT: Final = 30.0  # seconds a first fragment is remembered (the kernel's ipfrag_time)
 FRAGMENT_MAX: Final = 4096  # first fragments remembered at most; the oldest goes first
 
+MAX_WIRE_LEN: Final = 0xFFFFFFFF  # a capture says a frame's length in 32 bits (tp_len, pcap orig_len)
+
 L4_NAMES: Final = {PROTO_TCP: "tcp", PROTO_UDP: "udp", PROTO_ICMP: "icmp", PROTO_ICMPV6: "icmpv6"}
 
 _U16 = Struct("!H")
@@ -223,7 +225,7 @@ def decode(buf: bytes | memoryview, start: int, end: int, link: int = LINK_ETHER
     ``orig_len``); it is used only when an IP length field is 0 (GSO/BIG TCP super-packets).
     """
     try:
-        out = _decode(buf, start, end, link, vlan, wire_len or end - start)
+        out = _decode(buf, start, end, link, vlan, min(wire_len, MAX_WIRE_LEN) or end - start)
     except Exception:  # a decoder bug must not stop the packet loop; it is counted and fuzzed
         return "internal_error"
     return "fragment" if type(out) is _Later else out  # type: ignore[return-value]
@@ -258,7 +260,7 @@ class Fragments:
         """``decode``, with later fragments of remembered datagrams attributed; ``ts`` is the
         frame's capture time."""
         try:
-            out = _decode(buf, start, end, link, vlan, wire_len or end - start)
+            out = _decode(buf, start, end, link, vlan, min(wire_len, MAX_WIRE_LEN) or end - start)
             if type(out) is _Later:
                 return self._later(out, ts)
             if type(out) is Decoded and out.frag is not None:

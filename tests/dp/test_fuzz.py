@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flowmap_dp import _native
 from flowmap_dp.block import pack_block
 from flowmap_dp.decode import IGNORED, MALFORMED, Decoded, Fragments, decode
-from flowmap_dp.synth import fuzz_frames, seed_frames
+from flowmap_dp.synth import ether, fuzz_frames, ipv4, seed_frames, tcp
 from tests.dp.twins import Twins, balanced, block_time, native_outcome
 
 LINKS = [0, 1, 101, 113, 228, 229, 276, 999]
@@ -91,3 +93,16 @@ def test_bulk_fuzz_through_both_decoders_tables_and_the_inspector() -> None:
     assert h.packets == len(frames) and balanced(h)
     assert h.malformed["internal_error"] == 0 and h.ignored["fragment"] > 0 and h.evicted > 0 and h.expired > 0
     assert h.fragments["evicted_full"] > 0 and h.fragments["expired"] > 0 and len(twins.ref.fragments) <= 64
+
+
+@pytest.mark.parametrize("wire_len", [1 << 32, 1 << 63, (1 << 64) - 1])
+def test_a_wire_length_no_capture_gives_is_clamped_alike(wire_len: int) -> None:
+    """cargo-fuzz's first find: a length past 32 bits overflowed the compiled decoder's arithmetic
+    (wrapped in a release build, a panic in a debug one). Both decoders clamp it to 32 bits."""
+    syn = ether(ipv4(bytes([1, 2, 3, 4]), bytes([5, 6, 7, 8]), 6, tcp(1000, 80, 0x02)))
+    frame = syn[:16] + b"\x00\x00" + syn[18:]  # IP total length 0: the wire length is used
+    for raw in (bytes(14), frame):
+        assert _native.decode_frame(raw, 0, len(raw), 1, 0, wire_len) == native_outcome(decode(raw, 0, len(raw), 1, 0,
+                                                                                              wire_len))
+    out = decode(frame, 0, len(frame), 1, 0, wire_len)
+    assert not isinstance(out, str) and out.ip_len == 0xFFFFFFFF - 14

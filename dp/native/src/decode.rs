@@ -30,6 +30,7 @@ pub const PROTO_ICMPV6: u8 = 58;
 const IP6_FRAGMENT: u8 = 44;
 const IP6_AH: u8 = 51;
 const MAX_IP6_EXT: usize = 8;
+pub const MAX_WIRE_LEN: u64 = u32::MAX as u64;
 
 /// Why a frame is not a session's packet: `decode.MALFORMED` then `decode.IGNORED`, in order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -132,7 +133,9 @@ fn room(end: usize, pos: usize) -> i64 {
 pub fn decode(buf: &[u8], start: usize, end: usize, link: u32, vlan: u16, wire_len: u64, out: &mut Decoded) -> Outcome {
     let end = end.min(buf.len());
     let start = start.min(end);
-    let wire = if wire_len != 0 { wire_len as i64 } else { (end - start) as i64 };
+    // A capture says a frame's length in 32 bits (tp_len, pcap's orig_len): longer is no frame's
+    // (and would overflow the arithmetic below); decode.py clamps alike.
+    let wire = if wire_len != 0 { wire_len.min(MAX_WIRE_LEN) as i64 } else { (end - start) as i64 };
     let buf = &buf[..end];
     let mut vlan = vlan;
     let mut pos = start;
@@ -417,6 +420,10 @@ impl Fragments {
 
     pub fn len(&self) -> usize {
         self.seen.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
     }
 
     /// `Fragments.decode`: `decode`, with later fragments of remembered datagrams attributed.

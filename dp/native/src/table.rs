@@ -226,6 +226,10 @@ impl Table {
         self.index.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
     fn hash(&self, key: &Key) -> u64 {
         self.hasher.hash_one(key)
     }
@@ -237,7 +241,7 @@ impl Table {
 
     fn index_insert(&mut self, hash: u64, i: u32) {
         let (slots, hasher) = (&self.slots, &self.hasher);
-        self.index.insert_unique(hash, i, |&j| hasher.hash_one(&slots[j as usize].key));
+        self.index.insert_unique(hash, i, |&j| hasher.hash_one(slots[j as usize].key));
     }
 
     fn index_remove(&mut self, i: u32) {
@@ -422,7 +426,7 @@ impl Table {
                     s_svc = self.cfg.service[d.sport as usize];
                     d_svc = self.cfg.service[d.dport as usize];
                 }
-                let guess = !(s_svc && !d_svc);
+                let guess = !s_svc || d_svc; // not a reply from a service to a client's port
                 self.udp_expected(d, guess)
             }
             PROTO_ICMP | PROTO_ICMPV6 => d.flags != 0 && d.flags != 129, // echo reply: the receiver asked
