@@ -26,7 +26,7 @@ from flowmap_dp.detectors.base import Threat
 from flowmap_dp.detectors import NAMES
 from flowmap_dp.session import (
     _NO_METADATA, HANDOFF_PORTS, HANDOFF_REMEMBERED, INSPECTOR_IDLE, NEW_EXCHANGE_AFTER, STATE_NAMES, UDP_SERVICES,
-    Detection, Health, InspectorFactory, InspectorLike, Report, SessionDelta, Timeouts, is_service_port,
+    Detection, Health, InspectorFactory, InspectorLike, Report, SessionDelta, Timeouts, is_service_port, said_something,
 )
 
 FRAMES_PER_ANSWER = 1024  # capture-file frames fed between two answers to the events
@@ -173,7 +173,7 @@ class CompiledTable:
             r = self._records.get(handle)
             if r is not None and r.insp is not None and r.insp is not False and r.insp is not True:
                 self.detection.settle(r, finish=True)
-                self._decided(handle, r, dirty=True)
+                self._decided(handle, r, dirty=said_something(r))
         deltas = [self._delta(row) for row in self._t.collect(now, hold)]
         return Report(now, deltas, self.health())
 

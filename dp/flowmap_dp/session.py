@@ -307,6 +307,12 @@ class Detection:
         s.app_new = True
 
 
+def said_something(s: Inspected) -> bool:
+    """Whether settling gave a session something to report on its own (an app, metadata, a
+    threat): an idle session whose detectors found nothing waits for its next packet or its end."""
+    return s.app != "unknown" or bool(s.metadata) or bool(s.threats)
+
+
 class SessionTable:
     """Bounded session table in least-recently-seen order (the front is evicted first)."""
 
@@ -537,13 +543,14 @@ class SessionTable:
 
     def _settle_idle(self, before: float) -> None:
         """Settle the inspectors of sessions last seen at or before ``before`` (least recently
-        seen first, as far as recency order says they are that old)."""
+        seen first, as far as recency order says they are that old); the next report carries
+        those that have something to say."""
         for s in self.sessions.values():
             if s.last > before:
                 break
             if s.insp is not None and s.insp is not False and s.insp is not True:
                 self.detection.settle(s, finish=True)
-                if not s.dirty:
+                if said_something(s) and not s.dirty:
                     s.dirty = True
                     self._dirty[id(s)] = s
 

@@ -21,7 +21,7 @@ from flowmap_dp.block import block_packets, pack_block
 from flowmap_dp.classify import OFFLINE_MAX_SESSIONS, classify_file, flow_dict
 from flowmap_dp.detectors.base import Threat
 from flowmap_dp.pcapfile import read_records
-from flowmap_dp.session import HANDOFF_REMEMBERED, NEW_EXCHANGE_AFTER, Timeouts
+from flowmap_dp.session import HANDOFF_REMEMBERED, INSPECTOR_IDLE, NEW_EXCHANGE_AFTER, Timeouts
 from flowmap_dp.synth import Frame, ether, ipv4, ipv6, mixed_traffic, tcp, udp
 from tests.dp.test_fragments import frags4, frags6
 from tests.dp.twins import Tape, Twins, assert_same_reports, balanced, block_time, blocks_of, make_table
@@ -533,3 +533,28 @@ def test_the_reasons_a_table_is_closed_with() -> None:
     twins.close_all("shutdown")
     (d,) = twins.collect(2.0).sessions
     assert (d.closed, d.end_reason) == (True, "shutdown")
+
+
+class Lingerer(Tape):
+    """Matches ("http") on the first payload and lingers for more, never done on its own."""
+
+    def feed(self, from_client: bool, payload: bytes) -> bool:
+        self.fed.append((from_client, payload))
+        self.app = "http"
+        self.metadata = {"path": "/x"}
+        return False
+
+
+@pytest.mark.parametrize(("inspector", "reported"), [(Lingerer, True), (Tape, False)])
+def test_an_idle_inspector_is_settled_at_the_next_report(inspector: type[Tape], reported: bool) -> None:
+    """A session idle for INSPECTOR_IDLE with its detectors still at work is settled: with an app
+    (or metadata) it is reported now, decided; with nothing found it waits for its next packet."""
+    frames = [(ether(ipv4(A4, B4, 6, tcp(40000, 80, 0x18, b"GET /x"))), 10.0, None)]
+    twins = Twins(inspector)
+    twins.feed_blocks(blocks_of(frames))
+    first = twins.collect(10.5)
+    assert [d.app_decided for d in first.sessions] == [inspector is Lingerer]
+    assert twins.collect(10.0 + INSPECTOR_IDLE - 0.1).sessions == []  # not idle long enough
+    late = twins.collect(10.0 + INSPECTOR_IDLE)
+    assert [(d.app, d.app_decided, dict(d.metadata or {})) for d in late.sessions] == (
+        [("http", True, {"path": "/x"})] if reported else [])
