@@ -102,13 +102,17 @@ class Inspector:
 
     def _detect(self) -> None:
         keep: list[Detector] = []
+        silent = not self._bytes[False]  # the server has not spoken
         for det in self._candidates:
-            try:
-                verdict = det.detect(self.flow)
-            except Exception:  # a detector bug must not take the datapath down
-                self.errors += 1
-                log.debug("detector %s raised", det.name, exc_info=True)
-                continue
+            if silent and det.needs_answer:
+                verdict = Verdict.MORE
+            else:
+                try:
+                    verdict = det.detect(self.flow)
+                except Exception:  # a detector bug must not take the datapath down
+                    self.errors += 1
+                    log.debug("detector %s raised", det.name, exc_info=True)
+                    continue
             if verdict is Verdict.MATCH:
                 self._matched = det
                 self.app = det.name

@@ -86,6 +86,9 @@ class Detector:
     # Seconds of silence after which the protocol's 5-tuple, used again, carries a new exchange
     # to inspect anew (DNS: a resolver picks the same source port again for another lookup).
     new_exchange_after: float | None = None
+    # Says MORE until the server has spoken (echo: a round trip needs its answer): not asked
+    # before, which changes no verdict and saves a call per client packet.
+    needs_answer: bool = False
     # The server answers from a new port of its own (TFTP), so the session that carries the
     # answer starts with the server's packet: its requester is remembered as that one's client.
     answers_from_new_port: bool = False

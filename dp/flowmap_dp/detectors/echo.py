@@ -85,4 +85,5 @@ DETECTOR = Detector(
     detect=detect,
     extract=extract,
     conclude=conclude,
+    needs_answer=True,
 )
