@@ -42,7 +42,7 @@ from flowmap_dp.capture import Direction, Ring, RingConfig, fanout_group  # noqa
 from flowmap_dp.compiled import CompiledTable  # noqa: E402
 from flowmap_dp.running import BlockParser, LiveTable, make_table  # noqa: E402
 
-BLOCK, BLOCKS, SNAP = 1 << 22, 64, 256
+BLOCK, BLOCKS, SNAP = 1 << 22, 160, 256  # 640 MiB: room for 1,500,000 frames of the mix
 RING = RingConfig(block_size=BLOCK, block_count=BLOCKS, snaplen=SNAP, direction=Direction.BOTH)
 _NUM = struct.Struct("=I")
 
@@ -278,7 +278,7 @@ def live(link: Link, seconds: float, workers: int, interval: float) -> None:
 def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup in finally blocks
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    ap.add_argument("--packets", type=int, default=500_000)
+    ap.add_argument("--packets", type=int, default=1_500_000)
     ap.add_argument("--synflood", type=int, default=1_000_000)
     ap.add_argument("--live-seconds", type=float, default=5.0)
     ap.add_argument("--interval", type=float, default=1.0, help="the dp's report interval (the agent's default: 1 s)")
