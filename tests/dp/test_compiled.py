@@ -407,16 +407,12 @@ def test_expiry_by_protocol_and_state() -> None:
 
 # -- everything at random ---------------------------------------------------------------------------
 
-class Rules:
+class Rules(Tape):
     """An inspector steered by each payload's first byte: D decides "dns", L matches "http" and
     lingers, E raises (a detector bug), J makes the server's lone words decide, M adds metadata."""
 
     def __init__(self, l4: str, client_port: int, server_port: int) -> None:
-        self.ports = (l4, client_port, server_port)
-        self.fed: list[tuple[bool, bytes]] = []
-        self.app = "unknown"
-        self.metadata: dict[str, Any] = {}
-        self.threats: list[Threat] = []
+        super().__init__(l4, client_port, server_port)
         self.alone = False
 
     def feed(self, from_client: bool, payload: bytes) -> bool:
