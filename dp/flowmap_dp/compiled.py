@@ -61,7 +61,6 @@ class CompiledTable:
                  inspector_factory: InspectorFactory | None = None, feed_limit: int = 32,
                  max_pending: int | None = None, max_fragments: int = FRAGMENT_MAX) -> None:
         self.max_sessions = max_sessions
-        self.timeouts = timeouts
         self.detection = Detection(inspector_factory, feed_limit)
         limits = None if timeouts is None else (timeouts.tcp_open, timeouts.tcp_half_open, timeouts.tcp_closing,
                                                 timeouts.tcp_closed, timeouts.udp, timeouts.icmp, timeouts.other)
