@@ -149,6 +149,19 @@ pub enum Event {
 #[derive(Clone, Copy)]
 pub struct Timeouts(pub [f64; 7]);
 
+/// An index entry: a slot and its key's hash (32 bits of the keyed hash).
+#[derive(Clone, Copy)]
+struct Entry {
+    slot: u32,
+    hash: u32,
+}
+
+/// The index's 64-bit hash of a 32-bit one: the low bits pick the bucket, the top 7 are the tag
+/// (disjoint up to 2^25 buckets; larger tables still work, with less help from the tag).
+fn spread(hash: u32) -> u64 {
+    (hash as u64) << 32 | hash as u64
+}
+
 pub struct Config {
     pub max_sessions: usize,
     pub max_pending: usize,
@@ -179,7 +192,7 @@ pub struct Table {
     cfg: Config,
     slots: Vec<Session>,
     free: Vec<u32>,
-    index: HashTable<u32>, // slots, by the keyed hash of their key (4 bytes a session: cache-resident)
+    index: HashTable<Entry>, // slots by the keyed hash of their key; grows with the sessions
     hasher: RandomState,
     head: u32,
     tail: u32,
@@ -197,14 +210,16 @@ pub struct Table {
 
 impl Table {
     pub fn new(cfg: Config, fragments: Fragments) -> Self {
-        // Room for a full table up front (up to a million sessions: an offline table may be
-        // bounded far higher), so filling it never rehashes or moves the slots: address space
-        // is reserved, pages are touched as sessions arrive.
+        // Room for a full table's slots up front (up to a million sessions: an offline table may
+        // be bounded far higher), so filling it never moves them: address space is reserved,
+        // pages are touched as sessions arrive. The index grows instead: sized for the bound, a
+        // few thousand sessions would be scattered over megabytes and every lookup would miss
+        // the cache; its entries carry their hash, so growing never reads a slot.
         let room = cfg.max_sessions.min(RESERVED);
         Table {
             slots: Vec::with_capacity(room + cfg.max_pending.min(RESERVED)),
             free: Vec::new(),
-            index: HashTable::with_capacity(room),
+            index: HashTable::new(),
             hasher: RandomState::new(),
             head: NIL,
             tail: NIL,
@@ -230,23 +245,22 @@ impl Table {
         self.index.is_empty()
     }
 
-    fn hash(&self, key: &Key) -> u64 {
-        self.hasher.hash_one(key)
+    fn hash(&self, key: &Key) -> u32 {
+        (self.hasher.hash_one(key) >> 32) as u32
     }
 
-    fn find(&self, hash: u64, key: &Key) -> Option<u32> {
+    fn find(&self, hash: u32, key: &Key) -> Option<u32> {
         let slots = &self.slots;
-        self.index.find(hash, |&i| slots[i as usize].key == *key).copied()
+        self.index.find(spread(hash), |e| e.hash == hash && slots[e.slot as usize].key == *key).map(|e| e.slot)
     }
 
-    fn index_insert(&mut self, hash: u64, i: u32) {
-        let (slots, hasher) = (&self.slots, &self.hasher);
-        self.index.insert_unique(hash, i, |&j| hasher.hash_one(slots[j as usize].key));
+    fn index_insert(&mut self, hash: u32, i: u32) {
+        self.index.insert_unique(spread(hash), Entry { slot: i, hash }, |e| spread(e.hash));
     }
 
     fn index_remove(&mut self, i: u32) {
         let hash = self.hash(&self.slots[i as usize].key);
-        if let Ok(entry) = self.index.find_entry(hash, |&j| j == i) {
+        if let Ok(entry) = self.index.find_entry(spread(hash), |e| e.slot == i) {
             entry.remove();
         }
     }
@@ -400,7 +414,7 @@ impl Table {
         true
     }
 
-    fn create(&mut self, key: Key, hash: u64, fwd: bool, d: &Decoded, ts: f64) -> u32 {
+    fn create(&mut self, key: Key, hash: u32, fwd: bool, d: &Decoded, ts: f64) -> u32 {
         if self.index.len() >= self.cfg.max_sessions && self.head != NIL {
             let oldest = self.head;
             self.counters.evicted += 1;
