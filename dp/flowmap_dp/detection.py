@@ -30,6 +30,10 @@ MAX_THREATS = 4
 class Inspector:
     """Detects one session's application protocol from its first payload packets."""
 
+    # One per session still being inspected (thousands at a time): no per-instance dict.
+    __slots__ = ("flow", "app", "metadata", "threats", "errors", "_candidates", "_matched", "_lingered", "_bytes",
+                 "_before_client", "_done")
+
     def __init__(self, l4: str, client_port: int, server_port: int) -> None:
         self.flow = Flow(l4, client_port, server_port)
         self.app: str = UNKNOWN
@@ -39,7 +43,7 @@ class Inspector:
         self._candidates: list[Detector] = candidates(l4, client_port, server_port)
         self._matched: Detector | None = None
         self._lingered = 0
-        self._bytes = {True: 0, False: 0}
+        self._bytes = [0, 0]  # payload bytes kept: [server's, client's], indexed by from_client
         self._before_client = 0  # server payload packets read before the client's first
         self._done = False
 

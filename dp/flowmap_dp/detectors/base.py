@@ -26,7 +26,7 @@ class Verdict(enum.Enum):
     MORE = "more"  # cannot tell yet: ask again when more payload arrives
 
 
-@dataclass
+@dataclass(slots=True)
 class Flow:
     """What the detectors may look at: the first payloads of one session, split by direction."""
 
