@@ -75,12 +75,13 @@ def measure(kind: str, count: int, complete: bool) -> None:
     gc.collect()
     before = rss_mb()
     table, parse = make_table(kind, count)
+    live = 0
     for blocks, now in rounds:
         for block in blocks:
             parse(block)
-        report = table.collect(now)
-    live = report.health.sessions
-    del report  # what the table keeps, not the last interval's report
+        # The live dp turns each report into wire messages and lets it go: it is not kept while
+        # the next interval's packets arrive (nor is the last one: what the table keeps counts).
+        live = table.collect(now).health.sessions
     gc.collect()
     after = rss_mb()
     state = "detection settled" if complete else "still inspecting"
