@@ -3,8 +3,6 @@ from typing_extensions import Buffer
 
 VERSION: str
 SOURCE_DIGEST: str
-END_REASONS: list[str]
-MALFORMED_COUNT: int
 
 Row = tuple[int, tuple[int, int, bytes, int, bytes, int], tuple[float, float], tuple[bool, bool, str, int, int],
             tuple[int, int, int, int]]

@@ -49,7 +49,6 @@ pub enum Reason {
     NotIp,
     Fragment,
 }
-pub const MALFORMED_COUNT: usize = 10;
 pub const REASONS: usize = 12;
 
 /// An address of either family; IPv4 in the first 4 bytes, the rest zero.

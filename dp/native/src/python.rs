@@ -252,8 +252,6 @@ fn decode_frame<'py>(py: Python<'py>, frame: &Bound<'py, PyAny>, start: usize, e
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("VERSION", env!("CARGO_PKG_VERSION"))?;
     m.add("SOURCE_DIGEST", env!("FLOWMAP_SOURCE_DIGEST"))?;
-    m.add("END_REASONS", END_REASONS.to_vec())?;
-    m.add("MALFORMED_COUNT", decode::MALFORMED_COUNT)?;
     m.add_class::<Table>()?;
     m.add_function(wrap_pyfunction!(decode_frame, m)?)?;
     Ok(())
