@@ -195,3 +195,16 @@ def test_every_crate_linked_into_the_extension_may_ship_under_apache_2() -> None
         assert {"flowmap-dp-native", "pyo3"} <= {p["name"] for p in packages}, target
         bad = [f"{p['name']} {p['version']}: {why}" for p in packages if (why := problem(p))]
         assert not bad, f"{target}: crates linked into flowmap_dp._native that cannot ship in the image: {bad}"
+
+
+# -- the fuzz targets follow the crate ----------------------------------------------------------
+
+def test_the_fuzz_targets_compile_against_the_crate_as_it_is() -> None:
+    """dp/native/fuzz drives the crate's pure core; running it needs a nightly compiler
+    (hack/fuzz-dp.sh), so nothing else would notice when a change to the core leaves the targets
+    behind. ``cargo check`` (any toolchain) does."""
+    need(shutil.which("cargo") is not None, "cargo is needed to check dp/native/fuzz (make test installs Rust)")
+    target_dir = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "flowmap" / "fuzz-check"
+    argv = ["cargo", "check", "--locked", "--bins", "--quiet", "--target-dir", str(target_dir)]
+    proc = subprocess.run(argv, cwd=CRATE / "fuzz", capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{' '.join(argv)} (in dp/native/fuzz) failed:\n{proc.stderr[-4000:]}"

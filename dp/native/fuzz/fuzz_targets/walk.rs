@@ -31,8 +31,10 @@ const TP_STATUS_USER: u32 = 0x1;
 const TP_STATUS_VLAN_VALID: u32 = 0x10;
 const SHUTDOWN: u8 = 7; // END_REASONS[7]
 const MAX_FRAMES: usize = 64; // per block
+const DNS: u8 = 1; // app codes: one whose 5-tuple carries a new exchange after a 1 s pause, one never
+const OTHER: u8 = 2;
 const BASE_TS: u32 = 1_700_000_000;
-/// Time steps between frames (flags bits 5-7): none, within a burst, past the DNS new-lookup
+/// Time steps between frames (flags bits 5-7): none, within a burst, past a new-exchange
 /// pause, past the short timeouts, past them all, and backwards (rings are read in turn).
 const STEPS: [f64; 8] = [0.0, 0.001, 0.2, 1.5, 12.0, 45.0, 400.0, -0.7];
 
@@ -61,16 +63,20 @@ fuzz_target!(|data: &[u8]| {
     for p in [53, 67, 69, 123, 5353] {
         udp_service[p] = true;
     }
+    let mut handoff = vec![false; 65_536];
+    handoff[69] = true;
+    let mut new_exchange_after = [f64::INFINITY; 256];
+    new_exchange_after[DNS as usize] = 1.0;
     let cfg = Config {
         max_sessions: plan.max_sessions,
         max_pending: limits as usize % 17,
-        feed_limit: 1 + (limits >> 5) as u16,
+        feed_limit: 1 + (limits >> 5),
         timeouts: (mode & 8 != 0).then_some(Timeouts([60.0, 10.0, 10.0, 2.0, 30.0, 10.0, 30.0])),
         service,
         udp_service,
-        tftp_port: 69,
-        tftp_remembered: 4,
-        new_lookup_after: 1.0,
+        handoff,
+        handoff_remembered: 4,
+        new_exchange_after,
     };
     let mut table = Table::new(cfg, Fragments::new(plan.max_fragments, if fragments & 0x80 != 0 { 1.0 } else { 30.0 }));
     let mut seen = Seen::default();
@@ -131,7 +137,8 @@ fn feed(table: &mut Table, block: &[u8], frames: Option<usize>, plan: &Plan) {
 }
 
 /// The detectors: take the events and answer some (policy 0: never; 1: every session decided;
-/// 2: decided, DNS for port 53; 3: every other handle decided as DNS, and a handle that is gone).
+/// 2: decided, DNS for port 53 (and to be reported); 3: every other handle decided as DNS, and a
+/// handle that is gone).
 fn answer(table: &mut Table, policy: u8) {
     let mut decided = Vec::new();
     for e in &table.events {
@@ -142,10 +149,10 @@ fn answer(table: &mut Table, policy: u8) {
     }
     for (handle, dns) in decided {
         match policy {
-            1 => table.set_inspection(handle, false),
-            2 => table.set_inspection(handle, dns),
-            3 if handle & 1 == 0 => table.set_inspection(handle, true),
-            3 => table.set_inspection(handle.wrapping_add(1 << 32) | 0xFFFF, false),
+            1 => table.set_inspection(handle, OTHER, false),
+            2 => table.set_inspection(handle, if dns { DNS } else { OTHER }, dns),
+            3 if handle & 1 == 0 => table.set_inspection(handle, DNS, true),
+            3 => table.set_inspection(handle.wrapping_add(1 << 32) | 0xFFFF, OTHER, false),
             _ => {}
         }
     }
