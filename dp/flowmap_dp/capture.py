@@ -100,10 +100,12 @@ BPF_JA = 0x05
 BPF_JEQ_K = 0x15
 BPF_JSET_K = 0x45
 BPF_RET_K = 0x06
-IPPROTO_UDP = 17
+BPF_ALU_AND_K = 0x54  # A &= k
+PACKET_HOST = 0
+IPPROTO_TCP, IPPROTO_UDP, IPPROTO_SCTP = 6, 17, 132
 # Offsets in the IP header, from the network header (SKF_NET_OFF + ...).
-IPV4_PROTO, IPV4_FRAG, IPV4_SRC = 9, 6, 12
-IPV6_NEXT, IPV6_SRC, IPV6_PAYLOAD = 6, 8, 40
+IPV4_PROTO, IPV4_FRAG, IPV4_SRC, IPV4_DST = 9, 6, 12, 16
+IPV6_NEXT, IPV6_SRC, IPV6_DST, IPV6_PAYLOAD = 6, 8, 24, 40
 MAX_OVERLAY = 16  # encapsulations per ring: conditional jumps reach 255 instructions
 
 _REQ3 = struct.Struct("=7I")  # struct tpacket_req3
@@ -258,13 +260,13 @@ def _drop_overlay(overlay: Sequence[Encapsulation]) -> list[Insn]:
         # IPv6: UDP right after the fixed header (behind extension headers it is not looked for).
         six += [(BPF_JEQ_K, 0, "keep", IPPROTO_UDP), *by_port((BPF_LD_H_ABS, 0, 0, net + IPV6_PAYLOAD)),
                 *by_port((BPF_LD_H_ABS, 0, 0, net + IPV6_PAYLOAD + 2))]
-    return _assemble([(BPF_LD_W_ABS, 0, 0, SKF_AD_PROTOCOL), (BPF_JEQ_K, 0, "six", ETH_P_IP),
+    return assemble([(BPF_LD_W_ABS, 0, 0, SKF_AD_PROTOCOL), (BPF_JEQ_K, 0, "six", ETH_P_IP),
                       *four, (BPF_JA, 0, 0, "keep"),
                       "six", (BPF_JEQ_K, 0, "keep", ETH_P_IPV6), *six, (BPF_JA, 0, 0, "keep"),
                       "drop", (BPF_RET_K, 0, 0, 0), "keep"])
 
 
-def _assemble(items: Sequence[Asm | str]) -> list[Insn]:
+def assemble(items: Sequence[Asm | str]) -> list[Insn]:
     """Instructions with labels: a string item marks a place, a string jump target names one
     (``ja``'s target is its ``k``). A label after the last instruction is the code that follows."""
     where: dict[str, int] = {}

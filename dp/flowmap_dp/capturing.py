@@ -1,0 +1,337 @@
+"""Packet captures on demand: a pure recorder that keeps each capture's bounds and state, and a
+thin edge that feeds it from one small TPACKET_V3 ring per target interface.
+
+The rings are the capture's own (``capture.Ring`` with the filters compiled by
+``filtering.compile_filters``): the dp's main rings and per-packet path never see a capture.
+The :class:`Recorder` knows nothing of sockets: it is given packets and a clock and writes the
+pcapng file through ``pcapng.Writer``, stopping at the first bound a packet would pass:
+
+* ``max_packets`` (MaxPacketsReached, once the last allowed packet is written), ``max_bytes``
+  (MaxBytesReached: the whole file, blocks included), the node's disk budget shared by all its
+  captures (NodeDiskFull) and ``duration`` counted from the start, or from the trigger for an
+  armed capture (DurationReached).
+* An *armed* capture (``pre_trigger`` > 0) writes its header at once but keeps its matching
+  packets in memory, the last ``pre_trigger`` seconds of them and at most ``max_bytes`` of
+  blocks; :meth:`Recorder.fire` writes that window and goes on as a running capture.
+
+The :class:`Captures` set holds at most ``max_captures`` armed or running captures per node;
+one more ends at once with NodeCaptureLimit.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import BinaryIO
+
+from flowmap_dp import pcapng
+from flowmap_dp.capture import FRAME, Direction, Ring, RingConfig, iter_frames
+from flowmap_dp.filtering import Filter, compile_filters
+
+
+class State(enum.Enum):
+    """A capture's life on one node."""
+
+    ARMED = "armed"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class StopReason(enum.Enum):
+    """Why a capture ended (the names the PacketCapture status uses)."""
+
+    DURATION = "DurationReached"
+    MAX_BYTES = "MaxBytesReached"
+    MAX_PACKETS = "MaxPacketsReached"
+    DISK_FULL = "NodeDiskFull"
+    NODE_LIMIT = "NodeCaptureLimit"
+    STOPPED = "Stopped"
+    INTERFACE_GONE = "InterfaceGone"
+    FAILED = "Failed"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One interface to capture on, and the words its interface block carries."""
+
+    name: str
+    description: str = ""  # "namespace/workload pod-name"
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What one capture asks of this node (the agent's Control, decoded)."""
+
+    id: str  # namespace/name/uid
+    targets: tuple[Target, ...]
+    filters: tuple[Filter, ...] = ()
+    snaplen: int = 128
+    max_bytes: int = 1 << 20
+    max_packets: int = 10_000
+    duration: float = 60.0
+    pre_trigger: float = 0.0  # seconds kept before the trigger; 0: not armed, starts at once
+
+    def __post_init__(self) -> None:
+        if not (0 < self.snaplen <= 262144 and 1024 <= self.max_bytes and 0 < self.max_packets
+                and 0 < self.duration and 0 <= self.pre_trigger):
+            raise ValueError(f"capture {self.id!r}: a bound out of range")
+
+
+class DiskBudget:
+    """The node's bytes for all capture files; a capture takes before it writes."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.used = 0
+
+    def take(self, size: int) -> bool:
+        """Reserve ``size`` bytes; False (nothing taken) when they are not left."""
+        if self.used + size > self.total:
+            return False
+        self.used += size
+        return True
+
+    def give_back(self, size: int) -> None:
+        """A file of ``size`` bytes was deleted."""
+        self.used = max(0, self.used - size)
+
+
+@dataclass
+class _Held:
+    interface: int
+    ts_ns: int
+    data: bytes
+    original: int
+    size: int  # its block's size in the file
+
+
+class Recorder:
+    """One capture's state and bounds over one pcapng file (pure: no sockets, no clock of its own).
+
+    ``now`` is always the wall clock in seconds, the clock of the packets' timestamps, so the
+    pre-trigger window compares one with the other.
+    """
+
+    def __init__(self, spec: Spec, out: BinaryIO, budget: DiskBudget, now: float) -> None:
+        self.spec = spec
+        self.writer = pcapng.Writer(out, spec.max_bytes)
+        self.budget = budget
+        self.state = State.ARMED if spec.pre_trigger > 0 else State.RUNNING
+        self.reason: StopReason | None = None
+        self.message = ""
+        self.started = now
+        self.fired: float | None = None
+        self.packets = 0
+        self.bytes = 0
+        self.window: deque[_Held] = deque()
+        self.window_bytes = 0
+        header = [pcapng.section_header(comment=f"flowmap capture {spec.id}")]
+        header += [pcapng.interface_description(t.name, t.description, spec.snaplen) for t in spec.targets]
+        for block in header:
+            if not self._write(block):
+                return
+        self.writer.snaplens = [spec.snaplen] * len(spec.targets)
+
+    @property
+    def active(self) -> bool:
+        """Armed or running."""
+        return self.state in (State.ARMED, State.RUNNING)
+
+    def offer(self, interface: int, ts_ns: int, data: bytes | memoryview, original: int, now: float) -> None:
+        """One packet the filters kept on target ``interface`` (an index into the spec's targets)."""
+        if self.state is State.RUNNING:
+            self._record(interface, ts_ns, bytes(data), original)
+        elif self.state is State.ARMED:
+            held = _Held(interface, ts_ns, bytes(data), original, pcapng.enhanced_packet_size(len(data)))
+            self.window.append(held)
+            self.window_bytes += held.size
+            self._trim(now)
+
+    def fire(self, now: float) -> None:
+        """The trigger happened: write the pre-trigger window and run from here."""
+        if self.state is not State.ARMED:
+            return
+        self._trim(now)
+        self.state, self.fired = State.RUNNING, now
+        while self.window and self.state is State.RUNNING:
+            held = self.window.popleft()
+            self._record(held.interface, held.ts_ns, held.data, held.original)
+        self.window.clear()
+        self.window_bytes = 0
+
+    def tick(self, now: float) -> None:
+        """Let time pass: the duration runs from the start, or from the trigger when armed."""
+        if self.state is State.ARMED:
+            self._trim(now)
+        elif self.state is State.RUNNING and now - (self.fired or self.started) >= self.spec.duration:
+            self.stop(StopReason.DURATION)
+
+    def stop(self, reason: StopReason, message: str = "") -> None:
+        """End the capture (no-op when it has ended)."""
+        if not self.active:
+            return
+        self.state = State.FAILED if reason is StopReason.FAILED else State.DONE
+        self.reason, self.message = reason, message
+        self.window.clear()
+        self.window_bytes = 0
+
+    def _trim(self, now: float) -> None:
+        """Keep the window within its seconds and within what the file still has room for."""
+        since = int((now - self.spec.pre_trigger) * 1e9)
+        room = self.spec.max_bytes - self.writer.size
+        while self.window and (self.window_bytes > room or self.window[0].ts_ns < since):
+            self.window_bytes -= self.window.popleft().size
+
+    def _record(self, interface: int, ts_ns: int, data: bytes, original: int) -> None:
+        if self._write(pcapng.enhanced_packet(interface, ts_ns, data, original)):
+            self.packets += 1
+            self.bytes += len(data)
+            if self.packets >= self.spec.max_packets:
+                self.stop(StopReason.MAX_PACKETS)
+
+    def _write(self, block: bytes) -> bool:
+        if not self.writer.fits(len(block)):
+            self.stop(StopReason.MAX_BYTES)
+            return False
+        if not self.budget.take(len(block)):
+            self.stop(StopReason.DISK_FULL)
+            return False
+        return self.writer.write(block)
+
+
+# A capture's own rings: small (1 MiB per interface), both directions of the veth, no rx hash.
+RING = RingConfig(block_size=1 << 18, block_count=4, retire_timeout_ms=50, direction=Direction.BOTH,
+                  fill_rxhash=False)
+
+
+@dataclass(frozen=True)
+class Result:
+    """What the dp reports of one capture."""
+
+    id: str
+    state: State
+    packets: int = 0
+    bytes: int = 0
+    drops: int = 0
+    file_bytes: int = 0
+    sha256: str = ""  # once done
+    reason: StopReason | None = None
+    message: str = ""
+    path: str = ""
+
+
+def frames(block: memoryview) -> Iterator[tuple[int, memoryview, int]]:
+    """(timestamp in ns, captured bytes, original length) of each frame of a ring block."""
+    for off, snap, length, _pkttype in iter_frames(block):
+        _next, sec, nsec, _snap, _len, _status, mac, _net = FRAME.unpack_from(block, off)
+        yield sec * 1_000_000_000 + nsec, block[off + mac : off + mac + snap], length
+
+
+class Capture:
+    """One capture on this node: its rings, its file and its :class:`Recorder` (the edge)."""
+
+    def __init__(self, spec: Spec, path: Path, budget: DiskBudget, now: float, ring: RingConfig = RING) -> None:
+        self.spec, self.path = spec, path
+        self.file = open(path, "wb")
+        self.recorder = Recorder(spec, self.file, budget, now)
+        config = replace(ring, snaplen=spec.snaplen, filter=compile_filters(spec.filters, spec.snaplen))
+        self.rings: list[Ring | None] = []
+        self.drops = 0
+        for target in spec.targets:
+            try:
+                self.rings.append(Ring(target.name, config) if self.recorder.active else None)
+            except OSError:
+                self.rings.append(None)  # gone before we came: its interface block stays empty
+        if not any(self.rings):
+            self.recorder.stop(StopReason.INTERFACE_GONE, "no target interface could be opened")
+        self._closed = False
+        self._finish_if_done()
+
+    def poll(self, now: float) -> None:
+        """Take every ready block of every ring into the recorder, then let time pass."""
+        for index, ring in enumerate(self.rings):
+            if ring is None or not self.recorder.active:
+                continue
+            self._drain(index, ring, now)
+            if ring.gone:
+                self.drops += ring.read_stats().drops
+                ring.close()
+                self.rings[index] = None
+        if not any(self.rings):
+            self.recorder.stop(StopReason.INTERFACE_GONE, "every target interface went away")
+        self.recorder.tick(now)
+        self._finish_if_done()
+
+    def _drain(self, index: int, ring: Ring, now: float) -> None:
+        # Its own frame: no view into the ring outlives it, so the ring can be closed after.
+        for block in ring.blocks():
+            for ts_ns, data, length in frames(block):
+                self.recorder.offer(index, ts_ns, data, length, now)
+                data.release()
+
+    def fire(self, now: float) -> None:
+        """The trigger happened (see :meth:`Recorder.fire`)."""
+        self.poll(now)
+        self.recorder.fire(now)
+        self._finish_if_done()
+
+    def stop(self, reason: StopReason = StopReason.STOPPED) -> None:
+        """End it now (deleted or stopped by the user, the dp stopping)."""
+        self.recorder.stop(reason)
+        self._finish_if_done()
+
+    def result(self) -> Result:
+        """Counters so far; the sha256 once the file is closed."""
+        r = self.recorder
+        drops = self.drops + sum(ring.read_stats().drops for ring in self.rings if ring is not None)
+        return Result(self.spec.id, r.state, r.packets, r.bytes, drops, r.writer.size,
+                      r.writer.hexdigest() if self._closed else "", r.reason, r.message, str(self.path))
+
+    def _finish_if_done(self) -> None:
+        if self.recorder.active or self._closed:
+            return
+        for ring in self.rings:
+            if ring is not None:
+                self.drops += ring.read_stats().drops
+                ring.close()
+        self.rings = [None] * len(self.rings)
+        self.file.close()
+        self._closed = True
+
+
+class Captures:
+    """The node's captures: at most ``max_captures`` armed or running, one disk budget for all."""
+
+    def __init__(self, folder: Path, budget: DiskBudget, max_captures: int = 4) -> None:
+        self.folder, self.budget, self.max_captures = folder, budget, max_captures
+        self.captures: dict[str, Capture] = {}
+        self.refused: dict[str, Result] = {}
+
+    def start(self, spec: Spec, now: float) -> Result:
+        """Start (or arm) one capture, unless the node already holds its cap of them."""
+        if sum(c.recorder.active for c in self.captures.values()) >= self.max_captures:
+            self.refused[spec.id] = Result(spec.id, State.FAILED, reason=StopReason.NODE_LIMIT,
+                                           message=f"this node runs at most {self.max_captures} captures")
+            return self.refused[spec.id]
+        name = spec.id.replace("/", "_") + ".pcapng"
+        self.captures[spec.id] = Capture(spec, self.folder / name, self.budget, now)
+        return self.captures[spec.id].result()
+
+    def poll(self, now: float) -> None:
+        """Let every active capture read its rings."""
+        for capture in self.captures.values():
+            if capture.recorder.active:
+                capture.poll(now)
+
+    def results(self) -> list[Result]:
+        """Every capture's result, the refused ones included."""
+        return [c.result() for c in self.captures.values()] + list(self.refused.values())
+
+    def close(self) -> None:
+        """Stop every capture (the dp is stopping)."""
+        for capture in self.captures.values():
+            capture.stop()
