@@ -118,8 +118,7 @@ class Recorder:
 
     def __init__(self, spec: Spec, out: BinaryIO, budget: DiskBudget, now: float) -> None:
         self.spec = spec
-        self.writer = pcapng.Writer(out, spec.max_bytes)
-        self.budget = budget
+        self.writer = pcapng.Writer(out, spec.max_bytes, reserve=budget.take)
         self.state = State.ARMED if spec.pre_trigger > 0 else State.RUNNING
         self.reason: StopReason | None = None
         self.message = ""
@@ -129,12 +128,13 @@ class Recorder:
         self.bytes = 0
         self.window: deque[_Held] = deque()
         self.window_bytes = 0
-        header = [pcapng.section_header(comment=f"flowmap capture {spec.id}")]
-        header += [pcapng.interface_description(t.name, t.description, spec.snaplen) for t in spec.targets]
-        for block in header:
-            if not self._write(block):
+        if not self.writer.section(comment=f"flowmap capture {spec.id}"):
+            self._bound()
+            return
+        for t in spec.targets:
+            if self.writer.interface(t.name, t.description, spec.snaplen) is None:
+                self._bound()
                 return
-        self.writer.snaplens = [spec.snaplen] * len(spec.targets)
 
     @property
     def active(self) -> bool:
@@ -187,20 +187,17 @@ class Recorder:
             self.window_bytes -= self.window.popleft().size
 
     def _record(self, interface: int, ts_ns: int, data: bytes, original: int) -> None:
-        if self._write(pcapng.enhanced_packet(interface, ts_ns, data, original)):
-            self.packets += 1
-            self.bytes += len(data)
-            if self.packets >= self.spec.max_packets:
-                self.stop(StopReason.MAX_PACKETS)
+        if not self.writer.packet(interface, ts_ns, data, original):
+            self._bound()
+            return
+        self.packets += 1
+        self.bytes += len(data)
+        if self.packets >= self.spec.max_packets:
+            self.stop(StopReason.MAX_PACKETS)
 
-    def _write(self, block: bytes) -> bool:
-        if not self.writer.fits(len(block)):
-            self.stop(StopReason.MAX_BYTES)
-            return False
-        if not self.budget.take(len(block)):
-            self.stop(StopReason.DISK_FULL)
-            return False
-        return self.writer.write(block)
+    def _bound(self) -> None:
+        """The writer refused a block: stop on the bound it hit."""
+        self.stop(StopReason.DISK_FULL if self.writer.starved else StopReason.MAX_BYTES)
 
 
 # A capture's own rings: small (1 MiB per interface), both directions of the veth, no rx hash.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from struct import Struct
+from collections.abc import Callable
 from typing import BinaryIO
 
 LINKTYPE_ETHERNET = 1
@@ -92,18 +93,22 @@ class Writer:
     """Writes blocks to ``out``, never past ``max_bytes`` in all; keeps the size and the sha256.
 
     A block that would not fit is not written at all (the file stays a valid pcapng ending on a
-    whole block) and ``full`` turns true: the caller stops there and reports the bound.
+    whole block) and ``full`` turns true: the caller stops there and reports the bound. With
+    ``reserve`` (a budget shared with other files: the node's disk), each block also takes its
+    size from it first; when it cannot, nothing is written and ``starved`` turns true.
     """
 
-    def __init__(self, out: BinaryIO, max_bytes: int) -> None:
+    def __init__(self, out: BinaryIO, max_bytes: int, reserve: Callable[[int], bool] | None = None) -> None:
         if max_bytes <= 0:
             raise ValueError("max_bytes must be positive")
         self.out = out
         self.max_bytes = max_bytes
+        self.reserve = reserve
         self.size = 0
         self.packets = 0
         self.snaplens: list[int] = []  # per described interface (0: none)
         self.full = False
+        self.starved = False
         self._sha = hashlib.sha256()
 
     def fits(self, size: int) -> bool:
@@ -111,9 +116,12 @@ class Writer:
         return self.size + size <= self.max_bytes
 
     def write(self, block: bytes) -> bool:
-        """Write one encoded block; False (and ``full``) when it does not fit."""
+        """Write one encoded block; False (and ``full`` or ``starved``) when it does not fit."""
         if not self.fits(len(block)):
             self.full = True
+            return False
+        if self.reserve is not None and not self.reserve(len(block)):
+            self.starved = True
             return False
         self.out.write(block)
         self._sha.update(block)
