@@ -10,7 +10,8 @@ import pytest
 from flowmap_devenv.controlplane import ControlPlane
 from tests.conftest import REPO
 
-CRDS = ("groups.flowmap.dev", "connections.flowmap.dev", "networklearningpolicies.flowmap.dev")
+CRDS = ("groups.flowmap.dev", "connections.flowmap.dev", "networklearningpolicies.flowmap.dev",
+        "packetcaptures.flowmap.dev")
 
 
 def apply(plane: ControlPlane, manifest: str, *extra: str, check: bool = True):  # type: ignore[no-untyped-def]
@@ -35,7 +36,7 @@ def test_crds_are_established(controlplane: ControlPlane) -> None:
         assert conditions["Established"] == "True", name
         assert by_name[name]["spec"]["names"]["categories"] == ["flowmap"]
     short = {by_name[n]["spec"]["names"]["shortNames"][0] for n in CRDS}
-    assert short == {"fg", "conn", "nlp"}
+    assert short == {"fg", "conn", "nlp", "pcap"}
 
 
 CONNECTION = """
