@@ -15,7 +15,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 GROUP = "flowmap.dev"  # kopf's own ClusterKopfPeering CRD is installed too, but is not ours to document
-ORDER = ("Group", "Connection", "NetworkLearningPolicy")
+ORDER = ("Group", "Connection", "NetworkLearningPolicy", "PacketCapture")
 
 
 def _cell(text: str) -> str:

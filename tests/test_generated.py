@@ -27,7 +27,8 @@ def test_crd_reference_matches_the_crds(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     fresh = out.read_text()
-    for kind in ("## Group (", "## Connection (", "## NetworkLearningPolicy (", "`spec.port` | integer"):
+    for kind in ("## Group (", "## Connection (", "## NetworkLearningPolicy (", "## PacketCapture (",
+                 "`spec.port` | integer"):
         assert kind in fresh
     assert (REPO / "docs" / "crd-reference.md").read_text() == fresh, \
         "docs/crd-reference.md differs from crds/*.yaml; run 'make docs'"

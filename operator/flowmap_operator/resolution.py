@@ -513,6 +513,13 @@ class Resolver:
         return sorted((ns, name, ips, peer.node) for (ns, name), (ips, peer) in self._pod_ips.items()
                       if peer.group == group)
 
+    def namespace_pods(self, namespace: str) -> list[tuple[Peer, list[str], dict[str, str]]]:
+        """The live pods of a namespace (hostNetwork ones are their node's, not here): each its
+        workload group's Peer (``member`` the pod, ``node`` where it runs), addresses and labels."""
+        return sorted(((peer, list(ips), dict(self._pod_labels.get((ns, name), {})))
+                       for (ns, name), (ips, peer) in self._pod_ips.items() if ns == namespace),
+                      key=lambda found: found[0].member)
+
     def pods_labelled(self, namespace: str, labels: Mapping[str, str]) -> set[str]:
         """The workload groups of a namespace with a pod carrying all of ``labels``."""
         return {peer.group for (ns, name), (_, peer) in self._pod_ips.items()

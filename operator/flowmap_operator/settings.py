@@ -59,6 +59,9 @@ class Settings:
     max_cidr_groups: int = 1000
     max_fqdn_groups: int = 1000
     max_dns_names: int = 100_000
+    # PacketCaptures of one namespace that run at once (armed ones included); the others wait,
+    # Pending with reason NamespaceCaptureLimit (flowmap_operator.capturing).
+    max_captures_per_namespace: int = 4
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -85,6 +88,8 @@ class Settings:
                              "the contract's limit (flowmap_api.limits)")
         if settings.max_rpcs < 1 or settings.max_reports_at_once < 1:
             raise ValueError("FLOWMAP_OPERATOR_MAX_RPCS and FLOWMAP_OPERATOR_MAX_REPORTS_AT_ONCE: at least 1")
+        if settings.max_captures_per_namespace < 1:
+            raise ValueError("FLOWMAP_OPERATOR_MAX_CAPTURES_PER_NAMESPACE: at least 1")
         if settings.default_mode not in ("Learn", "Monitor", "Protect"):
             raise ValueError(f"FLOWMAP_OPERATOR_DEFAULT_MODE={settings.default_mode!r}: Learn, Monitor or Protect")
         return settings

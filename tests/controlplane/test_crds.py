@@ -10,7 +10,8 @@ import pytest
 from flowmap_devenv.controlplane import ControlPlane
 from tests.conftest import REPO
 
-CRDS = ("groups.flowmap.dev", "connections.flowmap.dev", "networklearningpolicies.flowmap.dev")
+CRDS = ("groups.flowmap.dev", "connections.flowmap.dev", "networklearningpolicies.flowmap.dev",
+        "packetcaptures.flowmap.dev")
 
 
 def apply(plane: ControlPlane, manifest: str, *extra: str, check: bool = True):  # type: ignore[no-untyped-def]
@@ -35,7 +36,7 @@ def test_crds_are_established(controlplane: ControlPlane) -> None:
         assert conditions["Established"] == "True", name
         assert by_name[name]["spec"]["names"]["categories"] == ["flowmap"]
     short = {by_name[n]["spec"]["names"]["shortNames"][0] for n in CRDS}
-    assert short == {"fg", "conn", "nlp"}
+    assert short == {"fg", "conn", "nlp", "pcap"}
 
 
 CONNECTION = """
@@ -176,3 +177,164 @@ def test_samples_and_manifests_pass_server_side_dry_run(controlplane: ControlPla
     assert "namespace/flowmap-system" in out
     assert "clusterrole.rbac.authorization.k8s.io/flowmap-operator" in out
     assert "clusterkopfpeering.kopf.dev/flowmap" in out
+
+
+# -- PacketCapture ------------------------------------------------------------------------------------
+
+CAPTURE = """
+apiVersion: flowmap.dev/v1alpha1
+kind: PacketCapture
+metadata: {name: web, namespace: default}
+spec:
+  targets: {groups: [web]}
+"""
+
+
+def capture(name: str, spec: str) -> str:
+    """A PacketCapture in namespace default with ``spec`` (YAML indented by four)."""
+    return f"""
+apiVersion: flowmap.dev/v1alpha1
+kind: PacketCapture
+metadata: {{name: {name}, namespace: default}}
+spec:
+{spec}"""
+
+
+def test_capture_defaults_are_applied(controlplane: ControlPlane) -> None:
+    controlplane.kubectl("create", "namespace", "capturing")
+    apply(controlplane, capture("defaults", """\
+  targets: {podSelector: {matchLabels: {app: web}}}
+  filters: [{peer: {cidr: 10.0.0.0/8}}]
+  trigger: {"on": Violation}
+""").replace("namespace: default", "namespace: capturing"))
+    got = json.loads(controlplane.kubectl("get", "pcap", "defaults", "-n", "capturing", "-o", "json").stdout)["spec"]
+    assert got == {"targets": {"podSelector": {"matchLabels": {"app": "web"}}},
+                   "filters": [{"peer": {"cidr": "10.0.0.0/8"}, "direction": "Both"}],
+                   "trigger": {"on": "Violation", "preTriggerSeconds": 5},
+                   "durationSeconds": 60, "maxBytesPerNode": 1048576, "maxPacketsPerNode": 10000,
+                   "wholePackets": False, "ttlSecondsAfterFinished": 3600}
+    # snapLength has no schema default (it would always clash with wholePackets): the operator's is 128.
+    assert "snapLength" not in got
+
+
+def test_a_capture_at_every_upper_bound_is_accepted(controlplane: ControlPlane) -> None:
+    filters = "\n".join(f"    - {{peer: {{group: g{i}}}, protocol: UDP, port: {i + 1}, direction: Egress}}"
+                        for i in range(16))
+    apply(controlplane, capture("upper", f"""\
+  targets:
+    groups: [{", ".join(f"w{i}" for i in range(16))}]
+    podSelector: {{matchExpressions: [{{key: tier, operator: In, values: [a, b]}}]}}
+  filters:
+{filters}
+  durationSeconds: 600
+  maxBytesPerNode: 104857600
+  maxPacketsPerNode: 1000000
+  wholePackets: true
+  trigger: {{"on": Threat, preTriggerSeconds: 30}}
+  ttlSecondsAfterFinished: 604800
+"""))
+    apply(controlplane, capture("snap", """\
+  targets: {groups: [web]}
+  filters: [{peer: {cidr: "2001:db8::/48"}, protocol: SCTP, port: 65535}, {protocol: ICMP}]
+  snapLength: 1024
+  wholePackets: false
+"""))
+
+
+def test_capture_prints_its_columns(controlplane: ControlPlane) -> None:
+    apply(controlplane, capture("columns", '  targets: {groups: [web]}\n  trigger: {"on": Denied}\n'))
+    status = {"status": {"phase": "Running", "observedGeneration": 1,
+                         "totals": {"packets": 42, "bytes": 5000, "drops": 0, "fileBytes": 6144},
+                         "nodes": [{"node": "n1", "phase": "Running", "packets": 42, "bytes": 5000,
+                                    "fileBytes": 6144}],
+                         "conditions": [{"type": "Ready", "status": "True", "reason": "Running", "message": "1 node",
+                                         "lastTransitionTime": "2026-11-21T10:00:00Z", "observedGeneration": 1}]}}
+    controlplane.kubectl("patch", "pcap", "columns", "-n", "default", "--subresource=status", "--type=merge",
+                         "-p", json.dumps(status))
+    out = controlplane.kubectl("get", "packetcapture", "columns", "-n", "default").stdout.splitlines()
+    assert columns(out[0]) == ["NAME", "PHASE", "TRIGGER", "PACKETS", "SIZE", "AGE"]
+    assert columns(out[1])[:5] == ["columns", "Running", "Denied", "42", "6144"]
+    # It is in the flowmap category, and a plain update cannot touch status (subresource only).
+    assert "packetcapture.flowmap.dev/columns" in controlplane.kubectl("get", "flowmap", "-n", "default",
+                                                                       "-o", "name").stdout
+    apply(controlplane, capture("columns", '  targets: {groups: [web]}\n  trigger: {"on": Denied}\n'
+                                ).replace("spec:", "status: {phase: Failed}\nspec:"))
+    got = json.loads(controlplane.kubectl("get", "pcap", "columns", "-n", "default", "-o", "json").stdout)
+    assert got["status"]["phase"] == "Running"
+
+
+def test_a_capture_spec_is_immutable(controlplane: ControlPlane) -> None:
+    apply(controlplane, capture("fixed", "  targets: {groups: [web]}\n"))
+    message = refused(controlplane, capture("fixed", "  targets: {groups: [web]}\n  durationSeconds: 600\n"))
+    assert "spec" in message and "immutable" in message, message
+    message = refused(controlplane, capture("fixed", "  targets: {groups: [web, api]}\n"))
+    assert "immutable" in message, message
+
+
+def test_a_bare_on_is_refused_not_dropped(controlplane: ControlPlane) -> None:
+    # kubectl's YAML 1.1 reads a bare `on` as the boolean true: the field is then "true", which the
+    # API server refuses by name (strict decoding), rather than keeping a capture without its trigger.
+    message = refused(controlplane, capture("bare-on", "  targets: {groups: [web]}\n  trigger: {on: Denied}\n"))
+    assert 'unknown field "spec.trigger.true"' in message, message
+    # Without strict decoding the unknown field is pruned, and the trigger has no "on": refused too.
+    proc = apply(controlplane, capture("bare-on", "  targets: {groups: [web]}\n  trigger: {on: Denied}\n"),
+                 "--validate=false", check=False)
+    assert proc.returncode != 0 and "spec.trigger.on: Required value" in proc.stderr, proc.stderr
+
+
+SIXTEEN = ", ".join(["{protocol: TCP}"] * 16)
+INVALID_CAPTURES = [  # (spec, the field the refusal names, what it says)
+    ("  targets: {groups: [web]}\n  durationSeconds: 601\n", "spec.durationSeconds", "less than or equal to 600"),
+    ("  targets: {groups: [web]}\n  durationSeconds: 0\n", "spec.durationSeconds", "greater than or equal to 1"),
+    ("  targets: {groups: [web]}\n  maxBytesPerNode: 104857601\n", "spec.maxBytesPerNode",
+     "less than or equal to 104857600"),
+    ("  targets: {groups: [web]}\n  maxBytesPerNode: 1023\n", "spec.maxBytesPerNode", "greater than or equal to 1024"),
+    ("  targets: {groups: [web]}\n  maxPacketsPerNode: 1000001\n", "spec.maxPacketsPerNode",
+     "less than or equal to 1000000"),
+    ("  targets: {groups: [web]}\n  snapLength: 63\n", "spec.snapLength", "greater than or equal to 64"),
+    ("  targets: {groups: [web]}\n  snapLength: 1025\n", "spec.snapLength", "less than or equal to 1024"),
+    ("  targets: {groups: [web]}\n  snapLength: 128\n  wholePackets: true\n", "spec",
+     "snapLength and wholePackets do not go together"),
+    ("  targets: {groups: [web]}\n  ttlSecondsAfterFinished: 59\n", "spec.ttlSecondsAfterFinished",
+     "greater than or equal to 60"),
+    ("  targets: {groups: [web]}\n  ttlSecondsAfterFinished: 604801\n", "spec.ttlSecondsAfterFinished",
+     "less than or equal to 604800"),
+    ("  targets: {}\n", "spec.targets", "name groups or give a podSelector"),
+    ("  durationSeconds: 60\n", "spec.targets", "Required value"),
+    ("  targets: {groups: []}\n", "spec.targets.groups", "should have at least 1 items"),
+    ("  targets: {groups: [Web]}\n", "spec.targets.groups[0]", "should match"),
+    ("  targets: {groups: [shop/web]}\n", "spec.targets.groups[0]", "should match"),
+    ("  targets: {groups: [" + ", ".join(f"w{i}" for i in range(17)) + "]}\n", "spec.targets.groups",
+     "must have at most 16 items"),
+    ("  targets: {podSelector: {matchExpressions: [{key: a, operator: In}]}}\n",
+     "spec.targets.podSelector.matchExpressions[0]", "In and NotIn need values"),
+    ("  targets: {groups: [web]}\n  namespace: other\n", "spec", 'unknown field "spec.namespace"'),
+    ("  targets: {groups: [web]}\n  filters: [{peer: {cidr: 10.0.0.0/33}}]\n", "spec.filters[0].peer.cidr",
+     "must be a CIDR"),
+    ("  targets: {groups: [web]}\n  filters: [{peer: {cidr: db}}]\n", "spec.filters[0].peer.cidr", "must be a CIDR"),
+    ("  targets: {groups: [web]}\n  filters: [{peer: {group: db, cidr: 10.0.0.0/8}}]\n", "spec.filters[0].peer",
+     "either a group or a cidr"),
+    ("  targets: {groups: [web]}\n  filters: [{peer: {}}]\n", "spec.filters[0].peer", "either a group or a cidr"),
+    ("  targets: {groups: [web]}\n  filters: [{protocol: ICMP, port: 8}]\n", "spec.filters[0]",
+     "a port needs protocol TCP, UDP or SCTP"),
+    ("  targets: {groups: [web]}\n  filters: [{port: 53}]\n", "spec.filters[0]",
+     "a port needs protocol TCP, UDP or SCTP"),
+    ("  targets: {groups: [web]}\n  filters: [{protocol: TCP, port: 0}]\n", "spec.filters[0].port",
+     "greater than or equal to 1"),
+    ("  targets: {groups: [web]}\n  filters: [{protocol: GRE}]\n", "spec.filters[0].protocol", "Unsupported value"),
+    ("  targets: {groups: [web]}\n  filters: [{direction: In}]\n", "spec.filters[0].direction", "Unsupported value"),
+    (f"  targets: {{groups: [web]}}\n  filters: [{SIXTEEN}, {{protocol: UDP}}]\n", "spec.filters",
+     "must have at most 16 items"),
+    ('  targets: {groups: [web]}\n  trigger: {"on": Allowed}\n', "spec.trigger.on", "Unsupported value"),
+    ('  targets: {groups: [web]}\n  trigger: {"on": Denied, preTriggerSeconds: 31}\n',
+     "spec.trigger.preTriggerSeconds", "less than or equal to 30"),
+    ("  targets: {groups: [web]}\n  trigger: {preTriggerSeconds: 3}\n", "spec.trigger.on", "Required value"),
+]
+
+
+@pytest.mark.parametrize(("spec", "field", "says"), INVALID_CAPTURES,
+                         ids=[f"{field}-{' '.join(says.split()[:3])}" for _, field, says in INVALID_CAPTURES])
+def test_invalid_captures_are_refused_naming_the_field(controlplane: ControlPlane, spec: str, field: str,
+                                                       says: str) -> None:
+    message = refused(controlplane, capture("invalid", spec))
+    assert field in message and says in message, message

@@ -34,7 +34,8 @@ def test_up_status_env_down_leaves_nothing(controlplane: ControlPlane, tmp_path:
     assert sorted(crds) == ["customresourcedefinition.apiextensions.k8s.io/clusterkopfpeerings.kopf.dev",
                             "customresourcedefinition.apiextensions.k8s.io/connections.flowmap.dev",
                             "customresourcedefinition.apiextensions.k8s.io/groups.flowmap.dev",
-                            "customresourcedefinition.apiextensions.k8s.io/networklearningpolicies.flowmap.dev"]
+                            "customresourcedefinition.apiextensions.k8s.io/networklearningpolicies.flowmap.dev",
+                            "customresourcedefinition.apiextensions.k8s.io/packetcaptures.flowmap.dev"]
     # RBAC is on: an unknown user is refused.
     denied = plane.kubectl("get", "connections", "--as=nobody", check=False)
     assert denied.returncode != 0 and "forbidden" in denied.stderr.lower()

@@ -141,7 +141,8 @@ def test_the_operator_may_do_exactly_what_it_uses(installed: ControlPlane) -> No
                 | grant("flowmap.dev", "groups connections", "get list watch create delete")
                 | grant("flowmap.dev", "groups/status connections/status networklearningpolicies/status",
                         "get update patch")
-                | grant("flowmap.dev", "networklearningpolicies", "get list watch")
+                | grant("flowmap.dev", "networklearningpolicies packetcaptures", "get list watch")
+                | grant("flowmap.dev", "packetcaptures/status", "patch")
                 | grant("authentication.k8s.io", "tokenreviews", "create")
                 | grant("kopf.dev", "clusterkopfpeerings", "get list watch patch")
                 | grant("", "events", "create patch") | grant("events.k8s.io", "events", "create patch")
@@ -202,6 +203,23 @@ MATRIX = [  # (who, verb, resource, namespace (None: all), subresource, allowed)
     (EDITOR, "create", "connections", None, "", False),
     (EDITOR, "delete", "groups", None, "", False),
     (NOBODY, "list", "connections", None, "", False),
+    # Capturing a namespace is `create packetcaptures` there (reading the files: see the
+    # SubjectAccessReview test below; `kubectl auth can-i` cannot name a group no API serves).
+    (VIEWER, "list", "packetcaptures", "shop", "", True),
+    (VIEWER, "get", "packetcaptures", "shop", "", True),
+    (VIEWER, "create", "packetcaptures", "shop", "", False),
+    (VIEWER, "delete", "packetcaptures", "shop", "", False),
+    (EDITOR, "create", "packetcaptures", "shop", "", True),
+    (EDITOR, "delete", "packetcaptures", "shop", "", True),
+    (EDITOR, "update", "packetcaptures", "shop", "", False),  # the spec is immutable anyway
+    (EDITOR, "patch", "packetcaptures", "shop", "status", False),
+    (OPERATOR, "watch", "packetcaptures", None, "", True),
+    (OPERATOR, "patch", "packetcaptures", "shop", "status", True),
+    (OPERATOR, "update", "packetcaptures", "shop", "status", False),
+    (OPERATOR, "create", "packetcaptures", "shop", "", False),
+    (OPERATOR, "delete", "packetcaptures", "shop", "", False),
+    (AGENT, "list", "packetcaptures", None, "", False),
+    (NOBODY, "get", "packetcaptures", "shop", "", False),
 ]
 
 
@@ -222,3 +240,43 @@ def test_user_roles_join_view_edit_and_admin(installed: ControlPlane) -> None:
     assert labels("flowmap-viewer") == {"aggregate-to-view": "true", "aggregate-to-edit": "true",
                                         "aggregate-to-admin": "true"}
     assert labels("flowmap-editor") == {"aggregate-to-edit": "true", "aggregate-to-admin": "true"}
+
+
+CAPTURE = {"apiVersion": "flowmap.dev/v1alpha1", "kind": "PacketCapture", "metadata": {"name": "web"},
+           "spec": {"targets": {"groups": ["web"]}}}
+
+
+def test_capturing_a_namespace_is_creating_packetcaptures_there(installed: ControlPlane) -> None:
+    # carol may edit one namespace (a RoleBinding to flowmap-editor in "capture-a") and nothing else.
+    for ns in ("capture-a", "capture-b"):
+        installed.kubectl("create", "namespace", ns)
+    installed.kubectl("create", "rolebinding", "carol-edits", "-n", "capture-a", "--clusterrole=flowmap-editor",
+                      "--user=carol")
+
+    def create(who: str, namespace: str) -> tuple[int, str]:
+        proc = installed.kubectl("create", "-n", namespace, "-f", "-", f"--as={who}", input=json.dumps(CAPTURE),
+                                 check=False)
+        return proc.returncode, proc.stderr
+
+    code, err = create(VIEWER, "shop")  # may see captures, not make one: refused by name
+    assert code != 0 and 'User "alice" cannot create resource "packetcaptures" in API group "flowmap.dev"' in err, err
+    assert create("carol", "capture-a") == (0, "")
+    code, err = create("carol", "capture-b")
+    assert code != 0 and 'cannot create resource "packetcaptures"' in err and '"capture-b"' in err, err
+    assert create(EDITOR, "shop") == (0, "")
+    listed = installed.kubectl("get", "pcap", "-n", "shop", "-o", "name", f"--as={VIEWER}").stdout.split()
+    assert listed == ["packetcapture.flowmap.dev/web"]
+
+
+def test_the_file_server_asks_the_api_server_who_may_read_a_capture(installed: ControlPlane) -> None:
+    # What the component serving pcapng files will do for each caller: a SubjectAccessReview.
+    def allowed(user: str, namespace: str) -> bool:
+        review = {"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+                  "spec": {"user": user, "resourceAttributes": {
+                      "group": "results.flowmap.dev", "resource": "packetcaptures", "subresource": "pcapng",
+                      "verb": "get", "namespace": namespace, "name": "web"}}}
+        out = installed.kubectl("create", "-f", "-", "-o", "json", input=json.dumps(review)).stdout
+        return bool(json.loads(out)["status"].get("allowed"))
+
+    assert allowed(EDITOR, "shop") and not allowed(VIEWER, "shop") and not allowed(NOBODY, "shop")
+    assert not allowed(OPERATOR, "shop")

@@ -26,7 +26,8 @@ BUILT_IN = {"default", "kube-node-lease", "kube-public", "kube-system"}
 def contents(plane: ControlPlane) -> tuple[set[str], list[str]]:
     """The namespaces and every flowmap object, of any kind and namespace."""
     namespaces = json.loads(plane.kubectl("get", "namespaces", "-o", "json").stdout)["items"]
-    objects = plane.kubectl("get", "groups,connections,networklearningpolicies", "-A", "-o", "name").stdout
+    objects = plane.kubectl("get", "groups,connections,networklearningpolicies,packetcaptures", "-A",
+                            "-o", "name").stdout
     return {n["metadata"]["name"] for n in namespaces}, objects.split()
 
 
@@ -44,7 +45,8 @@ def empty() -> Iterator[ControlPlane]:
 
 
 def test_there_are_samples() -> None:
-    assert {p.name for p in SAMPLES} >= {"connection.yaml", "group-cidr.yaml", "networklearningpolicy.yaml"}
+    assert {p.name for p in SAMPLES} >= {"connection.yaml", "group-cidr.yaml", "networklearningpolicy.yaml",
+                                          "packetcapture.yaml"}
 
 
 @pytest.mark.parametrize("sample", SAMPLES, ids=[p.name for p in SAMPLES])
