@@ -379,7 +379,7 @@ class Captures:
     @property
     def active(self) -> bool:
         """Is any capture armed or running (else the loop has nothing to poll)?"""
-        return any(c.recorder.active for c in self.captures.values())
+        return bool(self.captures) and any(c.recorder.active for c in self.captures.values())
 
     def adopt(self) -> None:
         """Count the files an earlier run left in the folder (the dp's own names only; a folder

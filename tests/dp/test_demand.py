@@ -1,11 +1,14 @@
 """Packet captures as the agent asks for them: a Control's entries decoded into specs (or refused
 whole, with the reason), the plan that brings the node's captures to a Control, and the files:
-kept while listed or in ``keep``, deleted (their bytes given back) when neither."""
+kept while listed or in ``keep``, deleted (their bytes given back) when neither. Then live:
+``flowmap dp run`` between two pod namespaces, this test as the agent."""
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,9 @@ from flowmap_dp import wire_pb2
 from flowmap_dp.capturing import Captures, DiskBudget, Spec, State, StopReason, Target, file_name, id_of_file
 from flowmap_dp.demand import MAX_WANTED, Malformed, PacketCaptures, Plan, plan, spec_of, status
 from flowmap_dp.filtering import Filter, PodDirection
+from flowmap_dp.pcapfile import read_records
+from tests.dp.test_capturing import _udp
+from tests.dp.test_live import Agent, Node, agent, node, start_dp  # noqa: F401 (the fixtures)
 
 ID = "shop/web-dump/0b6f3a52-9f2c-4a8e-8c1e-1f2d3c4b5a69"
 
@@ -204,3 +210,89 @@ def test_a_planted_link_is_not_followed(tmp_path: Path) -> None:
     assert result.state is State.FAILED and "could not start" in result.message
     assert victim.read_text() == "precious"
 
+
+# Live: `flowmap dp run` as the node-agent starts it, this test as the agent (tests/dp/test_live.py).
+
+PORT = 6353
+LIVE_SIZES = [1, 50, 100, 500, 1000, 1400]
+
+
+def _status(agent: Agent, capture_id: str) -> wire_pb2.PacketCaptureStatus | None:
+    """The capture as worker 0's latest health says it stands."""
+    healths = [r.health for r in agent.reports if r.worker == 0 and r.HasField("health")]
+    found = [s for s in healths[-1].packet_captures if s.id == capture_id] if healths else []
+    return found[0] if found else None
+
+
+def _stands(agent: Agent, capture_id: str, state: str) -> Callable[[], bool]:
+    return lambda: (s := _status(agent, capture_id)) is not None and s.state == state
+
+
+def _on_pod_b(capture_id: str, node: Node, **kw: object) -> wire_pb2.PacketCapture:
+    """A capture of UDP port PORT on pod-b's veth, 128 bytes of each packet."""
+    return _entry(capture_id, targets=[wire_pb2.PacketCaptureTarget(name=node.host_b, description="default/b pod-b")],
+                  filters=[wire_pb2.PacketCaptureFilter(protocol=17, port=PORT)], **kw)
+
+
+def _wire(sizes: list[int]) -> list[int]:
+    """Frame lengths of the exchange on pod-b's veth: each datagram and its answer (half its
+    size) once: Ethernet 14 + IPv4 20 + UDP 8 + payload."""
+    return [42 + s for s in sizes] + [42 + s // 2 for s in sizes]
+
+
+def _records(path: str) -> list[tuple[float, int, int]]:
+    return [(r.ts, len(r.data), r.wire_len) for r in read_records(Path(path))]
+
+
+def test_the_agent_starts_a_capture_gets_its_file_and_has_it_deleted(
+        node: Node, agent: Agent, start_dp: Callable[..., object], tmp_path: Path) -> None:
+    folder = tmp_path / "captures"
+    start_dp("--capture-dir", str(folder))
+    both = [node.host_a, node.host_b]
+    cid = "default/udp-dump/4f1c"
+    agent.reader.set_control(wire_pb2.Control(interfaces=both, packet_captures=[
+        _on_pod_b(cid, node, duration_seconds=3)]))
+    assert agent.wait(_stands(agent, cid, "running")), _status(agent, cid)
+    _udp(node, LIVE_SIZES, PORT)  # and one datagram to PORT + 1, which the filter leaves out
+    assert agent.wait(_stands(agent, cid, "done")), _status(agent, cid)
+    s = _status(agent, cid)
+    assert s is not None and (s.stop_reason, s.drops, s.message) == ("DurationReached", 0, "")
+    raw = Path(s.path).read_bytes()
+    assert Path(s.path).parent == folder and (s.file_bytes, s.sha256) == (len(raw), hashlib.sha256(raw).hexdigest())
+    got = sorted((n, wire) for _, n, wire in _records(s.path))
+    assert got == sorted((min(128, w), w) for w in _wire(LIVE_SIZES))
+    assert (s.packets, s.bytes) == (len(got), sum(n for n, _ in got))
+    # No longer listed but kept: the file stays and is still reported.
+    agent.reader.set_control(wire_pb2.Control(interfaces=both, keep=[cid]))
+    agent.pump(1.0)
+    assert Path(s.path).read_bytes() == raw and _stands(agent, cid, "done")()
+    # Neither listed nor kept: deleted, and no longer reported.
+    agent.reader.set_control(wire_pb2.Control(interfaces=both))
+    assert agent.wait(lambda: bool(agent.reports) and _status(agent, cid) is None and not Path(s.path).exists())
+    assert list(folder.iterdir()) == []
+
+
+def test_an_armed_capture_fired_by_the_agent_holds_the_packets_from_before(
+        node: Node, agent: Agent, start_dp: Callable[..., object], tmp_path: Path) -> None:
+    start_dp("--capture-dir", str(tmp_path / "captures"))
+    both = [node.host_a, node.host_b]
+    cid = "default/armed-dump/9c2e"
+    entry = _on_pod_b(cid, node, pre_trigger_seconds=5, duration_seconds=2)
+    agent.reader.set_control(wire_pb2.Control(interfaces=both, packet_captures=[entry]))
+    assert agent.wait(_stands(agent, cid, "armed")), _status(agent, cid)
+    _udp(node, LIVE_SIZES[:3], PORT)
+    agent.pump(0.5)  # the dp has read them into its window (its rings hand over a block every 50 ms)
+    s = _status(agent, cid)
+    assert s is not None and (s.state, s.packets) == ("armed", 0)  # held in memory, not written yet
+    fired = time.time()
+    entry.fired = True
+    agent.reader.set_control(wire_pb2.Control(interfaces=both, packet_captures=[entry]))
+    assert agent.wait(_stands(agent, cid, "running")), _status(agent, cid)
+    _udp(node, LIVE_SIZES[3:], PORT)
+    assert agent.wait(_stands(agent, cid, "done")), _status(agent, cid)
+    s = _status(agent, cid)
+    assert s is not None and s.stop_reason == "DurationReached"
+    records = _records(s.path)
+    assert sorted(wire for ts, _, wire in records if ts < fired) == sorted(_wire(LIVE_SIZES[:3]))
+    assert sorted(wire for ts, _, wire in records if ts >= fired) == sorted(_wire(LIVE_SIZES[3:]))
+    assert s.packets == len(records) == 2 * len(LIVE_SIZES)
