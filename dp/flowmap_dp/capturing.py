@@ -15,14 +15,18 @@ pcapng file through ``pcapng.Writer``, stopping at the first bound a packet woul
   blocks; :meth:`Recorder.fire` writes that window and goes on as a running capture.
 
 The :class:`Captures` set holds at most ``max_captures`` armed or running captures per node;
-one more ends at once with NodeCaptureLimit.
+one more ends at once with NodeCaptureLimit. Each capture's file is ``<namespace>_<name>_<uid>.pcapng``
+in the node's folder (an id holds no ``_``, so the name gives the id back); a file is deleted
+only through :meth:`Captures.delete`, which gives its bytes back to the disk budget.
 """
 
 from __future__ import annotations
 
 import enum
+import os
+import re
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
@@ -54,6 +58,35 @@ class StopReason(enum.Enum):
     FAILED = "Failed"
 
 
+# A capture's id is its PacketCapture's namespace/name/uid: a DNS label, a DNS subdomain and a
+# UID (lowercase letters, digits, "-"). None of them holds "/" or "_", so the file name
+# (the id with "_" for "/") is safe in the folder and gives the id back.
+_LABEL = r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?"
+_ID = re.compile(rf"({_LABEL})/([a-z0-9](?:[-a-z0-9.]{{0,251}}[a-z0-9])?)/({_LABEL})")
+SUFFIX = ".pcapng"
+MAX_MESSAGE = 256  # characters of a capture's message
+
+
+def check_id(capture_id: str) -> str:
+    """``capture_id`` if it is a well-formed ``namespace/name/uid``; ValueError otherwise."""
+    if not _ID.fullmatch(capture_id):
+        raise ValueError(f"capture id {capture_id[:400]!r} is not namespace/name/uid")
+    return capture_id
+
+
+def file_name(capture_id: str) -> str:
+    """The name of a capture's file in the node's folder."""
+    return check_id(capture_id).replace("/", "_") + SUFFIX
+
+
+def id_of_file(name: str) -> str | None:
+    """The id of the capture whose file this is; None for a name the dp would not have made."""
+    if not name.endswith(SUFFIX):
+        return None
+    capture_id = name.removesuffix(SUFFIX).replace("_", "/")
+    return capture_id if _ID.fullmatch(capture_id) else None
+
+
 @dataclass(frozen=True)
 class Target:
     """One interface to capture on, and the words its interface block carries."""
@@ -76,6 +109,7 @@ class Spec:
     pre_trigger: float = 0.0  # seconds kept before the trigger; 0: not armed, starts at once
 
     def __post_init__(self) -> None:
+        check_id(self.id)
         if not (0 < self.snaplen <= 262144 and 1024 <= self.max_bytes and 0 < self.max_packets
                 and 0 < self.duration and 0 <= self.pre_trigger):
             raise ValueError(f"capture {self.id!r}: a bound out of range")
@@ -98,6 +132,11 @@ class DiskBudget:
     def give_back(self, size: int) -> None:
         """A file of ``size`` bytes was deleted."""
         self.used = max(0, self.used - size)
+
+    def count(self, size: int) -> None:
+        """``size`` bytes already on the disk (a file left by an earlier run): counted, even past
+        the total (then nothing more is written until enough is given back)."""
+        self.used += size
 
 
 @dataclass
@@ -221,6 +260,11 @@ class Result:
     path: str = ""
 
 
+def _create(path: str, flags: int) -> int:
+    """Open for writing, never through a symbolic link planted where the file goes."""
+    return os.open(path, flags | os.O_NOFOLLOW, 0o600)
+
+
 def frames(block: memoryview) -> Iterator[tuple[int, memoryview, int]]:
     """(timestamp in ns, captured bytes, original length) of each frame of a ring block."""
     for off, snap, length, _pkttype in iter_frames(block):
@@ -233,9 +277,15 @@ class Capture:
 
     def __init__(self, spec: Spec, path: Path, budget: DiskBudget, now: float, ring: RingConfig = RING) -> None:
         self.spec, self.path = spec, path
-        self.file = open(path, "wb")
-        self.recorder = Recorder(spec, self.file, budget, now)
+        # Compiled before the file exists: filters the kernel would refuse (ValueError) leave nothing.
         config = replace(ring, snaplen=spec.snaplen, filter=compile_filters(spec.filters, spec.snaplen))
+        self.file = open(path, "wb", opener=_create)
+        try:
+            self.recorder = Recorder(spec, self.file, budget, now)
+        except BaseException:  # a file the set does not hold would never be deleted
+            self.file.close()
+            path.unlink(missing_ok=True)
+            raise
         self.rings: list[Ring | None] = []
         self.drops = 0
         for target in spec.targets:
@@ -276,9 +326,9 @@ class Capture:
         self.recorder.fire(now)
         self._finish_if_done()
 
-    def stop(self, reason: StopReason = StopReason.STOPPED) -> None:
-        """End it now (deleted or stopped by the user, the dp stopping)."""
-        self.recorder.stop(reason)
+    def stop(self, reason: StopReason = StopReason.STOPPED, message: str = "") -> None:
+        """End it now (deleted or stopped by the user, the dp stopping, a failure)."""
+        self.recorder.stop(reason, message)
         self._finish_if_done()
 
     def result(self) -> Result:
@@ -296,36 +346,142 @@ class Capture:
                 self.drops += ring.read_stats().drops
                 ring.close()
         self.rings = [None] * len(self.rings)
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError as e:  # the last buffered blocks did not reach the disk
+            if self.recorder.reason is not StopReason.FAILED:
+                self.recorder.state, self.recorder.reason = State.FAILED, StopReason.FAILED
+                self.recorder.message = _why(e)
         self._closed = True
 
 
+def _why(e: Exception) -> str:
+    """An error, as a capture's message says it (bounded)."""
+    detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    return f"{type(e).__name__}: {detail}"[:MAX_MESSAGE]
+
+
 class Captures:
-    """The node's captures: at most ``max_captures`` armed or running, one disk budget for all."""
+    """The node's captures: at most ``max_captures`` armed or running, one disk budget for all.
+
+    ``captures`` have a file of this run; ``refused`` ended before they had one (the cap, a
+    failure to open), or are files of an earlier run whose capture was asked for again (see
+    :meth:`adopt`); ``leftovers`` are the other files of an earlier run, counted against the
+    budget until deleted, and not reported (their results were reported by that run).
+    """
 
     def __init__(self, folder: Path, budget: DiskBudget, max_captures: int = 4) -> None:
         self.folder, self.budget, self.max_captures = folder, budget, max_captures
         self.captures: dict[str, Capture] = {}
         self.refused: dict[str, Result] = {}
+        self.leftovers: dict[str, Result] = {}
+
+    @property
+    def active(self) -> bool:
+        """Is any capture armed or running (else the loop has nothing to poll)?"""
+        return bool(self.captures) and any(c.recorder.active for c in self.captures.values())
+
+    def adopt(self) -> None:
+        """Count the files an earlier run left in the folder (the dp's own names only; a folder
+        that does not exist yet has none; one that cannot be read fails the first start, saying why)."""
+        try:
+            entries = list(os.scandir(self.folder))
+        except OSError:
+            return
+        for entry in entries:
+            capture_id = id_of_file(entry.name)
+            if capture_id is None or not entry.is_file(follow_symlinks=False):
+                continue
+            size = entry.stat(follow_symlinks=False).st_size
+            self.budget.count(size)
+            self.leftovers[capture_id] = Result(capture_id, State.FAILED, file_bytes=size, reason=StopReason.FAILED,
+                                                message="interrupted: the dp restarted while it ran", path=entry.path)
 
     def start(self, spec: Spec, now: float) -> Result:
-        """Start (or arm) one capture, unless the node already holds its cap of them."""
+        """Start (or arm) one capture, unless the node already holds its cap of them. A file an
+        earlier run left under this id is not overwritten: that capture is reported as failed."""
+        if spec.id in self.leftovers:
+            return self.interrupted(spec.id)
         if sum(c.recorder.active for c in self.captures.values()) >= self.max_captures:
             self.refused[spec.id] = Result(spec.id, State.FAILED, reason=StopReason.NODE_LIMIT,
                                            message=f"this node runs at most {self.max_captures} captures")
             return self.refused[spec.id]
-        name = spec.id.replace("/", "_") + ".pcapng"
-        self.captures[spec.id] = Capture(spec, self.folder / name, self.budget, now)
+        try:
+            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.captures[spec.id] = Capture(spec, self.folder / file_name(spec.id), self.budget, now)
+        except Exception as e:  # a file or a ring that would not open; or a bug: never the dp's end
+            return self.refuse(spec.id, f"could not start: {_why(e)}")
         return self.captures[spec.id].result()
+
+    def interrupted(self, capture_id: str) -> Result:
+        """A file of an earlier run whose capture is asked for again: that run was stopped while
+        the capture ran, so it is reported failed, with its partial file (never overwritten)."""
+        if capture_id in self.leftovers:
+            self.refused[capture_id] = self.leftovers.pop(capture_id)
+        return self.refused[capture_id]
+
+    def refuse(self, capture_id: str, message: str) -> Result:
+        """Record a capture that never started (a malformed request, a file that would not open)."""
+        self.refused[capture_id] = Result(capture_id, State.FAILED, reason=StopReason.FAILED,
+                                          message=message[:MAX_MESSAGE])
+        return self.refused[capture_id]
+
+    def state(self, capture_id: str) -> State | None:
+        """Where a capture of this run stands; None for an id it does not hold."""
+        if capture_id in self.captures:
+            return self.captures[capture_id].recorder.state
+        return self.refused[capture_id].state if capture_id in self.refused else None
+
+    def fire(self, capture_id: str, now: float) -> None:
+        """The trigger of an armed capture happened."""
+        if (capture := self.captures.get(capture_id)) is not None:
+            self._guarded(capture, lambda: capture.fire(now))
+
+    def stop(self, capture_id: str, reason: StopReason = StopReason.STOPPED, message: str = "") -> None:
+        """End one capture now (its file stays until deleted)."""
+        if capture_id in self.captures:
+            self.captures[capture_id].stop(reason, message)
+
+    def delete(self, capture_id: str) -> None:
+        """Forget a capture (stopped first if it runs) and delete its file, giving its bytes
+        back to the budget. A file that cannot be deleted keeps its bytes counted."""
+        size, path = 0, ""
+        if (capture := self.captures.pop(capture_id, None)) is not None:
+            capture.stop()
+            size, path = capture.recorder.writer.size, str(capture.path)
+        for held in (self.refused, self.leftovers):
+            if (result := held.pop(capture_id, None)) is not None and result.path:
+                size, path = result.file_bytes, result.path
+        if not path:
+            return
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return
+        self.budget.give_back(size)
 
     def poll(self, now: float) -> None:
         """Let every active capture read its rings."""
         for capture in self.captures.values():
             if capture.recorder.active:
-                capture.poll(now)
+                self._guarded(capture, lambda: capture.poll(now))
+
+    @staticmethod
+    def _guarded(capture: Capture, work: Callable[[], None]) -> None:
+        """Do ``work``; when it fails (a write error: the disk; or a bug), that capture ends as
+        failed, saying why, and the others go on."""
+        try:
+            work()
+        except Exception as e:
+            try:
+                capture.stop(StopReason.FAILED, _why(e))
+            except Exception:  # its file or a ring would not even close: it still ends
+                capture.recorder.stop(StopReason.FAILED, _why(e))
 
     def results(self) -> list[Result]:
-        """Every capture's result, the refused ones included."""
+        """Every capture's result, the refused ones included (not the leftovers)."""
         return [c.result() for c in self.captures.values()] + list(self.refused.values())
 
     def close(self) -> None:

@@ -94,6 +94,14 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="reports waiting for the agent (while it restarts, say) before they are dropped")
     p.add_argument("--parser", choices=("compiled", "per-packet"), default="compiled",
                    help="block reader and session table: compiled (default) or the Python reference")
+    from flowmap_dp.running import Settings  # its defaults are the ones (here: only when run parses)
+
+    p.add_argument("--capture-dir", default=Settings.capture_dir, metavar="DIR",
+                   help="packet captures on demand: where their pcapng files go (default %(default)s)")
+    p.add_argument("--capture-disk-bytes", type=int, default=Settings.capture_disk_bytes, metavar="BYTES",
+                   help="the bytes all packet capture files may hold on this node (default %(default)s)")
+    p.add_argument("--max-captures", type=int, default=Settings.max_captures, metavar="N",
+                   help="packet captures armed or running at once on this node (default %(default)s)")
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -106,9 +114,11 @@ def run_command(args: argparse.Namespace) -> int:
         ring = RingConfig(block_size=args.block_size, block_count=args.block_count, retire_timeout_ms=args.retire_ms,
                           snaplen=args.snaplen, direction=Direction(args.direction), filter=bpf,
                           local_addresses=tuple(a for arg in args.local_address for a in arg.split(",") if a))
+        settings = Settings(interfaces=tuple(args.iface), socket_path=args.socket, interval=args.interval,
+                            workers=args.workers, ring=ring, max_sessions=args.max_sessions, queue_size=args.queue,
+                            parser=args.parser, capture_dir=args.capture_dir,
+                            capture_disk_bytes=args.capture_disk_bytes, max_captures=args.max_captures)
     except (ValueError, RuntimeError, OSError) as e:
         print(f"flowmap dp run: {e}", file=sys.stderr)
         return 2
-    return run(Settings(interfaces=tuple(args.iface), socket_path=args.socket, interval=args.interval,
-                        workers=args.workers, ring=ring, max_sessions=args.max_sessions, queue_size=args.queue,
-                        parser=args.parser))
+    return run(settings)

@@ -12,6 +12,10 @@ one interface form a PACKET_FANOUT group. The loop:
    is gone, put the new filter (the node's addresses, the overlay to drop on the underlay) on
    the rings kept; interfaces that cannot be attached yet are retried each interval, since the
    agent may name a pod's veth a moment before it exists.
+5. worker 0 alone also runs the node's packet captures on demand (``demand.PacketCaptures``):
+   it brings them to each ``Control`` at the interval, and reads their own small rings every
+   50 ms (their ring's retire timeout) while one is armed or running; with none, the loop
+   waits as if there were no such thing.
 
 **Why a supervisor opens the fanout members.** The kernel picks a member by
 ``hash % members`` over the group's members *in join order*, separately for each interface. A
@@ -38,10 +42,12 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Protocol
 
 from flowmap_dp import wire_pb2
 from flowmap_dp.capture import MAX_OVERLAY, Encapsulation, Ring, RingConfig, fanout_group, open_socket
+from flowmap_dp.demand import PacketCaptures
 from flowmap_dp.exporting import Exporter
 from flowmap_dp.reporting import iter_reports
 from flowmap_dp.compiled import CompiledTable
@@ -66,6 +72,15 @@ class Settings:
     part_size: int = 20_000  # session records per frame: keeps frames far below MAX_FRAME
     parser: str = "compiled"  # or "per-packet" (the reference)
     run_id: int = 0  # 0: pick a random one
+    # Packet captures on demand (worker 0, flowmap_dp.demand): where their files go, the bytes
+    # all of them may hold on the node's disk, and how many may be armed or running at once.
+    capture_dir: str = "/var/lib/flowmap/captures"
+    capture_disk_bytes: int = 256 << 20
+    max_captures: int = 4
+
+    def __post_init__(self) -> None:
+        if self.capture_disk_bytes < 0 or self.max_captures < 0:
+            raise ValueError("--capture-disk-bytes and --max-captures cannot be negative")
 
 
 @dataclass(frozen=True)
@@ -154,7 +169,15 @@ def _send(chan: socket.socket, msg: dict[str, Any], fds: Sequence[int] = ()) -> 
 
 
 class Worker:
-    """One packet loop: its rings, its table, its exporter."""
+    """One packet loop: its rings, its table, its exporter; and for worker 0, the node's packet
+    captures on demand.
+
+    Every worker receives every ``Control`` (each has its own connection to the agent), so any
+    one could run the packet captures; worker 0 does, because it is always there (it is the only
+    process with ``--workers 1``, and the first with more) and the captures are the node's, one
+    set for all workers. Its reports' health carries their statuses; the other workers ignore
+    the Control's packet captures.
+    """
 
     def __init__(self, settings: Settings, worker: int = 0, channel: socket.socket | None = None) -> None:
         self.settings = settings
@@ -174,6 +197,8 @@ class Worker:
         self.blocks = 0
         self.stopping = False
         self._retired = [0, 0, 0]  # kernel stats of rings already detached
+        self.packet_captures = PacketCaptures(Path(settings.capture_dir), settings.capture_disk_bytes,
+                                              settings.max_captures) if worker == 0 else None
 
     # -- interfaces ----------------------------------------------------------------------------
 
@@ -281,6 +306,7 @@ class Worker:
             interfaces=sorted(self.rings), failed_interfaces=sorted(self.failed), blocks=self.blocks,
             sessions_created=h.created, sessions_expired=h.expired, sessions_closed=h.closed,
             inspector_errors=h.inspector_errors, fragments=h.fragments,
+            packet_captures=self.packet_captures.statuses() if self.packet_captures is not None else (),
         )
 
     def report(self, start: float, final: bool = False) -> None:
@@ -307,9 +333,14 @@ class Worker:
         # Rings with blocks still ready after their turn. A few blocks per ring per turn keeps
         # the rings fair and the reports on time under a sustained burst.
         pending: dict[int, Ring] = {}
+        captures = self.packet_captures
+        next_capture = 0.0  # the next read of the packet captures' rings, while any runs
         while not self.stopping:
+            wait = 0.0 if pending else max(0.0, next_report - time.monotonic())
+            if captures is not None and captures.active:
+                wait = min(wait, max(0.0, next_capture - time.monotonic()))
             try:
-                events = self.epoll.poll(0.0 if pending else max(0.0, next_report - time.monotonic()))
+                events = self.epoll.poll(wait)
             except InterruptedError:
                 events = []
             for fd, ev in events:
@@ -322,6 +353,9 @@ class Worker:
             for fd, ring in list(pending.items()):
                 if self.by_fd.get(fd) is not ring or not self._drain(ring, BLOCKS_PER_TURN):
                     del pending[fd]
+            if captures is not None and captures.active and time.monotonic() >= next_capture:
+                captures.poll(time.time())
+                next_capture = time.monotonic() + captures.POLL_INTERVAL
             if time.monotonic() >= next_report:
                 self._interval_tasks()
                 now = time.time()
@@ -332,6 +366,8 @@ class Worker:
                     next_report = time.monotonic() + interval
         for ring in list(self.rings.values()):
             self._drain(ring)
+        if captures is not None:
+            captures.close()  # Stopped, files kept: the final report says so
         self.report(start, final=True)
         for name in list(self.rings):
             self.detach(name)
@@ -343,6 +379,8 @@ class Worker:
             latest = self.exporter.controls.get()
         if latest is not None:
             self.apply(Capture.from_control(latest))
+            if self.packet_captures is not None:
+                self.packet_captures.apply(latest, time.time())
         for name, ring in list(self.rings.items()):
             if ring.gone:  # the interface went away: it stays wanted, it may come back
                 self.detach(name)

@@ -1,10 +1,20 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class PacketCaptureDirection(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PACKET_CAPTURE_DIRECTION_BOTH: _ClassVar[PacketCaptureDirection]
+    PACKET_CAPTURE_DIRECTION_INGRESS: _ClassVar[PacketCaptureDirection]
+    PACKET_CAPTURE_DIRECTION_EGRESS: _ClassVar[PacketCaptureDirection]
+PACKET_CAPTURE_DIRECTION_BOTH: PacketCaptureDirection
+PACKET_CAPTURE_DIRECTION_INGRESS: PacketCaptureDirection
+PACKET_CAPTURE_DIRECTION_EGRESS: PacketCaptureDirection
 
 class Session(_message.Message):
     __slots__ = ("ip_proto", "client_ip", "client_port", "server_ip", "server_port", "vlan", "new", "closed", "close_reason", "app", "metadata", "role_basis", "bytes_c2s", "bytes_s2c", "packets_c2s", "packets_s2c", "first_seen_ns", "last_seen_ns", "iface", "opened")
@@ -100,7 +110,7 @@ class ThreatHit(_message.Message):
     def __init__(self, threat: _Optional[str] = ..., ip_proto: _Optional[int] = ..., client_ip: _Optional[bytes] = ..., client_port: _Optional[int] = ..., server_ip: _Optional[bytes] = ..., server_port: _Optional[int] = ..., app: _Optional[str] = ..., snippet: _Optional[str] = ..., seen_ns: _Optional[int] = ..., where: _Optional[str] = ...) -> None: ...
 
 class Health(_message.Message):
-    __slots__ = ("packets", "decoded", "kernel_packets", "kernel_drops", "kernel_freezes", "malformed", "ignored", "table_size", "table_capacity", "evictions", "lost_reports", "lost_sessions", "interfaces", "failed_interfaces", "blocks", "sessions_created", "sessions_expired", "sessions_closed", "inspector_errors", "fragments")
+    __slots__ = ("packets", "decoded", "kernel_packets", "kernel_drops", "kernel_freezes", "malformed", "ignored", "table_size", "table_capacity", "evictions", "lost_reports", "lost_sessions", "interfaces", "failed_interfaces", "blocks", "sessions_created", "sessions_expired", "sessions_closed", "inspector_errors", "fragments", "packet_captures")
     class MalformedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +152,7 @@ class Health(_message.Message):
     SESSIONS_CLOSED_FIELD_NUMBER: _ClassVar[int]
     INSPECTOR_ERRORS_FIELD_NUMBER: _ClassVar[int]
     FRAGMENTS_FIELD_NUMBER: _ClassVar[int]
+    PACKET_CAPTURES_FIELD_NUMBER: _ClassVar[int]
     packets: int
     decoded: int
     kernel_packets: int
@@ -162,7 +173,32 @@ class Health(_message.Message):
     sessions_closed: int
     inspector_errors: int
     fragments: _containers.ScalarMap[str, int]
-    def __init__(self, packets: _Optional[int] = ..., decoded: _Optional[int] = ..., kernel_packets: _Optional[int] = ..., kernel_drops: _Optional[int] = ..., kernel_freezes: _Optional[int] = ..., malformed: _Optional[_Mapping[str, int]] = ..., ignored: _Optional[_Mapping[str, int]] = ..., table_size: _Optional[int] = ..., table_capacity: _Optional[int] = ..., evictions: _Optional[int] = ..., lost_reports: _Optional[int] = ..., lost_sessions: _Optional[int] = ..., interfaces: _Optional[_Iterable[str]] = ..., failed_interfaces: _Optional[_Iterable[str]] = ..., blocks: _Optional[int] = ..., sessions_created: _Optional[int] = ..., sessions_expired: _Optional[int] = ..., sessions_closed: _Optional[int] = ..., inspector_errors: _Optional[int] = ..., fragments: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    packet_captures: _containers.RepeatedCompositeFieldContainer[PacketCaptureStatus]
+    def __init__(self, packets: _Optional[int] = ..., decoded: _Optional[int] = ..., kernel_packets: _Optional[int] = ..., kernel_drops: _Optional[int] = ..., kernel_freezes: _Optional[int] = ..., malformed: _Optional[_Mapping[str, int]] = ..., ignored: _Optional[_Mapping[str, int]] = ..., table_size: _Optional[int] = ..., table_capacity: _Optional[int] = ..., evictions: _Optional[int] = ..., lost_reports: _Optional[int] = ..., lost_sessions: _Optional[int] = ..., interfaces: _Optional[_Iterable[str]] = ..., failed_interfaces: _Optional[_Iterable[str]] = ..., blocks: _Optional[int] = ..., sessions_created: _Optional[int] = ..., sessions_expired: _Optional[int] = ..., sessions_closed: _Optional[int] = ..., inspector_errors: _Optional[int] = ..., fragments: _Optional[_Mapping[str, int]] = ..., packet_captures: _Optional[_Iterable[_Union[PacketCaptureStatus, _Mapping]]] = ...) -> None: ...
+
+class PacketCaptureStatus(_message.Message):
+    __slots__ = ("id", "state", "packets", "bytes", "drops", "file_bytes", "sha256", "stop_reason", "message", "path")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PACKETS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    DROPS_FIELD_NUMBER: _ClassVar[int]
+    FILE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    STOP_REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    state: str
+    packets: int
+    bytes: int
+    drops: int
+    file_bytes: int
+    sha256: str
+    stop_reason: str
+    message: str
+    path: str
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[str] = ..., packets: _Optional[int] = ..., bytes: _Optional[int] = ..., drops: _Optional[int] = ..., file_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., stop_reason: _Optional[str] = ..., message: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
 
 class Report(_message.Message):
     __slots__ = ("run_id", "worker", "workers", "sequence", "part", "parts", "start_ns", "end_ns", "sessions", "dns", "threats", "health")
@@ -201,16 +237,70 @@ class Encapsulation(_message.Message):
     def __init__(self, ip_proto: _Optional[int] = ..., port: _Optional[int] = ...) -> None: ...
 
 class Control(_message.Message):
-    __slots__ = ("interfaces", "local_addresses", "underlay", "overlay")
+    __slots__ = ("interfaces", "local_addresses", "underlay", "overlay", "packet_captures", "keep")
     INTERFACES_FIELD_NUMBER: _ClassVar[int]
     LOCAL_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     UNDERLAY_FIELD_NUMBER: _ClassVar[int]
     OVERLAY_FIELD_NUMBER: _ClassVar[int]
+    PACKET_CAPTURES_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
     interfaces: _containers.RepeatedScalarFieldContainer[str]
     local_addresses: _containers.RepeatedScalarFieldContainer[str]
     underlay: _containers.RepeatedScalarFieldContainer[str]
     overlay: _containers.RepeatedCompositeFieldContainer[Encapsulation]
-    def __init__(self, interfaces: _Optional[_Iterable[str]] = ..., local_addresses: _Optional[_Iterable[str]] = ..., underlay: _Optional[_Iterable[str]] = ..., overlay: _Optional[_Iterable[_Union[Encapsulation, _Mapping]]] = ...) -> None: ...
+    packet_captures: _containers.RepeatedCompositeFieldContainer[PacketCapture]
+    keep: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, interfaces: _Optional[_Iterable[str]] = ..., local_addresses: _Optional[_Iterable[str]] = ..., underlay: _Optional[_Iterable[str]] = ..., overlay: _Optional[_Iterable[_Union[Encapsulation, _Mapping]]] = ..., packet_captures: _Optional[_Iterable[_Union[PacketCapture, _Mapping]]] = ..., keep: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PacketCaptureNetwork(_message.Message):
+    __slots__ = ("address", "prefix_length")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    address: bytes
+    prefix_length: int
+    def __init__(self, address: _Optional[bytes] = ..., prefix_length: _Optional[int] = ...) -> None: ...
+
+class PacketCaptureFilter(_message.Message):
+    __slots__ = ("peers", "protocol", "port", "direction")
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    peers: _containers.RepeatedCompositeFieldContainer[PacketCaptureNetwork]
+    protocol: int
+    port: int
+    direction: PacketCaptureDirection
+    def __init__(self, peers: _Optional[_Iterable[_Union[PacketCaptureNetwork, _Mapping]]] = ..., protocol: _Optional[int] = ..., port: _Optional[int] = ..., direction: _Optional[_Union[PacketCaptureDirection, str]] = ...) -> None: ...
+
+class PacketCaptureTarget(_message.Message):
+    __slots__ = ("name", "description")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    description: str
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ...) -> None: ...
+
+class PacketCapture(_message.Message):
+    __slots__ = ("id", "targets", "filters", "snap_length", "max_bytes", "max_packets", "duration_seconds", "pre_trigger_seconds", "fired")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    FILTERS_FIELD_NUMBER: _ClassVar[int]
+    SNAP_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_PACKETS_FIELD_NUMBER: _ClassVar[int]
+    DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PRE_TRIGGER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    FIRED_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    targets: _containers.RepeatedCompositeFieldContainer[PacketCaptureTarget]
+    filters: _containers.RepeatedCompositeFieldContainer[PacketCaptureFilter]
+    snap_length: int
+    max_bytes: int
+    max_packets: int
+    duration_seconds: int
+    pre_trigger_seconds: int
+    fired: bool
+    def __init__(self, id: _Optional[str] = ..., targets: _Optional[_Iterable[_Union[PacketCaptureTarget, _Mapping]]] = ..., filters: _Optional[_Iterable[_Union[PacketCaptureFilter, _Mapping]]] = ..., snap_length: _Optional[int] = ..., max_bytes: _Optional[int] = ..., max_packets: _Optional[int] = ..., duration_seconds: _Optional[int] = ..., pre_trigger_seconds: _Optional[int] = ..., fired: _Optional[bool] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("run_id", "worker", "sequence")
