@@ -73,6 +73,10 @@ def _register_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of ``flowmap dp run`` (and of ``python -m flowmap_dp``, the same command)."""
+    # Settings holds the defaults. Imported here, when a dp parser is built, not when `flowmap`
+    # starts: it loads the compiled module.
+    from flowmap_dp.running import PARSERS, Settings
+
     p.add_argument("--iface", action="append", default=[], metavar="IF",
                    help="interface to capture (repeat; the agent can change the set at run time)")
     p.add_argument("--socket", required=True, metavar="PATH", help="the agent's unix socket to connect to")
@@ -89,13 +93,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=1 << 20, help="ring block size in bytes (page multiple)")
     p.add_argument("--block-count", type=int, default=16, help="ring blocks per interface and worker")
     p.add_argument("--retire-ms", type=int, default=64, help="hand over a partly filled block after this long")
-    p.add_argument("--max-sessions", type=int, default=200_000, help="session table bound per worker")
+    p.add_argument("--max-sessions", type=int, default=Settings.max_sessions, help="session table bound per worker")
     p.add_argument("--queue", type=int, default=32,
                    help="reports waiting for the agent (while it restarts, say) before they are dropped")
-    p.add_argument("--parser", choices=("compiled", "per-packet"), default="compiled",
+    p.add_argument("--parser", choices=PARSERS, default=Settings.parser,
                    help="block reader and session table: compiled (default) or the Python reference")
-    from flowmap_dp.running import Settings  # its defaults are the ones (here: only when run parses)
-
     p.add_argument("--capture-dir", default=Settings.capture_dir, metavar="DIR",
                    help="packet captures on demand: where their pcapng files go (default %(default)s)")
     p.add_argument("--capture-disk-bytes", type=int, default=Settings.capture_disk_bytes, metavar="BYTES",
