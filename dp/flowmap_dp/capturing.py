@@ -10,9 +10,10 @@ pcapng file through ``pcapng.Writer``, stopping at the first bound a packet woul
   (MaxBytesReached: the whole file, blocks included), the node's disk budget shared by all its
   captures (NodeDiskFull) and ``duration`` counted from the start, or from the trigger for an
   armed capture (DurationReached).
-* An *armed* capture (``pre_trigger`` > 0) writes its header at once but keeps its matching
-  packets in memory, the last ``pre_trigger`` seconds of them and at most ``max_bytes`` of
-  blocks; :meth:`Recorder.fire` writes that window and goes on as a running capture.
+* An *armed* capture (it waits for a trigger) writes its header at once but keeps its matching
+  packets in memory, the last ``pre_trigger`` seconds of them (none when 0) and at most
+  ``WINDOW_BYTES`` of blocks (or what the file has room for, if less); :meth:`Recorder.fire`
+  writes that window and goes on as a running capture.
 
 The :class:`Captures` set holds at most ``max_captures`` armed or running captures per node;
 one more ends at once with NodeCaptureLimit. Each capture's file is ``<namespace>_<name>_<uid>.pcapng``
@@ -106,13 +107,21 @@ class Spec:
     max_bytes: int = 1 << 20
     max_packets: int = 10_000
     duration: float = 60.0
-    pre_trigger: float = 0.0  # seconds kept before the trigger; 0: not armed, starts at once
+    armed: bool = False  # wait for the trigger (fire) before writing; else start at once
+    pre_trigger: float = 0.0  # armed: seconds of packets kept from before the trigger
 
     def __post_init__(self) -> None:
         check_id(self.id)
         if not (0 < self.snaplen <= 262144 and 1024 <= self.max_bytes and 0 < self.max_packets
                 and 0 < self.duration and 0 <= self.pre_trigger):
             raise ValueError(f"capture {self.id!r}: a bound out of range")
+        if self.pre_trigger and not self.armed:
+            raise ValueError(f"capture {self.id!r}: a pre-trigger window needs an armed capture")
+
+
+# The most an armed capture holds in memory (its blocks' size in the file): a node's armed
+# captures (at most --max-captures of them) hold at most that many times this.
+WINDOW_BYTES = 16 << 20
 
 
 class DiskBudget:
@@ -158,7 +167,7 @@ class Recorder:
     def __init__(self, spec: Spec, out: BinaryIO, budget: DiskBudget, now: float) -> None:
         self.spec = spec
         self.writer = pcapng.Writer(out, spec.max_bytes, reserve=budget.take)
-        self.state = State.ARMED if spec.pre_trigger > 0 else State.RUNNING
+        self.state = State.ARMED if spec.armed else State.RUNNING
         self.reason: StopReason | None = None
         self.message = ""
         self.started = now
@@ -184,7 +193,7 @@ class Recorder:
         """One packet the filters kept on target ``interface`` (an index into the spec's targets)."""
         if self.state is State.RUNNING:
             self._record(interface, ts_ns, bytes(data), original)
-        elif self.state is State.ARMED:
+        elif self.state is State.ARMED and self.spec.pre_trigger > 0:
             held = _Held(interface, ts_ns, bytes(data), original, pcapng.enhanced_packet_size(len(data)))
             self.window.append(held)
             self.window_bytes += held.size
@@ -219,9 +228,9 @@ class Recorder:
         self.window_bytes = 0
 
     def _trim(self, now: float) -> None:
-        """Keep the window within its seconds and within what the file still has room for."""
+        """Keep the window within its seconds, WINDOW_BYTES and what the file still has room for."""
         since = int((now - self.spec.pre_trigger) * 1e9)
-        room = self.spec.max_bytes - self.writer.size
+        room = min(WINDOW_BYTES, self.spec.max_bytes - self.writer.size)
         while self.window and (self.window_bytes > room or self.window[0].ts_ns < since):
             self.window_bytes -= self.window.popleft().size
 

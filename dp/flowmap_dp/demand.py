@@ -9,7 +9,7 @@ rings are their own, so the fanout groups and the session tables never see them.
 
 **A Control is the whole desired set** (the newest wins):
 
-* an id not held yet starts (armed when ``pre_trigger_seconds`` > 0); one that cannot be
+* an id not held yet starts (armed when ``armed``); one that cannot be
   decoded is refused whole, as a failed capture whose message says why, and the others go on;
 * ``fired`` fires an armed capture (a new one is armed and fired at once: the trigger happened
   before this dp heard of it);
@@ -119,10 +119,13 @@ def spec_of(entry: wire_pb2.PacketCapture) -> Spec:
         compile_filters(filters, snaplen)  # the kernel's bound on the program, checked before a file exists
     except ValueError as e:
         raise Malformed(str(e)) from None
+    if entry.pre_trigger_seconds and not entry.armed:
+        raise Malformed("pre-trigger seconds for a capture that is not armed")
     return Spec(entry.id, targets, filters, snaplen=snaplen,
                 max_bytes=_within("max bytes", entry.max_bytes, 1024, MAX_BYTES),
                 max_packets=_within("max packets", entry.max_packets, 1, MAX_PACKETS),
                 duration=float(_within("duration", entry.duration_seconds, 1, MAX_DURATION)),
+                armed=entry.armed,
                 pre_trigger=float(_within("pre-trigger seconds", entry.pre_trigger_seconds, 0, MAX_PRE_TRIGGER)))
 
 
@@ -166,7 +169,7 @@ def plan(control: wire_pb2.Control, held: Mapping[str, State], leftovers: Collec
             refuse.append((capture_id, str(e)))
             continue
         start.append(spec)
-        if entry.fired and spec.pre_trigger > 0:
+        if entry.fired and spec.armed:
             fire.append(capture_id)
     return Plan(tuple(stop), tuple(delete), tuple(start), tuple(fire), tuple(refuse), tuple(interrupted))
 

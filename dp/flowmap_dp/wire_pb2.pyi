@@ -281,7 +281,7 @@ class PacketCaptureTarget(_message.Message):
     def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ...) -> None: ...
 
 class PacketCapture(_message.Message):
-    __slots__ = ("id", "targets", "filters", "snap_length", "max_bytes", "max_packets", "duration_seconds", "pre_trigger_seconds", "fired")
+    __slots__ = ("id", "targets", "filters", "snap_length", "max_bytes", "max_packets", "duration_seconds", "pre_trigger_seconds", "fired", "armed")
     ID_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
     FILTERS_FIELD_NUMBER: _ClassVar[int]
@@ -291,6 +291,7 @@ class PacketCapture(_message.Message):
     DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PRE_TRIGGER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     FIRED_FIELD_NUMBER: _ClassVar[int]
+    ARMED_FIELD_NUMBER: _ClassVar[int]
     id: str
     targets: _containers.RepeatedCompositeFieldContainer[PacketCaptureTarget]
     filters: _containers.RepeatedCompositeFieldContainer[PacketCaptureFilter]
@@ -300,7 +301,8 @@ class PacketCapture(_message.Message):
     duration_seconds: int
     pre_trigger_seconds: int
     fired: bool
-    def __init__(self, id: _Optional[str] = ..., targets: _Optional[_Iterable[_Union[PacketCaptureTarget, _Mapping]]] = ..., filters: _Optional[_Iterable[_Union[PacketCaptureFilter, _Mapping]]] = ..., snap_length: _Optional[int] = ..., max_bytes: _Optional[int] = ..., max_packets: _Optional[int] = ..., duration_seconds: _Optional[int] = ..., pre_trigger_seconds: _Optional[int] = ..., fired: _Optional[bool] = ...) -> None: ...
+    armed: bool
+    def __init__(self, id: _Optional[str] = ..., targets: _Optional[_Iterable[_Union[PacketCaptureTarget, _Mapping]]] = ..., filters: _Optional[_Iterable[_Union[PacketCaptureFilter, _Mapping]]] = ..., snap_length: _Optional[int] = ..., max_bytes: _Optional[int] = ..., max_packets: _Optional[int] = ..., duration_seconds: _Optional[int] = ..., pre_trigger_seconds: _Optional[int] = ..., fired: _Optional[bool] = ..., armed: _Optional[bool] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("run_id", "worker", "sequence")

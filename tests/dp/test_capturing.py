@@ -10,8 +10,10 @@ import socket
 import time
 from pathlib import Path
 
+import pytest
+
 from flowmap_devenv.netns import netns
-from flowmap_dp.capturing import Captures, DiskBudget, Recorder, Spec, State, StopReason, Target
+from flowmap_dp.capturing import WINDOW_BYTES, Captures, DiskBudget, Recorder, Spec, State, StopReason, Target
 from flowmap_dp.filtering import Filter
 from flowmap_dp.pcapfile import read_records
 from tests.dp.test_live import A4, B4, Node, node  # noqa: F401 (the fixture)
@@ -60,7 +62,7 @@ def test_each_bound_stops_the_capture_once_with_its_reason() -> None:
 
 
 def test_an_armed_capture_keeps_its_window_and_runs_from_the_trigger() -> None:
-    r, out = _recorder(pre_trigger=2, duration=3, snaplen=128)
+    r, out = _recorder(armed=True, pre_trigger=2, duration=3, snaplen=128)
     for t in range(10):  # one packet a second, stamped as the kernel does (wall clock)
         r.offer(0, (1000 + t) * 10**9, FRAME[:100], 100, 1000.0 + t)
     assert r.state is State.ARMED and r.packets == 0 and len(r.window) == 3  # 1007, 1008, 1009
@@ -74,10 +76,28 @@ def test_an_armed_capture_keeps_its_window_and_runs_from_the_trigger() -> None:
     r.tick(1013.5)  # three seconds after the trigger, not after the start
     assert r.reason is StopReason.DURATION
     # The window never holds more than the file has room for.
-    r, _ = _recorder(pre_trigger=30, max_bytes=2048, snaplen=128)
+    r, _ = _recorder(armed=True, pre_trigger=30, max_bytes=2048, snaplen=128)
     for t in range(100):
         r.offer(0, 1000 * 10**9 + t, FRAME[:128], 200, 1000.0)
     assert r.window_bytes <= 2048 - r.writer.size and len(r.window) == (2048 - r.writer.size) // 160
+    # Nor more than WINDOW_BYTES, however large the file may grow.
+    r, _ = _recorder(armed=True, pre_trigger=30, max_bytes=100 << 20, snaplen=1024)
+    big = FRAME * (1024 // len(FRAME) + 1)
+    for t in range(WINDOW_BYTES // 1024 + 100):
+        r.offer(0, 1000 * 10**9 + t, big[:1024], 1500, 1000.0)
+    assert WINDOW_BYTES - 1100 < r.window_bytes <= WINDOW_BYTES
+
+
+def test_an_armed_capture_without_a_window_writes_from_the_trigger_on() -> None:
+    r, out = _recorder(armed=True, pre_trigger=0, duration=3, snaplen=128)
+    for t in range(5):
+        r.offer(0, (1000 + t) * 10**9, FRAME[:100], 100, 1000.0 + t)
+    assert r.state is State.ARMED and not r.window
+    r.fire(1005.0)
+    r.offer(0, 1006 * 10**9, FRAME[:100], 100, 1006.0)
+    assert [round(ts) for ts, _, _ in _records(out.getvalue())] == [1006]
+    with pytest.raises(ValueError, match="armed"):
+        _recorder(pre_trigger=5)  # a window is kept for a trigger only
 
 
 def _udp(node: Node, sizes: list[int], port: int = 5353) -> None:
@@ -147,7 +167,7 @@ def test_bounds_and_the_cap_on_live_traffic(node: Node, tmp_path: Path) -> None:
 def test_a_fired_capture_holds_the_packets_from_before_the_trigger(node: Node, tmp_path: Path) -> None:
     with netns(node.node):
         captures = Captures(tmp_path, DiskBudget(1 << 24))
-        captures.start(Spec("d/armed/u", (Target(node.host_a),), UDP5353, pre_trigger=5, duration=30), time.time())
+        captures.start(Spec("d/armed/u", (Target(node.host_a),), UDP5353, armed=True, pre_trigger=5, duration=30), time.time())
     (capture,) = captures.captures.values()
     _udp(node, SIZES[:3])
     _run(captures, time.time() + 0.5)

@@ -38,12 +38,12 @@ def test_an_entry_becomes_its_spec() -> None:
             peers=[wire_pb2.PacketCaptureNetwork(address=bytes([10, 0, 0, 0]), prefix_length=8),
                    wire_pb2.PacketCaptureNetwork(address=ipaddress.ip_address("fd00::1").packed, prefix_length=128)],
             protocol=6, port=5432, direction=wire_pb2.PACKET_CAPTURE_DIRECTION_EGRESS),
-        wire_pb2.PacketCaptureFilter(protocol=17)], pre_trigger_seconds=5, duration_seconds=30)
+        wire_pb2.PacketCaptureFilter(protocol=17)], armed=True, pre_trigger_seconds=5, duration_seconds=30)
     assert spec_of(entry) == Spec(
         ID, (Target("veth1a2b", "shop/web web-0"),),
         (Filter((ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::1/128")), 6, 5432,
                 PodDirection.EGRESS), Filter(protocol=17)),
-        snaplen=128, max_bytes=1 << 20, max_packets=10_000, duration=30.0, pre_trigger=5.0)
+        snaplen=128, max_bytes=1 << 20, max_packets=10_000, duration=30.0, armed=True, pre_trigger=5.0)
     # Host bits under the prefix are the network's (as a CIDR the agent resolved).
     loose = _entry(filters=[wire_pb2.PacketCaptureFilter(peers=[
         wire_pb2.PacketCaptureNetwork(address=bytes([10, 1, 2, 3]), prefix_length=16)])])
@@ -81,7 +81,8 @@ NET = wire_pb2.PacketCaptureNetwork
     ({"max_packets": 0}, "max packets 0"),
     ({"duration_seconds": 0}, "duration 0"),
     ({"duration_seconds": 601}, "duration 601"),
-    ({"pre_trigger_seconds": 31}, "pre-trigger seconds 31"),
+    ({"pre_trigger_seconds": 31, "armed": True}, "pre-trigger seconds 31"),
+    ({"pre_trigger_seconds": 5}, "not armed"),
 ])
 def test_a_malformed_entry_is_refused_whole_with_its_reason(change: dict[str, object], why: str) -> None:
     with pytest.raises(Malformed, match=why.replace("(", r"\(")):
@@ -114,7 +115,7 @@ def test_the_plan_starts_fires_stops_and_deletes() -> None:
     # A listed id is kept even when the agent's keep does not name it (it may have just ended).
     assert plan(_control(_entry(done)), held) == Plan(stop=(armed, running), delete=(armed, running, failed))
     # A new capture the trigger already fired for: armed and fired at once; unarmed: nothing to fire.
-    p = plan(_control(_entry(new, pre_trigger_seconds=5, fired=True)), {})
+    p = plan(_control(_entry(new, armed=True, pre_trigger_seconds=5, fired=True)), {})
     assert p.fire == (new,) and p.start[0].pre_trigger == 5
     assert plan(_control(_entry(new, fired=True)), {}).fire == ()
 
@@ -277,7 +278,7 @@ def test_an_armed_capture_fired_by_the_agent_holds_the_packets_from_before(
     start_dp("--capture-dir", str(tmp_path / "captures"))
     both = [node.host_a, node.host_b]
     cid = "default/armed-dump/9c2e"
-    entry = _on_pod_b(cid, node, pre_trigger_seconds=5, duration_seconds=2)
+    entry = _on_pod_b(cid, node, armed=True, pre_trigger_seconds=5, duration_seconds=2)
     agent.reader.set_control(wire_pb2.Control(interfaces=both, packet_captures=[entry]))
     assert agent.wait(_stands(agent, cid, "armed")), _status(agent, cid)
     _udp(node, LIVE_SIZES[:3], PORT)
