@@ -20,6 +20,12 @@ class Verdict(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     VERDICT_UNSPECIFIED: _ClassVar[Verdict]
     ALLOWED: _ClassVar[Verdict]
     DENIED: _ClassVar[Verdict]
+
+class CaptureDirection(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CAPTURE_DIRECTION_BOTH: _ClassVar[CaptureDirection]
+    CAPTURE_DIRECTION_INGRESS: _ClassVar[CaptureDirection]
+    CAPTURE_DIRECTION_EGRESS: _ClassVar[CaptureDirection]
 PROTOCOL_UNSPECIFIED: Protocol
 TCP: Protocol
 UDP: Protocol
@@ -28,6 +34,9 @@ ICMP: Protocol
 VERDICT_UNSPECIFIED: Verdict
 ALLOWED: Verdict
 DENIED: Verdict
+CAPTURE_DIRECTION_BOTH: CaptureDirection
+CAPTURE_DIRECTION_INGRESS: CaptureDirection
+CAPTURE_DIRECTION_EGRESS: CaptureDirection
 
 class Endpoint(_message.Message):
     __slots__ = ("ip", "port", "pod", "local")
@@ -171,3 +180,85 @@ class NodePolicy(_message.Message):
     enforcement_disabled: bool
     pods: _containers.RepeatedCompositeFieldContainer[PodPolicy]
     def __init__(self, version: _Optional[int] = ..., enforcement_disabled: _Optional[bool] = ..., pods: _Optional[_Iterable[_Union[PodPolicy, _Mapping]]] = ...) -> None: ...
+
+class CaptureFilter(_message.Message):
+    __slots__ = ("cidrs", "protocol", "port", "direction")
+    CIDRS_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    cidrs: _containers.RepeatedScalarFieldContainer[str]
+    protocol: Protocol
+    port: int
+    direction: CaptureDirection
+    def __init__(self, cidrs: _Optional[_Iterable[str]] = ..., protocol: _Optional[_Union[Protocol, str]] = ..., port: _Optional[int] = ..., direction: _Optional[_Union[CaptureDirection, str]] = ...) -> None: ...
+
+class CaptureOrder(_message.Message):
+    __slots__ = ("id", "pods", "filters", "snap_length", "max_bytes", "max_packets", "duration_seconds", "armed", "pre_trigger_seconds", "fired")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PODS_FIELD_NUMBER: _ClassVar[int]
+    FILTERS_FIELD_NUMBER: _ClassVar[int]
+    SNAP_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_PACKETS_FIELD_NUMBER: _ClassVar[int]
+    DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ARMED_FIELD_NUMBER: _ClassVar[int]
+    PRE_TRIGGER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    FIRED_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    pods: _containers.RepeatedScalarFieldContainer[str]
+    filters: _containers.RepeatedCompositeFieldContainer[CaptureFilter]
+    snap_length: int
+    max_bytes: int
+    max_packets: int
+    duration_seconds: int
+    armed: bool
+    pre_trigger_seconds: int
+    fired: bool
+    def __init__(self, id: _Optional[str] = ..., pods: _Optional[_Iterable[str]] = ..., filters: _Optional[_Iterable[_Union[CaptureFilter, _Mapping]]] = ..., snap_length: _Optional[int] = ..., max_bytes: _Optional[int] = ..., max_packets: _Optional[int] = ..., duration_seconds: _Optional[int] = ..., armed: _Optional[bool] = ..., pre_trigger_seconds: _Optional[int] = ..., fired: _Optional[bool] = ...) -> None: ...
+
+class NodeCaptures(_message.Message):
+    __slots__ = ("version", "captures", "keep")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CAPTURES_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    captures: _containers.RepeatedCompositeFieldContainer[CaptureOrder]
+    keep: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, version: _Optional[int] = ..., captures: _Optional[_Iterable[_Union[CaptureOrder, _Mapping]]] = ..., keep: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class CaptureStatus(_message.Message):
+    __slots__ = ("id", "state", "packets", "bytes", "drops", "file_bytes", "sha256", "stop_reason", "message")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PACKETS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    DROPS_FIELD_NUMBER: _ClassVar[int]
+    FILE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    STOP_REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    state: str
+    packets: int
+    bytes: int
+    drops: int
+    file_bytes: int
+    sha256: str
+    stop_reason: str
+    message: str
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[str] = ..., packets: _Optional[int] = ..., bytes: _Optional[int] = ..., drops: _Optional[int] = ..., file_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., stop_reason: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class CaptureReport(_message.Message):
+    __slots__ = ("node", "captures")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    CAPTURES_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    captures: _containers.RepeatedCompositeFieldContainer[CaptureStatus]
+    def __init__(self, node: _Optional[str] = ..., captures: _Optional[_Iterable[_Union[CaptureStatus, _Mapping]]] = ...) -> None: ...
+
+class CaptureReportAck(_message.Message):
+    __slots__ = ("leader",)
+    LEADER_FIELD_NUMBER: _ClassVar[int]
+    leader: bool
+    def __init__(self, leader: _Optional[bool] = ...) -> None: ...

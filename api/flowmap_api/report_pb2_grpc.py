@@ -167,3 +167,118 @@ class PolicyService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class CaptureServiceStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Watch = channel.unary_stream(
+                '/flowmap.v1alpha1.CaptureService/Watch',
+                request_serializer=flowmap__api_dot_report__pb2.WatchRequest.SerializeToString,
+                response_deserializer=flowmap__api_dot_report__pb2.NodeCaptures.FromString,
+                _registered_method=True)
+        self.Report = channel.unary_unary(
+                '/flowmap.v1alpha1.CaptureService/Report',
+                request_serializer=flowmap__api_dot_report__pb2.CaptureReport.SerializeToString,
+                response_deserializer=flowmap__api_dot_report__pb2.CaptureReportAck.FromString,
+                _registered_method=True)
+
+
+class CaptureServiceServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Watch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Report(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_CaptureServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=flowmap__api_dot_report__pb2.WatchRequest.FromString,
+                    response_serializer=flowmap__api_dot_report__pb2.NodeCaptures.SerializeToString,
+            ),
+            'Report': grpc.unary_unary_rpc_method_handler(
+                    servicer.Report,
+                    request_deserializer=flowmap__api_dot_report__pb2.CaptureReport.FromString,
+                    response_serializer=flowmap__api_dot_report__pb2.CaptureReportAck.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'flowmap.v1alpha1.CaptureService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('flowmap.v1alpha1.CaptureService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class CaptureService:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Watch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/flowmap.v1alpha1.CaptureService/Watch',
+            flowmap__api_dot_report__pb2.WatchRequest.SerializeToString,
+            flowmap__api_dot_report__pb2.NodeCaptures.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Report(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flowmap.v1alpha1.CaptureService/Report',
+            flowmap__api_dot_report__pb2.CaptureReport.SerializeToString,
+            flowmap__api_dot_report__pb2.CaptureReportAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
