@@ -17,16 +17,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
-import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 
 from flowmap_agent.enforcement import Policy, Refused, desired, parse
+from flowmap_agent.following import follow
 from flowmap_agent.nftables import NftError, Table
 from flowmap_agent.settings import Settings
 from flowmap_api import report_pb2 as pb
@@ -34,8 +32,6 @@ from flowmap_api import report_pb2_grpc as pb_grpc
 
 log = logging.getLogger("flowmap.agent.protect")
 COUNTERS_EVERY = 5.0  # seconds between reads of the rules' counters (the whole ruleset, without set elements)
-# The server's default minimum ping interval: pinging more often on an idle stream gets it closed.
-KEEPALIVE_MS = 300_000
 
 
 class Protector:
@@ -84,35 +80,16 @@ class Protector:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def watch(self, stop: asyncio.Event) -> None:
-        """Keep the stream open (TLS and bearer token as reports use); each policy becomes the wanted one."""
-        s = self.settings
-        backoff = 0.5
-        while not stop.is_set():
-            channel: grpc.aio.Channel | None = None
-            try:
-                creds = grpc.ssl_channel_credentials(root_certificates=Path(s.ca_file).read_bytes())
-                channel = grpc.aio.secure_channel(s.operator, creds, options=(
-                    ("grpc.max_receive_message_length", s.policy_max_bytes), ("grpc.keepalive_time_ms", KEEPALIVE_MS)))
-                token = Path(s.token_file).read_text().strip()
-                call = pb_grpc.PolicyServiceStub(channel).Watch(
-                    pb.WatchRequest(node=s.node), metadata=(("authorization", f"Bearer {token}"),))
-                async for policy in call:
-                    backoff = 0.5
-                    self.wanted = policy
-                    self.changed.set()
-                self.streams.labels("ended").inc()
-                log.warning("the policy stream ended; the policy in force stays")
-            except (grpc.RpcError, OSError) as exc:
-                code = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else type(exc).__name__
-                self.streams.labels(code.lower()).inc()
-                log.warning("policy stream broken (%s); the policy in force stays, reconnecting in %.1f s", code,
-                            backoff)
-            finally:
-                if channel is not None:
-                    await channel.close()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=backoff * random.uniform(0.5, 1.5))
-            backoff = min(backoff * 2, 30.0)
+        """Keep the stream open (flowmap_agent.following); each policy becomes the wanted one."""
+        def take(policy: pb.NodePolicy) -> None:
+            self.wanted = policy
+            self.changed.set()
+
+        await follow(self.settings,
+                     lambda channel, metadata: pb_grpc.PolicyServiceStub(channel).Watch(
+                         pb.WatchRequest(node=self.settings.node), metadata=metadata),
+                     take, self.streams, stop, what="policy", stays="the policy in force stays",
+                     max_receive=self.settings.policy_max_bytes)
 
     async def enforce(self, stop: asyncio.Event) -> None:
         """Apply the wanted policy when it changes, after a failure (each interval), and at each resync."""
