@@ -1,0 +1,139 @@
+"""Packet captures in the dp's words (flowmap_agent.captures, pure): the operator's orders and the
+agent's pods into Control.packet_captures and keep; the dp's statuses back for the operator."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from flowmap_agent.captures import (MAX_DESCRIPTION, MAX_MESSAGE, MAX_STATUSES, LocalPod, local_pods, orders,
+                                    statuses)
+from flowmap_agent.pods import workload_of
+from flowmap_api import report_pb2 as pb
+from flowmap_dp import demand, wire_pb2
+from flowmap_dp.demand import MAX_KEEP, MAX_WANTED
+
+PODS = {"shop/web-7d4b9-abcde": LocalPod("cali1234", "web"), "shop/db-0": LocalPod("veth99", "db")}
+ID = "shop/cap/0f1e2d3c-aaaa-bbbb-cccc-000000000001"
+
+
+def order(**fields: object) -> pb.CaptureOrder:
+    base: dict[str, object] = dict(id=ID, pods=["shop/web-7d4b9-abcde"], snap_length=128, max_bytes=1 << 20,
+                                   max_packets=10_000, duration_seconds=60)
+    base.update(fields)
+    return pb.CaptureOrder(**base)  # type: ignore[arg-type]
+
+
+def test_an_order_becomes_the_dp_entry_the_dp_accepts() -> None:
+    o = order(pods=["shop/web-7d4b9-abcde", "shop/db-0"], armed=True, pre_trigger_seconds=5, fired=True, filters=[
+        pb.CaptureFilter(cidrs=["10.0.0.0/8", "fd00::1/128"], protocol=pb.TCP, port=5432,
+                         direction=pb.CAPTURE_DIRECTION_EGRESS),
+        pb.CaptureFilter(protocol=pb.ICMP, direction=pb.CAPTURE_DIRECTION_INGRESS),
+        pb.CaptureFilter(protocol=pb.UDP), pb.CaptureFilter(protocol=pb.SCTP, cidrs=["192.168.1.7/24"])])
+    made = orders(pb.NodeCaptures(version=3, captures=[o]), PODS)
+    assert made.refused == {} and made.keep == ()
+    (entry,) = made.captures
+    assert entry == wire_pb2.PacketCapture(
+        id=ID, snap_length=128, max_bytes=1 << 20, max_packets=10_000, duration_seconds=60, armed=True,
+        pre_trigger_seconds=5, fired=True,
+        targets=[wire_pb2.PacketCaptureTarget(name="cali1234", description="shop/web web-7d4b9-abcde"),
+                 wire_pb2.PacketCaptureTarget(name="veth99", description="shop/db db-0")],
+        filters=[wire_pb2.PacketCaptureFilter(
+                     peers=[wire_pb2.PacketCaptureNetwork(address=bytes([10, 0, 0, 0]), prefix_length=8),
+                            wire_pb2.PacketCaptureNetwork(address=bytes([0xfd] + [0] * 14 + [1]), prefix_length=128)],
+                     protocol=6, port=5432, direction=wire_pb2.PACKET_CAPTURE_DIRECTION_EGRESS),
+                 wire_pb2.PacketCaptureFilter(protocol=1, direction=wire_pb2.PACKET_CAPTURE_DIRECTION_INGRESS),
+                 wire_pb2.PacketCaptureFilter(protocol=17),
+                 wire_pb2.PacketCaptureFilter(  # host bits cleared: the network the CIDR names
+                     peers=[wire_pb2.PacketCaptureNetwork(address=bytes([192, 168, 1, 0]), prefix_length=24)],
+                     protocol=132)])
+    demand.spec_of(entry)  # the dp takes it as it is
+
+
+def test_unknown_target_pods_are_left_out_and_an_order_without_any_waits_its_file_kept() -> None:
+    waiting = order(id="shop/later/uid-2", pods=["shop/not-here-yet"])
+    partly = order(pods=["shop/elsewhere", "shop/db-0"])
+    made = orders(pb.NodeCaptures(captures=[waiting, partly], keep=["shop/old/uid-0"]), PODS)
+    assert [e.id for e in made.captures] == [ID]
+    assert [t.name for t in made.captures[0].targets] == ["veth99"]
+    assert made.keep == ("shop/later/uid-2", "shop/old/uid-0")  # the dp deletes a file neither listed nor kept
+    # The pod appears: the order goes to the dp.
+    later = orders(pb.NodeCaptures(captures=[waiting, partly]), {**PODS, "shop/not-here-yet": LocalPod("veth7", "x")})
+    assert [e.id for e in later.captures] == ["shop/later/uid-2", ID] and later.keep == ()
+
+
+def test_one_interface_is_named_once_and_an_id_ordered_twice_counts_once() -> None:
+    pods = {"shop/a": LocalPod("veth1", "w"), "shop/b": LocalPod("veth1", "w")}
+    made = orders(pb.NodeCaptures(captures=[order(pods=["shop/a", "shop/b"]), order(pods=["shop/b"], snap_length=64)]),
+                  pods)
+    (entry,) = made.captures
+    assert [t.name for t in entry.targets] == ["veth1"] and entry.snap_length == 128
+
+
+def test_what_the_agent_cannot_say_is_refused_never_widened() -> None:
+    bad = [order(id="shop/a/1", filters=[pb.CaptureFilter(cidrs=["10.0.0.0/8"]), pb.CaptureFilter(cidrs=["web"])]),
+           order(id="shop/b/1", filters=[pb.CaptureFilter(protocol=99)]),  # type: ignore[arg-type]
+           order(id="shop/c/1", filters=[pb.CaptureFilter(direction=7)]),  # type: ignore[arg-type]
+           order(id="shop/d/1", pods=["shop/nowhere"], filters=[pb.CaptureFilter(cidrs=["x" * 1000])])]
+    made = orders(pb.NodeCaptures(captures=bad), PODS)
+    assert made.captures == ()
+    assert made.refused == {"shop/a/1": "peer 'web' is not a CIDR", "shop/b/1": "unknown protocol 99",
+                            "shop/c/1": "unknown direction 7", "shop/d/1": f"peer {'x' * 64!r} is not a CIDR"}
+    assert set(made.keep) == set(made.refused)  # a file of theirs stays
+    reported = statuses([], made.refused)
+    assert reported[0] == pb.CaptureStatus(id="shop/a/1", state="failed", stop_reason="Failed",
+                                           message="peer 'web' is not a CIDR")
+
+
+def test_what_the_dp_refuses_goes_through_as_asked() -> None:
+    """One place for the dp's rules: a bound past the schema's is the dp's to refuse, saying why."""
+    made = orders(pb.NodeCaptures(captures=[order(max_bytes=1 << 40, filters=[pb.CaptureFilter(port=80)])]), PODS)
+    (entry,) = made.captures
+    assert entry.max_bytes == 1 << 40 and entry.filters[0].port == 80
+    plan = demand.plan(wire_pb2.Control(packet_captures=made.captures), {})
+    assert [i for i, _ in plan.refuse] == [ID]
+
+
+def test_sizes_are_bounded() -> None:
+    many = [order(id=f"shop/c{i}/u") for i in range(MAX_WANTED + 10)]
+    keep = [f"shop/k{i}/u" for i in range(MAX_KEEP + 10)]
+    made = orders(pb.NodeCaptures(captures=many, keep=keep), PODS)
+    assert len(made.captures) == MAX_WANTED and len(made.keep) == MAX_KEEP
+    long = {"ns/" + "p" * 300: LocalPod("veth1", "w" * 300)}
+    (entry,) = orders(pb.NodeCaptures(captures=[order(pods=list(long))]), long).captures
+    assert len(entry.targets[0].description) == MAX_DESCRIPTION
+    dp = [wire_pb2.PacketCaptureStatus(id=f"shop/s{i:05}/u", state="running" * 20, sha256="f" * 500,
+                                       stop_reason="R" * 500, message="m" * 5000, path="/x")
+          for i in range(MAX_STATUSES + 5)]
+    out = statuses(dp, {})
+    assert len(out) == MAX_STATUSES
+    assert all(len(s.state) <= 64 and len(s.sha256) == 64 and len(s.stop_reason) == 64
+               and len(s.message) == MAX_MESSAGE for s in out)
+
+
+def test_the_dp_statuses_become_the_operators() -> None:
+    dp = [wire_pb2.PacketCaptureStatus(id="shop/b/2", state="done", packets=10, bytes=1280, drops=1, file_bytes=2048,
+                                       sha256="ab" * 32, stop_reason="DurationReached", path="/var/lib/x.pcapng"),
+          wire_pb2.PacketCaptureStatus(id="shop/a/1", state="armed")]
+    assert statuses(dp, {}) == [
+        pb.CaptureStatus(id="shop/a/1", state="armed"),
+        pb.CaptureStatus(id="shop/b/2", state="done", packets=10, bytes=1280, drops=1, file_bytes=2048,
+                         sha256="ab" * 32, stop_reason="DurationReached")]
+
+
+def test_local_pods_join_the_pod_watch_and_the_plumbing() -> None:
+    by_ip = {"10.244.1.5": "shop/web-1", "fd00::5": "shop/web-1", "10.244.1.6": "shop/db-0", "10.244.1.7": "x/gone"}
+    interfaces = {"10.244.1.5": "veth5", "fd00::5": "veth5", "10.244.1.6": "veth6", "10.244.1.8": "veth8"}
+    assert local_pods(by_ip, interfaces, {"shop/web-1": "web"}) == {
+        "shop/web-1": LocalPod("veth5", "web"), "shop/db-0": LocalPod("veth6", "db-0")}
+
+
+def meta(name: str, owner: tuple[str, str] | None, labels: dict[str, str] | None = None) -> SimpleNamespace:
+    refs = [SimpleNamespace(kind=owner[0], name=owner[1], controller=True)] if owner else None
+    return SimpleNamespace(metadata=SimpleNamespace(name=name, owner_references=refs, labels=labels))
+
+
+def test_a_pods_workload_is_named_by_its_owner() -> None:
+    assert workload_of(meta("web-7d4b9-x", ("ReplicaSet", "web-7d4b9"), {"pod-template-hash": "7d4b9"})) == "web"
+    assert workload_of(meta("rs-x", ("ReplicaSet", "rs"))) == "rs"
+    assert workload_of(meta("db-0", ("StatefulSet", "db"))) == "db"
+    assert workload_of(meta("lonely", None)) == "lonely"
