@@ -16,7 +16,8 @@ because it names a pod it does not know yet goes again within a second). The dp 
 the Node object's addresses and takes the rest from the agent, so it also counts what the node
 itself sends (a kubelet probe from a bridge's gateway address too), where it leaves the node.
 Alongside, Protect mode (flowmap_agent.protecting) keeps the node's nftables table to the policy
-the operator streams, and each delta says what that policy did to it.
+the operator streams, and each delta says what that policy did to it; and the packet captures
+the operator orders (flowmap_agent.capturing) go to the dp in every Control, their statuses back.
 
 What a crash can lose, exactly, and how it is counted:
 
@@ -70,6 +71,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from flowmap_agent import links, nat, plumbing
 from flowmap_agent.aggregation import Aggregator, admit
+from flowmap_agent.captures import Orders, local_pods
+from flowmap_agent.capturing import Capturer
 from flowmap_agent.enforcement import Policy
 from flowmap_agent.listening import ReportReader
 from flowmap_agent.outbox import EdgeKey, Outbox, StateError, edge_key
@@ -180,6 +183,8 @@ class Agent:
         self.backoff = 0.5
         self.last_tick = time.monotonic()
         self.protector = Protector(settings, registry, applied=self.protected)
+        self.capturer = Capturer(settings, registry)
+        self.told: tuple[plumbing.Plan, Orders] | None = None  # what the dp was told last
 
     def protected(self, policy: Policy) -> None:
         """A policy is in force: deltas from now on say what it did to them."""
@@ -348,6 +353,8 @@ class Agent:
             box.add(admitted.edges, admitted.names)
             if report.HasField("health"):
                 self.health.by_worker[report.worker] = report.health
+                if report.worker == 0:  # it runs the node's packet captures (flowmap_dp.demand)
+                    self.capturer.took(report.health)
                 lost = report.health.lost_sessions - here.lost  # cumulative, per run: counted once
                 if lost > 0:
                     here = here._replace(lost=report.health.lost_sessions)
@@ -388,9 +395,21 @@ class Agent:
                 await asyncio.wait_for(self.stop.wait(), timeout=delay)
             delay = min(max(delay * 2, 0.5), 30.0)
 
-    def tell(self, dp: ReportReader, wanted: plumbing.Plan, told: plumbing.Plan | None) -> None:
-        """The node's plumbing changed: the dp captures what it should, and the node's own
-        addresses are the same for the dp, the aggregation and the NAT's undoing."""
+    def control(self, dp: ReportReader, wanted: plumbing.Plan, pods: LocalPods) -> None:
+        """Tell the dp when what it should do changed: the node's plumbing, or its packet captures
+        (the operator's orders, for the pods whose interface is found now)."""
+        orders = self.capturer.orders(local_pods(pods.by_ip, wanted.pods, pods.workloads))
+        told, told_orders = self.told if self.told is not None else (None, None)
+        if told is None or orders != told_orders or (
+                wanted.interfaces, wanted.own, wanted.underlay, wanted.overlay) != (
+                told.interfaces, told.own, told.underlay, told.overlay):
+            self.tell(dp, wanted, told, orders)
+            self.told = (wanted, orders)
+
+    def tell(self, dp: ReportReader, wanted: plumbing.Plan, told: plumbing.Plan | None, orders: Orders) -> None:
+        """The node's plumbing or its packet captures changed: the dp captures what it should
+        (every Control names the whole set of packet captures, flowmap_agent.capturing), and the
+        node's own addresses are the same for the dp, the aggregation and the NAT's undoing."""
         if told is None or wanted.own != told.own:
             log.info("the node's own addresses: %s", sorted(wanted.own))
             self.aggregator.node_ips = wanted.own
@@ -401,7 +420,8 @@ class Agent:
             log.info("overlay %s dropped on %s", [tuple(e) for e in wanted.overlay], list(wanted.underlay))
         dp.set_control(wire_pb2.Control(
             interfaces=wanted.interfaces, local_addresses=sorted(wanted.own), underlay=wanted.underlay,
-            overlay=[wire_pb2.Encapsulation(ip_proto=e.ip_proto, port=e.port) for e in wanted.overlay]))
+            overlay=[wire_pb2.Encapsulation(ip_proto=e.ip_proto, port=e.port) for e in wanted.overlay],
+            packet_captures=orders.captures, keep=orders.keep))
 
     # -- health ----------------------------------------------------------------------------------
 
@@ -489,8 +509,9 @@ class Agent:
         if s.dp == "child":
             tasks.append(asyncio.create_task(self.run_dp(sorted(node_ips))))
         tasks.append(asyncio.create_task(self.protector.run(self.stop)))  # the table stays when it stops
+        # When it stops, an external dp runs on the captures it was told last.
+        tasks.append(asyncio.create_task(self.capturer.run(self.stop)))
         log.info("agent %s on node %s: uplinks %s", self.outbox.agent_id, s.node, list(wanted.underlay))
-        told: plumbing.Plan | None = None
         while not self.stop.is_set():
             self.last_tick = time.monotonic()
             # Until the node's pods are read, a plan knows none of their veths: told to the dp, it
@@ -499,10 +520,8 @@ class Agent:
             synced, pod_ips = pods.synced.is_set(), list(pods.by_ip)
             view = await asyncio.to_thread(node_links.read, wanted.missing(pod_ips), self.last_tick)
             wanted = plumbing.plan(view.links, view.addresses, view.peers, pod_ips, node_ips, uplinks)
-            if synced and (told is None or (wanted.interfaces, wanted.own, wanted.underlay, wanted.overlay) != (
-                    told.interfaces, told.own, told.underlay, told.overlay)):
-                self.tell(dp, wanted, told)
-                told = wanted
+            if synced:
+                self.control(dp, wanted, pods)
             await self.step(dp, take=synced)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), timeout=max(0.0, s.interval - (time.monotonic() - self.last_tick)))

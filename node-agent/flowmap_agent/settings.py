@@ -36,6 +36,8 @@ class Settings:
     policy_max_elements: int = 250_000
     policy_max_bytes: int = 64 << 20
     policy_resync: float = 60.0
+    # Packet captures (flowmap_agent.capturing): a streamed NodeCaptures may be this large.
+    capture_max_bytes: int = 4 << 20
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:

@@ -1,0 +1,183 @@
+"""Packet captures through the agent: an operator's CaptureService (a real gRPC server, TLS and
+token) streams orders; the agent's loop step puts them in the Control a dp reads off the agent's
+real socket (the dp's own Exporter); the dp's statuses in its health go back to the operator's
+Report, when they change and once after a reconnect."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import grpc
+from prometheus_client import CollectorRegistry
+
+from flowmap_agent import plumbing
+from flowmap_agent.capturing import Capturer
+from flowmap_agent.pods import LocalPods
+from flowmap_agent.running import Agent
+from flowmap_agent.settings import Settings
+from flowmap_api import report_pb2 as pb
+from flowmap_api import report_pb2_grpc as pb_grpc
+from flowmap_devenv import pki
+from flowmap_dp import wire_pb2
+from flowmap_dp.exporting import Exporter
+
+ID = "shop/cap/0f1e2d3c-aaaa-bbbb-cccc-000000000001"
+ORDER = pb.CaptureOrder(id=ID, pods=["shop/web-1", "shop/ghost"], snap_length=128, max_bytes=1 << 20,
+                        max_packets=100, duration_seconds=60, armed=True, pre_trigger_seconds=5,
+                        filters=[pb.CaptureFilter(cidrs=["10.0.0.0/8"], protocol=pb.TCP, port=5432)])
+FIRED = pb.CaptureOrder()
+FIRED.CopyFrom(ORDER)
+FIRED.fired = True
+
+
+class Operator(pb_grpc.CaptureServiceServicer):
+    """Streams what the test queues (None: break the stream), takes reports; checks the token."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+        self.queue: asyncio.Queue[pb.NodeCaptures | None] = asyncio.Queue()
+        self.reports: list[pb.CaptureReport] = []
+        self.watches: list[str] = []
+
+    async def _check(self, context: grpc.aio.ServicerContext) -> None:
+        if dict(context.invocation_metadata() or ()).get("authorization") != f"Bearer {self.token}":
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no token")
+
+    async def Watch(self, request: pb.WatchRequest,  # noqa: N802
+                    context: grpc.aio.ServicerContext) -> AsyncIterator[pb.NodeCaptures]:
+        await self._check(context)
+        self.watches.append(request.node)
+        while (message := await self.queue.get()) is not None:
+            yield message
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "going away")
+
+    async def Report(self, request: pb.CaptureReport,  # noqa: N802
+                     context: grpc.aio.ServicerContext) -> pb.CaptureReportAck:
+        await self._check(context)
+        self.reports.append(request)
+        return pb.CaptureReportAck(leader=True)
+
+
+async def until(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def test_orders_reach_the_dp_and_its_statuses_reach_the_operator(tmp_path: Path) -> None:
+    keys = pki.create(tmp_path / "pki")
+    (tmp_path / "token").write_text("secret-token\n")
+
+    async def scenario() -> None:
+        operator = Operator("secret-token")
+        server = grpc.aio.server()
+        pb_grpc.add_CaptureServiceServicer_to_server(operator, server)
+        creds = grpc.ssl_server_credentials([(keys.serving_key.read_bytes(), keys.serving_cert.read_bytes())])
+        port = server.add_secure_port("127.0.0.1:0", creds)
+        await server.start()
+        settings = Settings(node="node-a", operator=f"localhost:{port}", ca_file=str(keys.ca_cert),
+                            token_file=str(tmp_path / "token"), state_file=str(tmp_path / "state"),
+                            socket=str(tmp_path / "run" / "dp.sock"), interval=0.2)
+        registry = CollectorRegistry()
+        agent = Agent(settings, registry=registry)
+        dp = agent.open_dp()
+        exporter = Exporter(settings.socket).start()  # the dp's end of the socket, as the dp runs it
+        stop = asyncio.Event()
+        following = asyncio.create_task(agent.capturer.run(stop))
+        pods = LocalPods(None, "node-a")  # type: ignore[arg-type]  # filled by hand: no API server here
+        pods.by_ip.update({"10.244.1.5": "shop/web-1", "10.244.1.6": "shop/db-0"})
+        pods.workloads.update({"shop/web-1": "web", "shop/db-0": "db"})
+        plan = plumbing.Plan(pods={"10.244.1.5": "veth5", "10.244.1.6": "veth6"}, interfaces=("veth5", "veth6"),
+                             own=frozenset({"10.0.0.1"}), underlay=(), overlay=())
+
+        def control() -> wire_pb2.Control:
+            """The latest Control the dp read off the socket."""
+            latest = None
+            deadline = time.monotonic() + 10
+            while latest is None or not exporter.controls.empty():
+                try:
+                    latest = exporter.controls.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    raise AssertionError("no Control reached the dp") from None
+            return latest
+
+        def metric(name: str, labels: dict[str, str] | None = None) -> float:
+            return registry.get_sample_value(name, labels) or 0.0
+
+        try:
+            await until(lambda: exporter.connects > 0, "the dp to connect")
+            agent.control(dp, plan, pods)  # before any order: the dp hears of none
+            first = await asyncio.to_thread(control)
+            assert list(first.interfaces) == ["veth5", "veth6"] and not first.packet_captures and not first.keep
+
+            await operator.queue.put(pb.NodeCaptures(version=1, captures=[ORDER], keep=["shop/old/u"]))
+            await until(lambda: metric("flowmap_agent_capture_version") == 1, "the first orders")
+            assert operator.watches == ["node-a"]
+            agent.control(dp, plan, pods)
+            told = await asyncio.to_thread(control)
+            assert list(told.interfaces) == ["veth5", "veth6"]  # the rest of the Control as it was
+            (entry,) = told.packet_captures
+            assert entry == wire_pb2.PacketCapture(
+                id=ID, snap_length=128, max_bytes=1 << 20, max_packets=100, duration_seconds=60, armed=True,
+                pre_trigger_seconds=5,
+                targets=[wire_pb2.PacketCaptureTarget(name="veth5", description="shop/web web-1")],  # ghost: unknown
+                filters=[wire_pb2.PacketCaptureFilter(
+                    peers=[wire_pb2.PacketCaptureNetwork(address=bytes([10, 0, 0, 0]), prefix_length=8)],
+                    protocol=6, port=5432)])
+            assert list(told.keep) == ["shop/old/u"]
+            assert metric("flowmap_agent_capture_orders") == 1
+
+            # The trigger fires: the next loop step tells the dp; an unchanged step sends nothing.
+            await operator.queue.put(pb.NodeCaptures(version=2, captures=[FIRED]))
+            await until(lambda: metric("flowmap_agent_capture_version") == 2, "the fired order")
+            agent.control(dp, plan, pods)
+            assert (await asyncio.to_thread(control)).packet_captures[0].fired
+            agent.control(dp, plan, pods)
+            await asyncio.sleep(0.3)
+            assert exporter.controls.empty()
+
+            # The dp's worker 0 says how the capture stands: the operator hears it, once.
+            running = wire_pb2.PacketCaptureStatus(id=ID, state="running", packets=3, bytes=300, file_bytes=900,
+                                                   path="/var/lib/flowmap/captures/x.pcapng")
+            exporter.offer(wire_pb2.Report(run_id=7, worker=0, workers=1, sequence=1, part=0, parts=1,
+                                           health=wire_pb2.Health(packet_captures=[running])))
+            await until(lambda: bool(agent.receiver and agent.receiver.waiting), "the dp's report")
+            await agent.step(dp)
+            want = pb.CaptureStatus(id=ID, state="running", packets=3, bytes=300, file_bytes=900)
+            await until(lambda: any(list(r.captures) == [want] for r in operator.reports), "the status report")
+            assert all(r.node == "node-a" for r in operator.reports)
+            reports = len(operator.reports)
+            await asyncio.sleep(1.0)  # five intervals, nothing changed
+            assert len(operator.reports) == reports
+
+            # The stream breaks and comes back: the operator hears how things stand once more.
+            await operator.queue.put(None)
+            await until(lambda: metric("flowmap_agent_capture_watch_breaks_total", {"code": "unavailable"}) == 1,
+                        "the break")
+            await operator.queue.put(pb.NodeCaptures(version=3, captures=[FIRED]))
+            await until(lambda: len(operator.watches) == 2, "the reconnection")
+            await until(lambda: len(operator.reports) == reports + 1, "the report after the reconnection")
+            assert list(operator.reports[-1].captures) == [want]
+            await asyncio.sleep(0.6)
+            assert len(operator.reports) == reports + 1
+            assert metric("flowmap_agent_capture_reports_total", {"result": "ok"}) == reports + 1
+
+            # A restarted agent names the same captures in its first Control, before the operator answers.
+            again = Capturer(settings, CollectorRegistry())
+            assert again.wanted is not None and again.wanted.version == 3
+        finally:
+            stop.set()
+            await following
+            exporter.stop(timeout=1)
+            assert agent.receiver is not None
+            agent.receiver.close()
+            agent.conntrack.shutdown()
+            await server.stop(None)
+
+    asyncio.run(scenario())
