@@ -85,6 +85,12 @@ def test_the_base_is_what_the_api_server_stores(installed: ControlPlane) -> None
                  if v["name"] == "token")["projected"]["sources"][0]["serviceAccountToken"]
     assert token["audience"] == "flowmap"
     assert pods["flowmap-dp"]["automountServiceAccountToken"] is False  # the dp holds no API credential
+    # Packet captures' files are on the node's disk, where they outlive a dp restart.
+    captures = next(v for v in pods["flowmap-dp"]["volumes"] if v["name"] == "captures")["hostPath"]
+    assert captures == {"path": "/var/lib/flowmap/captures", "type": "DirectoryOrCreate"}
+    dp = pods["flowmap-dp"]["containers"][0]
+    assert {"name": "captures", "mountPath": "/var/lib/flowmap/captures"} in dp["volumeMounts"]
+    assert dp["args"][dp["args"].index("--capture-dir") + 1] == "/var/lib/flowmap/captures"
     caps = {c["name"]: c["securityContext"]["capabilities"] for pod in pods.values() for c in pod["containers"]}
     assert caps == {"agent": {"drop": ["ALL"], "add": ["NET_ADMIN"]}, "dp": {"drop": ["ALL"], "add": ["NET_RAW"]}}
     deploy = json.loads(installed.kubectl("get", "deployment", "flowmap-operator", "-n", NS, "-o", "json").stdout)
