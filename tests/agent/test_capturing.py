@@ -1,12 +1,17 @@
 """Packet captures through the agent: an operator's CaptureService (a real gRPC server, TLS and
 token) streams orders; the agent's loop step puts them in the Control a dp reads off the agent's
 real socket (the dp's own Exporter); the dp's statuses in its health go back to the operator's
-Report, when they change and once after a reconnect."""
+Report, when they change and once after a reconnect. Live: a real dp on a simulated node writes
+the packets an order selects, and the operator hears the file's size and sha256."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import queue
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -24,6 +29,8 @@ from flowmap_api import report_pb2_grpc as pb_grpc
 from flowmap_devenv import pki
 from flowmap_dp import wire_pb2
 from flowmap_dp.exporting import Exporter
+from tests.agent.test_receiving import Acknowledging
+from tests.dp.test_live import A4, B4, FLOWMAP, Node, node  # noqa: F401 (the fixture)
 
 ID = "shop/cap/0f1e2d3c-aaaa-bbbb-cccc-000000000001"
 ORDER = pb.CaptureOrder(id=ID, pods=["shop/web-1", "shop/ghost"], snap_length=128, max_bytes=1 << 20,
@@ -62,6 +69,17 @@ class Operator(pb_grpc.CaptureServiceServicer):
         return pb.CaptureReportAck(leader=True)
 
 
+async def serve(operator: Operator, keys: pki.Pki) -> tuple[grpc.aio.Server, int]:
+    """The operator's CaptureService (and a ReportService taking every batch), TLS."""
+    server = grpc.aio.server()
+    pb_grpc.add_CaptureServiceServicer_to_server(operator, server)
+    pb_grpc.add_ReportServiceServicer_to_server(Acknowledging(), server)
+    creds = grpc.ssl_server_credentials([(keys.serving_key.read_bytes(), keys.serving_cert.read_bytes())])
+    port = server.add_secure_port("127.0.0.1:0", creds)
+    await server.start()
+    return server, port
+
+
 async def until(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -76,11 +94,7 @@ def test_orders_reach_the_dp_and_its_statuses_reach_the_operator(tmp_path: Path)
 
     async def scenario() -> None:
         operator = Operator("secret-token")
-        server = grpc.aio.server()
-        pb_grpc.add_CaptureServiceServicer_to_server(operator, server)
-        creds = grpc.ssl_server_credentials([(keys.serving_key.read_bytes(), keys.serving_cert.read_bytes())])
-        port = server.add_secure_port("127.0.0.1:0", creds)
-        await server.start()
+        server, port = await serve(operator, keys)
         settings = Settings(node="node-a", operator=f"localhost:{port}", ca_file=str(keys.ca_cert),
                             token_file=str(tmp_path / "token"), state_file=str(tmp_path / "state"),
                             socket=str(tmp_path / "run" / "dp.sock"), interval=0.2)
@@ -178,6 +192,87 @@ def test_orders_reach_the_dp_and_its_statuses_reach_the_operator(tmp_path: Path)
             assert agent.receiver is not None
             agent.receiver.close()
             agent.conntrack.shutdown()
+            await server.stop(None)
+
+    asyncio.run(scenario())
+
+
+PORT = 6354
+
+
+def test_live_a_real_dp_captures_what_the_order_selects(node: Node, tmp_path: Path) -> None:
+    keys = pki.create(tmp_path / "pki")
+    (tmp_path / "token").write_text("secret-token\n")
+    folder = tmp_path / "captures"
+    cid = "default/udp-dump/4f1c"
+    order = pb.CaptureOrder(id=cid, pods=["default/b"], snap_length=64, max_bytes=1 << 20, max_packets=100,
+                            duration_seconds=2, filters=[pb.CaptureFilter(
+                                cidrs=[f"{A4}/32"], protocol=pb.UDP, port=PORT,
+                                direction=pb.CAPTURE_DIRECTION_INGRESS)])
+    sizes = [10, 100, 1000]
+
+    async def scenario() -> None:
+        operator = Operator("secret-token")
+        server, port = await serve(operator, keys)
+        settings = Settings(node="node-a", operator=f"localhost:{port}", ca_file=str(keys.ca_cert),
+                            token_file=str(tmp_path / "token"), state_file=str(tmp_path / "state"),
+                            socket=str(tmp_path / "run" / "dp.sock"), interval=0.2)
+        agent = Agent(settings, registry=CollectorRegistry())
+        dp = agent.open_dp()
+        log = open(tmp_path / "dp.log", "w")
+        proc = node.lab.popen(node.node, [FLOWMAP, "dp", "run", "--socket", settings.socket, "--interval", "0.2",
+                                          "--retire-ms", "10", "--block-size", str(1 << 18),
+                                          "--capture-dir", str(folder)], stdout=log, stderr=subprocess.STDOUT)
+        stop = asyncio.Event()
+        following = asyncio.create_task(agent.capturer.run(stop))
+        pods = LocalPods(None, "node-a")  # type: ignore[arg-type]  # filled by hand: no API server here
+        pods.by_ip.update({A4: "default/a", B4: "default/b"})
+        pods.workloads.update({"default/a": "a", "default/b": "b"})
+        plan = plumbing.Plan(pods={A4: node.host_a, B4: node.host_b}, interfaces=(node.host_a, node.host_b),
+                             own=frozenset(), underlay=(), overlay=())
+
+        def status() -> pb.CaptureStatus | None:
+            found = [c for r in operator.reports for c in r.captures if c.id == cid]
+            return found[-1] if found else None
+
+        async def stands(state: str) -> pb.CaptureStatus:
+            for _ in range(150):  # the agent's loop, as Agent.run runs it
+                agent.control(dp, plan, pods)
+                await agent.step(dp)
+                if (s := status()) is not None and s.state == state:
+                    return s
+                await asyncio.sleep(0.1)
+            raise AssertionError(f"no {state!r} status: {status()}; dp: {(tmp_path / 'dp.log').read_text()[-2000:]}")
+
+        try:
+            await operator.queue.put(pb.NodeCaptures(version=1, captures=[order]))
+            await stands("running")
+            send = ("import socket\n"
+                    "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                    f"for n in {sizes}: s.sendto(b'x' * n, ('{B4}', {PORT}))\n"
+                    f"s.sendto(b'y', ('{B4}', {PORT + 1}))\n")  # another port: left out
+            await asyncio.to_thread(node.lab.exec, node.pod_a, sys.executable, "-c", send)
+            done = await stands("done")
+            assert (done.stop_reason, done.drops, done.message) == ("DurationReached", 0, "")
+            # Ethernet 14 + IPv4 20 + UDP 8 + payload, at most the snap length of each.
+            assert (done.packets, done.bytes) == (3, sum(min(64, 42 + n) for n in sizes))
+            (file,) = folder.iterdir()
+            raw = file.read_bytes()
+            assert (done.file_bytes, done.sha256) == (len(raw), hashlib.sha256(raw).hexdigest())
+            assert b"default/b b" in raw  # the interface's description, "namespace/workload pod"
+        finally:
+            stop.set()
+            await following
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.to_thread(proc.wait, 10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            log.close()
+            assert agent.receiver is not None
+            agent.receiver.close()
+            agent.conntrack.shutdown()
+            await agent._drop_channel()
             await server.stop(None)
 
     asyncio.run(scenario())
