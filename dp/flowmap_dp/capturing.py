@@ -26,9 +26,11 @@ from __future__ import annotations
 import enum
 import os
 import re
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
@@ -307,12 +309,14 @@ class Capture:
         self._closed = False
         self._finish_if_done()
 
-    def poll(self, now: float) -> None:
-        """Take every ready block of every ring into the recorder, then let time pass."""
+    def poll(self, now: float, max_blocks: int = 1 << 30) -> bool:
+        """Take up to ``max_blocks`` ready blocks of each ring into the recorder, then let time
+        pass; True while it runs with blocks still ready (the caller may come back)."""
+        more = False
         for index, ring in enumerate(self.rings):
             if ring is None or not self.recorder.active:
                 continue
-            self._drain(index, ring, now)
+            more |= self._drain(index, ring, now, max_blocks)
             if ring.gone:
                 self.drops += ring.read_stats().drops
                 ring.close()
@@ -321,13 +325,22 @@ class Capture:
             self.recorder.stop(StopReason.INTERFACE_GONE, "every target interface went away")
         self.recorder.tick(now)
         self._finish_if_done()
+        return more and self.recorder.active
 
-    def _drain(self, index: int, ring: Ring, now: float) -> None:
-        # Its own frame: no view into the ring outlives it, so the ring can be closed after.
-        for block in ring.blocks():
-            for ts_ns, data, length in frames(block):
-                self.recorder.offer(index, ts_ns, data, length, now)
-                data.release()
+    def _drain(self, index: int, ring: Ring, now: float, max_blocks: int) -> bool:
+        """Up to ``max_blocks`` blocks; True if more are ready."""
+        for _ in range(max_blocks):
+            block = ring.ready_block()
+            if block is None:
+                return False
+            try:
+                for ts_ns, data, length in frames(block):
+                    self.recorder.offer(index, ts_ns, data, length, now)
+                    data.release()  # no view into the ring outlives its block: it can be closed after
+            finally:
+                block.release()
+                ring.release_block()
+        return ring.ready_block() is not None
 
     def fire(self, now: float) -> None:
         """The trigger happened (see :meth:`Recorder.fire`)."""
@@ -471,23 +484,29 @@ class Captures:
             return
         self.budget.give_back(size)
 
-    def poll(self, now: float) -> None:
-        """Let every active capture read its rings."""
-        for capture in self.captures.values():
-            if capture.recorder.active:
-                self._guarded(capture, lambda: capture.poll(now))
+    def poll(self, now: float, budget: float = float("inf")) -> None:
+        """Let every active capture read its rings, a block at a time in turn, for at most about
+        ``budget`` seconds: what a capture cannot take in that time waits in its ring, and what
+        its ring cannot hold is counted as the capture's drops, never the dp's."""
+        deadline = time.monotonic() + budget
+        busy = [c for c in self.captures.values() if c.recorder.active]
+        while busy:
+            busy = [c for c in busy if self._guarded(c, partial(c.poll, now, 1))]
+            if time.monotonic() >= deadline:
+                break
 
     @staticmethod
-    def _guarded(capture: Capture, work: Callable[[], None]) -> None:
-        """Do ``work``; when it fails (a write error: the disk; or a bug), that capture ends as
-        failed, saying why, and the others go on."""
+    def _guarded(capture: Capture, work: Callable[[], bool | None]) -> bool:
+        """Do ``work`` (its word: come back?); when it fails (a write error: the disk; or a bug),
+        that capture ends as failed, saying why, and the others go on."""
         try:
-            work()
+            return bool(work())
         except Exception as e:
             try:
                 capture.stop(StopReason.FAILED, _why(e))
             except Exception:  # its file or a ring would not even close: it still ends
                 capture.recorder.stop(StopReason.FAILED, _why(e))
+            return False
 
     def results(self) -> list[Result]:
         """Every capture's result, the refused ones included (not the leftovers)."""

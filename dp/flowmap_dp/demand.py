@@ -187,6 +187,10 @@ class PacketCaptures:
     Control and polled by the loop while any is armed or running."""
 
     POLL_INTERVAL = RING.retire_timeout_ms / 1000  # a capture's ring hands over a block this often
+    # Seconds of each poll the captures may take: a quarter of the worker at most, so that the
+    # node's session counts never wait for a capture (a capture that cannot keep up drops in
+    # its own ring, and says so in its status).
+    BUDGET = POLL_INTERVAL / 4
 
     def __init__(self, folder: Path, disk_bytes: int, max_captures: int) -> None:
         self.captures = Captures(folder, DiskBudget(disk_bytes), max_captures)
@@ -216,8 +220,9 @@ class PacketCaptures:
             c.interrupted(capture_id)
 
     def poll(self, now: float) -> None:
-        """Read the captures' rings into their files; end those whose time or bounds are up."""
-        self.captures.poll(now)
+        """Read the captures' rings into their files, for at most BUDGET of the worker's time;
+        end those whose time or bounds are up."""
+        self.captures.poll(now, self.BUDGET)
 
     def statuses(self) -> Iterable[wire_pb2.PacketCaptureStatus]:
         """Each capture of this run, as it stands."""

@@ -353,7 +353,8 @@ class Worker:
             for fd, ring in list(pending.items()):
                 if self.by_fd.get(fd) is not ring or not self._drain(ring, BLOCKS_PER_TURN):
                     del pending[fd]
-            if captures is not None and captures.active and time.monotonic() >= next_capture:
+            # The main rings first: the captures read theirs when no main ring has blocks waiting.
+            if captures is not None and captures.active and not pending and time.monotonic() >= next_capture:
                 captures.poll(time.time())
                 next_capture = time.monotonic() + captures.POLL_INTERVAL
             if time.monotonic() >= next_report:
