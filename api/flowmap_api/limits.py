@@ -21,3 +21,10 @@ MAX_NAMES = 10_000
 # ReportBatch.node_addresses: a node's uplinks, a CNI's bridge and tunnel, each in two families,
 # fit many times over; kube-proxy's IPVS dummy, which holds every ClusterIP, is down and not sent.
 MAX_NODE_ADDRESSES = 64
+
+# CaptureReport.captures: how the node's captures stand. A node runs at most a few at once (the dp's
+# --max-captures, default 4) and keeps finished ones until their TTL; 256 is far beyond both.
+MAX_CAPTURE_STATUSES = 256
+
+# CaptureStatus.message: the node's words on a failure (kept in a condition's message).
+MAX_CAPTURE_MESSAGE = 512

@@ -23,7 +23,8 @@ from collections import Counter
 
 from flowmap_api import report_pb2 as pb
 from flowmap_api.apps import APPLICATIONS, UNKNOWN
-from flowmap_api.limits import MAX_BATCH_EDGES, MAX_NAMES, MAX_NODE_ADDRESSES
+from flowmap_api.limits import (MAX_BATCH_EDGES, MAX_CAPTURE_MESSAGE, MAX_CAPTURE_STATUSES, MAX_NAMES,
+                                MAX_NODE_ADDRESSES)
 
 # The trailing metadata key of an INVALID_ARGUMENT refusal caused by one edge; its value is the
 # edge's index into ``batch.edges`` (decimal). A refusal of the batch itself has no such key.
@@ -46,6 +47,12 @@ _POD = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?/[a-z0-9](?:[-.a-z0-9]*[
 # (SRV and DNS-SD names such as _http._tcp.api.shop.svc.cluster.local are ordinary DNS).
 _LABEL = r"[a-z0-9_](?:[-a-z0-9_]{0,61}[a-z0-9_])?"
 _DNS_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+# A capture's id (CaptureOrder.id): namespace (a DNS label) / name (a DNS subdomain) / uid.
+_CAPTURE_ID = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?/[a-z0-9](?:[-.a-z0-9]{0,251}[a-z0-9])?"
+                         r"/[0-9a-f][-0-9a-f]{0,63}")
+CAPTURE_STATES = frozenset(("armed", "running", "done", "failed"))
+SHA256 = re.compile(r"[0-9a-f]{64}")  # a finished capture's file digest, as status.nodes[].sha256 holds it
+_STOP_REASON = re.compile(r"[A-Za-z]{1,64}")
 
 # What became of an element, as (field, reason): the labels of the operator's metric.
 Tally = Counter[tuple[str, str]]
@@ -211,3 +218,30 @@ def normalise(batch: pb.ReportBatch, *, max_edges: int = MAX_BATCH_EDGES) -> Tal
             tally["node_address", "not_canonical"] += 1
     normalise_names(batch, tally)
     return tally
+
+
+def check_capture_report(report: pb.CaptureReport) -> None:
+    """Raise ``Invalid`` unless every part of the capture report is within the contract: it is
+    applied whole or not at all (each status is cumulative, so nothing is lost by refusing)."""
+    if len(report.node) > MAX_NAME or not _K8S_NAME.fullmatch(report.node):
+        raise Invalid(f"node: {report.node[:64]!r} is not a node name")
+    if len(report.captures) > MAX_CAPTURE_STATUSES:
+        raise Invalid(f"captures: {len(report.captures)} statuses, more than the limit {MAX_CAPTURE_STATUSES}")
+    seen: set[str] = set()
+    for i, status in enumerate(report.captures):
+        if not _CAPTURE_ID.fullmatch(status.id):
+            raise Invalid(f"captures[{i}].id: {status.id[:64]!r} is not namespace/name/uid")
+        if status.id in seen:
+            raise Invalid(f"captures[{i}].id: {status.id} is reported twice")
+        seen.add(status.id)
+        if status.state not in CAPTURE_STATES:
+            raise Invalid(f"captures[{i}].state: {status.state[:64]!r} is not one of {', '.join(sorted(CAPTURE_STATES))}")
+        for name in ("packets", "bytes", "drops", "file_bytes"):
+            if getattr(status, name) > MAX_COUNTER:
+                raise Invalid(f"captures[{i}].{name}: {getattr(status, name)} is above {MAX_COUNTER}")
+        if status.sha256 and not SHA256.fullmatch(status.sha256):
+            raise Invalid(f"captures[{i}].sha256: {status.sha256[:80]!r} is not 64 lower-case hex digits")
+        if status.stop_reason and not _STOP_REASON.fullmatch(status.stop_reason):
+            raise Invalid(f"captures[{i}].stop_reason: {status.stop_reason[:80]!r} is not 1-64 letters")
+        if len(status.message) > MAX_CAPTURE_MESSAGE:
+            raise Invalid(f"captures[{i}].message: {len(status.message)} characters, more than {MAX_CAPTURE_MESSAGE}")

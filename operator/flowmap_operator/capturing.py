@@ -14,11 +14,12 @@ Bounded: at most ``max_per_namespace`` unfinished captures of a namespace run (t
 from __future__ import annotations
 
 import ipaddress
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from flowmap_api import report_pb2 as pb
+from flowmap_api.validity import SHA256
 from flowmap_operator.conditions import Said, conditions
 from flowmap_operator.policy import iso, matches, parse_iso
 from flowmap_operator.resolution import Peer, group_name
@@ -37,7 +38,6 @@ NODE_PHASES = {"armed": "Armed", "running": RUNNING, "done": COMPLETED, "failed"
 # would make the API server refuse the whole status).
 STOP_REASONS = frozenset(("DurationReached", "MaxBytesReached", "MaxPacketsReached", "NodeDiskFull",
                           "NodeCaptureLimit", "Stopped", "InterfaceGone", "Failed"))
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 CaptureKey = tuple[str, str]  # namespace, name
 # A live pod of the namespace: its workload group's Peer (member: the pod, node: where it runs),
@@ -229,7 +229,7 @@ def _node_entry(node: str, report: NodeReport | None) -> dict[str, Any]:
     entry: dict[str, Any] = {"node": node, "phase": NODE_PHASES.get(report.state, PENDING),
                              "packets": max(0, report.packets), "bytes": max(0, report.bytes),
                              "drops": max(0, report.drops), "fileBytes": max(0, report.file_bytes)}
-    if _SHA256.fullmatch(report.sha256):
+    if SHA256.fullmatch(report.sha256):
         entry["sha256"] = report.sha256
     if report.stop_reason:
         entry["stopReason"] = report.stop_reason if report.stop_reason in STOP_REASONS else "Failed"
@@ -336,3 +336,30 @@ def expired(capture: Capture, now: float) -> bool:
 def kept(captures: Iterable[Capture], now: float) -> set[str]:
     """The ids whose finished files the nodes keep (wire.proto ``keep``): finished, not yet expired."""
     return {c.id for c in captures if expires_at(c) is not None and not expired(c, now)}
+
+
+# -- (d) what each node is told ---------------------------------------------------------------------
+
+_PROTOCOLS = {"TCP": pb.TCP, "UDP": pb.UDP, "SCTP": pb.SCTP, "ICMP": pb.ICMP}
+_DIRECTIONS = {"Ingress": pb.CAPTURE_DIRECTION_INGRESS, "Egress": pb.CAPTURE_DIRECTION_EGRESS}
+
+
+def order(plan: Plan, pods: Sequence[Peer]) -> pb.CaptureOrder:
+    """One planned capture as the node holding ``pods`` (its target pods there) runs it."""
+    c = plan.capture
+    return pb.CaptureOrder(
+        id=c.id, pods=[f"{p.namespace}/{p.member}" for p in pods],
+        filters=[pb.CaptureFilter(cidrs=list(f.peers or ()), protocol=_PROTOCOLS.get(f.protocol, pb.PROTOCOL_UNSPECIFIED),
+                                  port=f.port, direction=_DIRECTIONS.get(f.direction, pb.CAPTURE_DIRECTION_BOTH))
+                 for f in plan.filters],
+        snap_length=c.snaplen, max_bytes=c.max_bytes, max_packets=c.max_packets, duration_seconds=c.duration,
+        armed=plan.armed, pre_trigger_seconds=c.pre_trigger if plan.armed else 0)
+
+
+def node_captures(plans: Iterable[Plan], node: str, keep: Iterable[str]) -> pb.NodeCaptures:
+    """What ``node`` runs now (version left 0): the orders of the unfinished, unheld captures that
+    target pods on it, sorted by id, and the finished ids whose files it keeps."""
+    orders: list[pb.CaptureOrder] = [order(p, pods) for p in plans if not p.held and p.capture.phase not in FINISHED
+                                     for at, pods in p.nodes if at == node]
+    orders.sort(key=lambda o: o.id)
+    return pb.NodeCaptures(captures=orders, keep=sorted(keep))

@@ -37,8 +37,9 @@ from flowmap_operator import certs, metrics
 from flowmap_operator.auth import Authenticator
 from flowmap_operator.modes import Modes
 from flowmap_operator.policing import PolicyHub, PolicyWriter
+from flowmap_operator.recording import CaptureHub, StatusWriter
 from flowmap_operator.resolution import Resolver
-from flowmap_operator.serving import OPTIONS, Gate, PolicyServicer, Refusals, ReportServicer
+from flowmap_operator.serving import OPTIONS, CaptureServicer, Gate, PolicyServicer, Refusals, ReportServicer
 from flowmap_operator.settings import Settings
 from flowmap_operator.topology import Topology
 from flowmap_operator.writing import Bucket, Writer
@@ -87,7 +88,8 @@ class Leadership:
         return True
 
 
-def _register_watches(registry: kopf.OperatorRegistry, topology: Topology, leads: Callable[[], bool]) -> None:
+def _register_watches(registry: kopf.OperatorRegistry, topology: Topology, captures: CaptureHub,
+                      leads: Callable[[], bool]) -> None:
     def feed(seen: Callable[[Any], None], gone: Callable[[Any], None]) -> Callable[..., None]:
         def handler(type: str | None, body: kopf.Body, **_: Any) -> None:  # noqa: A002 - kopf's name
             (gone if type == "DELETED" else seen)(body)
@@ -110,13 +112,16 @@ def _register_watches(registry: kopf.OperatorRegistry, topology: Topology, leads
         # comes; nothing is written back through kopf (no finalizers, no progress annotations).
         (("flowmap.dev", "v1alpha1", "networklearningpolicies"), feed(
             lambda b: modes.seen(b, leads()), lambda b: modes.gone(b.metadata.namespace or "", b.metadata.name or ""))),
+        # Also what users make; its status is the leader's, written by recording.StatusWriter.
+        (("flowmap.dev", "v1alpha1", "packetcaptures"), feed(
+            captures.seen, lambda b: captures.gone(b.metadata.namespace or "", b.metadata.name or ""))),
     ]
     for (group, version, plural), handler in watches:
         kopf.on.event(group, version, plural, registry=registry)(handler)
 
 
-async def _prime(resolver: Resolver, modes: Modes, core: client.CoreV1Api, custom: client.CustomObjectsApi,
-                 api_client: client.ApiClient) -> None:
+async def _prime(resolver: Resolver, modes: Modes, captures: CaptureHub, core: client.CoreV1Api,
+                 custom: client.CustomObjectsApi, api_client: client.ApiClient) -> None:
     """Read the cluster once before serving, so that no report is resolved against half a picture."""
     now = time.time()
     sanitize = api_client.sanitize_for_serialization
@@ -135,6 +140,8 @@ async def _prime(resolver: Resolver, modes: Modes, core: client.CoreV1Api, custo
     policies = await custom.list_cluster_custom_object("flowmap.dev", "v1alpha1", "networklearningpolicies")
     for policy in policies.get("items", []):
         modes.seen(policy, leading=False)  # learned rules come from their status
+    for capture in (await custom.list_cluster_custom_object("flowmap.dev", "v1alpha1", "packetcaptures")).get("items", []):
+        captures.seen(capture)  # admission keeps the running ones running
 
 
 async def _tls(settings: Settings, core: client.CoreV1Api) -> certs.Keeper | None:
@@ -168,8 +175,9 @@ async def _until_done(what: str, step: Callable[[], Awaitable[None]], stop: asyn
     return False
 
 
-async def _flush_loop(writer: Writer, policing: PolicyWriter, hub: PolicyHub, leads: Callable[[], bool],
-                      settings: Settings, stop: asyncio.Event) -> None:
+async def _flush_loop(writer: Writer, policing: PolicyWriter, hub: PolicyHub, captures: CaptureHub,
+                      capture_status: StatusWriter, leads: Callable[[], bool], settings: Settings,
+                      stop: asyncio.Event) -> None:
     collected = refreshed = time.monotonic()
     while not stop.is_set():
         if leads():
@@ -180,6 +188,8 @@ async def _flush_loop(writer: Writer, policing: PolicyWriter, hub: PolicyHub, le
                     refreshed = time.monotonic()
                     policing.refresh()
                     await hub.update(time.time())
+                    await captures.update(time.time())
+                    await capture_status.flush(time.time())
                 deadline = time.monotonic() + settings.flush_interval
                 await writer.flush(deadline)
                 await policing.flush(deadline)
@@ -219,7 +229,9 @@ async def run(settings: Settings) -> None:
                         modes=modes, max_fqdn_groups=settings.max_fqdn_groups)
     writer = Writer(custom, topology, Bucket(settings.write_budget))
     metrics.REGISTRY.register(metrics.BoundsCollector(topology))
-    if not (await _until_done("reading the cluster", lambda: _prime(resolver, modes, core, custom, api_client), stop)
+    captures = CaptureHub(resolver, settings.max_captures_per_namespace)
+    if not (await _until_done("reading the cluster", lambda: _prime(resolver, modes, captures, core, custom, api_client),
+                              stop)
             and await _until_done("reading the map", writer.load, stop)):
         await api_client.close()
         return
@@ -239,6 +251,7 @@ async def run(settings: Settings) -> None:
                             events_per_second=settings.events_per_second)
     policing.refresh()  # modes in force before any agent asks: an empty first policy would lift Protect
     pb_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(auth, hub, refusals, leadership), server)
+    pb_grpc.add_CaptureServiceServicer_to_server(CaptureServicer(auth, captures, refusals, leadership), server)
     keeper = await _tls(settings, core)
     creds = keeper.credentials() if keeper else grpc.ssl_server_credentials([(
         Path(settings.grpc_tls_key).read_bytes(), Path(settings.grpc_tls_cert).read_bytes())])
@@ -249,7 +262,7 @@ async def run(settings: Settings) -> None:
     start_http_server(settings.metrics_listen, registry=metrics.REGISTRY)
 
     registry = kopf.OperatorRegistry()
-    _register_watches(registry, topology, leadership)
+    _register_watches(registry, topology, captures, leadership)
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -273,7 +286,8 @@ async def run(settings: Settings) -> None:
     leader_task = asyncio.create_task(leadership.watch(stop))
     tls_task = asyncio.create_task(keeper.keep(stop)) if keeper else None
     await server.start()
-    flush_task = asyncio.create_task(_flush_loop(writer, policing, hub, leadership, settings, stop))
+    flush_task = asyncio.create_task(_flush_loop(writer, policing, hub, captures, StatusWriter(writer, captures),
+                                                 leadership, settings, stop))
     log.info("serving reports on :%d (metrics on :%d)", settings.grpc_listen, settings.metrics_listen)
 
     await asyncio.wait([kopf_task, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)

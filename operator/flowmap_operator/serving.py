@@ -30,9 +30,10 @@ from flowmap_operator.auth import Authenticator, Identity
 from flowmap_operator.errors import (Busy, Crowded, InvalidReport, Malformed, NotKnownYet, OutOfOrder,
                                      PermissionDenied, Unauthenticated, Unavailable)
 from flowmap_operator.policing import PolicyHub
+from flowmap_operator.recording import CaptureHub
 from flowmap_operator.settings import Settings
 from flowmap_operator.topology import Topology
-from flowmap_operator.validation import validate
+from flowmap_operator.validation import validate, validate_captures
 
 log = logging.getLogger("flowmap.operator.serving")
 # The one mapping of the operator's errors (flowmap_operator.errors) to gRPC status codes, with the
@@ -286,3 +287,41 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
                     return
         finally:
             metrics.POLICY_WATCHERS.dec()
+
+
+class CaptureServicer(pb_grpc.CaptureServiceServicer):
+    """Streams each node the packet captures it runs and takes how they stand, as PolicyServicer
+    does policy: a token watches and reports for its own node only, and only the leader keeps
+    captures (a follower answers UNAVAILABLE to a watch and ``leader=false`` to a report)."""
+
+    def __init__(self, auth: Authenticator, hub: CaptureHub, refusals: Refusals, is_leader: Callable[[], bool]) -> None:
+        self.auth, self.hub, self.refusals, self.is_leader = auth, hub, refusals, is_leader
+
+    async def Watch(self, request: pb.WatchRequest,  # noqa: N802
+                    context: grpc.aio.ServicerContext) -> AsyncIterator[pb.NodeCaptures]:
+        try:
+            self.auth.authorize(IDENTITY.get(), request.node)
+        except PermissionDenied as exc:
+            await self.refusals.refuse(exc, context)
+        if not self.is_leader():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "not the leader: captures come from the leader")
+        log.info("node %s takes captures", request.node)
+        async for captures in self.hub.stream(request.node):
+            yield captures
+            if not self.is_leader():  # lost the lead: the agent finds the new leader
+                return
+
+    async def Report(self, request: pb.CaptureReport,  # noqa: N802
+                     context: grpc.aio.ServicerContext) -> pb.CaptureReportAck:
+        try:
+            return self._report(request)
+        except REFUSALS as exc:
+            await self.refusals.refuse(exc, context)
+
+    def _report(self, request: pb.CaptureReport) -> pb.CaptureReportAck:
+        self.auth.authorize(IDENTITY.get(), request.node)
+        validate_captures(request)
+        if not self.is_leader():
+            return pb.CaptureReportAck(leader=False)
+        self.hub.reported(request.node, request.captures)
+        return pb.CaptureReportAck(leader=True)

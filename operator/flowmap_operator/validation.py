@@ -21,3 +21,11 @@ def validate(batch: pb.ReportBatch, *, max_edges: int) -> validity.Tally:
         return validity.normalise(batch, max_edges=max_edges)
     except validity.Invalid as exc:
         raise InvalidReport(str(exc), edge=exc.edge) from None
+
+
+def validate_captures(report: pb.CaptureReport) -> None:
+    """Raise InvalidReport, naming the field, unless the whole capture report is within the contract."""
+    try:
+        validity.check_capture_report(report)
+    except validity.Invalid as exc:
+        raise InvalidReport(str(exc)) from None

@@ -1,0 +1,228 @@
+"""PacketCapture's side that touches the world: the captures as the watch delivers them, each
+watched node's NodeCaptures streamed to its agent, the agents' reports, and status writes.
+
+The plan and the status are the pure core's (flowmap_operator.capturing); this keeps what they
+are computed from. Everything is bounded by the cluster's PacketCaptures (each at most
+``capturing.MAX_NODES`` nodes' reports) and the nodes that watch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import replace
+from typing import Any
+
+from kubernetes_asyncio.client import CustomObjectsApi
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from flowmap_api import report_pb2 as pb
+from flowmap_operator import capturing
+from flowmap_operator.capturing import Capture, CaptureKey, NodeReport, Plan
+from flowmap_operator.resolution import Resolver
+from flowmap_operator.writing import FIELD_MANAGER, GROUP, MERGE, VERSION, Writer
+
+log = logging.getLogger("flowmap.operator.recording")
+PLURAL = "packetcaptures"
+RETRY_AFTER = 10.0  # a status the API server refused (429, 5xx, a schema it breaks) is written again after this
+REPLAN_EVERY = 30.0  # finished captures' TTLs pass with nothing else changing: recompute the keep lists
+
+
+_STATES = {phase: state for state, phase in capturing.NODE_PHASES.items()}
+
+
+def written_reports(capture: Capture) -> dict[str, NodeReport]:
+    """The nodes' reports as the capture's status last said them: what a new leader (or a restarted
+    operator) starts from, so that a status never steps back while the agents have not reported yet."""
+    out = {}
+    for entry in list((capture.status or {}).get("nodes") or [])[:capturing.MAX_NODES]:
+        state = _STATES.get(entry.get("phase", ""))
+        if state and isinstance(entry.get("node"), str):
+            out[entry["node"]] = NodeReport(entry["node"], state, int(entry.get("packets") or 0),
+                                            int(entry.get("bytes") or 0), int(entry.get("drops") or 0),
+                                            int(entry.get("fileBytes") or 0), str(entry.get("sha256") or ""),
+                                            str(entry.get("stopReason") or ""))
+    return out
+
+
+def node_report(node: str, status: pb.CaptureStatus) -> NodeReport:
+    """One checked CaptureStatus (flowmap_api.validity.check_capture_report) as the core takes it."""
+    return NodeReport(node, status.state, status.packets, status.bytes, status.drops, status.file_bytes,
+                      status.sha256, status.stop_reason, status.message)
+
+
+class CaptureHub:
+    """The PacketCaptures, their plans, each watched node's NodeCaptures and the agents' reports."""
+
+    def __init__(self, resolver: Resolver, max_per_namespace: int) -> None:
+        self.resolver, self.max_per_namespace = resolver, max_per_namespace
+        self.captures: dict[CaptureKey, Capture] = {}
+        self.reports: dict[str, dict[str, NodeReport]] = {}  # capture id -> node -> its last report
+        self.plans: dict[CaptureKey, Plan] = {}
+        self.current: dict[str, pb.NodeCaptures] = {}
+        self.watchers: dict[str, int] = {}
+        self.version = 0  # of NodeCaptures, over all nodes: each node's versions only grow
+        self.changes = 0  # of captures and reports
+        self._inputs: tuple[int, int] = (-1, -1)
+        self._planned_at = 0.0
+        self._changed = asyncio.Condition()
+
+    # -- what the watch and the agents say --------------------------------------------------------
+
+    def seen(self, body: Mapping[str, Any]) -> None:
+        capture = Capture.from_body(body)
+        old = self.captures.get(capture.key)
+        if old is not None and old.uid != capture.uid:
+            self.reports.pop(old.id, None)  # deleted and created again under the same name
+        if capture.id not in self.reports:
+            self.reports[capture.id] = written_reports(capture)
+        self.captures[capture.key] = capture
+        self.changes += 1
+
+    def gone(self, namespace: str, name: str) -> None:
+        old = self.captures.pop((namespace, name), None)
+        if old is not None:
+            self.reports.pop(old.id, None)
+            self.plans.pop(old.key, None)
+            self.changes += 1
+
+    def reported(self, node: str, statuses: Iterable[pb.CaptureStatus]) -> int:
+        """Take a node's checked statuses; those of captures not known (deleted) are left out.
+        Returns how many were taken."""
+        known = {c.id for c in self.captures.values()}
+        taken = 0
+        for status in statuses:
+            if status.id not in known:
+                continue
+            by_node = self.reports.setdefault(status.id, {})
+            if node not in by_node and len(by_node) >= capturing.MAX_NODES:
+                continue
+            report = node_report(node, status)
+            if by_node.get(node) != report:
+                by_node[node] = report
+                self.changes += 1
+            taken += 1
+        return taken
+
+    # -- plans and streams -------------------------------------------------------------------------
+
+    def watching(self) -> set[str]:
+        return {node for node, n in self.watchers.items() if n}
+
+    def replan(self, now: float) -> bool:
+        """Plan every capture and each watched node's NodeCaptures again if what they depend on
+        changed; True when a node's changed."""
+        inputs = (self.changes, self.resolver.version)
+        if inputs == self._inputs and now - self._planned_at < REPLAN_EVERY:
+            return False
+        self._inputs, self._planned_at = inputs, now
+        admitted = capturing.admitted(self.captures.values(), self.max_per_namespace)
+        pods: dict[str, list[capturing.PodView]] = {}
+        for key, capture in self.captures.items():
+            if capture.namespace not in pods:
+                pods[capture.namespace] = list(self.resolver.namespace_pods(capture.namespace))
+            self.plans[key] = capturing.plan(capture, pods[capture.namespace], admitted=key in admitted,
+                                             max_per_namespace=self.max_per_namespace)
+        changed = False
+        for node in self.watching():
+            changed |= self._compose(node, now)
+        return changed
+
+    def _compose(self, node: str, now: float) -> bool:
+        captures = capturing.node_captures(self.plans.values(), node,
+                                           capturing.kept(self.captures.values(), now))
+        old = self.current.get(node)
+        if old is not None:
+            captures.version = old.version
+            if captures == old:
+                return False
+        self.version += 1
+        captures.version = self.version
+        self.current[node] = captures
+        return True
+
+    async def update(self, now: float) -> None:
+        """Re-plan, and wake the streams of the nodes whose captures changed."""
+        if self.replan(now):
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def stream(self, node: str) -> AsyncIterator[pb.NodeCaptures]:
+        """The node's captures now, then every change, for as long as the agent listens."""
+        self.watchers[node] = self.watchers.get(node, 0) + 1
+        try:
+            if node not in self.current:
+                self._inputs = (-1, -1)  # plan now: the node may be new
+                self.replan(time.time())
+            sent = None
+            while True:
+                captures = self.current[node]
+                if captures is not sent:
+                    sent = captures
+                    yield captures
+                async with self._changed:
+                    await self._changed.wait()
+        finally:
+            self.watchers[node] -= 1
+            if not self.watchers[node]:
+                del self.watchers[node]
+                self.current.pop(node, None)
+
+    # -- status ------------------------------------------------------------------------------------
+
+    def statuses(self, now: float) -> list[tuple[Capture, dict[str, Any]]]:
+        """The captures whose status, computed from their plan and reports, differs from the last written."""
+        out = []
+        for key, plan in self.plans.items():
+            capture = self.captures.get(key)
+            if capture is None or capture is not plan.capture:
+                continue  # changed since it was planned: planned again first
+            status = capturing.status(plan, self.reports.get(capture.id, {}), now)
+            if status != (capture.status or {}):
+                out.append((capture, status))
+        return out
+
+    def written(self, capture: Capture, status: Mapping[str, Any]) -> None:
+        """The status as written: the next plan and admission go from it (the watch brings it too)."""
+        if self.captures.get(capture.key) is capture:
+            self.captures[capture.key] = replace(capture, status=dict(status))
+            self.changes += 1
+
+
+class StatusWriter:
+    """Writes the captures' statuses that changed, through the writer's budget (status subresource)."""
+
+    def __init__(self, writer: Writer, hub: CaptureHub) -> None:
+        self.writer, self.api, self.hub = writer, writer.api, hub
+        self.refused: dict[CaptureKey, float] = {}  # until when a refused status is not written again
+
+    async def flush(self, now: float) -> int:
+        """Write every changed status once; a refused write is logged and tried at the next round."""
+        wrote = 0
+        self.refused = {k: until for k, until in self.refused.items() if until > now and k in self.hub.captures}
+        for capture, status in self.hub.statuses(now):
+            if capture.key in self.refused:
+                continue
+            try:
+                await self.writer.call("packetcapture", "patch_status", self._patch(self.api, capture, status))
+            except ApiException as exc:
+                if exc.status in (404, 409):
+                    continue  # deleted (or made anew) meanwhile: the watch says so
+                log.warning("status of PacketCapture %s/%s not written: %s %s; tried again in %.0f s",
+                            capture.namespace, capture.name, exc.status, exc.reason, RETRY_AFTER)
+                self.refused[capture.key] = now + RETRY_AFTER
+                continue
+            self.hub.written(capture, status)
+            wrote += 1
+        return wrote
+
+    @staticmethod
+    async def _patch(api: CustomObjectsApi, capture: Capture, status: Mapping[str, Any]) -> Any:
+        # A merge patch replaces lists whole (nodes, conditions): the status is written entire. The
+        # uid is a precondition: a capture deleted and created again under its name is not written.
+        body = {"metadata": {"uid": capture.uid}, "status": dict(status)}
+        return await api.patch_namespaced_custom_object_status(
+            GROUP, VERSION, capture.namespace, PLURAL, capture.name, body,
+            _content_type=MERGE, field_manager=FIELD_MANAGER)  # type: ignore[call-arg]  # not in the stub
