@@ -8,11 +8,9 @@ are raised once per connection that turns Violation or Denied, at most ``events_
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 from kubernetes_asyncio.client import CoreV1Api
@@ -23,6 +21,7 @@ from flowmap_operator import metrics
 from flowmap_operator.compiling import Compiler
 from flowmap_operator.modes import Modes
 from flowmap_operator.policy import PolicyKey, iso
+from flowmap_operator.streaming import NodeStreams
 from flowmap_operator.writing import FIELD_MANAGER, GROUP, MERGE, VERSION, Writer
 
 log = logging.getLogger("flowmap.operator.policing")
@@ -30,20 +29,15 @@ LOSSY_FOR = 600.0  # an agent's reported loss degrades the policies of its node 
 RECOMPILE_EVERY = 30.0  # names learned from DNS expire: recompile even when nothing else changed
 
 
-class PolicyHub:
+class PolicyHub(NodeStreams[pb.NodePolicy]):
     """Each watched node's NodePolicy, recompiled when what it depends on changed."""
 
     def __init__(self, modes: Modes) -> None:
+        super().__init__()
         self.modes, self.compiler = modes, Compiler(modes)
-        self.current: dict[str, pb.NodePolicy] = {}
-        self.watchers: dict[str, int] = {}
         self.version = 0
         self._inputs: tuple[int, int] = (-1, -1)
         self._compiled_at = 0.0
-        self._changed = asyncio.Condition()
-
-    def watching(self) -> set[str]:
-        return {node for node, n in self.watchers.items() if n}
 
     async def update(self, now: float) -> None:
         """Recompile every watched node's policy if its inputs changed; wake the streams that changed."""
@@ -55,8 +49,7 @@ class PolicyHub:
         for node in self.watching():
             changed |= self._compile(node, now)
         if changed:
-            async with self._changed:
-                self._changed.notify_all()
+            await self.notify()
 
     def _compile(self, node: str, now: float) -> bool:
         policy = self.compiler.node(node, now)
@@ -71,27 +64,12 @@ class PolicyHub:
         metrics.POLICY_PODS.labels(node).set(len(policy.pods))
         return True
 
-    async def stream(self, node: str) -> AsyncIterator[pb.NodePolicy]:
-        """The node's policy now, then every change, for as long as the agent listens."""
-        self.watchers[node] = self.watchers.get(node, 0) + 1
-        try:
-            if node not in self.current:
-                self._compile(node, time.time())
-            sent = None
-            while True:
-                policy = self.current[node]
-                if policy is not sent:
-                    sent = policy
-                    yield policy
-                async with self._changed:
-                    await self._changed.wait()
-        finally:
-            self.watchers[node] -= 1
-            if not self.watchers[node]:
-                del self.watchers[node]
-                self.current.pop(node, None)
-                with contextlib.suppress(KeyError):
-                    metrics.POLICY_PODS.remove(node)
+    def first(self, node: str, now: float) -> None:
+        self._compile(node, now)
+
+    def forget(self, node: str) -> None:
+        with contextlib.suppress(KeyError):
+            metrics.POLICY_PODS.remove(node)
 
 
 class PolicyWriter:

@@ -8,10 +8,8 @@ are computed from. Everything is bounded by the cluster's PacketCaptures (each a
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -22,6 +20,7 @@ from flowmap_api import report_pb2 as pb
 from flowmap_operator import capturing
 from flowmap_operator.capturing import Capture, CaptureKey, NodeReport, Plan
 from flowmap_operator.resolution import Resolver
+from flowmap_operator.streaming import NodeStreams
 from flowmap_operator.writing import FIELD_MANAGER, GROUP, MERGE, VERSION, Writer
 
 log = logging.getLogger("flowmap.operator.recording")
@@ -53,21 +52,19 @@ def node_report(node: str, status: pb.CaptureStatus) -> NodeReport:
                       status.sha256, status.stop_reason, status.message)
 
 
-class CaptureHub:
+class CaptureHub(NodeStreams[pb.NodeCaptures]):
     """The PacketCaptures, their plans, each watched node's NodeCaptures and the agents' reports."""
 
     def __init__(self, resolver: Resolver, max_per_namespace: int) -> None:
+        super().__init__()
         self.resolver, self.max_per_namespace = resolver, max_per_namespace
         self.captures: dict[CaptureKey, Capture] = {}
         self.reports: dict[str, dict[str, NodeReport]] = {}  # capture id -> node -> its last report
         self.plans: dict[CaptureKey, Plan] = {}
-        self.current: dict[str, pb.NodeCaptures] = {}
-        self.watchers: dict[str, int] = {}
         self.version = 0  # of NodeCaptures, over all nodes: each node's versions only grow
         self.changes = 0  # of captures and reports
         self._inputs: tuple[int, int] = (-1, -1)
         self._planned_at = 0.0
-        self._changed = asyncio.Condition()
 
     # -- what the watch and the agents say --------------------------------------------------------
 
@@ -108,9 +105,6 @@ class CaptureHub:
 
     # -- plans and streams -------------------------------------------------------------------------
 
-    def watching(self) -> set[str]:
-        return {node for node, n in self.watchers.items() if n}
-
     def replan(self, now: float) -> bool:
         """Plan every capture and each watched node's NodeCaptures again if what they depend on
         changed; True when a node's changed."""
@@ -146,29 +140,11 @@ class CaptureHub:
     async def update(self, now: float) -> None:
         """Re-plan, and wake the streams of the nodes whose captures changed."""
         if self.replan(now):
-            async with self._changed:
-                self._changed.notify_all()
+            await self.notify()
 
-    async def stream(self, node: str) -> AsyncIterator[pb.NodeCaptures]:
-        """The node's captures now, then every change, for as long as the agent listens."""
-        self.watchers[node] = self.watchers.get(node, 0) + 1
-        try:
-            if node not in self.current:
-                self._inputs = (-1, -1)  # plan now: the node may be new
-                self.replan(time.time())
-            sent = None
-            while True:
-                captures = self.current[node]
-                if captures is not sent:
-                    sent = captures
-                    yield captures
-                async with self._changed:
-                    await self._changed.wait()
-        finally:
-            self.watchers[node] -= 1
-            if not self.watchers[node]:
-                del self.watchers[node]
-                self.current.pop(node, None)
+    def first(self, node: str, now: float) -> None:
+        self._inputs = (-1, -1)  # plan now: the node may be new
+        self.replan(now)
 
     # -- status ------------------------------------------------------------------------------------
 

@@ -1,0 +1,62 @@
+"""Each watched node's latest message and the streams of the agents watching it: what the policy
+hub (PolicyService.Watch) and the capture hub (CaptureService.Watch) share.
+
+A hub keeps ``current[node]`` for the nodes someone watches, replaces a node's message when it
+changes (never edits it in place) and calls :meth:`NodeStreams.notify`; every stream then sends
+its node's message if it is not the one it sent last. When a node's last stream ends, its message
+is forgotten.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Generic, TypeVar
+
+M = TypeVar("M")
+
+
+class NodeStreams(Generic[M]):
+    """The per-node messages and streams; a hub says how a new watcher's first message is made."""
+
+    def __init__(self) -> None:
+        self.current: dict[str, M] = {}
+        self.watchers: dict[str, int] = {}
+        self._changed = asyncio.Condition()
+
+    def watching(self) -> set[str]:
+        return {node for node, n in self.watchers.items() if n}
+
+    def first(self, node: str, now: float) -> None:
+        """Make ``current[node]`` for a node that has no message yet (its first watcher came)."""
+        raise NotImplementedError
+
+    def forget(self, node: str) -> None:
+        """The node's last stream ended (its message is gone already)."""
+
+    async def notify(self) -> None:
+        """Some node's message was replaced: wake every stream."""
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def stream(self, node: str) -> AsyncIterator[M]:
+        """The node's message now, then each new one, for as long as the agent listens."""
+        self.watchers[node] = self.watchers.get(node, 0) + 1
+        try:
+            if node not in self.current:
+                self.first(node, time.time())
+            sent: M | None = None
+            while True:
+                message = self.current[node]
+                if message is not sent:
+                    sent = message
+                    yield message
+                async with self._changed:
+                    await self._changed.wait()
+        finally:
+            self.watchers[node] -= 1
+            if not self.watchers[node]:
+                del self.watchers[node]
+                self.current.pop(node, None)
+                self.forget(node)
