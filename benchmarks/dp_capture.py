@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dp_lab import Link, cpu_seconds, mixed_config, require  # noqa: E402
+from dp_lab import Link, cpu_seconds, mixed_config, pump, require  # noqa: E402
 from flowmap_agent.listening import ReportReader  # noqa: E402
 from flowmap_dp import wire_pb2  # noqa: E402
 
@@ -50,14 +50,6 @@ def last_health(reports: list[wire_pb2.Report]) -> dict[int, wire_pb2.Health]:
     for r in reports:
         if r.HasField("health"):
             out[r.worker] = r.health
-    return out
-
-
-def pump(reader: ReportReader, seconds: float) -> list[wire_pb2.Report]:
-    out: list[wire_pb2.Report] = []
-    deadline = time.monotonic() + seconds
-    while (left := deadline - time.monotonic()) > 0:
-        out += reader.poll(left)
     return out
 
 

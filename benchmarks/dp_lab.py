@@ -12,10 +12,13 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
+from flowmap_agent.listening import ReportReader
 from flowmap_devenv.netns import netns  # noqa: F401 - the benchmarks enter namespaces through this module
 from flowmap_devenv.netns import run as sh
+from flowmap_dp import wire_pb2
 
 
 def require() -> None:
@@ -190,3 +193,12 @@ def rss_mb(pid: int) -> tuple[float, float]:
             k, v = line.split(":")
             vals[k] = int(v.split()[0]) / 1024
     return vals.get("VmRSS", 0.0), vals.get("VmHWM", 0.0)
+
+
+def pump(reader: ReportReader, seconds: float) -> list[wire_pb2.Report]:
+    """Whatever arrives within ``seconds`` (a hard deadline: the dp reports continuously)."""
+    out: list[wire_pb2.Report] = []
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        out += reader.poll(left)
+    return out

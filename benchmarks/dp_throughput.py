@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dp_lab import Link, build_c_reader, cpu_seconds, mixed_config, netns, require, syn_config  # noqa: E402
+from dp_lab import Link, build_c_reader, cpu_seconds, mixed_config, netns, pump, require, syn_config  # noqa: E402
 from flowmap_agent.listening import ReportReader  # noqa: E402
 from flowmap_dp import wire_pb2  # noqa: E402
 from flowmap_dp.capture import Direction, Ring, RingConfig, fanout_group  # noqa: E402
@@ -204,15 +204,6 @@ def synflood(link: Link, exe: Path, packets: int, bound: int = 200_000) -> None:
     print(f"(each row the median of {REPEATS} runs)")
     print(f"sessions in the table after each flood: {sorted({f[3] for f in floods})} (bound {bound}); "
           f"ratio to the C reader (per CPU-second): {(d[0] / d[1]) / (c[0] / c[1]):.4f}")
-
-
-def pump(reader: ReportReader, seconds: float) -> list[wire_pb2.Report]:
-    """Whatever arrives within ``seconds`` (a hard deadline: the dp reports continuously)."""
-    out: list[wire_pb2.Report] = []
-    deadline = time.monotonic() + seconds
-    while (left := deadline - time.monotonic()) > 0:
-        out += reader.poll(left)
-    return out
 
 
 WARM_UP = 200_000  # packets: 50 of each of the 4,000 flows
