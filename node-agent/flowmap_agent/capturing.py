@@ -28,7 +28,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from flowmap_agent.captures import LocalPod, Orders, orders, statuses
-from flowmap_agent.following import bearer, follow, secure_channel
+from flowmap_agent.following import alongside, bearer, follow, secure_channel
 from flowmap_agent.settings import Settings
 from flowmap_api import report_pb2 as pb
 from flowmap_api import report_pb2_grpc as pb_grpc
@@ -84,13 +84,7 @@ class Capturer:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Follow the orders and report, until ``stop``."""
-        tasks = [asyncio.create_task(self.watch(stop)), asyncio.create_task(self.report_loop(stop))]
-        try:
-            await stop.wait()
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await alongside(stop, self.watch(stop), self.report_loop(stop))
 
     async def watch(self, stop: asyncio.Event) -> None:
         """Keep the stream open; each message becomes the orders (saved: see the module docstring)."""

@@ -1,6 +1,7 @@
 """Following one of the operator's streams (``PolicyService.Watch``, ``CaptureService.Watch``):
 the one way the agent keeps a stream open, with TLS and the bearer token as reports use, and
-the one backoff (jittered, from 0.5 s to 30 s) when it breaks or cannot open."""
+the one backoff (jittered, from 0.5 s to 30 s) when it breaks or cannot open; and the one way a
+follower runs beside what acts on it (:func:`alongside`)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable, Callable, Coroutine
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from prometheus_client import Counter
@@ -63,3 +64,14 @@ async def follow(settings: Settings, open_stream: Callable[[grpc.aio.Channel, Me
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=backoff * random.uniform(0.5, 1.5))
         backoff = min(backoff * 2, 30.0)
+
+
+async def alongside(stop: asyncio.Event, *jobs: Coroutine[Any, Any, None]) -> None:
+    """Run ``jobs`` (a follower and what acts on what it follows) until ``stop``, then cancel them."""
+    tasks = [asyncio.create_task(job) for job in jobs]
+    try:
+        await stop.wait()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

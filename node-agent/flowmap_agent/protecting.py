@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 
 from flowmap_agent.enforcement import Policy, Refused, desired, parse
-from flowmap_agent.following import follow
+from flowmap_agent.following import alongside, follow
 from flowmap_agent.nftables import NftError, Table
 from flowmap_agent.settings import Settings
 from flowmap_api import report_pb2 as pb
@@ -71,13 +71,7 @@ class Protector:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Watch and enforce until ``stop``; the table stays as it is."""
-        tasks = [asyncio.create_task(self.watch(stop)), asyncio.create_task(self.enforce(stop))]
-        try:
-            await stop.wait()
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await alongside(stop, self.watch(stop), self.enforce(stop))
 
     async def watch(self, stop: asyncio.Event) -> None:
         """Keep the stream open (flowmap_agent.following); each policy becomes the wanted one."""
