@@ -16,6 +16,7 @@ from flowmap_devenv.netns import netns
 from flowmap_dp.capturing import WINDOW_BYTES, Captures, DiskBudget, Recorder, Spec, State, StopReason, Target
 from flowmap_dp.filtering import Filter
 from flowmap_dp.pcapfile import read_records
+from tests.dp.test_capture import _udp as echo
 from tests.dp.test_live import A4, B4, Node, node  # noqa: F401 (the fixture)
 
 FRAME = bytes(range(200))
@@ -101,21 +102,13 @@ def test_an_armed_capture_without_a_window_writes_from_the_trigger_on() -> None:
 
 
 def _udp(node: Node, sizes: list[int], port: int = 5353) -> None:
-    with netns(node.pod_b):
-        srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        srv.bind((B4, port))
+    """Datagrams from pod-a to pod-b's ``port``, each echoed at half its size, then noise the
+    filter leaves out: a datagram to another port."""
+    echo(node.pod_a, node.pod_b, socket.AF_INET, B4, port, sizes)
     with netns(node.pod_a):
-        cli = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    with srv, cli:
-        srv.settimeout(5)
-        cli.settimeout(5)
-        for size in sizes:
-            cli.sendto(b"c" * size, (B4, port))
-            data, peer = srv.recvfrom(65536)
-            srv.sendto(data[: size // 2], peer)
-            cli.recv(65536)
-        # Noise the filter leaves out: another port.
-        cli.sendto(b"n" * 300, (B4, port + 1))
+        noise = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with noise:
+        noise.sendto(b"n" * 300, (B4, port + 1))
 
 
 def _run(captures: Captures, until: float) -> None:
