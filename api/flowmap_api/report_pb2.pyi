@@ -193,10 +193,18 @@ class CaptureFilter(_message.Message):
     direction: CaptureDirection
     def __init__(self, cidrs: _Optional[_Iterable[str]] = ..., protocol: _Optional[_Union[Protocol, str]] = ..., port: _Optional[int] = ..., direction: _Optional[_Union[CaptureDirection, str]] = ...) -> None: ...
 
+class CaptureTarget(_message.Message):
+    __slots__ = ("pod", "workload")
+    POD_FIELD_NUMBER: _ClassVar[int]
+    WORKLOAD_FIELD_NUMBER: _ClassVar[int]
+    pod: str
+    workload: str
+    def __init__(self, pod: _Optional[str] = ..., workload: _Optional[str] = ...) -> None: ...
+
 class CaptureOrder(_message.Message):
-    __slots__ = ("id", "pods", "filters", "snap_length", "max_bytes", "max_packets", "duration_seconds", "armed", "pre_trigger_seconds", "fired")
+    __slots__ = ("id", "targets", "filters", "snap_length", "max_bytes", "max_packets", "duration_seconds", "armed", "pre_trigger_seconds", "fired")
     ID_FIELD_NUMBER: _ClassVar[int]
-    PODS_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
     FILTERS_FIELD_NUMBER: _ClassVar[int]
     SNAP_LENGTH_FIELD_NUMBER: _ClassVar[int]
     MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -206,7 +214,7 @@ class CaptureOrder(_message.Message):
     PRE_TRIGGER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     FIRED_FIELD_NUMBER: _ClassVar[int]
     id: str
-    pods: _containers.RepeatedScalarFieldContainer[str]
+    targets: _containers.RepeatedCompositeFieldContainer[CaptureTarget]
     filters: _containers.RepeatedCompositeFieldContainer[CaptureFilter]
     snap_length: int
     max_bytes: int
@@ -215,7 +223,7 @@ class CaptureOrder(_message.Message):
     armed: bool
     pre_trigger_seconds: int
     fired: bool
-    def __init__(self, id: _Optional[str] = ..., pods: _Optional[_Iterable[str]] = ..., filters: _Optional[_Iterable[_Union[CaptureFilter, _Mapping]]] = ..., snap_length: _Optional[int] = ..., max_bytes: _Optional[int] = ..., max_packets: _Optional[int] = ..., duration_seconds: _Optional[int] = ..., armed: _Optional[bool] = ..., pre_trigger_seconds: _Optional[int] = ..., fired: _Optional[bool] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., targets: _Optional[_Iterable[_Union[CaptureTarget, _Mapping]]] = ..., filters: _Optional[_Iterable[_Union[CaptureFilter, _Mapping]]] = ..., snap_length: _Optional[int] = ..., max_bytes: _Optional[int] = ..., max_packets: _Optional[int] = ..., duration_seconds: _Optional[int] = ..., armed: _Optional[bool] = ..., pre_trigger_seconds: _Optional[int] = ..., fired: _Optional[bool] = ...) -> None: ...
 
 class NodeCaptures(_message.Message):
     __slots__ = ("version", "captures", "keep")

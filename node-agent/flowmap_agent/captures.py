@@ -45,24 +45,14 @@ MAX_WORD = 64  # state, stop reason, sha256 (64 hex digits)
 SHOWN = 64  # characters of an untranslatable value quoted in a message
 
 
-@dataclass(frozen=True)
-class LocalPod:
-    """What the agent knows of one of its node's pods."""
-
-    interface: str  # the host side of its veth
-    workload: str
-
-
-def local_pods(by_ip: Mapping[str, str], interfaces: Mapping[str, str],
-               workloads: Mapping[str, str]) -> dict[str, LocalPod]:
-    """``namespace/name`` -> the pod, for every pod whose veth is found: ``by_ip`` is the pod
-    watch's (IP -> pod), ``interfaces`` the plumbing's (pod IP -> host interface), ``workloads``
-    the pod watch's (pod -> workload name)."""
-    out: dict[str, LocalPod] = {}
+def local_pods(by_ip: Mapping[str, str], interfaces: Mapping[str, str]) -> dict[str, str]:
+    """``namespace/name`` -> the host side of its veth, for every pod whose veth is found:
+    ``by_ip`` is the pod watch's (IP -> pod), ``interfaces`` the plumbing's (pod IP -> interface)."""
+    out: dict[str, str] = {}
     for ip, interface in sorted(interfaces.items()):
         pod = by_ip.get(ip)
         if pod is not None and pod not in out:
-            out[pod] = LocalPod(interface, workloads.get(pod) or pod.partition("/")[2])
+            out[pod] = interface
     return out
 
 
@@ -93,15 +83,15 @@ def description(pod: str, workload: str) -> str:
     return f"{namespace}/{workload} {name}"[:MAX_DESCRIPTION]
 
 
-def capture(order: pb.CaptureOrder, pods: Mapping[str, LocalPod]) -> wire_pb2.PacketCapture | None:
-    """The dp's entry for ``order`` on this node; None while no target pod is known here.
-    Untranslatable when the order cannot be said to the dp."""
+def capture(order: pb.CaptureOrder, pods: Mapping[str, str]) -> wire_pb2.PacketCapture | None:
+    """The dp's entry for ``order`` on this node (``pods``: pod -> its interface); None while no
+    target pod is known here. Untranslatable when the order cannot be said to the dp."""
     targets: dict[str, wire_pb2.PacketCaptureTarget] = {}
-    for name in order.pods:
-        pod = pods.get(name)
-        if pod is not None and pod.interface not in targets:  # the dp refuses an interface named twice
-            targets[pod.interface] = wire_pb2.PacketCaptureTarget(name=pod.interface,
-                                                                   description=description(name, pod.workload))
+    for target in order.targets:
+        interface = pods.get(target.pod)
+        if interface is not None and interface not in targets:  # the dp refuses an interface named twice
+            targets[interface] = wire_pb2.PacketCaptureTarget(
+                name=interface, description=description(target.pod, target.workload or target.pod.partition("/")[2]))
     filters = [_filter(f) for f in order.filters]  # refused even while no target is known
     if not targets:
         return None
@@ -120,7 +110,7 @@ class Orders:
     refused: Mapping[str, str] = field(default_factory=dict)  # id -> why: the agent's own refusals
 
 
-def orders(node: pb.NodeCaptures, pods: Mapping[str, LocalPod]) -> Orders:
+def orders(node: pb.NodeCaptures, pods: Mapping[str, str]) -> Orders:
     """The dp's ``packet_captures`` and ``keep`` for the operator's ``node`` orders and the pods
     known here (see the module docstring)."""
     listed: list[wire_pb2.PacketCapture] = []

@@ -27,7 +27,7 @@ from pathlib import Path
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from flowmap_agent.captures import LocalPod, Orders, orders, statuses
+from flowmap_agent.captures import Orders, orders, statuses
 from flowmap_agent.following import alongside, bearer, follow, secure_channel
 from flowmap_agent.settings import Settings
 from flowmap_api import report_pb2 as pb
@@ -71,7 +71,7 @@ class Capturer:
         temporary.write_bytes(message.SerializeToString())
         os.replace(temporary, self.path)
 
-    def orders(self, pods: Mapping[str, LocalPod]) -> Orders:
+    def orders(self, pods: Mapping[str, str]) -> Orders:
         """What the next Control carries, for the pods known now."""
         made = orders(self.wanted, pods) if self.wanted is not None else Orders()
         self.refused = made.refused

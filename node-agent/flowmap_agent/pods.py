@@ -13,20 +13,6 @@ from kubernetes_asyncio.client.exceptions import ApiException
 log = logging.getLogger("flowmap.agent.pods")
 
 
-def workload_of(pod: Any) -> str:
-    """The name of the pod's workload as its owner says it: a Deployment's for a ReplicaSet
-    named ``<deployment>-<pod-template-hash>``, the controller's otherwise, the pod's own when it
-    has none. (The operator's ``resolution.workload_of`` also names a Job's CronJob, from the
-    Jobs it watches; the agent watches none, so a CronJob's pod is named by its Job here.)"""
-    meta = pod.metadata
-    owner = next((o for o in meta.owner_references or [] if o.controller), None)
-    if owner is None:
-        return str(meta.name)
-    name = str(owner.name)
-    suffix = "-" + (meta.labels or {}).get("pod-template-hash", "\0")
-    return name.removesuffix(suffix) if owner.kind == "ReplicaSet" and name.endswith(suffix) else name
-
-
 class LocalPods:
     """IP -> "namespace/name" for this node's pods with their own network (hostNetwork pods are the node)."""
 
@@ -34,7 +20,6 @@ class LocalPods:
         self.core, self.node = core, node
         self.by_ip: dict[str, str] = {}
         self._ips: dict[str, list[str]] = {}  # "namespace/name" -> its IPs
-        self.workloads: dict[str, str] = {}  # "namespace/name" -> its workload's name (packet captures say it)
         self.synced = asyncio.Event()
 
     def _seen(self, pod: Any) -> None:
@@ -45,12 +30,10 @@ class LocalPods:
             return
         ips = [p.ip for p in status.pod_ips or [] if p.ip] or ([status.pod_ip] if status.pod_ip else [])
         self._ips[key] = ips
-        self.workloads[key] = workload_of(pod)
         for ip in ips:
             self.by_ip[ip] = key
 
     def _gone(self, key: str) -> None:
-        self.workloads.pop(key, None)
         for ip in self._ips.pop(key, []):
             if self.by_ip.get(ip) == key:
                 del self.by_ip[ip]
@@ -64,7 +47,6 @@ class LocalPods:
                 listed = await self.core.list_pod_for_all_namespaces(field_selector=selector)
                 self.by_ip.clear()
                 self._ips.clear()
-                self.workloads.clear()
                 for pod in listed.items:
                     self._seen(pod)
                 self.synced.set()

@@ -398,7 +398,7 @@ class Agent:
     def control(self, dp: ReportReader, wanted: plumbing.Plan, pods: LocalPods) -> None:
         """Tell the dp when what it should do changed: the node's plumbing, or its packet captures
         (the operator's orders, for the pods whose interface is found now)."""
-        orders = self.capturer.orders(local_pods(pods.by_ip, wanted.pods, pods.workloads))
+        orders = self.capturer.orders(local_pods(pods.by_ip, wanted.pods))
         told, told_orders = self.told if self.told is not None else (None, None)
         if told is None or orders != told_orders or (
                 wanted.interfaces, wanted.own, wanted.underlay, wanted.overlay) != (

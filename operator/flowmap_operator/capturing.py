@@ -348,7 +348,7 @@ def order(plan: Plan, pods: Sequence[Peer]) -> pb.CaptureOrder:
     """One planned capture as the node holding ``pods`` (its target pods there) runs it."""
     c = plan.capture
     return pb.CaptureOrder(
-        id=c.id, pods=[f"{p.namespace}/{p.member}" for p in pods],
+        id=c.id, targets=[pb.CaptureTarget(pod=f"{p.namespace}/{p.member}", workload=p.workload) for p in pods],
         filters=[pb.CaptureFilter(cidrs=list(f.peers or ()), protocol=_PROTOCOLS.get(f.protocol, pb.PROTOCOL_UNSPECIFIED),
                                   port=f.port, direction=_DIRECTIONS.get(f.direction, pb.CAPTURE_DIRECTION_BOTH))
                  for f in plan.filters],

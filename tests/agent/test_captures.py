@@ -3,22 +3,19 @@ agent's pods into Control.packet_captures and keep; the dp's statuses back for t
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
-from flowmap_agent.captures import (MAX_DESCRIPTION, MAX_MESSAGE, MAX_STATUSES, LocalPod, local_pods, orders,
-                                    statuses)
-from flowmap_agent.pods import workload_of
+from flowmap_agent.captures import MAX_DESCRIPTION, MAX_MESSAGE, MAX_STATUSES, local_pods, orders, statuses
 from flowmap_api import report_pb2 as pb
 from flowmap_dp import demand, wire_pb2
 from flowmap_dp.demand import MAX_KEEP, MAX_WANTED
 
-PODS = {"shop/web-7d4b9-abcde": LocalPod("cali1234", "web"), "shop/db-0": LocalPod("veth99", "db")}
+PODS = {"shop/web-7d4b9-abcde": "cali1234", "shop/db-0": "veth99"}  # pod -> its interface
+WORKLOADS = {"shop/web-7d4b9-abcde": "web", "shop/db-0": "db"}  # as the operator names them
 ID = "shop/cap/0f1e2d3c-aaaa-bbbb-cccc-000000000001"
 
 
-def order(**fields: object) -> pb.CaptureOrder:
-    base: dict[str, object] = dict(id=ID, pods=["shop/web-7d4b9-abcde"], snap_length=128, max_bytes=1 << 20,
-                                   max_packets=10_000, duration_seconds=60)
+def order(pods: tuple[str, ...] | list[str] = ("shop/web-7d4b9-abcde",), **fields: object) -> pb.CaptureOrder:
+    base: dict[str, object] = dict(id=ID, snap_length=128, max_bytes=1 << 20, max_packets=10_000, duration_seconds=60,
+                                   targets=[pb.CaptureTarget(pod=p, workload=WORKLOADS.get(p, "")) for p in pods])
     base.update(fields)
     return pb.CaptureOrder(**base)  # type: ignore[arg-type]
 
@@ -57,12 +54,12 @@ def test_unknown_target_pods_are_left_out_and_an_order_without_any_waits_its_fil
     assert [t.name for t in made.captures[0].targets] == ["veth99"]
     assert made.keep == ("shop/later/uid-2", "shop/old/uid-0")  # the dp deletes a file neither listed nor kept
     # The pod appears: the order goes to the dp.
-    later = orders(pb.NodeCaptures(captures=[waiting, partly]), {**PODS, "shop/not-here-yet": LocalPod("veth7", "x")})
+    later = orders(pb.NodeCaptures(captures=[waiting, partly]), {**PODS, "shop/not-here-yet": "veth7"})
     assert [e.id for e in later.captures] == ["shop/later/uid-2", ID] and later.keep == ()
 
 
 def test_one_interface_is_named_once_and_an_id_ordered_twice_counts_once() -> None:
-    pods = {"shop/a": LocalPod("veth1", "w"), "shop/b": LocalPod("veth1", "w")}
+    pods = {"shop/a": "veth1", "shop/b": "veth1"}
     made = orders(pb.NodeCaptures(captures=[order(pods=["shop/a", "shop/b"]), order(pods=["shop/b"], snap_length=64)]),
                   pods)
     (entry,) = made.captures
@@ -98,7 +95,7 @@ def test_sizes_are_bounded() -> None:
     keep = [f"shop/k{i}/u" for i in range(MAX_KEEP + 10)]
     made = orders(pb.NodeCaptures(captures=many, keep=keep), PODS)
     assert len(made.captures) == MAX_WANTED and len(made.keep) == MAX_KEEP
-    long = {"ns/" + "p" * 300: LocalPod("veth1", "w" * 300)}
+    long = {"ns/" + "p" * 300: "veth1"}  # no workload said: the pod's name stands in, cut as well
     (entry,) = orders(pb.NodeCaptures(captures=[order(pods=list(long))]), long).captures
     assert len(entry.targets[0].description) == MAX_DESCRIPTION
     dp = [wire_pb2.PacketCaptureStatus(id=f"shop/s{i:05}/u", state="running" * 20, sha256="f" * 500,
@@ -123,17 +120,4 @@ def test_the_dp_statuses_become_the_operators() -> None:
 def test_local_pods_join_the_pod_watch_and_the_plumbing() -> None:
     by_ip = {"10.244.1.5": "shop/web-1", "fd00::5": "shop/web-1", "10.244.1.6": "shop/db-0", "10.244.1.7": "x/gone"}
     interfaces = {"10.244.1.5": "veth5", "fd00::5": "veth5", "10.244.1.6": "veth6", "10.244.1.8": "veth8"}
-    assert local_pods(by_ip, interfaces, {"shop/web-1": "web"}) == {
-        "shop/web-1": LocalPod("veth5", "web"), "shop/db-0": LocalPod("veth6", "db-0")}
-
-
-def meta(name: str, owner: tuple[str, str] | None, labels: dict[str, str] | None = None) -> SimpleNamespace:
-    refs = [SimpleNamespace(kind=owner[0], name=owner[1], controller=True)] if owner else None
-    return SimpleNamespace(metadata=SimpleNamespace(name=name, owner_references=refs, labels=labels))
-
-
-def test_a_pods_workload_is_named_by_its_owner() -> None:
-    assert workload_of(meta("web-7d4b9-x", ("ReplicaSet", "web-7d4b9"), {"pod-template-hash": "7d4b9"})) == "web"
-    assert workload_of(meta("rs-x", ("ReplicaSet", "rs"))) == "rs"
-    assert workload_of(meta("db-0", ("StatefulSet", "db"))) == "db"
-    assert workload_of(meta("lonely", None)) == "lonely"
+    assert local_pods(by_ip, interfaces) == {"shop/web-1": "veth5", "shop/db-0": "veth6"}

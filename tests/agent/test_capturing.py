@@ -33,7 +33,9 @@ from tests.agent.test_receiving import Acknowledging
 from tests.dp.test_live import A4, B4, FLOWMAP, Node, node  # noqa: F401 (the fixture)
 
 ID = "shop/cap/0f1e2d3c-aaaa-bbbb-cccc-000000000001"
-ORDER = pb.CaptureOrder(id=ID, pods=["shop/web-1", "shop/ghost"], snap_length=128, max_bytes=1 << 20,
+ORDER = pb.CaptureOrder(id=ID, targets=[pb.CaptureTarget(pod="shop/web-1", workload="web"),
+                                        pb.CaptureTarget(pod="shop/ghost", workload="ghost")],
+                        snap_length=128, max_bytes=1 << 20,
                         max_packets=100, duration_seconds=60, armed=True, pre_trigger_seconds=5,
                         filters=[pb.CaptureFilter(cidrs=["10.0.0.0/8"], protocol=pb.TCP, port=5432)])
 FIRED = pb.CaptureOrder()
@@ -106,7 +108,6 @@ def test_orders_reach_the_dp_and_its_statuses_reach_the_operator(tmp_path: Path)
         following = asyncio.create_task(agent.capturer.run(stop))
         pods = LocalPods(None, "node-a")  # type: ignore[arg-type]  # filled by hand: no API server here
         pods.by_ip.update({"10.244.1.5": "shop/web-1", "10.244.1.6": "shop/db-0"})
-        pods.workloads.update({"shop/web-1": "web", "shop/db-0": "db"})
         plan = plumbing.Plan(pods={"10.244.1.5": "veth5", "10.244.1.6": "veth6"}, interfaces=("veth5", "veth6"),
                              own=frozenset({"10.0.0.1"}), underlay=(), overlay=())
 
@@ -205,7 +206,7 @@ def test_live_a_real_dp_captures_what_the_order_selects(node: Node, tmp_path: Pa
     (tmp_path / "token").write_text("secret-token\n")
     folder = tmp_path / "captures"
     cid = "default/udp-dump/4f1c"
-    order = pb.CaptureOrder(id=cid, pods=["default/b"], snap_length=64, max_bytes=1 << 20, max_packets=100,
+    order = pb.CaptureOrder(id=cid, targets=[pb.CaptureTarget(pod="default/b", workload="b")], snap_length=64, max_bytes=1 << 20, max_packets=100,
                             duration_seconds=2, filters=[pb.CaptureFilter(
                                 cidrs=[f"{A4}/32"], protocol=pb.UDP, port=PORT,
                                 direction=pb.CAPTURE_DIRECTION_INGRESS)])
@@ -227,7 +228,6 @@ def test_live_a_real_dp_captures_what_the_order_selects(node: Node, tmp_path: Pa
         following = asyncio.create_task(agent.capturer.run(stop))
         pods = LocalPods(None, "node-a")  # type: ignore[arg-type]  # filled by hand: no API server here
         pods.by_ip.update({A4: "default/a", B4: "default/b"})
-        pods.workloads.update({"default/a": "a", "default/b": "b"})
         plan = plumbing.Plan(pods={A4: node.host_a, B4: node.host_b}, interfaces=(node.host_a, node.host_b),
                              own=frozenset(), underlay=(), overlay=())
 

@@ -100,7 +100,7 @@ def test_ordered_run_reported_and_completed_and_the_next_waits_its_turn(cluster:
                 durationSeconds=30, snapLength=96)
         first = wait_for(lambda: order(watcher, "first"), what="node-a told the capture")
         uid = get(cluster, "first")["metadata"]["uid"]
-        assert first.id == f"{NS}/first/{uid}" and list(first.pods) == [f"{NS}/web-6b7c8-a1"]
+        assert first.id == f"{NS}/first/{uid}" and [(t.pod, t.workload) for t in first.targets] == [(f"{NS}/web-6b7c8-a1", "web")]
         assert [(list(f.cidrs), f.protocol, f.port, f.direction) for f in first.filters] == [
             ([f"{DB}/32"], pb.TCP, 5432, pb.CAPTURE_DIRECTION_EGRESS)]
         assert (first.snap_length, first.duration_seconds, first.max_bytes, first.armed) == (96, 30, 1 << 20, False)

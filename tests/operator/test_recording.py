@@ -32,13 +32,13 @@ def test_each_node_is_told_its_own_pods_and_the_resolved_filters() -> None:
     assert h.replan(NOW)
     a, b, c = (h.current[n] for n in ("node-a", "node-b", "node-c"))
     (order,) = a.captures
-    assert order.id == f"shop/cap/0f0e-{b'cap'.hex()}" and list(order.pods) == ["shop/web-7d4b9-x1"]
+    assert order.id == f"shop/cap/0f0e-{b'cap'.hex()}" and [(t.pod, t.workload) for t in order.targets] == [("shop/web-7d4b9-x1", "web")]
     assert [(list(f.cidrs), f.protocol, f.port, f.direction) for f in order.filters] == [
         (["10.244.1.30/32"], pb.TCP, 5432, pb.CAPTURE_DIRECTION_EGRESS),
         (["10.0.0.0/8"], pb.UDP, 0, pb.CAPTURE_DIRECTION_BOTH)]
     assert (order.snap_length, order.max_bytes, order.max_packets, order.duration_seconds) == (256, 1 << 20, 10_000, 60)
     assert order.armed and order.pre_trigger_seconds == 3 and not order.fired
-    assert list(b.captures[0].pods) == ["shop/web-7d4b9-x2"]
+    assert [t.pod for t in b.captures[0].targets] == ["shop/web-7d4b9-x2"]
     assert not c.captures  # no target there: told so, and nothing else
     # Nothing changed: no new version; a change gives each node it touches a higher one.
     versions = (a.version, b.version, c.version)
