@@ -202,7 +202,7 @@ class CaptureTarget(_message.Message):
     def __init__(self, pod: _Optional[str] = ..., workload: _Optional[str] = ...) -> None: ...
 
 class CaptureOrder(_message.Message):
-    __slots__ = ("id", "targets", "filters", "snap_length", "max_bytes", "max_packets", "duration_seconds", "armed", "pre_trigger_seconds", "fired")
+    __slots__ = ("id", "targets", "filters", "snap_length", "max_bytes", "max_packets", "duration_seconds", "armed", "pre_trigger_seconds", "fired", "fired_unix_ms")
     ID_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
     FILTERS_FIELD_NUMBER: _ClassVar[int]
@@ -213,6 +213,7 @@ class CaptureOrder(_message.Message):
     ARMED_FIELD_NUMBER: _ClassVar[int]
     PRE_TRIGGER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     FIRED_FIELD_NUMBER: _ClassVar[int]
+    FIRED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     id: str
     targets: _containers.RepeatedCompositeFieldContainer[CaptureTarget]
     filters: _containers.RepeatedCompositeFieldContainer[CaptureFilter]
@@ -223,7 +224,8 @@ class CaptureOrder(_message.Message):
     armed: bool
     pre_trigger_seconds: int
     fired: bool
-    def __init__(self, id: _Optional[str] = ..., targets: _Optional[_Iterable[_Union[CaptureTarget, _Mapping]]] = ..., filters: _Optional[_Iterable[_Union[CaptureFilter, _Mapping]]] = ..., snap_length: _Optional[int] = ..., max_bytes: _Optional[int] = ..., max_packets: _Optional[int] = ..., duration_seconds: _Optional[int] = ..., armed: _Optional[bool] = ..., pre_trigger_seconds: _Optional[int] = ..., fired: _Optional[bool] = ...) -> None: ...
+    fired_unix_ms: int
+    def __init__(self, id: _Optional[str] = ..., targets: _Optional[_Iterable[_Union[CaptureTarget, _Mapping]]] = ..., filters: _Optional[_Iterable[_Union[CaptureFilter, _Mapping]]] = ..., snap_length: _Optional[int] = ..., max_bytes: _Optional[int] = ..., max_packets: _Optional[int] = ..., duration_seconds: _Optional[int] = ..., armed: _Optional[bool] = ..., pre_trigger_seconds: _Optional[int] = ..., fired: _Optional[bool] = ..., fired_unix_ms: _Optional[int] = ...) -> None: ...
 
 class NodeCaptures(_message.Message):
     __slots__ = ("version", "captures", "keep")

@@ -370,8 +370,13 @@ table ip kube-proxy {{
         n = next(n for n in NODES if n.name == node_name)
         self.dps[node_name] = self.spawn(f"dp-{node_name}", self.ns[node_name], [
             sys.executable, "-m", "flowmap_cli", "dp", "run", "--socket", self._agent_env[node_name]["FLOWMAP_AGENT_SOCKET"],
-            "--interval", str(self.interval), "--local-address", n.ip, "--local-address", n.ip6])
+            "--interval", str(self.interval), "--local-address", n.ip, "--local-address", n.ip6,
+            "--capture-dir", str(self.capture_dir(node_name))])
         return self.dps[node_name]
+
+    def capture_dir(self, node_name: str) -> Path:
+        """Where a node's dp writes its packet captures (the DaemonSet's hostPath)."""
+        return self.folder / node_name / "captures"
 
     def agent_metrics(self, node_name: str) -> dict[str, float]:
         """The agent's own series (name with labels -> value); empty while it does not answer."""

@@ -11,9 +11,11 @@ pcapng file through ``pcapng.Writer``, stopping at the first bound a packet woul
   captures (NodeDiskFull) and ``duration`` counted from the start, or from the trigger for an
   armed capture (DurationReached).
 * An *armed* capture (it waits for a trigger) writes its header at once but keeps its matching
-  packets in memory, the last ``pre_trigger`` seconds of them (none when 0) and at most
+  packets in memory, the last ``pre_trigger + LATE_TRIGGER`` seconds of them and at most
   ``WINDOW_BYTES`` of blocks (or what the file has room for, if less); :meth:`Recorder.fire`
-  writes that window and goes on as a running capture.
+  is told when the trigger happened (it is heard of later: the node reports it, the operator
+  decides), writes the window from ``pre_trigger`` seconds before that moment, and goes on as a
+  running capture.
 
 The :class:`Captures` set holds at most ``max_captures`` armed or running captures per node;
 one more ends at once with NodeCaptureLimit. Each capture's file is ``<namespace>_<name>_<uid>.pcapng``
@@ -124,6 +126,9 @@ class Spec:
 # The most an armed capture holds in memory (its blocks' size in the file): a node's armed
 # captures (at most --max-captures of them) hold at most that many times this.
 WINDOW_BYTES = 16 << 20
+# How late a trigger may be told (a report interval, the operator's round, the stream) and still
+# find its pre-trigger window whole.
+LATE_TRIGGER = 10.0
 
 
 class DiskBudget:
@@ -195,18 +200,23 @@ class Recorder:
         """One packet the filters kept on target ``interface`` (an index into the spec's targets)."""
         if self.state is State.RUNNING:
             self._record(interface, ts_ns, bytes(data), original)
-        elif self.state is State.ARMED and self.spec.pre_trigger > 0:
+        elif self.state is State.ARMED:
             held = _Held(interface, ts_ns, bytes(data), original, pcapng.enhanced_packet_size(len(data)))
             self.window.append(held)
             self.window_bytes += held.size
             self._trim(now)
 
-    def fire(self, now: float) -> None:
-        """The trigger happened: write the pre-trigger window and run from here."""
+    def fire(self, now: float, at: float | None = None) -> None:
+        """The trigger happened ``at`` (None: now): write the window from ``pre_trigger`` seconds
+        before it, and run; the duration counts from ``at``."""
         if self.state is not State.ARMED:
             return
+        at = now if at is None else max(min(at, now), now - LATE_TRIGGER)
         self._trim(now)
-        self.state, self.fired = State.RUNNING, now
+        since = int((at - self.spec.pre_trigger) * 1e9)
+        while self.window and self.window[0].ts_ns < since:
+            self.window_bytes -= self.window.popleft().size
+        self.state, self.fired = State.RUNNING, at
         while self.window and self.state is State.RUNNING:
             held = self.window.popleft()
             self._record(held.interface, held.ts_ns, held.data, held.original)
@@ -231,7 +241,7 @@ class Recorder:
 
     def _trim(self, now: float) -> None:
         """Keep the window within its seconds, WINDOW_BYTES and what the file still has room for."""
-        since = int((now - self.spec.pre_trigger) * 1e9)
+        since = int((now - self.spec.pre_trigger - LATE_TRIGGER) * 1e9)
         room = min(WINDOW_BYTES, self.spec.max_bytes - self.writer.size)
         while self.window and (self.window_bytes > room or self.window[0].ts_ns < since):
             self.window_bytes -= self.window.popleft().size
@@ -342,10 +352,10 @@ class Capture:
                 ring.release_block()
         return ring.ready_block() is not None
 
-    def fire(self, now: float) -> None:
+    def fire(self, now: float, at: float | None = None) -> None:
         """The trigger happened (see :meth:`Recorder.fire`)."""
         self.poll(now)
-        self.recorder.fire(now)
+        self.recorder.fire(now, at)
         self._finish_if_done()
 
     def stop(self, reason: StopReason = StopReason.STOPPED, message: str = "") -> None:
@@ -454,10 +464,10 @@ class Captures:
             return self.captures[capture_id].recorder.state
         return self.refused[capture_id].state if capture_id in self.refused else None
 
-    def fire(self, capture_id: str, now: float) -> None:
-        """The trigger of an armed capture happened."""
+    def fire(self, capture_id: str, now: float, at: float | None = None) -> None:
+        """The trigger of an armed capture happened (``at``; None: now)."""
         if (capture := self.captures.get(capture_id)) is not None:
-            self._guarded(capture, lambda: capture.fire(now))
+            self._guarded(capture, lambda: capture.fire(now, at))
 
     def stop(self, capture_id: str, reason: StopReason = StopReason.STOPPED, message: str = "") -> None:
         """End one capture now (its file stays until deleted)."""

@@ -12,7 +12,7 @@ rings are their own, so the fanout groups and the session tables never see them.
 * an id not held yet starts (armed when ``armed``); one that cannot be
   decoded is refused whole, as a failed capture whose message says why, and the others go on;
 * ``fired`` fires an armed capture (a new one is armed and fired at once: the trigger happened
-  before this dp heard of it);
+  before this dp heard of it), from ``fired_ns`` (when it happened; 0: now);
 * a held id no longer listed stops (Stopped);
 * a file is deleted, and its bytes given back to the disk budget, when its capture has ended and
   its id is neither listed nor in ``keep``. A listed id counts as kept: a capture that ends
@@ -137,7 +137,7 @@ class Plan:
     stop: tuple[str, ...] = ()
     delete: tuple[str, ...] = ()
     start: tuple[Spec, ...] = ()
-    fire: tuple[str, ...] = ()  # after the starts: a new capture may be fired at once
+    fire: tuple[tuple[str, float | None], ...] = ()  # (id, when; None: now), after the starts
     refuse: tuple[tuple[str, str], ...] = ()  # (id, why)
     interrupted: tuple[str, ...] = ()  # listed again, with a file of an earlier run: failed, file kept
 
@@ -152,13 +152,13 @@ def plan(control: wire_pb2.Control, held: Mapping[str, State], leftovers: Collec
     stop = [i for i, state in held.items() if i not in wanted and state in (State.ARMED, State.RUNNING)]
     delete = [i for i in [*held, *leftovers] if i not in keep]
     start: list[Spec] = []
-    fire: list[str] = []
+    fire: list[tuple[str, float | None]] = []
     refuse: list[tuple[str, str]] = []
     interrupted: list[str] = []
     for capture_id, entry in wanted.items():
         if capture_id in held:
             if entry.fired and held[capture_id] is State.ARMED:
-                fire.append(capture_id)
+                fire.append((capture_id, entry.fired_ns / 1e9 or None))
             continue
         if capture_id in leftovers:
             interrupted.append(capture_id)
@@ -170,7 +170,7 @@ def plan(control: wire_pb2.Control, held: Mapping[str, State], leftovers: Collec
             continue
         start.append(spec)
         if entry.fired and spec.armed:
-            fire.append(capture_id)
+            fire.append((capture_id, entry.fired_ns / 1e9 or None))
     return Plan(tuple(stop), tuple(delete), tuple(start), tuple(fire), tuple(refuse), tuple(interrupted))
 
 
@@ -212,8 +212,8 @@ class PacketCaptures:
             c.delete(capture_id)
         for spec in p.start:
             c.start(spec, now)
-        for capture_id in p.fire:
-            c.fire(capture_id, now)
+        for capture_id, at in p.fire:
+            c.fire(capture_id, now, at)
         for capture_id, why in p.refuse:
             c.refuse(capture_id, why)
         for capture_id in p.interrupted:

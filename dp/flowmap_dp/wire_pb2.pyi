@@ -281,7 +281,7 @@ class PacketCaptureTarget(_message.Message):
     def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ...) -> None: ...
 
 class PacketCapture(_message.Message):
-    __slots__ = ("id", "targets", "filters", "snap_length", "max_bytes", "max_packets", "duration_seconds", "pre_trigger_seconds", "fired", "armed")
+    __slots__ = ("id", "targets", "filters", "snap_length", "max_bytes", "max_packets", "duration_seconds", "pre_trigger_seconds", "fired", "armed", "fired_ns")
     ID_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
     FILTERS_FIELD_NUMBER: _ClassVar[int]
@@ -292,6 +292,7 @@ class PacketCapture(_message.Message):
     PRE_TRIGGER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     FIRED_FIELD_NUMBER: _ClassVar[int]
     ARMED_FIELD_NUMBER: _ClassVar[int]
+    FIRED_NS_FIELD_NUMBER: _ClassVar[int]
     id: str
     targets: _containers.RepeatedCompositeFieldContainer[PacketCaptureTarget]
     filters: _containers.RepeatedCompositeFieldContainer[PacketCaptureFilter]
@@ -302,7 +303,8 @@ class PacketCapture(_message.Message):
     pre_trigger_seconds: int
     fired: bool
     armed: bool
-    def __init__(self, id: _Optional[str] = ..., targets: _Optional[_Iterable[_Union[PacketCaptureTarget, _Mapping]]] = ..., filters: _Optional[_Iterable[_Union[PacketCaptureFilter, _Mapping]]] = ..., snap_length: _Optional[int] = ..., max_bytes: _Optional[int] = ..., max_packets: _Optional[int] = ..., duration_seconds: _Optional[int] = ..., pre_trigger_seconds: _Optional[int] = ..., fired: _Optional[bool] = ..., armed: _Optional[bool] = ...) -> None: ...
+    fired_ns: int
+    def __init__(self, id: _Optional[str] = ..., targets: _Optional[_Iterable[_Union[PacketCaptureTarget, _Mapping]]] = ..., filters: _Optional[_Iterable[_Union[PacketCaptureFilter, _Mapping]]] = ..., snap_length: _Optional[int] = ..., max_bytes: _Optional[int] = ..., max_packets: _Optional[int] = ..., duration_seconds: _Optional[int] = ..., pre_trigger_seconds: _Optional[int] = ..., fired: _Optional[bool] = ..., armed: _Optional[bool] = ..., fired_ns: _Optional[int] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("run_id", "worker", "sequence")

@@ -44,6 +44,8 @@ MAX_MESSAGE = 256
 MAX_WORD = 64  # state, stop reason, sha256 (64 hex digits)
 SHOWN = 64  # characters of an untranslatable value quoted in a message
 
+_MAX_MS = ((1 << 63) - 1) // 1_000_000  # the most milliseconds an int64 of nanoseconds holds
+
 
 def local_pods(by_ip: Mapping[str, str], interfaces: Mapping[str, str]) -> dict[str, str]:
     """``namespace/name`` -> the host side of its veth, for every pod whose veth is found:
@@ -98,7 +100,8 @@ def capture(order: pb.CaptureOrder, pods: Mapping[str, str]) -> wire_pb2.PacketC
     return wire_pb2.PacketCapture(
         id=order.id, targets=targets.values(), filters=filters, snap_length=order.snap_length,
         max_bytes=order.max_bytes, max_packets=order.max_packets, duration_seconds=order.duration_seconds,
-        pre_trigger_seconds=order.pre_trigger_seconds, fired=order.fired, armed=order.armed)
+        pre_trigger_seconds=order.pre_trigger_seconds, fired=order.fired, armed=order.armed,
+        fired_ns=min(max(order.fired_unix_ms, 0), _MAX_MS) * 1_000_000)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,10 @@ creating one is capturing that namespace and nothing more. The pods come from th
 (:meth:`~flowmap_operator.resolution.Resolver.namespace_pods`), as ``Peer`` records of their
 workload group; the agent on each node turns a pod into its host-side interface.
 
+A capture with a trigger is armed on its nodes until an event of its kind (Denied, Violation,
+Threat) touches one of its target workloads' edges (:func:`fires`); the orders then say when
+it happened, so that each node writes the packets from ``preTriggerSeconds`` before that moment.
+
 Bounded: at most ``max_per_namespace`` unfinished captures of a namespace run (the others wait,
 ``NamespaceCaptureLimit``), ``MAX_NODES`` nodes per capture (the status's ``nodes`` maxItems) and
 ``MAX_PEER_ADDRESSES`` addresses in a capture's filters (its peer groups' pods).
@@ -21,6 +25,7 @@ from typing import Any
 from flowmap_api import report_pb2 as pb
 from flowmap_api.validity import SHA256
 from flowmap_operator.conditions import Said, conditions
+from flowmap_operator.ledger import EdgeKey
 from flowmap_operator.policy import iso, matches, parse_iso
 from flowmap_operator.resolution import Peer, group_name
 
@@ -288,11 +293,12 @@ def _said(plan: Plan, entries: Sequence[dict[str, Any]], phase: str,
     return [ready, complete]
 
 
-def status(plan: Plan, reports: Mapping[str, NodeReport], now: float) -> dict[str, Any]:
+def status(plan: Plan, reports: Mapping[str, NodeReport], now: float, fired: float | None = None) -> dict[str, Any]:
     """The status to write: phase, per-node entries and totals, times, conditions.
 
     ``reports`` are the agents' last words by node; a node that reported keeps its entry even once
-    it holds no target any more (its file is there). Times are set once, when first true.
+    it holds no target any more (its file is there); ``fired``: when the trigger happened (see
+    :func:`fires`). Times are set once, when first true.
     """
     capture = plan.capture
     before = capture.status or {}
@@ -304,12 +310,9 @@ def status(plan: Plan, reports: Mapping[str, NodeReport], now: float) -> dict[st
                                       for k in ("packets", "bytes", "drops", "fileBytes")},
                            "nodes": entries}
     started = before.get("startTime") or (iso(now) if any(e["phase"] != PENDING for e in entries) else None)
-    # Fired: a node went from armed to writing (one stopped while still armed never fired).
-    fired = before.get("triggeredAt") or (iso(now) if capture.trigger and any(
-        e["phase"] == RUNNING or e["phase"] == COMPLETED and e.get("stopReason") != "Stopped"
-        for e in entries) else None)
+    triggered = before.get("triggeredAt") or (iso(fired) if capture.trigger and fired is not None else None)
     finished = before.get("completionTime") or (iso(now) if phase in FINISHED else None)
-    for key, value in (("startTime", started), ("triggeredAt", fired), ("completionTime", finished)):
+    for key, value in (("startTime", started), ("triggeredAt", triggered), ("completionTime", finished)):
         if value:
             out[key] = value
     written = {c.get("type", ""): c for c in before.get("conditions") or []}
@@ -338,14 +341,41 @@ def kept(captures: Iterable[Capture], now: float) -> set[str]:
     return {c.id for c in captures if expires_at(c) is not None and not expired(c, now)}
 
 
-# -- (d) what each node is told ---------------------------------------------------------------------
+# -- (d) triggers ------------------------------------------------------------------------------------
+
+# What the map saw, that a trigger waits for: (edge, Denied | Violation | Threat, when its first
+# packet was seen); flowmap_operator.topology.Ingested.events.
+Event = tuple[EdgeKey, str, float]
+
+
+def fires(plans: Iterable[Plan], events: Iterable[Event], fired: Mapping[str, float]) -> dict[str, float]:
+    """The armed captures that ``events`` fire, with when: the first event of the capture's kind
+    on an edge one of its target workloads is an end of (a workload's pods share its edges, so a
+    target pod's workload is what is matched). Captures held, finished or already ``fired`` are
+    left out; an event older than the capture counts from the capture's creation."""
+    events = list(events)
+    out: dict[str, float] = {}
+    for p in plans:
+        c = p.capture
+        if not c.trigger or p.held or c.phase in FINISHED or c.id in fired:
+            continue
+        groups = {peer.group for _, pods in p.nodes for peer in pods}
+        times = [at for (client, server, _, _), kind, at in events
+                 if kind == c.trigger and (client in groups or server in groups)]
+        if times:
+            out[c.id] = max(min(times), c.created)
+    return out
+
+
+# -- (e) what each node is told ---------------------------------------------------------------------
 
 _PROTOCOLS = {"TCP": pb.TCP, "UDP": pb.UDP, "SCTP": pb.SCTP, "ICMP": pb.ICMP}
 _DIRECTIONS = {"Ingress": pb.CAPTURE_DIRECTION_INGRESS, "Egress": pb.CAPTURE_DIRECTION_EGRESS}
 
 
-def order(plan: Plan, pods: Sequence[Peer]) -> pb.CaptureOrder:
-    """One planned capture as the node holding ``pods`` (its target pods there) runs it."""
+def order(plan: Plan, pods: Sequence[Peer], fired: float | None = None) -> pb.CaptureOrder:
+    """One planned capture as the node holding ``pods`` (its target pods there) runs it;
+    ``fired``: when its trigger happened."""
     c = plan.capture
     return pb.CaptureOrder(
         id=c.id, targets=[pb.CaptureTarget(pod=f"{p.namespace}/{p.member}", workload=p.workload) for p in pods],
@@ -353,13 +383,18 @@ def order(plan: Plan, pods: Sequence[Peer]) -> pb.CaptureOrder:
                                   port=f.port, direction=_DIRECTIONS.get(f.direction, pb.CAPTURE_DIRECTION_BOTH))
                  for f in plan.filters],
         snap_length=c.snaplen, max_bytes=c.max_bytes, max_packets=c.max_packets, duration_seconds=c.duration,
-        armed=plan.armed, pre_trigger_seconds=c.pre_trigger if plan.armed else 0)
+        armed=plan.armed, pre_trigger_seconds=c.pre_trigger if plan.armed else 0,
+        fired=plan.armed and fired is not None, fired_unix_ms=round(fired * 1000) if plan.armed and fired else 0)
 
 
-def node_captures(plans: Iterable[Plan], node: str, keep: Iterable[str]) -> pb.NodeCaptures:
+def node_captures(plans: Iterable[Plan], node: str, keep: Iterable[str],
+                  fired: Mapping[str, float] | None = None) -> pb.NodeCaptures:
     """What ``node`` runs now (version left 0): the orders of the unfinished, unheld captures that
-    target pods on it, sorted by id, and the finished ids whose files it keeps."""
-    orders: list[pb.CaptureOrder] = [order(p, pods) for p in plans if not p.held and p.capture.phase not in FINISHED
+    target pods on it, sorted by id, and the finished ids whose files it keeps. ``fired``: when
+    each fired capture's trigger happened, by id."""
+    fired = fired or {}
+    orders: list[pb.CaptureOrder] = [order(p, pods, fired.get(p.capture.id)) for p in plans
+                                     if not p.held and p.capture.phase not in FINISHED
                                      for at, pods in p.nodes if at == node]
     orders.sort(key=lambda o: o.id)
     return pb.NodeCaptures(captures=orders, keep=sorted(keep))

@@ -19,6 +19,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from flowmap_api import report_pb2 as pb
 from flowmap_operator import capturing
 from flowmap_operator.capturing import Capture, CaptureKey, NodeReport, Plan
+from flowmap_operator.policy import parse_iso
 from flowmap_operator.resolution import Resolver
 from flowmap_operator.streaming import NodeStreams
 from flowmap_operator.writing import FIELD_MANAGER, GROUP, MERGE, VERSION, Writer
@@ -61,6 +62,7 @@ class CaptureHub(NodeStreams[pb.NodeCaptures]):
         self.captures: dict[CaptureKey, Capture] = {}
         self.reports: dict[str, dict[str, NodeReport]] = {}  # capture id -> node -> its last report
         self.plans: dict[CaptureKey, Plan] = {}
+        self.fired: dict[str, float] = {}  # capture id -> when its trigger happened
         self.version = 0  # of NodeCaptures, over all nodes: each node's versions only grow
         self.changes = 0  # of captures and reports
         self._inputs: tuple[int, int] = (-1, -1)
@@ -73,8 +75,11 @@ class CaptureHub(NodeStreams[pb.NodeCaptures]):
         old = self.captures.get(capture.key)
         if old is not None and old.uid != capture.uid:
             self.reports.pop(old.id, None)  # deleted and created again under the same name
+            self.fired.pop(old.id, None)
         if capture.id not in self.reports:
             self.reports[capture.id] = written_reports(capture)
+        if capture.id not in self.fired and (at := (capture.status or {}).get("triggeredAt")):
+            self.fired[capture.id] = parse_iso(at)  # as written: a new leader fires it again
         self.captures[capture.key] = capture
         self.changes += 1
 
@@ -82,6 +87,7 @@ class CaptureHub(NodeStreams[pb.NodeCaptures]):
         old = self.captures.pop((namespace, name), None)
         if old is not None:
             self.reports.pop(old.id, None)
+            self.fired.pop(old.id, None)
             self.plans.pop(old.key, None)
             self.changes += 1
 
@@ -102,6 +108,13 @@ class CaptureHub(NodeStreams[pb.NodeCaptures]):
                 self.changes += 1
             taken += 1
         return taken
+
+    def saw(self, events: Iterable[capturing.Event]) -> None:
+        """What a report showed (flowmap_operator.topology.Ingested.events): the armed captures it
+        fires are told to their nodes at the next update."""
+        if events and (new := capturing.fires(self.plans.values(), events, self.fired)):
+            self.fired.update(new)
+            self.changes += 1
 
     # -- plans and streams -------------------------------------------------------------------------
 
@@ -126,7 +139,7 @@ class CaptureHub(NodeStreams[pb.NodeCaptures]):
 
     def _compose(self, node: str, now: float) -> bool:
         captures = capturing.node_captures(self.plans.values(), node,
-                                           capturing.kept(self.captures.values(), now))
+                                           capturing.kept(self.captures.values(), now), self.fired)
         old = self.current.get(node)
         if old is not None:
             captures.version = old.version
@@ -155,7 +168,7 @@ class CaptureHub(NodeStreams[pb.NodeCaptures]):
             capture = self.captures.get(key)
             if capture is None or capture is not plan.capture:
                 continue  # changed since it was planned: planned again first
-            status = capturing.status(plan, self.reports.get(capture.id, {}), now)
+            status = capturing.status(plan, self.reports.get(capture.id, {}), now, self.fired.get(capture.id))
             if status != (capture.status or {}):
                 out.append((capture, status))
         return out

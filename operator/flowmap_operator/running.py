@@ -245,7 +245,8 @@ async def run(settings: Settings) -> None:
     refusals = Refusals()
     server = grpc.aio.server(interceptors=[Gate(auth, refusals, settings.max_reports_at_once)], options=OPTIONS,
                              maximum_concurrent_rpcs=settings.max_rpcs)
-    pb_grpc.add_ReportServiceServicer_to_server(ReportServicer(topology, auth, settings, refusals, leadership), server)
+    pb_grpc.add_ReportServiceServicer_to_server(ReportServicer(topology, auth, settings, refusals, leadership,
+                                                               captures.saw), server)
     hub = PolicyHub(modes)
     policing = PolicyWriter(writer, modes, hub, core, identity, status_interval=settings.policy_status_interval,
                             events_per_second=settings.events_per_second)

@@ -25,7 +25,7 @@ from flowmap_api import report_pb2 as pb
 from flowmap_api import report_pb2_grpc as pb_grpc
 from flowmap_api.limits import MAX_MESSAGE_BYTES
 from flowmap_api.validity import REFUSED_EDGE
-from flowmap_operator import metrics
+from flowmap_operator import capturing, metrics
 from flowmap_operator.auth import Authenticator, Identity
 from flowmap_operator.errors import (Busy, Crowded, InvalidReport, Malformed, NotKnownYet, OutOfOrder,
                                      PermissionDenied, Unauthenticated, Unavailable)
@@ -206,9 +206,9 @@ class Gate(grpc.aio.ServerInterceptor):
 
 class ReportServicer(pb_grpc.ReportServiceServicer):
     def __init__(self, topology: Topology, auth: Authenticator, settings: Settings, refusals: Refusals,
-                 is_leader: Callable[[], bool]) -> None:
+                 is_leader: Callable[[], bool], saw: Callable[[list[capturing.Event]], None] = lambda _: None) -> None:
         self.topology, self.auth, self.settings, self.refusals = topology, auth, settings, refusals
-        self.is_leader = is_leader
+        self.is_leader, self.saw = is_leader, saw
         self.blocked_labels: set[tuple[str, ...]] = set()  # violation series, capped
 
     async def Report(self, request: pb.ReportBatch, context: grpc.aio.ServicerContext) -> pb.ReportAck:  # noqa: N802
@@ -232,6 +232,7 @@ class ReportServicer(pb_grpc.ReportServiceServicer):
         if request.sequence and request.sent_unix_ms:
             metrics.BATCH_LAG.observe(max(0.0, time.time() - request.sent_unix_ms / 1000))
         result = self.topology.ingest(request, time.time())
+        self.saw(result.events)  # a capture's trigger
         if new:  # a batch resent until acknowledged is normalised again, and counted once
             for (field, reason), count in normalised.items():
                 metrics.NORMALISED.labels(field, reason).inc(count)

@@ -29,6 +29,8 @@ PROTOCOLS = {pb.TCP: "TCP", pb.UDP: "UDP", pb.SCTP: "SCTP", pb.ICMP: "ICMP"}
 # Watermarks one Connection may carry (the CRD's status.observers maxItems): ~7 kB at most.
 MAX_OBSERVERS = 128
 
+THREAT = "Threat"  # an edge whose sessions carried a threat hit: an event, as Violation and Denied are
+
 
 @dataclass
 class EdgeInfo:
@@ -79,6 +81,9 @@ class Ingested:
     external: int = 0  # ends that resolved to nothing better than "external"
     fqdn_overflow: int = 0  # of those, ends named by DNS whose group would pass the FQDN Group cap
     blocked: list[tuple[EdgeKey, str, int]] = field(default_factory=list)  # (edge, Violation|Denied, sessions)
+    # What a PacketCapture's trigger waits for: (edge, Denied|Violation|Threat, when its first packet
+    # was seen), from every observer's deltas (a block the server's node made included).
+    events: list[tuple[EdgeKey, str, float]] = field(default_factory=list)
 
 
 class Topology:
@@ -269,6 +274,11 @@ class Topology:
             action, by = self.modes.judge(client, server, delta.client.ip, delta.server.ip, key[2], protocol,
                                           delta.verdict == pb.DENIED, delta.packets_s2c > 0)
             self._act(key, info, action, by, when, now)
+            first = delta.first_seen_unix_ms / 1000 or when
+            if action in (VIOLATION, DENIED):
+                result.events.append((key, action, first))
+            if delta.threats:
+                result.events.append((key, THREAT, first))
             if other:
                 result.other_observer += 1
                 continue
@@ -283,7 +293,6 @@ class Topology:
                 merged[key] = (counters, list(delta.threats), delta.sessions_active, client, server)
             info.apps.update(delta.apps)  # none yet: the dp has not decided (it says "unknown" when it gives up)
             info.service = service or info.service
-            first = delta.first_seen_unix_ms / 1000 or when
             info.first_seen = min(info.first_seen, first) if info.first_seen else first
             info.last_seen = max(info.last_seen, when)
         for key in merged:

@@ -21,7 +21,8 @@ def order(pods: tuple[str, ...] | list[str] = ("shop/web-7d4b9-abcde",), **field
 
 
 def test_an_order_becomes_the_dp_entry_the_dp_accepts() -> None:
-    o = order(pods=["shop/web-7d4b9-abcde", "shop/db-0"], armed=True, pre_trigger_seconds=5, fired=True, filters=[
+    o = order(pods=["shop/web-7d4b9-abcde", "shop/db-0"], armed=True, pre_trigger_seconds=5, fired=True,
+              fired_unix_ms=1_700_000_000_250, filters=[
         pb.CaptureFilter(cidrs=["10.0.0.0/8", "fd00::1/128"], protocol=pb.TCP, port=5432,
                          direction=pb.CAPTURE_DIRECTION_EGRESS),
         pb.CaptureFilter(protocol=pb.ICMP, direction=pb.CAPTURE_DIRECTION_INGRESS),
@@ -31,7 +32,7 @@ def test_an_order_becomes_the_dp_entry_the_dp_accepts() -> None:
     (entry,) = made.captures
     assert entry == wire_pb2.PacketCapture(
         id=ID, snap_length=128, max_bytes=1 << 20, max_packets=10_000, duration_seconds=60, armed=True,
-        pre_trigger_seconds=5, fired=True,
+        pre_trigger_seconds=5, fired=True, fired_ns=1_700_000_000_250_000_000,
         targets=[wire_pb2.PacketCaptureTarget(name="cali1234", description="shop/web web-7d4b9-abcde"),
                  wire_pb2.PacketCaptureTarget(name="veth99", description="shop/db db-0")],
         filters=[wire_pb2.PacketCaptureFilter(

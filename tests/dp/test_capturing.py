@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from flowmap_devenv.netns import netns
-from flowmap_dp.capturing import WINDOW_BYTES, Captures, DiskBudget, Recorder, Spec, State, StopReason, Target
+from flowmap_dp.capturing import (LATE_TRIGGER, WINDOW_BYTES, Captures, DiskBudget, Recorder, Spec, State, StopReason,
+                                  Target)
 from flowmap_dp.filtering import Filter
 from flowmap_dp.pcapfile import read_records
 from tests.dp.test_capture import _udp as echo
@@ -64,17 +65,18 @@ def test_each_bound_stops_the_capture_once_with_its_reason() -> None:
 
 def test_an_armed_capture_keeps_its_window_and_runs_from_the_trigger() -> None:
     r, out = _recorder(armed=True, pre_trigger=2, duration=3, snaplen=128)
-    for t in range(10):  # one packet a second, stamped as the kernel does (wall clock)
+    for t in range(20):  # one packet a second, stamped as the kernel does (wall clock)
         r.offer(0, (1000 + t) * 10**9, FRAME[:100], 100, 1000.0 + t)
-    assert r.state is State.ARMED and r.packets == 0 and len(r.window) == 3  # 1007, 1008, 1009
-    r.tick(1010.5)
-    assert len(r.window) == 1  # only 1009 is within 2 s
-    r.fire(1010.5)
-    r.offer(0, 1011 * 10**9, FRAME[:100], 100, 1011.0)
-    assert [round(ts) for ts, _, _ in _records(out.getvalue())] == [1009, 1011]
-    r.tick(1013.4)
+    # Kept: pre_trigger seconds, and LATE_TRIGGER more for a trigger heard of late.
+    assert r.state is State.ARMED and r.packets == 0 and len(r.window) == 2 + LATE_TRIGGER + 1  # 1007 .. 1019
+    r.tick(1020.5)
+    assert len(r.window) == 11  # 1009 .. 1019
+    r.fire(1020.5, at=1015.5)  # it happened five seconds before the dp was told
+    r.offer(0, 1021 * 10**9, FRAME[:100], 100, 1021.0)
+    assert [round(ts) for ts, _, _ in _records(out.getvalue())] == [1014, 1015, 1016, 1017, 1018, 1019, 1021]
+    r.tick(1018.4)
     assert r.active
-    r.tick(1013.5)  # three seconds after the trigger, not after the start
+    r.tick(1018.5)  # three seconds after the trigger happened, not after the start, nor the telling
     assert r.reason is StopReason.DURATION
     # The window never holds more than the file has room for.
     r, _ = _recorder(armed=True, pre_trigger=30, max_bytes=2048, snaplen=128)
@@ -93,10 +95,18 @@ def test_an_armed_capture_without_a_window_writes_from_the_trigger_on() -> None:
     r, out = _recorder(armed=True, pre_trigger=0, duration=3, snaplen=128)
     for t in range(5):
         r.offer(0, (1000 + t) * 10**9, FRAME[:100], 100, 1000.0 + t)
-    assert r.state is State.ARMED and not r.window
-    r.fire(1005.0)
+    assert r.state is State.ARMED
+    r.fire(1005.0, at=1003.5)
     r.offer(0, 1006 * 10**9, FRAME[:100], 100, 1006.0)
-    assert [round(ts) for ts, _, _ in _records(out.getvalue())] == [1006]
+    assert [round(ts) for ts, _, _ in _records(out.getvalue())] == [1004, 1006]
+    # Told when it happened: never later than now, never earlier than what the window may hold.
+    for at, first in ((None, 1006), (2000.0, 1006), (900.0, 1000)):
+        r, out = _recorder(armed=True, pre_trigger=0, duration=30, snaplen=128)
+        for t in range(6):
+            r.offer(0, (1000 + t) * 10**9, FRAME[:100], 100, 1000.0 + t)
+        r.fire(1005.5, at=at)
+        r.offer(0, 1006 * 10**9, FRAME[:100], 100, 1006.0)
+        assert round(_records(out.getvalue())[0][0]) == first
     with pytest.raises(ValueError, match="armed"):
         _recorder(pre_trigger=5)  # a window is kept for a trigger only
 

@@ -106,9 +106,10 @@ def test_the_plan_starts_fires_stops_and_deletes() -> None:
     new, armed, running, done, failed = (f"shop/{n}/u" for n in ("new", "armed", "running", "done", "failed"))
     held = {armed: State.ARMED, running: State.RUNNING, done: State.DONE, failed: State.FAILED}
     # Everything held is still listed: only the new one starts, the armed one fires.
-    p = plan(_control(_entry(new), _entry(armed, fired=True), _entry(running, fired=True), _entry(done),
+    p = plan(_control(_entry(new), _entry(armed, fired=True, fired_ns=2_500_000_000),
+                      _entry(running, fired=True), _entry(done),
                       _entry(failed)), held)
-    assert p == Plan(start=(spec_of(_entry(new)),), fire=(armed,))
+    assert p == Plan(start=(spec_of(_entry(new)),), fire=((armed, 2.5),))
     # Nothing listed, the finished one kept: the active ones stop; all but the kept one go.
     p = plan(_control(keep=(done,)), held)
     assert p == Plan(stop=(armed, running), delete=(armed, running, failed))
@@ -116,7 +117,7 @@ def test_the_plan_starts_fires_stops_and_deletes() -> None:
     assert plan(_control(_entry(done)), held) == Plan(stop=(armed, running), delete=(armed, running, failed))
     # A new capture the trigger already fired for: armed and fired at once; unarmed: nothing to fire.
     p = plan(_control(_entry(new, armed=True, pre_trigger_seconds=5, fired=True)), {})
-    assert p.fire == (new,) and p.start[0].pre_trigger == 5
+    assert p.fire == ((new, None),) and p.start[0].pre_trigger == 5  # when: now
     assert plan(_control(_entry(new, fired=True)), {}).fire == ()
 
 

@@ -7,6 +7,7 @@ edges and DNS.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import subprocess
@@ -19,6 +20,8 @@ import pytest
 import yaml
 
 from flowmap_devenv.controlplane import REPO
+from flowmap_dp.capturing import file_name
+from flowmap_dp.classify import classify_file
 from flowmap_devenv.simcluster import API, DNS, NODES, POSTGRES, REDIS, WEB, WORKER, Pod, SimCluster
 from tests.e2e.shop import shop_cluster
 from tests.netpol import PodRef, allowed
@@ -70,6 +73,13 @@ print(json.dumps(n))
 """
 
 
+# Armed on web until something web does is Denied; then three seconds more.
+CAPTURE = {"apiVersion": "flowmap.dev/v1alpha1", "kind": "PacketCapture",
+           "metadata": {"name": "denied", "namespace": "shop"},
+           "spec": {"targets": {"groups": ["web"]}, "durationSeconds": 3,
+                    "trigger": {"on": "Denied", "preTriggerSeconds": 5}}}
+
+
 @pytest.fixture(scope="module")
 def sim() -> Iterator[SimCluster]:
     with shop_cluster() as cluster:
@@ -91,6 +101,10 @@ def kubectl(sim: SimCluster, *args: str, input: str | None = None) -> str:
 def connection(sim: SimCluster, name: str) -> dict[str, Any]:
     proc = sim.plane.kubectl("get", "connection", name, "-o", "json", check=False)
     return json.loads(proc.stdout) if proc.returncode == 0 else {}
+
+
+def capture(sim: SimCluster) -> dict[str, Any]:
+    return json.loads(kubectl(sim, "get", "packetcapture", "-n", "shop", "denied", "-o", "json"))
 
 
 def wait_for(check: Any, what: str, timeout: float = 60.0) -> Any:
@@ -170,6 +184,12 @@ def test_learn_export_protect_monitor_and_restart(sim: SimCluster) -> None:
     wait_for(lambda: enforcing(sim, 5), "both agents enforcing the five shop pods")
     shop_traffic(sim, 60)  # 60 rounds of 4 clients, 3 to 4 calls each: hundreds of requests
 
+    # A capture of web, armed until something web does is Denied.
+    kubectl(sim, "apply", "-f", "-", input=yaml.safe_dump(CAPTURE))
+    wait_for(lambda: [n["phase"] for n in capture(sim).get("status", {}).get("nodes", [])] == ["Armed"],
+             "the capture armed on web's node")
+    assert probe(sim, WEB, "tcp", API.ip, 8080)[0] == "connected"  # learned: no trigger, kept in the window
+
     # A new TCP connection no rule allows is reset at its first SYN, and shows as Denied.
     resets = rule_packets(sim, "node-a", "egress", "reject")
     outcome, took = probe(sim, WEB, "tcp", POSTGRES.ip, 5432)
@@ -180,6 +200,19 @@ def test_learn_export_protect_monitor_and_restart(sim: SimCluster) -> None:
     name = "shop.web-shop.postgres-5432-tcp"
     wait_for(lambda: connection(sim, name).get("status", {}).get("action") == "Denied", "Denied")
     print(f"unlearned TCP: refused after {took * 1000:.1f} ms; Denied in the API {time.monotonic() - tried:.2f} s later")
+    # The Denied fired the capture: its file holds the reset SYN, and web's call from before it.
+    done = wait_for(lambda: (c := capture(sim)).get("status", {}).get("phase") == "Completed" and c["status"],
+                    "the capture completed", timeout=60)
+    print(f"capture fired {time.monotonic() - tried:.2f} s after the Denied probe: {done['totals']}")
+    (node,) = done["nodes"]
+    path = sim.capture_dir("node-a") / file_name(f"shop/denied/{capture(sim)['metadata']['uid']}")
+    data = path.read_bytes()
+    assert (node["node"], node["stopReason"], node["sha256"], node["fileBytes"]) == (
+        "node-a", "DurationReached", hashlib.sha256(data).hexdigest(), len(data))
+    flows = classify_file(path)
+    (syn,) = [f for f in flows if f["server"] == f"{POSTGRES.ip}:5432"]
+    assert syn["client"].startswith(f"{WEB.ip}:") and (syn["packets_c2s"], syn["packets_s2c"]) == (1, 1), syn  # and the reset
+    assert any(f["server"] == f"{API.ip}:8080" and f["last_seen"] < syn["first_seen"] for f in flows), flows  # from before
     # UDP to a port no rule allows is dropped.
     drops = rule_packets(sim, "node-a", "egress", "drop")
     assert probe(sim, WEB, "udp", DNS.ip, ECHO_PORT)[0] == "timeout"

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from flowmap_operator.capturing import (MAX_PEER_ADDRESSES, WHOLE_SNAP, Capture, Filter, NodeReport, Plan, admitted,
+                                        fires, node_captures, order,
                                         expired, expires_at, kept, plan, status)
 from flowmap_operator.policy import iso
 from flowmap_operator.resolution import Resolver
@@ -264,13 +265,39 @@ def test_a_triggered_capture_is_armed_then_fires() -> None:
     assert [n["phase"] for n in s["nodes"]] == ["Armed", "Armed"]
     assert cond(s, "Complete")["reason"] == "Armed" and cond(s, "Ready")["reason"] == "Armed"
     armed["node-b"] = NodeReport("node-b", "running", 4)
-    s = status(again(p, s), armed, NOW + 7)
-    assert s["triggeredAt"] == iso(NOW + 7)
-    s = status(again(p, s), armed, NOW + 9)
-    assert s["triggeredAt"] == iso(NOW + 7)  # set once
+    s = status(again(p, s), armed, NOW + 7, fired=NOW + 5)
+    assert s["triggeredAt"] == iso(NOW + 5)  # when it happened, not when it was heard of
+    s = status(again(p, s), armed, NOW + 9, fired=NOW + 8)
+    assert s["triggeredAt"] == iso(NOW + 5)  # set once
     # Stopped while still armed: it never fired.
     stopped = status(p, {"node-a": NodeReport("node-a", "done", stop_reason="Stopped")}, NOW)
     assert "triggeredAt" not in stopped and stopped["phase"] == "Running"  # node-b has not said yet
+
+
+def test_an_event_of_its_kind_on_a_target_workloads_edge_fires_a_capture() -> None:
+    denied, threat = planned(trigger={"on": "Denied"}), planned(trigger={"on": "Threat"})
+    plain = planned()
+    events = [(("shop.db", "shop.cache", 6379, "TCP"), "Denied", NOW + 1),  # no target's edge
+              (("shop.web", "shop.db", 5432, "TCP"), "Violation", NOW + 2),  # not its kind
+              (("other.x", "shop.web", 80, "TCP"), "Denied", NOW + 4),  # the web pods are the server
+              (("shop.web", "shop.db", 5432, "TCP"), "Denied", NOW + 3)]
+    assert fires([denied, plain], events, {}) == {denied.capture.id: NOW + 3}  # the first; plain has no trigger
+    assert fires([denied], events, {denied.capture.id: NOW}) == {}  # fired already
+    assert fires([threat], events, {}) == {}
+    assert fires([threat], [(("shop.web", "ext", 443, "TCP"), "Threat", NOW - 60)], {}) == {
+        threat.capture.id: NOW}  # an event from before the capture counts from its creation
+    held = replace(denied, held=("Ready", False, "NamespaceCaptureLimit", "..."))
+    assert fires([held], events, {}) == {}
+
+
+def test_a_fired_capture_tells_its_nodes_when() -> None:
+    p = planned(trigger={"on": "Violation", "preTriggerSeconds": 10})
+    (node, pods), _ = p.nodes
+    armed = order(p, pods)
+    assert armed.armed and armed.pre_trigger_seconds == 10 and not armed.fired and not armed.fired_unix_ms
+    fired = node_captures([p], node, (), {p.capture.id: NOW + 1.5}).captures[0]
+    assert fired.fired and fired.fired_unix_ms == (NOW + 1.5) * 1000
+    assert not order(planned(), pods, NOW).fired  # a capture without a trigger never fires
 
 
 def test_a_finished_capture_stays_finished() -> None:

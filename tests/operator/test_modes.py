@@ -14,7 +14,7 @@ from flowmap_operator.compiling import Compiler
 from flowmap_operator.modes import ALLOWED, DENIED, LEARNED, VIOLATION, Modes
 from flowmap_operator.policy import MAX_LEARNED, MAX_PORTS, Policy, matches
 from flowmap_operator.resolution import Peer, Resolver
-from flowmap_operator.topology import Topology
+from flowmap_operator.topology import THREAT, Topology
 from tests.operator.harness import edge
 
 NOW = time.time()
@@ -243,9 +243,11 @@ def test_judgements_reach_the_connection_and_denied_is_taken_from_the_other_node
     # node-b (the server's) saw its rules stop the SYN; node-a (the client's) counts the attempt.
     denied = edge(WEB, 40000, API, 8080, local="server", bytes_s2c=0, sessions=1)
     denied.verdict = pb.DENIED
+    denied.first_seen_unix_ms = 1_700_000_000_500
     b = pb.ReportBatch(agent_id="b/1", node="node-b", sequence=1, edges=[denied])
-    assert topo.ingest(b, NOW).other_observer == 1
+    seen = topo.ingest(b, NOW)
     key = ("shop.web", "shop.api", 8080, "TCP")
+    assert seen.other_observer == 1 and seen.events == [(key, DENIED, 1_700_000_000.5)]  # what a capture's trigger waits for
     assert topo.edges[key].action == DENIED and topo.edges[key].policy == ("shop", "api")
     attempt = edge(WEB, 40000, API, 8080, bytes_s2c=0)
     attempt.packets_s2c = 0
@@ -254,6 +256,10 @@ def test_judgements_reach_the_connection_and_denied_is_taken_from_the_other_node
     assert topo.edges[key].action == DENIED  # not a Violation: the server never answered
     assert [e[1] for e in m.events] == [DENIED]  # raised once
     assert list(m.blocking[("shop", "api")]) == [topo.edges[key].name]  # what Protect blocks, in its status
+    hit = edge(WEB, 40001, API, 8080)
+    hit.threats.append(pb.ThreatHit(name="sqlinjection", snippet="' OR 1=1"))
+    result = topo.ingest(pb.ReportBatch(agent_id="a/1", node="node-a", sequence=2, edges=[hit]), NOW)
+    assert [kind for _, kind, _ in result.events] == [VIOLATION, THREAT]  # answered: it got through
 
 
 @pytest.mark.parametrize("mode", ["Learn", "Monitor"])

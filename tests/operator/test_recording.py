@@ -7,6 +7,7 @@ import asyncio
 
 from flowmap_api import report_pb2 as pb
 from flowmap_operator.capturing import COMPLETED, RUNNING
+from flowmap_operator.policy import iso
 from flowmap_operator.recording import CaptureHub
 from tests.operator.test_capturing import NOW, body, cluster
 
@@ -132,3 +133,30 @@ def test_a_stream_gives_the_current_captures_then_each_change() -> None:
 
     first, second = asyncio.run(run())
     assert not first.captures and len(second.captures) == 1 and second.version > first.version
+
+
+def test_what_a_report_shows_fires_an_armed_capture_on_every_node_it_runs_on() -> None:
+    h = hub()
+    h.seen(capture_body(trigger={"on": "Violation", "preTriggerSeconds": 2}))
+    h.watchers = {"node-a": 1, "node-b": 1}
+    h.replan(NOW)
+    cid = h.current["node-a"].captures[0].id
+    h.saw([(("shop.db", "shop.web", 8080, "TCP"), "Denied", NOW)])  # not its kind
+    assert not h.replan(NOW + 1) and h.fired == {}
+    h.saw([(("shop.db", "shop.web", 8080, "TCP"), "Violation", NOW + 0.25)])
+    assert h.replan(NOW + 1)
+    for node in ("node-a", "node-b"):
+        (told,) = h.current[node].captures
+        assert told.fired and told.fired_unix_ms == (NOW + 0.25) * 1000
+    h.reported("node-b", [pb.CaptureStatus(id=cid, state="running", packets=1)])
+    h.replan(NOW + 2)
+    ((capture, st),) = h.statuses(NOW + 2)
+    assert st["triggeredAt"] == iso(NOW + 0.25)
+    # A new leader reads when from the status, and still tells a node that has not fired yet.
+    written = capture_body(trigger={"on": "Violation", "preTriggerSeconds": 2})
+    written["status"] = st
+    fresh = hub()
+    fresh.seen(written)
+    fresh.watchers = {"node-a": 1}
+    fresh.replan(NOW + 3)
+    assert fresh.current["node-a"].captures[0].fired
