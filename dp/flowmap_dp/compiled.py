@@ -22,6 +22,7 @@ from typing import Any
 
 from flowmap_dp import _native
 from flowmap_dp.decode import FRAGMENT_COUNTERS, FRAGMENT_MAX, FRAGMENT_TIMEOUT, IGNORED, L4_NAMES, MALFORMED
+from flowmap_dp.detection import NO_VERDICT, UNKNOWN
 from flowmap_dp.detectors.base import Threat
 from flowmap_dp.detectors import NAMES
 from flowmap_dp.session import (
@@ -64,7 +65,7 @@ class CompiledTable:
         self.detection = Detection(inspector_factory, feed_limit)
         limits = None if timeouts is None else (timeouts.tcp_open, timeouts.tcp_half_open, timeouts.tcp_closing,
                                                 timeouts.tcp_closed, timeouts.udp, timeouts.icmp, timeouts.other)
-        self._apps = ["unknown", *NAMES]  # app names by the code the compiled table keeps
+        self._apps = [UNKNOWN, *NAMES, NO_VERDICT]  # app names by the code the compiled table keeps
         self._codes = {app: code for code, app in enumerate(self._apps)}
         exchange = [(self._codes[app], seconds) for app, seconds in NEW_EXCHANGE_AFTER.items()]
         self._t = _native.Table(max_sessions, max_sessions if max_pending is None else max_pending, feed_limit,

@@ -18,7 +18,8 @@ from flowmap_dp.detectors.base import STREAM_LIMIT, Detector, Flow, Threat, Verd
 
 log = logging.getLogger(__name__)
 
-UNKNOWN = "unknown"
+UNKNOWN = "unknown"  # the client spoke and no detector knew its words
+NO_VERDICT = ""  # the client's words were never seen and the server's matched nothing
 # Payload packets one session may keep for detection and metadata, both directions together.
 MAX_PACKETS = 24
 # Server payload packets that wait for the client's first before detection runs on them.
@@ -185,6 +186,12 @@ class Inspector:
         self._done = True
         if self._matched is None:
             self._last_word()
+        if self._matched is None and not self._bytes[True]:
+            # Only the server's words, and they match nothing: no verdict (NO_VERDICT). The client's
+            # took another path: a DNAT'd session's reply half (its request half, under the
+            # Service's address, is another session, which decides), or a session picked up after
+            # the client spoke. "unknown" would say of the edge what is not known.
+            self.app = NO_VERDICT
         self._candidates = []
         if self._matched is not None:
             self._extract()

@@ -46,7 +46,7 @@ from flowmap_dp.decode import (
     L4_NAMES, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
     FRAGMENT_MAX, Decoded, DecodeStats, Fragments, flow_key, format_endpoint, split_key,
 )
-from flowmap_dp.detection import Inspector
+from flowmap_dp.detection import NO_VERDICT, UNKNOWN, Inspector
 from flowmap_dp.detectors import REGISTRY
 from flowmap_dp.detectors.base import Threat
 
@@ -97,7 +97,9 @@ class Timeouts:
 
 
 class InspectorLike(Protocol):
-    app: str  # the matched detector's name (final once set), "unknown" until one matches
+    # The matched detector's name (final once set); "unknown" until one matches; once done without
+    # a match, "" when the client never spoke (detection.NO_VERDICT: no verdict to report).
+    app: str
     metadata: dict[str, Any]
     threats: list[Threat]
 
@@ -299,7 +301,7 @@ class Detection:
         try:
             if finish:
                 insp.finish()
-            s.app = insp.app or "unknown"
+            s.app = insp.app
             s.metadata = dict(insp.metadata) if insp.metadata else _NO_METADATA
             s.threats = tuple(insp.threats)
         except Exception:
@@ -310,7 +312,7 @@ class Detection:
 def said_something(s: Inspected) -> bool:
     """Whether settling gave a session something to report on its own (an app, metadata, a
     threat): an idle session whose detectors found nothing waits for its next packet or its end."""
-    return s.app != "unknown" or bool(s.metadata) or bool(s.threats)
+    return s.app not in (UNKNOWN, NO_VERDICT) or bool(s.metadata) or bool(s.threats)
 
 
 class SessionTable:

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from flowmap_devenv.cluster import INTERNET, PAYMENTS
+from flowmap_dp.session import Timeouts
 from flowmap_operator.naming import connection_name, object_name
 from tests.cluster.conftest import SHOP_NODES, Real
 
@@ -114,7 +115,12 @@ def test_shop_traffic_becomes_exactly_the_expected_connections(real: Real) -> No
     since = counted(real)  # nothing yet, unless a probe-less edge was made by hand
     arm_counters(real, "truth")
     shop_rounds(real, ROUNDS, 0.1)
+    ended = time.monotonic()
     converge(real, "truth", since)
+    # Every session of the rounds has ended and been reported, the halves a node sees of a DNAT'd
+    # cross-node call too (one FIN each: they end idle, after tcp_closing): their applications
+    # are in, whatever they are.
+    time.sleep(max(0.0, ended + Timeouts().tcp_closing + 5 - time.monotonic()))
     conns = real.connections()
     shop = {connection_name(*e[:4]): name for name, e in EDGES.items()}
     for conn, name in shop.items():

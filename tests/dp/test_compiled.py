@@ -380,6 +380,31 @@ def test_tcp_5_tuples_reused_after_fin_and_rst() -> None:
     assert twins.fed()[0] == twins.fed()[1]
 
 
+def test_a_reply_half_reports_no_app_and_its_request_half_the_real_one() -> None:
+    """A pod's call to a ClusterIP on another node, as the client's node sees it: the request
+    under the Service's address (the pod's veth), the answers under the server pod's (the tunnel).
+    The request half decides; the reply half, idle past INSPECTOR_IDLE and then expired, says
+    nothing: an "unknown" from it would join the edge's applications."""
+    pod, svc, server = A4, B4, bytes([10, 244, 1, 4])
+    literal = lambda name, value: b"\x00" + bytes([len(name)]) + name + bytes([len(value)]) + value  # noqa: E731
+    block = literal(b":path", b"/shop.Catalog/List") + literal(b"content-type", b"application/grpc")
+    call = (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000")  # preface, SETTINGS
+            + len(block).to_bytes(3, "big") + b"\x01\x04" + (1).to_bytes(4, "big") + block)  # HEADERS
+    settings = bytes.fromhex("000006040000000000000400") + b"\x3f\xff\xff"
+    frames = [(ether(ipv4(pod, svc, 6, tcp(40000, 9090, SYN))), 1.0, None),
+              (ether(ipv4(pod, svc, 6, tcp(40000, 9090, PSH, call))), 1.01, None),
+              (ether(ipv4(server, pod, 6, tcp(9090, 40000, SYNACK))), 1.002, None),
+              *((ether(ipv4(server, pod, 6, tcp(9090, 40000, PSH, settings))), 1.003 + i / 1000, None)
+                for i in range(4))]
+    twins = Twins()
+    twins.feed_blocks(blocks_of(frames))
+    twins.collect(1.5)
+    twins.collect(1.1 + INSPECTOR_IDLE)  # the reply half's inspector settles, idle
+    twins.close_all()
+    apps = {(d.server_text, d.app) for d in twins.collect(9.0).sessions}
+    assert apps == {("10.0.0.2:9090", "grpc"), ("10.244.1.4:9090", "")}, apps
+
+
 def test_expiry_by_protocol_and_state() -> None:
     """Sessions of each protocol and TCP state, collected at increasing times: each leaves the
     table at its timeout, with its reason (fin, rst, idle), in both tables alike."""

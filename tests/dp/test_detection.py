@@ -7,7 +7,7 @@ import random
 import pytest
 
 import flowmap_dp.detection as detection
-from flowmap_dp.detection import MAX_PACKETS, Inspector
+from flowmap_dp.detection import MAX_PACKETS, NO_VERDICT, Inspector
 from flowmap_dp.detectors import BY_NAME, REGISTRY
 from flowmap_dp.detectors.base import STREAM_LIMIT, Detector, Flow, Verdict
 from flowmap_dp.detectors.sqlinjection import scan
@@ -89,6 +89,28 @@ def test_the_servers_words_read_first_rule_no_protocol_out() -> None:
         redis.feed(False, b"+OK\r\n")
     redis.feed(True, b"*1\r\n$4\r\nPING\r\n")
     assert (postgres.app, redis.app) == ("postgresql", "redis")
+
+
+def test_the_servers_words_alone_give_no_verdict_unless_they_match() -> None:
+    """A DNAT'd session's reply half (the client's node sees the answers of a call to a Service
+    under the pod's address, the call itself under the Service's): the server's words alone say
+    nothing of a gRPC call, so the half says nothing, not "unknown" (which would be a verdict on
+    the edge the other half decides). Words that do match (a DNS answer) still decide."""
+    settings = b"\x00\x00\x06\x04\x00\x00\x00\x00\x00\x00\x04\x00\x3f\xff\xff"  # a SETTINGS frame
+    half = Inspector("tcp", 38102, 9090)
+    for _ in range(5):
+        half.feed(False, settings)
+    half.judge_server_alone()
+    half.finish()
+    assert (half.done, half.app) == (True, NO_VERDICT)
+    answer = Inspector("udp", 40000, 53)
+    answer.feed(False, _dns_answer(7))
+    answer.finish()
+    assert answer.app == "dns"
+    spoke = Inspector("tcp", 38104, 9090)  # the client spoke: what nobody knows is unknown
+    spoke.feed(True, b"\x16garbage")
+    spoke.finish()
+    assert spoke.app == "unknown"
 
 
 def test_dns_flow_with_many_queries_is_bounded() -> None:
