@@ -28,3 +28,14 @@ MAX_CAPTURE_STATUSES = 256
 
 # CaptureStatus.message: the node's words on a failure (kept in a condition's message).
 MAX_CAPTURE_MESSAGE = 512
+
+# Fetching a finished capture's file (CaptureService.Upload, flowmap_operator.uploading): the data
+# of one UploadChunk, well under MAX_MESSAGE_BYTES with the first message's names around it.
+MAX_UPLOAD_CHUNK = 1 << 20
+
+# UploadChunk.error: the agent's words on why it cannot send a file.
+MAX_UPLOAD_ERROR = 256
+
+# NodeCaptures.uploads: the fetches one node serves at once (the operator asks no more of a node,
+# the agent sends no more at once), so that a node's uplink and disk are not the fetches' alone.
+MAX_NODE_UPLOADS = 2

@@ -227,15 +227,25 @@ class CaptureOrder(_message.Message):
     fired_unix_ms: int
     def __init__(self, id: _Optional[str] = ..., targets: _Optional[_Iterable[_Union[CaptureTarget, _Mapping]]] = ..., filters: _Optional[_Iterable[_Union[CaptureFilter, _Mapping]]] = ..., snap_length: _Optional[int] = ..., max_bytes: _Optional[int] = ..., max_packets: _Optional[int] = ..., duration_seconds: _Optional[int] = ..., armed: _Optional[bool] = ..., pre_trigger_seconds: _Optional[int] = ..., fired: _Optional[bool] = ..., fired_unix_ms: _Optional[int] = ...) -> None: ...
 
+class UploadRequest(_message.Message):
+    __slots__ = ("request", "id")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    request: str
+    id: str
+    def __init__(self, request: _Optional[str] = ..., id: _Optional[str] = ...) -> None: ...
+
 class NodeCaptures(_message.Message):
-    __slots__ = ("version", "captures", "keep")
+    __slots__ = ("version", "captures", "keep", "uploads")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CAPTURES_FIELD_NUMBER: _ClassVar[int]
     KEEP_FIELD_NUMBER: _ClassVar[int]
+    UPLOADS_FIELD_NUMBER: _ClassVar[int]
     version: int
     captures: _containers.RepeatedCompositeFieldContainer[CaptureOrder]
     keep: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, version: _Optional[int] = ..., captures: _Optional[_Iterable[_Union[CaptureOrder, _Mapping]]] = ..., keep: _Optional[_Iterable[str]] = ...) -> None: ...
+    uploads: _containers.RepeatedCompositeFieldContainer[UploadRequest]
+    def __init__(self, version: _Optional[int] = ..., captures: _Optional[_Iterable[_Union[CaptureOrder, _Mapping]]] = ..., keep: _Optional[_Iterable[str]] = ..., uploads: _Optional[_Iterable[_Union[UploadRequest, _Mapping]]] = ...) -> None: ...
 
 class CaptureStatus(_message.Message):
     __slots__ = ("id", "state", "packets", "bytes", "drops", "file_bytes", "sha256", "stop_reason", "message")
@@ -268,6 +278,30 @@ class CaptureReport(_message.Message):
     def __init__(self, node: _Optional[str] = ..., captures: _Optional[_Iterable[_Union[CaptureStatus, _Mapping]]] = ...) -> None: ...
 
 class CaptureReportAck(_message.Message):
+    __slots__ = ("leader",)
+    LEADER_FIELD_NUMBER: _ClassVar[int]
+    leader: bool
+    def __init__(self, leader: _Optional[bool] = ...) -> None: ...
+
+class UploadChunk(_message.Message):
+    __slots__ = ("node", "request", "id", "size", "sha256", "data", "error")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    request: str
+    id: str
+    size: int
+    sha256: str
+    data: bytes
+    error: str
+    def __init__(self, node: _Optional[str] = ..., request: _Optional[str] = ..., id: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ..., data: _Optional[bytes] = ..., error: _Optional[str] = ...) -> None: ...
+
+class UploadAck(_message.Message):
     __slots__ = ("leader",)
     LEADER_FIELD_NUMBER: _ClassVar[int]
     leader: bool

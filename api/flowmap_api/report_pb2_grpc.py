@@ -188,6 +188,11 @@ class CaptureServiceStub:
                 request_serializer=flowmap__api_dot_report__pb2.CaptureReport.SerializeToString,
                 response_deserializer=flowmap__api_dot_report__pb2.CaptureReportAck.FromString,
                 _registered_method=True)
+        self.Upload = channel.stream_unary(
+                '/flowmap.v1alpha1.CaptureService/Upload',
+                request_serializer=flowmap__api_dot_report__pb2.UploadChunk.SerializeToString,
+                response_deserializer=flowmap__api_dot_report__pb2.UploadAck.FromString,
+                _registered_method=True)
 
 
 class CaptureServiceServicer:
@@ -205,6 +210,12 @@ class CaptureServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Upload(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CaptureServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -217,6 +228,11 @@ def add_CaptureServiceServicer_to_server(servicer, server):
                     servicer.Report,
                     request_deserializer=flowmap__api_dot_report__pb2.CaptureReport.FromString,
                     response_serializer=flowmap__api_dot_report__pb2.CaptureReportAck.SerializeToString,
+            ),
+            'Upload': grpc.stream_unary_rpc_method_handler(
+                    servicer.Upload,
+                    request_deserializer=flowmap__api_dot_report__pb2.UploadChunk.FromString,
+                    response_serializer=flowmap__api_dot_report__pb2.UploadAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -273,6 +289,33 @@ class CaptureService:
             '/flowmap.v1alpha1.CaptureService/Report',
             flowmap__api_dot_report__pb2.CaptureReport.SerializeToString,
             flowmap__api_dot_report__pb2.CaptureReportAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Upload(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/flowmap.v1alpha1.CaptureService/Upload',
+            flowmap__api_dot_report__pb2.UploadChunk.SerializeToString,
+            flowmap__api_dot_report__pb2.UploadAck.FromString,
             options,
             channel_credentials,
             insecure,

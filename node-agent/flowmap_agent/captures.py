@@ -16,6 +16,12 @@ flowmap_agent.capturing carries them (the stream, the reports); everything decid
   agent cannot even say (a CIDR that is none, an enum value it does not know) it refuses itself,
   never widening a filter: that order is reported failed with the reason, as the dp would.
 
+* **Uploads.** The operator asks for a finished file in ``NodeCaptures.uploads``: the agent serves
+  each request once, at most ``MAX_NODE_UPLOADS`` at a time (:func:`uploads` says which to start
+  and which to cancel, withdrawn), and sends only the file the dp reported for that id, by the
+  path of its status, if that path is the dp's own name for it directly in the capture folder
+  (:func:`upload_path`: nothing else on the node can be asked for by naming it).
+
 Sizes: at most ``demand.MAX_WANTED`` orders and ``demand.MAX_KEEP`` kept ids are read (the dp
 reads no more), descriptions and every status string are cut to a bound, statuses at most
 ``MAX_STATUSES``.
@@ -24,11 +30,14 @@ reads no more), descriptions and every status string are cut to a bound, statuse
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 
 from flowmap_api import report_pb2 as pb
+from flowmap_api.limits import MAX_NODE_UPLOADS
 from flowmap_dp import wire_pb2
+from flowmap_dp.capturing import file_name
 from flowmap_dp.demand import MAX_ID, MAX_KEEP, MAX_WANTED
 
 # The Protocol enum of the contract -> the IP protocol number (the dp takes ICMP as ICMPv6 on IPv6).
@@ -156,3 +165,50 @@ def statuses(reported: Iterable[wire_pb2.PacketCaptureStatus], refused: Mapping[
             file_bytes=s.file_bytes, sha256=s.sha256[:MAX_WORD], stop_reason=s.stop_reason[:MAX_WORD],
             message=s.message[:MAX_MESSAGE])
     return [out[i] for i in sorted(out)][:MAX_STATUSES]
+
+
+@dataclass(frozen=True)
+class Uploading:
+    """What to do about the operator's upload requests now."""
+
+    start: tuple[pb.UploadRequest, ...] = ()
+    cancel: tuple[str, ...] = ()  # request ids being served that the operator no longer asks for
+
+
+def uploads(asked: Sequence[pb.UploadRequest], serving: Collection[str], served: Collection[str],
+            most: int = MAX_NODE_UPLOADS) -> Uploading:
+    """Which of the ``asked`` requests to start, and which of those ``serving`` to cancel: each
+    request is served once (``served``: ended already, whatever the outcome: the operator asks
+    again under a new id), at most ``most`` at a time, in the operator's order."""
+    wanted = {r.request: r for r in asked[:MAX_WANTED]}
+    cancel = tuple(r for r in serving if r not in wanted)
+    room = most - (len(serving) - len(cancel))
+    start = [r for i, r in wanted.items() if i not in serving and i not in served][:max(room, 0)]
+    return Uploading(tuple(start), cancel)
+
+
+class Unservable(ValueError):
+    """A file the agent will not send; the message says why (it goes in the upload's ``error``)."""
+
+
+def upload_path(capture_id: str, reported: Iterable[wire_pb2.PacketCaptureStatus], folder: str
+                ) -> tuple[str, wire_pb2.PacketCaptureStatus]:
+    """The path of capture ``capture_id``'s file and the dp's status of it, from the dp's latest
+    statuses: only a finished capture's file, named by the dp's rule directly in ``folder``.
+    Unservable otherwise. (That it is a regular file, not a link, is checked when it is opened.)"""
+    shown = capture_id[:SHOWN]
+    try:
+        name = file_name(capture_id)
+    except ValueError:
+        raise Unservable(f"{shown!r} is not a capture id") from None
+    status = next((s for s in reported if s.id == capture_id), None)
+    if status is None:
+        raise Unservable(f"the dp reports no capture {shown} (not run here, or by an earlier dp)")
+    if status.state in ("armed", "running"):
+        raise Unservable(f"capture {shown} is still {status.state}: its file is not finished")
+    if not status.path:
+        raise Unservable(f"capture {shown} has no file on this node")
+    path = PurePosixPath(status.path)
+    if path.parent != PurePosixPath(folder) or path.name != name:
+        raise Unservable(f"capture {shown}'s file is not {name} in the capture folder: {status.path[:2 * SHOWN]!r}")
+    return str(path), status

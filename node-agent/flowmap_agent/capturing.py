@@ -13,28 +13,54 @@ The pure part is flowmap_agent.captures. Here:
   ``packet_captures``) and the agent's own refusals go to ``CaptureService.Report`` when they
   differ from what the operator last took, and once after each new Watch stream. A failed report
   goes again at the next interval.
+* **Uploads.** A request in the orders (``NodeCaptures.uploads``) is answered with an Upload call
+  streaming the file in chunks of at most ``MAX_UPLOAD_CHUNK`` bytes, each read from the disk
+  only when gRPC takes the previous one (the operator's reader sets the pace); one the orders no
+  longer carry is cancelled. Which to start is decided in flowmap_agent.captures; the file is
+  opened here without following a link and sent only if it is a regular file. A request is served
+  once, whatever the outcome: the operator asks again under a new id.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
-from collections.abc import Mapping
+import stat
+from collections.abc import AsyncIterator, Mapping
+from functools import partial
 from pathlib import Path
+from typing import BinaryIO
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from flowmap_agent.captures import Orders, orders, statuses
+from flowmap_agent.captures import Orders, Unservable, orders, statuses, upload_path, uploads
 from flowmap_agent.following import alongside, bearer, follow, secure_channel
 from flowmap_agent.settings import Settings
 from flowmap_api import report_pb2 as pb
 from flowmap_api import report_pb2_grpc as pb_grpc
+from flowmap_api.limits import MAX_UPLOAD_CHUNK, MAX_UPLOAD_ERROR
 from flowmap_dp import wire_pb2
 
 log = logging.getLogger("flowmap.agent.capture")
+
+
+def open_capture(path: str) -> BinaryIO:
+    """The file at ``path`` for reading, if it is a regular file: never through a symbolic link,
+    never a FIFO or a device someone put in its place. Unservable otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise Unservable(f"{os.path.basename(path)} is a symbolic link") from None
+        raise Unservable(f"cannot open {os.path.basename(path)}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise Unservable(f"{os.path.basename(path)} is not a regular file")
+    return os.fdopen(fd, "rb")
 
 
 class Capturer:
@@ -55,6 +81,12 @@ class Capturer:
                                "by code.", ("code",), registry=registry)
         self.reports = Counter("flowmap_agent_capture_reports", "CaptureService.Report calls by result.",
                                ("result",), registry=registry)
+        self.uploads = Counter("flowmap_agent_capture_uploads", "CaptureService.Upload calls by result (ok: "
+                               "the operator took the stream, a refusal to send included; withdrawn: cancelled).",
+                               ("result",), registry=registry)
+        self.asked: tuple[pb.UploadRequest, ...] = ()  # the operator's latest upload requests
+        self.uploading: dict[str, asyncio.Task[None]] = {}  # request id -> its call
+        self.served: set[str] = set()  # request ids whose call ended (only those still asked)
 
     def _load(self) -> pb.NodeCaptures | None:
         try:
@@ -83,8 +115,16 @@ class Capturer:
         self.reported = tuple(health.packet_captures)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Follow the orders and report, until ``stop``."""
-        await alongside(stop, self.watch(stop), self.report_loop(stop))
+        """Follow the orders, report and send the files asked for, until ``stop``."""
+        try:
+            await alongside(stop, self.watch(stop), self.report_loop(stop))
+        finally:
+            self.asked = ()
+            calls = list(self.uploading.values())
+            self.uploading.clear()
+            for call in calls:
+                call.cancel()
+            await asyncio.gather(*calls, return_exceptions=True)
 
     async def watch(self, stop: asyncio.Event) -> None:
         """Keep the stream open; each message becomes the orders (saved: see the module docstring)."""
@@ -97,6 +137,8 @@ class Capturer:
                 self.sent = None  # a new stream: the operator hears how every capture stands
             self.wanted = message
             self.version.set(message.version)
+            self.asked = tuple(message.uploads)
+            self.serve()
             try:
                 self._save(message)
             except OSError as exc:
@@ -110,6 +152,61 @@ class Capturer:
 
         await follow(s, open_stream, take, self.streams, stop, what="capture",
                      stays="the captures ordered stay", max_receive=s.capture_max_bytes)
+
+    def serve(self) -> None:
+        """Start the calls the operator's requests call for, cancel the withdrawn ones."""
+        asked = {r.request for r in self.asked}
+        self.served &= asked
+        todo = uploads(self.asked, self.uploading.keys(), self.served)
+        for request in todo.cancel:
+            self.uploading.pop(request).cancel()
+            self.uploads.labels("withdrawn").inc()
+        for r in todo.start:
+            call = asyncio.create_task(self.upload(r))
+            self.uploading[r.request] = call
+            call.add_done_callback(partial(self._ended, r.request))
+
+    def _ended(self, request: str, call: asyncio.Task[None]) -> None:
+        if self.uploading.get(request) is call:  # not cancelled: the next waiting request may start
+            del self.uploading[request]
+            self.served.add(request)
+            self.serve()
+
+    async def upload(self, request: pb.UploadRequest) -> None:
+        """One Upload call answering ``request``; its outcome counted and logged, never raised."""
+        s = self.settings
+        channel: grpc.aio.Channel | None = None
+        try:
+            channel = secure_channel(s)
+            ack = await pb_grpc.CaptureServiceStub(channel).Upload(self.chunks(request), metadata=bearer(s))
+            result = "ok" if ack.leader else "not_leader"
+        except (grpc.RpcError, OSError) as exc:
+            code = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else type(exc).__name__
+            result = code.lower()
+            log.warning("upload of capture %s ended (%s)", request.id[:200], code)
+        finally:
+            if channel is not None:
+                await channel.close()
+        self.uploads.labels(result).inc()
+
+    async def chunks(self, request: pb.UploadRequest) -> AsyncIterator[pb.UploadChunk]:
+        """The Upload's messages: the first names the file as the dp reported it, or says why it is
+        not sent; then the file's data, read as gRPC takes each chunk."""
+        head = pb.UploadChunk(node=self.settings.node, request=request.request, id=request.id)
+        try:
+            path, status = upload_path(request.id, self.reported, self.settings.capture_dir)
+            file = open_capture(path)
+        except Unservable as exc:
+            head.error = str(exc)[:MAX_UPLOAD_ERROR]
+            log.warning("capture %s not sent: %s", request.id[:200], head.error)
+            yield head
+            return
+        with file:
+            head.size, head.sha256 = status.file_bytes, status.sha256
+            head.data = await asyncio.to_thread(file.read, MAX_UPLOAD_CHUNK)
+            yield head
+            while data := await asyncio.to_thread(file.read, MAX_UPLOAD_CHUNK):
+                yield pb.UploadChunk(data=data)
 
     async def report_loop(self, stop: asyncio.Event) -> None:
         """Each interval, report the statuses when they changed (or were not taken)."""

@@ -36,8 +36,10 @@ class Settings:
     policy_max_elements: int = 250_000
     policy_max_bytes: int = 64 << 20
     policy_resync: float = 60.0
-    # Packet captures (flowmap_agent.capturing): a streamed NodeCaptures may be this large.
+    # Packet captures (flowmap_agent.capturing): a streamed NodeCaptures may be this large; the
+    # dp's --capture-dir (mounted at the same path, read-only), the only folder files are sent from.
     capture_max_bytes: int = 4 << 20
+    capture_dir: str = "/var/lib/flowmap/captures"
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:

@@ -1,4 +1,4 @@
-"""Why the operator refuses a report or a policy watch, typed by what the agent should do.
+"""Why the operator refuses a report, a watch or an upload, typed by what the agent should do.
 
 Raised by the pure core (validation, ledger, topology, resolution) and by authentication;
 ``flowmap_operator.serving`` maps them to gRPC status codes, in one table. ``InvalidReport`` is
@@ -70,3 +70,14 @@ class NotKnownYet(Exception):
         super().__init__(f"{ip} is inside node {node}'s pod range, but no known pod or node holds it yet: "
                          "resend shortly")
         self.ip, self.node = ip, node
+
+
+class NotRequested(Exception):
+    """An upload names a fetch the operator did not ask of this node (or no longer asks: withdrawn
+    as the agent started), or another capture, or one being sent already: the agent stops sending
+    (flowmap_operator.uploading)."""
+
+
+class Withdrawn(Exception):
+    """The fetch an upload serves ended on the operator's side (its reader stopped, timed out or
+    found the file wrong): the agent stops sending; a new fetch asks again."""

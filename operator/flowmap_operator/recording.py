@@ -1,5 +1,6 @@
 """PacketCapture's side that touches the world: the captures as the watch delivers them, each
-watched node's NodeCaptures streamed to its agent, the agents' reports, and status writes.
+watched node's NodeCaptures streamed to its agent (with the fetches of files it serves now,
+flowmap_operator.uploading), the agents' reports, and status writes.
 
 The plan and the status are the pure core's (flowmap_operator.capturing); this keeps what they
 are computed from. Everything is bounded by the cluster's PacketCaptures (each at most
@@ -9,7 +10,8 @@ are computed from. Everything is bounded by the cluster's PacketCaptures (each a
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -63,6 +65,7 @@ class CaptureHub(NodeStreams[pb.NodeCaptures]):
         self.reports: dict[str, dict[str, NodeReport]] = {}  # capture id -> node -> its last report
         self.plans: dict[CaptureKey, Plan] = {}
         self.fired: dict[str, float] = {}  # capture id -> when its trigger happened
+        self.uploads: dict[str, tuple[pb.UploadRequest, ...]] = {}  # node -> the fetches it serves now
         self.version = 0  # of NodeCaptures, over all nodes: each node's versions only grow
         self.changes = 0  # of captures and reports
         self._inputs: tuple[int, int] = (-1, -1)
@@ -140,6 +143,7 @@ class CaptureHub(NodeStreams[pb.NodeCaptures]):
     def _compose(self, node: str, now: float) -> bool:
         captures = capturing.node_captures(self.plans.values(), node,
                                            capturing.kept(self.captures.values(), now), self.fired)
+        captures.uploads.extend(self.uploads.get(node, ()))
         old = self.current.get(node)
         if old is not None:
             captures.version = old.version
@@ -149,6 +153,17 @@ class CaptureHub(NodeStreams[pb.NodeCaptures]):
         captures.version = self.version
         self.current[node] = captures
         return True
+
+    async def ask(self, node: str, requests: Sequence[pb.UploadRequest]) -> None:
+        """The fetches ``node`` serves now, whole (flowmap_operator.uploading): carried in its
+        NodeCaptures from now on, and its streams woken at once, not at the next flush round (a
+        fetch waits for them). A node nobody watches hears them when its agent comes."""
+        if requests:
+            self.uploads[node] = tuple(requests)
+        else:
+            self.uploads.pop(node, None)
+        if node in self.current and self._compose(node, time.time()):
+            await self.notify()
 
     async def update(self, now: float) -> None:
         """Re-plan, and wake the streams of the nodes whose captures changed."""

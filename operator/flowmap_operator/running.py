@@ -42,6 +42,7 @@ from flowmap_operator.resolution import Resolver
 from flowmap_operator.serving import OPTIONS, CaptureServicer, Gate, PolicyServicer, Refusals, ReportServicer
 from flowmap_operator.settings import Settings
 from flowmap_operator.topology import Topology
+from flowmap_operator.uploading import Uploads
 from flowmap_operator.writing import Bucket, Writer
 
 log = logging.getLogger("flowmap.operator")
@@ -252,7 +253,10 @@ async def run(settings: Settings) -> None:
                             events_per_second=settings.events_per_second)
     policing.refresh()  # modes in force before any agent asks: an empty first policy would lift Protect
     pb_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(auth, hub, refusals, leadership), server)
-    pb_grpc.add_CaptureServiceServicer_to_server(CaptureServicer(auth, captures, refusals, leadership), server)
+    # The nodes' finished capture files, fetched on request: what the HTTPS API streams to users.
+    uploads = Uploads(captures, leadership)
+    pb_grpc.add_CaptureServiceServicer_to_server(CaptureServicer(auth, captures, refusals, leadership, uploads),
+                                                 server)
     keeper = await _tls(settings, core)
     creds = keeper.credentials() if keeper else grpc.ssl_server_credentials([(
         Path(settings.grpc_tls_key).read_bytes(), Path(settings.grpc_tls_cert).read_bytes())])

@@ -5,7 +5,9 @@ an unauthenticated client costs a metadata frame, never a parsed message. It the
 request message and parses it itself, so a message that is not protobuf is INVALID_ARGUMENT and
 counted (grpc.aio would answer UNKNOWN with a traceback), and it parses at most
 ``max_reports_at_once`` reports at a time, each at most MAX_MESSAGE_BYTES (the server's receive
-limit). ``OPTIONS`` bounds the connections themselves.
+limit). A stream of requests (an agent's Upload) is parsed message by message as the servicer
+reads it, after the same authentication; its bounds are flowmap_operator.uploading's.
+``OPTIONS`` bounds the connections themselves.
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ from flowmap_api.limits import MAX_MESSAGE_BYTES
 from flowmap_api.validity import REFUSED_EDGE
 from flowmap_operator import capturing, metrics
 from flowmap_operator.auth import Authenticator, Identity
-from flowmap_operator.errors import (Busy, Crowded, InvalidReport, Malformed, NotKnownYet, OutOfOrder,
-                                     PermissionDenied, Unauthenticated, Unavailable)
+from flowmap_operator.errors import (Busy, Crowded, InvalidReport, Malformed, NotKnownYet, NotRequested, OutOfOrder,
+                                     PermissionDenied, Unauthenticated, Unavailable, Withdrawn)
 from flowmap_operator.policing import PolicyHub
 from flowmap_operator.recording import CaptureHub
 from flowmap_operator.settings import Settings
 from flowmap_operator.topology import Topology
+from flowmap_operator.uploading import Uploads
 from flowmap_operator.validation import validate, validate_captures
 
 log = logging.getLogger("flowmap.operator.serving")
@@ -49,9 +52,13 @@ STATUS: dict[type[Exception], tuple[grpc.StatusCode, str]] = {
     Unavailable: (grpc.StatusCode.UNAVAILABLE, "unavailable"),
     # "Retry with backoff" in gRPC's own words; the agent keeps the batch and starts at 0.5 s.
     NotKnownYet: (grpc.StatusCode.UNAVAILABLE, "deferred"),
+    # An upload the operator did not ask for: the agent stops sending it (and never retries it).
+    NotRequested: (grpc.StatusCode.FAILED_PRECONDITION, "not_requested"),
+    Withdrawn: (grpc.StatusCode.CANCELLED, "withdrawn"),
 }
 REFUSALS = tuple(STATUS)
-QUIET = frozenset({"busy", "deferred"})  # routine under load or while a pod is new: only counted
+# Routine under load, while a pod is new, or when a user stops a download: only counted.
+QUIET = frozenset({"busy", "deferred", "withdrawn"})
 
 # The server's channel arguments. Agents report every second on one connection and hold a policy
 # stream on another (pinging every 300 s), so none of these limits touches them; they bound what a
@@ -149,8 +156,10 @@ class Gate(grpc.aio.ServerInterceptor):
     """Every call authenticated from its metadata before its message is read, then parsed here.
 
     A unary request becomes a stream of one to the server (``request_deserializer`` None: raw
-    bytes), so that nothing of it is read until the token is known good. Only unary requests are
-    served: a method taking a stream would pass the gate unread, and is refused (UNIMPLEMENTED).
+    bytes), so that nothing of it is read until the token is known good. A method taking a stream
+    and answering one message (Upload) gets its requests parsed here one by one as it reads them
+    (a message that is not protobuf: Malformed, raised to the servicer); one taking and answering
+    streams is not served (UNIMPLEMENTED): there is none.
     """
 
     def __init__(self, auth: Authenticator, refusals: Refusals, reports_at_once: int) -> None:
@@ -161,9 +170,17 @@ class Gate(grpc.aio.ServerInterceptor):
                                                              Awaitable[grpc.RpcMethodHandler | None]],
                                 details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         handler = await continuation(details)
-        if handler is None or handler.request_streaming:
+        if handler is None or (handler.request_streaming and handler.response_streaming):
             return None
         parse: Callable[[bytes], Any] = handler.request_deserializer
+        if handler.request_streaming:
+            taking = handler.stream_unary
+
+            async def taken(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
+                await self._authenticate(context)
+                return await taking(self._each(requests, parse), context)
+
+            return grpc.stream_unary_rpc_method_handler(taken, response_serializer=handler.response_serializer)
         if handler.response_streaming:
             stream = handler.unary_stream
 
@@ -189,6 +206,18 @@ class Gate(grpc.aio.ServerInterceptor):
             IDENTITY.set(await self.auth.identify(tuple(context.invocation_metadata() or ()), context.peer()))
         except (Unauthenticated, Unavailable) as exc:
             await self.refusals.refuse(exc, context)
+
+    @staticmethod
+    async def _each(requests: AsyncIterator[bytes], parse: Callable[[bytes], Any]) -> AsyncIterator[Any]:
+        """Each message of a request stream, parsed as the servicer asks for it."""
+        index = 0
+        async for raw in requests:
+            try:
+                message = parse(raw)
+            except (DecodeError, ValueError, TypeError) as exc:
+                raise Malformed(f"message {index} of the stream is not a valid message: {exc}"[:256]) from None
+            yield message
+            index += 1
 
     async def _read(self, requests: AsyncIterator[bytes], parse: Callable[[bytes], Any],
                     context: grpc.aio.ServicerContext) -> Any:
@@ -292,11 +321,13 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
 
 class CaptureServicer(pb_grpc.CaptureServiceServicer):
     """Streams each node the packet captures it runs and takes how they stand, as PolicyServicer
-    does policy: a token watches and reports for its own node only, and only the leader keeps
-    captures (a follower answers UNAVAILABLE to a watch and ``leader=false`` to a report)."""
+    does policy: a token watches, reports and uploads for its own node only, and only the leader
+    keeps captures (a follower answers UNAVAILABLE to a watch and ``leader=false`` to a report or
+    an upload). An upload serves one of the operator's fetches (flowmap_operator.uploading)."""
 
-    def __init__(self, auth: Authenticator, hub: CaptureHub, refusals: Refusals, is_leader: Callable[[], bool]) -> None:
-        self.auth, self.hub, self.refusals, self.is_leader = auth, hub, refusals, is_leader
+    def __init__(self, auth: Authenticator, hub: CaptureHub, refusals: Refusals, is_leader: Callable[[], bool],
+                 uploads: Uploads) -> None:
+        self.auth, self.hub, self.refusals, self.is_leader, self.uploads = auth, hub, refusals, is_leader, uploads
 
     async def Watch(self, request: pb.WatchRequest,  # noqa: N802
                     context: grpc.aio.ServicerContext) -> AsyncIterator[pb.NodeCaptures]:
@@ -326,3 +357,23 @@ class CaptureServicer(pb_grpc.CaptureServiceServicer):
             return pb.CaptureReportAck(leader=False)
         self.hub.reported(request.node, request.captures)
         return pb.CaptureReportAck(leader=True)
+
+    async def Upload(self, request_iterator: AsyncIterator[pb.UploadChunk],  # noqa: N802
+                     context: grpc.aio.ServicerContext) -> pb.UploadAck:
+        try:
+            return await self._upload(request_iterator)
+        except REFUSALS as exc:
+            await self.refusals.refuse(exc, context)
+
+    async def _upload(self, chunks: AsyncIterator[pb.UploadChunk]) -> pb.UploadAck:
+        try:  # an authenticated stream that names nothing holds no call for long
+            first = await asyncio.wait_for(anext(chunks, None), self.uploads.stall_timeout)
+        except asyncio.TimeoutError:
+            raise Malformed(f"no first chunk within {self.uploads.stall_timeout:g} s") from None
+        if first is None:
+            raise Malformed("an upload with no chunk")
+        self.auth.authorize(IDENTITY.get(), first.node)
+        if not self.is_leader():
+            return pb.UploadAck(leader=False)
+        await self.uploads.take(first.node, first, chunks)
+        return pb.UploadAck(leader=True)

@@ -3,7 +3,12 @@ agent's pods into Control.packet_captures and keep; the dp's statuses back for t
 
 from __future__ import annotations
 
-from flowmap_agent.captures import MAX_DESCRIPTION, MAX_MESSAGE, MAX_STATUSES, local_pods, orders, statuses
+import re
+
+import pytest
+
+from flowmap_agent.captures import (MAX_DESCRIPTION, MAX_MESSAGE, MAX_STATUSES, Unservable, local_pods, orders,
+                                    statuses, upload_path, uploads)
 from flowmap_api import report_pb2 as pb
 from flowmap_dp import demand, wire_pb2
 from flowmap_dp.demand import MAX_KEEP, MAX_WANTED
@@ -122,3 +127,47 @@ def test_local_pods_join_the_pod_watch_and_the_plumbing() -> None:
     by_ip = {"10.244.1.5": "shop/web-1", "fd00::5": "shop/web-1", "10.244.1.6": "shop/db-0", "10.244.1.7": "x/gone"}
     interfaces = {"10.244.1.5": "veth5", "fd00::5": "veth5", "10.244.1.6": "veth6", "10.244.1.8": "veth8"}
     assert local_pods(by_ip, interfaces) == {"shop/web-1": "veth5", "shop/db-0": "veth6"}
+
+
+def ask(*requests: str) -> list[pb.UploadRequest]:
+    return [pb.UploadRequest(request=r, id=ID) for r in requests]
+
+
+def test_uploads_start_each_request_once_two_at_a_time_and_cancel_the_withdrawn() -> None:
+    todo = uploads(ask("r1", "r2", "r3"), serving=(), served=())
+    assert [r.request for r in todo.start] == ["r1", "r2"] and todo.cancel == ()
+    todo = uploads(ask("r1", "r2", "r3"), serving=("r1", "r2"), served=())
+    assert todo.start == () and todo.cancel == ()
+    todo = uploads(ask("r2", "r3", "r4"), serving=("r1", "r2"), served=())  # r1 withdrawn: room for r3
+    assert [r.request for r in todo.start] == ["r3"] and todo.cancel == ("r1",)
+    todo = uploads(ask("r1", "r2", "r3"), serving=("r2",), served=("r1",))  # r1 ended: not again
+    assert [r.request for r in todo.start] == ["r3"]
+    todo = uploads(ask("r1", "r1", "r2"), serving=(), served=())  # a request named twice is served once
+    assert [r.request for r in todo.start] == ["r1", "r2"]
+
+
+FOLDER = "/var/lib/flowmap/captures"
+FILE = f"{FOLDER}/shop_cap_0f1e2d3c-aaaa-bbbb-cccc-000000000001.pcapng"
+
+
+def done(path: str = FILE, state: str = "done", capture_id: str = ID) -> wire_pb2.PacketCaptureStatus:
+    return wire_pb2.PacketCaptureStatus(id=capture_id, state=state, file_bytes=100, sha256="ab" * 32, path=path)
+
+
+def test_only_a_finished_files_own_name_in_the_capture_folder_is_sent() -> None:
+    assert upload_path(ID, [done(capture_id="shop/x/u"), done()], FOLDER) == (FILE, done())
+    assert upload_path(ID, [done()], FOLDER + "/") == (FILE, done())
+    refusals = {
+        "the dp reports no capture shop/cap/": [done(capture_id="shop/x/u")],
+        "is still running: its file is not finished": [done(state="running")],
+        "has no file on this node": [done(path="")],
+        "is not shop_cap_0f1e2d3c-aaaa-bbbb-cccc-000000000001.pcapng in the capture folder": [done(path=p) for p in (
+            "/etc/shadow", f"{FOLDER}/../captures/{FILE.rsplit('/', 1)[1]}", f"{FOLDER}/sub/{FILE.rsplit('/', 1)[1]}",
+            f"{FOLDER}/shop_other_u.pcapng", f"/tmp/{FILE.rsplit('/', 1)[1]}", FILE.rsplit("/", 1)[1])],
+    }
+    for why, reported in refusals.items():
+        for status in reported:
+            with pytest.raises(Unservable, match=re.escape(why)):
+                upload_path(ID, [status], FOLDER)
+    with pytest.raises(Unservable, match="is not a capture id"):
+        upload_path("../../etc/passwd", [done(capture_id="../../etc/passwd")], FOLDER)

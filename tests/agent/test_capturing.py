@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import queue
 import signal
 import subprocess
@@ -26,8 +27,10 @@ from flowmap_agent.running import Agent
 from flowmap_agent.settings import Settings
 from flowmap_api import report_pb2 as pb
 from flowmap_api import report_pb2_grpc as pb_grpc
+from flowmap_api.limits import MAX_UPLOAD_CHUNK
 from flowmap_devenv import pki
 from flowmap_dp import wire_pb2
+from flowmap_dp.capturing import file_name
 from flowmap_dp.exporting import Exporter
 from tests.agent.test_receiving import Acknowledging
 from tests.dp.test_live import A4, B4, FLOWMAP, Node, node  # noqa: F401 (the fixture)
@@ -44,13 +47,18 @@ FIRED.fired = True
 
 
 class Operator(pb_grpc.CaptureServiceServicer):
-    """Streams what the test queues (None: break the stream), takes reports; checks the token."""
+    """Streams what the test queues (None: break the stream), takes reports and uploads (whole,
+    or while ``hold`` is set only the first chunk, then waits to be cancelled); checks the token."""
 
     def __init__(self, token: str) -> None:
         self.token = token
         self.queue: asyncio.Queue[pb.NodeCaptures | None] = asyncio.Queue()
         self.reports: list[pb.CaptureReport] = []
         self.watches: list[str] = []
+        self.uploads: dict[str, list[pb.UploadChunk]] = {}  # request -> its chunks, once the stream ended
+        self.hold = False
+        self.held: list[str] = []  # requests held
+        self.cancelled: list[str] = []  # held requests the agent cancelled
 
     async def _check(self, context: grpc.aio.ServicerContext) -> None:
         if dict(context.invocation_metadata() or ()).get("authorization") != f"Bearer {self.token}":
@@ -69,6 +77,30 @@ class Operator(pb_grpc.CaptureServiceServicer):
         await self._check(context)
         self.reports.append(request)
         return pb.CaptureReportAck(leader=True)
+
+    async def Upload(self, request_iterator: AsyncIterator[pb.UploadChunk],  # noqa: N802
+                     context: grpc.aio.ServicerContext) -> pb.UploadAck:
+        await self._check(context)
+        if self.hold:
+            first = await anext(aiter(request_iterator))
+            self.held.append(first.request)
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                self.cancelled.append(first.request)
+                raise
+        chunks = [c async for c in request_iterator]
+        self.uploads[chunks[0].request] = chunks
+        return pb.UploadAck(leader=True)
+
+
+def received(chunks: list[pb.UploadChunk]) -> tuple[pb.UploadChunk, bytes]:
+    """An upload's first chunk without its data, and the data of all."""
+    head = pb.UploadChunk()
+    head.CopyFrom(chunks[0])
+    head.ClearField("data")
+    assert all(len(c.data) <= MAX_UPLOAD_CHUNK and c == pb.UploadChunk(data=c.data) for c in chunks[1:])
+    return head, b"".join(c.data for c in chunks)
 
 
 async def serve(operator: Operator, keys: pki.Pki) -> tuple[grpc.aio.Server, int]:
@@ -198,6 +230,77 @@ def test_orders_reach_the_dp_and_its_statuses_reach_the_operator(tmp_path: Path)
     asyncio.run(scenario())
 
 
+def test_asked_files_are_sent_byte_exact_and_nothing_else_is(tmp_path: Path) -> None:
+    keys = pki.create(tmp_path / "pki")
+    (tmp_path / "token").write_text("secret-token\n")
+    folder = tmp_path / "captures"
+    folder.mkdir()
+    good, link, outside, unknown = (f"shop/{n}/0f1e2d3c-aaaa-bbbb-cccc-00000000000{i}"
+                                    for i, n in enumerate(("good", "link", "outside", "unknown")))
+    data = os.urandom(2 * MAX_UPLOAD_CHUNK + 777)
+    (folder / file_name(good)).write_bytes(data)
+    (tmp_path / "secret").write_bytes(b"not a capture")
+    (folder / file_name(link)).symlink_to(tmp_path / "secret")
+    (tmp_path / file_name(outside)).write_bytes(b"not in the folder")
+    sha = hashlib.sha256(data).hexdigest()
+
+    def done(capture_id: str, path: Path) -> wire_pb2.PacketCaptureStatus:
+        return wire_pb2.PacketCaptureStatus(id=capture_id, state="done", file_bytes=len(data), sha256=sha,
+                                            path=str(path))
+
+    async def scenario() -> None:
+        operator = Operator("secret-token")
+        server, port = await serve(operator, keys)
+        settings = Settings(node="node-a", operator=f"localhost:{port}", ca_file=str(keys.ca_cert),
+                            token_file=str(tmp_path / "token"), state_file=str(tmp_path / "state"),
+                            interval=0.2, capture_dir=str(folder))
+        registry = CollectorRegistry()
+        capturer = Capturer(settings, registry)
+        capturer.took(wire_pb2.Health(packet_captures=[
+            done(good, folder / file_name(good)), done(link, folder / file_name(link)),
+            done(outside, tmp_path / file_name(outside))]))
+        stop = asyncio.Event()
+        running = asyncio.create_task(capturer.run(stop))
+        asked = pb.NodeCaptures(version=1, uploads=[pb.UploadRequest(request=f"r{i}", id=capture_id) for i, capture_id
+                                                    in enumerate((good, link, outside, unknown))])
+        try:
+            await operator.queue.put(asked)
+            await until(lambda: len(operator.uploads) == 4, "four uploads")
+            head, sent = received(operator.uploads["r0"])
+            assert head == pb.UploadChunk(node="node-a", request="r0", id=good, size=len(data), sha256=sha)
+            assert sent == data
+            assert len(operator.uploads["r0"]) == 3  # 1 MiB, 1 MiB, the rest
+            errors = {r: received(operator.uploads[r]) for r in ("r1", "r2", "r3")}
+            assert {r: (head.id, sent) for r, (head, sent) in errors.items()} == {
+                "r1": (link, b""), "r2": (outside, b""), "r3": (unknown, b"")}
+            assert errors["r1"][0].error == f"{file_name(link)} is a symbolic link"
+            assert errors["r2"][0].error.startswith(f"capture {outside}'s file is not {file_name(outside)} in the "
+                                                    f"capture folder: '{tmp_path}")
+            assert len(errors["r2"][0].error) <= 256
+            assert errors["r3"][0].error == f"the dp reports no capture {unknown} (not run here, or by an earlier dp)"
+
+            # The same requests again: each was served once.
+            await operator.queue.put(asked)
+            await asyncio.sleep(0.5)
+            assert len(operator.uploads) == 4
+
+            # A request withdrawn while it is sent: the agent cancels its call.
+            operator.hold = True
+            await operator.queue.put(pb.NodeCaptures(version=2, uploads=[pb.UploadRequest(request="r4", id=good)]))
+            await until(lambda: operator.held == ["r4"], "the held upload")
+            await operator.queue.put(pb.NodeCaptures(version=3))
+            await until(lambda: operator.cancelled == ["r4"], "the call cancelled")
+            assert registry.get_sample_value("flowmap_agent_capture_uploads_total", {"result": "withdrawn"}) == 1
+            assert registry.get_sample_value("flowmap_agent_capture_uploads_total", {"result": "ok"}) == 4
+            assert not capturer.uploading
+        finally:
+            stop.set()
+            await running
+            await server.stop(None)
+
+    asyncio.run(scenario())
+
+
 PORT = 6354
 
 
@@ -217,7 +320,8 @@ def test_live_a_real_dp_captures_what_the_order_selects(node: Node, tmp_path: Pa
         server, port = await serve(operator, keys)
         settings = Settings(node="node-a", operator=f"localhost:{port}", ca_file=str(keys.ca_cert),
                             token_file=str(tmp_path / "token"), state_file=str(tmp_path / "state"),
-                            socket=str(tmp_path / "run" / "dp.sock"), interval=0.2)
+                            socket=str(tmp_path / "run" / "dp.sock"), interval=0.2,
+                            capture_dir=str(folder))
         agent = Agent(settings, registry=CollectorRegistry())
         dp = agent.open_dp()
         log = open(tmp_path / "dp.log", "w")
@@ -260,6 +364,12 @@ def test_live_a_real_dp_captures_what_the_order_selects(node: Node, tmp_path: Pa
             raw = file.read_bytes()
             assert (done.file_bytes, done.sha256) == (len(raw), hashlib.sha256(raw).hexdigest())
             assert b"default/b b" in raw  # the interface's description, "namespace/workload pod"
+
+            # The operator asks for the finished file: it comes byte-exact, as the dp reported it.
+            await operator.queue.put(pb.NodeCaptures(version=2, uploads=[pb.UploadRequest(request="r1", id=cid)]))
+            await until(lambda: "r1" in operator.uploads, "the upload")
+            head, sent = received(operator.uploads["r1"])
+            assert sent == raw and (head.size, head.sha256, head.error) == (done.file_bytes, done.sha256, "")
         finally:
             stop.set()
             await following

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from flowmap_agent.settings import Settings as AgentSettings
 from flowmap_devenv import binaries
 from flowmap_devenv.controlplane import ControlPlane
 from tests.conftest import REPO, need
@@ -91,6 +92,10 @@ def test_the_base_is_what_the_api_server_stores(installed: ControlPlane) -> None
     dp = pods["flowmap-dp"]["containers"][0]
     assert {"name": "captures", "mountPath": "/var/lib/flowmap/captures"} in dp["volumeMounts"]
     assert dp["args"][dp["args"].index("--capture-dir") + 1] == "/var/lib/flowmap/captures"
+    # The agent reads the same files at the same path (its FLOWMAP_AGENT_CAPTURE_DIR's default), never writes them.
+    assert next(v for v in pods["flowmap-agent"]["volumes"] if v["name"] == "captures")["hostPath"] == captures
+    agent = pods["flowmap-agent"]["containers"][0]
+    assert {"name": "captures", "mountPath": AgentSettings.capture_dir, "readOnly": True} in agent["volumeMounts"]
     caps = {c["name"]: c["securityContext"]["capabilities"] for pod in pods.values() for c in pod["containers"]}
     assert caps == {"agent": {"drop": ["ALL"], "add": ["NET_ADMIN"]}, "dp": {"drop": ["ALL"], "add": ["NET_RAW"]}}
     deploy = json.loads(installed.kubectl("get", "deployment", "flowmap-operator", "-n", NS, "-o", "json").stdout)
