@@ -254,3 +254,23 @@ def test_a_node_finishing_during_the_download_is_read_again(tmp_path: Path) -> N
     assert capture._get_files(Cluster(before, Answer(a + b), after), "cap",  # type: ignore[arg-type]
                               str(tmp_path / "x.pcapng"), None, None) == 0
     assert (tmp_path / "x.pcapng").read_bytes() == a + b
+
+
+class Watched:
+    """A Session whose capture moves on at each read."""
+
+    def __init__(self, *statuses: dict[str, Any]) -> None:
+        self.statuses = list(statuses)
+
+    def read(self, name: str) -> dict[str, Any]:
+        return {"status": self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]}
+
+
+def test_wait_shows_one_line_per_change_until_it_finishes(capsys: pytest.CaptureFixture[str]) -> None:
+    pending = {"phase": "Pending"}
+    done = {**status("Completed"), "conditions": [{"type": "Complete", "reason": "DurationReached", "message": "m"}]}
+    last = capture._follow(Watched(pending, pending, status(), status(), done), "cap", poll=0)  # type: ignore[arg-type]
+    assert last == done
+    lines = capsys.readouterr().err.splitlines()  # not a terminal: a line per change, no escapes
+    assert [line.split(":")[0] for line in lines] == ["Pending", "Running", "Completed"]
+    assert captures.outcome(last) == "DurationReached: m"
