@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from flowmap_cli import drawing, mapping, rendering
+from flowmap_cli.kube import ClusterError, Source
 
 GROUP, VERSION = "flowmap.dev", "v1alpha1"
 PAGE = 500  # objects per list call: memory stays flat however large the map
@@ -27,35 +26,8 @@ MAX_OBJECTS = 100_000  # per kind; ten times the operator's default cap on Conne
 REQUEST_TIMEOUT = (10, 60)  # seconds to connect, to read one page
 
 
-class ReadError(RuntimeError):
-    """The map could not be read from the API; the message is one line for the user."""
-
-
-@dataclass(frozen=True)
-class Source:
-    """Where the map is read from: a kubeconfig (file and context) or the in-cluster account."""
-
-    kubeconfig: str | None = None
-    context: str | None = None
-
-    def client(self) -> Any:
-        try:
-            from kubernetes import client, config  # here: `flowmap graph --help` stays fast
-        except ImportError:
-            raise ReadError("flowmap graph needs the Kubernetes client: pip install 'flowmap[cli]'") from None
-
-        cfg = client.Configuration()
-        files = self.kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
-        found = any(Path(f).expanduser().is_file() for f in files.split(os.pathsep) if f)
-        try:
-            if not found and not self.kubeconfig and not self.context and os.environ.get("KUBERNETES_SERVICE_HOST"):
-                config.load_incluster_config(client_configuration=cfg)
-            else:
-                config.load_kube_config(config_file=files, context=self.context, client_configuration=cfg,
-                                        persist_config=False)  # never write to the user's kubeconfig
-        except (config.ConfigException, OSError, ValueError, TypeError, KeyError) as exc:
-            raise ReadError(f"no usable Kubernetes configuration ({files}): {exc}") from None
-        return client.CustomObjectsApi(client.ApiClient(cfg))
+# The map could not be read from the API (or the API reached): one line for the user.
+ReadError = ClusterError
 
 
 def _items(api: Any, plural: str) -> Iterator[dict[str, Any]]:

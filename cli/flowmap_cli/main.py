@@ -14,6 +14,7 @@ from collections.abc import Sequence
 # subcommand -> (module providing ``register(subparsers)``, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "agent": ("flowmap_agent.cli", "the node agent: ties sessions to pods and reports them to the operator"),
+    "capture": ("flowmap_cli.capture", "packet captures: start, list, stop, delete, and get their files"),
     "cluster": ("flowmap_devenv.cluster_cli", "a real local cluster: kubelets, containerd, a CNI, CoreDNS"),
     "controlplane": ("flowmap_devenv.controlplane_cli", "run a local etcd + kube-apiserver with the flowmap CRDs"),
     "demo": ("flowmap_devenv.demo", "the local demo: control plane, flowmap, and the map it learns"),

@@ -19,7 +19,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from flowmap_cli import graph, rendering
+from flowmap_cli import graph, kube, rendering
 
 MAX_CLIENTS = 32  # requests served at once; more get 503 rather than one thread each
 TEXT = "text/plain; charset=utf-8"
@@ -28,7 +28,7 @@ TEXT = "text/plain; charset=utf-8"
 class Picture:
     """The latest SVG, re-read and redrawn when older than ``ttl`` seconds, by one thread at a time."""
 
-    def __init__(self, source: graph.Source, namespace: str | None, max_edges: int, ttl: float,
+    def __init__(self, source: kube.Source, namespace: str | None, max_edges: int, ttl: float,
                  timeout: float) -> None:
         self.source, self.namespace, self.max_edges, self.ttl, self.timeout = source, namespace, max_edges, ttl, timeout
         self.lock = threading.Lock()
@@ -97,7 +97,7 @@ def handler(picture: Picture, every: float, title: str) -> type[BaseHTTPRequestH
     return Handler
 
 
-def serve(source: graph.Source, args: argparse.Namespace) -> int:
+def serve(source: kube.Source, args: argparse.Namespace) -> int:
     """Serve until SIGINT or SIGTERM; a map that cannot be read at start is an error, later a note."""
     # Half the page's interval keeps a tab at most that stale; never below 0.5 s, whatever --every says.
     picture = Picture(source, args.namespace, args.max_edges, max(0.5, args.every / 2), args.timeout)

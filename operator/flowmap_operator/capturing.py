@@ -10,6 +10,21 @@ A capture with a trigger is armed on its nodes until an event of its kind (Denie
 Threat) touches one of its target workloads' edges (:func:`fires`); the orders then say when
 it happened, so that each node writes the packets from ``preTriggerSeconds`` before that moment.
 
+A user stops a capture with the annotation ``flowmap.dev/stop: "true"`` (``flowmap capture stop``;
+the spec is immutable, the metadata is not). A stopped capture is never ordered to a node again,
+so each dp still running or armed with it ends it (Stopped) and reports done; it never fires or
+starts later, and its files are kept as a finished capture's are (:func:`kept`). Its phase:
+
+* Running while a node that ran it (Armed or Running in the status) has not said it ended: the
+  files' sizes and sha256s come with that;
+* then Completed, or Failed when no node completed and one failed; a capture stopped before any
+  node ran it (Pending, held, or still unreported) is Completed at once, with no file: the user
+  ended it, nothing went wrong.
+
+Its conditions say so with the reason ``Stopped``: Ready False (unless a node failed, which is
+said first), and Complete's reason holds ``Stopped`` once done. A stop that comes after the
+capture finished changes nothing.
+
 Bounded: at most ``max_per_namespace`` unfinished captures of a namespace run (the others wait,
 ``NamespaceCaptureLimit``), ``MAX_NODES`` nodes per capture (the status's ``nodes`` maxItems) and
 ``MAX_PEER_ADDRESSES`` addresses in a capture's filters (its peer groups' pods).
@@ -36,6 +51,8 @@ WHOLE_SNAP = 262_144  # wholePackets: what tcpdump keeps by default
 MAX_NODES = 1000  # status.nodes maxItems
 MAX_PEER_ADDRESSES = 1024  # all the filters' peer-group addresses of one capture
 PENDING, RUNNING, COMPLETED, FAILED = "Pending", "Running", "Completed", "Failed"
+STOP_ANNOTATION = "flowmap.dev/stop"  # "true": the user stopped the capture (see the module docstring)
+STOPPED = "Stopped"  # the conditions' reason, and the dp's stopReason, for a stop
 FINISHED = (COMPLETED, FAILED)
 # The dp's states (wire.proto Report) and what a node's entry in status.nodes says of each.
 NODE_PHASES = {"armed": "Armed", "running": RUNNING, "done": COMPLETED, "failed": FAILED}
@@ -80,6 +97,7 @@ class Capture:
     pre_trigger: int = PRE_TRIGGER
     ttl: int = TTL
     status: Mapping[str, Any] | None = None  # as last written
+    stopped: bool = False  # the user's STOP_ANNOTATION: never ordered again
 
     @property
     def key(self) -> CaptureKey:
@@ -94,6 +112,13 @@ class Capture:
     def phase(self) -> str:
         return str((self.status or {}).get("phase") or PENDING)
 
+    @property
+    def user_stopped(self) -> bool:
+        """The user's stop ended it: asked while it had not finished, or said so in the status
+        (``stoppedAt``, which stays when the annotation goes: a stopped capture never starts again).
+        A stop asked after it finished changes nothing."""
+        return bool((self.status or {}).get("stoppedAt")) or (self.stopped and self.phase not in FINISHED)
+
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> Capture:
         meta, spec = body.get("metadata") or {}, body.get("spec") or {}
@@ -105,7 +130,8 @@ class Capture:
                    tuple(spec.get("filters") or ()), int(spec.get("durationSeconds") or DURATION),
                    int(spec.get("maxBytesPerNode") or MAX_BYTES), int(spec.get("maxPacketsPerNode") or MAX_PACKETS),
                    snap, str(trigger.get("on") or ""), int(trigger.get("preTriggerSeconds", PRE_TRIGGER)),
-                   int(spec.get("ttlSecondsAfterFinished") or TTL), body.get("status") or {})
+                   int(spec.get("ttlSecondsAfterFinished") or TTL), body.get("status") or {},
+                   (meta.get("annotations") or {}).get(STOP_ANNOTATION) == "true")
 
 
 # -- (a) the plan ------------------------------------------------------------------------------------
@@ -131,11 +157,12 @@ class Plan:
 def admitted(captures: Iterable[Capture], max_per_namespace: int) -> set[CaptureKey]:
     """The unfinished captures that may run: per namespace, those already running, then the oldest.
 
-    One already running is never displaced by an older one that could not run before.
+    One already running is never displaced by an older one that could not run before; a stopped
+    one takes no place.
     """
     by_namespace: dict[str, list[Capture]] = {}
     for c in captures:
-        if c.phase not in FINISHED:
+        if c.phase not in FINISHED and not c.user_stopped:  # never runs again: no slot
             by_namespace.setdefault(c.namespace, []).append(c)
     out: set[CaptureKey] = set()
     for found in by_namespace.values():
@@ -158,7 +185,12 @@ def _networks(values: Iterable[str]) -> list[str]:
 
 def plan(capture: Capture, pods: Iterable[PodView], *, admitted: bool, max_per_namespace: int) -> Plan:
     """Which nodes and pods ``capture`` targets among ``pods`` (the live pods of its namespace),
-    and its filters with peer groups resolved to their pods' addresses."""
+    and its filters with peer groups resolved to their pods' addresses. A stopped capture is held
+    (no node is told of it again) and Completed unless a node that ran it still runs."""
+    if capture.user_stopped:
+        # No nodes: the status lists those that ran it (their reports), as its schema says.
+        return Plan(capture, held=("Ready", False, STOPPED, f"stopped by the user ({STOP_ANNOTATION})"),
+                    held_phase=COMPLETED)
     if not admitted:
         return Plan(capture, held=("Ready", False, "NamespaceCaptureLimit",
                                    f"{capture.namespace} already runs {max_per_namespace} captures, the most a "
@@ -262,8 +294,10 @@ def _phase(plan: Plan, entries: Sequence[dict[str, Any]], before: str) -> str:
 def _said(plan: Plan, entries: Sequence[dict[str, Any]], phase: str,
           reports: Mapping[str, NodeReport]) -> list[Said]:
     failed = [e for e in entries if e["phase"] == FAILED]
-    stopped = sorted({e.get("stopReason") or "Failed" for e in entries if e["phase"] in FINISHED})
-    if plan.held and phase in (PENDING, FAILED) and not failed:
+    by_user = plan.capture.user_stopped
+    stopped = sorted({e.get("stopReason") or "Failed" for e in entries if e["phase"] in FINISHED}
+                     | ({STOPPED} if by_user else set()))
+    if plan.held and (phase in (PENDING, FAILED) or by_user) and not failed:
         ready = plan.held
     elif failed:
         reasons = ",".join(sorted({e.get("stopReason") or "Failed" for e in failed}))
@@ -281,8 +315,14 @@ def _said(plan: Plan, entries: Sequence[dict[str, Any]], phase: str,
         kind, holds, reason, message = ready
         ready = (kind, holds, reason, f"{message}; {plan.nodes_left_out} more nodes left out (at most {MAX_NODES})")
     if phase in FINISHED:
-        complete: Said = ("Complete", True, ",".join(stopped) or phase,
-                          "; ".join(_why(e, reports) for e in entries if e["phase"] in FINISHED) or "it never ran")
+        why = "; ".join(_why(e, reports) for e in entries if e["phase"] in FINISHED)
+        if by_user:
+            why = f"stopped by the user ({STOP_ANNOTATION}){'; ' + why if why else ' before any node ran it'}"
+        complete: Said = ("Complete", True, ",".join(stopped) or phase, why or "it never ran")
+    elif by_user:
+        closing = [e["node"] for e in entries if e["phase"] not in FINISHED]
+        complete = ("Complete", False, STOPPED, f"stopped by the user ({STOP_ANNOTATION}); waiting for "
+                                               f"{len(closing)} nodes to close their files ({', '.join(closing)})")
     else:
         active = [e["phase"] for e in entries if e["phase"] != PENDING]
         done = sum(p in FINISHED for p in active)
@@ -298,7 +338,8 @@ def status(plan: Plan, reports: Mapping[str, NodeReport], now: float, fired: flo
 
     ``reports`` are the agents' last words by node; a node that reported keeps its entry even once
     it holds no target any more (its file is there); ``fired``: when the trigger happened (see
-    :func:`fires`). Times are set once, when first true.
+    :func:`fires`). Times are set once, when first true (``stoppedAt``: when the operator first
+    saw the user's stop of an unfinished capture).
     """
     capture = plan.capture
     before = capture.status or {}
@@ -312,7 +353,9 @@ def status(plan: Plan, reports: Mapping[str, NodeReport], now: float, fired: flo
     started = before.get("startTime") or (iso(now) if any(e["phase"] != PENDING for e in entries) else None)
     triggered = before.get("triggeredAt") or (iso(fired) if capture.trigger and fired is not None else None)
     finished = before.get("completionTime") or (iso(now) if phase in FINISHED else None)
-    for key, value in (("startTime", started), ("triggeredAt", triggered), ("completionTime", finished)):
+    halted = before.get("stoppedAt") or (iso(now) if capture.user_stopped else None)
+    for key, value in (("startTime", started), ("triggeredAt", triggered), ("stoppedAt", halted),
+                       ("completionTime", finished)):
         if value:
             out[key] = value
     written = {c.get("type", ""): c for c in before.get("conditions") or []}
@@ -337,8 +380,10 @@ def expired(capture: Capture, now: float) -> bool:
 
 
 def kept(captures: Iterable[Capture], now: float) -> set[str]:
-    """The ids whose finished files the nodes keep (wire.proto ``keep``): finished, not yet expired."""
-    return {c.id for c in captures if expires_at(c) is not None and not expired(c, now)}
+    """The ids whose files the nodes keep (wire.proto ``keep``): finished, not yet expired; and
+    stopped by the user, from the moment it is no longer ordered (a dp deletes the file of an id
+    neither ordered nor kept, and a stopped capture ends on the nodes before its phase says so)."""
+    return {c.id for c in captures if (c.user_stopped or expires_at(c) is not None) and not expired(c, now)}
 
 
 # -- (d) triggers ------------------------------------------------------------------------------------

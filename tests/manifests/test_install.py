@@ -223,6 +223,8 @@ MATRIX = [  # (who, verb, resource, namespace (None: all), subresource, allowed)
     (EDITOR, "create", "packetcaptures", "shop", "", True),
     (EDITOR, "delete", "packetcaptures", "shop", "", True),
     (EDITOR, "update", "packetcaptures", "shop", "", False),  # the spec is immutable anyway
+    (EDITOR, "patch", "packetcaptures", "shop", "", True),  # its metadata: the stop annotation
+    (VIEWER, "patch", "packetcaptures", "shop", "", False),  # may not stop a capture
     (EDITOR, "patch", "packetcaptures", "shop", "status", False),
     (OPERATOR, "watch", "packetcaptures", None, "", True),
     (OPERATOR, "patch", "packetcaptures", "shop", "status", True),

@@ -339,3 +339,107 @@ def test_results_expire_ttl_after_completion() -> None:
     assert not expired(done, NOW + 59) and expired(done, NOW + 60)
     assert kept([running, done, failed], NOW + 30) == {"shop/done/uid-done", "shop/failed/uid-failed"}
     assert kept([running, done, failed], NOW + 60) == {"shop/failed/uid-failed"}
+
+
+# -- the user's stop ---------------------------------------------------------------------------------
+
+
+def stopped(p: Plan, s: dict[str, Any] | None = None) -> Plan:
+    """``p`` planned again once the user has set flowmap.dev/stop (and the status ``s`` is written)."""
+    b = body(**{k: v for k, v in {"trigger": {"on": p.capture.trigger}}.items() if p.capture.trigger})
+    b["metadata"]["annotations"] = {"flowmap.dev/stop": "true"}
+    b["status"] = s if s is not None else dict(p.capture.status or {})
+    return plan(Capture.from_body(b), cluster().namespace_pods("shop"), admitted=True, max_per_namespace=4)
+
+
+def test_the_stop_annotation_is_read_as_true_only() -> None:
+    for value, expected in (("true", True), ("false", False), ("yes", False)):
+        b = body()
+        b["metadata"]["annotations"] = {"flowmap.dev/stop": value}
+        assert Capture.from_body(b).stopped is expected
+    assert not Capture.from_body(body()).stopped
+
+
+def test_a_running_capture_stopped_is_ordered_nowhere_kept_and_completes_when_its_nodes_close() -> None:
+    p = planned()
+    running = {"node-a": NodeReport("node-a", "running", 10, 1000, 0, 1500),
+               "node-b": NodeReport("node-b", "running", 5, 700, 0, 1100)}
+    s = status(p, running, NOW)
+    assert [o.id for o in node_captures([p], "node-a", kept([p.capture], NOW)).captures] == [p.capture.id]
+    q = stopped(p, s)
+    assert q.held is not None and q.held[2] == "Stopped" and not q.nodes
+    for node in ("node-a", "node-b"):
+        told = node_captures([q], node, kept([q.capture], NOW + 1))
+        assert not told.captures and list(told.keep) == [p.capture.id]  # the dp stops it and keeps the file
+    # The nodes have not said yet that they closed their files: still Running, saying why.
+    s = status(q, running, NOW + 1)
+    assert s["phase"] == "Running" and s["stoppedAt"] == iso(NOW + 1) and "completionTime" not in s
+    assert (cond(s, "Ready")["status"], cond(s, "Ready")["reason"]) == ("False", "Stopped")
+    assert (cond(s, "Complete")["status"], cond(s, "Complete")["reason"]) == ("False", "Stopped")
+    assert "node-a, node-b" in cond(s, "Complete")["message"]
+    sha = "cd" * 32
+    done = {n: NodeReport(n, "done", r.packets, r.bytes, 0, r.file_bytes, sha, "Stopped") for n, r in running.items()}
+    s = status(stopped(p, s), done, NOW + 2)
+    assert s["phase"] == "Completed" and s["completionTime"] == iso(NOW + 2) and s["stoppedAt"] == iso(NOW + 1)
+    assert [n["sha256"] for n in s["nodes"]] == [sha, sha]
+    complete = cond(s, "Complete")
+    assert (complete["status"], complete["reason"]) == ("True", "Stopped")
+    assert complete["message"].startswith("stopped by the user (flowmap.dev/stop); node-a: Stopped")
+    # Kept as any finished capture: until its TTL after completion.
+    finished = stopped(p, s).capture
+    assert kept([finished], NOW + 2 + 3599) == {p.capture.id} and kept([finished], NOW + 2 + 3600) == set()
+
+
+def test_a_pending_capture_stopped_completes_at_once_without_files() -> None:
+    p = planned()
+    s = status(stopped(p, {}), {}, NOW)
+    assert s["phase"] == "Completed" and s["nodes"] == [] and s["stoppedAt"] == s["completionTime"] == iso(NOW)
+    assert (cond(s, "Ready")["status"], cond(s, "Ready")["reason"]) == ("False", "Stopped")
+    assert cond(s, "Complete")["reason"] == "Stopped"
+    assert cond(s, "Complete")["message"] == "stopped by the user (flowmap.dev/stop) before any node ran it"
+    # Held beyond the namespace cap, then stopped: the same, and it takes no place in the cap.
+    waiting = capture("waiting", NOW - 5)
+    b = body("waiting", created=NOW - 5)
+    b["metadata"]["annotations"] = {"flowmap.dev/stop": "true"}
+    assert admitted([Capture.from_body(b), capture("next", NOW)], 1) == {("shop", "next")}
+    assert admitted([waiting, capture("next", NOW)], 1) == {("shop", "waiting")}
+
+
+def test_an_armed_capture_stopped_never_fires() -> None:
+    p = planned(trigger={"on": "Denied"})
+    armed = {"node-a": NodeReport("node-a", "armed", file_bytes=200),
+             "node-b": NodeReport("node-b", "armed", file_bytes=200)}
+    q = stopped(p, status(p, armed, NOW))
+    event = [(("shop.web", "shop.db", 5432, "TCP"), "Denied", NOW + 1)]
+    assert fires([p], event, {}) == {p.capture.id: NOW + 1} and fires([q], event, {}) == {}
+    assert not node_captures([q], "node-a", (), {p.capture.id: NOW + 1}).captures  # even if fired before
+    # The dps end it (Stopped) with the header written and the window never kept: Completed.
+    done = {n: NodeReport(n, "done", file_bytes=200, sha256="ef" * 32, stop_reason="Stopped") for n in armed}
+    s = status(q, done, NOW + 2)
+    assert s["phase"] == "Completed" and "triggeredAt" not in s and cond(s, "Complete")["reason"] == "Stopped"
+
+
+def test_a_stop_after_it_finished_changes_nothing_and_a_stop_lasts() -> None:
+    p = planned()
+    done = {n: NodeReport(n, "done", 3, stop_reason="DurationReached") for n in ("node-a", "node-b")}
+    s = status(p, done, NOW)
+    late = stopped(p, s)
+    assert late.held is None and status(late, done, NOW + 5) == s and "stoppedAt" not in s
+    # Stopped while running, then the annotation removed: still stopped (stoppedAt), never ordered.
+    s = status(stopped(p, status(p, {}, NOW)), {}, NOW + 1)
+    b = body(status=s)
+    again_ = plan(Capture.from_body(b), cluster().namespace_pods("shop"), admitted=True, max_per_namespace=4)
+    assert again_.capture.user_stopped and again_.held is not None
+    assert not node_captures([again_], "node-a", ()).captures
+    assert status(again_, {}, NOW + 9) == s
+
+
+def test_a_node_that_failed_is_said_before_the_stop() -> None:
+    p = planned()
+    reports = {"node-a": NodeReport("node-a", "failed", stop_reason="NodeDiskFull", message="full"),
+               "node-b": NodeReport("node-b", "running", 1)}
+    s = status(stopped(p, status(p, reports, NOW)), reports, NOW + 1)
+    assert s["phase"] == "Running" and cond(s, "Ready")["reason"] == "NodeDiskFull"
+    reports["node-b"] = NodeReport("node-b", "done", 1, stop_reason="Stopped")
+    s = status(stopped(p, s), reports, NOW + 2)
+    assert s["phase"] == "Completed" and cond(s, "Complete")["reason"] == "NodeDiskFull,Stopped"

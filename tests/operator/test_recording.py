@@ -160,3 +160,36 @@ def test_what_a_report_shows_fires_an_armed_capture_on_every_node_it_runs_on() -
     fresh.watchers = {"node-a": 1}
     fresh.replan(NOW + 3)
     assert fresh.current["node-a"].captures[0].fired
+
+
+def test_a_stop_seen_on_the_watch_ends_it_on_its_nodes_and_keeps_its_files() -> None:
+    h = hub()
+    h.seen(capture_body())
+    h.watchers = {"node-a": 1, "node-b": 1}
+    h.replan(NOW)
+    cid = h.current["node-a"].captures[0].id
+    for node in ("node-a", "node-b"):
+        h.reported(node, [pb.CaptureStatus(id=cid, state="running", packets=3, bytes=300, file_bytes=500)])
+    h.replan(NOW + 1)
+    ((capture, st),) = h.statuses(NOW + 1)
+    h.written(capture, st)
+    stopping = capture_body()
+    stopping["metadata"]["annotations"] = {"flowmap.dev/stop": "true"}  # type: ignore[index]
+    stopping["status"] = st
+    h.seen(stopping)
+    assert h.replan(NOW + 2)
+    for node in ("node-a", "node-b"):
+        told = h.current[node]
+        assert not told.captures and list(told.keep) == [cid]  # no longer ordered: the dp stops it, keeps the file
+    ((capture, st),) = h.statuses(NOW + 2)
+    assert st["phase"] == RUNNING and st["stoppedAt"] == iso(NOW + 2)
+    h.written(capture, st)
+    for node in ("node-a", "node-b"):
+        h.reported(node, [pb.CaptureStatus(id=cid, state="done", packets=3, bytes=300, file_bytes=500, sha256=SHA,
+                                           stop_reason="Stopped")])
+    h.replan(NOW + 3)
+    ((capture, st),) = h.statuses(NOW + 3)
+    assert st["phase"] == COMPLETED and {n["stopReason"] for n in st["nodes"]} == {"Stopped"}
+    h.written(capture, st)
+    h.replan(NOW + 4)
+    assert list(h.current["node-a"].keep) == [cid] and h.statuses(NOW + 4) == []
