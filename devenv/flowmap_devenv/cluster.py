@@ -167,6 +167,11 @@ class Cluster:
                            cluster_cidr=CLUSTER_CIDR, images=archives, sandbox_image=built["pause"].name)
             cidrs = self._wait_registered()
             self.log(f"[cluster] CNI {cni}: {', '.join(f'{n} {c}' for n, c in cidrs.items())}")
+            specs = {s.name: s for s in node_specs(nodes)}
+            for name, cidr in cidrs.items():
+                # The API server reaches pods as it does on a control-plane node (aggregated APIs,
+                # admission webhooks); the routes go with HOST_LINK at down.
+                _run("ip", "route", "replace", cidr, "via", specs[name].ip, "dev", HOST_LINK)
             if cni == "ptp":
                 self._ptp(cidrs)
             else:

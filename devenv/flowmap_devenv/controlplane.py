@@ -207,6 +207,16 @@ class ControlPlane:
             f"--service-account-signing-key-file={keys.sa_key}",
             f"--service-cluster-ip-range={opts.service_cidrs}",
             "--allow-privileged=true", "--profiling=false",
+            # The front proxy, for aggregated APIs (flowmap's results.flowmap.dev): the API server
+            # proxies with this certificate and publishes the CA and the header names in
+            # kube-system/extension-apiserver-authentication; it dials an endpoint of the API's
+            # Service itself (no kube-proxy next to it).
+            f"--requestheader-client-ca-file={keys.front_proxy_ca}",
+            f"--requestheader-allowed-names={pki.FRONT_PROXY_NAME}",
+            "--requestheader-username-headers=X-Remote-User", "--requestheader-group-headers=X-Remote-Group",
+            "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+            f"--proxy-client-cert-file={keys.front_proxy_cert}", f"--proxy-client-key-file={keys.front_proxy_key}",
+            "--enable-aggregator-routing=true",
         ]
         if opts.cluster_cidr:
             kubelet_client = pki.issue(keys.ca_cert.parent, "kubelet-client", "kube-apiserver-kubelet-client",

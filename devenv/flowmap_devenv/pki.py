@@ -14,6 +14,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 _VALID_FOR = datetime.timedelta(days=30)
 
+FRONT_PROXY_NAME = "front-proxy-client"  # kubeadm's name for it
 SERVER_NAMES = ("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
                 "kubernetes.default.svc.cluster.local")
 
@@ -30,6 +31,11 @@ class Pki:
     etcd_client_key: Path
     sa_key: Path  # service-account token signing key
     sa_pub: Path
+    # The front proxy: a CA of its own (a client certificate of the cluster CA must never pass for
+    # the proxy) and the certificate kube-apiserver proxies aggregated APIs' requests with.
+    front_proxy_ca: Path
+    front_proxy_cert: Path
+    front_proxy_key: Path
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> None:
@@ -94,16 +100,19 @@ def issue(folder: Path, stem: str, cn: str, org: str | None = None, *, server: b
     return _save(folder, stem, _cert(_name(cn, org), key, ca.subject, ca_key, usages=usages, names=names, ips=ips), key)
 
 
+def _ca(folder: Path, cn: str) -> tuple[Path, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    return _save(folder, "ca", _cert(_name(cn), key, _name(cn), key, ca=True), key)
+
+
 def create(folder: Path, *, server_ips: tuple[str, ...] = ()) -> Pki:
     """Write a CA, serving and client certificates and a service-account key pair into ``folder``.
 
     The serving certificate is valid for loopback and the API server's usual names, and for
     ``server_ips`` (the address it advertises, the ``kubernetes`` Service's ClusterIP).
     """
-    folder.mkdir(parents=True, exist_ok=True)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = _name("flowmap-local-ca")
-    ca_cert, ca_key_path = _save(folder, "ca", _cert(ca_name, ca_key, ca_name, ca_key, ca=True), ca_key)
+    ca_cert, ca_key_path = _ca(folder, "flowmap-local-ca")
     serving = issue(folder, "serving", "kube-apiserver", server=True, names=SERVER_NAMES,
                     ips=("127.0.0.1", "::1", *server_ips))
     admin = issue(folder, "admin", "flowmap-admin", "system:masters")
@@ -115,4 +124,7 @@ def create(folder: Path, *, server_ips: tuple[str, ...] = ()) -> Pki:
     _write_key(sa_key_path, sa_key)
     sa_pub_path.write_bytes(sa_key.public_key().public_bytes(serialization.Encoding.PEM,
                                                              serialization.PublicFormat.SubjectPublicKeyInfo))
-    return Pki(ca_cert, ca_key_path, *serving, *admin, *etcd_client, sa_key_path, sa_pub_path)
+    front_proxy_ca, _ = _ca(folder / "front-proxy", "flowmap-local-front-proxy-ca")
+    front_proxy = issue(folder / "front-proxy", "client", FRONT_PROXY_NAME)
+    return Pki(ca_cert, ca_key_path, *serving, *admin, *etcd_client, sa_key_path, sa_pub_path, front_proxy_ca,
+               *front_proxy)
