@@ -8,6 +8,7 @@ tokens of the flowmap-agent ServiceAccount bound to their agent pod (which names
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from flowmap_devenv import pki
+from flowmap_operator.certs import service_names
 from flowmap_devenv.controlplane import REPO, ControlPlane
 
 NS = "flowmap-system"
@@ -73,9 +75,14 @@ class Cluster:
     plane: ControlPlane
     folder: Path
     keys: pki.Pki = field(init=False)
+    operator_cert: tuple[Path, Path] = field(init=False)  # the operator's serving certificate and key
 
     def __post_init__(self) -> None:
         self.keys = pki.create(self.folder / "grpc-pki")
+        # Agents dial it on loopback, the API server (results.flowmap.dev) by its Service's name.
+        self.operator_cert = pki.issue(self.folder / "grpc-pki", "operator", "flowmap-operator", server=True,
+                                       names=("localhost", *service_names("flowmap-operator", NS)),
+                                       ips=("127.0.0.1", "::1"))
 
     def token(self, sa: str, *, audience: str = "flowmap", pod_name: str | None = None,
               namespace: str = NS, node_name: str | None = None) -> str:
@@ -102,13 +109,14 @@ class Operator:
 
     def __init__(self, cluster: Cluster, **settings: Any) -> None:
         self.cluster = cluster
-        self.grpc_port, self.metrics_port = free_port(), free_port()
+        self.grpc_port, self.metrics_port, self.results_port = free_port(), free_port(), free_port()
         self.log = cluster.folder / f"operator-{self.grpc_port}.log"
         self.env = {**os.environ, "KUBECONFIG": str(cluster.operator_kubeconfig()),
                     "FLOWMAP_OPERATOR_GRPC_LISTEN": str(self.grpc_port),
                     "FLOWMAP_OPERATOR_METRICS_LISTEN": str(self.metrics_port),
-                    "FLOWMAP_OPERATOR_GRPC_TLS_CERT": str(cluster.keys.serving_cert),
-                    "FLOWMAP_OPERATOR_GRPC_TLS_KEY": str(cluster.keys.serving_key),
+                    "FLOWMAP_OPERATOR_RESULTS_LISTEN": str(self.results_port),
+                    "FLOWMAP_OPERATOR_GRPC_TLS_CERT": str(cluster.operator_cert[0]),
+                    "FLOWMAP_OPERATOR_GRPC_TLS_KEY": str(cluster.operator_cert[1]),
                     **{f"FLOWMAP_OPERATOR_{k.upper()}": str(v) for k, v in settings.items()}}
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -152,3 +160,30 @@ class Operator:
 
     def tail(self, lines: int = 40) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
+
+
+def host_address() -> str:
+    """This host's address towards the outside (its default route's source): one the API server
+    can dial that an endpoint may hold (loopback may not)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("198.51.100.1", 9))  # no packet is sent: the kernel picks the route
+        except OSError as exc:
+            raise RuntimeError("results.flowmap.dev needs an address of this host that is not loopback "
+                               f"(a default route): {exc}") from exc
+        return str(s.getsockname()[0])
+
+
+def serve_results(plane: ControlPlane, cluster: Cluster, operator: Operator) -> None:
+    """results.flowmap.dev as an install has it (manifests/operator/apiservice.yaml), the operator
+    being a process of this host: its Service's endpoint is this host, and the APIService trusts
+    the operator's CA (in a cluster, the endpoint controller and the operator do both)."""
+    apply(plane, {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                  "metadata": {"name": "flowmap-operator-host", "namespace": NS,
+                               "labels": {"kubernetes.io/service-name": "flowmap-operator",
+                                          "endpointslice.kubernetes.io/managed-by": "flowmap-devenv"}},
+                  "addressType": "IPv4", "ports": [{"name": "results", "port": operator.results_port, "protocol": "TCP"}],
+                  "endpoints": [{"addresses": [host_address()], "conditions": {"ready": True}}]})
+    ca = base64.b64encode(cluster.keys.ca_cert.read_bytes()).decode()
+    plane.kubectl("patch", "apiservice", "v1alpha1.results.flowmap.dev", "--type=merge",
+                  "-p", json.dumps({"spec": {"caBundle": ca}}))

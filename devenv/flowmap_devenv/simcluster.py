@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from flowmap_devenv.controlplane import REPO, ControlPlane
-from flowmap_devenv.kube import NS, Cluster, Operator, apply, create_pods, free_port, node, pod
+from flowmap_devenv.kube import NS, Cluster, Operator, apply, create_pods, free_port, node, pod, serve_results
 from flowmap_devenv.netns import Lab, run, unique
 
 ISSUER = "https://kubernetes.default.svc.cluster.local"
@@ -177,6 +177,7 @@ class SimCluster:
         self._servers()
         self.say("flowmap: the operator, an agent (and its dp) per node")
         self.operator = Operator(self.cluster, write_budget=50, flush_interval=0.2).start().wait_leading()
+        serve_results(self.plane, self.cluster, self.operator)
         for n in NODES:
             self._agent(n)
         self._wait_capturing()
@@ -351,7 +352,8 @@ table ip kube-proxy {{
                "FLOWMAP_AGENT_CA_FILE": str(cluster.keys.ca_cert), "FLOWMAP_AGENT_TOKEN_FILE": str(folder / "token"),
                "FLOWMAP_AGENT_STATE_FILE": str(folder / "state"), "FLOWMAP_AGENT_SOCKET": str(folder / "dp.sock"),
                "FLOWMAP_AGENT_HEALTH_LISTEN": str(port), "FLOWMAP_AGENT_NETNS": self.ns[n.name],
-               "FLOWMAP_AGENT_INTERVAL": str(self.interval), "FLOWMAP_AGENT_DP": "external"}
+               "FLOWMAP_AGENT_INTERVAL": str(self.interval), "FLOWMAP_AGENT_DP": "external",
+               "FLOWMAP_AGENT_CAPTURE_DIR": str(self.capture_dir(n.name))}
         self._agent_env[n.name] = env
         self.start_agent(n.name)
         self.start_dp(n.name)

@@ -38,6 +38,7 @@ from flowmap_operator.auth import Authenticator
 from flowmap_operator.modes import Modes
 from flowmap_operator.policing import PolicyHub, PolicyWriter
 from flowmap_operator.recording import CaptureHub, StatusWriter
+from flowmap_operator.results import ResultServer
 from flowmap_operator.resolution import Resolver
 from flowmap_operator.serving import OPTIONS, CaptureServicer, Gate, PolicyServicer, Refusals, ReportServicer
 from flowmap_operator.settings import Settings
@@ -261,6 +262,16 @@ async def run(settings: Settings) -> None:
     creds = keeper.credentials() if keeper else grpc.ssl_server_credentials([(
         Path(settings.grpc_tls_key).read_bytes(), Path(settings.grpc_tls_cert).read_bytes())])
     server.add_secure_port(f"[::]:{settings.grpc_listen}", creds)
+
+    def material() -> tuple[bytes, bytes, bytes | None]:
+        """What results.flowmap.dev serves: the gRPC port's certificate (and its CA, when a Secret keeps it)."""
+        if keeper is not None and keeper.material is not None:
+            return keeper.material.cert, keeper.material.key, keeper.material.ca
+        return Path(settings.grpc_tls_cert).read_bytes(), Path(settings.grpc_tls_key).read_bytes(), None
+
+    results = ResultServer(captures, uploads, api_client, leadership, material, settings.results_apiservice)
+    results_task = (asyncio.create_task(results.keep(stop))
+                    if settings.results_listen and await results.start(settings.results_listen) else None)
     # The edge series are read from the ledger at scrape time: the report path does no metrics work.
     metrics.REGISTRY.register(metrics.EdgeCollector(topology, settings.metrics_series_cap, leadership))
     metrics.WRITE_BUDGET.set(settings.write_budget)
@@ -299,11 +310,12 @@ async def run(settings: Settings) -> None:
     stop.set()
     log.info("stopping: no new reports, flushing for at most %.0f s", STOP_DEADLINE)
     await server.stop(grace=2.0)
+    await results.close()
     await flush_task
     if leadership():
         deadline = time.monotonic() + STOP_DEADLINE
         while topology.ledger.dirty() and time.monotonic() < deadline:
             await writer.flush(deadline)
     kopf_stop.set()
-    await asyncio.gather(kopf_task, leader_task, *([tls_task] if tls_task else []), return_exceptions=True)
+    await asyncio.gather(kopf_task, leader_task, *(t for t in (tls_task, results_task) if t), return_exceptions=True)
     await api_client.close()

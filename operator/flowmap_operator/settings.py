@@ -28,6 +28,10 @@ class Settings:
     ca_configmap: str = "flowmap-ca"
     grpc_service: str = "flowmap-operator"  # the Service agents dial: its DNS names go in the certificate
     metrics_listen: int = 9090  # the port of /metrics
+    # results.flowmap.dev, behind the API server (flowmap_operator.results; 0: not served), and the
+    # APIService whose caBundle the operator keeps when it made its certificate ("": none).
+    results_listen: int = 9444
+    results_apiservice: str = "v1alpha1.results.flowmap.dev"
     write_budget: float = 20.0  # API writes per second, all kinds together
     flush_interval: float = 0.5  # seconds between flush rounds
     max_connections: int = 10_000

@@ -10,15 +10,18 @@ bridged frames too (br_netfilter, as flannel needs it).
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from flowmap_devenv.cluster import INTERNET, PAYMENTS
+from flowmap_dp.pcapfile import read_records
 from flowmap_dp.session import Timeouts
 from flowmap_operator.naming import connection_name, object_name
 from tests.cluster.conftest import SHOP_NODES, Real
@@ -170,6 +173,50 @@ def test_exported_networkpolicies_are_accepted_by_the_cluster(real: Real) -> Non
     real.cluster.kubectl("apply", "-n", "shop", "-f", "-", input=yaml.safe_dump_all(docs))
     assert {d["metadata"]["name"] for d in docs} <= {
         p["metadata"]["name"] for p in real.json("-n", "shop", "get", "networkpolicies")["items"]}
+
+
+def flowmap(real: Real, *args: str) -> subprocess.CompletedProcess[str]:
+    """The flowmap command as a user runs it: their kubeconfig, nothing else."""
+    return subprocess.run([sys.executable, "-m", "flowmap_cli", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "KUBECONFIG": str(real.cluster.kubeconfig)})
+
+
+def capture_status(real: Real, name: str) -> dict[str, Any]:
+    return real.json("-n", "shop", "get", "packetcapture", name).get("status", {})
+
+
+def wait_capture(real: Real, name: str, done: Any, what: str, timeout: float = 90) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while not done(status := capture_status(real, name)):
+        assert time.monotonic() < deadline, f"{what}: {status}"
+        time.sleep(1)
+    return status
+
+
+def test_a_capture_holds_exactly_the_packets_its_filter_selects(real: Real, tmp_path: Path) -> None:
+    """web <-> redis as web's interface carried it, started, stopped and read back with the flowmap
+    command: every packet the kernel forwarded between them, each cut to the snap length."""
+    arm_counters(real, "capture")
+    name = f"redis-{real.cni}"
+    started = flowmap(real, "capture", "start", name, "-n", "shop", "--group", "web", "--peer-group", "redis",
+                      "--protocol", "TCP", "--port", "6379", "--snap-length", "64", "--duration", "300")
+    assert started.returncode == 0, started.stderr
+    wait_capture(real, name, lambda s: [n["phase"] for n in s.get("nodes", [])] == ["Running"], "running on web's node")
+    out = real.shop("web", "--rounds", "5", "--pause", "0.1")
+    assert out.strip().endswith("done 5 0"), out
+    time.sleep(2)  # the capture's ring hands over its last block
+    stopped = flowmap(real, "capture", "stop", name, "-n", "shop")
+    assert stopped.returncode == 0, stopped.stderr
+    status = wait_capture(real, name, lambda s: s.get("phase") == "Completed", "completed")
+    file = tmp_path / "web-redis.pcapng"
+    got = flowmap(real, "capture", "get", name, "-n", "shop", "-o", str(file))
+    assert got.returncode == 0, got.stderr
+    records = list(read_records(file))
+    bytes_c2s, bytes_s2c, packets_c2s, packets_s2c = kernel(real, "capture")["web-redis"]
+    assert status["totals"]["packets"] == len(records) == packets_c2s + packets_s2c, (status, packets_c2s, packets_s2c)
+    assert sum(r.wire_len - 14 for r in records) == bytes_c2s + bytes_s2c  # IP lengths, as the kernel counts
+    assert all(len(r.data) == min(64, r.wire_len) for r in records) and max(r.wire_len for r in records) > 64
+    assert flowmap(real, "capture", "delete", name, "-n", "shop").returncode == 0
 
 
 def test_protect_lets_learned_traffic_through_and_resets_the_rest(real: Real) -> None:

@@ -73,6 +73,7 @@ print(json.dumps(n))
 """
 
 
+RESULTS = "/apis/results.flowmap.dev/v1alpha1/namespaces/shop/packetcaptures/denied/pcapng"
 # Armed on web until something web does is Denied; then three seconds more.
 CAPTURE = {"apiVersion": "flowmap.dev/v1alpha1", "kind": "PacketCapture",
            "metadata": {"name": "denied", "namespace": "shop"},
@@ -101,6 +102,14 @@ def kubectl(sim: SimCluster, *args: str, input: str | None = None) -> str:
 def connection(sim: SimCluster, name: str) -> dict[str, Any]:
     proc = sim.plane.kubectl("get", "connection", name, "-o", "json", check=False)
     return json.loads(proc.stdout) if proc.returncode == 0 else {}
+
+
+def raw(sim: SimCluster, path: str, *args: str) -> subprocess.CompletedProcess[bytes]:
+    """``kubectl get --raw``: the bytes as the API server gives them (a pcapng is no text)."""
+    st = sim.plane.state()
+    assert st is not None
+    return subprocess.run([st.kubectl, f"--kubeconfig={sim.plane.kubeconfig}", *args, "get", "--raw", path],
+                          capture_output=True, timeout=60)
 
 
 def capture(sim: SimCluster) -> dict[str, Any]:
@@ -209,6 +218,17 @@ def test_learn_export_protect_monitor_and_restart(sim: SimCluster) -> None:
     data = path.read_bytes()
     assert (node["node"], node["stopReason"], node["sha256"], node["fileBytes"]) == (
         "node-a", "DurationReached", hashlib.sha256(data).hexdigest(), len(data))
+    # The same bytes through the API server, with the caller's own credentials and nothing else:
+    # an editor of the namespace may read them; a viewer sees the capture, not its packets.
+    kubectl(sim, "create", "rolebinding", "shop-editor", "-n", "shop", "--clusterrole=flowmap-editor", "--user=ed")
+    kubectl(sim, "create", "rolebinding", "shop-viewer", "-n", "shop", "--clusterrole=flowmap-viewer", "--user=vi")
+    for url, who in ((RESULTS, ()), (RESULTS, ("--as=ed",)), (RESULTS + "?node=node-a", ("--as=ed",))):
+        got = raw(sim, url, *who)  # the admin, then the editor
+        assert got.stdout == data, (who, got.stderr[-1000:])
+    assert kubectl(sim, "--as=vi", "get", "packetcapture", "-n", "shop", "denied", "-o", "name")
+    refused = raw(sim, RESULTS, "--as=vi")
+    assert refused.returncode and b'cannot get resource "packetcaptures/pcapng"' in refused.stderr, refused.stderr
+    assert b"holds no finished file" in raw(sim, RESULTS + "?node=node-b").stderr
     flows = classify_file(path)
     (syn,) = [f for f in flows if f["server"] == f"{POSTGRES.ip}:5432"]
     assert syn["client"].startswith(f"{WEB.ip}:") and (syn["packets_c2s"], syn["packets_s2c"]) == (1, 1), syn  # and the reset

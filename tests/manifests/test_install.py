@@ -104,7 +104,13 @@ def test_the_base_is_what_the_api_server_stores(installed: ControlPlane) -> None
     assert spec["securityContext"]["runAsNonRoot"] and ctx["readOnlyRootFilesystem"]
     assert ctx["capabilities"] == {"drop": ["ALL"]} and not ctx["allowPrivilegeEscalation"]
     svc = json.loads(installed.kubectl("get", "service", "flowmap-operator", "-n", NS, "-o", "json").stdout)
-    assert [(p["name"], p["port"]) for p in svc["spec"]["ports"]] == [("grpc", 9443)]
+    assert [(p["name"], p["port"]) for p in svc["spec"]["ports"]] == [("grpc", 9443), ("results", 9444)]
+    # results.flowmap.dev, the capture files' API, is the operator's Service behind the API server;
+    # its caBundle is the operator's to set (no key shipped, none trusted before the operator runs).
+    api = json.loads(installed.kubectl("get", "apiservice", "v1alpha1.results.flowmap.dev", "-o", "json").stdout)
+    assert api["spec"]["service"] == {"name": "flowmap-operator", "namespace": NS, "port": 9444}
+    assert (api["spec"]["group"], api["spec"]["version"]) == ("results.flowmap.dev", "v1alpha1")
+    assert not api["spec"].get("caBundle") and not api["spec"].get("insecureSkipTLSVerify")
 
 
 def test_the_prometheus_operator_monitors_dry_run(installed: ControlPlane) -> None:
@@ -155,6 +161,9 @@ def test_the_operator_may_do_exactly_what_it_uses(installed: ControlPlane) -> No
                 | grant("flowmap.dev", "networklearningpolicies packetcaptures", "get list watch")
                 | grant("flowmap.dev", "packetcaptures/status", "patch")
                 | grant("authentication.k8s.io", "tokenreviews", "create")
+                # results.flowmap.dev (flowmap_operator.results): is this caller allowed, and its APIService's CA
+                | grant("authorization.k8s.io", "subjectaccessreviews", "create")
+                | grant("apiregistration.k8s.io", "apiservices", "get patch", "v1alpha1.results.flowmap.dev")
                 | grant("kopf.dev", "clusterkopfpeerings", "get list watch patch")
                 | grant("", "events", "create patch") | grant("events.k8s.io", "events", "create patch")
                 # its serving certificate (flowmap_operator.certs), in its own namespace only
@@ -164,6 +173,9 @@ def test_the_operator_may_do_exactly_what_it_uses(installed: ControlPlane) -> No
     assert rules(installed, OPERATOR) == expected
     # Elsewhere it has no secrets or configmaps at all.
     assert rules(installed, OPERATOR, "shop") == {r for r in expected if r[1] not in ("secrets", "configmaps")}
+    # In kube-system, the one ConfigMap that says how the API server proxies (the front proxy's CA).
+    assert {r for r in rules(installed, OPERATOR, "kube-system") if r[1] in ("secrets", "configmaps")} == grant(
+        "", "configmaps", "get list watch", "extension-apiserver-authentication")
 
 
 def can(plane: ControlPlane, who: str, verb: str, what: str, namespace: str | None = NS, sub: str = "") -> bool:
