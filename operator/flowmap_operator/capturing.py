@@ -51,6 +51,10 @@ WHOLE_SNAP = 262_144  # wholePackets: what tcpdump keeps by default
 MAX_NODES = 1000  # status.nodes maxItems
 MAX_PEER_ADDRESSES = 1024  # all the filters' peer-group addresses of one capture
 PENDING, RUNNING, COMPLETED, FAILED = "Pending", "Running", "Completed", "Failed"
+# Seconds past a capture's end (its duration, or the user's stop) after which a node that has not
+# said it ended is failed (its agent, dp or the node is gone), so that the capture finishes; a
+# word it sends later still counts (its file, if any, can be read).
+NODE_GRACE = 60.0
 STOP_ANNOTATION = "flowmap.dev/stop"  # "true": the user stopped the capture (see the module docstring)
 STOPPED = "Stopped"  # the conditions' reason, and the dp's stopReason, for a stop
 FINISHED = (COMPLETED, FAILED)
@@ -344,6 +348,11 @@ def status(plan: Plan, reports: Mapping[str, NodeReport], now: float, fired: flo
     capture = plan.capture
     before = capture.status or {}
     names = sorted({node for node, _ in plan.nodes} | set(reports))[:MAX_NODES]
+    end = _end(capture, before)
+    if end is not None and now > end + NODE_GRACE:
+        reports = {**{node: NodeReport(node, "failed", stop_reason="Failed", message=(
+            f"no end reported {NODE_GRACE:.0f} s after the capture's: the node, its agent or its dp is gone"))
+            for node in names}, **{node: r for node, r in reports.items() if r.state in ("done", "failed")}}
     entries = [_node_entry(node, reports.get(node)) for node in names]
     phase = _phase(plan, entries, str(before.get("phase") or PENDING))
     out: dict[str, Any] = {"phase": phase, "observedGeneration": capture.generation,
@@ -361,6 +370,14 @@ def status(plan: Plan, reports: Mapping[str, NodeReport], now: float, fired: flo
     written = {c.get("type", ""): c for c in before.get("conditions") or []}
     out["conditions"] = conditions(_said(plan, entries, phase, reports), written, now, capture.generation)
     return out
+
+
+def _end(capture: Capture, before: Mapping[str, Any]) -> float | None:
+    """When every node should have ended the capture (None: not known yet: not started, or armed)."""
+    if before.get("stoppedAt"):
+        return parse_iso(before["stoppedAt"])
+    since = before.get("triggeredAt") if capture.trigger else before.get("startTime")
+    return parse_iso(since) + capture.duration if since else None
 
 
 # -- (c) expiry --------------------------------------------------------------------------------------

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from flowmap_operator.capturing import (MAX_PEER_ADDRESSES, WHOLE_SNAP, Capture, Filter, NodeReport, Plan, admitted,
-                                        fires, node_captures, order,
-                                        expired, expires_at, kept, plan, status)
+from flowmap_operator.capturing import (MAX_PEER_ADDRESSES, NODE_GRACE, WHOLE_SNAP, Capture, Filter, NodeReport,
+                                        Plan, admitted, expired, expires_at, fires, kept, node_captures, order,
+                                        plan, status)
 from flowmap_operator.policy import iso
 from flowmap_operator.resolution import Resolver
 from flowmap_operator.settings import Settings
@@ -298,6 +298,29 @@ def test_a_fired_capture_tells_its_nodes_when() -> None:
     fired = node_captures([p], node, (), {p.capture.id: NOW + 1.5}).captures[0]
     assert fired.fired and fired.fired_unix_ms == (NOW + 1.5) * 1000
     assert not order(planned(), pods, NOW).fired  # a capture without a trigger never fires
+
+
+def test_a_node_that_never_says_it_ended_fails_and_the_capture_finishes() -> None:
+    sha = "ab" * 32
+    p = planned(durationSeconds=10)  # on node-a and node-b
+    running = {"phase": "Running", "startTime": iso(NOW)}
+    reports = {"node-a": NodeReport("node-a", "done", 3, file_bytes=99, sha256=sha, stop_reason="DurationReached"),
+               "node-b": NodeReport("node-b", "running", 2)}  # its agent went away
+    assert status(again(p, running), reports, NOW + 10 + NODE_GRACE)["phase"] == "Running"  # its word may come yet
+    s = status(again(p, running), reports, NOW + 10 + NODE_GRACE + 1)
+    assert s["phase"] == "Completed" and [(n["node"], n["phase"]) for n in s["nodes"]] == [
+        ("node-a", "Completed"), ("node-b", "Failed")]
+    assert "node-b: Failed (no end reported 60 s after the capture's" in cond(s, "Ready")["message"]
+    reports["node-b"] = NodeReport("node-b", "done", 4, file_bytes=98, sha256=sha, stop_reason="DurationReached")
+    late = status(again(p, s), reports, NOW + 300)
+    assert late["phase"] == "Completed" and late["nodes"][1]["sha256"] == sha  # its late word counts: its file too
+    # No end is known while it is armed and not fired: it waits for its trigger as long as it takes.
+    armed = planned(trigger={"on": "Denied"}, durationSeconds=10)
+    waiting = status(again(armed, running), {"node-a": NodeReport("node-a", "armed")}, NOW + 10_000)
+    assert [n["phase"] for n in waiting["nodes"]] == ["Armed", "Pending"]
+    fired = status(again(armed, {**running, "triggeredAt": iso(NOW + 5000)}), {"node-a": NodeReport("node-a", "armed")},
+                   NOW + 5000 + 10 + NODE_GRACE + 1)
+    assert [n["phase"] for n in fired["nodes"]] == ["Failed", "Failed"] and fired["phase"] == "Failed"
 
 
 def test_a_finished_capture_stays_finished() -> None:
