@@ -182,7 +182,8 @@ def serve_results(plane: ControlPlane, cluster: Cluster, operator: Operator) -> 
                   "metadata": {"name": "flowmap-operator-host", "namespace": NS,
                                "labels": {"kubernetes.io/service-name": "flowmap-operator",
                                           "endpointslice.kubernetes.io/managed-by": "flowmap-devenv"}},
-                  "addressType": "IPv4", "ports": [{"name": "results", "port": operator.results_port, "protocol": "TCP"}],
+                  "addressType": "IPv4",
+                  "ports": [{"name": "results", "port": operator.results_port, "protocol": "TCP"}],
                   "endpoints": [{"addresses": [host_address()], "conditions": {"ready": True}}]})
     ca = base64.b64encode(cluster.keys.ca_cert.read_bytes()).decode()
     plane.kubectl("patch", "apiservice", "v1alpha1.results.flowmap.dev", "--type=merge",

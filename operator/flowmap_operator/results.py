@@ -85,7 +85,8 @@ class ResultServer:
         try:
             await self._refresh()
         except (ValueError, ApiException) as exc:
-            why = f"{exc.status} {exc.reason} reading {'/'.join(AUTHENTICATION)}" if isinstance(exc, ApiException) else exc
+            why = (f"{exc.status} {exc.reason} reading {'/'.join(AUTHENTICATION)}" if isinstance(exc, ApiException)
+                   else exc)
             log.error("results.flowmap.dev is not served, so `flowmap capture get` cannot work: %s", why)
             return False
         app = web.Application()

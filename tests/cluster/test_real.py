@@ -216,6 +216,8 @@ def test_a_capture_holds_exactly_the_packets_its_filter_selects(real: Real, tmp_
     assert status["totals"]["packets"] == len(records) == packets_c2s + packets_s2c, (status, packets_c2s, packets_s2c)
     assert sum(r.wire_len - 14 for r in records) == bytes_c2s + bytes_s2c  # IP lengths, as the kernel counts
     assert all(len(r.data) == min(64, r.wire_len) for r in records) and max(r.wire_len for r in records) > 64
+    libpcap = subprocess.run(["tcpdump", "-nn", "-r", str(file)], capture_output=True, text=True, check=True)
+    assert len(libpcap.stdout.splitlines()) == len(records)  # what Wireshark and tcpdump read, they read whole
     assert flowmap(real, "capture", "delete", name, "-n", "shop").returncode == 0
 
 

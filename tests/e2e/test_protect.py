@@ -231,8 +231,9 @@ def test_learn_export_protect_monitor_and_restart(sim: SimCluster) -> None:
     assert b"holds no finished file" in raw(sim, RESULTS + "?node=node-b").stderr
     flows = classify_file(path)
     (syn,) = [f for f in flows if f["server"] == f"{POSTGRES.ip}:5432"]
-    assert syn["client"].startswith(f"{WEB.ip}:") and (syn["packets_c2s"], syn["packets_s2c"]) == (1, 1), syn  # and the reset
-    assert any(f["server"] == f"{API.ip}:8080" and f["last_seen"] < syn["first_seen"] for f in flows), flows  # from before
+    assert syn["client"].startswith(f"{WEB.ip}:"), syn
+    assert (syn["packets_c2s"], syn["packets_s2c"]) == (1, 1), syn  # the SYN and the node's reset
+    assert any(f["server"] == f"{API.ip}:8080" and f["last_seen"] < syn["first_seen"] for f in flows), flows  # before
     # UDP to a port no rule allows is dropped.
     drops = rule_packets(sim, "node-a", "egress", "drop")
     assert probe(sim, WEB, "udp", DNS.ip, ECHO_PORT)[0] == "timeout"

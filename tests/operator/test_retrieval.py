@@ -16,7 +16,8 @@ PATH = f"/apis/{GROUP}/v1alpha1/namespaces/shop/packetcaptures/denied/pcapng"
 
 def test_paths_and_discovery() -> None:
     assert target(PATH) == ("shop", "denied")
-    for wrong in (PATH + "/", PATH.replace("pcapng", "pcap"), f"/apis/{GROUP}/v1alpha1/namespaces/Shop/packetcaptures/x/pcapng",
+    for wrong in (PATH + "/", PATH.replace("pcapng", "pcap"),
+                  f"/apis/{GROUP}/v1alpha1/namespaces/Shop/packetcaptures/x/pcapng",
                   f"/apis/{GROUP}/v1alpha1/namespaces/shop/packetcaptures/../pcapng", "/apis/flowmap.dev/v1alpha1"):
         assert target(wrong) is None, wrong
     listed = discovery(f"/apis/{GROUP}/v1alpha1")
