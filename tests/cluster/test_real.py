@@ -53,6 +53,7 @@ INFRASTRUCTURE = {
     ("nodes", "kube-system.coredns", 53, "UDP"),  # the agents look up the operator's Service
     ("nodes", "external", 6443, "TCP"),  # kubelet, kube-proxy, flannel, the agents: the API server is off the nodes
     ("external", "nodes", 10250, "TCP"),  # the API server to the kubelets: kubectl exec
+    ("external", "flowmap-system.flowmap-operator", 9444, "TCP"),  # the API server to results.flowmap.dev
     ("flowmap-system.flowmap-operator", "default.kubernetes", 6443, "TCP"),
     ("flowmap-system.flowmap-operator", "kube-system.coredns", 53, "UDP"),
     ("kube-system.coredns", "default.kubernetes", 6443, "TCP"),
