@@ -203,7 +203,7 @@ def test_a_capture_holds_exactly_the_packets_its_filter_selects(real: Real, tmp_
                       "--protocol", "TCP", "--port", "6379", "--snap-length", "64", "--duration", "300")
     assert started.returncode == 0, started.stderr
     wait_capture(real, name, lambda s: [n["phase"] for n in s.get("nodes", [])] == ["Running"], "running on web's node")
-    out = real.shop("web", "--rounds", "5", "--pause", "0.1")
+    out = real.shop("web", "web", "--rounds", "5", "--pause", "0.1")
     assert out.strip().endswith("done 5 0"), out
     time.sleep(2)  # the capture's ring hands over its last block
     stopped = flowmap(real, "capture", "stop", name, "-n", "shop")
