@@ -187,9 +187,12 @@ def _networks(values: Iterable[str]) -> list[str]:
     return out
 
 
-def plan(capture: Capture, pods: Iterable[PodView], *, admitted: bool, max_per_namespace: int) -> Plan:
+def plan(capture: Capture, pods: Iterable[PodView], *, admitted: bool, max_per_namespace: int,
+         services: Mapping[str, Sequence[str]] | None = None) -> Plan:
     """Which nodes and pods ``capture`` targets among ``pods`` (the live pods of its namespace),
-    and its filters with peer groups resolved to their pods' addresses. A stopped capture is held
+    and its filters with peer groups resolved to their pods' addresses and the ClusterIPs of the
+    Services in front of them (``services``, by group: the target pod's interface carries the
+    Service's address of a call, as the node DNATs after it). A stopped capture is held
     (no node is told of it again) and Completed unless a node that ran it still runs."""
     if capture.user_stopped:
         # No nodes: the status lists those that ran it (their reports), as its schema says.
@@ -213,7 +216,7 @@ def plan(capture: Capture, pods: Iterable[PodView], *, admitted: bool, max_per_n
         return Plan(capture, held=("Ready", False, "NoTargets",
                                    f"no running pod of {ns} is a target (groups {', '.join(capture.groups) or '-'}"
                                    f"{', podSelector' if capture.selector is not None else ''}); it starts when one is"))
-    addresses: dict[str, list[str]] = {}
+    addresses: dict[str, list[str]] = {group: _networks(ips) for group, ips in (services or {}).items()}
     for peer, ips, _ in own:
         addresses.setdefault(peer.group, []).extend(_networks(ips))
     filters, empty, total = [], [], 0

@@ -22,7 +22,7 @@ from flowmap_api import report_pb2 as pb
 from flowmap_operator import capturing
 from flowmap_operator.capturing import Capture, CaptureKey, NodeReport, Plan
 from flowmap_operator.policy import parse_iso
-from flowmap_operator.resolution import Resolver
+from flowmap_operator.resolution import Resolver, group_name
 from flowmap_operator.streaming import NodeStreams
 from flowmap_operator.writing import FIELD_MANAGER, GROUP, MERGE, VERSION, Writer
 
@@ -133,8 +133,11 @@ class CaptureHub(NodeStreams[pb.NodeCaptures]):
         for key, capture in self.captures.items():
             if capture.namespace not in pods:
                 pods[capture.namespace] = list(self.resolver.namespace_pods(capture.namespace))
+            peers = {group_name(capture.namespace, f["peer"]["group"]) for f in capture.filters
+                     if isinstance(f.get("peer"), Mapping) and f["peer"].get("group")}
             self.plans[key] = capturing.plan(capture, pods[capture.namespace], admitted=key in admitted,
-                                             max_per_namespace=self.max_per_namespace)
+                                             max_per_namespace=self.max_per_namespace,
+                                             services={g: self.resolver.service_ips(g) for g in peers})
         changed = False
         for node in self.watching():
             changed |= self._compose(node, now)

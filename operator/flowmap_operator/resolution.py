@@ -513,6 +513,14 @@ class Resolver:
         return sorted((ns, name, ips, peer.node) for (ns, name), (ips, peer) in self._pod_ips.items()
                       if peer.group == group)
 
+    def service_ips(self, group: str) -> list[str]:
+        """The ClusterIPs of the Services whose endpoints are pods of ``group``: a pod calls the
+        workload by them, and its own interface carries them (its node DNATs past it)."""
+        return sorted({ip for svc in self._services.values()
+                       if any((found := self._pod_ips.get((svc.namespace, pod))) is not None and found[1].group == group
+                              for sl in svc.slices.values() for pod in sl["pods"])
+                       for ip in svc.ips})
+
     def namespace_pods(self, namespace: str) -> list[tuple[Peer, list[str], dict[str, str]]]:
         """The live pods of a namespace (hostNetwork ones are their node's, not here): each its
         workload group's Peer (``member`` the pod, ``node`` where it runs), addresses and labels."""

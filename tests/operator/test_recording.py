@@ -193,3 +193,24 @@ def test_a_stop_seen_on_the_watch_ends_it_on_its_nodes_and_keeps_its_files() -> 
     h.written(capture, st)
     h.replan(NOW + 4)
     assert list(h.current["node-a"].keep) == [cid] and h.statuses(NOW + 4) == []
+
+
+def test_a_peer_group_is_its_pods_and_the_cluster_ips_of_its_services() -> None:
+    """web calls db by its Service: web's interface carries the ClusterIP (the node DNATs after it),
+    so a filter on the peer db must hold it too, or it would miss every such call."""
+    h = hub()
+    h.resolver.service_seen({"metadata": {"namespace": "shop", "name": "db"},
+                             "spec": {"clusterIPs": ["10.96.0.40", "fd00:10:96::40"],
+                                      "ports": [{"name": "pg", "port": 5432, "protocol": "TCP"}]}})
+    h.resolver.slice_seen({"metadata": {"namespace": "shop", "name": "db-x7",
+                                        "labels": {"kubernetes.io/service-name": "db"}},
+                           "endpoints": [{"targetRef": {"kind": "Pod", "name": "db-0"}}],
+                           "ports": [{"name": "pg", "port": 5432, "protocol": "TCP"}]})
+    h.resolver.service_seen({"metadata": {"namespace": "shop", "name": "web"}, "spec": {"clusterIP": "10.96.0.80"}})
+    assert h.resolver.service_ips("shop.db") == ["10.96.0.40", "fd00:10:96::40"]
+    assert h.resolver.service_ips("shop.x") == []
+    h.seen(capture_body(filters=[{"peer": {"group": "db"}, "protocol": "TCP", "port": 5432}]))
+    h.watchers = {"node-a": 1}
+    h.replan(NOW)
+    (order,) = h.current["node-a"].captures
+    assert sorted(order.filters[0].cidrs) == ["10.244.1.30/32", "10.96.0.40/32", "fd00:10:96::40/128"]
