@@ -84,7 +84,7 @@ class ResultServer:
         """Listen on ``port``; False (and a log line saying why) when the API server has no front proxy."""
         try:
             await self._refresh()
-        except (ValueError, ApiException) as exc:
+        except (ValueError, ApiException, OSError) as exc:
             why = (f"{exc.status} {exc.reason} reading {'/'.join(AUTHENTICATION)}" if isinstance(exc, ApiException)
                    else exc)
             log.error("results.flowmap.dev is not served, so `flowmap capture get` cannot work: %s", why)
@@ -211,15 +211,17 @@ class ResultServer:
                     sent += len(chunk)
         except UploadFailed as exc:
             # The status line is out: cut the connection, so that the client sees a short file.
-            log.warning("%s's read of %s stopped after %d bytes: %s", who.user, capture_id, sent, exc)
-            await _close(streams)
+            log.warning("%r's read of %s stopped after %d bytes: %s", who.user[:256], capture_id, sent, exc)
             if request.transport is not None:
                 request.transport.close()
+            return response
+        except ConnectionError:
+            log.info("%r went away after %d bytes of %s", who.user[:256], sent, capture_id)
             return response
         finally:
             await _close(streams)
         await response.write_eof()
-        log.info("%s read %s: %d bytes from %s", who.user, capture_id, sent, ", ".join(f.node for f in chosen))
+        log.info("%r read %s: %d bytes from %s", who.user[:256], capture_id, sent, ", ".join(f.node for f in chosen))
         return response
 
 
