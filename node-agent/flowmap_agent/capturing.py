@@ -24,7 +24,6 @@ The pure part is flowmap_agent.captures. Here:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import os
@@ -43,6 +42,7 @@ from flowmap_agent.settings import Settings
 from flowmap_api import report_pb2 as pb
 from flowmap_api import report_pb2_grpc as pb_grpc
 from flowmap_api.limits import MAX_UPLOAD_CHUNK, MAX_UPLOAD_ERROR
+from flowmap_api.pacing import pause
 from flowmap_dp import wire_pb2
 
 log = logging.getLogger("flowmap.agent.capture")
@@ -213,8 +213,7 @@ class Capturer:
         channel: grpc.aio.Channel | None = None
         try:
             while not stop.is_set():
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=self.settings.interval)
+                await pause(stop, self.settings.interval)
                 now = statuses(self.reported, self.refused)
                 if now == self.sent:
                     continue

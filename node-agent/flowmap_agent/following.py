@@ -6,9 +6,7 @@ follower runs beside what acts on it (:func:`alongside`)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import random
 from collections.abc import AsyncIterable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,6 +15,7 @@ import grpc
 from prometheus_client import Counter
 
 from flowmap_agent.settings import Settings
+from flowmap_api.pacing import Backoff, pause
 
 log = logging.getLogger("flowmap.agent.following")
 # The server's default minimum ping interval: pinging more often on an idle stream gets it closed.
@@ -44,26 +43,24 @@ async def follow(settings: Settings, open_stream: Callable[[grpc.aio.Channel, Me
                  max_receive: int) -> None:
     """Until ``stop``: open the stream, hand each message to ``take``; when it ends or breaks,
     count it in ``breaks`` by code, say that ``stays``, and open it again after the backoff."""
-    backoff = 0.5
+    backoff = Backoff(0.5, 30.0, jitter=0.5)
     while not stop.is_set():
         channel: grpc.aio.Channel | None = None
         try:
             channel = secure_channel(settings, max_receive)
             async for message in open_stream(channel, bearer(settings)):
-                backoff = 0.5
+                backoff.reset()
                 take(message)
             breaks.labels("ended").inc()
             log.warning("the %s stream ended; %s", what, stays)
         except (grpc.RpcError, OSError) as exc:
             code = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else type(exc).__name__
             breaks.labels(code.lower()).inc()
-            log.warning("%s stream broken (%s); %s, reconnecting in %.1f s", what, code, stays, backoff)
+            log.warning("%s stream broken (%s); %s, reconnecting in %.1f s", what, code, stays, backoff.current)
         finally:
             if channel is not None:
                 await channel.close()
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=backoff * random.uniform(0.5, 1.5))
-        backoff = min(backoff * 2, 30.0)
+        await pause(stop, backoff.next())
 
 
 async def alongside(stop: asyncio.Event, *jobs: Coroutine[Any, Any, None]) -> None:

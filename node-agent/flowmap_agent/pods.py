@@ -10,6 +10,8 @@ import aiohttp
 from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from flowmap_api.pacing import Backoff, pause
+
 log = logging.getLogger("flowmap.agent.pods")
 
 
@@ -41,7 +43,7 @@ class LocalPods:
     async def run(self, stop: asyncio.Event) -> None:
         """List, then watch from that resourceVersion; on any break, list again (with backoff)."""
         selector = f"spec.nodeName={self.node}"
-        delay = 0.5
+        backoff = Backoff(0.5, 30.0)
         while not stop.is_set():
             try:
                 listed = await self.core.list_pod_for_all_namespaces(field_selector=selector)
@@ -50,7 +52,7 @@ class LocalPods:
                 for pod in listed.items:
                     self._seen(pod)
                 self.synced.set()
-                delay = 0.5
+                backoff.reset()
                 async with watch.Watch().stream(self.core.list_pod_for_all_namespaces, field_selector=selector,
                                                 resource_version=listed.metadata.resource_version,
                                                 timeout_seconds=300) as stream:
@@ -63,12 +65,7 @@ class LocalPods:
                         if stop.is_set():
                             return
             except (ApiException, aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                log.warning("pod watch broke (%s); listing again in %.1f s", exc, delay)
+                log.warning("pod watch broke (%s); listing again in %.1f s", exc, backoff.current)
             except Exception:  # noqa: BLE001 - a bug here must show, and must not end the watch
-                log.exception("pod watch failed; listing again in %.1f s", delay)
-            if not stop.is_set():
-                try:
-                    await asyncio.wait_for(stop.wait(), timeout=delay)
-                except asyncio.TimeoutError:
-                    pass
-                delay = min(delay * 2, 30.0)
+                log.exception("pod watch failed; listing again in %.1f s", backoff.current)
+            await pause(stop, backoff.next())

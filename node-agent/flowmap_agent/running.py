@@ -54,7 +54,6 @@ import contextlib
 import ctypes
 import logging
 import os
-import random
 import secrets
 import signal
 import sys
@@ -84,6 +83,7 @@ from flowmap_agent.settings import Settings
 from flowmap_api import report_pb2 as pb
 from flowmap_api import report_pb2_grpc as pb_grpc
 from flowmap_api import validity
+from flowmap_api.pacing import Backoff, pause
 from flowmap_dp import wire_pb2
 
 log = logging.getLogger("flowmap.agent")
@@ -180,7 +180,7 @@ class Agent:
         self.conntrack = ThreadPoolExecutor(1, thread_name_prefix="conntrack")
         self.channel: grpc.aio.Channel | None = None
         self.retry_at = 0.0
-        self.backoff = 0.5
+        self.backoff = Backoff(0.5, 30.0, jitter=0.5)
         self.last_tick = time.monotonic()
         self.protector = Protector(settings, registry, applied=self.protected)
         self.capturer = Capturer(settings, registry)
@@ -246,7 +246,7 @@ class Agent:
                         again = rounds < MAX_REFUSAL_ROUNDS  # beyond: the next interval goes on, no backoff
                         break
                     box.delivered_ok(batch, ack)
-            self.backoff = 0.5
+            self.backoff.reset()
         except (grpc.RpcError, ConnectionError, OSError) as exc:
             code = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else type(exc).__name__
             if isinstance(exc, grpc.aio.AioRpcError):
@@ -255,12 +255,12 @@ class Agent:
                 # Nothing the agent can take out: kept, and retried, until an agent or operator that
                 # agree on the contract are running.
                 log.error("batch %d refused as invalid (%s): kept, resent in %.1f s", batch.sequence if batch else 0,
-                          exc.details(), self.backoff)
+                          exc.details(), self.backoff.current)
             else:
-                log.warning("report failed (%s); resending from batch %d in %.1f s", code, box.acked + 1, self.backoff)
+                log.warning("report failed (%s); resending from batch %d in %.1f s", code, box.acked + 1,
+                            self.backoff.current)
             box.failed()
-            self.retry_at = time.monotonic() + self.backoff * random.uniform(0.5, 1.5)
-            self.backoff = min(self.backoff * 2, 30.0)
+            self.retry_at = time.monotonic() + self.backoff.next()
         UNACKED.set(box.edges)
         oldest = box.unacked[0].sent_unix_ms if box.unacked and box.unacked[0].sent_unix_ms else 0
         LAG.set(max(0.0, time.time() - oldest / 1000) if oldest else 0.0)
@@ -372,7 +372,7 @@ class Agent:
         """
         s = self.settings
         own = [arg for address in local_addresses for arg in ("--local-address", address)]
-        delay = 0.0  # every moment without a dp is traffic not seen: restart at once, then back off
+        backoff, at_once = Backoff(0.5, 30.0), True  # every moment without a dp is traffic not seen: restart
         while not self.stop.is_set():
             started = time.monotonic()
             inside = ("ip", "netns", "exec", s.netns) if s.netns else ()
@@ -389,11 +389,11 @@ class Agent:
                     proc.kill()
                 return
             if time.monotonic() - started > 60:
-                delay = 0.0  # it ran well for a while: this is a new failure, not a crash loop
+                backoff.reset()  # it ran well for a while: this is a new failure, not a crash loop
+                at_once = True
+            delay, at_once = (0.0 if at_once else backoff.next()), False  # at once, then back off
             log.error("the dp exited with %s; restarting in %.1f s", proc.returncode, delay)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), timeout=delay)
-            delay = min(max(delay * 2, 0.5), 30.0)
+            await pause(self.stop, delay)
 
     def control(self, dp: ReportReader, wanted: plumbing.Plan, pods: LocalPods) -> None:
         """Tell the dp when what it should do changed: the node's plumbing, or its packet captures
@@ -523,8 +523,7 @@ class Agent:
             if synced:
                 self.control(dp, wanted, pods)
             await self.step(dp, take=synced)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), timeout=max(0.0, s.interval - (time.monotonic() - self.last_tick)))
+            await pause(self.stop, s.interval - (time.monotonic() - self.last_tick))
 
         # Ordered stop: our dp sends its last report, which is saved and delivered within the
         # deadline (an external dp keeps capturing, for the next agent).

@@ -29,6 +29,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from kubernetes_asyncio import client
+
+from flowmap_api.pacing import pause
 from kubernetes_asyncio.client.exceptions import ApiException
 
 log = logging.getLogger("flowmap.operator.certs")
@@ -191,12 +193,7 @@ class Keeper:
 
     async def keep(self, stop: asyncio.Event) -> None:
         """Look at the Secret every CHECK_EVERY seconds until ``stop``; an error waits for the next look."""
-        while True:
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=CHECK_EVERY)
-                return
-            except asyncio.TimeoutError:
-                pass
+        while not await pause(stop, CHECK_EVERY):
             try:
                 await self.ensure()
             except Exception as exc:  # noqa: BLE001 - the current certificate stays valid for months

@@ -30,6 +30,7 @@ from aiohttp import web
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from flowmap_api.pacing import pause
 from flowmap_operator import retrieval
 from flowmap_operator.recording import CaptureHub
 from flowmap_operator.retrieval import Caller, FrontProxy, NodeFile
@@ -99,12 +100,7 @@ class ResultServer:
 
     async def keep(self, stop: asyncio.Event) -> None:
         """Take a new front-proxy CA or serving certificate every REFRESH seconds until ``stop``."""
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=REFRESH)
-                return
-            except asyncio.TimeoutError:
-                pass
+        while not await pause(stop, REFRESH):
             try:
                 await self._refresh()
             except (ValueError, ApiException, aiohttp.ClientError, OSError) as exc:

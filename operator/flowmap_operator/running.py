@@ -33,6 +33,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from prometheus_client import start_http_server
 
 from flowmap_api import report_pb2_grpc as pb_grpc
+from flowmap_api.pacing import Backoff, pause
 from flowmap_operator import certs, metrics
 from flowmap_operator.auth import Authenticator
 from flowmap_operator.modes import Modes
@@ -71,10 +72,7 @@ class Leadership:
             except Exception as exc:  # noqa: BLE001 - keep the last answer while the API is away
                 log.warning("cannot read the peering object: %s", exc)
             metrics.LEADER.set(1 if self.leader else 0)
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=2.0)
-            except asyncio.TimeoutError:
-                pass
+            await pause(stop, 2.0)
 
     def _leads(self, peers: dict[str, Any]) -> bool:
         now = time.time()
@@ -158,7 +156,7 @@ async def _tls(settings: Settings, core: client.CoreV1Api) -> certs.Keeper | Non
 
 async def _until_done(what: str, step: Callable[[], Awaitable[None]], stop: asyncio.Event) -> bool:
     """Retry ``step`` with backoff while the API server is away or busy; False if stopped first."""
-    delay = 0.5
+    backoff = Backoff(0.5, 10.0)
     while not stop.is_set():
         try:
             await step()
@@ -166,14 +164,10 @@ async def _until_done(what: str, step: Callable[[], Awaitable[None]], stop: asyn
         except ApiException as exc:
             if exc.status not in (429, 500, 502, 503, 504):
                 raise
-            log.warning("%s: API answered %s, retrying in %.1f s", what, exc.status, delay)
+            log.warning("%s: API answered %s, retrying in %.1f s", what, exc.status, backoff.current)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            log.warning("%s: API unreachable (%s), retrying in %.1f s", what, exc, delay)
-        try:
-            await asyncio.wait_for(stop.wait(), timeout=delay)
-        except asyncio.TimeoutError:
-            pass
-        delay = min(delay * 2, 10.0)
+            log.warning("%s: API unreachable (%s), retrying in %.1f s", what, exc, backoff.current)
+        await pause(stop, backoff.next())
     return False
 
 
@@ -202,11 +196,8 @@ async def _flush_loop(writer: Writer, policing: PolicyWriter, hub: PolicyHub, ca
                 log.exception("flush round failed")
             ledger = writer.topology.ledger
             metrics.UNACKED_BATCHES.set(sum(ledger.waiting_batches(a) for a in ledger.agents))
-        try:
-            busy = writer.topology.ledger.dirty() or writer.topology.modes.urgent or writer.topology.modes.events
-            await asyncio.wait_for(stop.wait(), timeout=0.01 if busy else settings.flush_interval)
-        except asyncio.TimeoutError:
-            pass
+        busy = writer.topology.ledger.dirty() or writer.topology.modes.urgent or writer.topology.modes.events
+        await pause(stop, 0.01 if busy else settings.flush_interval)
 
 
 async def run(settings: Settings) -> None:

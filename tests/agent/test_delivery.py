@@ -63,7 +63,7 @@ async def deliver_through(operator: Operator, tmp: Path) -> tuple[Agent, list[tu
         for _ in range(3):
             agent.retry_at = 0.0
             await agent.deliver()
-            after.append((len(agent.outbox.unacked), agent.backoff, agent.retry_at - time.monotonic()))
+            after.append((len(agent.outbox.unacked), agent.backoff.current, agent.retry_at - time.monotonic()))
     finally:
         await channel.close()
         await server.stop(None)
@@ -197,7 +197,7 @@ def test_an_older_agents_oversized_batch_is_cut_down_when_refused_and_all_of_it_
     asyncio.run(against(operator, agent))
     assert operator.refusals == ([(1, "batch")] if over == "edges" else [])  # refused whole once; then cut down
     assert sum(operator.counted.values()) == 2 * len(edges) and not agent.outbox.unacked and not agent.outbox.pending
-    assert agent.backoff == 0.5 and agent.retry_at == 0.0  # at once, no backoff
+    assert agent.backoff.current == 0.5 and agent.retry_at == 0.0  # at once, no backoff
     assert REGISTRY.get_sample_value("flowmap_agent_split_batches_total") >= 1
 
 
@@ -213,7 +213,7 @@ def test_an_edge_the_operator_cannot_count_is_set_apart_and_the_rest_counted_at_
     assert operator.refusals == [(1, "1")]
     # Batch 1 without the edge, then the next; the one after says a delta was lost.
     assert operator.counted == {1: 30, 2: 30, 3: 0}
-    assert operator.lost == 1 and agent.backoff == 0.5 and agent.retry_at == 0.0
+    assert operator.lost == 1 and agent.backoff.current == 0.5 and agent.retry_at == 0.0
     after = REGISTRY.get_sample_value("flowmap_agent_quarantined_edges_total", {"by": "operator"})
     assert after == before + 1
 
