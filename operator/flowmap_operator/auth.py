@@ -18,7 +18,6 @@ TokenReviews stay few whoever calls, since each is a write to the API server:
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hashlib
@@ -27,12 +26,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import aiohttp
 from kubernetes_asyncio.client import AuthenticationV1Api, V1TokenReview, V1TokenReviewSpec
-from kubernetes_asyncio.client.exceptions import ApiException
 
 from flowmap_operator import metrics
-from flowmap_operator.errors import PermissionDenied, Unauthenticated, Unavailable
+from flowmap_operator.errors import ApiError, PermissionDenied, Unauthenticated, Unavailable
+from flowmap_operator.kubeapi import call
 
 NODE_EXTRA = "authentication.kubernetes.io/node-name"
 REVIEW_AGAIN = 600.0
@@ -141,12 +139,9 @@ class Authenticator:
 
     async def _review(self, token: str) -> Identity | None:
         try:
-            review = await self.api.create_token_review(
-                V1TokenReview(spec=V1TokenReviewSpec(token=token, audiences=[self.audience])))
-        except ApiException as exc:
-            metrics.TOKEN_REVIEWS.labels("error").inc()
-            raise Unavailable(f"TokenReview failed: {exc.status} {exc.reason}") from None
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            review = await call(self.api.create_token_review(
+                V1TokenReview(spec=V1TokenReviewSpec(token=token, audiences=[self.audience]))))
+        except ApiError as exc:
             metrics.TOKEN_REVIEWS.labels("error").inc()
             raise Unavailable(f"TokenReview failed: {exc}") from None
         status = review.status

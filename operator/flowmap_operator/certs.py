@@ -21,7 +21,9 @@ import asyncio
 import base64
 import datetime
 import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from cryptography import x509
@@ -31,7 +33,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from kubernetes_asyncio import client
 
 from flowmap_api.pacing import pause
-from kubernetes_asyncio.client.exceptions import ApiException
+from flowmap_operator.errors import Conflict, NotFound
+from flowmap_operator.kubeapi import call
 
 log = logging.getLogger("flowmap.operator.certs")
 CA_LIFE = datetime.timedelta(days=3650)
@@ -133,10 +136,8 @@ class Keeper:
         for _ in range(5):  # a lost race costs one more read
             at = now or datetime.datetime.now(datetime.timezone.utc)
             try:
-                secret = await self.core.read_namespaced_secret(self.secret, self.namespace)
-            except ApiException as exc:
-                if exc.status != 404:
-                    raise
+                secret = await call(self.core.read_namespaced_secret(self.secret, self.namespace))
+            except NotFound:
                 material = issue(self.names, at)
                 body = client.V1Secret(metadata=client.V1ObjectMeta(name=self.secret, labels=_LABELS),
                                        type="kubernetes.io/tls", data=material.secret_data())
@@ -166,10 +167,8 @@ class Keeper:
                                   data={"ca.crt": ca.decode()})
         for _ in range(5):
             try:
-                current = await self.core.read_namespaced_config_map(self.configmap, self.namespace)
-            except ApiException as exc:
-                if exc.status != 404:
-                    raise
+                current = await call(self.core.read_namespaced_config_map(self.configmap, self.namespace))
+            except NotFound:
                 if not await _conflicted(self.core.create_namespaced_config_map(self.namespace, body)):
                     return
                 continue
@@ -201,12 +200,10 @@ class Keeper:
 
 
 
-async def _conflicted(call: object) -> bool:
-    """Await an API write; True when another writer got there first (409: read again)."""
+async def _conflicted(write: Awaitable[Any]) -> bool:
+    """Await an API write; True when another writer got there first (read again)."""
     try:
-        await call  # type: ignore[misc]
-    except ApiException as exc:
-        if exc.status == 409:
-            return True
-        raise
+        await call(write)
+    except Conflict:
+        return True
     return False

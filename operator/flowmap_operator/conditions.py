@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from flowmap_operator.policy import iso
+from flowmap_operator.times import iso
 
 MAX_MESSAGE = 1024
 # What an object says of itself: (type, holds, reason, message).

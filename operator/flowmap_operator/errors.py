@@ -1,28 +1,46 @@
-"""Why the operator refuses a report, a watch or an upload, typed by what the agent should do.
+"""The operator's errors, typed by what whoever meets one should do: retry, give up, or refuse.
 
-Raised by the pure core (validation, ledger, topology, resolution) and by authentication;
-``flowmap_operator.serving`` maps them to gRPC status codes, in one table. ``InvalidReport`` is
-the only refusal that would repeat forever: when it names an edge (trailing metadata
-``flowmap-refused-edge``) the agent sets that edge aside, counted, and resends the rest at once.
-Everything else the agent keeps and resends, in order, with backoff.
+Two kinds of caller meet them:
+
+* an agent, whose report, watch or upload the operator turns down. Raised by the pure core
+  (validation, ledger, topology, resolution) and by authentication; ``flowmap_operator.serving``
+  maps them to gRPC status codes, in one table. ``InvalidReport`` is the only refusal that would
+  repeat forever: when it names an edge (trailing metadata ``flowmap-refused-edge``) the agent
+  sets that edge aside, counted, and resends the rest at once. Everything else the agent keeps
+  and resends, in order, with backoff.
+* the operator itself, whose call the Kubernetes API server answers with an error. Its client's
+  exceptions become the ``ApiError`` kinds below in one place (flowmap_operator.kubeapi), so no
+  other module reads an HTTP status.
 """
 
 from __future__ import annotations
 
 
-class Unauthenticated(Exception):
+class Retry(Exception):
+    """Nothing is wrong with what was asked: ask again later, with backoff."""
+
+
+class GiveUp(Exception):
+    """Asking again as it is will not help: stop, and say why."""
+
+
+class Refuse(ValueError):
+    """What was sent is wrong and is turned down whole; sending it again changes nothing."""
+
+
+class Unauthenticated(GiveUp):
     """No credentials, or credentials the API server does not accept."""
 
 
-class PermissionDenied(Exception):
+class PermissionDenied(GiveUp):
     """Authenticated, but not allowed to report this (wrong account, or another node)."""
 
 
-class Unavailable(Exception):
+class Unavailable(Retry):
     """The token cannot be checked now (the API server is away): the agent should retry."""
 
 
-class InvalidReport(ValueError):
+class InvalidReport(Refuse):
     """The batch breaks the contract (flowmap_api.validity); the message names the first problem found.
 
     ``edge`` is the index into ``batch.edges`` of the one edge that cannot be counted, or None when
@@ -38,7 +56,7 @@ class Malformed(InvalidReport):
     """The message is not the protobuf its RPC takes: nothing of it can be read."""
 
 
-class OutOfOrder(ValueError):
+class OutOfOrder(Retry, ValueError):
     """A batch follows one that has not arrived: the agent must resend what it holds, in order."""
 
     def __init__(self, sequence: int, previous: int, delivered: int) -> None:
@@ -47,11 +65,11 @@ class OutOfOrder(ValueError):
         self.delivered = delivered
 
 
-class Busy(Exception):
+class Busy(Retry):
     """The operator holds too much of this agent's unwritten data: retry later, keep the batch."""
 
 
-class Crowded(Exception):
+class Crowded(Retry):
     """An edge has as many unconfirmed observers as it may hold: retry the batch a little later.
 
     Watermarks are pruned as soon as their agents confirm the acknowledgement, so this only
@@ -59,7 +77,7 @@ class Crowded(Exception):
     """
 
 
-class NotKnownYet(Exception):
+class NotKnownYet(Retry):
     """A delta names an address inside a node's pod range that neither a pod the operator knows nor
     an address of a node holds: most likely a pod whose Pod object the operator's watch has not
     delivered yet, or a node whose agent has not reported its addresses to this operator yet. The
@@ -72,12 +90,44 @@ class NotKnownYet(Exception):
         self.ip, self.node = ip, node
 
 
-class NotRequested(Exception):
+class NotRequested(GiveUp):
     """An upload names a fetch the operator did not ask of this node (or no longer asks: withdrawn
     as the agent started), or another capture, or one being sent already: the agent stops sending
     (flowmap_operator.uploading)."""
 
 
-class Withdrawn(Exception):
+class Withdrawn(GiveUp):
     """The fetch an upload serves ended on the operator's side (its reader stopped, timed out or
     found the file wrong): the agent stops sending; a new fetch asks again."""
+
+
+# -- the Kubernetes API server's answers to the operator's own calls --------------------------------
+
+
+class ApiError(Exception):
+    """The API server refused a call, or did not answer: ``status`` is its HTTP status (None: no
+    answer), ``message`` its own words (its Status message, else the HTTP reason)."""
+
+    def __init__(self, status: int | None, message: str) -> None:
+        super().__init__(f"{status} {message}" if status else message)
+        self.status, self.message = status, message
+
+
+class NotFound(ApiError, GiveUp):
+    """404: the object is not there (deleted meanwhile, or never made): make it, or let it go."""
+
+
+class Conflict(ApiError, Retry):
+    """409: someone wrote first (the resourceVersion moved, or the object exists): read it again."""
+
+
+class Throttled(ApiError, Retry):
+    """429: the API server (its Priority and Fairness) asks for fewer calls: slow down, then again."""
+
+
+class Rejected(ApiError, GiveUp):
+    """Any other 4xx: the schema, an admission policy or RBAC refuses this write as it is."""
+
+
+class InDoubt(ApiError, Retry):
+    """A 5xx, or no answer at all: the write may or may not have reached etcd; read before trusting."""

@@ -1,6 +1,6 @@
 """Exactly-once counting of agents' deltas into Connection objects (pure: no I/O).
 
-The rules (DESIGN.md, "Counting rules"):
+The counting rules (docs/architecture.md tells where they sit in the walk of a packet):
 
 * Each agent incarnation numbers its batches 1, 2, 3 ... and delivers them in order, one at a
   time, retrying a batch until the operator answers; a resent batch keeps its number. Each batch
@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from flowmap_operator.errors import OutOfOrder
+from flowmap_operator.errors import Busy, OutOfOrder
 
 EdgeKey = tuple[str, str, int, str]  # client group, server group, server port (0 = any), protocol
 
@@ -123,7 +123,7 @@ class Ledger:
     # -- loading what is already in the API ------------------------------------------------------
 
     def load(self, key: EdgeKey, counters: Counters, watermarks: Iterable[tuple[str, str, int]],
-             resource_version: str) -> None:
+             resource_version: str | None) -> None:
         """Take an existing object's state (operator start, a write conflict, an update in doubt)."""
         edge = self.edges.setdefault(key, Edge(key))
         doubt, edge.in_doubt = edge.in_doubt, None
@@ -208,6 +208,16 @@ class Ledger:
         state = self.agents.get(agent)
         return len(state.waiting) if state else 0
 
+    def admit(self, agent: str, sequence: int, most_waiting: int) -> bool:
+        """Whether batch ``sequence`` is new (not one resent); a new one is refused (Busy) while
+        ``most_waiting`` batches of its agent are not written yet."""
+        state = self.agents.get(agent)
+        new = state is None or sequence > state.delivered
+        waiting = self.waiting_batches(agent)
+        if new and waiting >= most_waiting:
+            raise Busy(f"{waiting} batches of this agent are not written yet")
+        return new
+
     # -- writing --------------------------------------------------------------------------------
 
     def plan(self, key: EdgeKey) -> FlushPlan:
@@ -230,6 +240,22 @@ class Ledger:
         edge.watermarks = dict(plan.watermarks)
         edge.resource_version = resource_version
         self._settle(edge, plan)
+
+    def created(self, key: EdgeKey, resource_version: str) -> None:
+        """The edge's object was made (its status still empty): the next update goes to it."""
+        self.edges[key].resource_version = resource_version
+
+    def unmade(self, key: EdgeKey) -> None:
+        """The edge needs an object of its own made again (its name turned out to be another edge's)."""
+        self.edges[key].resource_version = None
+
+    def vanished(self, key: EdgeKey) -> None:
+        """The edge's object is gone (someone deleted it): made again, with what is pending only."""
+        self.load(key, Counters(), [], None)
+
+    def forget(self, key: EdgeKey) -> None:
+        """The edge's object was deleted on purpose (idle past its TTL)."""
+        self.edges.pop(key, None)
 
     def in_doubt(self, plan: FlushPlan) -> None:
         """The update carrying ``plan`` may or may not have landed: re-read before the next one."""

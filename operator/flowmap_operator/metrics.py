@@ -1,4 +1,10 @@
-"""The operator's Prometheus metrics: per-edge counters (capped) and its own health."""
+"""The operator's Prometheus metrics: what the cluster's traffic did, and the operator's own health.
+
+Two families of names, on purpose. What the traffic did is named after its subject, whichever
+component counts it, since that is what a user queries: ``flowmap_edge_*`` (per edge, capped)
+and ``flowmap_policy_violations_total``. How a component fares is named after the component:
+``flowmap_operator_*`` here, ``flowmap_agent_*`` and ``flowmap_dp_*`` on the nodes.
+"""
 
 from __future__ import annotations
 

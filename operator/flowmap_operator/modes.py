@@ -1,5 +1,9 @@
 """Which mode each workload group is in, and what that makes of its connections (pure).
 
+It also marks what its judgements change, for the writers to take: policies whose status is due
+(``dirty``, ``urgent``), Groups whose mode shows anew (``changed_groups``), Events to raise. The
+statuses themselves are built by flowmap_operator.status.
+
 Each group has one effective mode: that of the most specific NetworkLearningPolicy selecting it
 (names beat selectors, more selector terms beat fewer). Two equally specific policies setting
 different modes are a conflict: both say so in their conditions and the group keeps the mode it
@@ -15,8 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from flowmap_operator.conditions import Said, conditions
-from flowmap_operator.policy import DISABLE_ANNOTATION, EGRESS, INGRESS, MAX_LEARNED, Policy, PolicyKey, iso
+from flowmap_operator.policy import EGRESS, INGRESS, Policy, PolicyKey
 from flowmap_operator.resolution import Peer, Resolver
 
 LEARNED, ALLOWED, VIOLATION, DENIED = "Learned", "Allowed", "Violation", "Denied"
@@ -230,79 +233,3 @@ class Modes:
         """A connection listed as blocked is allowed now (a rule was added)."""
         if policy is not None and self.blocking.get(policy, {}).pop(connection, None) is not None:
             self.dirty.add(policy)
-
-    # -- status -----------------------------------------------------------------------------------
-
-    def status(self, key: PolicyKey, now: float, *, agents: set[str], watching: set[str],
-               lossy: set[str]) -> dict[str, Any]:
-        """The policy's status: selection, learned rules, what Protect blocks, conditions.
-
-        ``agents``: nodes running an agent; ``watching``: nodes whose agent takes policy now;
-        ``lossy``: nodes whose agents lately reported deltas they could not keep.
-        """
-        p = self.policies[key]
-        selected = sorted(g for g, eff in self.groups.items() if key in eff.policies)
-        governed = [g for g in selected if self.groups[g].policy == key]
-        conflicts = sorted({(g, other) for g in selected for other in self.groups[g].conflict if other != key})
-        nodes = {pod[3] for g in governed for pod in self.resolver.group_pods(g) if pod[3]}
-        unwatched = sorted(nodes - (watching if p.mode == "Protect" else agents))
-        foreign = p.foreign_groups()
-        off = self.enforcement_disabled or p.disabled
-        said: list[Said] = []
-        if foreign:
-            said.append(("Ready", False, "InvalidGroups", f"groups of another namespace: {', '.join(foreign[:5])}"))
-        elif conflicts:
-            said.append(("Ready", False, "ModeConflict", "; ".join(
-                f"{g}: {other[0]}/{other[1]} is as specific and sets another mode" for g, other in conflicts[:5])))
-        else:
-            said.append(("Ready", True, "Ready", f"mode {p.mode} for {len(governed)} of {len(selected)} selected groups"))
-        said.append(("Learning", p.mode == "Learn" and bool(governed), "Learning" if p.mode == "Learn" else "NotLearning",
-                     f"{p.learned_count()} rules learned" if p.mode == "Learn" else f"mode {p.mode}: rules are fixed"))
-        if p.mode != "Protect":
-            enforcing = (False, "NotProtectMode", f"mode {p.mode}: nothing is blocked")
-        elif off:
-            enforcing = (False, "EnforcementDisabled", "the emergency switch is on: nothing is blocked"
-                         + (f" (annotation {DISABLE_ANNOTATION}=disabled)" if p.disabled else " (operator setting)"))
-        elif not governed:
-            enforcing = (False, "NothingSelected", "no group takes its mode from this policy")
-        elif unwatched:
-            enforcing = (False, "AgentsMissing", f"no agent takes policy on {', '.join(unwatched[:5])}")
-        else:
-            enforcing = (True, "Enforcing", f"blocked on {len(nodes)} nodes what no rule allows")
-        said.append(("Enforcing", *enforcing))
-        problems = []
-        if unwatched:
-            problems.append(("AgentsMissing", f"no agent on {', '.join(unwatched[:5])}: its traffic is not seen"
-                             + (" or enforced" if p.mode == "Protect" else "")))
-        if nodes & lossy:
-            problems.append(("ReportsLost", f"agents on {', '.join(sorted(nodes & lossy)[:5])} lost reports lately"))
-        if p.learned_overflow:
-            problems.append(("LearnedRulesFull", f"{p.learned_overflow} connections not learned: "
-                             f"{MAX_LEARNED} rules is the most a policy keeps; split it or write spec.rules"))
-        said.append(("Degraded", bool(problems), ",".join(r for r, _ in problems) or "AsExpected",
-                     "; ".join(m for _, m in problems) or "nothing lost, every node has an agent"))
-        said.append(self._warning(p))
-        written = conditions(said, p.conditions, now, p.generation)
-        p.conditions = {c["type"]: c for c in written}
-        blocking = self.blocking.get(key, {})
-        examples = sorted(blocking.items(), key=lambda kv: -kv[1])[:MAX_EXAMPLES]
-        learned = p.learned_rules()
-        return {"observedGeneration": p.generation, "ruleCount": len(p.rules), "learnedCount": len(learned),
-                "groups": selected[:256], "learnedRules": learned[:MAX_LEARNED],
-                "wouldBlock": {"count": len(blocking) + p.blocked_forgotten,
-                               "examples": [{"connection": c, "lastSeen": iso(t)} for c, t in examples]},
-                "conditions": written}
-
-    def _warning(self, p: Policy) -> Said:
-        """What the API server accepts but is most likely a mistake: Protect for every workload of a
-        namespace the cluster runs on (its DNS, its CNI, kube-proxy), where whatever was not learned
-        is then blocked."""
-        everything = p.selector is not None and not p.groups and not (
-            p.selector.get("matchLabels") or p.selector.get("matchExpressions"))
-        if p.mode == "Protect" and everything and p.namespace in self.system_namespaces:
-            return ("Warning", True, "ProtectsWholeSystemNamespace",
-                    f"selector {{}} puts every workload of {p.namespace} in Protect mode: the cluster's own "
-                    "components there (DNS, the CNI, kube-proxy …) are blocked from whatever they were not seen "
-                    "doing; select the workloads to protect by name or labels")
-        return ("Warning", False, "AsExpected", "nothing unusual")
-

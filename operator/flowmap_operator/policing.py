@@ -14,15 +14,18 @@ import time
 from typing import Any
 
 from kubernetes_asyncio.client import CoreV1Api
-from kubernetes_asyncio.client.exceptions import ApiException
 
 from flowmap_api import report_pb2 as pb
 from flowmap_operator import metrics
 from flowmap_operator.compiling import Compiler
+from flowmap_operator.errors import NotFound
+from flowmap_operator.kubeapi import FIELD_MANAGER, GROUP, MERGE, VERSION
 from flowmap_operator.modes import Modes
-from flowmap_operator.policy import PolicyKey, iso
+from flowmap_operator.policy import PolicyKey
+from flowmap_operator.times import iso
+from flowmap_operator.status import policy_status
 from flowmap_operator.streaming import NodeStreams
-from flowmap_operator.writing import FIELD_MANAGER, GROUP, MERGE, VERSION, Writer
+from flowmap_operator.writing import Writer
 
 log = logging.getLogger("flowmap.operator.policing")
 LOSSY_FOR = 600.0  # an agent's reported loss degrades the policies of its node this long
@@ -110,7 +113,8 @@ class PolicyWriter:
                 self.modes.urgent.discard(key)
                 self.modes.dirty.discard(key)
                 continue
-            status = self.modes.status(key, now, agents=agents, watching=watching, lossy=lossy)
+            status = policy_status(self.modes, key, now, agents=agents, watching=watching, lossy=lossy)
+            self.modes.policies[key].conditions = {c["type"]: c for c in status["conditions"]}
             written += await self.writer.guard(self._patch(key, status))
         while self.modes.events and time.monotonic() < deadline and time.monotonic() >= self._event_at:
             policy, reason, message = self.modes.events.popleft()
@@ -121,12 +125,11 @@ class PolicyWriter:
     async def _patch(self, key: PolicyKey, status: dict[str, Any]) -> bool:
         namespace, name = key
         try:
-            await self.writer.call("policy", "status", self.writer.api.patch_namespaced_custom_object_status(
+            await self.writer.write("policy", "status", self.writer.api.patch_namespaced_custom_object_status(
                 GROUP, VERSION, namespace, "networklearningpolicies", name, {"status": status},
                 _content_type=MERGE, field_manager=FIELD_MANAGER))  # type: ignore[call-arg]  # not in the stub
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
+        except NotFound:
+            pass
         self.modes.urgent.discard(key)
         self.modes.dirty.discard(key)
         self.written[key] = time.time()
@@ -144,6 +147,6 @@ class PolicyWriter:
                 "firstTimestamp": now, "lastTimestamp": now, "source": {"component": "flowmap-operator"},
                 "reportingComponent": "flowmap.dev/operator", "reportingInstance": self.identity[:128]}
         # The client takes a plain dict for body; its stub says CoreV1Event.
-        await self.writer.call("event", "create", self.core.create_namespaced_event(namespace, body))  # type: ignore[arg-type]
+        await self.writer.write("event", "create", self.core.create_namespaced_event(namespace, body))  # type: ignore[arg-type]
         metrics.POLICY_EVENTS.labels(reason).inc()
         return True

@@ -11,8 +11,9 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any
+
+from flowmap_operator.times import iso, parse_iso
 
 MODES = ("Learn", "Monitor", "Protect")
 EGRESS, INGRESS = "Egress", "Ingress"
@@ -23,19 +24,6 @@ DISABLE_ANNOTATION = "flowmap.dev/enforcement"  # "disabled": this policy's Prot
 
 PolicyKey = tuple[str, str]  # namespace, name
 LearnKey = tuple[str, str, str, str]  # group, direction, peer group, protocol
-
-
-def iso(ts: float) -> str:
-    """A Kubernetes timestamp (RFC 3339, UTC, seconds)."""
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_iso(value: Any) -> float:
-    """Seconds since the epoch of a Kubernetes timestamp; 0 when absent or not a timestamp."""
-    try:
-        return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp() if value else 0.0
-    except ValueError:
-        return 0.0
 
 
 @dataclass(frozen=True)

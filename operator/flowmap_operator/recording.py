@@ -16,15 +16,16 @@ from dataclasses import replace
 from typing import Any
 
 from kubernetes_asyncio.client import CustomObjectsApi
-from kubernetes_asyncio.client.exceptions import ApiException
 
 from flowmap_api import report_pb2 as pb
 from flowmap_operator import capturing
 from flowmap_operator.capturing import Capture, CaptureKey, NodeReport, Plan
-from flowmap_operator.policy import parse_iso
+from flowmap_operator.errors import ApiError, Conflict, NotFound
+from flowmap_operator.kubeapi import FIELD_MANAGER, GROUP, MERGE, VERSION
+from flowmap_operator.times import parse_iso
 from flowmap_operator.resolution import Resolver, group_name
 from flowmap_operator.streaming import NodeStreams
-from flowmap_operator.writing import FIELD_MANAGER, GROUP, MERGE, VERSION, Writer
+from flowmap_operator.writing import Writer
 
 log = logging.getLogger("flowmap.operator.recording")
 PLURAL = "packetcaptures"
@@ -213,12 +214,12 @@ class StatusWriter:
             if capture.key in self.refused:
                 continue
             try:
-                await self.writer.call("packetcapture", "patch_status", self._patch(self.api, capture, status))
-            except ApiException as exc:
-                if exc.status in (404, 409):
-                    continue  # deleted (or made anew) meanwhile: the watch says so
-                log.warning("status of PacketCapture %s/%s not written: %s %s; tried again in %.0f s",
-                            capture.namespace, capture.name, exc.status, exc.reason, RETRY_AFTER)
+                await self.writer.write("packetcapture", "patch_status", self._patch(self.api, capture, status))
+            except (NotFound, Conflict):
+                continue  # deleted (or made anew) meanwhile: the watch says so
+            except ApiError as exc:
+                log.warning("status of PacketCapture %s/%s not written: %s; tried again in %.0f s",
+                            capture.namespace, capture.name, exc, RETRY_AFTER)
                 self.refused[capture.key] = now + RETRY_AFTER
                 continue
             self.hub.written(capture, status)

@@ -37,13 +37,13 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from flowmap_operator.dns import NameTable
 from flowmap_operator.errors import NotKnownYet
 from flowmap_operator.naming import object_name
 from flowmap_operator.prefixes import Network, PrefixTable, Span, span
+from flowmap_operator.times import parse_iso
 
 Body = Mapping[str, Any]
 NODES, EXTERNAL = "nodes", "external"
@@ -81,12 +81,6 @@ class _Service:
     ips: tuple[str, ...]
     ports: dict[tuple[int, str], str]  # (port, protocol) -> port name
     slices: dict[str, dict[str, Any]] = field(default_factory=dict)  # slice name -> {pods, ports}
-
-
-def _ts(value: str | None, default: float) -> float:
-    if not value:
-        return default
-    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
 def workload_of(pod: Body, jobs: Mapping[tuple[str, str], str]) -> tuple[str, str]:
@@ -175,7 +169,7 @@ class Resolver:
             return  # only its labels changed
         if old:
             self._end(ns, name, old[0], now)
-        start = _ts(meta.get("creationTimestamp"), now)
+        start = parse_iso(meta.get("creationTimestamp"), now)
         for ip in ips:
             self._pods.setdefault(ip, []).append(_Span(start, math.inf, peer))
             self._unknown.pop(ip, None)
@@ -329,7 +323,7 @@ class Resolver:
         self._prefixes = None
         if nets:
             self._cidrs[name], self._spans[name] = nets, [span(net) for net in nets]
-            self._cidr_created[name] = _ts(meta.get("creationTimestamp"), 0.0)
+            self._cidr_created[name] = parse_iso(meta.get("creationTimestamp"))
         else:
             self.cidr_group_gone(name)
 

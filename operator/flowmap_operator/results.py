@@ -25,13 +25,13 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from kubernetes_asyncio import client
-from kubernetes_asyncio.client.exceptions import ApiException
 
 from flowmap_api.pacing import pause
 from flowmap_operator import retrieval
+from flowmap_operator.errors import ApiError
+from flowmap_operator.kubeapi import call
 from flowmap_operator.recording import CaptureHub
 from flowmap_operator.retrieval import Caller, FrontProxy, NodeFile
 from flowmap_operator.uploading import UploadFailed, Uploads
@@ -85,9 +85,8 @@ class ResultServer:
         """Listen on ``port``; False (and a log line saying why) when the API server has no front proxy."""
         try:
             await self._refresh()
-        except (ValueError, ApiException, OSError) as exc:
-            why = (f"{exc.status} {exc.reason} reading {'/'.join(AUTHENTICATION)}" if isinstance(exc, ApiException)
-                   else exc)
+        except (ValueError, ApiError, OSError) as exc:
+            why = f"{exc} reading {'/'.join(AUTHENTICATION)}" if isinstance(exc, ApiError) else exc
             log.error("results.flowmap.dev is not served, so `flowmap capture get` cannot work: %s", why)
             return False
         app = web.Application()
@@ -103,7 +102,7 @@ class ResultServer:
         while not await pause(stop, REFRESH):
             try:
                 await self._refresh()
-            except (ValueError, ApiException, aiohttp.ClientError, OSError) as exc:
+            except (ValueError, ApiError, OSError) as exc:
                 log.warning("results.flowmap.dev keeps its TLS as it is: %s", exc)
 
     async def close(self) -> None:
@@ -111,7 +110,7 @@ class ResultServer:
             await self._runner.cleanup()
 
     async def _refresh(self) -> None:
-        body = await self.core.read_namespaced_config_map(AUTHENTICATION[1], AUTHENTICATION[0])
+        body = await call(self.core.read_namespaced_config_map(AUTHENTICATION[1], AUTHENTICATION[0]))
         proxy = FrontProxy.from_configmap(body.data or {})
         cert, key, ca = self.material()
         if self._served != (cert, proxy.client_ca):
@@ -128,14 +127,14 @@ class ResultServer:
         """Make the APIService trust the operator's CA (its caBundle), when it does not yet."""
         bundle = base64.b64encode(ca).decode()
         try:
-            current = await self.registration.read_api_service(self.apiservice)
+            current = await call(self.registration.read_api_service(self.apiservice))
             if current.spec.ca_bundle == bundle:
                 return
-            await self.registration.patch_api_service(self.apiservice, {"spec": {"caBundle": bundle}})
+            await call(self.registration.patch_api_service(self.apiservice, {"spec": {"caBundle": bundle}}))
             log.info("APIService %s trusts the operator's CA", self.apiservice)
-        except ApiException as exc:
-            log.warning("APIService %s not updated (%s %s): install manifests/operator/apiservice.yaml",
-                        self.apiservice, exc.status, exc.reason)
+        except ApiError as exc:
+            log.warning("APIService %s not updated (%s): install manifests/operator/apiservice.yaml",
+                        self.apiservice, exc)
 
     # -- requests ----------------------------------------------------------------------------------
 
@@ -169,9 +168,9 @@ class ResultServer:
 
     async def _authorize(self, who: Caller, namespace: str, name: str) -> web.Response | None:
         try:
-            answer = await self.authz.create_subject_access_review(
-                retrieval.review(who, namespace, name))  # type: ignore[arg-type]  # a dict goes as it is
-        except (ApiException, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            answer = await call(self.authz.create_subject_access_review(
+                retrieval.review(who, namespace, name)))  # type: ignore[arg-type]  # a dict goes as it is
+        except ApiError as exc:
             log.warning("SubjectAccessReview failed: %s", exc)
             return _status(503, "ServiceUnavailable", "the API server could not be asked whether you may read it")
         if not answer.status.allowed:

@@ -21,21 +21,20 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import grpc
 import kopf
 from kubernetes_asyncio import client, config
-from kubernetes_asyncio.client.exceptions import ApiException
 from prometheus_client import start_http_server
 
 from flowmap_api import report_pb2_grpc as pb_grpc
 from flowmap_api.pacing import Backoff, pause
-from flowmap_operator import certs, metrics
+from flowmap_operator import certs, loading, metrics
 from flowmap_operator.auth import Authenticator
+from flowmap_operator.errors import InDoubt, NotFound, Throttled
+from flowmap_operator.kubeapi import Bucket, Writes, call
 from flowmap_operator.modes import Modes
 from flowmap_operator.policing import PolicyHub, PolicyWriter
 from flowmap_operator.recording import CaptureHub, StatusWriter
@@ -43,9 +42,10 @@ from flowmap_operator.results import ResultServer
 from flowmap_operator.resolution import Resolver
 from flowmap_operator.serving import OPTIONS, CaptureServicer, Gate, PolicyServicer, Refusals, ReportServicer
 from flowmap_operator.settings import Settings
+from flowmap_operator.times import parse_iso
 from flowmap_operator.topology import Topology
 from flowmap_operator.uploading import Uploads
-from flowmap_operator.writing import Bucket, Writer
+from flowmap_operator.writing import Writer
 
 log = logging.getLogger("flowmap.operator")
 STOP_DEADLINE = 15.0
@@ -64,11 +64,12 @@ class Leadership:
     async def watch(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
-                peering = await self.api.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", self.name)
+                peering = await call(self.api.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings",
+                                                                        self.name))
                 self.leader = self._leads(peering.get("status") or {})
-            except ApiException as exc:
+            except NotFound:
                 # No peering object: peering is off and this replica is alone (kopf runs standalone).
-                self.leader = exc.status == 404
+                self.leader = True
             except Exception as exc:  # noqa: BLE001 - keep the last answer while the API is away
                 log.warning("cannot read the peering object: %s", exc)
             metrics.LEADER.set(1 if self.leader else 0)
@@ -79,10 +80,7 @@ class Leadership:
         for ident, info in peers.items():
             if ident == self.identity or not isinstance(info, dict):
                 continue
-            seen = datetime.fromisoformat(str(info.get("lastseen", "1970-01-01T00:00:00")).replace("Z", "+00:00"))
-            if seen.tzinfo is None:
-                seen = seen.replace(tzinfo=timezone.utc)  # kopf writes UTC without an offset
-            alive = seen.timestamp() + float(info.get("lifetime", 60)) > now
+            alive = parse_iso(info.get("lastseen")) + float(info.get("lifetime", 60)) > now
             if alive and int(info.get("priority", 0)) >= self.priority:
                 return False
         return True
@@ -159,14 +157,10 @@ async def _until_done(what: str, step: Callable[[], Awaitable[None]], stop: asyn
     backoff = Backoff(0.5, 10.0)
     while not stop.is_set():
         try:
-            await step()
+            await call(step())
             return True
-        except ApiException as exc:
-            if exc.status not in (429, 500, 502, 503, 504):
-                raise
-            log.warning("%s: API answered %s, retrying in %.1f s", what, exc.status, backoff.current)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            log.warning("%s: API unreachable (%s), retrying in %.1f s", what, exc, backoff.current)
+        except (Throttled, InDoubt) as exc:
+            log.warning("%s: %s, retrying in %.1f s", what, exc, backoff.current)
         await pause(stop, backoff.next())
     return False
 
@@ -220,12 +214,12 @@ async def run(settings: Settings) -> None:
                   dns=(settings.dns_namespace, dict(kv.split("=", 1) for kv in settings.dns_labels.split(",") if kv)))
     topology = Topology(resolver, max_connections=settings.max_connections, max_ports=settings.max_ports_per_pair,
                         modes=modes, max_fqdn_groups=settings.max_fqdn_groups)
-    writer = Writer(custom, topology, Bucket(settings.write_budget))
+    writer = Writer(custom, topology, Writes(Bucket(settings.write_budget)))
     metrics.REGISTRY.register(metrics.BoundsCollector(topology))
     captures = CaptureHub(resolver, settings.max_captures_per_namespace)
     if not (await _until_done("reading the cluster", lambda: _prime(resolver, modes, captures, core, custom, api_client),
                               stop)
-            and await _until_done("reading the map", writer.load, stop)):
+            and await _until_done("reading the map", lambda: loading.load(custom, topology), stop)):
         await api_client.close()
         return
 

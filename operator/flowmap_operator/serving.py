@@ -253,11 +253,7 @@ class ReportServicer(pb_grpc.ReportServiceServicer):
             metrics.REPORTS.labels("not_leader").inc()
             return pb.ReportAck(applied=0, leader=False)
         ledger = self.topology.ledger
-        state = ledger.agents.get(request.agent_id)
-        waiting = ledger.waiting_batches(request.agent_id)
-        new = state is None or request.sequence > state.delivered
-        if new and waiting >= self.settings.max_waiting_batches:
-            raise Busy(f"{waiting} batches of this agent are not written yet")
+        new = ledger.admit(request.agent_id, request.sequence, self.settings.max_waiting_batches)
         if request.sequence and request.sent_unix_ms:
             metrics.BATCH_LAG.observe(max(0.0, time.time() - request.sent_unix_ms / 1000))
         result = self.topology.ingest(request, time.time())

@@ -105,12 +105,43 @@ class Topology:
     def forget(self, key: EdgeKey) -> None:
         """Drop an edge whose Connection was deleted (idle past its TTL)."""
         self.edges.pop(key, None)
-        self.ledger.edges.pop(key, None)
+        self.ledger.forget(key)
         ports = self.ports.get((key[0], key[1], key[3]))
         if ports is not None:
             ports.discard(key[2])
             if not ports:
                 del self.ports[(key[0], key[1], key[3])]
+
+    def idle_edges(self, now: float, ttl: float) -> list[tuple[EdgeKey, str]]:
+        """The edges idle past ``ttl`` whose objects hold everything counted (nothing pending), with
+        the resourceVersion to delete them at: what is written since is never deleted."""
+        idle = []
+        for key, info in self.edges.items():
+            edge = self.ledger.edges.get(key)
+            if edge is None or edge.dirty_since is not None or edge.resource_version is None:
+                continue
+            if info.last_seen and now - info.last_seen > ttl:
+                idle.append((key, edge.resource_version))
+        return idle
+
+    def gone_groups(self, now: float, ttl: float) -> list[str]:
+        """The Groups the operator made whose workload has had no pod for ``ttl``, or (any other
+        kind) that no edge names and nothing touched for ``ttl``."""
+        referenced = {name for key in self.edges for name in (key[0], key[1])}
+        gone = []
+        for name, group in self.groups.items():
+            if group.user_defined or not group.exists:
+                continue
+            if group.peer.kind == "Workload":
+                if self.resolver.members(name, 0)[1]:
+                    group.empty_since = None
+                    continue
+                group.empty_since = group.empty_since or now
+                if now - group.empty_since > ttl:
+                    gone.append(name)
+            elif name not in referenced and now - group.last_seen > ttl:
+                gone.append(name)
+        return gone
 
     def key_for(self, client: str, server: str, port: int, protocol: str) -> EdgeKey | None:
         """The edge a delta belongs to: ports beyond the limit share the "any" edge (port 0)."""

@@ -18,7 +18,7 @@ from flowmap_cli.captures import Part, check, clean, explain, parts
 from flowmap_cli.main import build_parser
 from flowmap_dp import pcapng
 from flowmap_dp.pcapfile import read_records
-from flowmap_operator.policy import iso
+from flowmap_operator.times import iso
 
 
 def flags(*argv: str) -> argparse.Namespace:

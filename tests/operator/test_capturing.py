@@ -12,7 +12,7 @@ import pytest
 from flowmap_operator.capturing import (MAX_PEER_ADDRESSES, NODE_GRACE, WHOLE_SNAP, Capture, Filter, NodeReport,
                                         Plan, admitted, expired, expires_at, fires, kept, node_captures, order,
                                         plan, status)
-from flowmap_operator.policy import iso
+from flowmap_operator.times import iso
 from flowmap_operator.resolution import Resolver
 from flowmap_operator.settings import Settings
 

@@ -229,7 +229,7 @@ def test_the_write_budget_never_bursts_above_its_rate() -> None:
     import asyncio
     import time
 
-    from flowmap_operator.writing import Bucket
+    from flowmap_operator.kubeapi import Bucket
 
     async def takes(n: int, bucket: Bucket) -> float:
         await asyncio.sleep(0.1)  # idle: an idle bucket holds one write, not a second's worth

@@ -14,6 +14,7 @@ from flowmap_operator.compiling import Compiler
 from flowmap_operator.modes import ALLOWED, DENIED, LEARNED, VIOLATION, Modes
 from flowmap_operator.policy import MAX_LEARNED, MAX_PORTS, Policy, matches
 from flowmap_operator.resolution import Peer, Resolver
+from flowmap_operator.status import policy_status
 from flowmap_operator.topology import THREAT, Topology
 from tests.operator.harness import edge
 
@@ -104,7 +105,7 @@ def test_equally_specific_policies_that_disagree_are_a_conflict_never_a_guess() 
     m.refresh()
     eff = m.groups["shop.api"]
     assert (eff.mode, eff.policy, eff.conflict) == ("Learn", None, (("shop", "a"), ("shop", "b")))
-    status = m.status(("shop", "a"), NOW, agents={"node-a", "node-b"}, watching=set(), lossy=set())
+    status = policy_status(m, ("shop", "a"), NOW, agents={"node-a", "node-b"}, watching=set(), lossy=set())
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert (ready["status"], ready["reason"]) == ("False", "ModeConflict")
     assert "shop.api" in ready["message"] and "shop/b" in ready["message"]
@@ -164,7 +165,7 @@ def test_learned_rules_are_bounded_and_the_overflow_is_a_condition() -> None:
     for n in range(MAX_LEARNED + 10):
         policy.learn("shop.web", "Egress", f"peer-{n}", 80, "TCP", set(), 1, NOW, NOW)
     assert policy.learned_count() == MAX_LEARNED and policy.learned_overflow == 10
-    status = m.status(("shop", "web"), NOW, agents={"node-a", "node-b"}, watching=set(), lossy=set())
+    status = policy_status(m, ("shop", "web"), NOW, agents={"node-a", "node-b"}, watching=set(), lossy=set())
     degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
     assert degraded["status"] == "True" and "LearnedRulesFull" in degraded["reason"]
     assert len(status["learnedRules"]) == MAX_LEARNED
@@ -174,7 +175,7 @@ def test_status_round_trips_through_the_object_and_says_what_is_in_force() -> No
     m = modes(body("web", "Learn", groups=["shop.web"]))
     r = m.resolver
     m.learn(peer(r, WEB), peer(r, API), 8080, "TCP", {"http"}, 3, NOW - 5, NOW)
-    status = m.status(("shop", "web"), NOW, agents={"node-a"}, watching=set(), lossy=set())
+    status = policy_status(m, ("shop", "web"), NOW, agents={"node-a"}, watching=set(), lossy=set())
     assert status["groups"] == ["shop.web"] and status["learnedCount"] == 1 and status["observedGeneration"] == 1
     by_type = {c["type"]: c for c in status["conditions"]}
     assert by_type["Ready"]["status"] == "True" and by_type["Learning"]["status"] == "True"
@@ -186,10 +187,10 @@ def test_status_round_trips_through_the_object_and_says_what_is_in_force() -> No
     assert again.learned_rules() == m.policies[("shop", "web")].learned_rules()
     # Protect without an agent taking policy on a node of the group: not enforcing, and why.
     p = modes(body("web", "Protect", groups=["shop.web"]))
-    by_type = {c["type"]: c for c in p.status(("shop", "web"), NOW, agents={"node-a", "node-b"},
+    by_type = {c["type"]: c for c in policy_status(p, ("shop", "web"), NOW, agents={"node-a", "node-b"},
                                                watching={"node-a"}, lossy=set())["conditions"]}
     assert (by_type["Enforcing"]["status"], by_type["Enforcing"]["reason"]) == ("False", "AgentsMissing")
-    by_type = {c["type"]: c for c in p.status(("shop", "web"), NOW, agents={"node-a", "node-b"},
+    by_type = {c["type"]: c for c in policy_status(p, ("shop", "web"), NOW, agents={"node-a", "node-b"},
                                                watching={"node-a", "node-b"}, lossy=set())["conditions"]}
     assert by_type["Enforcing"]["status"] == "True" and by_type["Degraded"]["status"] == "False"
 
@@ -283,8 +284,8 @@ def test_a_new_learn_policy_learns_what_the_map_saw_and_a_restart_doubles_nothin
     rules = {(r["direction"], r["peer"], r["port"], r["evidence"]) for r in m.policies[("shop", "web")].learned_rules()}
     assert rules == {("Egress", "shop.api", 8080, 12), ("Ingress", "shop.db", 9000, 1)}
     # After a restart the rules come from the status, and seeding again adds nothing to them.
-    again = modes(body("web", "Learn", groups=["shop.web"], status=m.status(
-        ("shop", "web"), NOW, agents=set(), watching=set(), lossy=set())))
+    again = modes(body("web", "Learn", groups=["shop.web"], status=policy_status(
+        m, ("shop", "web"), NOW, agents=set(), watching=set(), lossy=set())))
     again.seed(("shop", "web"), "shop.web", seen)
     assert again.policies[("shop", "web")].learned_rules() == m.policies[("shop", "web")].learned_rules()
 
@@ -308,7 +309,7 @@ def test_protect_for_every_workload_of_kube_system_is_a_warning() -> None:
     def warning(namespace: str, mode: str, **spec: Any) -> tuple[str, str]:
         modes.seen({"metadata": {"namespace": namespace, "name": "p", "generation": 1},
                     "spec": {"mode": mode, **spec}}, leading=True)
-        c = next(c for c in modes.status((namespace, "p"), NOW, agents=set(), watching=set(), lossy=set())[
+        c = next(c for c in policy_status(modes, (namespace, "p"), NOW, agents=set(), watching=set(), lossy=set())[
             "conditions"] if c["type"] == "Warning")
         modes.gone(namespace, "p")
         return c["status"], c["reason"]

@@ -7,7 +7,7 @@ import asyncio
 
 from flowmap_api import report_pb2 as pb
 from flowmap_operator.capturing import COMPLETED, RUNNING
-from flowmap_operator.policy import iso
+from flowmap_operator.times import iso
 from flowmap_operator.recording import CaptureHub
 from tests.operator.test_capturing import NOW, body, cluster
 
