@@ -7,7 +7,7 @@ one interface form a PACKET_FANOUT group. The loop:
 1. ``epoll`` over the rings' sockets with a timeout that ends at the next report;
 2. every ready block of every ready ring goes through the block parser, then back to the kernel;
 3. at each interval: fold PACKET_STATISTICS into the totals, ``table.collect()``, build the
-   protobuf report and *offer* it to the exporter (never waiting: see ``exporting``);
+   protobuf report and *offer* it to the exporter (never waiting: see ``sending``);
 4. apply the newest capture the agent sent (:class:`Capture`): attach what is new, detach what
    is gone, put the new filter (the node's addresses, the overlay to drop on the underlay) on
    the rings kept; interfaces that cannot be attached yet are retried each interval, since the
@@ -48,7 +48,7 @@ from typing import Any, Protocol
 from flowmap_dp import wire_pb2
 from flowmap_dp.capture import MAX_OVERLAY, Encapsulation, Ring, RingConfig, fanout_group, open_socket
 from flowmap_dp.demand import PacketCaptures
-from flowmap_dp.exporting import Exporter
+from flowmap_dp.sending import Exporter
 from flowmap_dp.reporting import iter_reports
 from flowmap_dp.compiled import CompiledTable
 from flowmap_dp.session import Health, Report, SessionTable
