@@ -41,7 +41,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -52,35 +52,10 @@ from flowmap_dp.sending import Exporter
 from flowmap_dp.reporting import iter_reports
 from flowmap_dp.compiled import CompiledTable
 from flowmap_dp.session import Health, Report, SessionTable
+from flowmap_dp.settings import PARSERS, Settings
 
 BlockParser = Callable[[memoryview], None]
 BLOCKS_PER_TURN = 4
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Everything ``flowmap dp run`` was told, read once."""
-
-    interfaces: tuple[str, ...]
-    socket_path: str
-    interval: float = 1.0
-    workers: int = 1
-    ring: RingConfig = field(default_factory=RingConfig)
-    max_sessions: int = 200_000
-    queue_size: int = 8
-    queue_sessions: int = 200_000  # session records waiting for the writer, all reports together
-    part_size: int = 20_000  # session records per frame: keeps frames far below MAX_FRAME
-    parser: str = "compiled"  # or "per-packet" (the reference)
-    run_id: int = 0  # 0: pick a random one
-    # Packet captures on demand (worker 0, flowmap_dp.demand): where their files go, the bytes
-    # all of them may hold on the node's disk, and how many may be armed or running at once.
-    capture_dir: str = "/var/lib/flowmap/captures"
-    capture_disk_bytes: int = 256 << 20
-    max_captures: int = 4
-
-    def __post_init__(self) -> None:
-        if self.capture_disk_bytes < 0 or self.max_captures < 0:
-            raise ValueError("--capture-disk-bytes and --max-captures cannot be negative")
 
 
 @dataclass(frozen=True)
@@ -141,9 +116,6 @@ class LiveTable(Protocol):
     def health(self) -> Health: ...
 
     def count_parser_error(self) -> None: ...
-
-
-PARSERS = ("compiled", "per-packet")
 
 
 def make_table(kind: str, max_sessions: int) -> tuple[LiveTable, BlockParser]:
