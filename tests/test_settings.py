@@ -153,9 +153,9 @@ def test_an_unknown_variable_of_the_prefix_is_refused_with_the_nearest_name() ->
         AgentSettings.from_env({})
 
 
-# Where flowmap itself sets settings: the manifests, the development cluster, the tests, the scripts
-# and the documentation users copy from.
-SETTERS = ("manifests", "devenv", "tests", "hack", "docs", "benchmarks", "Dockerfile", "README.md")
+# Where flowmap itself sets settings: the manifests, the development cluster, the tests, the scripts,
+# CI and the documentation users copy from.
+SETTERS = ("manifests", "devenv", "tests", "hack", "docs", "benchmarks", ".ci", "Dockerfile", "Makefile", "README.md")
 NAMED = re.compile(r"\bFLOWMAP_(?:OPERATOR|AGENT)_[A-Z0-9_]*[A-Z0-9]\b")
 
 
