@@ -1,7 +1,7 @@
 """The compiled table versus the per-packet reference reading TPACKET_V3 blocks, in packets per
 CPU-second.
 
-Builds realistic blocks in memory (``flowmap_dp.synth``: mixed 64-1500-byte frames, thousands
+Builds realistic blocks in memory (``tests.dp.synth``: mixed 64-1500-byte frames, thousands
 of flows with skewed popularity, packet trains, TCP handshakes and closes, IPv4 + IPv6, some
 VLAN tags in the frame and some stripped into the TPACKET header) and feeds them to each table:
 
@@ -33,8 +33,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from flowmap_dp.block import TPACKET3_HDR, block_packets, pack_block  # noqa: E402
-from flowmap_dp.synth import mixed_traffic  # noqa: E402
+from flowmap_dp.block import TPACKET3_HDR, block_packets  # noqa: E402
+from tests.dp.synth import mixed_traffic, pack_block  # noqa: E402
 from tests.dp.twins import KINDS, Table, assert_same_reports, make_table  # noqa: E402
 
 def build_blocks(packets: int, flows: int, block_size: int, seed: int, close_rate: float = 0.005) -> list[bytes]:

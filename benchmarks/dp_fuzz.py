@@ -1,6 +1,6 @@
 """At least 1,000,000 hostile frames through both decoders, both session tables and the detectors.
 
-Random bytes, mutated and truncated well-formed frames (``flowmap_dp.synth.fuzz_frames``) go
+Random bytes, mutated and truncated well-formed frames (``tests.dp.synth.fuzz_frames``) go
 through the Python decoder (``decode.decode``) and the compiled one (``_native.decode_frame``),
 which must say the same of every frame; then, packed into TPACKET_V3 blocks, through the
 per-packet reference (``block.feed_block`` into ``SessionTable``) and the compiled table
@@ -27,11 +27,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from flowmap_dp import _native  # noqa: E402
-from flowmap_dp.block import pack_block  # noqa: E402
 from flowmap_dp.compiled import CompiledTable  # noqa: E402
 from flowmap_dp.decode import decode  # noqa: E402
 from flowmap_dp.session import Health  # noqa: E402
-from flowmap_dp.synth import fuzz_frames  # noqa: E402
+from tests.dp.synth import fuzz_frames, pack_block  # noqa: E402
 from tests.dp.twins import REASONS, ReferenceTable, assert_same_reports, balanced, native_outcome  # noqa: E402
 
 CHUNK = 50_000

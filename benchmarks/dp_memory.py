@@ -18,10 +18,15 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import sys
+from pathlib import Path
 
-from flowmap_dp.block import pack_block
-from flowmap_dp.running import LiveTable, make_table
-from flowmap_dp.synth import Frame, ether, ipv4, ipv6, tcp, udp
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from flowmap_dp.running import LiveTable, make_table  # noqa: E402
+from tests.dp.synth import Frame, ether, ipv4, ipv6, pack_block, tcp, udp  # noqa: E402
 
 
 def rss_mb() -> float:

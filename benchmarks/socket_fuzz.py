@@ -1,6 +1,6 @@
 """At least 1,000,000 hostile streams on the dp socket, through the reader's framing and the agent.
 
-Streams of ``flowmap_dp.synth.wire_streams`` (reports with odd values, the same mutated: header
+Streams of ``tests.dp.synth.wire_streams`` (reports with odd values, the same mutated: header
 and body bytes, lying lengths, cut short, garbage after, random bytes; split into reads at random
 points) go through ``flowmap_dp.framing.Stream`` one read at a time, and every report that
 parses through the agent's own path (``Agent.take``: positions, aggregation, the shared
@@ -22,12 +22,16 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from flowmap_agent.aggregation import Aggregator
-from flowmap_agent.receiving import admissible
-from flowmap_agent.running import Agent
-from flowmap_agent.settings import Settings
-from flowmap_dp.framing import HEADER, MAX_FRAME, Stream, WireError
-from flowmap_dp.synth import wire_streams
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from flowmap_agent.aggregation import Aggregator  # noqa: E402
+from flowmap_agent.receiving import admissible  # noqa: E402
+from flowmap_agent.running import Agent  # noqa: E402
+from flowmap_agent.settings import Settings  # noqa: E402
+from flowmap_dp.framing import HEADER, MAX_FRAME, Stream, WireError  # noqa: E402
+from tests.dp.synth import wire_streams  # noqa: E402
 
 CHUNK = 20_000
 

@@ -29,9 +29,8 @@ def _export(args: argparse.Namespace) -> int:
             config.load_incluster_config()
         api = client.ApiClient()
         core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
-        sanitize = api.sanitize_for_serialization
-        pods = [sanitize(p) for p in core.list_pod_for_all_namespaces().items]
-        nodes = [sanitize(n) for n in core.list_node().items]
+        pods = [api.sanitize_for_serialization(p) for p in core.list_pod_for_all_namespaces().items]
+        nodes = [api.sanitize_for_serialization(n) for n in core.list_node().items]
         # The client annotates custom objects as `object` (OpenAPI's JSON object): they are dicts.
         groups = custom.list_cluster_custom_object("flowmap.dev", "v1alpha1", "groups")["items"]  # type: ignore[index]
         connections = custom.list_cluster_custom_object(  # type: ignore[index]

@@ -112,7 +112,10 @@ def run(args: argparse.Namespace) -> int:
         if args.serve:
             from flowmap_cli import serving
 
-            return serving.serve(source, args)
+            def svg() -> bytes:
+                return draw(source, "svg", args.namespace, args.max_edges, args.timeout)
+
+            return serving.serve(svg, title(args.namespace), args)
         fmt = Path(args.output).suffix.lstrip(".").lower() if args.output != "-" else "svg"
         fmt = "dot" if fmt == "gv" else fmt
         if fmt not in rendering.FORMATS:

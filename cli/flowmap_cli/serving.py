@@ -5,6 +5,8 @@ seconds), ``/map.svg`` the picture alone. Standard library only. However many ta
 API server is read and dot run at most once per half refresh interval (and 0.5 s): every request in that
 window gets the same picture. The server listens on loopback unless told otherwise, answers only
 GET and HEAD, and serves its page under a Content-Security-Policy that allows its one script.
+What it serves is drawn by the function ``flowmap_cli.graph`` hands it: this module does not
+import ``graph``, which imports it.
 """
 
 from __future__ import annotations
@@ -17,20 +19,20 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 from typing import Any
 
-from flowmap_cli import graph, kube, rendering
+from flowmap_cli import kube, rendering
 
 MAX_CLIENTS = 32  # requests served at once; more get 503 rather than one thread each
 TEXT = "text/plain; charset=utf-8"
 
 
 class Picture:
-    """The latest SVG, re-read and redrawn when older than ``ttl`` seconds, by one thread at a time."""
+    """The latest SVG from ``draw``, redrawn when older than ``ttl`` seconds, by one thread at a time."""
 
-    def __init__(self, source: kube.Source, namespace: str | None, max_edges: int, ttl: float,
-                 timeout: float) -> None:
-        self.source, self.namespace, self.max_edges, self.ttl, self.timeout = source, namespace, max_edges, ttl, timeout
+    def __init__(self, draw: Callable[[], bytes], ttl: float) -> None:
+        self.draw, self.ttl = draw, ttl
         self.lock = threading.Lock()
         self.svg, self.error, self.stamp = b"", "", float("-inf")
 
@@ -39,9 +41,8 @@ class Picture:
         with self.lock:
             if time.monotonic() - self.stamp >= self.ttl:
                 try:
-                    self.svg, self.error = graph.draw(self.source, "svg", self.namespace, self.max_edges,
-                                                      self.timeout), ""
-                except (graph.ReadError, rendering.RenderError) as exc:
+                    self.svg, self.error = self.draw(), ""
+                except (kube.ClusterError, rendering.RenderError) as exc:
                     self.error = str(exc)
                 self.stamp = time.monotonic()
             return self.svg, self.error
@@ -97,16 +98,17 @@ def handler(picture: Picture, every: float, title: str) -> type[BaseHTTPRequestH
     return Handler
 
 
-def serve(source: kube.Source, args: argparse.Namespace) -> int:
-    """Serve until SIGINT or SIGTERM; a map that cannot be read at start is an error, later a note."""
+def serve(draw: Callable[[], bytes], title: str, args: argparse.Namespace) -> int:
+    """Serve the SVG ``draw`` makes, under ``title``, until SIGINT or SIGTERM; a map that cannot be
+    read at start is an error (kube.ClusterError), later a note."""
     # Half the page's interval keeps a tab at most that stale; never below 0.5 s, whatever --every says.
-    picture = Picture(source, args.namespace, args.max_edges, max(0.5, args.every / 2), args.timeout)
+    picture = Picture(draw, max(0.5, args.every / 2))
     _, error = picture.get()
     if error:
-        raise graph.ReadError(error)
+        raise kube.ClusterError(error)
     server_class = type("Server", (ThreadingHTTPServer,), {
         "address_family": socket.AF_INET6 if ":" in args.address else socket.AF_INET, "daemon_threads": True})
-    server = server_class((args.address, args.port), handler(picture, args.every, graph.title(args.namespace)))
+    server = server_class((args.address, args.port), handler(picture, args.every, title))
     host, port = server.server_address[:2]
     shown = f"[{host}]" if ":" in str(host) else host
     print(f"flowmap graph: serving the map on http://{shown}:{port}/ (Ctrl-C to stop)", file=sys.stderr, flush=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from flowmap_devenv import binaries, images
@@ -69,7 +70,7 @@ def _load_image(args: argparse.Namespace) -> int:
     return 0
 
 
-def _guard(func):
+def _guard(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         try:
             return int(func(args))

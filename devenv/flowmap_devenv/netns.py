@@ -12,6 +12,7 @@ import os
 import subprocess
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 _COUNTER = itertools.count()
 CLONE_NEWNET = 0x40000000
@@ -64,9 +65,9 @@ class Lab:
         """Run a command inside a namespace."""
         return run("ip", "netns", "exec", ns, *args, input_text=input_text)
 
-    def popen(self, ns: str, args: Sequence[str], **kw: object) -> subprocess.Popen[str]:
-        """Start a process inside a namespace."""
-        return subprocess.Popen(["ip", "netns", "exec", ns, *args], text=True, **kw)  # type: ignore[call-overload]
+    def popen(self, ns: str, args: Sequence[str], **kw: Any) -> subprocess.Popen[str]:
+        """Start a process inside a namespace (``kw``: Popen's, ``text`` aside)."""
+        return subprocess.Popen(["ip", "netns", "exec", ns, *args], text=True, **kw)
 
     def veth(self, ns_a: str, addr_a: Sequence[str], ns_b: str, addr_b: Sequence[str]) -> tuple[str, str]:
         """A veth pair between two namespaces with addresses (``nodad`` so IPv6 is usable at once)."""

@@ -10,13 +10,12 @@ ts_last}; then a chain of ``struct tpacket3_hdr`` linked by ``tp_next_offset``, 
 ``tp_mac`` from its header. When the NIC/kernel stripped a VLAN tag, ``tp_status`` has
 ``TP_STATUS_VLAN_VALID`` and the tag is in ``hv1.tp_vlan_tci``. A device without a link header
 (an IPIP or WireGuard tunnel) gives frames whose network header is where the frame starts
-(``tp_net == tp_mac``): they are read as raw IP.
+(``tp_net == tp_mac``): they are read as raw IP. Tests and benchmarks lay blocks out with
+``tests.dp.synth.pack_block``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-import struct
 from struct import Struct
 from typing import Final
 
@@ -31,7 +30,6 @@ BLOCK_DESC = Struct("<IIIIII")  # version, offset_to_priv, block_status, num_pkt
 BLOCK_DESC_SIZE: Final = 48  # with seq_num and the two timestamps
 TPACKET3_HDR = Struct("<IIIIIIHHIIHH8x")  # next, sec, nsec, snaplen, len, status, mac, net, rxhash, tci, tpid, pad
 TPACKET3_HDRLEN: Final = 68  # sizeof(tpacket3_hdr) + sizeof(sockaddr_ll): where the kernel puts the frame
-_SEQ_TS = Struct("<QIIII")
 
 
 def block_packets(block: bytes | memoryview) -> tuple[int, int]:
@@ -73,45 +71,3 @@ def feed_block(block: bytes | memoryview, table: SessionTable) -> int:
             break
         off += nxt
     return seen
-
-
-def pack_block(frames: Iterable[tuple[bytes, float] | tuple[bytes, float, int | None]], block_size: int = 1 << 20,
-               snaplen: int = 65535, seq: int = 0, link_header: int = 14) -> tuple[bytes, int]:
-    """Lay frames out as the kernel would in one TPACKET_V3 block (for tests and benchmarks).
-
-    Each frame is (bytes, timestamp) or (bytes, timestamp, stripped VLAN TCI). Returns the block
-    and how many frames fit; the rest belong in the next block. ``link_header`` is the device's
-    link header length: 14 for Ethernet, 0 for a tunnel whose frames are raw IP.
-    """
-    out = bytearray(block_size)
-    # The kernel's macoff: the network header aligned to 16 after the headers (tpacket_rcv).
-    mac = ((TPACKET3_HDRLEN + max(link_header, 16) + 15) & ~15) - link_header
-    first = off = (BLOCK_DESC_SIZE + 7) & ~7
-    n = last = 0
-    ts_first = ts_last = (0, 0)
-    for item in frames:
-        data, ts = item[0], item[1]
-        tci = item[2] if len(item) > 2 else None
-        cap = min(len(data), snaplen)
-        step = (mac + cap + 7) & ~7
-        if off + step > block_size:
-            break
-        sec = int(ts)
-        nsec = int(round((ts - sec) * 1e9))
-        if nsec >= 1_000_000_000:
-            sec, nsec = sec + 1, nsec - 1_000_000_000
-        status = TP_STATUS_USER | (TP_STATUS_VLAN_VALID if tci is not None else 0)
-        TPACKET3_HDR.pack_into(out, off, step, sec, nsec, cap, len(data), status, mac, mac + link_header, 0, tci or 0,
-                               0x8100 if tci is not None else 0, 0)
-        out[off + mac : off + mac + cap] = data[:cap]
-        last = off
-        if n == 0:
-            ts_first = (sec, nsec)
-        ts_last = (sec, nsec)
-        off += step
-        n += 1
-    if n:
-        struct.pack_into("<I", out, last, 0)  # as prb_close_block: the last packet links nowhere
-    BLOCK_DESC.pack_into(out, 0, 3, BLOCK_DESC_SIZE, TP_STATUS_USER, n, first, off)
-    _SEQ_TS.pack_into(out, 24, seq, *ts_first, *ts_last)
-    return bytes(out), n

@@ -72,29 +72,36 @@ def _register_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
-    """The arguments of ``flowmap dp run`` (and of ``python -m flowmap_dp``, the same command)."""
-    # Settings holds the defaults. Imported here, when a dp parser is built, not when `flowmap`
-    # starts: it loads the compiled module.
-    from flowmap_dp.running import PARSERS, Settings
+    """The arguments of ``flowmap dp run`` (and of ``python -m flowmap_dp``, the same command); their
+    defaults are the settings' (flowmap_dp.settings) and the ring's (flowmap_dp.capture.RingConfig)."""
+    # Imported here, when a dp parser is built, not when `flowmap` starts (flowmap_cli.main).
+    from flowmap_dp.capture import Direction, RingConfig
+    from flowmap_dp.settings import PARSERS, Settings
 
     p.add_argument("--iface", action="append", default=[], metavar="IF",
                    help="interface to capture (repeat; the agent can change the set at run time)")
     p.add_argument("--socket", required=True, metavar="PATH", help="the agent's unix socket to connect to")
-    p.add_argument("--interval", type=float, default=1.0, help="report interval in seconds (default 1)")
-    p.add_argument("--workers", type=int, default=1, help="packet loops, one process each, PACKET_FANOUT hash")
+    p.add_argument("--interval", type=float, default=Settings.interval,
+                   help="report interval in seconds (default %(default)s)")
+    p.add_argument("--workers", type=int, default=Settings.workers,
+                   help="packet loops, one process each, PACKET_FANOUT hash")
     p.add_argument("--filter", default=None, metavar="EXPR", help="pcap filter expression (needs tcpdump to compile)")
-    p.add_argument("--direction", choices=("received", "both"), default="received",
+    p.add_argument("--direction", choices=[d.value for d in Direction], default=RingConfig.direction.value,
                    help="received: count each frame where it enters the node (default); both: every frame")
     p.add_argument("--local-address", action="append", default=[], metavar="ADDR[,ADDR]",
                    help="the node's own addresses (repeat, or comma-separated as the downward API's "
                         "status.hostIPs gives them): in received mode, frames the node sends from them are counted too; "
                         "the agent adds the addresses it reads at run time")
-    p.add_argument("--snaplen", type=int, default=1024, help="bytes copied per packet (default 1024)")
-    p.add_argument("--block-size", type=int, default=1 << 20, help="ring block size in bytes (page multiple)")
-    p.add_argument("--block-count", type=int, default=16, help="ring blocks per interface and worker")
-    p.add_argument("--retire-ms", type=int, default=64, help="hand over a partly filled block after this long")
+    p.add_argument("--snaplen", type=int, default=RingConfig.snaplen,
+                   help="bytes copied per packet (default %(default)s)")
+    p.add_argument("--block-size", type=int, default=RingConfig.block_size,
+                   help="ring block size in bytes (page multiple)")
+    p.add_argument("--block-count", type=int, default=RingConfig.block_count,
+                   help="ring blocks per interface and worker")
+    p.add_argument("--retire-ms", type=int, default=RingConfig.retire_timeout_ms,
+                   help="hand over a partly filled block after this long")
     p.add_argument("--max-sessions", type=int, default=Settings.max_sessions, help="session table bound per worker")
-    p.add_argument("--queue", type=int, default=32,
+    p.add_argument("--queue", type=int, default=Settings.queue_size,
                    help="reports waiting for the agent (while it restarts, say) before they are dropped")
     p.add_argument("--parser", choices=PARSERS, default=Settings.parser,
                    help="block reader and session table: compiled (default) or the Python reference")
@@ -109,7 +116,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 def run_command(args: argparse.Namespace) -> int:
     """``flowmap dp run``: the live dp with the parsed arguments, until it is stopped."""
     from flowmap_dp.capture import Direction, RingConfig, compile_filter
-    from flowmap_dp.running import Settings, run
+    from flowmap_dp.running import run
+    from flowmap_dp.settings import Settings
 
     try:
         bpf = compile_filter(args.filter, args.snaplen) if args.filter else None

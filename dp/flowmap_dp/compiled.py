@@ -139,8 +139,7 @@ class CompiledTable:
                 r.insp, r.feeds = None, 0
             if r.insp is False:
                 continue  # decided earlier in this batch
-            detection.inspect(r, tcp, client_port, server_port, from_client, payload)
-            if r.insp is False:
+            if detection.inspect(r, tcp, client_port, server_port, from_client, payload):
                 self._decided(handle, r)
 
     # -- ends and reports ------------------------------------------------------------------------

@@ -100,9 +100,10 @@ class FrameDecoder:
 def parse_report(payload: bytes) -> wire_pb2.Report:
     """The ``Report`` in a frame's payload; WireError("payload") if it is not one."""
     try:
-        return wire_pb2.Report.FromString(payload)
+        report: wire_pb2.Report = wire_pb2.Report.FromString(payload)
     except DecodeError as exc:
         raise WireError("payload", f"a report frame whose body is not a Report: {exc}") from None
+    return report
 
 
 

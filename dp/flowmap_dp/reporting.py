@@ -49,7 +49,7 @@ def add_session(report: wire_pb2.Report, d: SessionDelta, metadata: dict[str, st
     Built in place with ``add()`` (constructing a detached message and copying it into the
     report costs about twice as much; at 100k sessions per interval that matters).
     """
-    rec = report.sessions.add(
+    rec: wire_pb2.Session = report.sessions.add(
         ip_proto=d.proto, client_ip=d.client, client_port=d.client_port, server_ip=d.server,
         server_port=d.server_port, vlan=d.vlan, new=d.new, opened=d.opened, closed=d.closed,
         close_reason=d.end_reason,

@@ -7,7 +7,7 @@ one interface form a PACKET_FANOUT group. The loop:
 1. ``epoll`` over the rings' sockets with a timeout that ends at the next report;
 2. every ready block of every ready ring goes through the block parser, then back to the kernel;
 3. at each interval: fold PACKET_STATISTICS into the totals, ``table.collect()``, build the
-   protobuf report and *offer* it to the exporter (never waiting: see ``exporting``);
+   protobuf report and *offer* it to the exporter (never waiting: see ``sending``);
 4. apply the newest capture the agent sent (:class:`Capture`): attach what is new, detach what
    is gone, put the new filter (the node's addresses, the overlay to drop on the underlay) on
    the rings kept; interfaces that cannot be attached yet are retried each interval, since the
@@ -41,46 +41,21 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 from flowmap_dp import wire_pb2
 from flowmap_dp.capture import MAX_OVERLAY, Encapsulation, Ring, RingConfig, fanout_group, open_socket
 from flowmap_dp.demand import PacketCaptures
-from flowmap_dp.exporting import Exporter
+from flowmap_dp.sending import Exporter
 from flowmap_dp.reporting import iter_reports
 from flowmap_dp.compiled import CompiledTable
 from flowmap_dp.session import Health, Report, SessionTable
+from flowmap_dp.settings import PARSERS, Settings
 
 BlockParser = Callable[[memoryview], None]
 BLOCKS_PER_TURN = 4
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Everything ``flowmap dp run`` was told, read once."""
-
-    interfaces: tuple[str, ...]
-    socket_path: str
-    interval: float = 1.0
-    workers: int = 1
-    ring: RingConfig = field(default_factory=RingConfig)
-    max_sessions: int = 200_000
-    queue_size: int = 8
-    queue_sessions: int = 200_000  # session records waiting for the writer, all reports together
-    part_size: int = 20_000  # session records per frame: keeps frames far below MAX_FRAME
-    parser: str = "compiled"  # or "per-packet" (the reference)
-    run_id: int = 0  # 0: pick a random one
-    # Packet captures on demand (worker 0, flowmap_dp.demand): where their files go, the bytes
-    # all of them may hold on the node's disk, and how many may be armed or running at once.
-    capture_dir: str = "/var/lib/flowmap/captures"
-    capture_disk_bytes: int = 256 << 20
-    max_captures: int = 4
-
-    def __post_init__(self) -> None:
-        if self.capture_disk_bytes < 0 or self.max_captures < 0:
-            raise ValueError("--capture-disk-bytes and --max-captures cannot be negative")
 
 
 @dataclass(frozen=True)
@@ -141,9 +116,6 @@ class LiveTable(Protocol):
     def health(self) -> Health: ...
 
     def count_parser_error(self) -> None: ...
-
-
-PARSERS = ("compiled", "per-packet")
 
 
 def make_table(kind: str, max_sessions: int) -> tuple[LiveTable, BlockParser]:

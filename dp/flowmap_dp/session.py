@@ -259,7 +259,9 @@ class Detection:
         self.errors = 0
 
     def inspect(self, s: Inspected, tcp: bool, client_port: int, server_port: int, from_client: bool,
-                payload: bytes) -> None:
+                payload: bytes) -> bool:
+        """Feed ``payload`` to the session's inspector (made on its first payload); True when its
+        detection is settled now (``s.insp`` is False)."""
         insp = s.insp
         try:
             if insp is None:
@@ -277,6 +279,7 @@ class Detection:
             self.errors += 1
             s.insp = False
             s.app_new = True
+        return s.insp is False
 
     def judge_server_alone(self, s: Inspected, insp: InspectorLike) -> None:
         """A session whose server spoke and whose client did not, in time for its client's packets

@@ -482,7 +482,7 @@ class Agent:
         node = await core.read_node(s.node)
         node_ips = frozenset(a.address for a in node.status.addresses or [] if a.type in ("InternalIP", "ExternalIP"))
         node_links = links.Reader(s.netns)
-        uplinks = set(filter(None, s.uplinks.split(",")))
+        uplinks = set(s.uplinks)
         view = await asyncio.to_thread(node_links.read, False, time.monotonic())
         wanted = plumbing.plan(view.links, view.addresses, view.peers, (), node_ips, uplinks)
         # What the node sends from any of its addresses is its own traffic: the dp keeps it, and

@@ -211,7 +211,7 @@ async def run(settings: Settings) -> None:
                         max_cidr_groups=settings.max_cidr_groups)
     modes = Modes(resolver, default_mode=settings.default_mode, enforcement_disabled=settings.enforcement_disabled,
                   system_namespaces=("kube-system", settings.dns_namespace, settings.namespace),
-                  dns=(settings.dns_namespace, dict(kv.split("=", 1) for kv in settings.dns_labels.split(",") if kv)))
+                  dns=(settings.dns_namespace, dict(kv.split("=", 1) for kv in settings.dns_labels)))
     topology = Topology(resolver, max_connections=settings.max_connections, max_ports=settings.max_ports_per_pair,
                         modes=modes, max_fqdn_groups=settings.max_fqdn_groups)
     writer = Writer(custom, topology, Writes(Bucket(settings.write_budget)))

@@ -3,23 +3,26 @@
 No name may take a shape the kubelet gives its service-link variables (``<SERVICE>_SERVICE_HOST``,
 ``<SERVICE>_PORT``, ``<SERVICE>_PORT_9090_TCP_ADDR`` …): the Service ``flowmap-operator-metrics``
 would otherwise set ``FLOWMAP_OPERATOR_METRICS_PORT=tcp://…``. Hence ``*_listen`` for the ports we
-listen on; ``tests/test_settings.py`` checks every field.
+listen on; ``tests/test_settings.py`` checks every field. Read, typed and bounded by
+``flowmap_api.settings``: each field's type and bounds say what its variable may be.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, fields
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal, Self
 
 from flowmap_api.limits import MAX_BATCH_EDGES
+from flowmap_api.settings import port, read, setting
 
 
 @dataclass(frozen=True)
 class Settings:
-    namespace: str = "flowmap-system"  # where the operator and the agents run
+    namespace: str = setting("flowmap-system", required=True)  # where the operator and the agents run
     agent_service_account: str = "flowmap-agent"
     token_audience: str = "flowmap"
-    grpc_listen: int = 9443  # the port of the gRPC server
+    grpc_listen: int = port(9443)  # the port of the gRPC server
     grpc_tls_cert: str = "/etc/flowmap/tls/tls.crt"  # the gRPC port always serves TLS
     grpc_tls_key: str = "/etc/flowmap/tls/tls.key"
     # A Secret of the namespace to serve from instead of the two files: made, renewed and its CA
@@ -27,23 +30,26 @@ class Settings:
     grpc_tls_secret: str = ""
     ca_configmap: str = "flowmap-ca"
     grpc_service: str = "flowmap-operator"  # the Service agents dial: its DNS names go in the certificate
-    metrics_listen: int = 9090  # the port of /metrics
+    metrics_listen: int = port(9090)  # the port of /metrics
     # results.flowmap.dev, behind the API server (flowmap_operator.results; 0: not served), and the
     # APIService whose caBundle the operator keeps when it made its certificate ("": none).
-    results_listen: int = 9444
+    results_listen: int = port(9444)
     results_apiservice: str = "v1alpha1.results.flowmap.dev"
-    write_budget: float = 20.0  # API writes per second, all kinds together
-    flush_interval: float = 0.5  # seconds between flush rounds
+    write_budget: float = setting(20.0, above=0)  # API writes per second, all kinds together
+    flush_interval: float = setting(0.5, above=0)  # seconds between flush rounds
     max_connections: int = 10_000
     max_ports_per_pair: int = 20  # more ports between two groups collapse into one "any" edge
     group_ttl: float = 24 * 3600.0  # a group whose workload is gone is deleted after this
     connection_ttl: float = 7 * 24 * 3600.0  # a connection idle this long is deleted
-    gc_interval: float = 60.0
+    gc_interval: float = setting(60.0, above=0)
     # Edges per batch, at most the contract's (agents split to flowmap_api.limits.MAX_BATCH_EDGES:
     # below it their full batches would be refused).
-    max_batch_edges: int = MAX_BATCH_EDGES
-    max_rpcs: int = 10_000  # calls at once, all kinds (each agent holds a policy stream): beyond, RESOURCE_EXHAUSTED
-    max_reports_at_once: int = 4  # reports read, parsed and applied at once, each up to MAX_MESSAGE_BYTES
+    max_batch_edges: int = setting(MAX_BATCH_EDGES, at_least=1, at_most=MAX_BATCH_EDGES,
+                                   why="the contract's limit, flowmap_api.limits")
+    # Calls at once, all kinds (each agent holds a policy stream): beyond, RESOURCE_EXHAUSTED; and
+    # reports read, parsed and applied at once, each up to MAX_MESSAGE_BYTES.
+    max_rpcs: int = setting(10_000, at_least=1)
+    max_reports_at_once: int = setting(4, at_least=1)
     max_waiting_batches: int = 1024  # per agent: beyond this the agent is asked to back off
     # Seconds a batch naming an address inside a node's pod range that no known pod or node holds
     # (a pod the watch has not delivered yet) is refused, retryable, before the address is taken for
@@ -51,12 +57,13 @@ class Settings:
     unknown_address_wait: float = 15.0
     metrics_series_cap: int = 10_000  # edges with series of their own; the rest are summed into "other"
     peering_name: str = "flowmap"
-    default_mode: str = "Learn"  # of groups no NetworkLearningPolicy selects
+    default_mode: Literal["Learn", "Monitor", "Protect"] = "Learn"  # of groups no NetworkLearningPolicy selects
     enforcement_disabled: bool = False  # the emergency switch: no node blocks anything
-    policy_status_interval: float = 10.0  # seconds between status writes of a policy that only learned more
+    # Seconds between status writes of a policy that only learned more.
+    policy_status_interval: float = setting(10.0, above=0)
     events_per_second: float = 1.0  # Events for connections no rule allows (each is also an API write)
     dns_namespace: str = "kube-system"  # the cluster DNS: always allowed on port 53
-    dns_labels: str = "k8s-app=kube-dns"
+    dns_labels: tuple[str, ...] = ("k8s-app=kube-dns",)  # its pods' labels, key=value,...
     # Bounds on what addresses resolve to (flowmap_operator.resolution): CIDR Groups used (the oldest;
     # each holds up to 64 CIDRs), Groups made for names learned from DNS (beyond: "external"), and
     # addresses whose DNS name is kept (each until its TTL and the grace pass; beyond: the soonest to expire go).
@@ -65,35 +72,9 @@ class Settings:
     max_dns_names: int = 100_000
     # PacketCaptures of one namespace that run at once (armed ones included); the others wait,
     # Pending with reason NamespaceCaptureLimit (flowmap_operator.capturing).
-    max_captures_per_namespace: int = 4
+    max_captures_per_namespace: int = setting(4, at_least=1)
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
-        """Read ``FLOWMAP_OPERATOR_<FIELD>`` for each field; unknown values fail loudly."""
-        env = os.environ if environ is None else environ
-        values: dict[str, object] = {}
-        for f in fields(cls):
-            raw = env.get(f"FLOWMAP_OPERATOR_{f.name.upper()}")
-            if raw is None:
-                continue
-            kind: type = type(f.default)  # every field has a default
-            try:
-                if kind is bool:
-                    if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                        raise ValueError(raw)
-                    values[f.name] = raw.lower() in ("1", "true", "yes")
-                else:
-                    values[f.name] = kind(raw)
-            except ValueError:
-                raise ValueError(f"FLOWMAP_OPERATOR_{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
-        settings = cls(**values)  # type: ignore[arg-type]
-        if not 0 < settings.max_batch_edges <= MAX_BATCH_EDGES:
-            raise ValueError(f"FLOWMAP_OPERATOR_MAX_BATCH_EDGES={settings.max_batch_edges}: 1 to {MAX_BATCH_EDGES}, "
-                             "the contract's limit (flowmap_api.limits)")
-        if settings.max_rpcs < 1 or settings.max_reports_at_once < 1:
-            raise ValueError("FLOWMAP_OPERATOR_MAX_RPCS and FLOWMAP_OPERATOR_MAX_REPORTS_AT_ONCE: at least 1")
-        if settings.max_captures_per_namespace < 1:
-            raise ValueError("FLOWMAP_OPERATOR_MAX_CAPTURES_PER_NAMESPACE: at least 1")
-        if settings.default_mode not in ("Learn", "Monitor", "Protect"):
-            raise ValueError(f"FLOWMAP_OPERATOR_DEFAULT_MODE={settings.default_mode!r}: Learn, Monitor or Protect")
-        return settings
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Self:
+        """Read ``FLOWMAP_OPERATOR_<FIELD>`` for each field; a bad value or an unknown name fails loudly."""
+        return read(cls, "FLOWMAP_OPERATOR_", "the operator", environ)

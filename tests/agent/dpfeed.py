@@ -11,7 +11,7 @@ import sys
 import time
 
 from flowmap_dp import wire_pb2
-from flowmap_dp.exporting import Exporter
+from flowmap_dp.sending import Exporter
 from flowmap_dp.reporting import iter_reports
 from flowmap_dp.session import Health, Report, SessionDelta
 

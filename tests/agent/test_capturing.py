@@ -31,7 +31,7 @@ from flowmap_api.limits import MAX_UPLOAD_CHUNK
 from flowmap_devenv import pki
 from flowmap_dp import wire_pb2
 from flowmap_dp.capturing import file_name
-from flowmap_dp.exporting import Exporter
+from flowmap_dp.sending import Exporter
 from tests.agent.test_receiving import Acknowledging
 from tests.dp.test_live import A4, B4, FLOWMAP, Node, node  # noqa: F401 (the fixture)
 

@@ -28,7 +28,7 @@ from flowmap_agent.settings import Settings
 from flowmap_api import report_pb2 as pb
 from flowmap_api import report_pb2_grpc as pb_grpc
 from flowmap_dp import wire_pb2
-from flowmap_dp.exporting import Exporter
+from flowmap_dp.sending import Exporter
 from flowmap_dp.framing import KIND_REPORT, frame
 from tests.agent.dpfeed import BYTES
 from tests.conftest import REPO

@@ -15,7 +15,7 @@ from flowmap_agent.receiving import admissible
 from flowmap_agent.running import Agent
 from flowmap_agent.settings import Settings
 from flowmap_dp.framing import HEADER, MAX_FRAME, Stream, WireError
-from flowmap_dp.synth import wire_streams
+from tests.dp.synth import wire_streams
 
 REASONS = {"magic", "version", "length", "payload"}
 

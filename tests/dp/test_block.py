@@ -7,8 +7,8 @@ import struct
 
 import pytest
 
-from flowmap_dp.block import BLOCK_DESC, TP_STATUS_VLAN_VALID, TPACKET3_HDR, pack_block
-from flowmap_dp.synth import ether, ipv4, tcp, udp
+from flowmap_dp.block import BLOCK_DESC, TP_STATUS_VLAN_VALID, TPACKET3_HDR
+from tests.dp.synth import ether, ipv4, pack_block, tcp, udp
 from tests.dp.twins import KINDS, make_table
 
 A4, B4 = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])

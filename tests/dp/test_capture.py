@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from flowmap_devenv.netns import Lab, netns
-from flowmap_dp import synth
+from tests.dp import synth
 from flowmap_dp.capture import (
     BPF_JEQ_K, BPF_LD_H_ABS, BPF_LD_W_ABS, BPF_RET_K, PACKET_OUTGOING, SKF_AD_PKTTYPE, Direction, Encapsulation, Ring,
     RingConfig, build_filter, compile_filter, fanout_group, iter_frames, open_socket,

@@ -13,7 +13,7 @@ import pytest
 from flowmap_cli.main import main as flowmap
 from flowmap_dp.classify import classify_file
 from flowmap_dp.pcapfile import CaptureFormatError, read_records
-from flowmap_dp.synth import ether, ipv4, ipv6, tcp, udp
+from tests.dp.synth import ether, ipv4, ipv6, tcp, udp
 from tests.conftest import NDPI
 
 A, B = bytes([192, 168, 1, 1]), bytes([192, 168, 1, 2])

@@ -17,12 +17,12 @@ from hypothesis import strategies as st
 from scapy.all import DNS, DNSQR, DNSRR
 
 from flowmap_dp import compiled
-from flowmap_dp.block import block_packets, pack_block
+from flowmap_dp.block import block_packets
 from flowmap_dp.classify import OFFLINE_MAX_SESSIONS, classify_file, flow_dict
 from flowmap_dp.detectors.base import Threat
 from flowmap_dp.pcapfile import read_records
 from flowmap_dp.session import HANDOFF_REMEMBERED, INSPECTOR_IDLE, NEW_EXCHANGE_AFTER, Timeouts
-from flowmap_dp.synth import Frame, ether, ipv4, ipv6, mixed_traffic, tcp, udp
+from tests.dp.synth import Frame, ether, ipv4, ipv6, mixed_traffic, pack_block, tcp, udp
 from tests.dp.test_fragments import frags4, frags6
 from tests.dp.twins import Tape, Twins, assert_same_reports, balanced, block_time, blocks_of, make_table
 

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flowmap_devenv.netns import netns
-from flowmap_dp import synth
+from tests.dp import synth
 from flowmap_dp.capture import FRAME, PACKET_OUTGOING, Direction, Ring, RingConfig, iter_frames
 from flowmap_dp.filtering import MAX_FILTERS, Filter, PodDirection, compile_filters
 from tests.dp.bpf import run

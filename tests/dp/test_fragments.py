@@ -10,10 +10,9 @@ import pytest
 from scapy.all import IP, UDP, IPv6, IPv6ExtHdrFragment, Packet, fragment, fragment6
 
 from flowmap_dp import _native
-from flowmap_dp.block import pack_block
 from flowmap_dp.decode import FRAGMENT_TIMEOUT, Decoded, Fragments, decode
 from flowmap_dp.session import Health, SessionDelta
-from flowmap_dp.synth import ether
+from tests.dp.synth import ether, pack_block
 from tests.dp.twins import KINDS, REASONS, Table, balanced, make_table
 
 C4, S4, C6, S6 = "10.0.0.1", "10.0.0.2", "fd00::1", "fd00::2"

@@ -12,9 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flowmap_dp import _native
-from flowmap_dp.block import pack_block
 from flowmap_dp.decode import IGNORED, MALFORMED, Decoded, Fragments, decode
-from flowmap_dp.synth import ether, fuzz_frames, ipv4, seed_frames, tcp
+from tests.dp.synth import ether, fuzz_frames, ipv4, pack_block, seed_frames, tcp
 from tests.dp.twins import Twins, balanced, block_time, native_outcome
 
 LINKS = [0, 1, 101, 113, 228, 229, 276, 999]

@@ -15,7 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flowmap_dp import pcapng, synth
+from flowmap_dp import pcapng
+from tests.dp import synth
 from flowmap_dp.pcapfile import read_records
 from tests.conftest import need
 

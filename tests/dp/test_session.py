@@ -11,7 +11,7 @@ import pytest
 from flowmap_dp.decode import Decoded, decode
 from flowmap_dp.detectors.base import Threat
 from flowmap_dp.session import CLOSED, CLOSING, OPEN, SYN_RECV, SYN_SENT, SessionTable, Timeouts, dst_is_server
-from flowmap_dp.synth import ether, ipv4, ipv6, tcp, udp
+from tests.dp.synth import ether, ipv4, ipv6, tcp, udp
 
 SYN, SYNACK, ACK, PSH, FIN, RST = 0x02, 0x12, 0x10, 0x18, 0x11, 0x04
 

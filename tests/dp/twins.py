@@ -9,13 +9,13 @@ from collections.abc import Callable, Iterable, Sequence
 from struct import Struct
 from typing import Any, TypeAlias
 
-from flowmap_dp.block import feed_block, pack_block
+from flowmap_dp.block import feed_block
 from flowmap_dp.classify import feed_frames
 from flowmap_dp.compiled import CompiledTable
 from flowmap_dp.decode import IGNORED, MALFORMED, Decoded
 from flowmap_dp.detectors.base import Threat
 from flowmap_dp.session import Health, InspectorLike, Report, SessionTable
-from flowmap_dp.synth import Frame
+from tests.dp.synth import Frame, pack_block
 
 Record = tuple[bytes, int, int, float]  # a capture file's frame: (bytes, link type, length on the wire, timestamp)
 REASONS = MALFORMED + IGNORED  # what ``_native.decode_frame`` and the compiled counters index

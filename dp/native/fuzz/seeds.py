@@ -1,5 +1,5 @@
 """Seed inputs for the fuzz targets, in their formats (see fuzz_targets/*.rs), from the frames of
-``flowmap_dp.synth``: every shape the decoder knows, fragment pairs, TCP and DNS exchanges
+``tests.dp.synth``: every shape the decoder knows, fragment pairs, TCP and DNS exchanges
 (with the pauses that start a new lookup), VLAN tags in the frame and stripped, a ready block.
 
     python dp/native/fuzz/seeds.py OUT_DIR     # writes OUT_DIR/decode/* and OUT_DIR/walk/*
@@ -13,8 +13,11 @@ import struct
 import sys
 from pathlib import Path
 
-from flowmap_dp.block import pack_block
-from flowmap_dp.synth import ether, ipv4, ipv6, seed_frames, tcp, udp
+REPO = Path(__file__).resolve().parents[3]  # the frame builders are test tools, not shipped: tests.dp.synth
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from tests.dp.synth import ether, ipv4, ipv6, pack_block, seed_frames, tcp, udp  # noqa: E402
 
 A4, B4 = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
 A6, B6 = b"\xfd" + bytes(14) + b"\x01", b"\xfd" + bytes(14) + b"\x02"

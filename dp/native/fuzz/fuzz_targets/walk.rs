@@ -3,7 +3,7 @@
 //!
 //! Input: `[mode: u8][sessions: u8][pending and feed limit: u8][fragments: u8]`, then either the
 //! block itself (mode bit 0 set: raw bytes, header and chain as they come) or frames that are
-//! laid out in blocks the way `flowmap_dp/block.py: pack_block` does (so the fuzzer starts past
+//! laid out in blocks the way `tests/dp/synth.py: pack_block` does (so the fuzzer starts past
 //! the headers), each frame `[flags: u8][length: u16 LE][bytes]` with optional fields read after
 //! the flags (see `Frame`). Mode bits 1-2 pick how the detectors answer, bit 3 idle timeouts,
 //! bit 4 a hold on new sessions in `collect`.

@@ -16,7 +16,7 @@ import pytest
 from flowmap_agent.listening import RECV_BYTES, ReportReader
 from flowmap_dp import wire_pb2
 from flowmap_dp.detectors.base import Threat
-from flowmap_dp.exporting import Exporter
+from flowmap_dp.sending import Exporter
 from flowmap_dp.framing import HEADER, KIND_CONTROL, KIND_REPORT, MAGIC, MAX_FRAME, FrameDecoder, WireError, frame
 from flowmap_dp.reporting import build_reports
 from flowmap_dp.session import Health, Report, SessionDelta

@@ -33,6 +33,7 @@ from google.protobuf.message import DecodeError
 
 from flowmap_dp import wire_pb2
 from flowmap_dp.framing import KIND_ACK, KIND_CONTROL, KIND_REPORT, FrameDecoder, WireError, frame
+from flowmap_dp.settings import Settings
 
 
 def send_all(sock: socket.socket, data: bytes) -> None:
@@ -48,8 +49,8 @@ class Exporter:
     """dp side: a bounded queue the packet loop offers reports to, and a writer thread."""
 
     path: str
-    queue_size: int = 8
-    queue_sessions: int = 200_000  # session records waiting, all reports together: bounds memory
+    queue_size: int = Settings.queue_size
+    queue_sessions: int = Settings.queue_sessions  # session records waiting, all reports together: bounds memory
     send_timeout: float = 2.0
     max_backoff: float = 2.0
     _queue: queue.Queue[wire_pb2.Report | None] = field(init=False)

@@ -1,4 +1,6 @@
-"""Synthetic frames and traffic, built by hand with ``struct`` (for benchmarks and tests).
+"""Synthetic frames, traffic and TPACKET_V3 blocks, built by hand with ``struct`` (for tests,
+benchmarks and the fuzz seeds, never shipped: run them from the repository's root, which is how
+``tests.dp.synth`` imports).
 
 Shipped code must not use scapy (GPL), and scapy is far too slow to build millions of frames;
 these builders make well-formed Ethernet/VLAN/IPv4/IPv6/TCP/UDP frames (checksums left 0: the
@@ -11,8 +13,13 @@ the frame, some stripped into the TPACKET header as the kernel does).
 from __future__ import annotations
 
 import random
+import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from struct import Struct
+
+from flowmap_dp.block import (BLOCK_DESC, BLOCK_DESC_SIZE, TP_STATUS_USER, TP_STATUS_VLAN_VALID, TPACKET3_HDR,
+                              TPACKET3_HDRLEN)
 
 _ETH = Struct("!6s6sH")
 _TAG = Struct("!HH")
@@ -21,6 +28,7 @@ _IP6 = Struct("!IHBB16s16s")
 _TCP = Struct("!HHIIBBHHH")
 _UDP = Struct("!HHHH")
 _MAC_A, _MAC_B = b"\x02\x00\x00\x00\x00\x01", b"\x02\x00\x00\x00\x00\x02"
+_SEQ_TS = Struct("<QIIII")
 
 Frame = tuple[bytes, float, int | None]  # (frame, timestamp, VLAN TCI stripped by the kernel or None)
 
@@ -257,3 +265,47 @@ def wire_streams(count: int, seed: int = 0) -> list[tuple[list[bytes], int | Non
         cuts = sorted(rnd.randrange(len(data) + 1) for _ in range(rnd.randrange(4)))
         out.append(([bytes(data[a:b]) for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)], reports))
     return out
+
+
+# -- TPACKET_V3 blocks, as the kernel lays them out (flowmap_dp.block reads them) -----------------
+
+def pack_block(frames: Iterable[tuple[bytes, float] | tuple[bytes, float, int | None]], block_size: int = 1 << 20,
+               snaplen: int = 65535, seq: int = 0, link_header: int = 14) -> tuple[bytes, int]:
+    """Lay frames out as the kernel would in one TPACKET_V3 block (for tests and benchmarks).
+
+    Each frame is (bytes, timestamp) or (bytes, timestamp, stripped VLAN TCI). Returns the block
+    and how many frames fit; the rest belong in the next block. ``link_header`` is the device's
+    link header length: 14 for Ethernet, 0 for a tunnel whose frames are raw IP.
+    """
+    out = bytearray(block_size)
+    # The kernel's macoff: the network header aligned to 16 after the headers (tpacket_rcv).
+    mac = ((TPACKET3_HDRLEN + max(link_header, 16) + 15) & ~15) - link_header
+    first = off = (BLOCK_DESC_SIZE + 7) & ~7
+    n = last = 0
+    ts_first = ts_last = (0, 0)
+    for item in frames:
+        data, ts = item[0], item[1]
+        tci = item[2] if len(item) > 2 else None
+        cap = min(len(data), snaplen)
+        step = (mac + cap + 7) & ~7
+        if off + step > block_size:
+            break
+        sec = int(ts)
+        nsec = int(round((ts - sec) * 1e9))
+        if nsec >= 1_000_000_000:
+            sec, nsec = sec + 1, nsec - 1_000_000_000
+        status = TP_STATUS_USER | (TP_STATUS_VLAN_VALID if tci is not None else 0)
+        TPACKET3_HDR.pack_into(out, off, step, sec, nsec, cap, len(data), status, mac, mac + link_header, 0, tci or 0,
+                               0x8100 if tci is not None else 0, 0)
+        out[off + mac : off + mac + cap] = data[:cap]
+        last = off
+        if n == 0:
+            ts_first = (sec, nsec)
+        ts_last = (sec, nsec)
+        off += step
+        n += 1
+    if n:
+        struct.pack_into("<I", out, last, 0)  # as prb_close_block: the last packet links nowhere
+    BLOCK_DESC.pack_into(out, 0, 3, BLOCK_DESC_SIZE, TP_STATUS_USER, n, first, off)
+    _SEQ_TS.pack_into(out, 24, seq, *ts_first, *ts_last)
+    return bytes(out), n
