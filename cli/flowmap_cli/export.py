@@ -20,7 +20,7 @@ def _export(args: argparse.Namespace) -> int:
     from kubernetes.config.config_exception import ConfigException
 
     from flowmap_operator.exporting import Inventory, learning_policies, network_policies
-    from flowmap_operator.policy import Policy
+    from flowmap_operator.policy.rules import Policy
 
     try:
         try:

@@ -41,7 +41,7 @@ from flowmap_api import report_pb2 as pb
 from flowmap_api.validity import SHA256
 from flowmap_operator.conditions import Said, conditions
 from flowmap_operator.ledger import EdgeKey
-from flowmap_operator.policy import matches
+from flowmap_operator.policy.rules import matches
 from flowmap_operator.times import iso, parse_iso
 from flowmap_operator.resolution import Peer, group_name
 

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from flowmap_operator.policy import ANY, Policy
+from flowmap_operator.policy.rules import ANY, Policy
 from flowmap_operator.resolution import EXTERNAL, NODES, RUNTIME_LABELS, group_name, workload_of
 
 Obj = Mapping[str, Any]

@@ -35,8 +35,8 @@ from flowmap_operator import certs, loading, metrics
 from flowmap_operator.auth import Authenticator
 from flowmap_operator.errors import InDoubt, NotFound, Throttled
 from flowmap_operator.kubeapi import Bucket, Writes, call
-from flowmap_operator.modes import Modes
-from flowmap_operator.policing import PolicyHub, PolicyWriter
+from flowmap_operator.policy.modes import Modes
+from flowmap_operator.policy.publishing import PolicyHub, PolicyWriter
 from flowmap_operator.recording import CaptureHub, StatusWriter
 from flowmap_operator.results import ResultServer
 from flowmap_operator.resolution import Resolver

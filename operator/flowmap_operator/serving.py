@@ -31,7 +31,7 @@ from flowmap_operator import capturing, metrics
 from flowmap_operator.auth import Authenticator, Identity
 from flowmap_operator.errors import (Busy, Crowded, InvalidReport, Malformed, NotKnownYet, NotRequested, OutOfOrder,
                                      PermissionDenied, Unauthenticated, Unavailable, Withdrawn)
-from flowmap_operator.policing import PolicyHub
+from flowmap_operator.policy.publishing import PolicyHub
 from flowmap_operator.recording import CaptureHub
 from flowmap_operator.settings import Settings
 from flowmap_operator.topology import Topology
@@ -152,7 +152,7 @@ class Refusals:
             log.info("%s", line)
 
 
-class Gate(grpc.aio.ServerInterceptor):
+class Gate(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships no type hints
     """Every call authenticated from its metadata before its message is read, then parsed here.
 
     A unary request becomes a stream of one to the server (``request_deserializer`` None: raw

@@ -14,8 +14,8 @@ from typing import Any
 
 from flowmap_operator.conditions import Said, conditions
 from flowmap_operator.ledger import Counters, EdgeKey, FlushPlan, watermarks_from_status, watermarks_to_status
-from flowmap_operator.modes import MAX_EXAMPLES, Modes
-from flowmap_operator.policy import DISABLE_ANNOTATION, MAX_LEARNED, Policy, PolicyKey
+from flowmap_operator.policy.modes import MAX_EXAMPLES, Modes
+from flowmap_operator.policy.rules import DISABLE_ANNOTATION, MAX_LEARNED, Policy, PolicyKey
 from flowmap_operator.times import iso, parse_iso
 from flowmap_operator.resolution import Peer
 from flowmap_operator.topology import EdgeInfo, GroupInfo, Topology

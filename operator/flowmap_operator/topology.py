@@ -20,9 +20,9 @@ from flowmap_api import report_pb2 as pb
 from flowmap_operator.conditions import Said
 from flowmap_operator.errors import Crowded
 from flowmap_operator.ledger import Counters, EdgeKey, Ledger
-from flowmap_operator.modes import DENIED, LEARNED, VIOLATION, Modes
+from flowmap_operator.policy.modes import DENIED, LEARNED, VIOLATION, Modes
 from flowmap_operator.naming import connection_name
-from flowmap_operator.policy import PolicyKey
+from flowmap_operator.policy.rules import PolicyKey
 from flowmap_operator.resolution import EXTERNAL, Peer, Resolver
 
 PROTOCOLS = {pb.TCP: "TCP", pb.UDP: "UDP", pb.SCTP: "SCTP", pb.ICMP: "ICMP"}

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from flowmap_api import report_pb2 as pb
 from flowmap_operator.dns import NameTable
-from flowmap_operator.modes import Modes
+from flowmap_operator.policy.modes import Modes
 from flowmap_operator.prefixes import Network, PrefixTable, span
 from flowmap_operator.resolution import Peer, Resolver
 from flowmap_operator.topology import GroupInfo, Topology

@@ -13,7 +13,7 @@ import yaml
 
 from flowmap_devenv.controlplane import ControlPlane
 from flowmap_operator.exporting import Inventory, learning_policies, network_policies
-from flowmap_operator.policy import Policy
+from flowmap_operator.policy.rules import Policy
 from tests.netpol import PodRef, allowed
 
 PODS = {  # name -> (namespace, ip, labels, owner kind, owner)

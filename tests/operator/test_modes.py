@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from flowmap_api import report_pb2 as pb
-from flowmap_operator.compiling import Compiler
-from flowmap_operator.modes import ALLOWED, DENIED, LEARNED, VIOLATION, Modes
-from flowmap_operator.policy import MAX_LEARNED, MAX_PORTS, Policy, matches
+from flowmap_operator.policy.compiling import Compiler
+from flowmap_operator.policy.modes import ALLOWED, DENIED, LEARNED, VIOLATION, Modes
+from flowmap_operator.policy.rules import MAX_LEARNED, MAX_PORTS, Policy, matches
 from flowmap_operator.resolution import Peer, Resolver
 from flowmap_operator.status import policy_status
 from flowmap_operator.topology import THREAT, Topology

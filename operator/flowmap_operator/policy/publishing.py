@@ -17,11 +17,11 @@ from kubernetes_asyncio.client import CoreV1Api
 
 from flowmap_api import report_pb2 as pb
 from flowmap_operator import metrics
-from flowmap_operator.compiling import Compiler
+from flowmap_operator.policy.compiling import Compiler
 from flowmap_operator.errors import NotFound
 from flowmap_operator.kubeapi import FIELD_MANAGER, GROUP, MERGE, VERSION
-from flowmap_operator.modes import Modes
-from flowmap_operator.policy import PolicyKey
+from flowmap_operator.policy.modes import Modes
+from flowmap_operator.policy.rules import PolicyKey
 from flowmap_operator.times import iso
 from flowmap_operator.status import policy_status
 from flowmap_operator.streaming import NodeStreams

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from flowmap_operator.policy import EGRESS, INGRESS, Policy, PolicyKey
+from flowmap_operator.policy.rules import EGRESS, INGRESS, Policy, PolicyKey
 from flowmap_operator.resolution import Peer, Resolver
 
 LEARNED, ALLOWED, VIOLATION, DENIED = "Learned", "Allowed", "Violation", "Denied"

@@ -13,8 +13,8 @@ import ipaddress
 from collections.abc import Iterable
 
 from flowmap_api import report_pb2 as pb
-from flowmap_operator.modes import Modes
-from flowmap_operator.policy import ANY, EGRESS, INGRESS
+from flowmap_operator.policy.modes import Modes
+from flowmap_operator.policy.rules import ANY, EGRESS, INGRESS
 from flowmap_operator.resolution import EXTERNAL, NODES
 
 PROTOCOLS = {"TCP": pb.TCP, "UDP": pb.UDP, "SCTP": pb.SCTP, "ICMP": pb.ICMP}
