@@ -28,7 +28,7 @@ from flowmap_cli import captures
 from flowmap_cli.captures import GROUP, PLURAL, RESULTS_GROUP, VERSION, clean
 from flowmap_cli.kube import ClusterError, Source
 from flowmap_operator.capturing import FINISHED
-from flowmap_operator.policy import parse_iso
+from flowmap_operator.times import parse_iso
 
 CHUNK = 64 * 1024  # bytes read and written at a time: a download never sits in memory whole
 TIMEOUT = (10, 60)  # seconds to connect, to wait for each answer (or each chunk of the file)
