@@ -25,16 +25,13 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from flowmap_agent.errors import PolicyRefused
 from flowmap_api import report_pb2 as pb
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 # pb.Protocol -> its IP protocol numbers (IPv4, IPv6)
 L4: dict[int, tuple[int, int]] = {pb.TCP: (6, 6), pb.UDP: (17, 17), pb.SCTP: (132, 132), pb.ICMP: (1, 58)}
 ANY_PORT = "0-65535"
-
-
-class Refused(ValueError):
-    """The policy is invalid or too large: it is refused whole, the rules in force stay."""
 
 
 @dataclass(frozen=True)
@@ -107,14 +104,14 @@ def chains() -> dict[str, Chain]:
 
 
 def parse(policy: pb.NodePolicy, max_elements: int) -> Policy:
-    """Validate ``policy`` whole; raise Refused naming the first bad field or the size."""
+    """Validate ``policy`` whole; raise PolicyRefused naming the first bad field or the size."""
     if policy.enforcement_disabled:
         return Policy(version=policy.version)
     # Counted before anything is parsed or expanded, so a hostile policy costs little more than its bytes.
     budget = sum(len(pod.ips) * (1 + sum(len(p.cidrs) * (len(p.ports) or 1) for p in (*pod.egress, *pod.ingress)))
                  for pod in policy.pods)
     if budget > max_elements:
-        raise Refused(f"the policy needs up to {budget} set elements, more than {max_elements}")
+        raise PolicyRefused(f"the policy needs up to {budget} set elements, more than {max_elements}")
     egress: dict[str, list[Peer]] = {}
     ingress: dict[str, list[Peer]] = {}
     known: dict[tuple[tuple[str, ...], int, tuple[int, ...]], Peer] = {}  # pods share peers: parse each once
@@ -150,7 +147,7 @@ def desired(policy: Policy, max_elements: int) -> Ruleset:
             sets[f"{way}{v}"] = SetSpec((kind, "inet_proto", kind, "inet_service"), True, elements)
     ruleset = Ruleset(sets, chains())
     if ruleset.size > max_elements:
-        raise Refused(f"the policy needs {ruleset.size} set elements, more than {max_elements}")
+        raise PolicyRefused(f"the policy needs {ruleset.size} set elements, more than {max_elements}")
     return ruleset
 
 
@@ -181,25 +178,25 @@ def _address(text: str, where: str) -> ipaddress.IPv4Address | ipaddress.IPv6Add
     try:
         return ipaddress.ip_address(text)
     except ValueError:
-        raise Refused(f"{where}: {text!r} is not an IP address") from None
+        raise PolicyRefused(f"{where}: {text!r} is not an IP address") from None
 
 
 def _peer(peer: pb.PodPolicy.Peer, where: str, known: dict[str, Network]) -> Peer:
     if peer.protocol not in L4:
-        raise Refused(f"{where}.protocol: {peer.protocol} is not TCP, UDP, SCTP or ICMP")
+        raise PolicyRefused(f"{where}.protocol: {peer.protocol} is not TCP, UDP, SCTP or ICMP")
     networks = []
     for k, cidr in enumerate(peer.cidrs):
         if cidr not in known:
             try:
                 known[cidr] = ipaddress.ip_network(cidr)  # strict: host bits set is a mistake, not a wider rule
             except ValueError:
-                raise Refused(f"{where}.cidrs[{k}]: {cidr!r} is not a network") from None
+                raise PolicyRefused(f"{where}.cidrs[{k}]: {cidr!r} is not a network") from None
         networks.append(known[cidr])
     if peer.protocol == pb.ICMP or not peer.ports:
         return Peer(peer.protocol, tuple(networks), None)  # ICMP has no ports: they are ignored
     bad = [p for p in peer.ports if not 0 < p < 65536]
     if bad:
-        raise Refused(f"{where}.ports: {bad[0]} is not a port")
+        raise PolicyRefused(f"{where}.ports: {bad[0]} is not a port")
     return Peer(peer.protocol, tuple(networks), frozenset(peer.ports))
 
 

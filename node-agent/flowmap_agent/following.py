@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import grpc
 from prometheus_client import Counter
 
+from flowmap_agent.errors import failure
 from flowmap_agent.settings import Settings
 from flowmap_api.pacing import Backoff, pause
 
@@ -54,9 +55,9 @@ async def follow(settings: Settings, open_stream: Callable[[grpc.aio.Channel, Me
             breaks.labels("ended").inc()
             log.warning("the %s stream ended; %s", what, stays)
         except (grpc.RpcError, OSError) as exc:
-            code = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else type(exc).__name__
-            breaks.labels(code.lower()).inc()
-            log.warning("%s stream broken (%s); %s, reconnecting in %.1f s", what, code, stays, backoff.current)
+            failed = failure(exc)  # whatever the code, the stream is opened again after the backoff
+            breaks.labels(failed.label).inc()
+            log.warning("%s stream broken (%s); %s, reconnecting in %.1f s", what, failed.code, stays, backoff.current)
         finally:
             if channel is not None:
                 await channel.close()

@@ -24,14 +24,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flowmap_agent.enforcement import Network, Ruleset, SetSpec, net_text
+from flowmap_agent.errors import NftError
 
 TABLE = "inet flowmap"
 CHUNK = 1000  # elements per statement: nft's parser and its error messages stay small
 Base = tuple[str, str, int, str] | None
-
-
-class NftError(RuntimeError):
-    """``nft`` failed: nothing of the transaction was applied."""
 
 
 @dataclass

@@ -45,6 +45,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TypeVar
 
+from flowmap_agent.errors import StateError
 from flowmap_agent.positions import MAX_WORKERS, Position
 from flowmap_api import report_pb2 as pb
 from flowmap_api.limits import MAX_BATCH_EDGES, MAX_MESSAGE_BYTES, MAX_NAMES
@@ -63,10 +64,6 @@ _U64, _U32 = (1 << 64) - 1, (1 << 32) - 1
 # What identifies one agent edge; counters of deltas with the same key add up.
 EdgeKey = tuple[str, str, int, int, str, bool, bool]  # client ip, server ip, server port, protocol,
 #                                                      client pod, client local, server local
-
-
-class StateError(ValueError):
-    """The state file is not one this agent can read: start afresh (and count it as lost)."""
 
 
 def edge_key(d: pb.EdgeDelta) -> EdgeKey:

@@ -23,9 +23,10 @@ from collections.abc import Callable, Iterator
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 
-from flowmap_agent.enforcement import Policy, Refused, desired, parse
+from flowmap_agent.enforcement import Policy, desired, parse
+from flowmap_agent.errors import NftError, PolicyRefused
 from flowmap_agent.following import alongside, follow
-from flowmap_agent.nftables import NftError, Table
+from flowmap_agent.nftables import Table
 from flowmap_agent.settings import Settings
 from flowmap_api import report_pb2 as pb
 from flowmap_api import report_pb2_grpc as pb_grpc
@@ -125,7 +126,7 @@ class Protector:
         try:
             policy = parse(message, s.policy_max_elements)
             want = desired(policy, s.policy_max_elements)
-        except Refused as exc:
+        except PolicyRefused as exc:
             self.refused.inc()
             log.error("policy %d refused whole, the rules in force stay: %s", message.version, exc)
             return None

@@ -73,8 +73,9 @@ from flowmap_agent.aggregation import Aggregator, admit
 from flowmap_agent.captures import Orders, local_pods
 from flowmap_agent.capturing import Capturer
 from flowmap_agent.enforcement import Policy
+from flowmap_agent.errors import Failed, Invalid, NoConntrack, RefusedEdge, RefusedWhole, Resend, StateError, failure
 from flowmap_agent.listening import ReportReader
-from flowmap_agent.outbox import EdgeKey, Outbox, StateError, edge_key
+from flowmap_agent.outbox import EdgeKey, Outbox, edge_key
 from flowmap_agent.pods import LocalPods
 from flowmap_agent.positions import acks, follow
 from flowmap_agent.protecting import Protector
@@ -122,15 +123,6 @@ SPLITS = Counter("flowmap_agent_split_batches",
                  registry=REGISTRY)
 MAX_QUARANTINE_LOG = 4096  # edges whose quarantine was logged (each once), remembered
 MAX_REFUSAL_ROUNDS = 64  # refusals handled in one delivery, before the next interval's
-
-
-def refused_edge(exc: grpc.aio.AioRpcError) -> int | None:
-    """The edge an INVALID_ARGUMENT refusal names (flowmap_api.validity.REFUSED_EDGE), if any."""
-    for key, value in exc.trailing_metadata() or ():
-        if key == validity.REFUSED_EDGE:
-            text = value.decode() if isinstance(value, bytes) else str(value)
-            return int(text) if text.isdigit() else None
-    return None
 
 
 class DpHealth:
@@ -221,8 +213,8 @@ class Agent:
         """Send what is not acknowledged, in order; on a failure, back off and resend later.
 
         A refusal is never a reason to drop what is unacknowledged: a batch refused for one edge
-        (``flowmap-refused-edge``) loses that edge alone, counted, and goes again at once; a batch
-        over the contract's limits is cut down and goes again at once; any other refusal is
+        (flowmap_agent.errors.RefusedEdge) loses that edge alone, counted, and goes again at once; a
+        batch over the contract's limits is cut down and goes again at once; any other refusal is
         retried with backoff, and the batch kept, however long it takes (it is counted under
         ``flowmap_agent_reports_total`` by its code, and logged each time).
         """
@@ -239,7 +231,7 @@ class Agent:
                 for batch in box.to_deliver():
                     try:
                         ack = await self._report(batch, token)
-                    except grpc.aio.AioRpcError as exc:
+                    except RefusedWhole as exc:
                         if not self._refused(batch, exc):
                             raise
                         rounds += 1
@@ -247,17 +239,17 @@ class Agent:
                         break
                     box.delivered_ok(batch, ack)
             self.backoff.reset()
-        except (grpc.RpcError, ConnectionError, OSError) as exc:
-            code = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else type(exc).__name__
-            if isinstance(exc, grpc.aio.AioRpcError):
-                REPORTS.labels(code.lower()).inc()
-            if isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+        except (Failed, grpc.RpcError, OSError) as exc:
+            failed = exc if isinstance(exc, Failed) else failure(exc)
+            if failed.status is not None:
+                REPORTS.labels(failed.label).inc()
+            if isinstance(failed, Invalid):
                 # Nothing the agent can take out: kept, and retried, until an agent or operator that
                 # agree on the contract are running.
                 log.error("batch %d refused as invalid (%s): kept, resent in %.1f s", batch.sequence if batch else 0,
-                          exc.details(), self.backoff.current)
+                          failed.details, self.backoff.current)
             else:
-                log.warning("report failed (%s); resending from batch %d in %.1f s", code, box.acked + 1,
+                log.warning("report failed (%s); resending from batch %d in %.1f s", failed.code, box.acked + 1,
                             self.backoff.current)
             box.failed()
             self.retry_at = time.monotonic() + self.backoff.next()
@@ -266,32 +258,32 @@ class Agent:
         LAG.set(max(0.0, time.time() - oldest / 1000) if oldest else 0.0)
 
     async def _report(self, batch: pb.ReportBatch, token: str) -> pb.ReportAck:
-        """One call; the operator's acknowledgement (ConnectionError if it is no leader)."""
+        """One call; the operator's acknowledgement (flowmap_agent.errors.Failed if there is none)."""
         started = time.monotonic()
-        ack: pb.ReportAck = await self._stub().Report(batch, metadata=(("authorization", f"Bearer {token}"),),
-                                                      timeout=self.settings.send_timeout)
+        try:
+            ack: pb.ReportAck = await self._stub().Report(batch, metadata=(("authorization", f"Bearer {token}"),),
+                                                          timeout=self.settings.send_timeout)
+        except grpc.RpcError as exc:
+            raise failure(exc) from exc
         REPORT_SECONDS.observe(time.monotonic() - started)
         if not ack.leader:
             REPORTS.labels("not_leader").inc()
             await self._drop_channel()  # a new connection may reach the leader
-            raise ConnectionError("not the leader")
+            raise Resend("ConnectionError", "not the leader")
         REPORTS.labels("ok").inc()
         return ack
 
-    def _refused(self, batch: pb.ReportBatch, exc: grpc.aio.AioRpcError) -> bool:
+    def _refused(self, batch: pb.ReportBatch, exc: RefusedWhole) -> bool:
         """A refusal the agent can act on at once: True once ``batch`` is fit to go again."""
-        code = exc.code()
-        if code == grpc.StatusCode.INVALID_ARGUMENT:
-            edge = refused_edge(exc)
-            if edge is not None and (bad := self.outbox.quarantine(batch, edge)) is not None:
-                REPORTS.labels("refused_edge").inc()
-                self.quarantined(bad, exc.details() or "refused", by="operator")
-                return True
-        if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED) and self.outbox.split(batch):
+        if isinstance(exc, RefusedEdge) and (bad := self.outbox.quarantine(batch, exc.edge)) is not None:
+            REPORTS.labels("refused_edge").inc()
+            self.quarantined(bad, exc.details or "refused", by="operator")
+            return True
+        if self.outbox.split(batch):
             REPORTS.labels("split").inc()
             SPLITS.inc()
             log.warning("batch %d was over the contract's limits (%s): cut down, the rest goes in the next batches",
-                        batch.sequence, exc.details())
+                        batch.sequence, exc.details)
             return True
         return False
 
@@ -493,7 +485,7 @@ class Agent:
                                                                               s.netns)
             self.unnat = nat.Unnat(lookup, wanted.own, pods.by_ip)
             self.aggregator.destination = destination
-        except nat.Unavailable as exc:
+        except NoConntrack as exc:
             log.warning("no connection tracking (%s): masqueraded traffic will show as the node's", exc)
             close_conntrack = lambda: None  # noqa: E731
 

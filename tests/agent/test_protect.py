@@ -421,7 +421,7 @@ def test_a_hostile_policy_is_refused_whole_and_the_rules_stay(node: Node, spoil:
 
 
 def test_a_failed_transaction_changes_nothing_and_is_retried(node: Node) -> None:
-    from flowmap_agent.nftables import NftError
+    from flowmap_agent.errors import NftError
 
     protector = node.protector()
     assert protector.apply(policy(1)) is not None
