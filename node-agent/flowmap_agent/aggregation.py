@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from flowmap_agent.deltas import MAX_THREATS, U32, U64, earliest
 from flowmap_agent.enforcement import Policy, verdict
 from flowmap_api import report_pb2 as pb
 from flowmap_api import validity
@@ -30,7 +31,6 @@ from flowmap_dp import wire_pb2
 
 PROTOCOLS = {6: pb.TCP, 17: pb.UDP, 132: pb.SCTP, 1: pb.ICMP, 58: pb.ICMP}
 MAX_OPEN_PER_EDGE = 1 << 20  # open-session tracking is a gauge; never let it grow without end
-U64, U32 = (1 << 64) - 1, (1 << 32) - 1
 # An edge's sums while a report is read: bytes and packets each way, first and last seen (ms),
 # sessions opened and closed, applications, threat hits.
 _Sums = list[Any]
@@ -98,7 +98,8 @@ class Aggregator:
         """One dp report's sessions as edge deltas (one per edge), and the names its DNS answers gave.
 
         Sums are kept in plain lists and each address is read once per report (a report holds up
-        to 100k sessions among far fewer addresses): the protobuf messages are built at the end.
+        to 100k sessions among far fewer addresses): the protobuf messages are built at the end. The
+        sessions fold by the rules of the one merge of deltas (flowmap_agent.deltas).
         """
         acc: dict[tuple[str, str, int, pb.Protocol], _Sums] = {}
         sample: dict[tuple[str, str, int, pb.Protocol], tuple[int, str, int, str, int]] = {}  # a session of each edge
@@ -131,8 +132,7 @@ class Aggregator:
             e[2] += s.packets_c2s
             e[3] += s.packets_s2c
             first, last = s.first_seen_ns // 1_000_000, s.last_seen_ns // 1_000_000
-            if first and (not e[4] or first < e[4]):
-                e[4] = first
+            e[4] = earliest(e[4], first)
             if last > e[5]:
                 e[5] = last
             if s.app and s.app not in e[8]:
@@ -148,7 +148,7 @@ class Aggregator:
                 opened.discard(session)
             if threats:
                 for hit in threats.get((s.ip_proto, cip, s.client_port, sip, s.server_port), ()):
-                    if len(e[9]) < 16:
+                    if len(e[9]) < MAX_THREATS:
                         e[9].append(pb.ThreatHit(name=hit.threat, snippet=hit.snippet[:256],
                                                  time_unix_ms=hit.seen_ns // 1_000_000))
         edges = []

@@ -72,10 +72,11 @@ from flowmap_agent import links, nat, plumbing
 from flowmap_agent.aggregation import Aggregator, admit
 from flowmap_agent.captures import Orders, local_pods
 from flowmap_agent.capturing import Capturer
+from flowmap_agent.deltas import EdgeKey, edge_key
 from flowmap_agent.enforcement import Policy
 from flowmap_agent.errors import Failed, Invalid, NoConntrack, RefusedEdge, RefusedWhole, Resend, StateError, failure
 from flowmap_agent.listening import ReportReader
-from flowmap_agent.outbox import EdgeKey, Outbox, edge_key
+from flowmap_agent.outbox import Outbox
 from flowmap_agent.pods import LocalPods
 from flowmap_agent.positions import acks, follow
 from flowmap_agent.protecting import Protector

@@ -16,7 +16,8 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
-from flowmap_agent.outbox import Outbox, edge_key
+from flowmap_agent.deltas import edge_key
+from flowmap_agent.outbox import Outbox
 from flowmap_agent.plumbing import announced
 from flowmap_agent.running import REGISTRY, Agent
 from flowmap_agent.settings import Settings
