@@ -7,7 +7,7 @@ from any of its own addresses, a CNI bridge's gateway included) are marked local
 named, which is how the operator knows which node counts an edge (and that a local end without
 a pod is the node itself).
 Under Protect mode each delta also says what this node's policy did to it (the policy in force
-is injected; see flowmap_agent.enforcement.verdict). The dp sees a pod's call to a ClusterIP
+is injected; see flowmap_agent.policy.compiling.verdict). The dp sees a pod's call to a ClusterIP
 before the node's DNAT, while the node's table judges it after: an edge the policy would deny
 is judged again at the address the kernel sent it to (``destination``, from conntrack, injected).
 Traffic that never leaves a link (IPv6 neighbour discovery, link-local, multicast, broadcast) is
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flowmap_agent.deltas import MAX_THREATS, U32, U64, earliest
-from flowmap_agent.enforcement import Policy, verdict
+from flowmap_agent.policy.compiling import PolicyInForce, verdict
 from flowmap_api import report_pb2 as pb
 from flowmap_api import validity
 from flowmap_dp import wire_pb2
@@ -84,7 +84,7 @@ def link_scoped(ip: bytes) -> bool:
 class Aggregator:
     local_pods: Mapping[str, str] = field(default_factory=dict)  # pod IP on this node -> "namespace/name"
     node_ips: frozenset[str] = frozenset()  # the node's own addresses (flowmap_agent.plumbing.own_addresses)
-    policy: Policy = field(default_factory=Policy)  # the policy in force on this node
+    policy: PolicyInForce = field(default_factory=PolicyInForce)  # the policy in force on this node
     # Where the node's DNAT sent a session: (l4, client, port, server, port) -> (address, port), or None.
     destination: Callable[[tuple[int, str, int, str, int]], tuple[str, int] | None] | None = None
     # Open sessions per edge (their 5-tuples), for the sessions_active gauge.

@@ -15,7 +15,7 @@ longer than a send timeout, and backs off with jitter (from 0.5 s: a batch the o
 because it names a pod it does not know yet goes again within a second). The dp starts with
 the Node object's addresses and takes the rest from the agent, so it also counts what the node
 itself sends (a kubelet probe from a bridge's gateway address too), where it leaves the node.
-Alongside, Protect mode (flowmap_agent.protecting) keeps the node's nftables table to the policy
+Alongside, Protect mode (flowmap_agent.policy) keeps the node's nftables table to the policy
 the operator streams, and each delta says what that policy did to it; and the packet captures
 the operator orders (flowmap_agent.capturing) go to the dp in every Control, their statuses back.
 
@@ -73,13 +73,13 @@ from flowmap_agent.aggregation import Aggregator, admit
 from flowmap_agent.captures import Orders, local_pods
 from flowmap_agent.capturing import Capturer
 from flowmap_agent.deltas import EdgeKey, edge_key
-from flowmap_agent.enforcement import Policy
 from flowmap_agent.errors import Failed, Invalid, NoConntrack, RefusedEdge, RefusedWhole, Resend, StateError, failure
 from flowmap_agent.listening import ReportReader
 from flowmap_agent.outbox import Outbox
 from flowmap_agent.pods import LocalPods
+from flowmap_agent.policy.compiling import PolicyInForce
+from flowmap_agent.policy.protecting import Protector
 from flowmap_agent.positions import acks, follow
-from flowmap_agent.protecting import Protector
 from flowmap_agent.receiving import Receiver
 from flowmap_agent.settings import Settings
 from flowmap_api import report_pb2 as pb
@@ -179,7 +179,7 @@ class Agent:
         self.capturer = Capturer(settings, registry)
         self.told: tuple[plumbing.Plan, Orders] | None = None  # what the dp was told last
 
-    def protected(self, policy: Policy) -> None:
+    def protected(self, policy: PolicyInForce) -> None:
         """A policy is in force: deltas from now on say what it did to them."""
         self.aggregator.policy = policy
 

@@ -93,17 +93,18 @@ def test_a_call_to_a_clusterip_is_judged_where_the_node_sent_it() -> None:
     after, towards the pod behind it. An edge the policy would deny is judged there again."""
     import ipaddress as ipa
 
-    from flowmap_agent.enforcement import Peer, Policy
+    from flowmap_agent.policy.compiling import AllowedPeer, PolicyInForce
 
     web, api, service, db = "10.244.1.10", "10.244.2.20", "10.96.0.50", "10.244.2.30"
-    allowed = Peer(pb.TCP, (ipa.ip_network(f"{api}/32"),), frozenset({8080}))
+    allowed = AllowedPeer(pb.TCP, (ipa.ip_network(f"{api}/32"),), frozenset({8080}))
     asked: list[tuple[int, str, int, str, int]] = []
 
     def destination(key: tuple[int, str, int, str, int]) -> tuple[str, int] | None:
         asked.append(key)
         return {service: (api, 8080)}.get(key[3])
 
-    agg = Aggregator(local_pods={web: "shop/web-1"}, policy=Policy(egress={web: (allowed,)}), destination=destination)
+    agg = Aggregator(local_pods={web: "shop/web-1"}, policy=PolicyInForce(egress={web: (allowed,)}),
+                     destination=destination)
     # The answer of a ClusterIP call comes back as another 5-tuple: this edge never sees one.
     via_service, direct_db = agg.take(wire_pb2.Report(sessions=[
         session(web, 40000, service, 80, new=True, c2s=74),

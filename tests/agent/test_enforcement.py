@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flowmap_agent.aggregation import Aggregator
-from flowmap_agent.enforcement import ANY_PORT, Policy, desired, parse, verdict
 from flowmap_agent.errors import PolicyRefused
-from flowmap_agent.nftables import Found, element, found, plan
+from flowmap_agent.policy.compiling import ANY_PORT, PolicyInForce, desired, parse, verdict
+from flowmap_agent.policy.nftables import Found, element, found, plan
 from flowmap_api import report_pb2 as pb
 from flowmap_dp import wire_pb2
 
@@ -201,7 +201,7 @@ def test_the_verdict_of_an_edge() -> None:
     # Unallowed but answered, or not attempted in this interval: open before Protect, not denied.
     assert verdict(policy, C, B, 8080, pb.TCP, answered=True) == pb.VERDICT_UNSPECIFIED
     assert verdict(policy, C, B, 8080, pb.TCP, answered=False, opened=False) == pb.VERDICT_UNSPECIFIED
-    assert verdict(Policy(), A, B, 8080, pb.TCP, answered=False) == pb.VERDICT_UNSPECIFIED
+    assert verdict(PolicyInForce(), A, B, 8080, pb.TCP, answered=False) == pb.VERDICT_UNSPECIFIED
 
 
 def test_deltas_carry_the_verdict_of_the_policy_in_force() -> None:

@@ -26,8 +26,8 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
-from flowmap_agent.enforcement import Ruleset
-from flowmap_agent.protecting import Protector
+from flowmap_agent.policy.compiling import Ruleset
+from flowmap_agent.policy.protecting import Protector
 from flowmap_agent.settings import Settings
 from flowmap_api import report_pb2 as pb
 from flowmap_api import report_pb2_grpc as pb_grpc
@@ -118,8 +118,8 @@ print(json.dumps(counts))
 RESTART = """
 import sys
 from prometheus_client import CollectorRegistry
-from flowmap_agent.enforcement import Ruleset
-from flowmap_agent.protecting import Protector
+from flowmap_agent.policy.compiling import Ruleset
+from flowmap_agent.policy.protecting import Protector
 from flowmap_agent.settings import Settings
 from flowmap_api import report_pb2 as pb
 registry = CollectorRegistry()

@@ -23,10 +23,10 @@ from collections.abc import Callable, Iterator
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 
-from flowmap_agent.enforcement import Policy, desired, parse
 from flowmap_agent.errors import NftError, PolicyRefused
 from flowmap_agent.following import alongside, follow
-from flowmap_agent.nftables import Table
+from flowmap_agent.policy.compiling import PolicyInForce, desired, parse
+from flowmap_agent.policy.nftables import Table
 from flowmap_agent.settings import Settings
 from flowmap_api import report_pb2 as pb
 from flowmap_api import report_pb2_grpc as pb_grpc
@@ -37,7 +37,7 @@ COUNTERS_EVERY = 5.0  # seconds between reads of the rules' counters (the whole 
 
 class Protector:
     def __init__(self, settings: Settings, registry: CollectorRegistry,
-                 applied: Callable[[Policy], None] = lambda policy: None) -> None:
+                 applied: Callable[[PolicyInForce], None] = lambda policy: None) -> None:
         self.settings, self.applied = settings, applied
         self.table = Table(settings.netns)
         self.wanted: pb.NodePolicy | None = None  # the latest policy streamed
@@ -116,7 +116,7 @@ class Protector:
                 with contextlib.suppress(NftError):
                     self.rules = await asyncio.to_thread(self.table.counters)
 
-    def apply(self, message: pb.NodePolicy) -> Policy | None:
+    def apply(self, message: pb.NodePolicy) -> PolicyInForce | None:
         """Make the table ``message``'s: the policy now in force, or None when it is refused whole.
 
         Raises NftError when nft failed (nothing of the change was applied).
