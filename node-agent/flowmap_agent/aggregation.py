@@ -94,7 +94,7 @@ class Aggregator:
         pod = self.local_pods.get(ip, "")
         return pb.Endpoint(ip=ip, port=port, pod=pod, local=bool(pod) or ip in self.node_ips)
 
-    def take(self, report: wire_pb2.Report) -> tuple[list[pb.EdgeDelta], list[pb.DnsName]]:
+    def aggregate(self, report: wire_pb2.Report) -> tuple[list[pb.EdgeDelta], list[pb.DnsName]]:
         """One dp report's sessions as edge deltas (one per edge), and the names its DNS answers gave.
 
         Sums are kept in plain lists and each address is read once per report (a report holds up

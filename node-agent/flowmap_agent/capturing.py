@@ -132,7 +132,7 @@ class Capturer:
         s = self.settings
         first = [True]
 
-        def take(message: pb.NodeCaptures) -> None:
+        def adopt(message: pb.NodeCaptures) -> None:
             if first[0]:
                 first[0] = False
                 self.sent = None  # a new stream: the operator hears how every capture stands
@@ -151,7 +151,7 @@ class Capturer:
             first[0] = True
             return pb_grpc.CaptureServiceStub(channel).Watch(pb.WatchRequest(node=s.node), metadata=metadata)
 
-        await follow(s, open_stream, take, self.streams, stop, what="capture",
+        await follow(s, open_stream, adopt, self.streams, stop, what="capture",
                      stays="the captures ordered stay", max_receive=s.capture_max_bytes)
 
     def serve(self) -> None:

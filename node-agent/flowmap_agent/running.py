@@ -336,7 +336,7 @@ class Agent:
                 # cut off with a broken connection, or read by an agent that died before saving.
                 REPORT_GAPS.inc(step.missing)
                 log.warning("dp worker %d: %d reports never arrived", report.worker, step.missing)
-            deltas, names = self.aggregator.take(report)
+            deltas, names = self.aggregator.aggregate(report)
             admitted = admit(deltas, names)
             for (field, reason), n in admitted.tally.items():
                 NORMALISED.labels(field, reason).inc(n)
@@ -453,7 +453,7 @@ class Agent:
         it); the reports wait, unacknowledged, in the receiver and the dp."""
         assert self.receiver is not None
         if take:
-            await self.ingest(self.receiver.take())
+            await self.ingest(self.receiver.drain())
         self.outbox.cut_all()
         await asyncio.to_thread(self.outbox.save, Path(self.settings.state_file))
         dp.ack(acks(self.outbox.dp_positions))  # saved: the dp may forget them

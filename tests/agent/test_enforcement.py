@@ -212,7 +212,7 @@ def test_deltas_carry_the_verdict_of_the_policy_in_force() -> None:
 
     agg = Aggregator(local_pods={A: "shop/a", B: "shop/b", C: "shop/c"})
     report = wire_pb2.Report(sessions=[session(A, B, 8080, 500), session(C, B, 8080, 0), session(C, A, 22, 0)])
-    assert {d.verdict for d in agg.take(report)[0]} == {pb.VERDICT_UNSPECIFIED}  # no policy in force yet
+    assert {d.verdict for d in agg.aggregate(report)[0]} == {pb.VERDICT_UNSPECIFIED}  # no policy in force yet
     agg.policy = parse(shop(), MAX)
-    verdicts = {(d.client.ip, d.server.ip, d.server.port): d.verdict for d in agg.take(report)[0]}
+    verdicts = {(d.client.ip, d.server.ip, d.server.port): d.verdict for d in agg.aggregate(report)[0]}
     assert verdicts == {(A, B, 8080): pb.ALLOWED, (C, B, 8080): pb.DENIED, (C, A, 22): pb.DENIED}

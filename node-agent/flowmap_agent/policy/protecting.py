@@ -76,14 +76,14 @@ class Protector:
 
     async def watch(self, stop: asyncio.Event) -> None:
         """Keep the stream open (flowmap_agent.following); each policy becomes the wanted one."""
-        def take(policy: pb.NodePolicy) -> None:
+        def want(policy: pb.NodePolicy) -> None:
             self.wanted = policy
             self.changed.set()
 
         await follow(self.settings,
                      lambda channel, metadata: pb_grpc.PolicyServiceStub(channel).Watch(
                          pb.WatchRequest(node=self.settings.node), metadata=metadata),
-                     take, self.streams, stop, what="policy", stays="the policy in force stays",
+                     want, self.streams, stop, what="policy", stays="the policy in force stays",
                      max_receive=self.settings.policy_max_bytes)
 
     async def enforce(self, stop: asyncio.Event) -> None:
