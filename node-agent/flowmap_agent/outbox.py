@@ -62,9 +62,10 @@ MAX_STATE_BYTES = 512 * 1024 * 1024
 MAX_BATCH_BYTES = MAX_MESSAGE_BYTES - 16 * 1024
 _M = TypeVar("_M", pb.EdgeDelta, pb.DnsName)
 
+
 def _weight(msg: pb.EdgeDelta | pb.DnsName) -> int:
     """Bytes ``msg`` adds to a batch: itself, its tag and its length."""
-    return msg.ByteSize() + 6
+    return int(msg.ByteSize()) + 6
 
 
 def _copy(msg: _M) -> _M:
@@ -76,7 +77,7 @@ def _copy(msg: _M) -> _M:
 def oversized(batch: pb.ReportBatch) -> bool:
     """More than the operator takes in one batch (flowmap_api.limits; names beyond MAX_NAMES it
     drops, as metadata)."""
-    return len(batch.edges) > MAX_BATCH_EDGES or batch.ByteSize() > MAX_MESSAGE_BYTES
+    return bool(len(batch.edges) > MAX_BATCH_EDGES or batch.ByteSize() > MAX_MESSAGE_BYTES)
 
 
 class _Filling:

@@ -467,7 +467,7 @@ class Agent:
         if os.environ.get("KUBECONFIG"):
             await config.load_kube_config()
         else:
-            config.load_incluster_config()
+            config.load_incluster_config()  # type: ignore[no-untyped-call, unused-ignore]
         api = client.ApiClient()
         core = client.CoreV1Api(api)
         pods = LocalPods(core, s.node)
