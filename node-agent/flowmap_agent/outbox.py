@@ -14,7 +14,8 @@
   (``acked``) so that the operator can prune what it kept to recognise a resend. When there is
   nothing new to send, a batch with sequence 0 asks for the acknowledgement.
 * ``save``/``load`` keep all of it on disk (written atomically each interval, before sending),
-  so a crash of the agent loses at most what reached it after the last save.
+  so a crash of the agent loses at most what reached it after the last save; a starting agent
+  takes it up with :func:`resume`.
 
 * A batch keeps to the contract's limits (flowmap_api.limits: edges, names, encoded bytes): what
   does not fit waits for the next batch, cut at once. A batch the operator refused whole holds
@@ -38,7 +39,9 @@ are still read.
 
 from __future__ import annotations
 
+import logging
 import os
+import secrets
 import struct
 import tempfile
 import time
@@ -52,6 +55,7 @@ from flowmap_agent.positions import MAX_WORKERS, Position
 from flowmap_api import report_pb2 as pb
 from flowmap_api.limits import MAX_BATCH_EDGES, MAX_MESSAGE_BYTES, MAX_NAMES
 
+log = logging.getLogger("flowmap.agent")
 MAGIC, VERSION = b"FMAS", 3
 _HEAD, _LEN = struct.Struct("!4sH"), struct.Struct("!I")
 _COUNT = struct.Struct("!H")
@@ -319,3 +323,17 @@ class Outbox:
         box.in_flight = {edge_key(d) for b in box.unacked for d in b.edges}
         box.delivered = box.acked
         return box
+
+
+def resume(path: Path, node: str, *, window: int = 1024, interval_ms: int = 1000) -> Outbox:
+    """The outbox the last agent of this node saved at ``path``; a new one, under a new agent id,
+    when there is none or it cannot be read (said, and what it held is lost)."""
+    if path.exists():
+        try:
+            box = Outbox.load(path, node, window=window, interval_ms=interval_ms)
+            log.info("resumed as %s at batch %d (%d unacknowledged)", box.agent_id, box.sequence, len(box.unacked))
+            return box
+        except (StateError, OSError) as exc:
+            log.error("cannot resume from %s (%s): starting afresh", path, exc)
+    # An agent id is at most 128 characters (flowmap_api.validity); a node name may be 253.
+    return Outbox(f"{node[:114]}/{secrets.token_hex(6)}", node, window=window, interval_ms=interval_ms)
