@@ -27,8 +27,8 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from flowmap_agent.enforcement import desired, parse
-from flowmap_agent.nftables import Found, Table, plan
+from flowmap_agent.policy.compiling import desired, parse
+from flowmap_agent.policy.nftables import Found, Table, plan
 from flowmap_api import report_pb2 as pb
 from flowmap_devenv.netns import Lab
 

@@ -3,7 +3,7 @@
 Streams of ``tests.dp.synth.wire_streams`` (reports with odd values, the same mutated: header
 and body bytes, lying lengths, cut short, garbage after, random bytes; split into reads at random
 points) go through ``flowmap_dp.framing.Stream`` one read at a time, and every report that
-parses through the agent's own path (``Agent.take``: positions, aggregation, the shared
+parses through the agent's own path (``Intake.record``: positions, aggregation, the shared
 validity, the outbox). Prints the count, the time, and why connections would be closed. Exits 1
 if an exception other than a counted WireError escaped, or an intact stream lost a report.
 
@@ -65,7 +65,7 @@ def main() -> int:
                             print(f"UNBOUNDED: {stream.buffered} bytes held")
                             return 1
                         parsed += len(got)
-                        agent.take(admissible(got)[0])
+                        agent.intake.record(admissible(got)[0])
                     if reason is not None:
                         closed[reason] += 1
                     if expected is not None:
@@ -80,12 +80,12 @@ def main() -> int:
                 agent.outbox.pending.clear()
                 agent.outbox.names.clear()
                 agent.outbox.dp_positions.clear()
-                agent.aggregator = Aggregator()
+                agent.intake.aggregator = Aggregator()
         except Exception as exc:  # the point of the exercise: report it, exit 1
             print(f"EXCEPTION ESCAPED after {done} streams: {exc!r}")
             raise
         finally:
-            agent.conntrack.shutdown()
+            agent.intake.conntrack.shutdown()
     wall = time.monotonic() - started
     print(f"{done} streams ({intact} intact, {frames_bytes / 2**20:.0f} MiB) in {wall:.0f} s wall, "
           f"{cpu:.0f} CPU-s through the framing and the agent ({done / cpu:.0f} streams/CPU-s); "

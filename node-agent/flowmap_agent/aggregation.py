@@ -7,7 +7,7 @@ from any of its own addresses, a CNI bridge's gateway included) are marked local
 named, which is how the operator knows which node counts an edge (and that a local end without
 a pod is the node itself).
 Under Protect mode each delta also says what this node's policy did to it (the policy in force
-is injected; see flowmap_agent.enforcement.verdict). The dp sees a pod's call to a ClusterIP
+is injected; see flowmap_agent.policy.compiling.verdict). The dp sees a pod's call to a ClusterIP
 before the node's DNAT, while the node's table judges it after: an edge the policy would deny
 is judged again at the address the kernel sent it to (``destination``, from conntrack, injected).
 Traffic that never leaves a link (IPv6 neighbour discovery, link-local, multicast, broadcast) is
@@ -23,14 +23,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from flowmap_agent.enforcement import Policy, verdict
+from flowmap_agent.deltas import MAX_THREATS, U32, U64, earliest
+from flowmap_agent.policy.compiling import PolicyInForce, verdict
 from flowmap_api import report_pb2 as pb
 from flowmap_api import validity
 from flowmap_dp import wire_pb2
 
 PROTOCOLS = {6: pb.TCP, 17: pb.UDP, 132: pb.SCTP, 1: pb.ICMP, 58: pb.ICMP}
 MAX_OPEN_PER_EDGE = 1 << 20  # open-session tracking is a gauge; never let it grow without end
-U64, U32 = (1 << 64) - 1, (1 << 32) - 1
 # An edge's sums while a report is read: bytes and packets each way, first and last seen (ms),
 # sessions opened and closed, applications, threat hits.
 _Sums = list[Any]
@@ -84,7 +84,7 @@ def link_scoped(ip: bytes) -> bool:
 class Aggregator:
     local_pods: Mapping[str, str] = field(default_factory=dict)  # pod IP on this node -> "namespace/name"
     node_ips: frozenset[str] = frozenset()  # the node's own addresses (flowmap_agent.plumbing.own_addresses)
-    policy: Policy = field(default_factory=Policy)  # the policy in force on this node
+    policy: PolicyInForce = field(default_factory=PolicyInForce)  # the policy in force on this node
     # Where the node's DNAT sent a session: (l4, client, port, server, port) -> (address, port), or None.
     destination: Callable[[tuple[int, str, int, str, int]], tuple[str, int] | None] | None = None
     # Open sessions per edge (their 5-tuples), for the sessions_active gauge.
@@ -94,11 +94,12 @@ class Aggregator:
         pod = self.local_pods.get(ip, "")
         return pb.Endpoint(ip=ip, port=port, pod=pod, local=bool(pod) or ip in self.node_ips)
 
-    def take(self, report: wire_pb2.Report) -> tuple[list[pb.EdgeDelta], list[pb.DnsName]]:
+    def aggregate(self, report: wire_pb2.Report) -> tuple[list[pb.EdgeDelta], list[pb.DnsName]]:
         """One dp report's sessions as edge deltas (one per edge), and the names its DNS answers gave.
 
         Sums are kept in plain lists and each address is read once per report (a report holds up
-        to 100k sessions among far fewer addresses): the protobuf messages are built at the end.
+        to 100k sessions among far fewer addresses): the protobuf messages are built at the end. The
+        sessions fold by the rules of the one merge of deltas (flowmap_agent.deltas).
         """
         acc: dict[tuple[str, str, int, pb.Protocol], _Sums] = {}
         sample: dict[tuple[str, str, int, pb.Protocol], tuple[int, str, int, str, int]] = {}  # a session of each edge
@@ -131,8 +132,7 @@ class Aggregator:
             e[2] += s.packets_c2s
             e[3] += s.packets_s2c
             first, last = s.first_seen_ns // 1_000_000, s.last_seen_ns // 1_000_000
-            if first and (not e[4] or first < e[4]):
-                e[4] = first
+            e[4] = earliest(e[4], first)
             if last > e[5]:
                 e[5] = last
             if s.app and s.app not in e[8]:
@@ -148,7 +148,7 @@ class Aggregator:
                 opened.discard(session)
             if threats:
                 for hit in threats.get((s.ip_proto, cip, s.client_port, sip, s.server_port), ()):
-                    if len(e[9]) < 16:
+                    if len(e[9]) < MAX_THREATS:
                         e[9].append(pb.ThreatHit(name=hit.threat, snippet=hit.snippet[:256],
                                                  time_unix_ms=hit.seen_ns // 1_000_000))
         edges = []

@@ -34,6 +34,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
+from flowmap_agent.errors import Unservable, Untranslatable
 from flowmap_api import report_pb2 as pb
 from flowmap_api.limits import MAX_NODE_UPLOADS
 from flowmap_dp import wire_pb2
@@ -65,10 +66,6 @@ def local_pods(by_ip: Mapping[str, str], interfaces: Mapping[str, str]) -> dict[
         if pod is not None and pod not in out:
             out[pod] = interface
     return out
-
-
-class Untranslatable(ValueError):
-    """An order the agent cannot put in the dp's words; the message says why (it is reported)."""
 
 
 def _network(cidr: str) -> wire_pb2.PacketCaptureNetwork:
@@ -185,10 +182,6 @@ def uploads(asked: Sequence[pb.UploadRequest], serving: Collection[str], served:
     room = most - (len(serving) - len(cancel))
     start = [r for i, r in wanted.items() if i not in serving and i not in served][:max(room, 0)]
     return Uploading(tuple(start), cancel)
-
-
-class Unservable(ValueError):
-    """A file the agent will not send; the message says why (it goes in the upload's ``error``)."""
 
 
 def upload_path(capture_id: str, reported: Iterable[wire_pb2.PacketCaptureStatus], folder: str

@@ -36,7 +36,8 @@ from typing import BinaryIO
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from flowmap_agent.captures import Orders, Unservable, orders, statuses, upload_path, uploads
+from flowmap_agent.captures import Orders, orders, statuses, upload_path, uploads
+from flowmap_agent.errors import Unservable, failure
 from flowmap_agent.following import alongside, bearer, follow, secure_channel
 from flowmap_agent.settings import Settings
 from flowmap_api import report_pb2 as pb
@@ -131,7 +132,7 @@ class Capturer:
         s = self.settings
         first = [True]
 
-        def take(message: pb.NodeCaptures) -> None:
+        def adopt(message: pb.NodeCaptures) -> None:
             if first[0]:
                 first[0] = False
                 self.sent = None  # a new stream: the operator hears how every capture stands
@@ -150,7 +151,7 @@ class Capturer:
             first[0] = True
             return pb_grpc.CaptureServiceStub(channel).Watch(pb.WatchRequest(node=s.node), metadata=metadata)
 
-        await follow(s, open_stream, take, self.streams, stop, what="capture",
+        await follow(s, open_stream, adopt, self.streams, stop, what="capture",
                      stays="the captures ordered stay", max_receive=s.capture_max_bytes)
 
     def serve(self) -> None:
@@ -181,9 +182,9 @@ class Capturer:
             ack = await pb_grpc.CaptureServiceStub(channel).Upload(self.chunks(request), metadata=bearer(s))
             result = "ok" if ack.leader else "not_leader"
         except (grpc.RpcError, OSError) as exc:
-            code = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else type(exc).__name__
-            result = code.lower()
-            log.warning("upload of capture %s ended (%s)", request.id[:200], code)
+            failed = failure(exc, upload=True)  # served once whatever the outcome: Unwanted or not, never again
+            result = failed.label
+            log.warning("upload of capture %s ended (%s)", request.id[:200], failed.code)
         finally:
             if channel is not None:
                 await channel.close()
@@ -224,9 +225,9 @@ class Capturer:
                         pb.CaptureReport(node=self.settings.node, captures=now), metadata=bearer(self.settings),
                         timeout=self.settings.send_timeout)
                 except (grpc.RpcError, OSError) as exc:
-                    code = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else type(exc).__name__
-                    self.reports.labels(code.lower()).inc()
-                    log.warning("capture report failed (%s): sent again in %.1f s", code, self.settings.interval)
+                    failed = failure(exc)  # whatever the code, the statuses go again at the next interval
+                    self.reports.labels(failed.label).inc()
+                    log.warning("capture report failed (%s): sent again in %.1f s", failed.code, self.settings.interval)
                     if channel is not None:
                         await channel.close()
                         channel = None

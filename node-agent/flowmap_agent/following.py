@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import grpc
 from prometheus_client import Counter
 
+from flowmap_agent.errors import failure
 from flowmap_agent.settings import Settings
 from flowmap_api.pacing import Backoff, pause
 
@@ -39,9 +40,9 @@ def bearer(settings: Settings) -> Metadata:
 
 
 async def follow(settings: Settings, open_stream: Callable[[grpc.aio.Channel, Metadata], AsyncIterable[T]],
-                 take: Callable[[T], None], breaks: Counter, stop: asyncio.Event, *, what: str, stays: str,
+                 receive: Callable[[T], None], breaks: Counter, stop: asyncio.Event, *, what: str, stays: str,
                  max_receive: int) -> None:
-    """Until ``stop``: open the stream, hand each message to ``take``; when it ends or breaks,
+    """Until ``stop``: open the stream, hand each message to ``receive``; when it ends or breaks,
     count it in ``breaks`` by code, say that ``stays``, and open it again after the backoff."""
     backoff = Backoff(0.5, 30.0, jitter=0.5)
     while not stop.is_set():
@@ -50,13 +51,13 @@ async def follow(settings: Settings, open_stream: Callable[[grpc.aio.Channel, Me
             channel = secure_channel(settings, max_receive)
             async for message in open_stream(channel, bearer(settings)):
                 backoff.reset()
-                take(message)
+                receive(message)
             breaks.labels("ended").inc()
             log.warning("the %s stream ended; %s", what, stays)
         except (grpc.RpcError, OSError) as exc:
-            code = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else type(exc).__name__
-            breaks.labels(code.lower()).inc()
-            log.warning("%s stream broken (%s); %s, reconnecting in %.1f s", what, code, stays, backoff.current)
+            failed = failure(exc)  # whatever the code, the stream is opened again after the backoff
+            breaks.labels(failed.label).inc()
+            log.warning("%s stream broken (%s); %s, reconnecting in %.1f s", what, failed.code, stays, backoff.current)
         finally:
             if channel is not None:
                 await channel.close()

@@ -28,6 +28,7 @@ import socket
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 
+from flowmap_agent.errors import NoConntrack
 from flowmap_dp import wire_pb2
 
 # (l4 protocol, client, client port, server, server port) -> the original (client, port, server,
@@ -92,10 +93,6 @@ class Unnat:
         return found
 
 
-class Unavailable(Exception):
-    """The kernel's connection tracking cannot be read (no nf_conntrack_netlink, no permission)."""
-
-
 def conntrack_lookup(netns: str) -> tuple[Lookup, Destination, Callable[[], None]]:
     """Lookups in the kernel's connection tracking of ``netns`` ("" for ours): a session's original
     tuple by its reply, its translated destination by its original; and their closer. Both run
@@ -114,7 +111,7 @@ def conntrack_lookup(netns: str) -> tuple[Lookup, Destination, Callable[[], None
         except (NetlinkError, OSError) as exc:
             for opened in sockets.values():
                 opened.close()
-            raise Unavailable(str(exc)) from exc
+            raise NoConntrack(str(exc)) from exc
         sockets[family] = sock
 
     def lookup(key: Tuple5) -> Original:

@@ -1,6 +1,7 @@
 """The agent's half of exactly-once: numbered batches kept until the operator acknowledges them.
 
-* Deltas merge per edge into ``pending`` (memory bounded by distinct edges, not by time).
+* Deltas merge per edge into ``pending`` (flowmap_agent.deltas.merge; memory bounded by distinct
+  edges, not by time).
 * Each interval, the pending deltas of edges with nothing unacknowledged become the next numbered
   batch; an edge whose last delta is still unacknowledged keeps merging. So each edge has at most
   one delta in flight, everything held is bounded by twice the edges, and a new edge goes out in
@@ -13,7 +14,8 @@
   (``acked``) so that the operator can prune what it kept to recognise a resend. When there is
   nothing new to send, a batch with sequence 0 asks for the acknowledgement.
 * ``save``/``load`` keep all of it on disk (written atomically each interval, before sending),
-  so a crash of the agent loses at most what reached it after the last save.
+  so a crash of the agent loses at most what reached it after the last save; a starting agent
+  takes it up with :func:`resume`.
 
 * A batch keeps to the contract's limits (flowmap_api.limits: edges, names, encoded bytes): what
   does not fit waits for the next batch, cut at once. A batch the operator refused whole holds
@@ -37,7 +39,9 @@ are still read.
 
 from __future__ import annotations
 
+import logging
 import os
+import secrets
 import struct
 import tempfile
 import time
@@ -45,10 +49,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TypeVar
 
+from flowmap_agent.deltas import EdgeKey, edge_key, merge
+from flowmap_agent.errors import StateError
 from flowmap_agent.positions import MAX_WORKERS, Position
 from flowmap_api import report_pb2 as pb
 from flowmap_api.limits import MAX_BATCH_EDGES, MAX_MESSAGE_BYTES, MAX_NAMES
 
+log = logging.getLogger("flowmap.agent")
 MAGIC, VERSION = b"FMAS", 3
 _HEAD, _LEN = struct.Struct("!4sH"), struct.Struct("!I")
 _COUNT = struct.Struct("!H")
@@ -58,47 +65,11 @@ MAX_STATE_BYTES = 512 * 1024 * 1024
 # the batch is sent (acked, previous, the time, up to MAX_NODE_ADDRESSES addresses: under 4 KiB).
 MAX_BATCH_BYTES = MAX_MESSAGE_BYTES - 16 * 1024
 _M = TypeVar("_M", pb.EdgeDelta, pb.DnsName)
-_U64, _U32 = (1 << 64) - 1, (1 << 32) - 1
-
-# What identifies one agent edge; counters of deltas with the same key add up.
-EdgeKey = tuple[str, str, int, int, str, bool, bool]  # client ip, server ip, server port, protocol,
-#                                                      client pod, client local, server local
-
-
-class StateError(ValueError):
-    """The state file is not one this agent can read: start afresh (and count it as lost)."""
-
-
-def edge_key(d: pb.EdgeDelta) -> EdgeKey:
-    return (d.client.ip, d.server.ip, d.server.port, d.protocol, d.client.pod, d.client.local, d.server.local)
-
-
-def merge(into: pb.EdgeDelta, d: pb.EdgeDelta) -> None:
-    """Add ``d`` to ``into`` (same edge key): counters add, times widen, gauges take the latest."""
-    # At the fields' widths, sums stop (a flood held for hours while the operator is away must not
-    # stop the agent); the shared validity refuses counters that large, so the edge is set apart.
-    into.bytes_c2s = min(into.bytes_c2s + d.bytes_c2s, _U64)
-    into.bytes_s2c = min(into.bytes_s2c + d.bytes_s2c, _U64)
-    into.packets_c2s = min(into.packets_c2s + d.packets_c2s, _U64)
-    into.packets_s2c = min(into.packets_s2c + d.packets_s2c, _U64)
-    into.sessions_opened = min(into.sessions_opened + d.sessions_opened, _U32)
-    into.sessions_closed = min(into.sessions_closed + d.sessions_closed, _U32)
-    into.sessions_active = d.sessions_active
-    if d.first_seen_unix_ms and (not into.first_seen_unix_ms or d.first_seen_unix_ms < into.first_seen_unix_ms):
-        into.first_seen_unix_ms = d.first_seen_unix_ms
-    into.last_seen_unix_ms = max(into.last_seen_unix_ms, d.last_seen_unix_ms)
-    for app in d.apps:
-        if app not in into.apps:
-            into.apps.append(app)
-    room = 16 - len(into.threats)
-    into.threats.extend(d.threats[:max(0, room)])
-    if d.verdict:
-        into.verdict = d.verdict
 
 
 def _weight(msg: pb.EdgeDelta | pb.DnsName) -> int:
     """Bytes ``msg`` adds to a batch: itself, its tag and its length."""
-    return msg.ByteSize() + 6
+    return int(msg.ByteSize()) + 6
 
 
 def _copy(msg: _M) -> _M:
@@ -110,7 +81,7 @@ def _copy(msg: _M) -> _M:
 def oversized(batch: pb.ReportBatch) -> bool:
     """More than the operator takes in one batch (flowmap_api.limits; names beyond MAX_NAMES it
     drops, as metadata)."""
-    return len(batch.edges) > MAX_BATCH_EDGES or batch.ByteSize() > MAX_MESSAGE_BYTES
+    return bool(len(batch.edges) > MAX_BATCH_EDGES or batch.ByteSize() > MAX_MESSAGE_BYTES)
 
 
 class _Filling:
@@ -352,3 +323,17 @@ class Outbox:
         box.in_flight = {edge_key(d) for b in box.unacked for d in b.edges}
         box.delivered = box.acked
         return box
+
+
+def resume(path: Path, node: str, *, window: int = 1024, interval_ms: int = 1000) -> Outbox:
+    """The outbox the last agent of this node saved at ``path``; a new one, under a new agent id,
+    when there is none or it cannot be read (said, and what it held is lost)."""
+    if path.exists():
+        try:
+            box = Outbox.load(path, node, window=window, interval_ms=interval_ms)
+            log.info("resumed as %s at batch %d (%d unacknowledged)", box.agent_id, box.sequence, len(box.unacked))
+            return box
+        except (StateError, OSError) as exc:
+            log.error("cannot resume from %s (%s): starting afresh", path, exc)
+    # An agent id is at most 128 characters (flowmap_api.validity); a node name may be 253.
+    return Outbox(f"{node[:114]}/{secrets.token_hex(6)}", node, window=window, interval_ms=interval_ms)

@@ -5,7 +5,7 @@
   A shared directory such as /tmp, whose mode must not change, is refused.
 * The event loop reads the socket whenever it is readable (``add_reader`` on the reader's
   selector), not once per interval: a report of any size is read while the dp sends it, and the
-  loop takes what arrived each interval. Between two intervals at most ``max_sessions`` session
+  loop drains what arrived each interval. Between two intervals at most ``max_sessions`` session
   records wait: beyond that the agent stops reading until the next interval has taken them, and
   the dp's own bounded queue takes the strain (what it cannot keep it counts).
 * What the reader closes (a broken frame, a body that is not a report, a peer that does not
@@ -89,18 +89,19 @@ class Receiver:
             self.paused += 1
             self._pause()
 
-    def take(self) -> list[wire_pb2.Report]:
+    def drain(self) -> list[wire_pb2.Report]:
         """The reports that arrived since the last call, in order; reading resumes."""
-        out = self.take_waiting()
+        out = self._empty()
         self._resume()
         return out
 
     def last(self, timeout: float) -> list[wire_pb2.Report]:
         """At a stop: what is waiting, and what arrives until ``timeout`` passes without more."""
         self._pause()
-        return self.take_waiting() + list(self.reader.reports(timeout))
+        return self._empty() + list(self.reader.reports(timeout))
 
-    def take_waiting(self) -> list[wire_pb2.Report]:
+    def _empty(self) -> list[wire_pb2.Report]:
+        """The waiting reports; none wait after."""
         out, self.waiting, self.sessions = self.waiting, [], 0
         return out
 

@@ -35,7 +35,7 @@ def test_sessions_of_one_edge_add_up_and_local_ends_are_marked() -> None:
         threats=[wire_pb2.ThreatHit(threat="sqlinjection", ip_proto=6, client_ip=ip("10.244.1.10"),
                                     client_port=40000, server_ip=ip("10.96.0.50"), server_port=80,
                                     snippet="' or 1=1--", seen_ns=3_000_000_000)], end_ns=5_000_000_000)
-    edges, names = agg.take(report)
+    edges, names = agg.aggregate(report)
     by_server = {(d.server.ip, d.server.port): d for d in edges}
     web_api = by_server[("10.96.0.50", 80)]
     assert (web_api.bytes_c2s, web_api.bytes_s2c, web_api.sessions_opened, web_api.sessions_active) == (150, 960, 2, 2)
@@ -48,7 +48,7 @@ def test_sessions_of_one_edge_add_up_and_local_ends_are_marked() -> None:
     assert [(n.ip, n.name, n.ttl_seconds) for n in names] == [("93.184.216.34", "example.com", 300)]
 
     # The next interval: one of the two sessions closes; the gauge follows.
-    edges, _ = agg.take(wire_pb2.Report(sessions=[session("10.244.1.10", 40000, "10.96.0.50", 80, closed=True,
+    edges, _ = agg.aggregate(wire_pb2.Report(sessions=[session("10.244.1.10", 40000, "10.96.0.50", 80, closed=True,
                                                           c2s=1)]))
     assert edges[0].sessions_active == 1 and edges[0].sessions_opened == 0
 
@@ -58,7 +58,7 @@ def test_only_a_seen_opening_counts_a_session() -> None:
     # kube-proxy DNAT: the request half (to the ClusterIP, with the SYN) enters on the pod's veth,
     # the reply half (from the backend, starting with a SYN-ACK) on the uplink; both are reported.
     # A session picked up mid-stream after a dp restart was counted by the dp run before.
-    edges, _ = agg.take(wire_pb2.Report(sessions=[
+    edges, _ = agg.aggregate(wire_pb2.Report(sessions=[
         session("10.244.1.10", 40000, "10.96.0.50", 80, new=True, c2s=60),
         session("10.244.1.10", 40000, "10.244.2.7", 8080, new=True, opened=False, s2c=60),
         session("10.244.1.10", 40001, "10.96.0.50", 80, new=True, opened=False, c2s=500, s2c=900),
@@ -69,16 +69,16 @@ def test_only_a_seen_opening_counts_a_session() -> None:
 
     # A client SYN read after its SYN-ACK (two rings): the session opens in a later record.
     half = session("10.244.1.10", 40002, "10.96.0.50", 80, new=True, opened=False, s2c=60)
-    (service,), _ = agg.take(wire_pb2.Report(sessions=[half]))
+    (service,), _ = agg.aggregate(wire_pb2.Report(sessions=[half]))
     assert (service.sessions_opened, service.sessions_active) == (0, 1)  # 40000 is still open
     syn = session("10.244.1.10", 40002, "10.96.0.50", 80, opened=True, c2s=60)
-    (service,), _ = agg.take(wire_pb2.Report(sessions=[syn]))
+    (service,), _ = agg.aggregate(wire_pb2.Report(sessions=[syn]))
     assert (service.sessions_opened, service.sessions_active) == (1, 2)
 
 
 def test_link_scoped_traffic_is_no_connection() -> None:
     agg = Aggregator(local_pods={"10.244.1.10": "shop/web-1", "fd00:10:244:1::10": "shop/web-1"})
-    edges, _ = agg.take(wire_pb2.Report(sessions=[
+    edges, _ = agg.aggregate(wire_pb2.Report(sessions=[
         session("fe80::1", 0, "fd00:10:244:1::10", 0, new=True, proto=58, c2s=72),  # neighbour discovery
         session("fd00:10:244:1::10", 0, "ff02::2", 0, new=True, proto=58, c2s=56),  # router solicitation
         session("0.0.0.0", 68, "255.255.255.255", 67, new=True, proto=17, c2s=300),  # DHCP discover
@@ -93,19 +93,20 @@ def test_a_call_to_a_clusterip_is_judged_where_the_node_sent_it() -> None:
     after, towards the pod behind it. An edge the policy would deny is judged there again."""
     import ipaddress as ipa
 
-    from flowmap_agent.enforcement import Peer, Policy
+    from flowmap_agent.policy.compiling import AllowedPeer, PolicyInForce
 
     web, api, service, db = "10.244.1.10", "10.244.2.20", "10.96.0.50", "10.244.2.30"
-    allowed = Peer(pb.TCP, (ipa.ip_network(f"{api}/32"),), frozenset({8080}))
+    allowed = AllowedPeer(pb.TCP, (ipa.ip_network(f"{api}/32"),), frozenset({8080}))
     asked: list[tuple[int, str, int, str, int]] = []
 
     def destination(key: tuple[int, str, int, str, int]) -> tuple[str, int] | None:
         asked.append(key)
         return {service: (api, 8080)}.get(key[3])
 
-    agg = Aggregator(local_pods={web: "shop/web-1"}, policy=Policy(egress={web: (allowed,)}), destination=destination)
+    agg = Aggregator(local_pods={web: "shop/web-1"}, policy=PolicyInForce(egress={web: (allowed,)}),
+                     destination=destination)
     # The answer of a ClusterIP call comes back as another 5-tuple: this edge never sees one.
-    via_service, direct_db = agg.take(wire_pb2.Report(sessions=[
+    via_service, direct_db = agg.aggregate(wire_pb2.Report(sessions=[
         session(web, 40000, service, 80, new=True, c2s=74),
         session(web, 40001, db, 5432, new=True, c2s=74)]))[0]
     assert via_service.verdict == pb.ALLOWED

@@ -7,8 +7,9 @@ import re
 
 import pytest
 
-from flowmap_agent.captures import (MAX_DESCRIPTION, MAX_MESSAGE, MAX_STATUSES, Unservable, local_pods, orders,
-                                    statuses, upload_path, uploads)
+from flowmap_agent.captures import (MAX_DESCRIPTION, MAX_MESSAGE, MAX_STATUSES, local_pods, orders, statuses,
+                                    upload_path, uploads)
+from flowmap_agent.errors import Unservable
 from flowmap_api import report_pb2 as pb
 from flowmap_dp import demand, wire_pb2
 from flowmap_dp.demand import MAX_KEEP, MAX_WANTED

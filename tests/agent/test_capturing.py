@@ -159,14 +159,14 @@ def test_orders_reach_the_dp_and_its_statuses_reach_the_operator(tmp_path: Path)
 
         try:
             await until(lambda: exporter.connects > 0, "the dp to connect")
-            agent.control(dp, plan, pods)  # before any order: the dp hears of none
+            agent.dp_control.update(dp, plan, pods)  # before any order: the dp hears of none
             first = await asyncio.to_thread(control)
             assert list(first.interfaces) == ["veth5", "veth6"] and not first.packet_captures and not first.keep
 
             await operator.queue.put(pb.NodeCaptures(version=1, captures=[ORDER], keep=["shop/old/u"]))
             await until(lambda: metric("flowmap_agent_capture_version") == 1, "the first orders")
             assert operator.watches == ["node-a"]
-            agent.control(dp, plan, pods)
+            agent.dp_control.update(dp, plan, pods)
             told = await asyncio.to_thread(control)
             assert list(told.interfaces) == ["veth5", "veth6"]  # the rest of the Control as it was
             (entry,) = told.packet_captures
@@ -183,9 +183,9 @@ def test_orders_reach_the_dp_and_its_statuses_reach_the_operator(tmp_path: Path)
             # The trigger fires: the next loop step tells the dp; an unchanged step sends nothing.
             await operator.queue.put(pb.NodeCaptures(version=2, captures=[FIRED]))
             await until(lambda: metric("flowmap_agent_capture_version") == 2, "the fired order")
-            agent.control(dp, plan, pods)
+            agent.dp_control.update(dp, plan, pods)
             assert (await asyncio.to_thread(control)).packet_captures[0].fired
-            agent.control(dp, plan, pods)
+            agent.dp_control.update(dp, plan, pods)
             await asyncio.sleep(0.3)
             assert exporter.controls.empty()
 
@@ -224,7 +224,7 @@ def test_orders_reach_the_dp_and_its_statuses_reach_the_operator(tmp_path: Path)
             exporter.stop(timeout=1)
             assert agent.receiver is not None
             agent.receiver.close()
-            agent.conntrack.shutdown()
+            agent.intake.conntrack.shutdown()
             await server.stop(None)
 
     asyncio.run(scenario())
@@ -341,7 +341,7 @@ def test_live_a_real_dp_captures_what_the_order_selects(node: Node, tmp_path: Pa
 
         async def stands(state: str) -> pb.CaptureStatus:
             for _ in range(150):  # the agent's loop, as Agent.run runs it
-                agent.control(dp, plan, pods)
+                agent.dp_control.update(dp, plan, pods)
                 await agent.step(dp)
                 if (s := status()) is not None and s.state == state:
                     return s
@@ -381,8 +381,8 @@ def test_live_a_real_dp_captures_what_the_order_selects(node: Node, tmp_path: Pa
             log.close()
             assert agent.receiver is not None
             agent.receiver.close()
-            agent.conntrack.shutdown()
-            await agent._drop_channel()
+            agent.intake.conntrack.shutdown()
+            await agent.delivery.close()
             await server.stop(None)
 
     asyncio.run(scenario())

@@ -16,9 +16,11 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
-from flowmap_agent.outbox import Outbox, edge_key
+from flowmap_agent.deltas import edge_key
+from flowmap_agent.outbox import Outbox
 from flowmap_agent.plumbing import announced
-from flowmap_agent.running import REGISTRY, Agent
+from flowmap_agent.metrics import REGISTRY
+from flowmap_agent.running import Agent
 from flowmap_agent.settings import Settings
 from flowmap_api import report_pb2 as pb
 from flowmap_api import report_pb2_grpc as pb_grpc
@@ -53,7 +55,7 @@ async def deliver_through(operator: Operator, tmp: Path) -> tuple[Agent, list[tu
     token.write_text("t")
     agent = Agent(Settings(node="node-a", state_file=str(tmp / "state"), token_file=str(token)))
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    agent._stub = lambda: pb_grpc.ReportServiceStub(channel)  # type: ignore[method-assign]
+    agent.delivery._stub = lambda: pb_grpc.ReportServiceStub(channel)  # type: ignore[method-assign]
     agent.outbox.node_addresses = OWN
     agent.outbox.add([pb.EdgeDelta(client=pb.Endpoint(ip="10.244.1.10", local=True),
                                    server=pb.Endpoint(ip="10.244.2.40", port=53), protocol=pb.UDP, bytes_c2s=60)])
@@ -61,9 +63,10 @@ async def deliver_through(operator: Operator, tmp: Path) -> tuple[Agent, list[tu
     after = []
     try:
         for _ in range(3):
-            agent.retry_at = 0.0
-            await agent.deliver()
-            after.append((len(agent.outbox.unacked), agent.backoff.current, agent.retry_at - time.monotonic()))
+            agent.delivery.retry_at = 0.0
+            await agent.delivery.deliver()
+            after.append((len(agent.outbox.unacked), agent.delivery.backoff.current,
+                          agent.delivery.retry_at - time.monotonic()))
     finally:
         await channel.close()
         await server.stop(None)
@@ -139,11 +142,11 @@ async def against(operator: Contract, agent: Agent, rounds: int = 3) -> None:
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    agent._stub = lambda: pb_grpc.ReportServiceStub(channel)  # type: ignore[method-assign]
+    agent.delivery._stub = lambda: pb_grpc.ReportServiceStub(channel)  # type: ignore[method-assign]
     try:
         for _ in range(rounds):
             agent.outbox.cut_all()
-            await agent.deliver()
+            await agent.delivery.deliver()
             if not (agent.outbox.unacked or agent.outbox.pending or agent.outbox.lost_deltas):
                 break
     finally:
@@ -197,7 +200,7 @@ def test_an_older_agents_oversized_batch_is_cut_down_when_refused_and_all_of_it_
     asyncio.run(against(operator, agent))
     assert operator.refusals == ([(1, "batch")] if over == "edges" else [])  # refused whole once; then cut down
     assert sum(operator.counted.values()) == 2 * len(edges) and not agent.outbox.unacked and not agent.outbox.pending
-    assert agent.backoff.current == 0.5 and agent.retry_at == 0.0  # at once, no backoff
+    assert agent.delivery.backoff.current == 0.5 and agent.delivery.retry_at == 0.0  # at once, no backoff
     assert REGISTRY.get_sample_value("flowmap_agent_split_batches_total") >= 1
 
 
@@ -213,7 +216,7 @@ def test_an_edge_the_operator_cannot_count_is_set_apart_and_the_rest_counted_at_
     assert operator.refusals == [(1, "1")]
     # Batch 1 without the edge, then the next; the one after says a delta was lost.
     assert operator.counted == {1: 30, 2: 30, 3: 0}
-    assert operator.lost == 1 and agent.backoff.current == 0.5 and agent.retry_at == 0.0
+    assert operator.lost == 1 and agent.delivery.backoff.current == 0.5 and agent.delivery.retry_at == 0.0
     after = REGISTRY.get_sample_value("flowmap_agent_quarantined_edges_total", {"by": "operator"})
     assert after == before + 1
 
@@ -227,7 +230,7 @@ def test_the_agent_sets_apart_an_uncountable_delta_and_normalises_names_before_a
                         server_ip=bytes([10, 96, 0, 11]), server_port=70_000, bytes_c2s=7, packets_c2s=1)
     for name in ("_svc1.example.com.", "Bücher.example", "evil.com\n", "a<b.example"):
         report.dns.add(name=name, type="A", address=bytes([192, 0, 2, 1 + len(name)]))
-    agent.take([report])
+    agent.intake.record([report])
     box = agent.outbox
     assert [d.server.port for d in box.pending.values()] == [53] and box.lost_deltas == 1
     assert sorted(n.name for n in box.names.values()) == ["_svc1.example.com", "xn--bcher-kva.example"]

@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flowmap_agent.aggregation import Aggregator
-from flowmap_agent.enforcement import ANY_PORT, Policy, Refused, desired, parse, verdict
-from flowmap_agent.nftables import Found, element, found, plan
+from flowmap_agent.errors import PolicyRefused
+from flowmap_agent.policy.compiling import ANY_PORT, PolicyInForce, desired, parse, verdict
+from flowmap_agent.policy.nftables import Found, element, found, plan
 from flowmap_api import report_pb2 as pb
 from flowmap_dp import wire_pb2
 
@@ -119,7 +120,7 @@ def test_a_bad_policy_is_refused_naming_the_field(spoil, says: str) -> None:  # 
     policy = shop()
     policy.pods[1].ingress[0].cidrs.append(f"{C}/32")
     spoil(policy)
-    with pytest.raises(Refused, match=says.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")
+    with pytest.raises(PolicyRefused, match=says.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")
                        .replace(")", r"\)")):
         parse(policy, MAX)
 
@@ -130,7 +131,7 @@ def test_an_oversized_policy_is_refused_before_it_is_expanded() -> None:
     for i in range(1000):  # 10^6 elements
         huge.pods.add(pod=f"x/p{i}", ips=[str(ipaddress.ip_address(0x0B000000 + i))]).egress.append(peer)
     started = time.process_time()
-    with pytest.raises(Refused, match=f"the policy needs up to 1001000 set elements, more than {MAX}"):
+    with pytest.raises(PolicyRefused, match=f"the policy needs up to 1001000 set elements, more than {MAX}"):
         parse(huge, MAX)
     print(f"refused in {time.process_time() - started:.3f} s of CPU")
 
@@ -200,7 +201,7 @@ def test_the_verdict_of_an_edge() -> None:
     # Unallowed but answered, or not attempted in this interval: open before Protect, not denied.
     assert verdict(policy, C, B, 8080, pb.TCP, answered=True) == pb.VERDICT_UNSPECIFIED
     assert verdict(policy, C, B, 8080, pb.TCP, answered=False, opened=False) == pb.VERDICT_UNSPECIFIED
-    assert verdict(Policy(), A, B, 8080, pb.TCP, answered=False) == pb.VERDICT_UNSPECIFIED
+    assert verdict(PolicyInForce(), A, B, 8080, pb.TCP, answered=False) == pb.VERDICT_UNSPECIFIED
 
 
 def test_deltas_carry_the_verdict_of_the_policy_in_force() -> None:
@@ -211,7 +212,7 @@ def test_deltas_carry_the_verdict_of_the_policy_in_force() -> None:
 
     agg = Aggregator(local_pods={A: "shop/a", B: "shop/b", C: "shop/c"})
     report = wire_pb2.Report(sessions=[session(A, B, 8080, 500), session(C, B, 8080, 0), session(C, A, 22, 0)])
-    assert {d.verdict for d in agg.take(report)[0]} == {pb.VERDICT_UNSPECIFIED}  # no policy in force yet
+    assert {d.verdict for d in agg.aggregate(report)[0]} == {pb.VERDICT_UNSPECIFIED}  # no policy in force yet
     agg.policy = parse(shop(), MAX)
-    verdicts = {(d.client.ip, d.server.ip, d.server.port): d.verdict for d in agg.take(report)[0]}
+    verdicts = {(d.client.ip, d.server.ip, d.server.port): d.verdict for d in agg.aggregate(report)[0]}
     assert verdicts == {(A, B, 8080): pb.ALLOWED, (C, B, 8080): pb.DENIED, (C, A, 22): pb.DENIED}

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from flowmap_agent.outbox import MAX_BATCH_BYTES, Outbox, StateError
+from flowmap_agent.errors import StateError
+from flowmap_agent.outbox import MAX_BATCH_BYTES, Outbox
 from flowmap_agent.positions import Position
 from flowmap_api import report_pb2 as pb
 from flowmap_api import validity

@@ -26,8 +26,8 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
-from flowmap_agent.enforcement import Ruleset
-from flowmap_agent.protecting import Protector
+from flowmap_agent.policy.compiling import Ruleset
+from flowmap_agent.policy.protecting import Protector
 from flowmap_agent.settings import Settings
 from flowmap_api import report_pb2 as pb
 from flowmap_api import report_pb2_grpc as pb_grpc
@@ -118,8 +118,8 @@ print(json.dumps(counts))
 RESTART = """
 import sys
 from prometheus_client import CollectorRegistry
-from flowmap_agent.enforcement import Ruleset
-from flowmap_agent.protecting import Protector
+from flowmap_agent.policy.compiling import Ruleset
+from flowmap_agent.policy.protecting import Protector
 from flowmap_agent.settings import Settings
 from flowmap_api import report_pb2 as pb
 registry = CollectorRegistry()
@@ -421,7 +421,7 @@ def test_a_hostile_policy_is_refused_whole_and_the_rules_stay(node: Node, spoil:
 
 
 def test_a_failed_transaction_changes_nothing_and_is_retried(node: Node) -> None:
-    from flowmap_agent.nftables import NftError
+    from flowmap_agent.errors import NftError
 
     protector = node.protector()
     assert protector.apply(policy(1)) is not None

@@ -23,7 +23,8 @@ from prometheus_client import CollectorRegistry
 
 from flowmap_agent.positions import Position, acks, follow
 from flowmap_agent.receiving import Receiver
-from flowmap_agent.running import REGISTRY, Agent
+from flowmap_agent.metrics import REGISTRY
+from flowmap_agent.running import Agent
 from flowmap_agent.settings import Settings
 from flowmap_api import report_pb2 as pb
 from flowmap_api import report_pb2_grpc as pb_grpc
@@ -123,7 +124,7 @@ class Loop:
         port = self.server.add_insecure_port("127.0.0.1:0")
         await self.server.start()
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        self.agent._stub = lambda: pb_grpc.ReportServiceStub(self.channel)  # type: ignore[method-assign]
+        self.agent.delivery._stub = lambda: pb_grpc.ReportServiceStub(self.channel)  # type: ignore[method-assign]
         self.dp = self.agent.open_dp()
         receiver = self.agent.receiver
         assert receiver is not None
@@ -145,7 +146,7 @@ class Loop:
         self.agent.receiver.close()
         await self.channel.close()
         await self.server.stop(None)
-        self.agent.conntrack.shutdown()
+        self.agent.intake.conntrack.shutdown()
 
     async def step(self) -> None:
         """One interval of the agent's loop."""

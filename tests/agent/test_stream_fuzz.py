@@ -31,7 +31,7 @@ def consume(chunks: list[bytes], agent: Agent) -> tuple[int, str | None]:
             return parsed, exc.reason
         assert stream.buffered <= HEADER.size + MAX_FRAME + len(chunk)
         parsed += len(got)
-        agent.take(admissible(got)[0])
+        agent.intake.record(admissible(got)[0])
     return parsed, None
 
 
@@ -49,7 +49,7 @@ def test_hostile_streams_never_escape_the_reader_nor_the_agent(tmp_path: Path) -
             if reports is not None:
                 intact += 1
                 assert reason is None and parsed == reports
-        agent.conntrack.shutdown()
+        agent.intake.conntrack.shutdown()
     finally:
         logging.getLogger("flowmap.agent").setLevel(logging.NOTSET)
     assert intact > 300 and set(closed) == REASONS, closed

@@ -106,7 +106,7 @@ def test_the_dp_cannot_capture_without_net_raw(node: Node, tmp_path: Path) -> No
 
 AGENT_WORK = f"""
 import json, subprocess
-from flowmap_agent import links, nat, plumbing
+from flowmap_agent import errors, links, nat, plumbing
 view = links.Reader("").read()
 out = {{"pods": plumbing.pod_interfaces(view.links, view.peers, ["{POD_IP}"]),
        "uplinks": sorted(plumbing.holders(view.links, view.addresses, ["{NODE_IP}"]))}}
@@ -114,7 +114,7 @@ try:
     lookup, _, close = nat.conntrack_lookup("")
     out["conntrack"] = lookup((6, "{NODE_IP}", 40000, "192.0.2.1", 443)) or "read"
     close()
-except nat.Unavailable as exc:
+except errors.NoConntrack as exc:
     out["conntrack"] = "refused: " + str(exc)
 nft = subprocess.run(["nft", "add", "table", "inet", "flowmap_captest"], capture_output=True, text=True)
 out["nft"] = "written" if nft.returncode == 0 else "refused: " + nft.stderr.strip()

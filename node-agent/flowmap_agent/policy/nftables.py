@@ -23,15 +23,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from flowmap_agent.enforcement import Network, Ruleset, SetSpec, net_text
+from flowmap_agent.errors import NftError
+from flowmap_agent.policy.compiling import Network, Ruleset, SetSpec, net_text
 
 TABLE = "inet flowmap"
 CHUNK = 1000  # elements per statement: nft's parser and its error messages stay small
 Base = tuple[str, str, int, str] | None
-
-
-class NftError(RuntimeError):
-    """``nft`` failed: nothing of the transaction was applied."""
 
 
 @dataclass
@@ -46,7 +43,8 @@ class Found:
         """What the table is once ``ruleset`` is applied (None: no table)."""
         if not ruleset.sets and not ruleset.chains:
             return None
-        return cls(dict(ruleset.sets), {n: (c.base, tuple(r.comment for r in c.rules)) for n, c in ruleset.chains.items()})
+        return cls(dict(ruleset.sets),
+                   {n: (c.base, tuple(r.comment for r in c.rules)) for n, c in ruleset.chains.items()})
 
 
 def found(listing: dict[str, Any]) -> Found:
@@ -70,7 +68,7 @@ def found(listing: dict[str, Any]) -> Found:
 
 
 def element(value: Any) -> str:
-    """An element as nft lists it in JSON, in the canonical text flowmap_agent.enforcement writes."""
+    """An element as nft lists it in JSON, in the canonical text flowmap_agent.policy.compiling writes."""
     if isinstance(value, str):
         return value if ":" not in value else _ipv6(value)  # nft writes IPv4 as Python does
     if isinstance(value, int):
@@ -124,7 +122,8 @@ def plan(have: Found | None, want: Ruleset) -> list[str]:
             flags = " flags interval;" if s.interval else ""
             out.append(f"add set {TABLE} {name} {{ type {' . '.join(s.type)};{flags} }}")
             out += _elements("add", name, s.elements)
-    for name, chain in sorted(want.chains.items(), key=lambda nc: (nc[1].base is not None, nc[0])):  # jump targets first
+    # Jump targets first.
+    for name, chain in sorted(want.chains.items(), key=lambda nc: (nc[1].base is not None, nc[0])):
         if name not in have.chains or name in stale_chains:
             hook = "" if chain.base is None else (" {{ type {} hook {} priority {}; policy {}; }}".format(*chain.base))
             out.append(f"add chain {TABLE} {name}{hook}")

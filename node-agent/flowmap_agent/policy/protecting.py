@@ -23,9 +23,10 @@ from collections.abc import Callable, Iterator
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 
-from flowmap_agent.enforcement import Policy, Refused, desired, parse
+from flowmap_agent.errors import NftError, PolicyRefused
 from flowmap_agent.following import alongside, follow
-from flowmap_agent.nftables import NftError, Table
+from flowmap_agent.policy.compiling import PolicyInForce, desired, parse
+from flowmap_agent.policy.nftables import Table
 from flowmap_agent.settings import Settings
 from flowmap_api import report_pb2 as pb
 from flowmap_api import report_pb2_grpc as pb_grpc
@@ -36,7 +37,7 @@ COUNTERS_EVERY = 5.0  # seconds between reads of the rules' counters (the whole 
 
 class Protector:
     def __init__(self, settings: Settings, registry: CollectorRegistry,
-                 applied: Callable[[Policy], None] = lambda policy: None) -> None:
+                 applied: Callable[[PolicyInForce], None] = lambda policy: None) -> None:
         self.settings, self.applied = settings, applied
         self.table = Table(settings.netns)
         self.wanted: pb.NodePolicy | None = None  # the latest policy streamed
@@ -75,14 +76,14 @@ class Protector:
 
     async def watch(self, stop: asyncio.Event) -> None:
         """Keep the stream open (flowmap_agent.following); each policy becomes the wanted one."""
-        def take(policy: pb.NodePolicy) -> None:
+        def want(policy: pb.NodePolicy) -> None:
             self.wanted = policy
             self.changed.set()
 
         await follow(self.settings,
                      lambda channel, metadata: pb_grpc.PolicyServiceStub(channel).Watch(
                          pb.WatchRequest(node=self.settings.node), metadata=metadata),
-                     take, self.streams, stop, what="policy", stays="the policy in force stays",
+                     want, self.streams, stop, what="policy", stays="the policy in force stays",
                      max_receive=self.settings.policy_max_bytes)
 
     async def enforce(self, stop: asyncio.Event) -> None:
@@ -115,7 +116,7 @@ class Protector:
                 with contextlib.suppress(NftError):
                     self.rules = await asyncio.to_thread(self.table.counters)
 
-    def apply(self, message: pb.NodePolicy) -> Policy | None:
+    def apply(self, message: pb.NodePolicy) -> PolicyInForce | None:
         """Make the table ``message``'s: the policy now in force, or None when it is refused whole.
 
         Raises NftError when nft failed (nothing of the change was applied).
@@ -125,7 +126,7 @@ class Protector:
         try:
             policy = parse(message, s.policy_max_elements)
             want = desired(policy, s.policy_max_elements)
-        except Refused as exc:
+        except PolicyRefused as exc:
             self.refused.inc()
             log.error("policy %d refused whole, the rules in force stay: %s", message.version, exc)
             return None

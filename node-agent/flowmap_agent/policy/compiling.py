@@ -1,5 +1,8 @@
 """Protect mode, pure: a NodePolicy becomes the desired state of the table ``inet flowmap``.
 
+flowmap_agent.policy.nftables makes the table so, flowmap_agent.policy.protecting follows the
+operator's stream and applies each policy.
+
 The node filters only what it forwards. A packet from a protected pod's address must match one
 of that pod's egress peers; a packet to one must match one of its ingress peers (both, when both
 ends are protected pods here). The rules never change with the policy: only set elements do,
@@ -25,6 +28,7 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from flowmap_agent.errors import PolicyRefused
 from flowmap_api import report_pb2 as pb
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -33,19 +37,19 @@ L4: dict[int, tuple[int, int]] = {pb.TCP: (6, 6), pb.UDP: (17, 17), pb.SCTP: (13
 ANY_PORT = "0-65535"
 
 
-class Refused(ValueError):
-    """The policy is invalid or too large: it is refused whole, the rules in force stay."""
-
-
 @dataclass(frozen=True)
-class Peer:
+class AllowedPeer:
+    """Whom a protected pod may reach (egress) or be reached by (ingress), on this node."""
+
     protocol: int  # pb.Protocol
     networks: tuple[Network, ...]  # of the pod address's family only
     ports: frozenset[int] | None  # None: any port (always for ICMP)
 
 
 @dataclass(frozen=True)
-class Rule:
+class NftRule:
+    """One rule of the table's chains, named (the name labels its counters)."""
+
     name: str
     text: str
 
@@ -58,14 +62,14 @@ class Rule:
 @dataclass(frozen=True)
 class Chain:
     base: tuple[str, str, int, str] | None  # (type, hook, priority, policy) of a base chain
-    rules: tuple[Rule, ...]
+    rules: tuple[NftRule, ...]
 
 
 @dataclass(frozen=True)
 class SetSpec:
     type: tuple[str, ...]
     interval: bool
-    elements: frozenset[str]  # canonical element text (see flowmap_agent.nftables.element)
+    elements: frozenset[str]  # canonical element text (see flowmap_agent.policy.nftables.element)
 
 
 @dataclass(frozen=True)
@@ -81,43 +85,45 @@ class Ruleset:
 
 
 @dataclass(frozen=True)
-class Policy:
-    """A validated NodePolicy: each protected address's peers, for the table and for ``verdict``."""
+class PolicyInForce:
+    """A validated NodePolicy, as this node enforces it: each protected address's peers, for the
+    table and for ``verdict`` (the operator's policy is flowmap_operator.policy's, cluster-wide)."""
 
     version: int = 0
     pods: int = 0
-    egress: Mapping[str, tuple[Peer, ...]] = field(default_factory=dict)  # protected address -> peers
-    ingress: Mapping[str, tuple[Peer, ...]] = field(default_factory=dict)
+    egress: Mapping[str, tuple[AllowedPeer, ...]] = field(default_factory=dict)  # protected address -> peers
+    ingress: Mapping[str, tuple[AllowedPeer, ...]] = field(default_factory=dict)
 
 
 def chains() -> dict[str, Chain]:
     """The three chains; the base chain hooks forward, after kube-proxy's DNAT in prerouting."""
-    def check(way: str, pod: str, peer: str) -> tuple[Rule, ...]:
-        return (Rule("allowed4", f"ip {pod} . meta l4proto . ip {peer} . th dport @{way}4 counter return"),
-                Rule("allowed6", f"ip6 {pod} . meta l4proto . ip6 {peer} . th dport @{way}6 counter return"),
-                Rule("reject", "meta l4proto tcp counter reject with tcp reset"),
-                Rule("drop", "counter drop"))
+    def check(way: str, pod: str, peer: str) -> tuple[NftRule, ...]:
+        return (NftRule("allowed4", f"ip {pod} . meta l4proto . ip {peer} . th dport @{way}4 counter return"),
+                NftRule("allowed6", f"ip6 {pod} . meta l4proto . ip6 {peer} . th dport @{way}6 counter return"),
+                NftRule("reject", "meta l4proto tcp counter reject with tcp reset"),
+                NftRule("drop", "counter drop"))
 
-    forward = (Rule("established", "ct state established,related counter accept"),
-               *(Rule(f"{way}{v}", f"{ip} {end} @pods{v} counter jump {way}")
+    forward = (NftRule("established", "ct state established,related counter accept"),
+               *(NftRule(f"{way}{v}", f"{ip} {end} @pods{v} counter jump {way}")
                  for way, end in (("egress", "saddr"), ("ingress", "daddr")) for ip, v in (("ip", "4"), ("ip6", "6"))))
     return {"egress": Chain(None, check("egress", "saddr", "daddr")),
             "ingress": Chain(None, check("ingress", "daddr", "saddr")),
             "forward": Chain(("filter", "forward", 0, "accept"), forward)}
 
 
-def parse(policy: pb.NodePolicy, max_elements: int) -> Policy:
-    """Validate ``policy`` whole; raise Refused naming the first bad field or the size."""
+def parse(policy: pb.NodePolicy, max_elements: int) -> PolicyInForce:
+    """Validate ``policy`` whole; raise PolicyRefused naming the first bad field or the size."""
     if policy.enforcement_disabled:
-        return Policy(version=policy.version)
+        return PolicyInForce(version=policy.version)
     # Counted before anything is parsed or expanded, so a hostile policy costs little more than its bytes.
     budget = sum(len(pod.ips) * (1 + sum(len(p.cidrs) * (len(p.ports) or 1) for p in (*pod.egress, *pod.ingress)))
                  for pod in policy.pods)
     if budget > max_elements:
-        raise Refused(f"the policy needs up to {budget} set elements, more than {max_elements}")
-    egress: dict[str, list[Peer]] = {}
-    ingress: dict[str, list[Peer]] = {}
-    known: dict[tuple[tuple[str, ...], int, tuple[int, ...]], Peer] = {}  # pods share peers: parse each once
+        raise PolicyRefused(f"the policy needs up to {budget} set elements, more than {max_elements}")
+    egress: dict[str, list[AllowedPeer]] = {}
+    ingress: dict[str, list[AllowedPeer]] = {}
+    # Pods share peers: each is parsed once.
+    known: dict[tuple[tuple[str, ...], int, tuple[int, ...]], AllowedPeer] = {}
     networks: dict[str, Network] = {}  # and addresses, in different peers
     for i, pod in enumerate(policy.pods):
         where = f"pods[{i}] ({pod.pod})"
@@ -130,14 +136,14 @@ def parse(policy: pb.NodePolicy, max_elements: int) -> Policy:
                     known[key] = _peer(p, f"{where}.{way}[{k}]", networks)
                 parsed.append(known[key])
             for address in addresses:
-                family = [Peer(p.protocol, tuple(n for n in p.networks if n.version == address.version), p.ports)
-                          for p in parsed]
+                family = [AllowedPeer(p.protocol, tuple(n for n in p.networks if n.version == address.version),
+                                      p.ports) for p in parsed]
                 into.setdefault(str(address), []).extend(p for p in family if p.networks)
-    return Policy(policy.version, len(policy.pods), {a: tuple(p) for a, p in egress.items()},
+    return PolicyInForce(policy.version, len(policy.pods), {a: tuple(p) for a, p in egress.items()},
                   {a: tuple(p) for a, p in ingress.items()})
 
 
-def desired(policy: Policy, max_elements: int) -> Ruleset:
+def desired(policy: PolicyInForce, max_elements: int) -> Ruleset:
     """The desired table for ``policy``: empty (remove the table) when no pod is protected."""
     addresses = set(policy.egress) | set(policy.ingress)
     if not addresses:
@@ -150,11 +156,11 @@ def desired(policy: Policy, max_elements: int) -> Ruleset:
             sets[f"{way}{v}"] = SetSpec((kind, "inet_proto", kind, "inet_service"), True, elements)
     ruleset = Ruleset(sets, chains())
     if ruleset.size > max_elements:
-        raise Refused(f"the policy needs {ruleset.size} set elements, more than {max_elements}")
+        raise PolicyRefused(f"the policy needs {ruleset.size} set elements, more than {max_elements}")
     return ruleset
 
 
-def verdict(policy: Policy, client: str, server: str, port: int, protocol: int, answered: bool,
+def verdict(policy: PolicyInForce, client: str, server: str, port: int, protocol: int, answered: bool,
             opened: bool = True) -> pb.Verdict:
     """What this node's policy did to an edge the dp saw: pb.DENIED, pb.ALLOWED or unset.
 
@@ -171,7 +177,7 @@ def verdict(policy: Policy, client: str, server: str, port: int, protocol: int, 
     return pb.DENIED if opened and not answered else pb.VERDICT_UNSPECIFIED
 
 
-def _allows(peers: Iterable[Peer], other: str, port: int, protocol: int) -> bool:
+def _allows(peers: Iterable[AllowedPeer], other: str, port: int, protocol: int) -> bool:
     address = ipaddress.ip_address(other)
     return any(p.protocol == protocol and (p.ports is None or port in p.ports)
                and any(n.version == address.version and address in n for n in p.networks) for p in peers)
@@ -181,29 +187,29 @@ def _address(text: str, where: str) -> ipaddress.IPv4Address | ipaddress.IPv6Add
     try:
         return ipaddress.ip_address(text)
     except ValueError:
-        raise Refused(f"{where}: {text!r} is not an IP address") from None
+        raise PolicyRefused(f"{where}: {text!r} is not an IP address") from None
 
 
-def _peer(peer: pb.PodPolicy.Peer, where: str, known: dict[str, Network]) -> Peer:
+def _peer(peer: pb.PodPolicy.Peer, where: str, known: dict[str, Network]) -> AllowedPeer:
     if peer.protocol not in L4:
-        raise Refused(f"{where}.protocol: {peer.protocol} is not TCP, UDP, SCTP or ICMP")
+        raise PolicyRefused(f"{where}.protocol: {peer.protocol} is not TCP, UDP, SCTP or ICMP")
     networks = []
     for k, cidr in enumerate(peer.cidrs):
         if cidr not in known:
             try:
                 known[cidr] = ipaddress.ip_network(cidr)  # strict: host bits set is a mistake, not a wider rule
             except ValueError:
-                raise Refused(f"{where}.cidrs[{k}]: {cidr!r} is not a network") from None
+                raise PolicyRefused(f"{where}.cidrs[{k}]: {cidr!r} is not a network") from None
         networks.append(known[cidr])
     if peer.protocol == pb.ICMP or not peer.ports:
-        return Peer(peer.protocol, tuple(networks), None)  # ICMP has no ports: they are ignored
+        return AllowedPeer(peer.protocol, tuple(networks), None)  # ICMP has no ports: they are ignored
     bad = [p for p in peer.ports if not 0 < p < 65536]
     if bad:
-        raise Refused(f"{where}.ports: {bad[0]} is not a port")
-    return Peer(peer.protocol, tuple(networks), frozenset(peer.ports))
+        raise PolicyRefused(f"{where}.ports: {bad[0]} is not a port")
+    return AllowedPeer(peer.protocol, tuple(networks), frozenset(peer.ports))
 
 
-def _elements(address: str, peers: Iterable[Peer]) -> Iterable[str]:
+def _elements(address: str, peers: Iterable[AllowedPeer]) -> Iterable[str]:
     """One pod address's disjoint ``pod . l4proto . network . port`` elements."""
     six = ":" in address
     by_protocol: dict[int, dict[int | None, list[Network]]] = {}
