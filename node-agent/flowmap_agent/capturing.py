@@ -91,12 +91,13 @@ class Capturer:
 
     def _load(self) -> pb.NodeCaptures | None:
         try:
-            return pb.NodeCaptures.FromString(self.path.read_bytes())
+            kept: pb.NodeCaptures = pb.NodeCaptures.FromString(self.path.read_bytes())
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:  # protobuf's DecodeError is a ValueError
             log.error("cannot read the saved capture orders %s (%s): none until the operator's", self.path, exc)
             return None
+        return kept
 
     def _save(self, message: pb.NodeCaptures) -> None:
         temporary = self.path.with_name(self.path.name + ".tmp")

@@ -36,7 +36,7 @@ class Settings:
     # The node's network namespace when it is not the agent's own (the simulated cluster runs
     # one agent per node namespace from the host, where the API server is); empty in a cluster.
     netns: str = ""
-    # Protect mode (flowmap_agent.protecting): a policy needing more set elements is refused whole;
+    # Protect mode (flowmap_agent.policy): a policy needing more set elements is refused whole;
     # a streamed policy may be this large; the table is read back this often.
     policy_max_elements: int = 250_000
     policy_max_bytes: int = 64 << 20
