@@ -27,7 +27,7 @@ def _register_classify(sub: argparse._SubParsersAction[argparse.ArgumentParser])
 
 def _classify(args: argparse.Namespace) -> int:
     from flowmap_dp.classify import classify_file
-    from flowmap_dp.pcapfile import CaptureFormatError
+    from flowmap_dp.errors import CaptureFormatError
 
     try:
         flows = classify_file(args.pcap)

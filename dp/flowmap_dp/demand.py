@@ -41,6 +41,7 @@ from pathlib import Path
 
 from flowmap_dp import wire_pb2
 from flowmap_dp.capturing import RING, Captures, DiskBudget, Result, Spec, State, Target, check_id
+from flowmap_dp.errors import Malformed
 from flowmap_dp.filtering import MAX_FILTERS, MAX_SNAPLEN, Filter, PodDirection, compile_filters
 
 MAX_WANTED = 256  # captures in one Control: far more than a node may run (--max-captures)
@@ -60,10 +61,6 @@ _DIRECTIONS = {
     wire_pb2.PACKET_CAPTURE_DIRECTION_INGRESS: PodDirection.INGRESS,
     wire_pb2.PACKET_CAPTURE_DIRECTION_EGRESS: PodDirection.EGRESS,
 }
-
-
-class Malformed(ValueError):
-    """An entry of a Control the dp cannot run; the message says why (it is reported)."""
 
 
 def _within(what: str, value: int, low: int, high: int) -> int:

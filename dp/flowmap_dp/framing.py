@@ -30,6 +30,7 @@ import struct
 from google.protobuf.message import DecodeError
 
 from flowmap_dp import wire_pb2
+from flowmap_dp.errors import WireError
 
 MAGIC = b"FMDP"
 VERSION = 1
@@ -40,15 +41,6 @@ HEADER = struct.Struct(">4sHHI")
 # A frame is one part of a report (flowmap_dp.reporting keeps each part's estimate under PART_BYTES): a
 # reader never has to hold more than this for one connection, whoever is on the other end.
 MAX_FRAME = 16 << 20
-
-
-class WireError(ValueError):
-    """The peer sent something that is not a version-1 flowmap dp frame. ``reason`` says what, as
-    the agent counts it: magic, version, length, payload (a body that is not its message)."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 def frame(kind: int, payload: bytes) -> bytes:

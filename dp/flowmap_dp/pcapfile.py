@@ -18,6 +18,8 @@ from pathlib import Path
 from struct import Struct
 from typing import BinaryIO
 
+from flowmap_dp.errors import CaptureFormatError
+
 _PCAP_MAGIC = {
     b"\xd4\xc3\xb2\xa1": ("<", 1e-6),
     b"\xa1\xb2\xc3\xd4": (">", 1e-6),
@@ -36,10 +38,6 @@ class Record:
     link: int  # pcap LINKTYPE_* of the interface
     data: bytes  # captured bytes
     wire_len: int  # length on the wire (>= len(data) when the snap length cut it)
-
-
-class CaptureFormatError(ValueError):
-    """The file is neither pcap nor pcapng, or its headers are broken."""
 
 
 def read_records(path: str | Path) -> Iterator[Record]:

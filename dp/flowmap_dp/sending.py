@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from google.protobuf.message import DecodeError
 
 from flowmap_dp import wire_pb2
-from flowmap_dp.framing import KIND_ACK, KIND_CONTROL, KIND_REPORT, FrameDecoder, WireError, frame
+from flowmap_dp.errors import WireError
+from flowmap_dp.framing import KIND_ACK, KIND_CONTROL, KIND_REPORT, FrameDecoder, frame
 from flowmap_dp.settings import Settings
 
 

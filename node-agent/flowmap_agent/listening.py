@@ -14,7 +14,8 @@ import time
 from collections.abc import Iterator, Mapping
 
 from flowmap_dp import wire_pb2
-from flowmap_dp.framing import KIND_ACK, KIND_CONTROL, MAX_FRAME, Stream, WireError, frame
+from flowmap_dp.errors import WireError
+from flowmap_dp.framing import KIND_ACK, KIND_CONTROL, MAX_FRAME, Stream, frame
 
 RECV_BYTES = 1 << 20  # one read of one connection
 
