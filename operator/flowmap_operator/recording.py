@@ -67,7 +67,6 @@ class CaptureHub(NodeStreams[pb.NodeCaptures]):
         self.plans: dict[CaptureKey, Plan] = {}
         self.fired: dict[str, float] = {}  # capture id -> when its trigger happened
         self.uploads: dict[str, tuple[pb.UploadRequest, ...]] = {}  # node -> the fetches it serves now
-        self.version = 0  # of NodeCaptures, over all nodes: each node's versions only grow
         self.changes = 0  # of captures and reports
         self._inputs: tuple[int, int] = (-1, -1)
         self._planned_at = 0.0
@@ -148,15 +147,7 @@ class CaptureHub(NodeStreams[pb.NodeCaptures]):
         captures = capturing.node_captures(self.plans.values(), node,
                                            capturing.kept(self.captures.values(), now), self.fired)
         captures.uploads.extend(self.uploads.get(node, ()))
-        old = self.current.get(node)
-        if old is not None:
-            captures.version = old.version
-            if captures == old:
-                return False
-        self.version += 1
-        captures.version = self.version
-        self.current[node] = captures
-        return True
+        return self.replace(node, captures)
 
     async def ask(self, node: str, requests: Sequence[pb.UploadRequest]) -> None:
         """The fetches ``node`` serves now, whole (flowmap_operator.uploading): carried in its

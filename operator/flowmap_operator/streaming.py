@@ -12,9 +12,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
-M = TypeVar("M")
+
+class Versioned(Protocol):
+    version: int
+
+
+M = TypeVar("M", bound=Versioned)
 
 
 class NodeStreams(Generic[M]):
@@ -23,7 +28,21 @@ class NodeStreams(Generic[M]):
     def __init__(self) -> None:
         self.current: dict[str, M] = {}
         self.watchers: dict[str, int] = {}
+        self.version = 0  # of the messages, over all nodes: each node's versions only grow
         self._changed = asyncio.Condition()
+
+    def replace(self, node: str, message: M) -> bool:
+        """Make ``message`` the node's current one, under a new version; unless it says what the
+        current one says, and then nothing changes (False)."""
+        old = self.current.get(node)
+        if old is not None:
+            message.version = old.version
+            if message == old:
+                return False
+        self.version += 1
+        message.version = self.version
+        self.current[node] = message
+        return True
 
     def watching(self) -> set[str]:
         return {node for node, n in self.watchers.items() if n}

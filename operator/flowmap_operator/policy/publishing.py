@@ -38,7 +38,6 @@ class PolicyHub(NodeStreams[pb.NodePolicy]):
     def __init__(self, modes: Modes) -> None:
         super().__init__()
         self.modes, self.compiler = modes, Compiler(modes)
-        self.version = 0
         self._inputs: tuple[int, int] = (-1, -1)
         self._compiled_at = 0.0
 
@@ -56,14 +55,8 @@ class PolicyHub(NodeStreams[pb.NodePolicy]):
 
     def _compile(self, node: str, now: float) -> bool:
         policy = self.compiler.node(node, now)
-        old = self.current.get(node)
-        if old is not None:
-            policy.version = old.version
-            if policy == old:
-                return False
-        self.version += 1
-        policy.version = self.version
-        self.current[node] = policy
+        if not self.replace(node, policy):
+            return False
         metrics.POLICY_PODS.labels(node).set(len(policy.pods))
         return True
 
