@@ -138,7 +138,7 @@ class DiskBudget:
         self.total = total
         self.used = 0
 
-    def take(self, size: int) -> bool:
+    def reserve(self, size: int) -> bool:
         """Reserve ``size`` bytes; False (nothing taken) when they are not left."""
         if self.used + size > self.total:
             return False
@@ -173,7 +173,7 @@ class Recorder:
 
     def __init__(self, spec: Spec, out: BinaryIO, budget: DiskBudget, now: float) -> None:
         self.spec = spec
-        self.writer = pcapng.Writer(out, spec.max_bytes, reserve=budget.take)
+        self.writer = pcapng.Writer(out, spec.max_bytes, reserve=budget.reserve)
         self.state = State.ARMED if spec.armed else State.RUNNING
         self.reason: StopReason | None = None
         self.message = ""

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from flowmap_agent.deltas import MAX_THREATS, U32, U64, earliest
+from flowmap_agent.deltas import U32, U64, earliest
 from flowmap_agent.policy.compiling import PolicyInForce, verdict
 from flowmap_api import report_pb2 as pb
 from flowmap_api import validity
@@ -148,7 +148,7 @@ class Aggregator:
                 opened.discard(session)
             if threats:
                 for hit in threats.get((s.ip_proto, cip, s.client_port, sip, s.server_port), ()):
-                    if len(e[9]) < MAX_THREATS:
+                    if len(e[9]) < validity.MAX_THREATS:
                         e[9].append(pb.ThreatHit(name=hit.threat, snippet=hit.snippet[:256],
                                                  time_unix_ms=hit.seen_ns // 1_000_000))
         edges = []

@@ -10,9 +10,9 @@ unknown), the last the latest, applications are kept once each in the order they
 from __future__ import annotations
 
 from flowmap_api import report_pb2 as pb
+from flowmap_api.validity import MAX_THREATS  # threat hits one edge delta carries: the contract's
 
 U64, U32 = (1 << 64) - 1, (1 << 32) - 1
-MAX_THREATS = 16  # threat hits one edge delta carries
 
 # What identifies one agent edge; counters of deltas with the same key add up.
 EdgeKey = tuple[str, str, int, int, str, bool, bool]  # client ip, server ip, server port, protocol,

@@ -371,5 +371,5 @@ class CaptureServicer(pb_grpc.CaptureServiceServicer):
         self.auth.authorize(IDENTITY.get(), first.node)
         if not self.is_leader():
             return pb.UploadAck(leader=False)
-        await self.uploads.take(first.node, first, chunks)
+        await self.uploads.receive(first.node, first, chunks)
         return pb.UploadAck(leader=True)

@@ -4,7 +4,7 @@ streams to a user.
 The file stays on the node (the dp wrote it there, flowmap_dp.capturing) and the operator keeps
 none of it. A fetch (:meth:`Uploads.fetch`) asks the node for it in the node's
 ``NodeCaptures.uploads``, which the CaptureHub carries and streams at once; the agent answers with
-a ``CaptureService.Upload`` stream, which the servicer hands to :meth:`Uploads.take`; its chunks
+a ``CaptureService.Upload`` stream, which the servicer hands to :meth:`Uploads.receive`; its chunks
 reach the reader through a small bounded queue as they come, so a slow reader slows the agent
 (gRPC's flow control) instead of the file piling up in the operator's memory. The bytes are
 checked against the size and sha256 the capture's status shows: a fetch that ends without
@@ -160,7 +160,7 @@ class Uploads:
     async def _tell(self, node: str) -> None:
         await self.hub.ask(node, self.requests(node))
 
-    async def take(self, node: str, first: pb.UploadChunk, rest: AsyncIterator[pb.UploadChunk]) -> None:
+    async def receive(self, node: str, first: pb.UploadChunk, rest: AsyncIterator[pb.UploadChunk]) -> None:
         """Serve one Upload stream from ``node`` (its token checked already) whose first chunk is
         ``first``: each chunk's data to the fetch's reader, as it takes them.
 
