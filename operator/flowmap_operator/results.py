@@ -34,7 +34,7 @@ from flowmap_operator.errors import ApiError
 from flowmap_operator.kubeapi import call
 from flowmap_operator.recording import CaptureHub
 from flowmap_operator.retrieval import Caller, FrontProxy, NodeFile
-from flowmap_operator.uploading import UploadFailed, Uploads
+from flowmap_operator.uploading import FetchesBusy, UploadFailed, Uploads
 
 log = logging.getLogger("flowmap.operator.results")
 AUTHENTICATION = ("kube-system", "extension-apiserver-authentication")
@@ -160,10 +160,10 @@ class ResultServer:
         capture = self.hub.captures.get((namespace, name))
         if capture is None:
             return _status(404, "NotFound", f'packetcaptures.flowmap.dev "{name}" not found')
-        chosen = retrieval.files(capture.status, request.query.get("node"))
+        node = request.query.get("node")
+        chosen = retrieval.files(capture.status, node)
         if isinstance(chosen, str):
-            return _status(404 if "node" in request.query else 409, "NotFound" if "node" in request.query
-                           else "Conflict", chosen)
+            return _status(404, "NotFound", chosen) if node is not None else _status(409, "Conflict", chosen)
         return await self._send(request, who, capture.id, chosen)
 
     async def _authorize(self, who: Caller, namespace: str, name: str) -> web.Response | None:
@@ -187,6 +187,9 @@ class ResultServer:
         # The first bytes before the answer: a node that cannot send is a clear error, not a cut file.
         try:
             first = await anext(streams[0], b"")
+        except FetchesBusy as exc:  # nothing wrong with the file: the client asks again shortly
+            await _close(streams)
+            return _status(503, "ServiceUnavailable", f"{chosen[0].node}: {exc}")
         except UploadFailed as exc:
             await _close(streams)
             return _status(502, "BadGateway", f"{chosen[0].node}: {exc}")

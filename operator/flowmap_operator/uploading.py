@@ -30,7 +30,7 @@ from typing import TypeVar
 
 from flowmap_api import report_pb2 as pb
 from flowmap_api.limits import MAX_NODE_UPLOADS, MAX_UPLOAD_CHUNK, MAX_UPLOAD_ERROR
-from flowmap_operator.errors import InvalidReport, NotRequested, Withdrawn
+from flowmap_operator.errors import InvalidReport, NotRequested, Retry, Withdrawn
 from flowmap_operator.recording import CaptureHub
 
 MAX_IN_FLIGHT = 8  # fetches at once in the operator: each holds at most QUEUE_CHUNKS chunks
@@ -51,6 +51,10 @@ class UploadFailed(Exception):
 
     def __init__(self, why: str) -> None:
         super().__init__(why[:MAX_WHY])
+
+
+class FetchesBusy(UploadFailed, Retry):
+    """As many files are being fetched (from the node, or in all) as may be: ask again shortly."""
 
 
 @dataclass(eq=False)
@@ -142,9 +146,9 @@ class Uploads:
         if not self.is_leader():
             raise UploadFailed("this replica does not lead: the leader fetches captures")
         if sum(f.node == node for f in self.fetches.values()) >= self.max_per_node:
-            raise UploadFailed(f"busy: node {node} is sending {self.max_per_node} files already, try again shortly")
+            raise FetchesBusy(f"busy: node {node} is sending {self.max_per_node} files already, try again shortly")
         if len(self.fetches) >= self.max_in_flight:
-            raise UploadFailed(f"busy: {self.max_in_flight} files are being fetched already, try again shortly")
+            raise FetchesBusy(f"busy: {self.max_in_flight} files are being fetched already, try again shortly")
         request = f"{self._prefix}-{next(self._numbers)}"
         f = _Fetch(request, node, capture_id, size, sha256, asyncio.Queue(self.queue_chunks),
                    asyncio.get_running_loop().create_future())

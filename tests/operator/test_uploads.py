@@ -28,7 +28,7 @@ from flowmap_operator.auth import Authenticator
 from flowmap_operator.recording import CaptureHub
 from flowmap_operator.resolution import Resolver
 from flowmap_operator.serving import OPTIONS, CaptureServicer, Gate, Refusals
-from flowmap_operator.uploading import MAX_IN_FLIGHT, UploadFailed, Uploads
+from flowmap_operator.uploading import MAX_IN_FLIGHT, FetchesBusy, UploadFailed, Uploads
 from tests.operator.harness import NS, Cluster
 
 CID = "snap/dump/0f1e2d3c-aaaa-bbbb-cccc-000000000009"
@@ -334,12 +334,12 @@ def test_fetches_in_flight_are_bounded_per_node_and_in_all(cluster: Cluster, tok
             for _ in range(2):
                 start("node-a")
             await agent.request(2)
-            with pytest.raises(UploadFailed, match="^busy: node node-a is sending 2 files already"):
+            with pytest.raises(FetchesBusy, match="^busy: node node-a is sending 2 files already"):
                 await read(world.uploads.fetch("node-a", CID, 1, "ab" * 32))
             for node in ("node-b", "node-b", "node-c", "node-c", "node-d", "node-d"):
                 start(node)
             await until(lambda: len(world.uploads.fetches) == MAX_IN_FLIGHT == 8, "8 fetches in flight")
-            with pytest.raises(UploadFailed, match="^busy: 8 files are being fetched already"):
+            with pytest.raises(FetchesBusy, match="^busy: 8 files are being fetched already"):
                 await read(world.uploads.fetch("node-e", CID, 1, "ab" * 32))
             assert len(agent.asked()) == 2
             for task in pending:
