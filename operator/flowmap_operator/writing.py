@@ -156,10 +156,11 @@ class Writer:
 
     async def _create_group(self, group: GroupInfo) -> bool:
         try:
-            await self.write("group", "create", self.api.create_cluster_custom_object(
+            made = await self.write("group", "create", self.api.create_cluster_custom_object(
                 GROUP, VERSION, "groups", objects.group_body(group.peer), field_manager=FIELD_MANAGER))
+            group.generation = int(made["metadata"].get("generation") or 0)  # its first status says it observed it
         except Conflict:
-            pass  # made by a previous leader, or before a crash
+            pass  # made by a previous leader, or before a crash: the watch tells its generation
         group.exists = True
         await self._refresh_group(group)
         return True
