@@ -74,7 +74,7 @@ class Inspector:
             # Until the client has spoken, the server's words wait (a few of them): the client's
             # packets may have entered the node on another interface, whose ring is read later.
             if self._bytes[True] or self._before_client > SERVER_FIRST:
-                self._detect()
+                self._detect(final=False)
         else:
             self._lingered += 1
         if self._matched is not None:
@@ -105,9 +105,14 @@ class Inspector:
                 self._detect()  # the client never spoke: judge the server's words alone
             self._conclude()
 
-    def _detect(self) -> None:
+    def _detect(self, final: bool = True) -> None:
+        """Ask the candidates; keep those that may still match. Not ``final`` (a packet came and
+        more may follow), a NO given to the server's words alone rules nothing out: the client's
+        words may be in another ring, read later, and they are what most detectors know (a
+        PostgreSQL server's first word is often "N", its answer to SSLRequest)."""
         keep: list[Detector] = []
         silent = not self._bytes[False]  # the server has not spoken
+        waiting = not final and not self._bytes[True]  # the client has not spoken yet
         for det in self._candidates:
             if silent and det.needs_answer:
                 verdict = Verdict.MORE
@@ -127,6 +132,8 @@ class Inspector:
             # A detector's packet budget starts with the client's first word (or the last server
             # packet that waited for it).
             if verdict is Verdict.MORE and self.flow.packets - min(self._before_client, SERVER_FIRST) < det.max_packets:
+                keep.append(det)
+            elif verdict is Verdict.NO and waiting:
                 keep.append(det)
         self._candidates = keep
 

@@ -7,7 +7,7 @@ import random
 import pytest
 
 import flowmap_dp.detection as detection
-from flowmap_dp.detection import MAX_PACKETS, NO_VERDICT, Inspector
+from flowmap_dp.detection import MAX_PACKETS, NO_VERDICT, SERVER_FIRST, Inspector
 from flowmap_dp.detectors import BY_NAME, REGISTRY
 from flowmap_dp.detectors.base import STREAM_LIMIT, Detector, Flow, Verdict
 from flowmap_dp.detectors.sqlinjection import scan
@@ -111,6 +111,23 @@ def test_the_servers_words_alone_give_no_verdict_unless_they_match() -> None:
     spoke.feed(True, b"\x16garbage")
     spoke.finish()
     assert spoke.app == "unknown"
+
+
+def test_the_servers_words_read_first_rule_nothing_out_before_the_client_speaks() -> None:
+    """A PostgreSQL session whose server half the dp read first (the answers entered the client's
+    node through the tunnel, whose ring was read before the pod's veth): the server's words alone
+    match nothing (its first is "N", no SSL), but the client's SSLRequest, read later, decides. On a
+    loaded node this was "unknown" (the detector had said NO to the server's words for good)."""
+    server = [b"N", b"R" + (8).to_bytes(4, "big") + (0).to_bytes(4, "big"),
+              b"Z\x00\x00\x00\x05I", b"T\x00\x00\x00\x06\x00\x00", b"C\x00\x00\x00\x0dSELECT 1\x00",
+              b"Z\x00\x00\x00\x05I"]
+    assert len(server) > SERVER_FIRST
+    session = Inspector("tcp", 40000, 5432)
+    for word in server:
+        session.feed(False, word)
+    session.feed(True, (8).to_bytes(4, "big") + (80877103).to_bytes(4, "big"))  # SSLRequest
+    session.finish()
+    assert session.app == "postgresql"
 
 
 def test_dns_flow_with_many_queries_is_bounded() -> None:
