@@ -12,12 +12,14 @@ import hashlib
 import re
 import threading
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 from flowmap_operator.ledger import Counters, EdgeKey
-from flowmap_operator.topology import Topology
+from flowmap_operator.topology import Topology, app_label
 
 # A "_created" series beside every counter doubles /metrics for nothing Prometheus needs.
 disable_created_metrics()
@@ -69,6 +71,12 @@ LEADER = Gauge("flowmap_operator_leader", "1 when this replica applies reports."
 
 EDGE_LABELS = ("client_group", "client_namespace", "server_group", "server_namespace", "port", "protocol", "app",
                "direction")
+EDGE_FAMILIES = (("flowmap_edge_bytes", "Bytes between two groups (IP length), counted once per edge: the "
+                  "Connection's status.bytes.", EDGE_LABELS),
+                 ("flowmap_edge_packets", "Packets between two groups: the Connection's status.packets.", EDGE_LABELS),
+                 ("flowmap_edge_sessions", "Sessions opened between two groups: the Connection's "
+                  "status.sessions.total.", EDGE_LABELS[:-1]))
+SAMPLE_NAMES = tuple(f"{name}_total" for name, _, _ in EDGE_FAMILIES)
 OTHER = "other"
 MAX_LABEL = 256  # characters of a label value taken from an object (a group name is at most 253)
 # Control characters (C0, DEL, C1) and the line and paragraph separators: a line-oriented reader of
@@ -85,6 +93,19 @@ def label_value(value: str) -> str:
         return value
     digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:10]
     return f"{clean[:MAX_LABEL - len(digest) - 1]}~{digest}"
+
+
+def _label_text(values: tuple[str, ...]) -> tuple[str, str]:
+    """An edge's labels as prometheus_client writes them, sorted by name, each value's backslash,
+    newline and double quote escaped: those before the direction, those after it."""
+    pairs = sorted(zip(EDGE_LABELS, values))
+    head = [f'{name}="{_escaped(value)}"' for name, value in pairs if name < "direction"]
+    tail = [f'{name}="{_escaped(value)}"' for name, value in pairs if name > "direction"]
+    return ",".join(head), ",".join(tail)
+
+
+def _escaped(value: str) -> str:
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
 
 
 class BoundsCollector:
@@ -116,6 +137,55 @@ class BoundsCollector:
         yield forgotten
 
 
+C2S, S2C = "client_to_server", "server_to_client"
+
+
+class EdgeLabels:
+    """An edge's label set, made once and kept while what it is made of stays the same, with the
+    text of its samples at the counters they were last written for."""
+
+    __slots__ = ("apps", "namespaces", "values", "text", "_lines")
+
+    def __init__(self, apps: frozenset[str] | None, namespaces: tuple[str, str], values: tuple[str, ...]) -> None:
+        self.apps, self.namespaces = apps, namespaces  # what it was made of: the edge's apps, its groups' namespaces
+        self.values = values  # EDGE_LABELS but direction, cleaned by label_value
+        self.text = _label_text(values)
+        self._lines: tuple[Counters, str, str, str] | None = None
+
+    @staticmethod
+    def of(key: EdgeKey, apps: frozenset[str] | None, namespaces: tuple[str, str]) -> EdgeLabels:
+        app = app_label(apps) if apps is not None else "unknown"
+        # Every value but the port may come from a Connection or Group someone wrote by hand.
+        return EdgeLabels(apps, namespaces, tuple(label_value(v) for v in (
+            key[0], namespaces[0], key[1], namespaces[1], str(key[2]), key[3], app)))
+
+    def lines(self, counters: Counters) -> tuple[Counters, str, str, str]:
+        """The edge's samples of the three counter families at ``counters``, as prometheus_client
+        writes them in either text format; made again only when the ledger wrote new counters."""
+        lines = self._lines  # read once: another scrape's thread may replace it meanwhile
+        if lines is None or lines[0] is not counters:
+            (bytes_, packets, sessions), (head, tail) = SAMPLE_NAMES, self.text
+            c2s, s2c = f'{{{head},direction="{C2S}",{tail}}}', f'{{{head},direction="{S2C}",{tail}}}'
+            lines = self._lines = (
+                counters,
+                f"{bytes_}{c2s} {number(counters.bytes_c2s)}\n{bytes_}{s2c} {number(counters.bytes_s2c)}\n",
+                f"{packets}{c2s} {number(counters.packets_c2s)}\n{packets}{s2c} {number(counters.packets_s2c)}\n",
+                f"{sessions}{{{head},{tail}}} {number(counters.sessions)}\n")
+        return lines
+
+
+# The sum of the edges beyond the cap: every label "other" but the direction.
+OTHER_LABELS = EdgeLabels(None, (OTHER, OTHER), (OTHER,) * (len(EDGE_LABELS) - 1))
+
+
+class EdgeSeries(NamedTuple):
+    """One scrape's edge series, read in one pass over the ledger: each edge with series of its own
+    and its counters (whole values: the ledger replaces them), then "other" when it has a series."""
+
+    rows: list[tuple[EdgeLabels, Counters]]
+    overflow: int  # edges counted in "other"
+
+
 class EdgeCollector:
     """Per-edge counters read at scrape time from the totals each Connection carries.
 
@@ -131,87 +201,95 @@ class EdgeCollector:
 
     Only the leader exports them: a follower's counters stop where it loaded them, and a second
     set of series would double every sum over the replicas.
+
+    Two renderings of one ``series()``: prometheus_client's families (``collect``, the reference)
+    and the text of their samples (``samples``), which /metrics serves (flowmap_operator.exposition).
     """
 
     def __init__(self, topology: Topology, cap: int, leading: Callable[[], bool] = lambda: True) -> None:
         self.topology, self.cap, self.leading = topology, cap, leading
-        self.own: set[EdgeKey] = set()
+        self.own: dict[EdgeKey, EdgeLabels] = {}  # the edges with series of their own
         self.folded: dict[EdgeKey, Counters] = {}  # edge in "other" -> its counters as last scraped
         self.retired = Counters()  # what edges in "other" that are gone had counted
         self.lock = threading.Lock()  # the metrics server answers each scrape on a thread of its own
 
     def describe(self) -> Iterator[Metric]:
-        yield from self._families()
-        yield self._overflow(0)
+        yield from self.families(EdgeSeries([], 0))
 
     def collect(self) -> Iterator[Metric]:
-        bytes_, packets, sessions = self._families()
+        yield from self.families(self.series())
+
+    def series(self) -> EdgeSeries:
+        """Which edges have series and what they counted, now; the bookkeeping of the cap with it."""
         if not self.leading():
-            yield from (bytes_, packets, sessions, self._overflow(0))
-            return
+            return EdgeSeries([], 0)
         # Scrapes run on the metrics server's threads while the event loop changes the topology.
-        # Each read here is one C-level step under the GIL (a dict copied, an attribute read, a
-        # set sorted), and the ledger replaces an edge's persisted Counters instead of changing
-        # them, so every read sees a whole value. An edge with no Connection yet has no series.
-        edges = [(key, edge.persisted) for key, edge in list(self.topology.ledger.edges.items())
-                 if edge.resource_version is not None]
+        # Each read here is one C-level step under the GIL (a dict or set copied, an attribute
+        # read), and the ledger replaces an edge's persisted Counters instead of changing them, so
+        # every read sees a whole value. An edge with no Connection yet has no series.
+        edges = {key: edge.persisted for key, edge in list(self.topology.ledger.edges.items())
+                 if edge.resource_version is not None}
+        groups, infos = self.topology.groups, self.topology.edges
+        rows: list[tuple[EdgeLabels, Counters]] = []
         with self.lock:
-            present = {key for key, _ in edges}
-            self.own &= present  # a deleted Connection's slot goes to the next new edge
-            for key in [k for k in self.folded if k not in present]:
-                self.retired.add(self.folded.pop(key))
+            own, folded = self.own, self.folded
+            for key in own.keys() - edges.keys():  # a deleted Connection's slot goes to the next new edge
+                del own[key]
+            for key in folded.keys() - edges.keys():
+                self.retired.add(folded.pop(key))
             other = Counters()
-            for key, counters in edges:
-                if key not in self.own and key not in self.folded:
-                    if len(self.own) < self.cap:
-                        self.own.add(key)
-                    else:
-                        self.folded[key] = counters
-                if key in self.folded:
-                    self.folded[key] = counters
+            for key, counters in edges.items():
+                labels = own.get(key)
+                if labels is None and (key in folded or len(own) >= self.cap):
+                    folded[key] = counters
                     other.add(counters)
                     continue
-                base = self._labels(key)
-                bytes_.add_metric((*base, "client_to_server"), counters.bytes_c2s)
-                bytes_.add_metric((*base, "server_to_client"), counters.bytes_s2c)
-                packets.add_metric((*base, "client_to_server"), counters.packets_c2s)
-                packets.add_metric((*base, "server_to_client"), counters.packets_s2c)
-                sessions.add_metric(base, counters.sessions)
-            if self.folded or not self.retired.is_zero():
+                # The label set changes only when the edge's apps or a group's namespace do.
+                client, server, info = groups.get(key[0]), groups.get(key[1]), infos.get(key)
+                apps = info.apps if info else None
+                namespaces = (client.peer.namespace if client else "", server.peer.namespace if server else "")
+                if labels is None or labels.apps != apps or labels.namespaces != namespaces:
+                    labels = own[key] = EdgeLabels.of(key, frozenset(apps) if apps is not None else None, namespaces)
+                rows.append((labels, counters))
+            if folded or not self.retired.is_zero():
                 other.add(self.retired)
-                base = (OTHER,) * (len(EDGE_LABELS) - 1)
-                bytes_.add_metric((*base, "client_to_server"), other.bytes_c2s)
-                bytes_.add_metric((*base, "server_to_client"), other.bytes_s2c)
-                packets.add_metric((*base, "client_to_server"), other.packets_c2s)
-                packets.add_metric((*base, "server_to_client"), other.packets_s2c)
-                sessions.add_metric(base, other.sessions)
-            overflow = len(self.folded)
-        yield from (bytes_, packets, sessions)
-        yield self._overflow(overflow)
-
-    def _labels(self, key: EdgeKey) -> tuple[str, ...]:
-        """The edge's labels but direction; the app as the Connection's APP column shows it."""
-        groups = self.topology.groups
-        client, server, info = groups.get(key[0]), groups.get(key[1]), self.topology.edges.get(key)
-        # Every value but the port may come from a Connection or Group someone wrote by hand.
-        return tuple(label_value(v) for v in (
-            key[0], client.peer.namespace if client else "", key[1], server.peer.namespace if server else "",
-            str(key[2]), key[3], info.app if info else "unknown"))
+                rows.append((OTHER_LABELS, other))
+            return EdgeSeries(rows, len(folded))
 
     @staticmethod
-    def _families() -> tuple[CounterMetricFamily, CounterMetricFamily, CounterMetricFamily]:
-        return (CounterMetricFamily("flowmap_edge_bytes", "Bytes between two groups (IP length), counted once per "
-                                    "edge: the Connection's status.bytes.", labels=EDGE_LABELS),
-                CounterMetricFamily("flowmap_edge_packets", "Packets between two groups: the Connection's "
-                                    "status.packets.", labels=EDGE_LABELS),
-                CounterMetricFamily("flowmap_edge_sessions", "Sessions opened between two groups: the "
-                                    "Connection's status.sessions.total.", labels=EDGE_LABELS[:-1]))
+    def families(series: EdgeSeries) -> tuple[CounterMetricFamily, CounterMetricFamily, CounterMetricFamily,
+                                              GaugeMetricFamily]:
+        """The series as prometheus_client's families: the three counters, then the overflow gauge."""
+        bytes_, packets, sessions = (CounterMetricFamily(name, documentation, labels=labels)
+                                     for name, documentation, labels in EDGE_FAMILIES)
+        for labels, counters in series.rows:
+            bytes_.add_metric((*labels.values, C2S), counters.bytes_c2s)
+            bytes_.add_metric((*labels.values, S2C), counters.bytes_s2c)
+            packets.add_metric((*labels.values, C2S), counters.packets_c2s)
+            packets.add_metric((*labels.values, S2C), counters.packets_s2c)
+            sessions.add_metric(labels.values, counters.sessions)
+        return bytes_, packets, sessions, GaugeMetricFamily(
+            "flowmap_operator_edge_series_overflow",
+            "Edges beyond the series cap (FLOWMAP_OPERATOR_METRICS_SERIES_CAP), counted in the 'other' series.",
+            value=series.overflow)
 
     @staticmethod
-    def _overflow(edges: int) -> GaugeMetricFamily:
-        return GaugeMetricFamily("flowmap_operator_edge_series_overflow",
-                                 "Edges beyond the series cap (FLOWMAP_OPERATOR_METRICS_SERIES_CAP), counted in the "
-                                 "'other' series.", value=edges)
+    def samples(series: EdgeSeries) -> tuple[str, str, str]:
+        """The sample lines of the three counter families, as prometheus_client writes them in
+        either text format (a counter's samples are written alike in both)."""
+        lines = [labels.lines(counters) for labels, counters in series.rows]
+        return "".join([x[1] for x in lines]), "".join([x[2] for x in lines]), "".join([x[3] for x in lines])
+
+
+def number(value: int) -> str:
+    """A counter's value as prometheus_client writes it (``floatToGoString``), without its detour
+    through a float and its repr for the counts a float holds exactly."""
+    if 0 <= value < 1_000_000:
+        return f"{value}.0"
+    if 0 < value < 1 << 53:
+        digits = str(value)  # Go's exponent form from seven digits on: 1234567 is 1.234567e+06
+        return f"{digits[0]}.{digits[1:]}".rstrip("0.") + f"e+{len(digits) - 1:02d}"
+    return str(floatToGoString(value))
 
 
 # What reports said that the contract normalised or dropped (flowmap_api.validity): the edges still count.

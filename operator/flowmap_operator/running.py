@@ -27,11 +27,10 @@ from typing import Any
 import grpc
 import kopf
 from kubernetes_asyncio import client, config
-from prometheus_client import start_http_server
 
 from flowmap_api import report_pb2_grpc as pb_grpc
 from flowmap_api.pacing import Backoff, pause
-from flowmap_operator import certs, loading, metrics
+from flowmap_operator import certs, exposition, loading, metrics
 from flowmap_operator.auth import Authenticator
 from flowmap_operator.errors import InDoubt, NotFound, Throttled
 from flowmap_operator.kubeapi import Bucket, Writes, call
@@ -257,10 +256,10 @@ async def run(settings: Settings) -> None:
     results = ResultServer(captures, uploads, api_client, leadership, material, settings.results_apiservice)
     results_task = (asyncio.create_task(results.keep(stop))
                     if settings.results_listen and await results.start(settings.results_listen) else None)
-    # The edge series are read from the ledger at scrape time: the report path does no metrics work.
-    metrics.REGISTRY.register(metrics.EdgeCollector(topology, settings.metrics_series_cap, leadership))
     metrics.WRITE_BUDGET.set(settings.write_budget)
-    start_http_server(settings.metrics_listen, registry=metrics.REGISTRY)
+    # The edge series are read from the ledger at scrape time: the report path does no metrics work.
+    exposition.serve(settings.metrics_listen, metrics.REGISTRY,
+                     metrics.EdgeCollector(topology, settings.metrics_series_cap, leadership))
 
     registry = kopf.OperatorRegistry()
     _register_watches(registry, topology, captures, leadership)

@@ -12,7 +12,7 @@ the Groups (``conditions``).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,8 +49,13 @@ class EdgeInfo:
 
     @property
     def app(self) -> str:
-        """The APP column (and metrics label): the applications seen, "unknown" only if nothing better."""
-        return (",".join(a for a in sorted(self.apps) if a != "unknown") or "unknown")[:256]
+        """The APP column (and metrics label) of this edge."""
+        return app_label(self.apps)
+
+
+def app_label(apps: Iterable[str]) -> str:
+    """The APP column (and metrics label): the applications seen, "unknown" only if nothing better."""
+    return (",".join(a for a in sorted(apps) if a != "unknown") or "unknown")[:256]
 
 
 @dataclass
