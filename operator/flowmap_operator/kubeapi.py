@@ -3,9 +3,10 @@
 Every call the operator makes goes through :func:`call`, which turns the client's exceptions
 (``ApiException`` with an HTTP status, aiohttp's and the socket's errors) into the kinds of
 :mod:`flowmap_operator.errors` that say what to do: ``NotFound``, ``Conflict``, ``Throttled``,
-``Rejected``, ``InDoubt``. No other module reads an HTTP status. Writes also go through
+``Expired``, ``Rejected``, ``InDoubt``. No other module reads an HTTP status. Writes also go through
 :class:`Writes`: one token from one bucket per write, counted by kind, verb and outcome, each
 outcome told to the write budget (flowmap_operator.budget), whose rate the bucket then keeps.
+Lists go through :func:`listed`, a page at a time.
 """
 
 from __future__ import annotations
@@ -14,16 +15,18 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aiohttp
+from kubernetes_asyncio.client import CustomObjectsApi
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from flowmap_operator import metrics
 from flowmap_operator.budget import Budget
-from flowmap_operator.errors import ApiError, Conflict, InDoubt, NotFound, Rejected, Throttled
+from flowmap_operator.errors import ApiError, Conflict, Expired, InDoubt, NotFound, Rejected, Throttled
 
 GROUP, VERSION = "flowmap.dev", "v1alpha1"
+PAGE = 500  # objects per list call: what kubectl asks for, and a response the server builds without strain
 MERGE = "application/merge-patch+json"
 FIELD_MANAGER = "flowmap-operator"  # one stable manager for everything the operator writes
 
@@ -43,6 +46,8 @@ def typed(exc: ApiException) -> ApiError:
         return Conflict(status, message)
     if status == 429:
         return Throttled(status, message)
+    if status == 410:
+        return Expired(status, message)
     if status is not None and 400 <= status < 500:
         return Rejected(status, message)
     return InDoubt(status, message)
@@ -56,6 +61,26 @@ async def call(awaitable: Awaitable[T]) -> T:
         raise typed(exc) from None
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
         raise InDoubt(None, f"API server unreachable: {exc}") from None
+
+
+async def listed(api: CustomObjectsApi, plural: str, page: int = PAGE) -> list[dict[str, Any]]:
+    """Every object of a cluster-scoped custom resource of ours, read ``page`` at a time.
+
+    The pages are one snapshot (the continue token carries its resourceVersion). A token that
+    expired meanwhile (etcd compacted past it) starts the list over, for a snapshot again.
+    """
+    while True:
+        items: list[dict[str, Any]] = []
+        token = ""  # the next page's (empty: the first)
+        try:
+            while True:
+                found = await call(api.list_cluster_custom_object(GROUP, VERSION, plural, limit=page, _continue=token))
+                items += found.get("items", [])
+                token = (found.get("metadata") or {}).get("continue") or ""
+                if not token:
+                    return items
+        except Expired:
+            continue
 
 
 class Bucket:

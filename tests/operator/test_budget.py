@@ -1,6 +1,7 @@
 """The write budget finds what the API server accepts: up while it answers quickly and there is
 more to write, down at once when it throttles, stops answering, or answers slower; never outside
-the floor and the ceiling the user set. Then the door that feeds it."""
+the floor and the ceiling the user set. Then the door that feeds it, and the lists read a page
+at a time."""
 
 from __future__ import annotations
 
@@ -126,3 +127,31 @@ def test_a_token_waited_for_says_there_is_more_to_write_than_the_rate() -> None:
         return [await bucket.take() for _ in range(3)]
 
     assert asyncio.run(run()) == [False, True, True]  # the one an idle bucket holds, then a wait each
+
+
+class Pages:
+    """A CustomObjectsApi listing ``items`` two at a time; its first continue token expires once."""
+
+    def __init__(self, items: list[dict[str, Any]]) -> None:
+        self.items, self.calls, self.expired = items, [], False
+
+    async def _page(self, plural: str, limit: int, token: str) -> dict[str, Any]:
+        self.calls.append((plural, limit, token))
+        if token and not self.expired:
+            self.expired = True
+            raise ApiException(status=410, reason="Gone")
+        start = int(token or 0)
+        more = str(start + limit) if start + limit < len(self.items) else ""
+        return {"items": self.items[start:start + limit], "metadata": {"continue": more}}
+
+    def list_cluster_custom_object(self, group: str, version: str, plural: str, limit: int,
+                                   _continue: str) -> Any:
+        return self._page(plural, limit, _continue)
+
+
+def test_a_list_is_read_a_page_at_a_time_and_started_over_when_its_token_expires() -> None:
+    objects = [{"metadata": {"name": f"c{i}"}} for i in range(5)]
+    api = Pages(objects)
+    assert asyncio.run(kubeapi.listed(api, "connections", page=2)) == objects  # type: ignore[arg-type]
+    assert api.calls == [("connections", 2, ""), ("connections", 2, "2"),  # expired: from the start
+                         ("connections", 2, ""), ("connections", 2, "2"), ("connections", 2, "4")]
