@@ -2,14 +2,15 @@
 
 Simulated agents (one asyncio process, each agent its own pod-bound ServiceAccount token, its own
 TLS channel, the agent's protocol of numbered batches acknowledged one by one) report over real gRPC to a real
-``flowmap operator run`` (started here, RBAC of manifests/, write budget --budget) against a real
+``flowmap operator run`` (started here, RBAC of manifests/, write budget from --budget up to
+--budget-max, as the API server allows) against a real
 kube-apiserver + etcd (started here). The topology: --deployments workloads of --pods pods each,
 spread over --nodes nodes; --edges initial edges between workloads; every node observes, each
 interval, one delta (client.local=True) for every edge whose client workload has a pod on it, so
 each edge has several observers; deltas merge per edge while the edge's last one is unacknowledged. For each node count:
 
-1. **cold start**: the operator starts on an empty map (at --cold-budget writes/s, default the
-   budget); time from the first report to all initial Connections existing.
+1. **cold start**: the operator starts on an empty map (at --cold-budget writes/s at least, default
+   the budget); time from the first report to all initial Connections existing.
 2. **steady**: (after a restart at --budget if the cold budget differs) --duration seconds of
    reports with --new-rate new edges per second. Deltas ingested per second, API writes per
    second (the operator's ``flowmap_operator_api_writes_total``), time from a new edge's first
@@ -18,7 +19,7 @@ each edge has several observers; deltas merge per edge while the edge's last one
 
 Usage (from the repo root):
     .venv/bin/python -m benchmarks.operator_ingest [--quick] [--nodes 200,1000] [--budget 20]
-        [--cold-budget 200] [--duration 60] [--json out.json]
+        [--budget-max 200] [--cold-budget 200] [--duration 60] [--json out.json]
 """
 
 from __future__ import annotations
@@ -444,6 +445,7 @@ class Sampler:
         row["unacked"] = total(m, "flowmap_operator_unacked_batches")
         row["conflicts"] = total(m, "flowmap_operator_api_conflicts_total")
         row["throttled"] = total(m, "flowmap_operator_api_throttled_total")
+        row["rate"] = total(m, "flowmap_operator_write_budget")
         row["reports"] = {k.split("outcome=")[1].rstrip("}"): v for k, v in m.items()
                           if k.startswith("flowmap_operator_reports_total{")}
         if self.op.proc:
@@ -510,7 +512,7 @@ async def scenario(args: argparse.Namespace, nodes: int) -> dict[str, Any]:
 
         # -- cold start ---------------------------------------------------------------------------
         cold_budget = args.cold_budget or args.budget
-        op = Operator(cluster, write_budget=cold_budget).start()
+        op = Operator(cluster, write_budget=cold_budget, write_budget_max=max(cold_budget, args.budget_max)).start()
         await asyncio.to_thread(op.wait_leading, 120)
         sampler = Sampler(op, plane)
         creds = grpc.ssl_channel_credentials(root_certificates=cluster.keys.ca_cert.read_bytes())
@@ -555,7 +557,7 @@ async def scenario(args: argparse.Namespace, nodes: int) -> dict[str, Any]:
             cold["seconds"] = done_at - t_cold
             log(f"cold start: all {have} Connections in {cold['seconds']:.1f} s at {cold_budget:g} writes/s "
                 f"({cold['writes_per_s']:.1f} writes/s measured; minimum at 2 writes per Connection: "
-                f"{2 * len(initial_keys) / cold_budget:.0f} s)")
+                f"{2 * len(initial_keys) / max(cold_budget, args.budget_max):.0f} s)")
         else:
             rate = have / max(1e-9, t_end - t_cold)
             cold["projected_seconds"] = len(initial_keys) / rate if rate else float("inf")
@@ -576,7 +578,7 @@ async def scenario(args: argparse.Namespace, nodes: int) -> dict[str, Any]:
             t = time.monotonic()
             op.stop()
             port = op.grpc_port  # the same address: the agents' channels reconnect, as to a Service
-            op = Operator(cluster, write_budget=args.budget, grpc_listen=port)
+            op = Operator(cluster, write_budget=args.budget, write_budget_max=args.budget_max, grpc_listen=port)
             op.grpc_port = port
             op.start()
             sampler.op = op
@@ -636,6 +638,8 @@ async def scenario(args: argparse.Namespace, nodes: int) -> dict[str, Any]:
         steady["rpc_p50_ms"], steady["rpc_p95_ms"] = pct(rpc, 0.5) * 1000, pct(rpc, 0.95) * 1000
         steady["dirty_end"], steady["unacked_end"] = b["dirty"], b["unacked"]
         steady["conflicts"], steady["throttled"] = b["conflicts"] - a["conflicts"], b["throttled"] - a["throttled"]
+        rates = [r.get("rate", 0.0) for r in sampler.rows if t0 <= r["t"] <= t1]
+        steady["budget_min"], steady["budget_max"] = min(rates, default=0.0), max(rates, default=0.0)
         steady["operator"] = cpu_line(a, b, "op")
         steady["apiserver"] = cpu_line(a, b, "apiserver")
         steady["etcd"] = cpu_line(a, b, "etcd")
@@ -712,8 +716,9 @@ def report(nodes: int, args: argparse.Namespace, result: dict[str, Any]) -> None
           f"{s['new_max_s']:.2f} s over {s['new_edges']} edges (not reported {s['new_unreported']}, "
           f"missing {s['new_missing']}){ratio}")
     if "seconds" in c:
-        print(f"cold start               {c['seconds']:10.1f} s    all {c['of']} Connections at {c['budget']:g} writes/s"
-              f" (floor at 2 writes each: {2 * c['of'] / c['budget']:.0f} s)")
+        ceiling = max(c['budget'], args.budget_max)
+        print(f"cold start               {c['seconds']:10.1f} s    all {c['of']} Connections at {c['budget']:g} to "
+              f"{ceiling:g} writes/s (floor at 2 writes each: {2 * c['of'] / ceiling:.0f} s)")
     else:
         print(f"cold start               {c['connections']}/{c['of']} within {args.cold_timeout:g} s at "
               f"{c['budget']:g} writes/s; projected {c['projected_seconds']:.0f} s")
@@ -728,6 +733,8 @@ def report(nodes: int, args: argparse.Namespace, result: dict[str, Any]) -> None
           f"{s['write_age_p95_s']:.0f} s ago")
     print(f"agents                   rpc p50 {s['rpc_p50_ms']:.0f} ms, p95 {s['rpc_p95_ms']:.0f} ms; refusals "
           f"{s['errors'] or 'none'}; resent {s['resent']}")
+    print(f"write budget             {s['budget_min']:.0f} to {s['budget_max']:.0f} writes/s as scraped "
+          f"(floor {args.budget:g}, ceiling {max(args.budget, args.budget_max):g})")
     print(f"operator backlog at end  {s['dirty_end']:.0f} dirty Connections, {s['unacked_end']:.0f} unacked batches; "
           f"conflicts {s['conflicts']:.0f}, 429s {s['throttled']:.0f}")
     print(f"operator                 {s['operator']} (one /metrics scrape: {s['scrape_ms']:.0f} ms)")
@@ -747,7 +754,9 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=60.0, help="steady phase (s)")
     p.add_argument("--warmup", type=float, default=10.0, help="before the steady phase (s)")
     p.add_argument("--grace", type=float, default=15.0, help="wait this long after the run for the last new edges")
-    p.add_argument("--budget", type=float, default=20.0, help="the operator's write budget (writes/s)")
+    p.add_argument("--budget", type=float, default=20.0, help="the operator's write budget, its floor (writes/s)")
+    p.add_argument("--budget-max", type=float, default=200.0,
+                   help="the write budget's ceiling (writes/s; FLOWMAP_OPERATOR_WRITE_BUDGET_MAX)")
     p.add_argument("--cold-budget", type=float, default=0.0,
                    help="write budget for the cold start (default: --budget); the steady phase restarts at --budget")
     p.add_argument("--cold-timeout", type=float, default=900.0, help="give up waiting for the cold start (s)")

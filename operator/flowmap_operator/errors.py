@@ -129,5 +129,9 @@ class Rejected(ApiError, GiveUp):
     """Any other 4xx: the schema, an admission policy or RBAC refuses this write as it is."""
 
 
+class Expired(ApiError, Retry):
+    """410: a list's continue token (or a watch's resourceVersion) is older than etcd keeps: start over."""
+
+
 class InDoubt(ApiError, Retry):
     """A 5xx, or no answer at all: the write may or may not have reached etcd; read before trusting."""

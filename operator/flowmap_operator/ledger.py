@@ -273,10 +273,9 @@ class Ledger:
             edge.dirty_since = None
 
     def dirty(self) -> list[Edge]:
-        """Edges with pending deltas: new objects first, then the longest-dirty first."""
-        edges = [e for e in self.edges.values() if e.dirty_since is not None]
-        edges.sort(key=lambda e: (e.resource_version is not None, e.dirty_since))
-        return edges
+        """Edges with something to write, in no order of note: which goes first is
+        flowmap_operator.urgency's to say."""
+        return [e for e in self.edges.values() if e.dirty_since is not None]
 
     def _release(self, agent: str, key: EdgeKey, upto: int) -> None:
         state = self.agents.get(agent)

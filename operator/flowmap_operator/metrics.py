@@ -42,7 +42,8 @@ UNACKED_BATCHES = Gauge("flowmap_operator_unacked_batches", "Batches received bu
                         registry=REGISTRY)
 API_WRITES = Counter("flowmap_operator_api_writes", "Writes to the API server.", ("kind", "verb", "result"),
                      registry=REGISTRY)
-WRITE_BUDGET = Gauge("flowmap_operator_write_budget", "API writes per second allowed (FLOWMAP_OPERATOR_WRITE_BUDGET).",
+WRITE_BUDGET = Gauge("flowmap_operator_write_budget", "API writes per second allowed now (between "
+                     "FLOWMAP_OPERATOR_WRITE_BUDGET and FLOWMAP_OPERATOR_WRITE_BUDGET_MAX).",
                      registry=REGISTRY)
 API_CONFLICTS = Counter("flowmap_operator_api_conflicts", "Status updates refused for a stale resourceVersion.",
                         registry=REGISTRY)

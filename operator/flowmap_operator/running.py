@@ -33,7 +33,8 @@ from flowmap_api.pacing import Backoff, pause
 from flowmap_operator import certs, exposition, loading, metrics
 from flowmap_operator.auth import Authenticator
 from flowmap_operator.errors import InDoubt, NotFound, Throttled
-from flowmap_operator.kubeapi import Bucket, Writes, call
+from flowmap_operator.budget import Budget
+from flowmap_operator.kubeapi import Writes, call
 from flowmap_operator.policy.modes import Modes
 from flowmap_operator.policy.publishing import PolicyHub, PolicyWriter
 from flowmap_operator.recording import CaptureHub, StatusWriter
@@ -213,7 +214,8 @@ async def run(settings: Settings) -> None:
                   dns=(settings.dns_namespace, dict(kv.split("=", 1) for kv in settings.dns_labels)))
     topology = Topology(resolver, max_connections=settings.max_connections, max_ports=settings.max_ports_per_pair,
                         modes=modes, max_fqdn_groups=settings.max_fqdn_groups)
-    writer = Writer(custom, topology, Writes(Bucket(settings.write_budget)))
+    budget = Budget(settings.write_budget, max(settings.write_budget, settings.write_budget_max), time.monotonic())
+    writer = Writer(custom, topology, Writes(budget))
     metrics.REGISTRY.register(metrics.BoundsCollector(topology))
     captures = CaptureHub(resolver, settings.max_captures_per_namespace)
     if not (await _until_done("reading the cluster", lambda: _prime(resolver, modes, captures, core, custom, api_client),
@@ -256,7 +258,6 @@ async def run(settings: Settings) -> None:
     results = ResultServer(captures, uploads, api_client, leadership, material, settings.results_apiservice)
     results_task = (asyncio.create_task(results.keep(stop))
                     if settings.results_listen and await results.start(settings.results_listen) else None)
-    metrics.WRITE_BUDGET.set(settings.write_budget)
     # The edge series are read from the ledger at scrape time: the report path does no metrics work.
     exposition.serve(settings.metrics_listen, metrics.REGISTRY,
                      metrics.EdgeCollector(topology, settings.metrics_series_cap, leadership))

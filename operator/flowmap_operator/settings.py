@@ -35,7 +35,11 @@ class Settings:
     # APIService whose caBundle the operator keeps when it made its certificate ("": none).
     results_listen: int = port(9444)
     results_apiservice: str = "v1alpha1.results.flowmap.dev"
-    write_budget: float = setting(20.0, above=0)  # API writes per second, all kinds together
+    # API writes per second, all kinds together: never fewer than write_budget, and up to
+    # write_budget_max while the API server answers quickly (flowmap_operator.budget). A ceiling
+    # below the floor is raised to it: a fixed rate.
+    write_budget: float = setting(20.0, above=0)
+    write_budget_max: float = setting(200.0, above=0)
     flush_interval: float = setting(0.5, above=0)  # seconds between flush rounds
     max_connections: int = 10_000
     max_ports_per_pair: int = 20  # more ports between two groups collapse into one "any" edge
