@@ -131,7 +131,8 @@ class Topology:
 
     def gone_groups(self, now: float, ttl: float) -> list[str]:
         """The Groups the operator made whose workload has had no pod for ``ttl``, or (any other
-        kind) that no edge names and nothing touched for ``ttl``."""
+        kind) that no edge names and nothing touched for ``ttl``. Keeps, as it looks, since when
+        each workload Group has been empty (``empty_since``): the clock of that ``ttl``."""
         referenced = {name for key in self.edges for name in (key[0], key[1])}
         gone = []
         for name, group in self.groups.items():
