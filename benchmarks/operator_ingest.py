@@ -29,6 +29,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import shutil
 import statistics
 import sys
@@ -261,6 +262,21 @@ def scrape(port: int) -> dict[str, float]:
             if "le" in s.labels:
                 continue
             out[f"{s.name}{{{labels}}}"] = s.value
+    return out
+
+
+EDGE_BYTES = re.compile(r'^flowmap_edge_bytes_total\{.*client_group="([^"]*)".*port="(\d+)".*server_group="([^"]*)".*\} (\S+)$',
+                        re.MULTILINE)
+
+
+def exported(port: int) -> dict[tuple[str, str, int], int]:
+    """flowmap_edge_bytes_total per edge (both directions), as a Prometheus scrape reads it."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[tuple[str, str, int], int] = {}
+    for client, port_, server, value in EDGE_BYTES.findall(text):
+        key = (client, server, int(port_))
+        out[key] = out.get(key, 0) + int(float(value))
     return out
 
 
@@ -596,6 +612,7 @@ async def scenario(args: argparse.Namespace, nodes: int) -> dict[str, Any]:
         next_edge = topo.initial
         new_edges: list[int] = []
         stale: list[tuple[float, float, float]] = []  # (lag s, lag %, age of last write s) per edge per sample
+        behind: list[float] = []  # lag of flowmap_edge_bytes_total behind the traffic, s, per edge per sample
         next_stale = t0 + 5
         log(f"steady: {args.duration:g} s at {args.budget:g} writes/s, {args.new_rate:g} new edges/s")
         while time.monotonic() - t0 < args.duration:
@@ -611,11 +628,16 @@ async def scenario(args: argparse.Namespace, nodes: int) -> dict[str, Any]:
                 next_stale += 5
                 now = time.monotonic()
                 written = dict(watcher.written)
+                generated = list(bench.generated)
                 for e in range(topo.initial):
-                    gen = bench.generated[e]
+                    gen = generated[e]
                     at, got = written.get(topo.key(e), (t0, 0))
                     per_s = DELTA_BYTES * len(topo.observers[e]) / args.interval
                     stale.append(((gen - got) / per_s, 100.0 * (gen - got) / gen if gen else 0.0, now - at))
+                series = await asyncio.to_thread(exported, op.metrics_port)  # what a scrape now reads
+                for e in range(topo.initial):
+                    per_s = DELTA_BYTES * len(topo.observers[e]) / args.interval
+                    behind.append((generated[e] - series.get(topo.key(e)[:3], 0)) / per_s)
             await asyncio.sleep(min(0.05, 1 / max(args.new_rate, 1e-9)))
         t1 = (await asyncio.to_thread(sampler.sample))["t"]
         rpc = list(bench.stats.rpc_seconds)
@@ -665,6 +687,7 @@ async def scenario(args: argparse.Namespace, nodes: int) -> dict[str, Any]:
         steady["new_unreported"], steady["new_missing"] = unreported, missing
         steady["new_p50_s"], steady["new_p95_s"] = pct(latencies, 0.5), pct(latencies, 0.95)
         steady["new_max_s"] = max(latencies) if latencies else float("nan")
+        steady["prom_lag_p50_s"], steady["prom_lag_p95_s"] = pct(behind, 0.5), pct(behind, 0.95)
         lags = [s[0] for s in stale]
         steady["stale_lag_p50_s"], steady["stale_lag_p95_s"] = pct(lags, 0.5), pct(lags, 0.95)
         steady["stale_lag_max_s"] = max(lags) if lags else float("nan")
@@ -731,6 +754,8 @@ def report(nodes: int, args: argparse.Namespace, result: dict[str, Any]) -> None
           f"{s['stale_lag_max_s']:.0f} s of traffic (p50 {s['stale_pct_p50']:.0f}%, p95 {s['stale_pct_p95']:.0f}% "
           f"of the bytes observed not yet in status); last write p50 {s['write_age_p50_s']:.0f} s, p95 "
           f"{s['write_age_p95_s']:.0f} s ago")
+    print(f"edge series (/metrics)   lag p50 {s['prom_lag_p50_s']:.0f} s, p95 {s['prom_lag_p95_s']:.0f} s of traffic "
+          "behind what the agents observed (checkpointed every FLOWMAP_OPERATOR_METRICS_CHECKPOINT_INTERVAL)")
     print(f"agents                   rpc p50 {s['rpc_p50_ms']:.0f} ms, p95 {s['rpc_p95_ms']:.0f} ms; refusals "
           f"{s['errors'] or 'none'}; resent {s['resent']}")
     print(f"write budget             {s['budget_min']:.0f} to {s['budget_max']:.0f} writes/s as scraped "

@@ -55,7 +55,8 @@ if str(REPO) not in sys.path:
 from prometheus_client import CollectorRegistry, make_wsgi_app  # noqa: E402
 from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler  # noqa: E402
 
-from flowmap_operator import exposition, metrics  # noqa: E402
+from flowmap_operator import exposition, highwater, metrics  # noqa: E402
+from flowmap_operator.highwater import EdgeTotals  # noqa: E402
 from flowmap_operator.ledger import Counters, EdgeKey  # noqa: E402
 from flowmap_operator.resolution import Peer, Resolver, group_name  # noqa: E402
 from flowmap_operator.topology import GroupInfo, Topology  # noqa: E402
@@ -108,11 +109,26 @@ def counters(rnd: random.Random, at_least: Counters | None = None) -> Counters:
 
 
 def flush(topo: Topology, rnd: random.Random, share: float = 0.01) -> None:
-    """What a flush of the writer does to the ledger: some edges' counters written anew."""
+    """What a flush of the writer does to the ledger: some edges' counters written anew; and a
+    checkpoint round of the edge series (flowmap_operator.checkpointing) whose writes land."""
     keys = list(topo.ledger.edges)
     for key in rnd.sample(keys, max(1, int(len(keys) * share))):
         edge = topo.ledger.edges[key]
         topo.ledger.load(key, counters(rnd, edge.persisted), [("agent-a", "node-1", 42)], "1")
+    for totals in TOTALS:
+        for index, marks in totals.take(highwater.applied(topo.ledger)).items():
+            totals.wrote(index, marks)
+        totals.publish()
+
+
+TOTALS: list[EdgeTotals] = []  # the marks of the collectors served
+
+
+def edge_collector(topo: Topology, cap: int) -> metrics.EdgeCollector:
+    """The operator's collector, its marks taken from the ledger at each flush."""
+    TOTALS.append(EdgeTotals(cap))
+    flush(topo, random.Random(0), share=0)
+    return metrics.EdgeCollector(topo, TOTALS[-1])
 
 
 def old_metrics(rev: str) -> ModuleType:
@@ -208,9 +224,9 @@ def scenario(args: argparse.Namespace, edges: int) -> None:
     operators = CollectorRegistry(auto_describe=True)  # the operator's REGISTRY, its BoundsCollector in it
     operators.register(registry)
     operators.register(bounds)
-    apps = [("flowmap_operator.exposition", Timed(exposition.app(operators, metrics.EdgeCollector(topo, args.cap))))]
+    apps = [("flowmap_operator.exposition", Timed(exposition.app(operators, edge_collector(topo, args.cap))))]
     reference = CollectorRegistry(auto_describe=True)
-    for collector in (registry, bounds, metrics.EdgeCollector(topo, args.cap)):
+    for collector in (registry, bounds, edge_collector(topo, args.cap)):
         reference.register(collector)
     apps.append(("prometheus_client, EdgeCollector", Timed(make_wsgi_app(reference))))
     if args.against:

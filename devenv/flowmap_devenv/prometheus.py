@@ -28,11 +28,13 @@ class PromQLError(RuntimeError):
 class Prometheus:
     """Start with :meth:`start`, stop with :meth:`stop` (which removes nothing: the folder is the caller's).
 
-    ``jobs`` maps a job name to its targets, each ``(host:port, labels)``.
+    ``jobs`` maps a job name to its targets, each ``(host:port, labels)``; ``relabel`` a job name
+    to its ``metric_relabel_configs``.
     """
 
-    def __init__(self, folder: Path, jobs: dict[str, list[tuple[str, dict[str, str]]]]) -> None:
-        self.folder, self.jobs = folder, jobs
+    def __init__(self, folder: Path, jobs: dict[str, list[tuple[str, dict[str, str]]]],
+                 relabel: dict[str, list[dict[str, Any]]] | None = None) -> None:
+        self.folder, self.jobs, self.relabel = folder, jobs, relabel or {}
         self.port = free_port()
         self.log = folder / "prometheus.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -46,7 +48,8 @@ class Prometheus:
         interval = f"{SCRAPE_INTERVAL:g}s"
         return {"global": {"scrape_interval": interval, "scrape_timeout": interval, "evaluation_interval": interval},
                 "scrape_configs": [{"job_name": job, "static_configs": [{"targets": [address], "labels": labels}
-                                                                        for address, labels in targets]}
+                                                                        for address, labels in targets],
+                                    "metric_relabel_configs": self.relabel.get(job, [])}
                                    for job, targets in self.jobs.items()]}
 
     def start(self, timeout: float = 30.0) -> Prometheus:

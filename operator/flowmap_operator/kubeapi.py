@@ -115,8 +115,10 @@ class Writes:
         self.bucket = Bucket(budget.rate, clock)
         metrics.WRITE_BUDGET.set(budget.rate)
 
-    async def __call__(self, kind: str, verb: str, awaitable: Awaitable[T]) -> T:
-        waited = await self.bucket.take()
+    async def __call__(self, kind: str, verb: str, awaitable: Awaitable[T], paced: bool = True) -> T:
+        """Make one write; ``paced=False`` for writes bounded by their caller (the checkpoints of
+        flowmap_operator.checkpointing), which take no token and wait behind no other write."""
+        waited = await self.bucket.take() if paced else False
         sent = self.clock()
         try:
             result = await call(awaitable)

@@ -61,6 +61,16 @@ class Counters:
     def is_zero(self) -> bool:
         return not (self.bytes_c2s or self.bytes_s2c or self.packets_c2s or self.packets_s2c or self.sessions)
 
+    def at_least(self, other: Counters) -> Counters:
+        """Each count the higher of the two: self if none of ``other``'s is higher."""
+        if (other.bytes_c2s <= self.bytes_c2s and other.bytes_s2c <= self.bytes_s2c
+                and other.packets_c2s <= self.packets_c2s and other.packets_s2c <= self.packets_s2c
+                and other.sessions <= self.sessions):
+            return self
+        return Counters(max(self.bytes_c2s, other.bytes_c2s), max(self.bytes_s2c, other.bytes_s2c),
+                        max(self.packets_c2s, other.packets_c2s), max(self.packets_s2c, other.packets_s2c),
+                        max(self.sessions, other.sessions))
+
 
 @dataclass(frozen=True)
 class Watermark:
@@ -87,6 +97,13 @@ class Edge:
     dirty_since: float | None = None
     # An update whose outcome is unknown (timeout, lost connection): re-read before writing again.
     in_doubt: FlushPlan | None = None
+
+    def applied(self) -> Counters:
+        """Everything counted on this edge, written or pending."""
+        total = self.persisted.copy()
+        for pend in self.pending.values():
+            total.add(pend.counters)
+        return total
 
     def watermark(self, agent: str) -> int:
         """The highest batch of ``agent`` counted on this edge, written or pending."""

@@ -18,6 +18,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
+from flowmap_operator import highwater
+from flowmap_operator.highwater import EdgeTotals
 from flowmap_operator.ledger import Counters, EdgeKey
 from flowmap_operator.topology import Topology, app_label
 
@@ -72,11 +74,12 @@ LEADER = Gauge("flowmap_operator_leader", "1 when this replica applies reports."
 
 EDGE_LABELS = ("client_group", "client_namespace", "server_group", "server_namespace", "port", "protocol", "app",
                "direction")
-EDGE_FAMILIES = (("flowmap_edge_bytes", "Bytes between two groups (IP length), counted once per edge: the "
-                  "Connection's status.bytes.", EDGE_LABELS),
-                 ("flowmap_edge_packets", "Packets between two groups: the Connection's status.packets.", EDGE_LABELS),
-                 ("flowmap_edge_sessions", "Sessions opened between two groups: the Connection's "
-                  "status.sessions.total.", EDGE_LABELS[:-1]))
+EDGE_FAMILIES = (("flowmap_edge_bytes", "Bytes between two groups (IP length), counted once per edge, as of the "
+                  "last checkpoint: the Connection's status.bytes once written.", EDGE_LABELS),
+                 ("flowmap_edge_packets", "Packets between two groups, as of the last checkpoint: the Connection's "
+                  "status.packets once written.", EDGE_LABELS),
+                 ("flowmap_edge_sessions", "Sessions opened between two groups, as of the last checkpoint: the "
+                  "Connection's status.sessions.total once written.", EDGE_LABELS[:-1]))
 SAMPLE_NAMES = tuple(f"{name}_total" for name, _, _ in EDGE_FAMILIES)
 OTHER = "other"
 MAX_LABEL = 256  # characters of a label value taken from an object (a group name is at most 253)
@@ -188,30 +191,19 @@ class EdgeSeries(NamedTuple):
 
 
 class EdgeCollector:
-    """Per-edge counters read at scrape time from the totals each Connection carries.
+    """Per-edge counters read at scrape time from the marks ``totals`` publishes: what the operator
+    has counted, checkpointed so that no series goes back across a restart or a change of leader
+    (flowmap_operator.highwater says how), and within the cap (the edges beyond it in ``other``).
 
-    The values are the ledger's persisted counters, those written to (or read from) the
-    Connection's status: ``flowmap_edge_bytes_total`` equals ``status.bytes``, survives operator
-    restarts (the ledger is loaded from the Connections) and costs the report path nothing.
-    Deltas not yet written show at the first scrape after their write.
-
-    At most ``cap`` edges get series of their own; the others are summed into one ``other``
-    series (per direction) and counted. Whether an edge has its own series is decided once and
-    kept, so that no series goes down: an edge in ``other`` stays there, and its last counters
-    stay in ``other`` after its Connection is deleted.
-
-    Only the leader exports them: a follower's counters stop where it loaded them, and a second
-    set of series would double every sum over the replicas.
+    Only the leader exports them: a second set of series would double every sum over the replicas.
 
     Two renderings of one ``series()``: prometheus_client's families (``collect``, the reference)
     and the text of their samples (``samples``), which /metrics serves (flowmap_operator.exposition).
     """
 
-    def __init__(self, topology: Topology, cap: int, leading: Callable[[], bool] = lambda: True) -> None:
-        self.topology, self.cap, self.leading = topology, cap, leading
-        self.own: dict[EdgeKey, EdgeLabels] = {}  # the edges with series of their own
-        self.folded: dict[EdgeKey, Counters] = {}  # edge in "other" -> its counters as last scraped
-        self.retired = Counters()  # what edges in "other" that are gone had counted
+    def __init__(self, topology: Topology, totals: EdgeTotals, leading: Callable[[], bool] = lambda: True) -> None:
+        self.topology, self.totals, self.leading = topology, totals, leading
+        self.labels: dict[EdgeKey, EdgeLabels] = {}  # each exported edge's label set
         self.lock = threading.Lock()  # the metrics server answers each scrape on a thread of its own
 
     def describe(self) -> Iterator[Metric]:
@@ -221,41 +213,33 @@ class EdgeCollector:
         yield from self.families(self.series())
 
     def series(self) -> EdgeSeries:
-        """Which edges have series and what they counted, now; the bookkeeping of the cap with it."""
+        """The edges' series as published now, each with its label set."""
         if not self.leading():
             return EdgeSeries([], 0)
-        # Scrapes run on the metrics server's threads while the event loop changes the topology.
-        # Each read here is one C-level step under the GIL (a dict or set copied, an attribute
-        # read), and the ledger replaces an edge's persisted Counters instead of changing them, so
-        # every read sees a whole value. An edge with no Connection yet has no series.
-        edges = {key: edge.persisted for key, edge in list(self.topology.ledger.edges.items())
-                 if edge.resource_version is not None}
+        # Scrapes run on the metrics server's threads while the event loop publishes and changes
+        # the topology. The published marks and the overflow count are replaced whole; the groups
+        # and edges read here are single dict lookups under the GIL.
+        published, overflow = self.totals.published, self.totals.overflow
         groups, infos = self.topology.groups, self.topology.edges
         rows: list[tuple[EdgeLabels, Counters]] = []
         with self.lock:
-            own, folded = self.own, self.folded
-            for key in own.keys() - edges.keys():  # a deleted Connection's slot goes to the next new edge
-                del own[key]
-            for key in folded.keys() - edges.keys():
-                self.retired.add(folded.pop(key))
-            other = Counters()
-            for key, counters in edges.items():
-                labels = own.get(key)
-                if labels is None and (key in folded or len(own) >= self.cap):
-                    folded[key] = counters
-                    other.add(counters)
+            kept = self.labels
+            for key in kept.keys() - published.keys():
+                del kept[key]
+            for key, counters in published.items():
+                if key == highwater.OTHER:
                     continue
                 # The label set changes only when the edge's apps or a group's namespace do.
+                labels = kept.get(key)
                 client, server, info = groups.get(key[0]), groups.get(key[1]), infos.get(key)
                 apps = info.apps if info else None
                 namespaces = (client.peer.namespace if client else "", server.peer.namespace if server else "")
                 if labels is None or labels.apps != apps or labels.namespaces != namespaces:
-                    labels = own[key] = EdgeLabels.of(key, frozenset(apps) if apps is not None else None, namespaces)
+                    labels = kept[key] = EdgeLabels.of(key, frozenset(apps) if apps is not None else None, namespaces)
                 rows.append((labels, counters))
-            if folded or not self.retired.is_zero():
-                other.add(self.retired)
-                rows.append((OTHER_LABELS, other))
-            return EdgeSeries(rows, len(folded))
+        if highwater.OTHER in published:
+            rows.append((OTHER_LABELS, published[highwater.OTHER]))
+        return EdgeSeries(rows, overflow)
 
     @staticmethod
     def families(series: EdgeSeries) -> tuple[CounterMetricFamily, CounterMetricFamily, CounterMetricFamily,

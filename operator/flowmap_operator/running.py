@@ -32,8 +32,10 @@ from flowmap_api import report_pb2_grpc as pb_grpc
 from flowmap_api.pacing import Backoff, pause
 from flowmap_operator import certs, exposition, loading, metrics
 from flowmap_operator.auth import Authenticator
-from flowmap_operator.errors import InDoubt, NotFound, Throttled
+from flowmap_operator.errors import ApiError, InDoubt, NotFound, Throttled
 from flowmap_operator.budget import Budget
+from flowmap_operator.checkpointing import Checkpoints
+from flowmap_operator.highwater import EdgeTotals
 from flowmap_operator.kubeapi import Writes, call
 from flowmap_operator.policy.modes import Modes
 from flowmap_operator.policy.publishing import PolicyHub, PolicyWriter
@@ -215,7 +217,8 @@ async def run(settings: Settings) -> None:
     topology = Topology(resolver, max_connections=settings.max_connections, max_ports=settings.max_ports_per_pair,
                         modes=modes, max_fqdn_groups=settings.max_fqdn_groups)
     budget = Budget(settings.write_budget, max(settings.write_budget, settings.write_budget_max), time.monotonic())
-    writer = Writer(custom, topology, Writes(budget))
+    writes = Writes(budget)
+    writer = Writer(custom, topology, writes)
     metrics.REGISTRY.register(metrics.BoundsCollector(topology))
     captures = CaptureHub(resolver, settings.max_captures_per_namespace)
     if not (await _until_done("reading the cluster", lambda: _prime(resolver, modes, captures, core, custom, api_client),
@@ -258,9 +261,11 @@ async def run(settings: Settings) -> None:
     results = ResultServer(captures, uploads, api_client, leadership, material, settings.results_apiservice)
     results_task = (asyncio.create_task(results.keep(stop))
                     if settings.results_listen and await results.start(settings.results_listen) else None)
-    # The edge series are read from the ledger at scrape time: the report path does no metrics work.
-    exposition.serve(settings.metrics_listen, metrics.REGISTRY,
-                     metrics.EdgeCollector(topology, settings.metrics_series_cap, leadership))
+    # The edge series are the marks checkpointed from the ledger every interval: the report path
+    # does no metrics work.
+    totals = EdgeTotals(settings.metrics_series_cap)
+    checkpoints = Checkpoints(core, settings.namespace, writes, totals, topology.ledger)
+    exposition.serve(settings.metrics_listen, metrics.REGISTRY, metrics.EdgeCollector(topology, totals, leadership))
 
     registry = kopf.OperatorRegistry()
     _register_watches(registry, topology, captures, leadership)
@@ -289,6 +294,7 @@ async def run(settings: Settings) -> None:
     await server.start()
     flush_task = asyncio.create_task(_flush_loop(writer, policing, hub, captures, StatusWriter(writer, captures),
                                                  leadership, settings, stop))
+    checkpoint_task = asyncio.create_task(checkpoints.keep(leadership, settings.metrics_checkpoint_interval, stop))
     log.info("serving reports on :%d (metrics on :%d)", settings.grpc_listen, settings.metrics_listen)
 
     await asyncio.wait([kopf_task, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
@@ -296,11 +302,15 @@ async def run(settings: Settings) -> None:
     log.info("stopping: no new reports, flushing for at most %.0f s", STOP_DEADLINE)
     await server.stop(grace=2.0)
     await results.close()
-    await flush_task
+    await asyncio.gather(flush_task, checkpoint_task)
     if leadership():
         deadline = time.monotonic() + STOP_DEADLINE
         while topology.ledger.dirty() and time.monotonic() < deadline:
             await writer.flush(deadline)
+        try:  # the next leader starts from the marks of what was written
+            await checkpoints.round()
+        except ApiError as exc:
+            log.warning("the last marks of the edge counters were not written: %s", exc)
     kopf_stop.set()
     await asyncio.gather(kopf_task, leader_task, *(t for t in (tls_task, results_task) if t), return_exceptions=True)
     await api_client.close()

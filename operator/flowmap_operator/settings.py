@@ -60,6 +60,9 @@ class Settings:
     # that node's own (flowmap_operator.resolution, "Not known yet").
     unknown_address_wait: float = 15.0
     metrics_series_cap: int = 10_000  # edges with series of their own; the rest are summed into "other"
+    # Seconds between checkpoints of the edge series (flowmap_operator.highwater): how far behind
+    # the operator's counts /metrics may be.
+    metrics_checkpoint_interval: float = setting(5.0, above=0)
     peering_name: str = "flowmap"
     default_mode: Literal["Learn", "Monitor", "Protect"] = "Learn"  # of groups no NetworkLearningPolicy selects
     enforcement_disabled: bool = False  # the emergency switch: no node blocks anything

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -19,18 +20,30 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from flowmap_devenv.controlplane import REPO
-from flowmap_devenv.prometheus import Prometheus
+from flowmap_devenv.prometheus import SCRAPE_INTERVAL, Prometheus
 from flowmap_devenv.simcluster import API, WEB, WORKER, SimCluster
 from tests.conftest import need
-from tests.e2e.test_simcluster import EDGES, settled, sim  # noqa: F401 - sim: the module's cluster
+from tests.e2e.test_simcluster import EDGES, busy_shop, counted, health, settled, sim  # noqa: F401 - sim: a fixture
 
 DASHBOARD = REPO / "manifests" / "monitoring" / "grafana-dashboard.json"
+MONITORS = REPO / "manifests" / "prometheus-operator" / "monitors.yaml"
 ROUNDS = 10
 # What Grafana puts in place of its variables, for a 1 s scrape interval (the shop ran within the
 # last minute): $__rate_interval is max(4 x scrape interval, $__interval + scrape interval).
 GRAFANA = {"$__rate_interval": "30s", "$__interval": "1s", "$__range": "5m"}
+
+
+def relabelings(monitor: str) -> list[dict[str, Any]]:
+    """The metricRelabelings of a ServiceMonitor we ship, as Prometheus' metric_relabel_configs."""
+    snake = lambda name: re.sub(r"[A-Z]", lambda m: "_" + m[0].lower(), name)  # noqa: E731
+    docs = yaml.safe_load_all(MONITORS.read_text())
+    found = next(d for d in docs if d["kind"] == "ServiceMonitor" and d["metadata"]["name"] == monitor)
+    rules = [rule for endpoint in found["spec"]["endpoints"] for rule in endpoint.get("metricRelabelings", [])]
+    assert rules, f"{monitor} has no metricRelabelings"
+    return [{snake(k): v for k, v in rule.items()} for rule in rules]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +53,8 @@ def prom(sim: SimCluster) -> Iterator[Prometheus]:  # noqa: F811 - the fixture i
     folder = Path(tempfile.mkdtemp(prefix="flowmap-prom-"))
     server = Prometheus(folder, {
         "flowmap-operator": [(f"127.0.0.1:{sim.operator.metrics_port}", {})],
-        "flowmap-agent": [(f"127.0.0.1:{port}", {"node": node}) for node, port in sim.health_ports.items()]})
+        "flowmap-agent": [(f"127.0.0.1:{port}", {"node": node}) for node, port in sim.health_ports.items()]},
+        relabel={"flowmap-operator": relabelings("flowmap-operator")})
     try:
         yield server.start()
     finally:
@@ -107,13 +121,93 @@ def test_a_restarted_operator_exports_the_same_totals(sim: SimCluster, prom: Pro
     op = sim.operator
     assert op is not None
     before = edge_bytes(prom)
+    assert before == shop
     op.kill()
     op.start().wait_leading()
-    prom.scraped_since(time.time())
-    assert edge_bytes(prom) == before == shop
+    exported(prom, before)
     # Prometheus saw no counter go back (a restart from zero would be a reset of every edge).
     resets = prom.query("sum(resets(flowmap_edge_bytes_total[10m]))")
     assert [float(s["value"][1]) for s in resets] == [0.0]
+
+
+def exported(prom: Prometheus, truth: dict[str, tuple[int, int]], timeout: float = 30) -> None:
+    """Until Prometheus has ``truth`` for every edge: the next checkpoint, then the next scrape (a
+    new leader exports nothing for its first seconds)."""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            got: dict[str, tuple[int, int]] | None = edge_bytes(prom)
+        except AssertionError:  # some series not there (yet)
+            got = None
+        if got == truth:
+            return
+        assert time.monotonic() < end, (got, truth)
+        time.sleep(0.5)
+
+
+def test_the_counters_are_fresh_and_never_fall_through_kill_9_of_the_operator_and_an_agent(
+        sim: SimCluster, prom: Prometheus, shop: dict[str, tuple[int, int]]) -> None:  # noqa: F811
+    """Writes lag (a budget of 2 a second for a dozen busy Connections), the edge series do not: they
+    run ahead of the Connections while the shop's clients run, through a kill -9 of the operator
+    and of node-b's agent, and over the whole window they grew by exactly what the kernels counted."""
+    op = sim.operator
+    assert op is not None
+    settings = {"FLOWMAP_OPERATOR_WRITE_BUDGET": "2", "FLOWMAP_OPERATOR_WRITE_BUDGET_MAX": "2",
+                "FLOWMAP_OPERATOR_METRICS_CHECKPOINT_INTERVAL": "1"}
+    default = {name: op.env.get(name) for name in settings}
+    op.env.update(settings)
+    try:
+        op.kill()
+        op.start().wait_leading()
+        truth0, _ = settled(sim)
+        exported(prom, truth0)
+        started = time.time()
+        ahead: list[tuple[int, int]] = []  # (Prometheus, the Connection) of web -> api, client to server
+
+        def during() -> None:
+            for _ in range(8):
+                exported = between(prom, 'client_group="shop.web", server_group="shop.api", port="8080"')[0]
+                ahead.append((exported, counted(sim)["web-api"][0]))
+                time.sleep(0.5)
+            op.kill()
+            sim.stop(sim.agents["node-b"], signal.SIGKILL)
+            sim.start_agent("node-b")
+            time.sleep(2)  # reports pile up in the agents meanwhile
+            op.start().wait_leading()
+
+        busy_shop(sim, during, rounds=120)
+        truth1, conn1 = settled(sim)
+        assert conn1 == truth1, health(sim)
+        exported(prom, truth1)
+        ended = time.time()
+        time.sleep(2 * SCRAPE_INTERVAL)  # the queries below are at ``ended``: their last scrape is in
+    finally:
+        for name, value in default.items():
+            if value is None:
+                op.env.pop(name, None)
+            else:
+                op.env[name] = value
+        op.stop()
+        op.start().wait_leading()
+
+    assert any(exported > written for exported, written in ahead), f"never ahead of the Connection: {ahead}"
+    # Over the window, what each series grew by (increase() without its extrapolation to the
+    # window's edges) is what the kernel counted; and no sample was ever below the one before.
+    # (The restart of the operator at the end leaves the series absent for a moment: ask at ``ended``.)
+    window = f"{int((ended - started) * 1000)}ms"  # from the sample that showed ``truth0``
+    grew = {(s["metric"]["client_group"], s["metric"]["server_group"], s["metric"]["port"], s["metric"]["direction"]):
+            int(float(s["value"][1]))
+            for s in prom.query(f"flowmap_edge_bytes_total - flowmap_edge_bytes_total offset {window}", at=ended)}
+    for name, e in EDGES.items():
+        sent = (truth1[name][0] - truth0[name][0], truth1[name][1] - truth0[name][1])
+        assert (grew[(e[0], e[1], str(e[2]), "client_to_server")], grew[(e[0], e[1], str(e[2]), "server_to_client")]
+                ) == sent, name
+    resets = prom.query(f"sum(resets(flowmap_edge_bytes_total[{int(ended - started) + 60}s]))", at=ended)
+    assert [float(r["value"][1]) for r in resets] == [0.0]
+    # One series per edge whichever process served it: the ServiceMonitor's relabelling.
+    assert {r["metric"].get("instance") for r in prom.query("flowmap_edge_bytes_total", at=ended)} == {
+        "flowmap-operator"}
+    exported(prom, truth1)  # the operator of the default settings too
 
 
 def expressions(node: Any) -> Iterator[tuple[str, str, str]]:

@@ -23,6 +23,8 @@ import pytest
 from flowmap_agent.settings import Settings as AgentSettings
 from flowmap_devenv import binaries
 from flowmap_devenv.controlplane import ControlPlane
+from flowmap_operator import checkpointing
+from flowmap_operator.highwater import SHARDS
 from tests.conftest import REPO, need
 
 NS = "flowmap-system"
@@ -169,6 +171,8 @@ def test_the_operator_may_do_exactly_what_it_uses(installed: ControlPlane) -> No
                 # its serving certificate (flowmap_operator.certs), in its own namespace only
                 | grant("", "secrets", "get update", "flowmap-operator-tls")
                 | grant("", "configmaps", "get update", "flowmap-ca")
+                # the marks of its edge series (flowmap_operator.checkpointing), likewise
+                | grant("", "configmaps", "get update", " ".join(checkpointing.name(i) for i in range(SHARDS)))
                 | grant("", "secrets configmaps", "create"))
     assert rules(installed, OPERATOR) == expected
     # Elsewhere it has no secrets or configmaps at all.

@@ -19,10 +19,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.utils import floatToGoString
 
 from flowmap_operator import exposition
+from flowmap_operator.highwater import EdgeTotals
 from flowmap_operator.ledger import Counters, EdgeKey
 from flowmap_operator.metrics import EdgeCollector, number
 from flowmap_operator.resolution import Peer
-from tests.operator.test_metrics import API_EXT, API_PG, API_REDIS, WEB_API, topology, write
+from tests.operator.test_metrics import API_EXT, API_PG, API_REDIS, WEB_API, Checkpointed, topology, write
 
 EVIL: EdgeKey = ('evil"\\name\r\n', "shop.api", 8080, "TCP")
 
@@ -48,7 +49,7 @@ def capped() -> tuple[EdgeCollector, CollectorRegistry]:
     every kind of series there is, and a registry of other metrics beside them."""
     topo = topology((WEB_API, "http"), (API_REDIS, "redis"), (API_PG, "postgresql"), (API_EXT, "tls"),
                     (EVIL, 'http"\\x'))
-    collector = EdgeCollector(topo, cap=3)
+    collector = Checkpointed(topo, EdgeTotals(3))
     for n, key in enumerate((WEB_API, EVIL, API_REDIS, API_PG, API_EXT), start=1):
         write(topo, f"agent-{n}", 1, key, Counters(10 ** (n + 3), 2 ** 40, 999_999, 1_000_000, n), str(n))
     collector.series()
@@ -126,7 +127,7 @@ def test_the_edge_samples_exact_text_escaped_labels_other_and_the_cap() -> None:
 
 def test_label_sets_are_made_again_when_the_app_or_a_namespace_changes_and_lines_when_counters_do() -> None:
     topo = topology((WEB_API, "http"))
-    collector = EdgeCollector(topo, cap=10)
+    collector = Checkpointed(topo, EdgeTotals(10))
     write(topo, "agent-a", 1, WEB_API, Counters(1, 1, 1, 1, 1), "1")
     first, counters = collector.series().rows[0]
     assert collector.series().rows[0][0] is first  # kept
@@ -140,7 +141,7 @@ def test_label_sets_are_made_again_when_the_app_or_a_namespace_changes_and_lines
     topo.groups["shop.api"].peer = Peer("shop.api", "Workload", "store")
     assert 'server_namespace="store"' in collector.series().rows[0][0].text[1]
     topo.forget(WEB_API)
-    assert not collector.series().rows and not collector.own
+    assert not collector.series().rows and not collector.labels
 
 
 def test_only_the_leaders_page_has_edges() -> None:

@@ -1,7 +1,8 @@
-"""The per-edge series: read at scrape time from the totals the Connections carry, capped.
+"""The per-edge series: read at scrape time from the marks checkpointed from the ledger, capped.
 
-Plain objects (a Topology and its Ledger, as the operator holds them) and the real
-prometheus_client rendering, parsed back as Prometheus would read it.
+Plain objects (a Topology and its Ledger, as the operator holds them; checkpoint rounds whose
+writes land, as flowmap_operator.checkpointing makes them) and the real prometheus_client
+rendering, parsed back as Prometheus would read it.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import threading
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from flowmap_operator import highwater
+from flowmap_operator.highwater import EdgeTotals
 from flowmap_operator.ledger import Counters, EdgeKey
-from flowmap_operator.metrics import EdgeCollector, label_value
+from flowmap_operator.metrics import EdgeCollector, EdgeSeries, label_value
 from flowmap_operator.resolution import Peer, Resolver
 from flowmap_operator.topology import GroupInfo, Topology
 
@@ -30,6 +33,26 @@ def topology(*apps: tuple[EdgeKey, str]) -> Topology:
     for key, app in apps:
         topo.edge(key).apps.update(app.split(",") if app else ())
     return topo
+
+
+def checkpoint(collector: EdgeCollector) -> None:
+    """One checkpoint round whose writes all land: the marks of what the ledger counted, published."""
+    totals = collector.totals
+    for index, marks in totals.take(highwater.applied(collector.topology.ledger)).items():
+        totals.wrote(index, marks)
+    totals.publish()
+
+
+class Checkpointed(EdgeCollector):
+    """An EdgeCollector whose every scrape follows a checkpoint round."""
+
+    def series(self) -> EdgeSeries:
+        checkpoint(self)
+        return super().series()
+
+
+def collector(topo: Topology, cap: int, checkpointed: bool = True) -> EdgeCollector:
+    return (Checkpointed if checkpointed else EdgeCollector)(topo, EdgeTotals(cap))
 
 
 def scrape(collector: EdgeCollector) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -56,12 +79,14 @@ def write(topo: Topology, agent: str, seq: int, key: EdgeKey, delta: Counters, v
     topo.ledger.written(topo.ledger.plan(key), version)
 
 
-def test_the_series_are_the_connections_totals_not_the_unwritten_deltas() -> None:
+def test_the_series_are_what_was_counted_as_of_the_last_checkpoint_written_or_not() -> None:
     topo = topology((WEB_API, "http,unknown"), (API_EXT, ""))
     # As loaded from the Connections on start: the totals of earlier runs.
     topo.ledger.load(WEB_API, Counters(1000, 20000, 10, 20, 5), [("agent-a", "node-a", 7)], "41")
-    collector = EdgeCollector(topo, cap=10)
-    got = scrape(collector)
+    edges = collector(topo, cap=10, checkpointed=False)
+    assert not [k for k in scrape(edges) if k[0] == "flowmap_edge_bytes_total"], "nothing checkpointed yet"
+    checkpoint(edges)
+    got = scrape(edges)
     assert got[("flowmap_edge_bytes_total", labels(WEB_API, "http", "client_to_server"))] == 1000
     assert got[("flowmap_edge_bytes_total", labels(WEB_API, "http", "server_to_client"))] == 20000
     assert got[("flowmap_edge_packets_total", labels(WEB_API, "http", "client_to_server"))] == 10
@@ -69,19 +94,23 @@ def test_the_series_are_the_connections_totals_not_the_unwritten_deltas() -> Non
     assert got[("flowmap_edge_sessions_total", labels(WEB_API, "http"))] == 5
     assert got[("flowmap_operator_edge_series_overflow", ())] == 0
 
-    # A delta counted but not written yet is not in the Connection, so not in the series either.
+    # A delta counted but not written yet shows at the next checkpoint, not before; an edge whose
+    # Connection does not exist yet has no series.
     topo.ledger.begin_batch("agent-b", "node-b", 1, acked=0, previous=0)
     topo.ledger.apply("agent-b", 1, WEB_API, Counters(1, 2, 3, 4, 1), now=1.0)
     topo.ledger.apply("agent-b", 1, API_EXT, Counters(5, 6, 1, 1, 1), now=1.0)
-    got = scrape(collector)
-    assert got[("flowmap_edge_bytes_total", labels(WEB_API, "http", "client_to_server"))] == 1000
+    assert scrape(edges)[("flowmap_edge_bytes_total", labels(WEB_API, "http", "client_to_server"))] == 1000
+    checkpoint(edges)
+    got = scrape(edges)
+    assert got[("flowmap_edge_bytes_total", labels(WEB_API, "http", "client_to_server"))] == 1001
+    assert got[("flowmap_edge_sessions_total", labels(WEB_API, "http"))] == 6
     assert not [k for k in got if dict(k[1]).get("server_group") == "external"], "no Connection yet"
 
     topo.ledger.written(topo.ledger.plan(WEB_API), "42")
     topo.ledger.written(topo.ledger.plan(API_EXT), "43")
-    got = scrape(collector)
+    checkpoint(edges)
+    got = scrape(edges)
     assert got[("flowmap_edge_bytes_total", labels(WEB_API, "http", "client_to_server"))] == 1001
-    assert got[("flowmap_edge_sessions_total", labels(WEB_API, "http"))] == 6
     assert got[("flowmap_edge_bytes_total", labels(API_EXT, "unknown", "server_to_client", ("shop", "")))] == 6
 
 
@@ -89,7 +118,7 @@ def test_only_the_leader_exports_edges() -> None:
     topo = topology((WEB_API, "http"))
     topo.ledger.load(WEB_API, Counters(1000, 20000, 10, 20, 5), [], "41")
     leading = [False]
-    collector = EdgeCollector(topo, cap=10, leading=lambda: leading[0])
+    collector = Checkpointed(topo, EdgeTotals(10), leading=lambda: leading[0])
     assert not [k for k in scrape(collector) if k[0].startswith("flowmap_edge_")]
     leading[0] = True
     assert scrape(collector)[("flowmap_edge_bytes_total", labels(WEB_API, "http", "client_to_server"))] == 1000
@@ -102,7 +131,7 @@ def other(name: str, direction: str | None = None) -> tuple[str, tuple[tuple[str
 
 def test_edges_beyond_the_cap_are_summed_into_other_and_no_series_goes_down() -> None:
     topo = topology((WEB_API, "http"), (API_REDIS, "redis"), (API_PG, "postgresql"), (API_EXT, "tls"))
-    collector = EdgeCollector(topo, cap=2)
+    collector = Checkpointed(topo, EdgeTotals(2))
     for n, key in enumerate((WEB_API, API_REDIS, API_PG), start=1):
         write(topo, f"agent-{n}", 1, key, Counters(100 * n, 1, 1, 1, 1), str(n))
     got = scrape(collector)
@@ -134,7 +163,7 @@ def test_edges_beyond_the_cap_are_summed_into_other_and_no_series_goes_down() ->
 
 def test_scrapes_on_another_thread_while_reports_are_written() -> None:
     topo = topology((WEB_API, "http"), (API_REDIS, "redis"))
-    collector = EdgeCollector(topo, cap=10)
+    collector = Checkpointed(topo, EdgeTotals(10))
     stop, seen, errors = threading.Event(), [0.0], []
 
     def scraper() -> None:
@@ -169,7 +198,7 @@ def test_a_connection_written_by_hand_with_control_characters_cannot_break_the_p
     evil: EdgeKey = ("evil\r\nname\x00\x1b[2J", "shop.api", 8080, "TCP")
     long: EdgeKey = ("shop.web", "x" * 5000, 443, "TCP")
     topo = topology((WEB_API, "http"), (evil, "http\u2028tls"), (long, "tls"))
-    collector = EdgeCollector(topo, cap=10)
+    collector = Checkpointed(topo, EdgeTotals(10))
     for n, key in enumerate((WEB_API, evil, long), start=1):
         write(topo, f"agent-{n}", 1, key, Counters(100 * n, 1, 1, 1, 1), str(n))
     registry = CollectorRegistry(auto_describe=True)
