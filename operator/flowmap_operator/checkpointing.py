@@ -56,8 +56,10 @@ class Checkpoints:
                     led_since = time.monotonic()
                 try:
                     await self.round()
-                except Exception:  # noqa: BLE001 - the next round tries again
-                    log.exception("writing the edge counters' marks failed")
+                except ApiError as exc:  # the API server is away: the next round tries again
+                    log.warning("reading the edge counters' marks: %s", exc)
+                except Exception:  # noqa: BLE001 - nor does a bug stop the checkpoints
+                    log.exception("a checkpoint of the edge counters failed")
                 if time.monotonic() - led_since >= HANDOVER:
                     self.totals.publish()
             elif led_since is not None:  # a replica that leads again reads the store again

@@ -308,9 +308,9 @@ async def run(settings: Settings) -> None:
         while topology.ledger.dirty() and time.monotonic() < deadline:
             await writer.flush(deadline)
         try:  # the next leader starts from the marks of what was written
-            await checkpoints.round()
-        except ApiError as exc:
-            log.warning("the last marks of the edge counters were not written: %s", exc)
+            await asyncio.wait_for(checkpoints.round(), 5.0)
+        except (ApiError, asyncio.TimeoutError) as exc:
+            log.warning("the last marks of the edge counters were not written: %s", str(exc) or "timed out")
     kopf_stop.set()
     await asyncio.gather(kopf_task, leader_task, *(t for t in (tls_task, results_task) if t), return_exceptions=True)
     await api_client.close()
