@@ -54,6 +54,7 @@ from kubernetes import watch as k8s_watch  # noqa: E402
 from kubernetes.client.exceptions import ApiException  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
+from flowmap_agent.outbox import MAX_IN_FLIGHT  # noqa: E402
 from flowmap_api import report_pb2 as pb  # noqa: E402
 from flowmap_devenv.controlplane import ControlPlane  # noqa: E402
 from flowmap_operator.resolution import group_name  # noqa: E402
@@ -311,8 +312,9 @@ class Bench:
 class SimAgent:
     """The protocol of flowmap_agent.outbox, with cached encodings so that 1,000 fit in one process.
 
-    Each interval every local edge gains one interval of traffic, merged per edge; edges with no
-    delta in flight go out in the next numbered batch (new edges at once); when nothing is ready a
+    Each interval every local edge gains one interval of traffic, merged per edge, and goes out in
+    the next numbered batch (once MAX_IN_FLIGHT deltas are unacknowledged, only edges with none in
+    flight: the others merge; new edges at once); when nothing is ready a
     sequence-0 batch asks for the acknowledgement; batches are dropped as the operator reports them
     written, and after an error everything held is resent in order with ``previous``.
     """
@@ -326,7 +328,7 @@ class SimAgent:
         self.edges: list[int] = [e for e in range(topo.initial) if topo.edges[e][0] in topo.local[n]]
         self.enc: dict[tuple[int, int], bytes] = {}
         self.pending: dict[int, int] = {}  # edge -> intervals observed, not yet in a batch
-        self.in_flight: set[int] = set()
+        self.in_flight: Counter[int] = Counter()  # edge -> unacknowledged batches carrying it
         self.unreported: set[int] = set()  # new edges not yet in a sent batch
         self.sequence = self.acked = self.delivered = 0
         self.unacked: list[tuple[int, list[int], bytes]] = []  # (sequence, edges, encoded edges)
@@ -371,7 +373,10 @@ class SimAgent:
         waiting, keep = set(ack.waiting), []
         for b in self.unacked:
             if b[0] <= ack.applied or (b[0] <= ack.received and b[0] not in waiting):
-                self.in_flight.difference_update(b[1])
+                self.in_flight.subtract(b[1])
+                for e in b[1]:
+                    if self.in_flight[e] <= 0:
+                        del self.in_flight[e]
             else:
                 keep.append(b)
         self.unacked = keep
@@ -387,7 +392,10 @@ class SimAgent:
                     await self._send(seq, previous, blob)
                     stats.resent += 1
                 previous = seq
-            ready = [e for e in self.pending if e not in self.in_flight]
+            if self.in_flight.total() < MAX_IN_FLIGHT:
+                ready = list(self.pending)
+            else:
+                ready = [e for e in self.pending if e not in self.in_flight]
             if not ready:
                 if self.unacked:
                     await self._send(0, 0, b"")
@@ -395,7 +403,7 @@ class SimAgent:
             seq = self.sequence = self.sequence + 1
             batch = (seq, ready, b"".join(self._encoded(e, self.pending.pop(e)) for e in ready))
             self.unacked.append(batch)
-            self.in_flight.update(ready)
+            self.in_flight.update(ready)  # (Counter.update adds one to each)
             if self.unreported:
                 now = time.monotonic()
                 for e in self.unreported.intersection(ready):

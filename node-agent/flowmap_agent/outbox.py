@@ -2,10 +2,12 @@
 
 * Deltas merge per edge into ``pending`` (flowmap_agent.deltas.merge; memory bounded by distinct
   edges, not by time).
-* Each interval, the pending deltas of edges with nothing unacknowledged become the next numbered
-  batch; an edge whose last delta is still unacknowledged keeps merging. So each edge has at most
-  one delta in flight, everything held is bounded by twice the edges, and a new edge goes out in
-  the next batch however far behind the operator's writes are.
+* Each interval, the pending deltas become the next numbered batch, so that the operator counts
+  (and exports, flowmap_operator.highwater) what the node saw within an interval, however far
+  behind its writes are. An edge may so have several deltas in flight; once ``MAX_IN_FLIGHT``
+  deltas are unacknowledged, an edge with one in flight keeps merging until it is acknowledged.
+  So everything held is bounded by the edges plus ``MAX_IN_FLIGHT``, and a new edge goes out in
+  the next batch whatever the operator's writes.
 * Batches are delivered in order, one call at a time, each naming the one before it
   (``previous``); after an error everything not yet acknowledged is delivered again, in order,
   with the same numbers (the operator skips what it has already counted).
@@ -45,6 +47,7 @@ import secrets
 import struct
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TypeVar
@@ -108,13 +111,18 @@ class _Filling:
         return True
 
 
+# Edge deltas in unacknowledged batches beyond which an edge with one in flight waits (merging)
+# for its acknowledgement: about 6 MB of deltas, and of the state file saved each interval.
+MAX_IN_FLIGHT = 20_000
+
+
 class Outbox:
     def __init__(self, agent_id: str, node: str, *, window: int = 1024, interval_ms: int = 1000) -> None:
         self.agent_id, self.node, self.window, self.interval_ms = agent_id, node, window, interval_ms
         self.pending: dict[EdgeKey, pb.EdgeDelta] = {}
         self.names: dict[str, pb.DnsName] = {}
         self.unacked: list[pb.ReportBatch] = []
-        self.in_flight: set[EdgeKey] = set()  # edges with a delta in an unacknowledged batch
+        self.in_flight: Counter[EdgeKey] = Counter()  # edge -> unacknowledged batches with a delta of it
         self.sequence = 0  # the last number given to a batch
         self.acked = 0  # no batch up to here is held
         self.delivered = 0  # the last batch delivered on the current connection
@@ -139,11 +147,15 @@ class Outbox:
             self.names[n.ip] = n  # the latest answer for an address is the one that counts
 
     def cut(self) -> pb.ReportBatch | None:
-        """The next numbered batch: pending deltas of edges with none in flight, and new names, as
-        many as the contract's limits allow (the rest waits for the next batch)."""
+        """The next numbered batch: the pending deltas (of edges with none in flight only, once
+        ``MAX_IN_FLIGHT`` deltas are), and new names, as many as the contract's limits allow (the
+        rest waits for the next batch)."""
         if len(self.unacked) >= self.window:
             return None
-        ready = [key for key in self.pending if key not in self.in_flight]
+        if self.in_flight.total() < MAX_IN_FLIGHT:
+            ready = list(self.pending)
+        else:
+            ready = [key for key in self.pending if key not in self.in_flight]
         if not (ready or self.names or self.lost_deltas):
             return None
         filling = _Filling(pb.ReportBatch(agent_id=self.agent_id, node=self.node, sequence=self.sequence + 1,
@@ -152,7 +164,7 @@ class Outbox:
             if not filling.edge(self.pending[key]):
                 break
             del self.pending[key]
-            self.in_flight.add(key)
+            self.in_flight[key] += 1
         for ip in list(self.names):
             if not filling.name(self.names[ip]):
                 break
@@ -193,7 +205,7 @@ class Outbox:
         keep = []
         for b in self.unacked:
             if b.sequence <= ack.applied or (b.sequence <= ack.received and b.sequence not in waiting):
-                self.in_flight.difference_update(edge_key(d) for d in b.edges)
+                self._landed(edge_key(d) for d in b.edges)
             else:
                 keep.append(b)
         self.unacked = keep
@@ -209,7 +221,7 @@ class Outbox:
         bad = pb.EdgeDelta()
         bad.CopyFrom(batch.edges[index])
         del batch.edges[index]
-        self.in_flight.discard(edge_key(bad))  # its next delta goes in a batch of its own
+        self._landed([edge_key(bad)])
         self.lost_deltas += 1
         return bad
 
@@ -232,7 +244,7 @@ class Outbox:
             named += 1
         for d in edges[kept:]:
             key = edge_key(d)
-            self.in_flight.discard(key)
+            self._landed([key])
             newer = self.pending.get(key)
             if newer is not None:
                 merge(d, newer)  # the returned delta is the older: the newer's gauges win
@@ -241,13 +253,21 @@ class Outbox:
             self.names.setdefault(n.ip, n)  # a newer answer for the address wins
         return True
 
+    def _landed(self, keys: Iterable[EdgeKey]) -> None:
+        """A delta of each of ``keys`` is no longer in flight."""
+        flying = self.in_flight
+        for key in keys:
+            flying[key] -= 1
+            if flying[key] <= 0:
+                del flying[key]
+
     def failed(self) -> None:
         """The connection broke or the operator refused: resend all unacknowledged, in order."""
         self.delivered = self.acked
 
     @property
     def edges(self) -> int:
-        """Edge deltas held in memory (at most twice the distinct edges)."""
+        """Edge deltas held in memory (at most the distinct edges, ``MAX_IN_FLIGHT`` and a batch)."""
         return len(self.pending) + sum(len(b.edges) for b in self.unacked)
 
     # -- surviving a crash ----------------------------------------------------------------------
@@ -320,7 +340,7 @@ class Outbox:
         box.add(head.edges, head.names)
         box.unacked = list(records[1:])
         box.dp_positions = positions
-        box.in_flight = {edge_key(d) for b in box.unacked for d in b.edges}
+        box.in_flight = Counter(edge_key(d) for b in box.unacked for d in b.edges)
         box.delivered = box.acked
         return box
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from pathlib import Path
 
 import grpc
@@ -191,7 +192,7 @@ def test_an_older_agents_oversized_batch_is_cut_down_when_refused_and_all_of_it_
         for d in edges:
             d.threats.extend([hit] * 16)
     old.unacked = [pb.ReportBatch(agent_id=old.agent_id, node="node-a", sequence=1, edges=edges)]
-    old.in_flight = {edge_key(d) for d in edges}
+    old.in_flight = Counter(edge_key(d) for d in edges)
     old.sequence = 1
     old.save(tmp_path / "state")
     agent = an_agent(tmp_path)

@@ -14,12 +14,13 @@ import random
 import shutil
 import struct
 import tempfile
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from flowmap_agent.deltas import EdgeKey
 from flowmap_agent.errors import StateError
 from flowmap_agent.outbox import MAX_BATCH_BYTES, Outbox
 from flowmap_agent.positions import Position
@@ -154,27 +155,31 @@ def test_agent_and_operator_crashes_neither_lose_nor_double(seed: int, fast_dir:
     run(seed, fast_dir)
 
 
-def test_an_edge_has_one_delta_in_flight_and_new_edges_never_wait() -> None:
+def test_every_interval_goes_out_until_too_much_is_in_flight_and_new_edges_never_wait(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("flowmap_agent.outbox.MAX_IN_FLIGHT", 3)
     box = Outbox("a", "n")
-    box.add([delta("10.0.0.1", 5)])
-    first = box.cut()
-    assert first is not None
-    for _ in range(100):  # the operator has not written 10.0.0.1's edge yet
+    web: EdgeKey = ("10.1.0.1", "10.0.0.1", 80, pb.TCP, "", True, False)
+    for _ in range(3):  # the operator has not written 10.0.0.1's edge yet: its deltas go out anyway
+        box.add([delta("10.0.0.1", 5)])
+        assert box.cut() is not None
+    assert box.in_flight == {web: 3}
+    for _ in range(100):  # three in flight: the edge's next deltas merge
         box.add([delta("10.0.0.1", 1)])
         assert box.cut() is None
     box.add([delta("10.0.0.2", 1)])  # a new edge goes out at once
-    second = box.cut()
-    assert second is not None and [d.server.ip for d in second.edges] == ["10.0.0.2"]
-    assert box.edges == 3  # one delta per edge in flight, one merged pending: not 102
-    assert box.pending[("10.1.0.1", "10.0.0.1", 80, pb.TCP, "", True, False)].bytes_c2s == 100
+    fourth = box.cut()
+    assert fourth is not None and [d.server.ip for d in fourth.edges] == ["10.0.0.2"]
+    assert box.edges == 5  # three deltas in flight, one new, one merged pending: not 104
+    assert box.pending[web].bytes_c2s == 100
     sent = box.to_deliver()
-    assert [(b.sequence, b.previous) for b in sent] == [(1, 0), (2, 1)]
-    box.delivered_ok(sent[1], pb.ReportAck(applied=0, received=2, waiting=[1], leader=True))
-    assert [b.sequence for b in box.unacked] == [1] and box.acked == 0  # batch 2 is written
+    assert [(b.sequence, b.previous) for b in sent] == [(1, 0), (2, 1), (3, 2), (4, 3)]
+    box.delivered_ok(sent[3], pb.ReportAck(applied=0, received=4, waiting=[1, 2, 3], leader=True))
+    assert [b.sequence for b in box.unacked] == [1, 2, 3] and box.acked == 0  # batch 4 is written
     ask = box.to_deliver()  # nothing new to send: a question for the acknowledgement
     assert [(b.sequence, len(b.edges)) for b in ask] == [(0, 0)]
-    box.delivered_ok(ask[0], pb.ReportAck(applied=2, received=2, leader=True))
-    assert not box.unacked and box.acked == 2
+    box.delivered_ok(ask[0], pb.ReportAck(applied=2, received=4, waiting=[3], leader=True))
+    assert [b.sequence for b in box.unacked] == [3] and box.in_flight == {web: 1}
     assert [d.bytes_c2s for d in box.cut().edges] == [100]  # type: ignore[union-attr]
 
 
@@ -234,7 +239,7 @@ def test_a_batch_over_the_limits_from_an_older_agent_is_cut_down_when_refused(tm
     old = Outbox("a", "node-a")
     old.unacked = [pb.ReportBatch(agent_id="a", node="node-a", sequence=1, edges=[delta(f"10.0.{i >> 8}.{i & 255}", 1)
                                                                                   for i in range(MAX_BATCH_EDGES + 10)])]
-    old.in_flight = {("10.1.0.1", d.server.ip, 80, pb.TCP, "", True, False) for d in old.unacked[0].edges}
+    old.in_flight = Counter(("10.1.0.1", d.server.ip, 80, pb.TCP, "", True, False) for d in old.unacked[0].edges)
     old.sequence = 1
     old.add([delta("10.0.19.140", 100)])  # a newer delta of an edge in the old batch's surplus (index 5004)
     old.save(tmp_path / "state")
