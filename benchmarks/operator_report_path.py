@@ -11,10 +11,12 @@ The world is benchmarks/operator_ingest's (its make_topology, the same defaults)
 --deployments workloads of --pods pods, --edges edges, each reported every round by every node
 with a pod of its client workload (several observers per edge), encoded as its SimAgent encodes
 them (one batch per node per round, ~20 deltas). The resolver knows every Node, pod and agent pod,
-as the operator's watches would tell it. Round 1 makes every edge (cold); the rounds after it are
-the steady state. After each round every dirty edge is flushed as the writer's ledger part does it
-(``Ledger.plan`` and ``Ledger.written``, no API), so that batches are acknowledged and nothing
-piles up; that flush is timed too, per edge written.
+as the operator's watches would tell it; then the garbage collector is set as the operator sets it
+once it has read the cluster (flowmap_operator.running.settle_heap, where there is one). Round 1
+makes every edge (cold); the rounds after it are the steady state. After each round every dirty
+edge is flushed as the writer's ledger part does it (``Ledger.plan`` and ``Ledger.written``, no
+API), so that batches are acknowledged and nothing piles up; that flush is timed too, per edge
+written.
 
 Two identical worlds get the same batches: one timed phase by phase (parse, validate, admit,
 ingest), one timed as the servicer's whole ``_report`` (what the RPC waits for, the metrics
@@ -53,6 +55,7 @@ if str(REPO) not in sys.path:
 
 from benchmarks.operator_ingest import BYTES_C2S, BYTES_S2C, Topo, make_topology, node_ip  # noqa: E402
 from flowmap_api import report_pb2 as pb  # noqa: E402
+from flowmap_operator import running  # noqa: E402
 from flowmap_operator.auth import Authenticator, Identity  # noqa: E402
 from flowmap_operator.policy.modes import Modes  # noqa: E402
 from flowmap_operator.resolution import Resolver  # noqa: E402
@@ -130,6 +133,9 @@ def one_run(topo: Topo, args: argparse.Namespace, run: str, profile: cProfile.Pr
     now = time.time()
     phased, _ = build(topo, settings, now)
     whole_topology, servicer = build(topo, settings, now)
+    settle = getattr(running, "settle_heap", None)  # as the operator does once it has read the cluster
+    if settle is not None:
+        settle()
     edges = {n: encoded_edges(topo, n) for n in range(topo.nodes)}
     nodes = [n for n in range(topo.nodes) if edges[n]]
     spent = dict.fromkeys(PHASES, 0.0)
