@@ -20,9 +20,11 @@ written.
 
 Two identical worlds get the same batches: one timed phase by phase (parse, validate, admit,
 ingest), one timed as the servicer's whole ``_report`` (what the RPC waits for, the metrics
-included; its parse timed apart). Times are the thread's CPU time (each reading costs ~0.6 µs,
-counted in the phase it closes), so that another process sharing the CPUs does not stretch them;
-each figure is the median over --repeat runs of the mean over the steady rounds.
+included; its parse timed apart) and as the question for the acknowledgement that each SimAgent
+sends every interval while its batch waits (``ack_query``: a sequence-0 batch, parsed and
+answered). Times are the thread's CPU time (each reading costs ~0.6 µs, counted in the phase it
+closes), so that another process sharing the CPUs does not stretch them; each figure is the
+median over --repeat runs of the mean over the steady rounds.
 
 --against REV runs the same benchmark over REV's flowmap_operator and flowmap_api (``git
 archive`` into a temporary folder, first on the import path of a child process) before this
@@ -65,7 +67,8 @@ from flowmap_operator.settings import Settings  # noqa: E402
 from flowmap_operator.topology import Topology  # noqa: E402
 from flowmap_operator.validation import validate  # noqa: E402
 
-PHASES = ("parse", "validate", "admit", "ingest", "_report", "flush")
+PHASES = ("parse", "validate", "admit", "ingest", "_report", "ack_query", "flush")
+PER_BATCH = PHASES[:5]  # the others are per query and per edge written
 RESULT = "RESULT "  # the line a child run hands its numbers back on
 
 
@@ -172,7 +175,16 @@ def one_run(topo: Topo, args: argparse.Namespace, run: str, profile: cProfile.Pr
                 profile.disable()
             if steady:
                 spent["_report"] += took
-        flush(phased)
+        # While its batch waits to be written, an agent asks every interval for the acknowledgement.
+        queries = [(n, pb.ReportBatch(agent_id=f"bench-{run}-{n}", node=f"node-{n}", sequence=0, acked=rnd - 1,
+                                      interval_ms=1000, sent_unix_ms=int(time.time() * 1000)).SerializeToString())
+                   for n in nodes]
+        for n, blob in queries:
+            IDENTITY.set(Identity(servicer.auth.expected, f"node-{n}"))
+            t0 = clock()
+            servicer._report(pb.ReportBatch.FromString(blob))
+            if steady:
+                spent["ack_query"] += clock() - t0
         t0 = clock()
         written = flush(whole_topology)
         if steady:
@@ -188,7 +200,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, float]]:
     runs = []
     for r in range(args.repeat):
         spent, batches, deltas = one_run(topo, args, f"{os.getpid()}-{r}", profile)
-        run = {phase: spent[phase] / batches * 1e6 for phase in PHASES}
+        run = {phase: spent[phase] / batches * 1e6 for phase in PHASES}  # (as many queries as batches)
         run["flush"] = spent["flush"] / max(spent["flush_edges"], 1.0) * 1e6
         runs.append({**run, "batches": batches, "deltas": deltas})
     if profile is not None:
@@ -208,11 +220,11 @@ def show(title: str, runs: list[dict[str, float]], reference: list[dict[str, flo
     for phase in PHASES:
         values = [run[phase] for run in runs]
         median = statistics.median(values)
-        line = (f"  {phase:<10} {median:10.1f} {f'({min(values):.1f}-{max(values):.1f})':>20} "
-                f"{median if phase == 'flush' else median * batches / deltas:10.2f}")
+        per_delta = f"{median * batches / deltas:10.2f}" if phase in PER_BATCH else f"{'':10}"
+        line = f"  {phase:<10} {median:10.1f} {f'({min(values):.1f}-{max(values):.1f})':>20} {per_delta}"
         if reference:
             line += f" {median / statistics.median(run[phase] for run in reference):9.2f}x"
-        print(line + ("  (per edge written)" if phase == "flush" else ""))
+        print(line + {"flush": "  (per edge written)", "ack_query": "  (per query: parse and _report)"}.get(phase, ""))
 
 
 def child(args: argparse.Namespace, folder: str | None) -> list[dict[str, float]]:
