@@ -187,7 +187,9 @@ class Ledger:
     def apply(self, agent: str, sequence: int, key: EdgeKey, delta: Counters, now: float) -> bool:
         """Count one edge delta of batch ``sequence`` unless it already is; True if it counted."""
         state = self.agents[agent]
-        edge = self.edges.setdefault(key, Edge(key))
+        edge = self.edges.get(key)
+        if edge is None:  # (not setdefault: an Edge made and thrown away for every delta costs more than the rest)
+            edge = self.edges[key] = Edge(key)
         if sequence <= edge.watermark(agent):
             return False
         pend = edge.pending.get(agent)
@@ -203,7 +205,9 @@ class Ledger:
 
     def touch(self, key: EdgeKey, now: float) -> None:
         """Something besides the counters changed (the action): write the object again."""
-        edge = self.edges.setdefault(key, Edge(key))
+        edge = self.edges.get(key)
+        if edge is None:
+            edge = self.edges[key] = Edge(key)
         if edge.dirty_since is None:
             edge.dirty_since = now
 

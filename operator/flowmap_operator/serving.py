@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 
 import grpc
 from google.protobuf.message import DecodeError
+from prometheus_client import Counter as Series
 
 from flowmap_api import report_pb2 as pb
 from flowmap_api import report_pb2_grpc as pb_grpc
@@ -239,6 +240,8 @@ class ReportServicer(pb_grpc.ReportServiceServicer):
         self.topology, self.auth, self.settings, self.refusals = topology, auth, settings, refusals
         self.is_leader, self.saw = is_leader, saw
         self.blocked_labels: set[tuple[str, ...]] = set()  # violation series, capped
+        # The series every batch counts in, each looked up once: labels() costs ~1.5 µs a call.
+        self._series: dict[tuple[str, str], Series] = {}
 
     async def Report(self, request: pb.ReportBatch, context: grpc.aio.ServicerContext) -> pb.ReportAck:  # noqa: N802
         try:
@@ -265,7 +268,7 @@ class ReportServicer(pb_grpc.ReportServiceServicer):
             metrics.LOST_DELTAS.labels(request.node).inc(request.lost_deltas)
             self.topology.lost[request.node] = time.time()
         for outcome in ("counted", "duplicates", "other_observer", "overflow"):
-            metrics.REPORT_EDGES.labels(outcome).inc(getattr(result, outcome))
+            self._series_of("edges", outcome).inc(getattr(result, outcome))
         metrics.RESOLUTION_MISSES.inc(result.external)
         metrics.CONNECTION_OVERFLOW.inc(result.overflow)
         for key, action, sessions in result.blocked:
@@ -273,9 +276,17 @@ class ReportServicer(pb_grpc.ReportServiceServicer):
                 client, server = self.topology.groups[key[0]].peer, self.topology.groups[key[1]].peer
                 labels = (client.group, client.namespace, server.group, server.namespace, str(key[2]), key[3])
                 metrics.POLICY_VIOLATIONS.labels(*self._capped(labels, action)).inc(sessions)
-        metrics.REPORTS.labels("applied" if request.sequence else "ack_query").inc()
+        self._series_of("reports", "applied" if request.sequence else "ack_query").inc()
         applied, received, still_waiting = ledger.progress(request.agent_id)
         return pb.ReportAck(applied=applied, received=received, waiting=still_waiting, leader=True)
+
+    def _series_of(self, family: str, outcome: str) -> Series:
+        """The series of REPORTS ("reports") or REPORT_EDGES ("edges") for ``outcome``."""
+        series = self._series.get((family, outcome))
+        if series is None:
+            metric = metrics.REPORTS if family == "reports" else metrics.REPORT_EDGES
+            series = self._series[(family, outcome)] = metric.labels(outcome)
+        return series
 
     def _capped(self, labels: tuple[str, ...], action: str) -> tuple[str, ...]:
         """A violation series' labels, or "other" beyond the series cap."""

@@ -73,8 +73,10 @@ class GroupInfo:
     written_said: tuple[tuple[str, bool, str], ...] = ()  # (type, holds, reason) of those
 
 
-# A delta with both ends resolved: (delta, when, protocol, client, server, port, service, counted elsewhere)
-_Resolved = tuple[pb.EdgeDelta, float, str, Peer, Peer, int, str, bool]
+# A delta with both ends resolved, the fields read more than once read once (a protobuf attribute
+# costs about as much as a dict lookup, and a submessage's more): (delta, when, protocol, client,
+# server, client address, server address, port, service, counted elsewhere).
+_Resolved = tuple[pb.EdgeDelta, float, str, Peer, Peer, str, str, int, str, bool]
 
 
 @dataclass
@@ -151,7 +153,9 @@ class Topology:
 
     def key_for(self, client: str, server: str, port: int, protocol: str) -> EdgeKey | None:
         """The edge a delta belongs to: ports beyond the limit share the "any" edge (port 0)."""
-        seen = self.ports.setdefault((client, server, protocol), set())
+        seen = self.ports.get((client, server, protocol))
+        if seen is None:
+            seen = self.ports[(client, server, protocol)] = set()
         if port and port not in seen and len(seen - {0}) >= self.max_ports:
             port = 0
         key = (client, server, port, protocol)
@@ -287,14 +291,12 @@ class Topology:
         for name in batch.names:
             self.resolver.learn_name(name.ip, name.name, name.ttl_seconds, name.seen_unix_ms / 1000 or now, now)
         result = Ingested()
-        resolved = [r for r in (self._resolve(delta, batch.node, now, result) for delta in batch.edges) if r]
         bound = self._fqdn_bound(result)
-        resolved = [(delta, when, protocol, bound(client, delta.client.ip), bound(server, delta.server.ip), port,
-                     service, other) for delta, when, protocol, client, server, port, service, other in resolved]
+        resolved = [r for r in (self._resolve(delta, batch.node, now, result, bound) for delta in batch.edges) if r]
         # Several deltas of one batch can land on one edge (two pods of a workload on this node,
         # collapsed ports): merge them first, since the ledger takes one delta per edge per batch.
-        merged: dict[EdgeKey, tuple[Counters, list[pb.ThreatHit], int, Peer, Peer]] = {}
-        for delta, when, protocol, client, server, port, service, other in resolved:
+        merged: dict[EdgeKey, tuple[Counters, tuple[pb.ThreatHit, ...], int, Peer, Peer]] = {}
+        for delta, when, protocol, client, server, client_ip, server_ip, port, service, other in resolved:
             key = self.key_for(client.group, server.group, port, protocol)
             if key is None:
                 # Said on the group whose edges these are: the client's, unless it would be a new group
@@ -308,13 +310,14 @@ class Topology:
             self._touch(client, when)
             self._touch(server, when)
             info = self.edge(key)
-            action, by = self.modes.judge(client, server, delta.client.ip, delta.server.ip, key[2], protocol,
+            action, by = self.modes.judge(client, server, client_ip, server_ip, key[2], protocol,
                                           delta.verdict == pb.DENIED, delta.packets_s2c > 0)
             self._act(key, info, action, by, when, now)
             first = delta.first_seen_unix_ms / 1000 or when
+            threats = tuple(delta.threats)
             if action in (VIOLATION, DENIED):
                 result.events.append((key, action, first))
-            if delta.threats:
+            if threats:
                 result.events.append((key, THREAT, first))
             if other:
                 result.other_observer += 1
@@ -322,12 +325,13 @@ class Topology:
             result.external += (client.kind == "External") + (server.kind == "External")
             counters = Counters(delta.bytes_c2s, delta.bytes_s2c, delta.packets_c2s, delta.packets_s2c,
                                 delta.sessions_opened)
-            if key in merged:
-                total, threats, active, _, _ = merged[key]
+            before = merged.get(key)
+            if before is not None:
+                total, earlier, active, _, _ = before
                 total.add(counters)
-                merged[key] = (total, threats + list(delta.threats), active + delta.sessions_active, client, server)
+                merged[key] = (total, earlier + threats, active + delta.sessions_active, client, server)
             else:
-                merged[key] = (counters, list(delta.threats), delta.sessions_active, client, server)
+                merged[key] = (counters, threats, delta.sessions_active, client, server)
             info.apps.update(delta.apps)  # none yet: the dp has not decided (it says "unknown" when it gives up)
             info.service = service or info.service
             info.first_seen = min(info.first_seen, first) if info.first_seen else first
@@ -351,8 +355,9 @@ class Topology:
                 result.counted += 1
                 if info.action in (VIOLATION, DENIED):
                     result.blocked.append((key, info.action, counters.sessions))
-                info.threats += len(threats)
-                info.threat_examples.extend({"name": t.name, "snippet": t.snippet[:256]} for t in threats)
+                if threats:
+                    info.threats += len(threats)
+                    info.threat_examples.extend({"name": t.name, "snippet": t.snippet[:256]} for t in threats)
                 if info.action != DENIED:  # what a group tried and was refused is no rule of it
                     self.modes.learn(client, server, key[2], key[3], info.apps, counters.sessions,
                                      info.first_seen, info.last_seen)
@@ -360,8 +365,10 @@ class Topology:
                 result.duplicates += 1
         return result
 
-    def _resolve(self, delta: pb.EdgeDelta, node: str, now: float, result: Ingested) -> _Resolved | None:
-        """Both ends of one delta (raises NotKnownYet), or None for a delta the other observer counts.
+    def _resolve(self, delta: pb.EdgeDelta, node: str, now: float, result: Ingested,
+                 bound: Callable[[Peer, str], Peer]) -> _Resolved | None:
+        """Both ends of one delta (raises NotKnownYet), or None for a delta the other observer counts;
+        ``bound`` is the batch's FQDN Group cap (``_fqdn_bound``).
 
         One observer per session: the client's node when the client is captured (a pod or a node
         that runs an agent), else the server's (an external client, a pod or a node without an
@@ -370,22 +377,25 @@ class Topology:
         """
         when = delta.last_seen_unix_ms / 1000 or now
         protocol = PROTOCOLS[delta.protocol]
-        if not delta.client.local and not delta.server.local and delta.verdict != pb.DENIED:
+        client_end, server_end = delta.client, delta.server
+        client_local, server_local, denied = client_end.local, server_end.local, delta.verdict == pb.DENIED
+        if not client_local and not server_local and not denied:
             result.other_observer += 1  # neither end is this node's: whoever it is, not ours to count
             return None
-        client = self.resolver.resolve_endpoint(delta.client.ip, when, node, delta.client.local, delta.client.pod, now)
-        other = not delta.client.local and not (delta.server.local and not self.resolver.captured(client))
-        if other and delta.verdict != pb.DENIED:
+        client_ip, server_ip = client_end.ip, server_end.ip
+        client = self.resolver.resolve_endpoint(client_ip, when, node, client_local, client_end.pod, now)
+        other = not client_local and not (server_local and not self.resolver.captured(client))
+        if other and not denied:
             result.other_observer += 1
             return None
-        via = self.resolver.resolve_service(delta.server.ip, delta.server.port, protocol, when)
+        via = self.resolver.resolve_service(server_ip, server_end.port, protocol, when)
         if via:
             server, port, service = via
         else:
-            server = self.resolver.resolve_endpoint(delta.server.ip, when, node, delta.server.local,
-                                                    delta.server.pod, now)
-            port, service = delta.server.port, ""
-        return delta, when, protocol, client, server, port, service, other
+            server = self.resolver.resolve_endpoint(server_ip, when, node, server_local, server_end.pod, now)
+            port, service = server_end.port, ""
+        return (delta, when, protocol, bound(client, client_ip), bound(server, server_ip), client_ip, server_ip, port,
+                service, other)
 
     def _act(self, key: EdgeKey, info: EdgeInfo, action: str, by: PolicyKey | None, when: float, now: float) -> None:
         """Take a judgement of the edge: a change is written, and what no rule allows is raised."""
