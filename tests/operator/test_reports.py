@@ -105,8 +105,11 @@ def test_edge_counters_are_the_connections_and_survive_a_restart(cluster: Cluste
                     ("flowmap_edge_packets_total", "client_to_server"): 9,
                     ("flowmap_edge_packets_total", "server_to_client"): 9,
                     ("flowmap_edge_sessions_total", ""): 1}
-    assert exported() == want
-    # A restarted operator exports the Connection's totals, not counters starting from zero.
+    # At the next checkpoint of the edge series (flowmap_operator.highwater).
+    wait_for(lambda: exported() == want, what="the series to be the Connection's totals")
+    # A restarted operator exports the Connection's totals, not counters starting from zero: from
+    # its first checkpoint on, and nothing before (a replica taking the lead waits 5 s).
     operator.stop()
     operator.start().wait_leading()
-    assert exported() == want
+    assert exported() == {}
+    wait_for(lambda: exported() == want, what="the series to be the Connection's totals after the restart")
