@@ -300,8 +300,8 @@ class Stats:
 class Bench:
     """The shared state of all simulated agents of one run."""
 
-    def __init__(self, topo: Topo, interval: float) -> None:
-        self.topo, self.interval = topo, interval
+    def __init__(self, topo: Topo, interval: float, refresh: float) -> None:
+        self.topo, self.interval, self.refresh = topo, interval, refresh
         self.generated = [0] * len(topo.edges)  # bytes the agents observed so far, per edge
         self.first_report: dict[int, float] = {}  # new edge -> first time a batch carrying it was sent
         self.introduced: dict[int, float] = {}
@@ -313,8 +313,9 @@ class SimAgent:
     """The protocol of flowmap_agent.outbox, with cached encodings so that 1,000 fit in one process.
 
     Each interval every local edge gains one interval of traffic, merged per edge, and goes out in
-    the next numbered batch (once MAX_IN_FLIGHT deltas are unacknowledged, only edges with none in
-    flight: the others merge; new edges at once); when nothing is ready a
+    the next numbered batch, but for an edge with a delta in flight: --refresh seconds after its
+    last (none once MAX_IN_FLIGHT deltas are unacknowledged; new edges at once); when nothing is
+    ready a
     sequence-0 batch asks for the acknowledgement; batches are dropped as the operator reports them
     written, and after an error everything held is resent in order with ``previous``.
     """
@@ -329,6 +330,7 @@ class SimAgent:
         self.enc: dict[tuple[int, int], bytes] = {}
         self.pending: dict[int, int] = {}  # edge -> intervals observed, not yet in a batch
         self.in_flight: Counter[int] = Counter()  # edge -> unacknowledged batches carrying it
+        self.sent_at: dict[int, float] = {}  # edge in flight -> when its last delta went
         self.unreported: set[int] = set()  # new edges not yet in a sent batch
         self.sequence = self.acked = self.delivered = 0
         self.unacked: list[tuple[int, list[int], bytes]] = []  # (sequence, edges, encoded edges)
@@ -377,6 +379,7 @@ class SimAgent:
                 for e in b[1]:
                     if self.in_flight[e] <= 0:
                         del self.in_flight[e]
+                        self.sent_at.pop(e, None)
             else:
                 keep.append(b)
         self.unacked = keep
@@ -392,8 +395,10 @@ class SimAgent:
                     await self._send(seq, previous, blob)
                     stats.resent += 1
                 previous = seq
+            now = time.monotonic()
             if self.in_flight.total() < MAX_IN_FLIGHT:
-                ready = list(self.pending)
+                due = now - self.bench.refresh
+                ready = [e for e in self.pending if e not in self.in_flight or self.sent_at.get(e, 0.0) <= due]
             else:
                 ready = [e for e in self.pending if e not in self.in_flight]
             if not ready:
@@ -404,8 +409,8 @@ class SimAgent:
             batch = (seq, ready, b"".join(self._encoded(e, self.pending.pop(e)) for e in ready))
             self.unacked.append(batch)
             self.in_flight.update(ready)  # (Counter.update adds one to each)
+            self.sent_at.update(dict.fromkeys(ready, now))
             if self.unreported:
-                now = time.monotonic()
                 for e in self.unreported.intersection(ready):
                     self.bench.first_report.setdefault(e, now)
                 self.unreported.difference_update(ready)
@@ -517,7 +522,7 @@ async def scenario(args: argparse.Namespace, nodes: int) -> dict[str, Any]:
     plane = ControlPlane(folder / "state", log=lambda line: None)
     op: Operator | None = None
     watcher: ConnectionWatch | None = None
-    bench = Bench(topo, args.interval)
+    bench = Bench(topo, args.interval, args.refresh)
     tasks: list[asyncio.Task[None]] = []
     channels: list[grpc.aio.Channel] = []
     try:
@@ -784,6 +789,8 @@ def main() -> None:
     p.add_argument("--edges", type=int, default=5000, help="initial edges")
     p.add_argument("--new-rate", type=float, default=5.0, help="new edges per second during the steady phase")
     p.add_argument("--interval", type=float, default=1.0, help="report interval of every agent (s)")
+    p.add_argument("--refresh", type=float, default=10.0,
+                   help="s between deltas of an edge in flight (FLOWMAP_AGENT_REFRESH_INTERVAL)")
     p.add_argument("--duration", type=float, default=60.0, help="steady phase (s)")
     p.add_argument("--warmup", type=float, default=10.0, help="before the steady phase (s)")
     p.add_argument("--grace", type=float, default=15.0, help="wait this long after the run for the last new edges")

@@ -2,12 +2,14 @@
 
 * Deltas merge per edge into ``pending`` (flowmap_agent.deltas.merge; memory bounded by distinct
   edges, not by time).
-* Each interval, the pending deltas become the next numbered batch, so that the operator counts
-  (and exports, flowmap_operator.highwater) what the node saw within an interval, however far
-  behind its writes are. An edge may so have several deltas in flight; once ``MAX_IN_FLIGHT``
-  deltas are unacknowledged, an edge with one in flight keeps merging until it is acknowledged.
-  So everything held is bounded by the edges plus ``MAX_IN_FLIGHT``, and a new edge goes out in
-  the next batch whatever the operator's writes.
+* Each interval, the pending deltas become the next numbered batch, but for an edge whose last
+  delta is not written yet (in flight): its next one goes out ``refresh`` seconds after the last
+  (``FLOWMAP_AGENT_REFRESH_INTERVAL``), so that the operator counts (and exports,
+  flowmap_operator.highwater) what the node saw within that time however far behind its writes
+  are, without taking every interval of every busy edge. An edge may so have several deltas in
+  flight; once ``MAX_IN_FLIGHT`` deltas are unacknowledged, an edge with one in flight keeps
+  merging until it is acknowledged. So everything held is bounded by the edges plus
+  ``MAX_IN_FLIGHT``, and a new edge goes out in the next batch whatever the operator's writes.
 * Batches are delivered in order, one call at a time, each naming the one before it
   (``previous``); after an error everything not yet acknowledged is delivered again, in order,
   with the same numbers (the operator skips what it has already counted).
@@ -42,6 +44,7 @@ are still read.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
 import struct
@@ -117,8 +120,11 @@ MAX_IN_FLIGHT = 20_000
 
 
 class Outbox:
-    def __init__(self, agent_id: str, node: str, *, window: int = 1024, interval_ms: int = 1000) -> None:
+    def __init__(self, agent_id: str, node: str, *, window: int = 1024, interval_ms: int = 1000,
+                 refresh: float = 10.0) -> None:
         self.agent_id, self.node, self.window, self.interval_ms = agent_id, node, window, interval_ms
+        self.refresh = refresh  # seconds between deltas of an edge in flight
+        self.sent_at: dict[EdgeKey, float] = {}  # edge in flight -> when its last delta was cut (monotonic)
         self.pending: dict[EdgeKey, pb.EdgeDelta] = {}
         self.names: dict[str, pb.DnsName] = {}
         self.unacked: list[pb.ReportBatch] = []
@@ -146,16 +152,19 @@ class Outbox:
         for n in names:
             self.names[n.ip] = n  # the latest answer for an address is the one that counts
 
-    def cut(self) -> pb.ReportBatch | None:
-        """The next numbered batch: the pending deltas (of edges with none in flight only, once
-        ``MAX_IN_FLIGHT`` deltas are), and new names, as many as the contract's limits allow (the
-        rest waits for the next batch)."""
+    def cut(self, now: float | None = None) -> pb.ReportBatch | None:
+        """The next numbered batch: the pending deltas of edges with none in flight, and of those
+        in flight whose last delta went ``refresh`` seconds ago (none once ``MAX_IN_FLIGHT``
+        deltas are), and new names, as many as the contract's limits allow (the rest waits for
+        the next batch). ``now``: monotonic seconds."""
         if len(self.unacked) >= self.window:
             return None
-        if self.in_flight.total() < MAX_IN_FLIGHT:
-            ready = list(self.pending)
+        now = time.monotonic() if now is None else now
+        flying, sent_at, due = self.in_flight, self.sent_at, now - self.refresh
+        if flying.total() < MAX_IN_FLIGHT:
+            ready = [key for key in self.pending if key not in flying or sent_at.get(key, -math.inf) <= due]
         else:
-            ready = [key for key in self.pending if key not in self.in_flight]
+            ready = [key for key in self.pending if key not in flying]
         if not (ready or self.names or self.lost_deltas):
             return None
         filling = _Filling(pb.ReportBatch(agent_id=self.agent_id, node=self.node, sequence=self.sequence + 1,
@@ -164,7 +173,8 @@ class Outbox:
             if not filling.edge(self.pending[key]):
                 break
             del self.pending[key]
-            self.in_flight[key] += 1
+            flying[key] += 1
+            sent_at[key] = now
         for ip in list(self.names):
             if not filling.name(self.names[ip]):
                 break
@@ -260,6 +270,7 @@ class Outbox:
             flying[key] -= 1
             if flying[key] <= 0:
                 del flying[key]
+                self.sent_at.pop(key, None)
 
     def failed(self) -> None:
         """The connection broke or the operator refused: resend all unacknowledged, in order."""
@@ -296,7 +307,8 @@ class Outbox:
             raise
 
     @classmethod
-    def load(cls, path: Path, node: str, *, window: int = 1024, interval_ms: int = 1000) -> Outbox:
+    def load(cls, path: Path, node: str, *, window: int = 1024, interval_ms: int = 1000,
+             refresh: float = 10.0) -> Outbox:
         """The saved state of this node's agent (raises StateError if unreadable or another node's)."""
         data = path.read_bytes()
         if len(data) > MAX_STATE_BYTES or len(data) < _HEAD.size:
@@ -335,7 +347,7 @@ class Outbox:
         if not records or records[0].node != node:
             raise StateError(f"{path}: state of another node")
         head = records[0]
-        box = cls(head.agent_id, node, window=window, interval_ms=interval_ms)
+        box = cls(head.agent_id, node, window=window, interval_ms=interval_ms, refresh=refresh)
         box.sequence, box.acked, box.lost_deltas = head.sequence, head.acked, head.lost_deltas
         box.add(head.edges, head.names)
         box.unacked = list(records[1:])
@@ -345,15 +357,16 @@ class Outbox:
         return box
 
 
-def resume(path: Path, node: str, *, window: int = 1024, interval_ms: int = 1000) -> Outbox:
+def resume(path: Path, node: str, *, window: int = 1024, interval_ms: int = 1000, refresh: float = 10.0) -> Outbox:
     """The outbox the last agent of this node saved at ``path``; a new one, under a new agent id,
     when there is none or it cannot be read (said, and what it held is lost)."""
     if path.exists():
         try:
-            box = Outbox.load(path, node, window=window, interval_ms=interval_ms)
+            box = Outbox.load(path, node, window=window, interval_ms=interval_ms, refresh=refresh)
             log.info("resumed as %s at batch %d (%d unacknowledged)", box.agent_id, box.sequence, len(box.unacked))
             return box
         except (StateError, OSError) as exc:
             log.error("cannot resume from %s (%s): starting afresh", path, exc)
     # An agent id is at most 128 characters (flowmap_api.validity); a node name may be 253.
-    return Outbox(f"{node[:114]}/{secrets.token_hex(6)}", node, window=window, interval_ms=interval_ms)
+    return Outbox(f"{node[:114]}/{secrets.token_hex(6)}", node, window=window, interval_ms=interval_ms,
+                  refresh=refresh)

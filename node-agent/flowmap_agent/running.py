@@ -100,7 +100,7 @@ class Agent:
         registry.register(self.health)
         self.receiver: Receiver | None = None
         self.outbox = resume(Path(settings.state_file), settings.node, window=settings.window,
-                             interval_ms=int(settings.interval * 1000))
+                             interval_ms=int(settings.interval * 1000), refresh=settings.refresh_interval)
         # A node name no operator would take makes every batch fail, forever: say so now.
         validity.check_batch(pb.ReportBatch(agent_id=self.outbox.agent_id, node=settings.node))
         quarantine = Quarantine()

@@ -23,6 +23,9 @@ class Settings:
     state_file: str = "/var/lib/flowmap/agent.state"
     socket: str = "/run/flowmap/dp.sock"
     interval: float = setting(1.0, above=0)
+    # Seconds between deltas of an edge whose last one the operator has not written yet: how fresh
+    # the operator's counts (and its /metrics) stay while its writes lag, against its CPU.
+    refresh_interval: float = setting(10.0, above=0)
     # Unacknowledged batches before deltas only merge (the operator's max_waiting_batches).
     window: int = setting(1024, at_least=1)
     health_listen: int = port(9091)  # the port of /healthz, /readyz and /metrics

@@ -155,23 +155,28 @@ def test_agent_and_operator_crashes_neither_lose_nor_double(seed: int, fast_dir:
     run(seed, fast_dir)
 
 
-def test_every_interval_goes_out_until_too_much_is_in_flight_and_new_edges_never_wait(
+def test_an_edge_in_flight_goes_again_each_refresh_until_too_much_is_in_flight_and_new_edges_never_wait(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("flowmap_agent.outbox.MAX_IN_FLIGHT", 3)
-    box = Outbox("a", "n")
+    box = Outbox("a", "n", refresh=10.0)
     web: EdgeKey = ("10.1.0.1", "10.0.0.1", 80, pb.TCP, "", True, False)
-    for _ in range(3):  # the operator has not written 10.0.0.1's edge yet: its deltas go out anyway
+    box.add([delta("10.0.0.1", 5)])
+    assert box.cut(now=0.0) is not None
+    for now in (1.0, 9.0):  # the operator has not written 10.0.0.1's edge yet: it merges...
         box.add([delta("10.0.0.1", 5)])
-        assert box.cut() is not None
-    assert box.in_flight == {web: 3}
-    for _ in range(100):  # three in flight: the edge's next deltas merge
+        assert box.cut(now=now) is None
+    for now in (10.0, 20.5):  # ... and goes again every refresh interval
+        assert box.cut(now=now) is not None
+        box.add([delta("10.0.0.1", 5)])
+    assert box.in_flight == {web: 3} and box.sent_at == {web: 20.5}
+    for now in range(30, 130):  # three in flight: the edge's next deltas merge, whenever
         box.add([delta("10.0.0.1", 1)])
-        assert box.cut() is None
+        assert box.cut(now=float(now)) is None
     box.add([delta("10.0.0.2", 1)])  # a new edge goes out at once
-    fourth = box.cut()
+    fourth = box.cut(now=130.0)
     assert fourth is not None and [d.server.ip for d in fourth.edges] == ["10.0.0.2"]
     assert box.edges == 5  # three deltas in flight, one new, one merged pending: not 104
-    assert box.pending[web].bytes_c2s == 100
+    assert box.pending[web].bytes_c2s == 105
     sent = box.to_deliver()
     assert [(b.sequence, b.previous) for b in sent] == [(1, 0), (2, 1), (3, 2), (4, 3)]
     box.delivered_ok(sent[3], pb.ReportAck(applied=0, received=4, waiting=[1, 2, 3], leader=True))
@@ -180,7 +185,10 @@ def test_every_interval_goes_out_until_too_much_is_in_flight_and_new_edges_never
     assert [(b.sequence, len(b.edges)) for b in ask] == [(0, 0)]
     box.delivered_ok(ask[0], pb.ReportAck(applied=2, received=4, waiting=[3], leader=True))
     assert [b.sequence for b in box.unacked] == [3] and box.in_flight == {web: 1}
-    assert [d.bytes_c2s for d in box.cut().edges] == [100]  # type: ignore[union-attr]
+    assert box.cut(now=131.0) is not None  # its last delta went at 20.5: due
+    assert box.cut(now=131.0) is None
+    box.delivered_ok(box.to_deliver()[-1], pb.ReportAck(applied=5, received=5, leader=True))
+    assert not box.in_flight and not box.sent_at  # every delta written: nothing to wait for
 
 
 def test_an_unreadable_or_foreign_state_file_is_refused(tmp_path: Path) -> None:
