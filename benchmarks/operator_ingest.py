@@ -266,8 +266,8 @@ def scrape(port: int) -> dict[str, float]:
     return out
 
 
-EDGE_BYTES = re.compile(r'^flowmap_edge_bytes_total\{.*client_group="([^"]*)".*port="(\d+)".*server_group="([^"]*)".*\} (\S+)$',
-                        re.MULTILINE)
+EDGE_BYTES = re.compile(r'^flowmap_edge_bytes_total\{.*client_group="([^"]*)".*port="(\d+)"'
+                        r'.*server_group="([^"]*)".*\} (\S+)$', re.MULTILINE)
 
 
 def exported(port: int) -> dict[tuple[str, str, int], int]:
@@ -541,7 +541,11 @@ async def scenario(args: argparse.Namespace, nodes: int) -> dict[str, Any]:
 
         # -- cold start ---------------------------------------------------------------------------
         cold_budget = args.cold_budget or args.budget
-        op = Operator(cluster, write_budget=cold_budget, write_budget_max=max(cold_budget, args.budget_max)).start()
+        # Every edge of the run gets its Connection and its series: above the default caps (10,000)
+        # the new edges would be refused, and counted, rather than measured.
+        caps = {"max_connections": max(10_000, len(topo.edges)), "metrics_series_cap": max(10_000, len(topo.edges))}
+        op = Operator(cluster, write_budget=cold_budget, write_budget_max=max(cold_budget, args.budget_max),
+                      **caps).start()
         await asyncio.to_thread(op.wait_leading, 120)
         sampler = Sampler(op, plane)
         creds = grpc.ssl_channel_credentials(root_certificates=cluster.keys.ca_cert.read_bytes())
@@ -607,7 +611,7 @@ async def scenario(args: argparse.Namespace, nodes: int) -> dict[str, Any]:
             t = time.monotonic()
             op.stop()
             port = op.grpc_port  # the same address: the agents' channels reconnect, as to a Service
-            op = Operator(cluster, write_budget=args.budget, write_budget_max=args.budget_max, grpc_listen=port)
+            op = Operator(cluster, write_budget=args.budget, write_budget_max=args.budget_max, grpc_listen=port, **caps)
             op.grpc_port = port
             op.start()
             sampler.op = op
