@@ -244,15 +244,12 @@ class Ledger:
     def plan(self, key: EdgeKey) -> FlushPlan:
         """The next update of one edge: persisted + pending, watermarks pruned of what is done."""
         edge = self.edges[key]
-        counters = edge.persisted.copy()
-        taken: dict[str, Pending] = {}
-        for agent, pend in edge.pending.items():
-            counters.add(pend.counters)
-            taken[agent] = Pending(pend.node, pend.counters.copy(), pend.last_batch)
+        taken = {agent: Pending(pend.node, pend.counters.copy(), pend.last_batch)
+                 for agent, pend in edge.pending.items()}
         marks = {agent: wm for agent, wm in edge.watermarks.items() if not self._prunable(agent, wm.batch)}
         for agent, pend in taken.items():
             marks[agent] = Watermark(pend.node, pend.last_batch)
-        return FlushPlan(key, counters, marks, taken)
+        return FlushPlan(key, edge.applied(), marks, taken)
 
     def written(self, plan: FlushPlan, resource_version: str) -> None:
         """The update carrying ``plan`` was accepted by the API server."""

@@ -6,11 +6,13 @@ cluster and the benchmarks); the test agent here sends hand-made batches.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 import grpc
+from kubernetes_asyncio import client, config
 
 from flowmap_api import report_pb2 as pb
 from flowmap_api import report_pb2_grpc as pb_grpc
@@ -19,9 +21,21 @@ from flowmap_devenv.kube import NS, Cluster, Operator, apply, create_pods, free_
 
 __all__ = ["NS", "Cluster", "Operator", "apply", "create_pods", "free_port", "node", "pod"]
 
+T = TypeVar("T")
+
 NODE_A, NODE_B = "172.18.0.2", "172.18.0.3"
 WEB, API, REDIS = "10.244.1.10", "10.244.2.20", "10.244.2.30"
 API_SVC = "10.96.0.50"
+
+
+def as_operator(cluster: Cluster, work: Callable[[client.CoreV1Api], Awaitable[T]]) -> T:
+    """Run ``work`` with a client holding the operator ServiceAccount's token (its RBAC only)."""
+    async def go() -> T:
+        conf = client.Configuration()
+        await config.load_kube_config(config_file=str(cluster.operator_kubeconfig()), client_configuration=conf)
+        async with client.ApiClient(conf) as api:
+            return await work(client.CoreV1Api(api))
+    return asyncio.run(go())
 
 
 def running(cluster: Cluster, **settings: Any) -> Iterator[Operator]:

@@ -9,25 +9,24 @@ import datetime
 import json
 import socket
 import ssl
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import pytest
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from kubernetes_asyncio import client, config
+from kubernetes_asyncio import client
 
 from flowmap_api import report_pb2 as pb
 from flowmap_api import report_pb2_grpc as pb_grpc
 from flowmap_devenv import pki
 from flowmap_operator import certs
 from tests.conftest import REPO
-from tests.operator.harness import NS, Cluster, Operator, running
+from tests.operator.harness import NS, Cluster, Operator, as_operator, running
 
-T = TypeVar("T")
 DAY = datetime.timedelta(days=1)
 
 
@@ -41,16 +40,6 @@ def deployment_env() -> dict[str, str]:
 ENV = deployment_env()
 SECRET, CONFIGMAP = ENV["FLOWMAP_OPERATOR_GRPC_TLS_SECRET"], ENV["FLOWMAP_OPERATOR_CA_CONFIGMAP"]
 NAMES = certs.service_names("flowmap-operator", NS)
-
-
-def as_operator(cluster: Cluster, work: Callable[[client.CoreV1Api], Awaitable[T]]) -> T:
-    """Run ``work`` with a client holding the operator ServiceAccount's token (its RBAC only)."""
-    async def go() -> T:
-        conf = client.Configuration()
-        await config.load_kube_config(config_file=str(cluster.operator_kubeconfig()), client_configuration=conf)
-        async with client.ApiClient(conf) as api:
-            return await work(client.CoreV1Api(api))
-    return asyncio.run(go())
 
 
 def keeper(core: client.CoreV1Api) -> certs.Keeper:

@@ -4,15 +4,13 @@ stored, a shard someone else wrote is set right, and nothing else in the namespa
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import logging
-from collections.abc import Awaitable, Callable, Iterator
-from typing import TypeVar
+from collections.abc import Iterator
 
 import pytest
-from kubernetes_asyncio import client, config
+from kubernetes_asyncio import client
 
 from flowmap_operator import checkpointing, highwater
 from flowmap_operator.budget import Budget
@@ -21,21 +19,10 @@ from flowmap_operator.errors import Rejected
 from flowmap_operator.highwater import SHARDS, EdgeTotals, shard
 from flowmap_operator.kubeapi import Writes, call
 from flowmap_operator.ledger import Counters, EdgeKey, Ledger
-from tests.operator.harness import NS, Cluster
+from tests.operator.harness import NS, Cluster, as_operator
 
-T = TypeVar("T")
 WEB_API: EdgeKey = ("shop.web", "shop.api", 8080, "TCP")
 API_PG: EdgeKey = ("shop.api", "shop.postgres", 5432, "TCP")
-
-
-def as_operator(cluster: Cluster, work: Callable[[client.CoreV1Api], Awaitable[T]]) -> T:
-    """Run ``work`` with a client holding the operator ServiceAccount's token (its RBAC only)."""
-    async def go() -> T:
-        conf = client.Configuration()
-        await config.load_kube_config(config_file=str(cluster.operator_kubeconfig()), client_configuration=conf)
-        async with client.ApiClient(conf) as api:
-            return await work(client.CoreV1Api(api))
-    return asyncio.run(go())
 
 
 @pytest.fixture
