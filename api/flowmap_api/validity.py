@@ -25,6 +25,8 @@ from collections import Counter
 
 from flowmap_api import report_pb2 as pb
 from flowmap_api.apps import APPLICATIONS, UNKNOWN
+from flowmap_api.threats import NAMES as THREATS
+from flowmap_api.threats import UNKNOWN as UNKNOWN_THREAT
 from flowmap_api.limits import (MAX_BATCH_EDGES, MAX_CAPTURE_MESSAGE, MAX_CAPTURE_STATUSES, MAX_NAMES,
                                 MAX_NODE_ADDRESSES)
 
@@ -42,6 +44,7 @@ MAX_NAME = 253  # a DNS name in text, without the root's dot
 _REMEMBERED, _REMEMBERED_LENGTH = 16384, 64
 
 _APPS = frozenset((*APPLICATIONS, UNKNOWN))
+_THREATS = frozenset((*THREATS, UNKNOWN_THREAT))
 _PROTOCOLS = frozenset(v for v in pb.Protocol.values() if v != pb.PROTOCOL_UNSPECIFIED)
 _VERDICTS = frozenset(pb.Verdict.values())
 _COUNTERS = ("bytes_c2s", "bytes_s2c", "packets_c2s", "packets_s2c")
@@ -170,8 +173,8 @@ def normalise_edge(edge: pb.EdgeDelta, tally: Tally) -> None:
         tally["threats", "too_many"] += len(threats) - MAX_THREATS
         del threats[MAX_THREATS:]
     for threat in threats:
-        if threat.name not in _APPS:
-            threat.name = UNKNOWN
+        if threat.name not in _THREATS:
+            threat.name = UNKNOWN_THREAT
             tally["threat_name", "unknown"] += 1
         if len(threat.snippet) > MAX_SNIPPET:
             threat.snippet = threat.snippet[:MAX_SNIPPET]

@@ -15,6 +15,7 @@ from typing import Any
 
 from flowmap_dp.pcapfile import read_records
 from flowmap_dp.session import InspectorFactory, SessionDelta, SessionTable
+from flowmap_dp.threats import Watching
 
 OFFLINE_MAX_SESSIONS = 10_000_000  # bounded only to keep a hostile file from exhausting memory
 
@@ -23,6 +24,7 @@ def classify_file(path: str | Path, inspector_factory: InspectorFactory | None =
     """One dict per flow of the capture at ``path``, in order of each flow's first packet."""
     table = classify_table(path, inspector_factory)
     report = table.collect(0.0)
+    Watching().observe(report)
     return [flow_dict(d) for d in report.sessions]
 
 

@@ -109,6 +109,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="packet captures on demand: where their pcapng files go (default %(default)s)")
     p.add_argument("--capture-disk-bytes", type=int, default=Settings.capture_disk_bytes, metavar="BYTES",
                    help="the bytes all packet capture files may hold on this node (default %(default)s)")
+    p.add_argument("--threats-off", action="append", default=[], metavar="NAME[,NAME]",
+                   help="threat detections to switch off (flowmap_api.threats names)")
+    p.add_argument("--threat-limit", action="append", default=[], metavar="NAME.KEY=VALUE",
+                   help="a threat detection's threshold (see its module's docstring for the keys and defaults)")
     p.add_argument("--max-captures", type=int, default=Settings.max_captures, metavar="N",
                    help="packet captures armed or running at once on this node (default %(default)s)")
 
@@ -118,6 +122,7 @@ def run_command(args: argparse.Namespace) -> int:
     from flowmap_dp.capture import Direction, RingConfig, compile_filter
     from flowmap_dp.running import run
     from flowmap_dp.settings import Settings
+    from flowmap_dp.threats import Config
 
     try:
         bpf = compile_filter(args.filter, args.snaplen) if args.filter else None
@@ -127,7 +132,8 @@ def run_command(args: argparse.Namespace) -> int:
         settings = Settings(interfaces=tuple(args.iface), socket_path=args.socket, interval=args.interval,
                             workers=args.workers, ring=ring, max_sessions=args.max_sessions, queue_size=args.queue,
                             parser=args.parser, capture_dir=args.capture_dir,
-                            capture_disk_bytes=args.capture_disk_bytes, max_captures=args.max_captures)
+                            capture_disk_bytes=args.capture_disk_bytes, max_captures=args.max_captures,
+                            threats=Config.parse(args.threats_off, args.threat_limit))
     except (ValueError, RuntimeError, OSError) as e:
         print(f"flowmap dp run: {e}", file=sys.stderr)
         return 2

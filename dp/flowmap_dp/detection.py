@@ -11,10 +11,12 @@ before it settles. A detector that raises is a bug: it is counted and dropped, n
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
-from flowmap_dp.detectors import SCANNERS, candidates
+from flowmap_dp.detectors import candidates
 from flowmap_dp.detectors.base import STREAM_LIMIT, Detector, Flow, Threat, Verdict
+from flowmap_dp.threats import DEFAULT_SCANNERS, MAX_HITS, Bound
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +26,6 @@ NO_VERDICT = ""  # the client's words were never seen and the server's matched n
 MAX_PACKETS = 24
 # Server payload packets that wait for the client's first before detection runs on them.
 SERVER_FIRST = 4
-# Threat hits kept per session.
-MAX_THREATS = 4
 
 
 class Inspector:
@@ -33,9 +33,10 @@ class Inspector:
 
     # One per session still being inspected (thousands at a time): no per-instance dict.
     __slots__ = ("flow", "app", "metadata", "threats", "errors", "_candidates", "_matched", "_lingered", "_bytes",
-                 "_before_client", "_done")
+                 "_before_client", "_done", "_scanners", "_linger")
 
-    def __init__(self, l4: str, client_port: int, server_port: int) -> None:
+    def __init__(self, l4: str, client_port: int, server_port: int,
+                 scanners: Sequence[Bound] = DEFAULT_SCANNERS) -> None:
         self.flow = Flow(l4, client_port, server_port)
         self.app: str = UNKNOWN
         self.metadata: dict[str, Any] = {}
@@ -47,6 +48,8 @@ class Inspector:
         self._bytes = [0, 0]  # payload bytes kept: [server's, client's], indexed by from_client
         self._before_client = 0  # server payload packets read before the client's first
         self._done = False
+        self._scanners = scanners  # flowmap_dp.threats: those of the matched protocol run once it settles
+        self._linger = 0  # payload packets to linger after the match: the detector's or a scanner's, the most
 
     @property
     def done(self) -> bool:
@@ -126,6 +129,7 @@ class Inspector:
             if verdict is Verdict.MATCH:
                 self._matched = det
                 self.app = det.name
+                self._linger = max([det.linger, *(s.linger for s in self._scanners if det.name in s.apps)])
                 self._candidates = []
                 self._extract()
                 return
@@ -156,7 +160,7 @@ class Inspector:
     def _finished_lingering(self) -> bool:
         det = self._matched
         assert det is not None
-        if self._lingered >= det.linger or self.flow.packets >= MAX_PACKETS:
+        if self._lingered >= self._linger or self.flow.packets >= MAX_PACKETS:
             return True
         if det.settled is not None:
             try:
@@ -177,16 +181,17 @@ class Inspector:
             log.debug("extract of %s raised", det.name, exc_info=True)
 
     def _scan(self) -> None:
-        for scanner in SCANNERS:
-            assert scanner.scan is not None
+        for scanner in self._scanners:
+            if self.app not in scanner.apps:
+                continue
             try:
-                found = list(scanner.scan(self.flow, self.app))
+                found = list(scanner.scan(self.flow, self.app, self.metadata))
             except Exception:
                 self.errors += 1
                 log.debug("scanner %s raised", scanner.name, exc_info=True)
                 continue
             for threat in found:
-                if threat not in self.threats and len(self.threats) < MAX_THREATS:
+                if threat not in self.threats and len(self.threats) < MAX_HITS:
                     self.threats.append(threat)
 
     def _conclude(self) -> None:

@@ -42,15 +42,18 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
+from flowmap_dp import threats as threatreg
 from flowmap_dp import wire_pb2
 from flowmap_dp.capture import MAX_OVERLAY, Encapsulation, Ring, RingConfig, fanout_group, open_socket
 from flowmap_dp.demand import PacketCaptures
 from flowmap_dp.sending import Exporter
 from flowmap_dp.reporting import iter_reports
 from flowmap_dp.compiled import CompiledTable
+from flowmap_dp.detection import Inspector
 from flowmap_dp.session import Health, Report, SessionTable
 from flowmap_dp.settings import PARSERS, Settings
 
@@ -118,13 +121,15 @@ class LiveTable(Protocol):
     def count_parser_error(self) -> None: ...
 
 
-def make_table(kind: str, max_sessions: int) -> tuple[LiveTable, BlockParser]:
+def make_table(kind: str, max_sessions: int, threats: threatreg.Config = threatreg.Config()) -> tuple[LiveTable, BlockParser]:
     """A session table and its block reader: ``compiled`` (the Rust walk, decoder and table) or
-    ``per-packet`` (the Python reference it is tested against)."""
+    ``per-packet`` (the Python reference it is tested against); its inspectors run the threat
+    scanners ``threats`` leaves on, with its thresholds."""
+    factory = partial(Inspector, scanners=threatreg.bind(threats))
     if kind == "per-packet":
         from flowmap_dp.block import feed_block
 
-        table = SessionTable(max_sessions=max_sessions)
+        table = SessionTable(max_sessions=max_sessions, inspector_factory=factory)
 
         def parse(block: memoryview) -> None:
             feed_block(block, table)
@@ -132,7 +137,7 @@ def make_table(kind: str, max_sessions: int) -> tuple[LiveTable, BlockParser]:
         return table, parse
     if kind != "compiled":
         raise ValueError(f"unknown parser {kind!r}: one of {', '.join(PARSERS)}")
-    compiled = CompiledTable(max_sessions=max_sessions)
+    compiled = CompiledTable(max_sessions=max_sessions, inspector_factory=factory)
     return compiled, compiled.feed_block
 
 
@@ -155,7 +160,8 @@ class Worker:
         self.settings = settings
         self.worker = worker
         self.channel = channel  # to the supervisor (N > 1): it opens our rings
-        self.table, self.parse = make_table(settings.parser, settings.max_sessions)
+        self.table, self.parse = make_table(settings.parser, settings.max_sessions, settings.threats)
+        self.watching = threatreg.Watching(settings.threats)
         self.exporter = Exporter(settings.socket_path, queue_size=settings.queue_size,
                                  queue_sessions=settings.queue_sessions)
         self.rings: dict[str, Ring] = {}
@@ -287,6 +293,7 @@ class Worker:
             self.table.close_all("shutdown")
         # Sessions younger than a block's retire timeout wait one report (SessionTable.collect).
         rep = self.table.collect(time.time(), hold=0.0 if final else self.settings.ring.retire_timeout_ms / 1000 + 0.01)
+        self.watching.observe(rep)
         self.sequence += 1
         for r in iter_reports(rep, run_id=self.settings.run_id, worker=self.worker, workers=self.settings.workers,
                                sequence=self.sequence, start=start, health=self.health(),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from flowmap_dp import threats
 from flowmap_dp.capture import RingConfig
 
 PARSERS = ("compiled", "per-packet")  # block reader and session table: compiled, or the Python reference
@@ -39,6 +40,7 @@ class Settings:
     capture_dir: str = "/var/lib/flowmap/captures"
     capture_disk_bytes: int = 256 << 20
     max_captures: int = 4
+    threats: threats.Config = field(default_factory=threats.Config)  # detections off, thresholds changed
 
     def __post_init__(self) -> None:
         # A queue of 0 would be unbounded (queue.Queue), an interval of 0 a busy loop.

@@ -23,6 +23,7 @@ from flowmap_dp.detectors.base import Detector, Flow, Threat, Verdict
 from flowmap_dp.detectors.http import parse_request
 
 NAME = "sqlinjection"
+APPS = frozenset({"http", "mysql", "postgresql", "tds"})  # the protocols whose sessions it looks inside
 SNIPPET_LIMIT = 128
 _F = re.I | re.S
 

@@ -1,0 +1,58 @@
+"""The contract every threat detection follows (``flowmap_api.threats`` names them).
+
+Two shapes, both pure (no I/O, no clock of their own):
+
+- a **scanner** looks inside one session whose protocol a detector matched, when its inspection
+  settles: its first payloads (``Flow``, bounded), the protocol's name and the metadata the
+  detector extracted. It keeps no state: ``scan(flow, app, metadata, limits)`` returns its hits.
+- a **watch** sees every session's report, in order, one report after another, and keeps state
+  across sessions (rates per source, with hysteresis): for what one session alone cannot show
+  (a SYN flood, a scan, many failed logins). One watch object per packet loop (worker).
+
+Each has its own thresholds, ``limits``: a name per threshold, its default here, overridable
+from the dp's command line (``--threat-limit NAME.KEY=VALUE``), each documented in its module's
+docstring; and each can be switched off (``--threats-off NAME``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from flowmap_dp.detectors.base import Flow, Threat
+
+if TYPE_CHECKING:  # the session table imports the inspector, which imports the scanners
+    from flowmap_dp.session import SessionDelta
+
+Limits = Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class Scanner:
+    """A stateless look inside one settled session: see the module docstring."""
+
+    name: str  # the threat's name (flowmap_api.threats)
+    apps: frozenset[str]  # the protocols (detector names) whose sessions it looks inside
+    scan: Callable[[Flow, str, Mapping[str, Any], Limits], Sequence[Threat]]
+    limits: Limits = field(default_factory=dict)  # thresholds and their defaults
+    # Payload packets it wants the inspector to keep feeding after the protocol matched (a
+    # TLS heartbeat comes after the handshake): the inspector lingers for the most any asks.
+    linger: int = 0
+
+
+class Watch(Protocol):
+    """The state of one stateful detection in one packet loop."""
+
+    def observe(self, session: SessionDelta, now: float) -> Sequence[Threat]:
+        """One session's report (``now``: the report's time): the hits it tips over, if any."""
+        ...
+
+
+@dataclass(frozen=True)
+class Watcher:
+    """A stateful detection: ``make(limits)`` builds its state for one packet loop."""
+
+    name: str
+    make: Callable[[Limits], Watch]
+    limits: Limits = field(default_factory=dict)
