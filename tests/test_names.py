@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import yaml
 
+from flowmap_api import threats
 from flowmap_api.apps import APPLICATIONS, UNKNOWN
 from flowmap_dp.detectors import REGISTRY
 from tests.conftest import REPO
@@ -18,3 +19,12 @@ def test_detector_names_are_the_applications_of_the_api_and_the_crds() -> None:
     rule = nlp["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["rules"]
     for enum in (status["applications"]["items"]["enum"], rule["items"]["properties"]["app"]["enum"]):
         assert sorted(enum) == sorted((*APPLICATIONS, UNKNOWN))
+
+
+def test_threat_names_and_severities_are_the_api_s_in_the_crd() -> None:
+    conn = yaml.safe_load((REPO / "crds" / "flowmap.dev_connections.yaml").read_text())
+    status = conn["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+    item = status["threats"]["items"]["properties"]
+    assert item["name"]["enum"] == [*threats.NAMES, threats.UNKNOWN]
+    assert item["severity"]["enum"] == list(threats.SEVERITIES)
+    assert status["threats"]["maxItems"] >= len(threats.NAMES) + 1

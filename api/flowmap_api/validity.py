@@ -25,6 +25,7 @@ from collections import Counter
 
 from flowmap_api import report_pb2 as pb
 from flowmap_api.apps import APPLICATIONS, UNKNOWN
+from flowmap_api.text import printable
 from flowmap_api.threats import NAMES as THREATS
 from flowmap_api.threats import UNKNOWN as UNKNOWN_THREAT
 from flowmap_api.limits import (MAX_BATCH_EDGES, MAX_CAPTURE_MESSAGE, MAX_CAPTURE_STATUSES, MAX_NAMES,
@@ -179,6 +180,9 @@ def normalise_edge(edge: pb.EdgeDelta, tally: Tally) -> None:
         if len(threat.snippet) > MAX_SNIPPET:
             threat.snippet = threat.snippet[:MAX_SNIPPET]
             tally["snippet", "too_long"] += 1
+        if (shown := printable(threat.snippet, MAX_SNIPPET)) != threat.snippet:
+            threat.snippet = shown
+            tally["snippet", "unprintable"] += 1
 
 
 def normalise_names(batch: pb.ReportBatch, tally: Tally) -> None:

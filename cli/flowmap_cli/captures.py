@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from flowmap_api.text import printable
 from flowmap_operator.capturing import FINISHED, STOP_ANNOTATION
 
 GROUP, VERSION, PLURAL, KIND = "flowmap.dev", "v1alpha1", "packetcaptures", "PacketCapture"
@@ -27,17 +28,10 @@ RESULTS_GROUP = "results.flowmap.dev"  # served by the operator's aggregated API
 MAX_SHOWN = 200  # characters of one string from the cluster on the terminal
 MAX_ERROR_BODY = 64 * 1024  # bytes of an error answer read: a Status is far smaller
 
-# C0, DEL, C1, and the line and paragraph separators: any of them can move the cursor, end a line
-# or clear the screen of a terminal that shows them.
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-
 
 def clean(text: object, limit: int = MAX_SHOWN) -> str:
-    """``text`` safe for a terminal line: control characters as ``\\xNN`` (``\\uNNNN``), at most
-    ``limit`` characters (an ellipsis says it was cut)."""
-    shown = _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
-                             else f"\\u{ord(m.group()):04x}", str(text))
-    return shown if len(shown) <= limit else shown[:limit - 1] + "…"
+    """``text`` safe for a terminal line (flowmap_api.text.printable)."""
+    return printable(text, limit)
 
 
 # -- flags into a spec -------------------------------------------------------------------------------

@@ -74,6 +74,10 @@ def _dict(value: Any) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
 
 
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
 def group_node(obj: Mapping[str, Any]) -> Node:
     """A Group object as a node."""
     status, spec = _dict(obj.get("status")), _dict(obj.get("spec"))
@@ -103,7 +107,7 @@ def connection_edge(obj: Mapping[str, Any]) -> Edge:
                 ports=((min(_int(spec.get("port")), 65535), _text(spec.get("protocol"), 8) or "?"),), apps=apps,
                 action=action if action in ACTIONS else "", bytes=_int(_dict(status.get("bytes")).get("total")),
                 sessions=_int(_dict(status.get("sessions")).get("total")),
-                threats=_int(_dict(status.get("threats")).get("count")),
+                threats=sum(_int(_dict(t).get("count")) for t in _list(status.get("threats"))[:32]),
                 names=(_text(_dict(obj.get("metadata")).get("name")),))
 
 

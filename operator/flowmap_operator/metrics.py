@@ -21,6 +21,7 @@ from prometheus_client.utils import floatToGoString
 from flowmap_operator import highwater
 from flowmap_operator.highwater import EdgeTotals
 from flowmap_operator.ledger import Counters, EdgeKey
+from flowmap_operator.threats import severity
 from flowmap_operator.topology import Topology, app_label
 
 # A "_created" series beside every counter doubles /metrics for nothing Prometheus needs.
@@ -63,6 +64,8 @@ POLICY_VIOLATIONS = Counter("flowmap_policy_violations",
                             "Sessions no policy rule allows: let through (Violation) or blocked on the node (Denied).",
                             ("client_group", "client_namespace", "server_group", "server_namespace", "port",
                              "protocol", "action"), registry=REGISTRY)
+THREAT_EVENTS = Counter("flowmap_operator_threat_events", "Kubernetes Events raised on Groups for threats "
+                        "(at most one per Group and threat name every 10 minutes).", ["threat"], registry=REGISTRY)
 POLICY_EVENTS = Counter("flowmap_operator_policy_events", "Kubernetes Events raised for connections no rule allows.",
                         ("reason",), registry=REGISTRY)
 POLICY_PODS = Gauge("flowmap_operator_policy_pods", "Protected pods in the policy streamed to a node's agent.",
@@ -139,6 +142,9 @@ class BoundsCollector:
         for reason, count in sorted(dict(resolver.names.forgotten).items()):
             forgotten.add_metric((reason,), count)
         yield forgotten
+        yield CounterMetricFamily("flowmap_operator_threat_events_dropped",
+                                  "Events for threats not raised: the queue waiting for the write budget was full.",
+                                  value=topology.alerts.dropped)
 
 
 C2S, S2C = "client_to_server", "server_to_client"
@@ -287,3 +293,51 @@ TOKEN_REVIEWS = Counter("flowmap_operator_token_reviews", "TokenReviews made to 
 TOKENS_UNREVIEWED = Counter("flowmap_operator_tokens_unreviewed",
                             "Unknown tokens refused without a TokenReview: their address had too many refused lately.",
                             registry=REGISTRY)
+
+
+THREAT_LABELS = ("name", "severity", "client_group", "client_namespace", "server_group", "server_namespace", "port",
+                 "protocol")
+
+
+class ThreatCollector:
+    """``flowmap_threats_total``: each edge's threat hits by name (flowmap_operator.threats), for the
+    edges whose series the cap keeps (``EdgeCollector``'s); the others' hits summed by name under
+    "other". Only the leader exports them.
+
+    The counts are those the leader holds. It starts from the Connections' status, so a restart
+    continues them, less the hits not yet written then (Prometheus takes the step back for a reset).
+    """
+
+    def __init__(self, topology: Topology, totals: EdgeTotals, leading: Callable[[], bool] = lambda: True) -> None:
+        self.topology, self.totals, self.leading = topology, totals, leading
+
+    def describe(self) -> Iterator[Metric]:
+        yield CounterMetricFamily("flowmap_threats", THREATS_HELP, labels=THREAT_LABELS)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily("flowmap_threats", THREATS_HELP, labels=THREAT_LABELS)
+        if not self.leading():
+            yield family
+            return
+        published, groups = self.totals.published, self.topology.groups
+        other: dict[str, int] = {}
+        # A copy made in one step under the GIL: the event loop changes the map meanwhile.
+        for key, info in list(self.topology.edges.items()):
+            if not info.threats:
+                continue
+            if key not in published:
+                for name, t in list(info.threats.items()):
+                    other[name] = other.get(name, 0) + t.count
+                continue
+            client, server = groups.get(key[0]), groups.get(key[1])
+            namespaces = (client.peer.namespace if client else "", server.peer.namespace if server else "")
+            values = [label_value(v) for v in (key[0], namespaces[0], key[1], namespaces[1], str(key[2]), key[3])]
+            for name, t in list(info.threats.items()):
+                family.add_metric((name, severity(name), *values), t.count)
+        for name, count in sorted(other.items()):
+            family.add_metric((name, severity(name), *(OTHER,) * 6), count)
+        yield family
+
+
+THREATS_HELP = ("Threat hits on an edge by threat name and severity (flowmap_api.threats), as the Connection's "
+                "status.threats counts them.")

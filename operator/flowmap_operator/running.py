@@ -284,6 +284,7 @@ async def run(settings: Settings) -> None:
     # does no metrics work.
     totals = EdgeTotals(settings.metrics_series_cap)
     checkpoints = Checkpoints(core, settings.namespace, writes, totals, topology.ledger)
+    metrics.REGISTRY.register(metrics.ThreatCollector(topology, totals, leadership))
     exposition.serve(settings.metrics_listen, metrics.REGISTRY, metrics.EdgeCollector(topology, totals, leadership))
 
     registry = kopf.OperatorRegistry()

@@ -18,6 +18,7 @@ from flowmap_operator.policy.modes import MAX_EXAMPLES, Modes
 from flowmap_operator.policy.rules import DISABLE_ANNOTATION, MAX_LEARNED, Policy, PolicyKey
 from flowmap_operator.times import iso, parse_iso
 from flowmap_operator.resolution import Peer
+from flowmap_operator.threats import Tally, from_status, to_status
 from flowmap_operator.topology import EdgeInfo, GroupInfo, Topology
 
 MAX_MEMBERS = 32  # a workload Group's status.members
@@ -55,7 +56,7 @@ def connection_status(plan: FlushPlan, info: EdgeInfo) -> dict[str, Any]:
     if info.policy:
         status["policy"] = f"{info.policy[0]}/{info.policy[1]}"
     if info.threats:
-        status["threats"] = {"count": info.threats, "examples": list(info.threat_examples)}
+        status["threats"], status["threatSummary"] = to_status(info.threats)
     return status
 
 
@@ -98,7 +99,7 @@ class ConnectionRead:
     service: str = ""
     first_seen: float = 0.0
     last_seen: float = 0.0
-    threats: int = 0
+    threats: dict[str, Tally] = field(default_factory=dict)
     action: str = ""
     policy: PolicyKey | None = None
 
@@ -113,7 +114,7 @@ def read_connection(obj: Mapping[str, Any]) -> ConnectionRead:
         connection_key(obj), counters, watermarks_from_status(status), obj["metadata"]["resourceVersion"],
         obj["metadata"]["name"], list(status.get("applications") or []), status.get("service", ""),
         parse_iso(status.get("firstSeen")), parse_iso(status.get("lastSeen")),
-        int((status.get("threats") or {}).get("count", 0)), status.get("action") or "",
+        from_status(status.get("threats")), status.get("action") or "",
         (namespace, policy) if policy else None)
 
 

@@ -11,7 +11,6 @@ the Groups (``conditions``).
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +23,7 @@ from flowmap_operator.policy.modes import DENIED, LEARNED, VIOLATION, Modes
 from flowmap_operator.naming import connection_name
 from flowmap_operator.policy.rules import PolicyKey
 from flowmap_operator.resolution import EXTERNAL, Peer, Resolver
+from flowmap_operator.threats import Alerts, Tally, tally
 
 PROTOCOLS = {pb.TCP: "TCP", pb.UDP: "UDP", pb.SCTP: "SCTP", pb.ICMP: "ICMP"}
 # Watermarks one Connection may carry (the CRD's status.observers maxItems): ~7 kB at most.
@@ -41,8 +41,7 @@ class EdgeInfo:
     service: str = ""
     first_seen: float = 0.0
     last_seen: float = 0.0
-    threats: int = 0  # threat hits (best effort: a resent batch may add its hits again)
-    threat_examples: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=5))
+    threats: dict[str, Tally] = field(default_factory=dict)  # threat name -> its hits (flowmap_operator.threats)
     action: str = LEARNED  # what policy makes of it (modes.judge)
     policy: PolicyKey | None = None  # the policy whose rules decided
     active: dict[str, int] = field(default_factory=dict)  # agent -> sessions open at its last report
@@ -69,6 +68,7 @@ class GroupInfo:
     overflow: int = 0  # its edges dropped because the Connection cap is reached
     written_overflow: int = 0
     generation: int = 0  # of the object, as last seen (its spec: a user's CIDRs)
+    uid: str = ""  # of the object, as last seen: an Event names it (kubectl describe finds it by it)
     conditions: dict[str, dict[str, Any]] = field(default_factory=dict)  # as last written, by type
     written_said: tuple[tuple[str, bool, str], ...] = ()  # (type, holds, reason) of those
 
@@ -99,6 +99,7 @@ class Topology:
         self.resolver = resolver
         self.modes = modes or Modes(resolver)
         self.ledger = Ledger()
+        self.alerts = Alerts()  # the Events threats raise on Groups
         self.edges: dict[EdgeKey, EdgeInfo] = {}
         self.groups: dict[str, GroupInfo] = {}
         self.ports: dict[tuple[str, str, str], set[int]] = {}  # (client, server, protocol) -> ports
@@ -199,6 +200,7 @@ class Topology:
                                                   exists=True, user_defined=True)
         if group is not None:
             group.generation = int(meta.get("generation") or 0)
+            group.uid = str(meta.get("uid") or group.uid)
 
     def group_deleted(self, name: str) -> None:
         """A Group object was deleted. Its user's CIDR group is gone with it; a group the operator
@@ -356,8 +358,9 @@ class Topology:
                 if info.action in (VIOLATION, DENIED):
                     result.blocked.append((key, info.action, counters.sessions))
                 if threats:
-                    info.threats += len(threats)
-                    info.threat_examples.extend({"name": t.name, "snippet": t.snippet[:256]} for t in threats)
+                    names = tally(info.threats, threats, now)
+                    workloads = [p.group for p in (client, server) if p.kind == "Workload"] or [server.group]
+                    self.alerts.saw(workloads, key, names, info.threats, now)
                 if info.action != DENIED:  # what a group tried and was refused is no rule of it
                     self.modes.learn(client, server, key[2], key[3], info.apps, counters.sessions,
                                      info.first_seen, info.last_seen)

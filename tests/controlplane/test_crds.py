@@ -53,16 +53,29 @@ def test_connection_prints_the_map_columns(controlplane: ControlPlane) -> None:
                          "bytes": {"clientToServer": 1200, "serverToClient": 34000, "total": 35200},
                          "packets": {"clientToServer": 12, "serverToClient": 30},
                          "sessions": {"total": 7, "active": 1},
+                         "threats": [{"name": "heartbleed", "severity": "Critical", "count": 1,
+                                      "firstSeen": "2026-11-21T10:01:00Z", "lastSeen": "2026-11-21T10:01:00Z"},
+                                     {"name": "sqlinjection", "severity": "High", "count": 3,
+                                      "example": "id=1' OR '1'='1"}],
+                         "threatSummary": "heartbleed,sqlinjection",
                          "firstSeen": "2026-11-21T10:00:00Z", "lastSeen": "2026-11-21T10:05:00Z"}}
     controlplane.kubectl("patch", "connection", "shop.web-shop.api-8080-tcp", "--subresource=status",
                          "--type=merge", "-p", json.dumps(status))
     # (The control plane is the session's: other tests' Connections may be listed too.)
     out = controlplane.kubectl("get", "connection", "shop.web-shop.api-8080-tcp").stdout.splitlines()
     assert columns(out[0]) == ["NAME", "CLIENT", "SERVER", "PORT", "PROTOCOL", "APP", "ACTION", "BYTES",
-                               "SESSIONS", "LAST-SEEN", "AGE"]
+                               "SESSIONS", "THREATS", "LAST-SEEN", "AGE"]
     row = columns(out[1])
-    assert row[:9] == ["shop.web-shop.api-8080-tcp", "shop.web", "shop.api", "8080", "TCP", "http", "Learned",
-                       "35200", "7"]
+    assert row[:10] == ["shop.web-shop.api-8080-tcp", "shop.web", "shop.api", "8080", "TCP", "http", "Learned",
+                        "35200", "7", "heartbleed,sqlinjection"]
+    # A threat the schema does not know, or a severity it does not, is refused naming the field.
+    for bad, field in (({"name": "evil", "severity": "High", "count": 1}, "status.threats[0].name"),
+                       ({"name": "heartbleed", "severity": "Severe", "count": 1}, "status.threats[0].severity"),
+                       ({"name": "heartbleed", "severity": "High", "count": 1, "example": "x" * 257},
+                        "status.threats[0].example")):
+        refused = controlplane.kubectl("patch", "connection", "shop.web-shop.api-8080-tcp", "--subresource=status",
+                                       "--type=merge", "-p", json.dumps({"status": {"threats": [bad]}}), check=False)
+        assert refused.returncode != 0 and field in refused.stderr, refused.stderr
     # The short name works too, and a plain update cannot touch status (subresource only).
     assert "shop.web-shop.api-8080-tcp" in controlplane.kubectl("get", "conn").stdout
     apply(controlplane, CONNECTION.replace("spec:", "status: {action: Denied}\nspec:"))

@@ -76,7 +76,8 @@ def test_special_groups_sit_outside_the_namespaces_and_port_zero_means_any() -> 
                    conn("shop.web", "external", 0, app="unknown", action="Learned"),
                    conn("shop.web", "corporate-vpn", 0, "ICMP"),
                    conn("shop.web", "api.stripe.com", 443, app="tls", action="Violation",
-                        threats={"count": 2})]
+                        threats=[{"name": "deprecated-tls", "severity": "Medium", "count": 1},
+                                 {"name": "sqlinjection", "severity": "High", "count": 1}, "junk"])]
     d = read(draw(groups, connections))
     assert d.clusters == {"cluster_ns/shop": ["shop.web"],
                           "cluster_outside": ["api.stripe.com", "corporate-vpn", "external"]}

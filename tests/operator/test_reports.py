@@ -113,3 +113,63 @@ def test_edge_counters_are_the_connections_and_survive_a_restart(cluster: Cluste
     operator.start().wait_leading()
     assert exported() == {}
     wait_for(lambda: exported() == want, what="the series to be the Connection's totals after the restart")
+
+
+def test_threats_show_on_the_connection_in_its_column_as_events_and_in_metrics(cluster: Cluster,
+                                                                                 operator: Operator) -> None:
+    a = agent(cluster, operator, "node-a", "agent-a", f"threats-{time.monotonic_ns()}")
+    now = time.time()
+    hits = [pb.ThreatHit(name="auth-brute-force", snippet="28P01 x40 in 10s \x1b[2J", time_unix_ms=int(now * 1000)),
+            pb.ThreatHit(name="heartbleed", snippet="claims 16384, holds 3", time_unix_ms=int(now * 1000))]
+    delta = edge(WEB, 40000, REDIS, 6390, apps=("redis",), when=now)
+    delta.threats.extend(hits)
+    a.batch([delta])
+    again = edge(WEB, 40001, REDIS, 6390, apps=("redis",), when=now + 1)
+    again.threats.append(pb.ThreatHit(name="auth-brute-force", snippet="", time_unix_ms=int((now + 1) * 1000)))
+    a.batch([again])
+    a.flush()
+    name = "shop.web-shop.redis-6390-tcp"
+
+    def threats() -> list[dict[str, Any]]:
+        return ((connection(cluster, name) or {}).get("status") or {}).get("threats") or []
+
+    listed = wait_for(lambda: [t for t in threats() if t["name"] == "auth-brute-force" and t["count"] == 2] and threats(),
+                      what="the threats on the Connection")
+    assert [(t["name"], t["severity"], t["count"]) for t in listed] == [("heartbleed", "Critical", 1),
+                                                                         ("auth-brute-force", "High", 2)]
+    # The example came from a packet: its escape sequence is shown, never played.
+    assert listed[1]["example"] == "28P01 x40 in 10s \\x1b[2J"
+    rows = [re.split(r"\s{2,}", line) for line in cluster.plane.kubectl("get", "connections", name).stdout.splitlines()]
+    assert rows[0][9] == "THREATS" and rows[1][9] == "heartbleed,auth-brute-force"
+
+    # One Event per Group and threat: on both workloads' Groups, found by kubectl describe.
+    def events(group: str) -> list[dict[str, Any]]:
+        items = json.loads(cluster.plane.kubectl("get", "events", "-n", "default", "-o", "json").stdout)["items"]
+        return [e for e in items if e["involvedObject"].get("kind") == "Group" and e["involvedObject"]["name"] == group]
+
+    for group in ("shop.web", "shop.redis"):
+        raised = wait_for(lambda: len(events(group)) >= 2 and events(group), what=f"the Events on {group}")
+        assert sorted(e["message"].split(" ", 1)[0] for e in raised) == ["auth-brute-force", "heartbleed"]
+        assert all(e["reason"] == "Threat" and e["type"] == "Warning" for e in raised)
+    uid = json.loads(cluster.plane.kubectl("get", "group", "shop.redis", "-o", "json").stdout)["metadata"]["uid"]
+    assert {e["involvedObject"]["uid"] for e in events("shop.redis")} == {uid}
+    assert "heartbleed (Critical): shop.web -> shop.redis 6390/TCP" in \
+        cluster.plane.kubectl("describe", "group", "shop.redis").stdout
+
+    def exported() -> dict[str, float]:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{operator.metrics_port}/metrics", timeout=5).read().decode()
+        return {s.labels["name"]: s.value for family in text_string_to_metric_families(text)
+                for s in family.samples if s.name == "flowmap_threats_total" and s.labels["server_group"] == "shop.redis"
+                and s.labels["port"] == "6390"}
+
+    wait_for(lambda: exported() == {"heartbleed": 1, "auth-brute-force": 2}, what="flowmap_threats_total")
+    # A restarted operator reads the tallies back from the Connection and goes on from there.
+    operator.stop()
+    operator.start().wait_leading()
+    a = agent(cluster, operator, "node-a", "agent-a", f"threats-{time.monotonic_ns()}")
+    more = edge(WEB, 40002, REDIS, 6390, apps=("redis",))
+    more.threats.append(pb.ThreatHit(name="heartbleed", snippet="claims 65535, holds 3"))
+    a.batch([more])
+    a.flush()
+    wait_for(lambda: exported() == {"heartbleed": 2, "auth-brute-force": 2}, what="the counts after a restart")
+    assert [(t["name"], t["count"]) for t in threats()] == [("heartbleed", 2), ("auth-brute-force", 2)]

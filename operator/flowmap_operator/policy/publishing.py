@@ -3,7 +3,8 @@ write budget, and each node's compiled policy streamed to its agent.
 
 A policy's status is written at once when its selection or conditions change, otherwise (new
 evidence for learned rules, what Protect would block) at most every ``status_interval``. Events
-are raised once per connection that turns Violation or Denied, at most ``events_per_second``.
+are raised once per connection that turns Violation or Denied, and for threats on the Groups of
+their workloads (flowmap_operator.threats.Alerts), together at most ``events_per_second``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from flowmap_operator.policy.rules import PolicyKey
 from flowmap_operator.times import iso
 from flowmap_operator.status import policy_status
 from flowmap_operator.streaming import NodeStreams
+from flowmap_operator.threats import Alert
 from flowmap_operator.writing import Writer
 
 log = logging.getLogger("flowmap.operator.policing")
@@ -109,9 +111,13 @@ class PolicyWriter:
             status = policy_status(self.modes, key, now, agents=agents, watching=watching, lossy=lossy)
             self.modes.policies[key].conditions = {c["type"]: c for c in status["conditions"]}
             written += await self.writer.guard(self._patch(key, status))
-        while self.modes.events and time.monotonic() < deadline and time.monotonic() >= self._event_at:
-            policy, reason, message = self.modes.events.popleft()
-            written += await self.writer.guard(self._event(policy, reason, message))
+        alerts = self.writer.topology.alerts.queue
+        while (self.modes.events or alerts) and time.monotonic() < deadline and time.monotonic() >= self._event_at:
+            if self.modes.events:
+                policy, reason, message = self.modes.events.popleft()
+                written += await self.writer.guard(self._policy_event(policy, reason, message))
+            else:
+                written += await self.writer.guard(self._threat_event(alerts.popleft()))
             self._event_at = time.monotonic() + 1.0 / self.events_per_second
         return written
 
@@ -128,18 +134,29 @@ class PolicyWriter:
         self.written[key] = time.time()
         return True
 
-    async def _event(self, key: PolicyKey, reason: str, message: str) -> bool:
+    async def _policy_event(self, key: PolicyKey, reason: str, message: str) -> bool:
         namespace, name = key
+        uid = policy.uid if (policy := self.modes.policies.get(key)) else ""
+        await self._event(namespace, {"kind": "NetworkLearningPolicy", "namespace": namespace, "name": name, "uid": uid},
+                          reason, message)
+        metrics.POLICY_EVENTS.labels(reason).inc()
+        return True
+
+    async def _threat_event(self, alert: Alert) -> bool:
+        # A Group is cluster-scoped: its Events live in "default", as a Node's do.
+        group = self.writer.topology.groups.get(alert.group)
+        await self._event("default", {"kind": "Group", "name": alert.group, "uid": group.uid if group else ""},
+                          "Threat", alert.message)
+        metrics.THREAT_EVENTS.labels(alert.name).inc()
+        return True
+
+    async def _event(self, namespace: str, involved: dict[str, str], reason: str, message: str) -> None:
         now = iso(time.time())
         body = {"apiVersion": "v1", "kind": "Event",
-                "metadata": {"generateName": f"{name}.", "namespace": namespace},
-                "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": "NetworkLearningPolicy",
-                                   "namespace": namespace, "name": name,
-                                   "uid": policy.uid if (policy := self.modes.policies.get(key)) else ""},
+                "metadata": {"generateName": f"{involved['name'][:200]}.", "namespace": namespace},
+                "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", **involved},
                 "type": "Warning", "reason": reason, "message": message[:1024], "count": 1,
                 "firstTimestamp": now, "lastTimestamp": now, "source": {"component": "flowmap-operator"},
                 "reportingComponent": "flowmap.dev/operator", "reportingInstance": self.identity[:128]}
         # The client takes a plain dict for body; its stub says CoreV1Event.
         await self.writer.write("event", "create", self.core.create_namespaced_event(namespace, body))  # type: ignore[arg-type]
-        metrics.POLICY_EVENTS.labels(reason).inc()
-        return True
