@@ -24,7 +24,7 @@ def classify_file(path: str | Path, inspector_factory: InspectorFactory | None =
     """One dict per flow of the capture at ``path``, in order of each flow's first packet."""
     table = classify_table(path, inspector_factory)
     report = table.collect(0.0)
-    Watching().observe(report)
+    Watching().observe(report.time, report.sessions)
     return [flow_dict(d) for d in report.sessions]
 
 

@@ -293,7 +293,7 @@ class Worker:
             self.table.close_all("shutdown")
         # Sessions younger than a block's retire timeout wait one report (SessionTable.collect).
         rep = self.table.collect(time.time(), hold=0.0 if final else self.settings.ring.retire_timeout_ms / 1000 + 0.01)
-        self.watching.observe(rep)
+        self.watching.observe(rep.time, rep.sessions)
         self.sequence += 1
         for r in iter_reports(rep, run_id=self.settings.run_id, worker=self.worker, workers=self.settings.workers,
                                sequence=self.sequence, start=start, health=self.health(),

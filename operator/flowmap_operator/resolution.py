@@ -81,6 +81,7 @@ class _Service:
     ips: tuple[str, ...]
     ports: dict[tuple[int, str], str]  # (port, protocol) -> port name
     slices: dict[str, dict[str, Any]] = field(default_factory=dict)  # slice name -> {pods, ports}
+    external: tuple[str, ...] = ()  # spec.externalIPs: every node's kube-proxy sends them to the Service
 
 
 def workload_of(pod: Body, jobs: Mapping[tuple[str, str], str]) -> tuple[str, str]:
@@ -107,8 +108,10 @@ def group_name(namespace: str, workload: str) -> str:
 
 class Resolver:
     def __init__(self, grace: float = 300.0, wait: float = 15.0, *, max_names: int = 100_000,
-                 max_cidr_groups: int = 1000) -> None:
+                 max_cidr_groups: int = 1000, external_ip_cidrs: Iterable[str] = ()) -> None:
         self.grace = grace
+        # Where a Service's externalIPs may legitimately be (besides the nodes' own addresses).
+        self.external_ip_cidrs = [ipaddress.ip_network(c, strict=False) for c in external_ip_cidrs]
         self.wait = wait  # how long an unknown address inside a node's pod range is waited for
         self.max_cidr_groups = max_cidr_groups  # beyond, the groups created last are not used
         self._pods: dict[str, list[_Span]] = {}  # ip -> spans, oldest first
@@ -124,6 +127,7 @@ class Resolver:
         self._unknown: dict[str, tuple[float, float]] = {}  # ip -> (first, last) asked about while not known
         self._services: dict[tuple[str, str], _Service] = {}
         self._cluster_ips: dict[str, tuple[str, str]] = {}
+        self._external_ips: dict[str, tuple[str, str]] = {}  # a Service's spec.externalIPs -> the Service
         self._cidrs: dict[str, list[Network]] = {}  # CIDR group -> its spec.cidrs
         self._spans: dict[str, list[Span]] = {}  # the same, as integers for the table
         self._cidr_created: dict[str, float] = {}  # CIDR group -> its creationTimestamp: the oldest are used
@@ -280,16 +284,37 @@ class Resolver:
         self.service_gone(*key)
         ips = tuple(ip for ip in spec.get("clusterIPs") or [spec.get("clusterIP")] if ip and ip != "None")
         ports = {(int(p.get("port", 0)), p.get("protocol", "TCP")): p.get("name", "") for p in spec.get("ports") or []}
+        external = tuple(ip for ip in spec.get("externalIPs") or [] if isinstance(ip, str))
         old = self._services.get(key)
-        self._services[key] = _Service(key[0], key[1], ips, ports, old.slices if old else {})
+        self._services[key] = _Service(key[0], key[1], ips, ports, old.slices if old else {}, external)
         for ip in ips:
             self._cluster_ips[ip] = key
+        for ip in external:
+            self._external_ips[ip] = key
 
     def service_gone(self, namespace: str, name: str) -> None:
         svc = self._services.get((namespace, name))
         if svc:
             for ip in svc.ips:
                 self._cluster_ips.pop(ip, None)
+            for ip in svc.external:
+                if self._external_ips.get(ip) == (namespace, name):
+                    del self._external_ips[ip]
+
+    def intercepting(self, ip: str) -> str:
+        """The Service ("namespace/name") whose externalIPs take ``ip`` into the cluster when ``ip`` is
+        no node's address and outside ``external_ip_cidrs`` (CVE-2020-8554: anyone who may create a
+        Service can claim any address, and every pod's traffic to it goes to the Service's pods); else ""."""
+        key = self._external_ips.get(ip)
+        if key is None or self.node_at(ip):
+            return ""
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return ""
+        if any(address in net for net in self.external_ip_cidrs):
+            return ""
+        return f"{key[0]}/{key[1]}"
 
     def slice_seen(self, eps: Body) -> None:
         meta = eps.get("metadata", {})
@@ -444,8 +469,9 @@ class Resolver:
         return Peer(EXTERNAL, "External", member=ip)
 
     def resolve_service(self, ip: str, port: int, protocol: str, when: float) -> tuple[Peer, int, str] | None:
-        """For a ClusterIP: the workload behind the Service, its target port, and "namespace/name"."""
-        key = self._cluster_ips.get(ip)
+        """For a ClusterIP or an externalIP: the workload behind the Service, its target port, and
+        "namespace/name"."""
+        key = self._cluster_ips.get(ip) or self._external_ips.get(ip)
         if key is None:
             return None
         svc = self._services[key]

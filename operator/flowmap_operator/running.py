@@ -228,7 +228,7 @@ async def run(settings: Settings) -> None:
     custom, core = client.CustomObjectsApi(api_client), client.CoreV1Api(api_client)
 
     resolver = Resolver(wait=settings.unknown_address_wait, max_names=settings.max_dns_names,
-                        max_cidr_groups=settings.max_cidr_groups)
+                        max_cidr_groups=settings.max_cidr_groups, external_ip_cidrs=settings.external_ip_cidrs)
     modes = Modes(resolver, default_mode=settings.default_mode, enforcement_disabled=settings.enforcement_disabled,
                   system_namespaces=("kube-system", settings.dns_namespace, settings.namespace),
                   dns=(settings.dns_namespace, dict(kv.split("=", 1) for kv in settings.dns_labels)))

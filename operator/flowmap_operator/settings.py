@@ -9,6 +9,7 @@ listen on; ``tests/test_settings.py`` checks every field. Read, typed and bounde
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, Self
@@ -76,10 +77,20 @@ class Settings:
     # addresses whose DNS name is kept (each until its TTL and the grace pass; beyond: the soonest to expire go).
     max_cidr_groups: int = 1000
     max_fqdn_groups: int = 1000
+    # Where a Service's spec.externalIPs may legitimately be, besides the nodes' own addresses: an
+    # edge to any other externalIP carries the threat external-ip-mitm (CVE-2020-8554).
+    external_ip_cidrs: tuple[str, ...] = ()
     max_dns_names: int = 100_000
     # PacketCaptures of one namespace that run at once (armed ones included); the others wait,
     # Pending with reason NamespaceCaptureLimit (flowmap_operator.capturing).
     max_captures_per_namespace: int = setting(4, at_least=1)
+
+    def __post_init__(self) -> None:
+        for cidr in self.external_ip_cidrs:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"FLOWMAP_OPERATOR_EXTERNAL_IP_CIDRS: {cidr!r} is not a CIDR") from None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Self:

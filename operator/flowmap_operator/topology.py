@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flowmap_api import report_pb2 as pb
+from flowmap_api.validity import MAX_SNIPPET, MAX_THREATS
 from flowmap_operator.conditions import Said
 from flowmap_operator.errors import Crowded
 from flowmap_operator.ledger import Counters, EdgeKey, Ledger
@@ -30,6 +31,7 @@ PROTOCOLS = {pb.TCP: "TCP", pb.UDP: "UDP", pb.SCTP: "SCTP", pb.ICMP: "ICMP"}
 MAX_OBSERVERS = 128
 
 THREAT = "Threat"  # an edge whose sessions carried a threat hit: an event, as Violation and Denied are
+EXTERNAL_IP_MITM = "external-ip-mitm"  # flowmap_api.threats: the operator finds this one (Resolver.intercepting)
 
 
 @dataclass
@@ -394,6 +396,10 @@ class Topology:
         via = self.resolver.resolve_service(server_ip, server_end.port, protocol, when)
         if via:
             server, port, service = via
+            if (claimed := self.resolver.intercepting(server_ip)) and len(delta.threats) < MAX_THREATS:
+                delta.threats.append(pb.ThreatHit(
+                    name=EXTERNAL_IP_MITM, time_unix_ms=delta.last_seen_unix_ms,
+                    snippet=f"{server_ip}:{server_end.port} is an externalIP of Service {claimed}"[:MAX_SNIPPET]))
         else:
             server = self.resolver.resolve_endpoint(server_ip, when, node, server_local, server_end.pod, now)
             port, service = server_end.port, ""

@@ -14,8 +14,8 @@ from flowmap_dp import threats
 from flowmap_dp.detection import Inspector
 from flowmap_dp.detectors import NAMES as PROTOCOLS
 from flowmap_dp.detectors.base import Flow, Threat
-from flowmap_dp.session import Report, SessionDelta
-from flowmap_dp.threats import Bound, Config, Scanner, Watcher, Watching
+from flowmap_dp.session import SessionDelta
+from flowmap_dp.threats import Bound, Config, Scanner, Seen, Watcher, Watching
 
 
 def test_every_dp_name_is_a_known_threat_found_by_the_dp() -> None:
@@ -104,7 +104,7 @@ def test_watching_adds_hits_to_the_session_that_tipped_them_bounded(monkeypatch:
         def __init__(self, limits: Mapping[str, float]) -> None:
             self.seen, self.at = 0, limits["at"]
 
-        def observe(self, session: SessionDelta, now: float) -> Sequence[Threat]:
+        def observe(self, session: Seen, now: float) -> Sequence[Threat]:
             if session.server_port == 666:
                 raise RuntimeError("bug")
             self.seen += 1
@@ -113,10 +113,10 @@ def test_watching_adds_hits_to_the_session_that_tipped_them_bounded(monkeypatch:
     monkeypatch.setattr(threats, "WATCHERS", (Watcher("port-scan", Count, {"at": 2.0}),))
     sessions = [_delta(), _delta(server_port=666), _delta(client_port=40001)]
     watching = Watching()
-    watching.observe(Report(5.0, sessions, None))  # type: ignore[arg-type]
+    watching.observe(5.0, sessions)
     assert watching.errors == 1
     assert [len(s.threats) for s in sessions] == [0, 0, threats.MAX_HITS]
     off = Watching(Config.parse(["port-scan"]))
     more = [_delta(), _delta()]
-    off.observe(Report(6.0, more, None))  # type: ignore[arg-type]
+    off.observe(6.0, more)
     assert [s.threats for s in more] == [[], []]

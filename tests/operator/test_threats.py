@@ -4,7 +4,12 @@ status list most severe first, read back as written, and Events bounded per Grou
 from __future__ import annotations
 
 from flowmap_api import report_pb2 as pb
+from flowmap_operator.policy.modes import Modes
+from flowmap_operator.resolution import Resolver
 from flowmap_operator.threats import MAX_SUMMARY, Alerts, Tally, from_status, ordered, tally, to_status
+from flowmap_operator.topology import Topology
+from tests.operator.harness import edge
+from tests.operator.test_modes import NOW, WEB, cluster
 
 EDGE = ("shop.web", "shop.db", 5432, "TCP")
 
@@ -66,3 +71,28 @@ def test_the_event_queue_is_bounded_and_counts_what_it_drops() -> None:
     alerts.queue.clear()
     alerts.saw(["g4"], EDGE, ["syn-flood"], tallies, 20.0)  # dropped, so not in cooldown: raised when there is room
     assert [a.group for a in alerts.queue] == ["g4"]
+
+
+def test_an_edge_to_a_service_external_ip_that_no_node_holds_is_external_ip_mitm() -> None:
+    r = cluster()
+    r.agent_nodes.update({"node-a", "node-b"})
+    r.service_seen({"metadata": {"namespace": "shop", "name": "evil-dns"},
+                    "spec": {"clusterIP": "10.96.0.99", "externalIPs": ["8.8.8.8", "172.18.0.3"],
+                             "ports": [{"name": "dns", "port": 53, "protocol": "UDP"}]}})
+    r.slice_seen({"metadata": {"namespace": "shop", "name": "evil-dns-x", "labels": {"kubernetes.io/service-name":
+                                                                                  "evil-dns"}},
+                  "endpoints": [{"targetRef": {"kind": "Pod", "name": "db-0"}}],
+                  "ports": [{"name": "dns", "port": 5353, "protocol": "UDP"}]})
+    topo = Topology(r, max_connections=100, max_ports=20, modes=Modes(r))
+    hijacked = edge(WEB, 40000, "8.8.8.8", 53, proto=pb.UDP, apps=("dns",))
+    to_a_node = edge(WEB, 40001, "172.18.0.3", 53, proto=pb.UDP, apps=("dns",))  # a node's own: the usual use
+    topo.ingest(pb.ReportBatch(agent_id="a/1", node="node-a", sequence=1, edges=[hijacked, to_a_node]), NOW)
+    # The traffic lands on the Service's pods: the edge is theirs, and says why.
+    hit = topo.edges[("shop.web", "shop.db", 5353, "UDP")].threats
+    assert list(hit) == ["external-ip-mitm"] and hit["external-ip-mitm"].count == 1
+    assert hit["external-ip-mitm"].example == "8.8.8.8:53 is an externalIP of Service shop/evil-dns"
+    allowed = Resolver(external_ip_cidrs=["8.8.8.0/24"])
+    allowed.service_seen({"metadata": {"namespace": "shop", "name": "evil-dns"}, "spec": {"externalIPs": ["8.8.8.8"]}})
+    assert allowed.intercepting("8.8.8.8") == "" and r.intercepting("8.8.8.8") == "shop/evil-dns"
+    r.service_gone("shop", "evil-dns")
+    assert r.intercepting("8.8.8.8") == "" and r.resolve_service("8.8.8.8", 53, "UDP", NOW) is None

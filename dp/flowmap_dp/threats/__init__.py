@@ -12,14 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flowmap_dp.detectors import sqlinjection
 from flowmap_dp.detectors.base import Flow, Threat
-from flowmap_dp.threats.base import Limits, Scanner, Watch, Watcher
-
-if TYPE_CHECKING:
-    from flowmap_dp.session import Report
+from flowmap_dp.threats.base import Limits, Scanner, Seen, Watch, Watcher
 
 
 
@@ -119,11 +116,11 @@ class Watching:
                                                    for w in WATCHERS if config.on(w.name)]
         self.errors = 0
 
-    def observe(self, report: Report) -> None:
+    def observe(self, now: float, sessions: Iterable[Seen]) -> None:
+        """One report of the session table: its time and its sessions."""
         if not self._watches:
             return
-        now = report.time
-        for s in report.sessions:
+        for s in sessions:
             for _name, watch in self._watches:
                 try:
                     hits: Sequence[Threat] = watch.observe(s, now)
@@ -135,5 +132,5 @@ class Watching:
                         s.threats.append(hit)
 
 
-__all__ = ["Config", "Bound", "Scanner", "Watch", "Watcher", "Watching", "SCANNERS", "WATCHERS", "MAX_HITS",
-           "bind", "DEFAULT_SCANNERS"]
+__all__ = ["Config", "Bound", "Scanner", "Seen", "Watch", "Watcher", "Watching", "SCANNERS", "WATCHERS",
+           "MAX_HITS", "bind", "DEFAULT_SCANNERS"]

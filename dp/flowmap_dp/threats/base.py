@@ -18,12 +18,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from flowmap_dp.detectors.base import Flow, Threat
-
-if TYPE_CHECKING:  # the session table imports the inspector, which imports the scanners
-    from flowmap_dp.session import SessionDelta
 
 Limits = Mapping[str, float]
 
@@ -41,10 +38,37 @@ class Scanner:
     linger: int = 0
 
 
+class Seen(Protocol):
+    """What a watch is shown of one session in one report: ``session.SessionDelta`` is one (the
+    session table sits above the threats, which know it by this shape only)."""
+
+    l4: str
+    proto: int
+    client: bytes  # the address, 4 or 16 bytes
+    client_port: int
+    server: bytes
+    server_port: int
+    first_seen: float
+    last_seen: float
+    new: bool  # first report of the session
+    opened: bool  # its opening was seen since the previous report
+    closed: bool
+    end_reason: str
+    state: str
+    app: str
+    app_decided: bool
+    packets_c2s: int
+    packets_s2c: int
+    bytes_c2s: int
+    bytes_s2c: int
+    metadata: Mapping[str, Any] | None
+    threats: list[Threat]
+
+
 class Watch(Protocol):
     """The state of one stateful detection in one packet loop."""
 
-    def observe(self, session: SessionDelta, now: float) -> Sequence[Threat]:
+    def observe(self, session: Seen, now: float) -> Sequence[Threat]:
         """One session's report (``now``: the report's time): the hits it tips over, if any."""
         ...
 
