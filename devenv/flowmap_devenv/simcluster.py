@@ -315,8 +315,8 @@ table ip kube-proxy {{
         bin_dir = postgres_bin()
         subprocess.run(["runuser", "-u", "postgres", "--", str(bin_dir / "initdb"), "-D", str(data), "-U", "shop",
                         "--auth=trust", "--no-sync"], check=True, capture_output=True)
-        with open(data / "pg_hba.conf", "a") as hba:  # the shop's pods may connect
-            hba.write("host all shop 10.244.0.0/16 trust\n")
+        with open(data / "pg_hba.conf", "a") as hba:  # the shop's pods may connect; anyone else needs a password
+            hba.write("host all shop 10.244.0.0/16 trust\nhost all all 10.244.0.0/16 scram-sha-256\n")
         self.spawn("postgres", POSTGRES, ["runuser", "-u", "postgres", "--", str(bin_dir / "postgres"), "-D", str(data),
                                           "-c", f"listen_addresses={POSTGRES.ip}", "-c", f"unix_socket_directories={data}",
                                           "-c", "fsync=off"])

@@ -24,7 +24,8 @@ import yaml
 
 from flowmap_devenv.controlplane import REPO
 from flowmap_devenv.prometheus import SCRAPE_INTERVAL, Prometheus
-from flowmap_devenv.simcluster import API, WEB, WORKER, SimCluster
+from flowmap_devenv.simcluster import API, POSTGRES, WEB, WORKER, SimCluster
+from flowmap_operator.naming import connection_name
 from tests.conftest import need
 from tests.e2e.test_simcluster import EDGES, busy_shop, counted, health, settled, sim  # noqa: F401 - sim: a fixture
 
@@ -260,3 +261,38 @@ def test_every_dashboard_query_evaluates_and_the_map_has_data(prom: Prometheus,
     assert {(s["metric"]["client_group"], s["metric"]["server_group"]) for s in edges} == {
         (e[0], e[1]) for e in EDGES.values()}
     assert all(s["metric"]["id"] and s["metric"]["server_group"] in ids for s in edges)
+
+
+def test_a_password_guesser_shows_on_its_connection_as_events_and_in_promql(
+        sim: SimCluster, prom: Prometheus, shop: dict[str, tuple[int, int]]) -> None:  # noqa: F811
+    """A real psql in the worker's pod guesses passwords of the real PostgreSQL, which refuses each
+    (SQLSTATE 28P01): the dp's auth-brute-force shows on the Connection, as Events on both Groups,
+    and in PromQL with the Connection's count. Last in the module: it adds an edge to the shop's."""
+    guesses = 40
+    script = (f"for i in $(seq {guesses}); do PGPASSWORD=guess$i psql -h {POSTGRES.ip} -U admin -d postgres -w "
+              f"-XAtqc 'select 1' 2>&1 | grep -c 'password authentication failed' || true; done")
+    guesser = sim.spawn("guesser", WORKER, ["bash", "-c", script])
+    assert guesser.popen.wait(120) == 0
+    refused = guesser.log.read_text().split()
+    assert refused == ["1"] * guesses, refused  # each guess was refused for its password, by the server
+    name = connection_name("shop.worker", "shop.postgres", 5432, "TCP")
+
+    def brute_force() -> dict[str, Any] | None:
+        proc = sim.plane.kubectl("get", "connection", name, "-o", "json", check=False)
+        listed = json.loads(proc.stdout).get("status", {}).get("threats", []) if proc.returncode == 0 else []
+        return next((t for t in listed if t["name"] == "auth-brute-force"), None)
+
+    end = time.monotonic() + 60
+    while (threat := brute_force()) is None:
+        assert time.monotonic() < end, "no auth-brute-force on the Connection"
+        time.sleep(0.5)
+    assert threat["severity"] == "High" and threat["count"] >= 1 and "28P01" in threat.get("example", "")
+    events = json.loads(sim.plane.kubectl("get", "events", "-n", "default", "-o", "json").stdout)["items"]
+    on = {e["involvedObject"]["name"] for e in events
+          if e["reason"] == "Threat" and e["message"].startswith("auth-brute-force (High): shop.worker -> shop.postgres")}
+    assert on == {"shop.worker", "shop.postgres"}, on
+    selector = 'name="auth-brute-force", client_group="shop.worker", server_group="shop.postgres", port="5432"'
+    end = time.monotonic() + 60
+    while [float(s["value"][1]) for s in prom.query(f"flowmap_threats_total{{{selector}}}")] != [threat["count"]]:
+        assert time.monotonic() < end, prom.query(f"flowmap_threats_total{{{selector}}}")
+        time.sleep(0.5)
