@@ -127,3 +127,14 @@ def test_the_operator_takes_no_more_edges_than_the_contract_says() -> None:
     assert Settings().max_batch_edges == MAX_BATCH_EDGES
     with pytest.raises(ValueError, match="MAX_BATCH_EDGES"):
         Settings.from_env({"FLOWMAP_OPERATOR_MAX_BATCH_EDGES": str(MAX_BATCH_EDGES + 1)})
+
+
+def test_threat_snippets_are_shown_escaped_and_unknown_threat_names_counted() -> None:
+    b = batch(edge(threats=[pb.ThreatHit(name="heartbleed", snippet="GET /\x1b[2J\r\nX-\u2028: \x00" + "y" * 300),
+                            pb.ThreatHit(name="newer-threat", snippet="ok")]))
+    assert validate(b, max_edges=10) == {("snippet", "too_long"): 1, ("snippet", "unprintable"): 1,
+                                         ("threat_name", "unknown"): 1}
+    first, second = b.edges[0].threats
+    assert first.snippet.startswith("GET /\\x1b[2J\\x0d\\x0aX-\\u2028: \\x00yyy") and len(first.snippet) == 256
+    assert first.snippet.endswith("…") and (second.name, second.snippet) == ("unknown", "ok")
+    assert validate(b, max_edges=10) == {}  # normalised once is normalised
