@@ -33,7 +33,7 @@ class Inspector:
 
     # One per session still being inspected (thousands at a time): no per-instance dict.
     __slots__ = ("flow", "app", "metadata", "threats", "errors", "_candidates", "_matched", "_lingered", "_bytes",
-                 "_before_client", "_done", "_scanners", "_linger")
+                 "_before_client", "_done", "_scanners", "_linger", "_scanner_linger")
 
     def __init__(self, l4: str, client_port: int, server_port: int,
                  scanners: Sequence[Bound] = DEFAULT_SCANNERS) -> None:
@@ -50,6 +50,7 @@ class Inspector:
         self._done = False
         self._scanners = scanners  # flowmap_dp.threats: those of the matched protocol run once it settles
         self._linger = 0  # payload packets to linger after the match: the detector's or a scanner's, the most
+        self._scanner_linger = 0  # the most a scanner of the matched protocol asks: the detector's settled waits
 
     @property
     def done(self) -> bool:
@@ -129,7 +130,8 @@ class Inspector:
             if verdict is Verdict.MATCH:
                 self._matched = det
                 self.app = det.name
-                self._linger = max([det.linger, *(s.linger for s in self._scanners if det.name in s.apps)])
+                self._scanner_linger = max([0, *(s.linger for s in self._scanners if det.name in s.apps)])
+                self._linger = max(det.linger, self._scanner_linger)
                 self._candidates = []
                 self._extract()
                 return
@@ -162,7 +164,9 @@ class Inspector:
         assert det is not None
         if self._lingered >= self._linger or self.flow.packets >= MAX_PACKETS:
             return True
-        if det.settled is not None:
+        # The detector's metadata may be complete (a TLS ServerHello seen), but a scanner that
+        # asked for more (a heartbeat after the handshake) still gets its packets.
+        if det.settled is not None and self._lingered >= self._scanner_linger:
             try:
                 return det.settled(self.flow)
             except Exception:

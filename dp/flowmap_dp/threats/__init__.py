@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from flowmap_dp.detectors import sqlinjection
 from flowmap_dp.detectors.base import Flow, Threat
+from flowmap_dp.threats import deprecated_tls, heartbleed, smuggling
 from flowmap_dp.threats.base import Limits, Scanner, Watch, Watcher
 
 if TYPE_CHECKING:
@@ -29,6 +30,9 @@ def _sqlinjection(flow: Flow, app: str, metadata: Mapping[str, Any], limits: Lim
 
 SCANNERS: tuple[Scanner, ...] = (
     Scanner(sqlinjection.NAME, sqlinjection.APPS, _sqlinjection),
+    deprecated_tls.SCANNER,
+    heartbleed.SCANNER,
+    smuggling.SCANNER,
 )
 WATCHERS: tuple[Watcher, ...] = ()
 # Threat hits one session carries (the inspector's and the watches' together).
