@@ -103,6 +103,8 @@ def manifest_entry(proto_dir: str, made: Made) -> dict[str, Any]:
                      "dir_evidence": f["dir_evidence"], "bidirectional": f["bidirectional"]}
         if label == "sqlinjection" and made.carrier:
             f_ordered["carrier"] = made.carrier
+        if made.threats:
+            f_ordered["threats"] = list(made.threats)
         f.clear()
         f.update(f_ordered)
     return {
