@@ -57,12 +57,19 @@ class Inspector:
         """True once the inspector wants no more payload."""
         return self._done
 
-    def feed(self, from_client: bool, payload: bytes) -> bool:
-        """Take one payload packet of the session; True once done (the caller stops feeding)."""
+    def feed(self, from_client: bool, payload: bytes, ts: float = 0.0) -> bool:
+        """Take one payload packet of the session, captured at ``ts``; True once done (the caller
+        stops feeding)."""
         if self._done:
             return True
         if not payload:
             return False
+        if from_client:
+            flow = self.flow
+            if not self._bytes[True]:
+                flow.client_first = ts
+            if ts > flow.client_last:
+                flow.client_last = ts
         room = STREAM_LIMIT - self._bytes[from_client]
         if room > 0:
             chunk = payload[:room]
@@ -87,6 +94,21 @@ class Inspector:
         elif not self._candidates or self.flow.packets >= MAX_PACKETS:
             self._conclude()
         return self._done
+
+    def waits(self, now: float) -> bool:
+        """True while a scanner of the matched protocol wants this session's inspection to stay
+        open at ``now`` though the session is idle (slowloris: a request head still incomplete,
+        its timeout not reached). Asked only of idle sessions, once per report."""
+        if self._done or self._matched is None:
+            return False
+        for scanner in self._scanners:
+            if scanner.wait is not None and self.app in scanner.apps:
+                try:
+                    if scanner.wait(self.flow, self.app) > now:
+                        return True
+                except Exception:
+                    self.errors += 1
+        return False
 
     def judge_server_alone(self) -> bool:
         """The client's words are not coming: judge the server's now, not at the session's end.

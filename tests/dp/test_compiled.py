@@ -123,6 +123,8 @@ def test_mixed_traffic_with_evictions_expiry_and_hold(seed: int) -> None:
     assert held, "no session waited for the next report"
     ref, comp = twins.fed()
     assert ref == comp and len(ref) > 200
+    ref_times, comp_times = twins.times()  # each payload's capture time, for the scanners that need it
+    assert ref_times == comp_times and len({t for ts in ref_times for t in ts}) > 100
 
 
 def test_a_warm_table_fed_the_same_blocks_again() -> None:
@@ -285,7 +287,7 @@ def test_fragments_attributed_bounded_and_expired() -> None:
 class DnsTape(Tape):
     """Decides "dns" on the first payload, as a DNS query makes the real detector do."""
 
-    def feed(self, from_client: bool, payload: bytes) -> bool:
+    def feed(self, from_client: bool, payload: bytes, ts: float = 0.0) -> bool:
         self.fed.append((from_client, payload))
         self.app = "dns"
         return True
@@ -440,7 +442,7 @@ class Rules(Tape):
         super().__init__(l4, client_port, server_port)
         self.alone = False
 
-    def feed(self, from_client: bool, payload: bytes) -> bool:
+    def feed(self, from_client: bool, payload: bytes, ts: float = 0.0) -> bool:
         self.fed.append((from_client, payload))
         kind = payload[:1]
         if kind == b"E":
@@ -559,7 +561,7 @@ def test_the_reasons_a_table_is_closed_with() -> None:
 class Lingerer(Tape):
     """Matches ("http") on the first payload and lingers for more, never done on its own."""
 
-    def feed(self, from_client: bool, payload: bytes) -> bool:
+    def feed(self, from_client: bool, payload: bytes, ts: float = 0.0) -> bool:
         self.fed.append((from_client, payload))
         self.app = "http"
         self.metadata = {"path": "/x"}

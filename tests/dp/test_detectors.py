@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from flowmap_dp.detectors import BY_NAME, REGISTRY
 from flowmap_dp.detectors.base import Flow, Verdict
+from tests.dp.threat_labels import expected
 
 REPO = Path(__file__).resolve().parents[2]
 SOURCES = (REPO / "tests" / "data" / "ndpi", REPO / "tests" / "data" / "captures")
@@ -39,6 +40,7 @@ class Sample:
     client_port: int
     server_port: int
     packets: tuple[tuple[bool, bytes], ...]
+    threats: tuple[str, ...] = ()  # the threats the manifest says the flow raises (tests.dp.threat_labels)
 
     def flow(self, limit: int | None = None) -> Flow:
         f = Flow(self.l4, self.client_port, self.server_port)
@@ -111,7 +113,7 @@ def samples() -> tuple[Sample, ...]:
                     continue
                 app = label.get("carrier", "http") if label["label"] == "sqlinjection" else label["label"]
                 out.append(Sample(entry["file"], label["label"], app, label["proto"], client[1], server[1],
-                                  tuple((src == client, data) for src, data in pk[:24])))
+                                  tuple((src == client, data) for src, data in pk[:24]), tuple(expected(label))))
     return tuple(out)
 
 

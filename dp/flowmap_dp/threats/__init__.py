@@ -98,12 +98,18 @@ class Bound:
     apps: frozenset[str]
     linger: int
     scan: Callable[[Flow, str, Mapping[str, Any]], Sequence[Threat]]
+    wait: Callable[[Flow, str], float] | None = None
 
 
 def bind(config: Config = Config()) -> tuple[Bound, ...]:
     """The scanners this dp runs, with its thresholds."""
-    return tuple(Bound(s.name, s.apps, s.linger, partial(_call, s, config.limits_of(s.name, s.limits)))
-                 for s in SCANNERS if config.on(s.name))
+    out = []
+    for s in SCANNERS:
+        if config.on(s.name):
+            limits = config.limits_of(s.name, s.limits)
+            wait = None if s.wait is None else partial(s.wait, limits=limits)
+            out.append(Bound(s.name, s.apps, s.linger, partial(_call, s, limits), wait))
+    return tuple(out)
 
 
 def _call(s: Scanner, limits: Limits, flow: Flow, app: str, metadata: Mapping[str, Any]) -> Sequence[Threat]:
