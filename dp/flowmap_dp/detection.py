@@ -98,9 +98,11 @@ class Inspector:
     def waits(self, now: float) -> bool:
         """True while a scanner of the matched protocol wants this session's inspection to stay
         open at ``now`` though the session is idle (slowloris: a request head still incomplete,
-        its timeout not reached). Asked only of idle sessions, once per report."""
+        its timeout not reached). Asked only of idle sessions, once per report: ``now`` is kept
+        (``Flow.quiet_at``), the last moment the scanners know the session in this state."""
         if self._done or self._matched is None:
             return False
+        self.flow.quiet_at = now
         for scanner in self._scanners:
             if scanner.wait is not None and self.app in scanner.apps:
                 try:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from flowmap_dp.detectors import sqlinjection
 from flowmap_dp.detectors.base import Flow, Threat
-from flowmap_dp.threats import deprecated_tls, heartbleed, smuggling
+from flowmap_dp.threats import deprecated_tls, heartbleed, slowloris, smuggling
 from flowmap_dp.threats.base import Limits, Scanner, Watch, Watcher
 
 if TYPE_CHECKING:
@@ -33,6 +33,7 @@ SCANNERS: tuple[Scanner, ...] = (
     deprecated_tls.SCANNER,
     heartbleed.SCANNER,
     smuggling.SCANNER,
+    slowloris.SCANNER,
 )
 WATCHERS: tuple[Watcher, ...] = ()
 # Threat hits one session carries (the inspector's and the watches' together).
