@@ -981,3 +981,29 @@ def make_http_smuggling(lab: Lab, tmp: Path) -> list[Made]:
              "The closest benign cases, over IPv6: two chunked uploads (a file and stdin) and two POSTs with a "
              "Content-Length, by curl: no threat.", "http", ["threat", "benign", "ipv6"]),
     ]
+
+
+SLOW_LIMIT = "slowloris.seconds=2"  # the captures stay short: judged with a 2 s limit, not the default 10 s
+
+
+@recipe
+def make_slowloris(lab: Lab, tmp: Path) -> list[Made]:
+    start_http(lab, tmp)
+    with lab.capture(out("slowloris", "python-slowloris")):
+        lab.client(helper("client", "slowloris", S4, "80", "4", "1.0"))
+    with lab.capture(out("slowloris", "python-split-request-ipv6")):
+        lab.client(helper("client", "split_request", S6, "80"))
+    server = f"python -m http.server ({PY_NOTE})"
+    client = f"capture_helpers.py (raw socket, {PY_NOTE})"
+    return [
+        Made("python-slowloris", {"server": server, "client": client,
+                                  "commands": [f"capture_helpers.py client slowloris {S4} 80 4 1.0"]},
+             "One Slowloris connection over IPv4: a GET's request line and Host header, then one more header "
+             "line a second for four seconds, never the blank line; the client then closes. Judged with "
+             f"{SLOW_LIMIT}: slowloris.", "http", ["threat"], threats=["slowloris"], threat_limits=[SLOW_LIMIT]),
+        Made("python-split-request-ipv6", {"server": server, "client": client,
+                                           "commands": [f"capture_helpers.py client split_request {S6} 80"]},
+             "The closest benign case, over IPv6: an ordinary GET written in five pieces 50 ms apart (TCP_NODELAY), "
+             f"answered 200. Judged with {SLOW_LIMIT}: no threat.", "http", ["threat", "benign", "ipv6"],
+             threat_limits=[SLOW_LIMIT]),
+    ]

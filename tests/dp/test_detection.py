@@ -7,6 +7,7 @@ import random
 import pytest
 
 import flowmap_dp.detection as detection
+from flowmap_dp import threats
 from flowmap_dp.detection import MAX_PACKETS, NO_VERDICT, SERVER_FIRST, Inspector
 from flowmap_dp.detectors import BY_NAME, REGISTRY
 from flowmap_dp.detectors.base import STREAM_LIMIT, Detector, Flow, Verdict
@@ -17,9 +18,10 @@ from tests.dp.test_detectors import Sample, samples
 
 def _run(sample: Sample) -> Inspector:
     """Feed a sample as the session table would: until done, then finish at session end."""
-    insp = Inspector(sample.l4, sample.client_port, sample.server_port)
-    for from_client, payload in sample.packets:
-        if insp.feed(from_client, payload):
+    insp = Inspector(sample.l4, sample.client_port, sample.server_port,
+                     scanners=threats.bind(threats.Config.parse([], sample.limits)))
+    for (from_client, payload), ts in zip(sample.packets, sample.times):
+        if insp.feed(from_client, payload, ts):
             break
     insp.finish()
     return insp
