@@ -108,13 +108,17 @@ def bind(config: Config = Config()) -> tuple[Bound, ...]:
     for s in SCANNERS:
         if config.on(s.name):
             limits = config.limits_of(s.name, s.limits)
-            wait = None if s.wait is None else partial(s.wait, limits=limits)
+            wait = None if s.wait is None else partial(_wait, s.wait, limits)
             out.append(Bound(s.name, s.apps, s.linger, partial(_call, s, limits), wait))
     return tuple(out)
 
 
 def _call(s: Scanner, limits: Limits, flow: Flow, app: str, metadata: Mapping[str, Any]) -> Sequence[Threat]:
     return s.scan(flow, app, metadata, limits)
+
+
+def _wait(wait: Callable[[Flow, str, Limits], float], limits: Limits, flow: Flow, app: str) -> float:
+    return wait(flow, app, limits)
 
 
 DEFAULT_SCANNERS = bind()
