@@ -906,7 +906,8 @@ def make_deprecated_tls(lab: Lab, tmp: Path) -> list[Made]:
     return [
         Made("openssl-tls1-tls1_1", {"server": server + f" -cipher '{OLD_TLS}'", "client": client,
                                      "commands": [f"openssl s_server -accept ADDR:443 -www -cipher '{OLD_TLS}'",
-                                                  f"{cmd} -connect {S4}:443 -tls1", f"{cmd} -connect {S4}:443 -tls1_1"]},
+                                                  f"{cmd} -connect {S4}:443 -tls1",
+                                                  f"{cmd} -connect {S4}:443 -tls1_1"]},
              "Two TLS sessions over IPv4 that negotiate TLS 1.0 and TLS 1.1 (ServerHello version 0x0301, 0x0302), "
              "one HTTP GET each: deprecated-tls.", "tls", ["threat"], threats=["deprecated-tls"]),
         Made("openssl-old-offered-ipv6", {"server": server + f" -cipher '{OLD_TLS}'", "client": client,
@@ -940,7 +941,8 @@ def make_heartbleed(lab: Lab, tmp: Path) -> list[Made]:
                                               "commands": [f"capture_helpers.py client heartbeat {S6} 443 benign"]},
              "The closest benign case, over IPv6: " + what + "whose claimed payload length (17) is what it carries, "
              "with 16 bytes of padding: no threat. (No real client sends heartbeats here: Debian's OpenSSL 3 was "
-             "built without them, and s_client has no 'B' command.)", "tls", ["threat", "benign", "crafted-client", "ipv6"]),
+             "built without them, and s_client has no 'B' command.)", "tls",
+             ["threat", "benign", "crafted-client", "ipv6"]),
     ]
 
 
@@ -975,7 +977,8 @@ def make_http_smuggling(lab: Lab, tmp: Path) -> list[Made]:
              "'Transfer-Encoding :'), one by curl with both headers: http-smuggling. The server answers 501.",
              "http", ["threat"], threats=["http-smuggling"]),
         Made("curl-chunked-and-sized-ipv6", {"server": server, "client": client,
-                                             "commands": [f"curl -H 'Transfer-Encoding: chunked' --data-binary @FILE {S6}",
+                                             "commands": ["curl -H 'Transfer-Encoding: chunked' --data-binary @FILE "
+                                                          f"http://[{S6}]/upload",
                                                           "curl -T - URL (stdin: chunked)",
                                                           "curl --data-binary @FILE URL", "curl -d name=... URL"]},
              "The closest benign cases, over IPv6: two chunked uploads (a file and stdin) and two POSTs with a "

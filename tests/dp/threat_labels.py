@@ -26,8 +26,8 @@ def _key(proto: str, vlan: int, a: str, b: str) -> Key:
 
 def mismatches(flows: Iterable[Mapping[str, Any]], labels: Iterable[Mapping[str, Any]]) -> list[str]:
     """Every classified flow whose threats are not exactly its label's, described."""
-    index = {_key(lb["proto"], lb.get("vlan", 0), lb.get("client", lb.get("a", "")), lb.get("server", lb.get("b", ""))): lb
-             for lb in labels}
+    index = {_key(lb["proto"], lb.get("vlan", 0), lb.get("client", lb.get("a", "")),
+                  lb.get("server", lb.get("b", ""))): lb for lb in labels}
     wrong = []
     for f in flows:
         want = expected(index.get(_key(f["l4"], f.get("vlan", 0), f["client"], f["server"])))
