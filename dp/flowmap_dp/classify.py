@@ -10,21 +10,28 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from flowmap_dp.pcapfile import read_records
+from flowmap_dp.detection import Inspector
 from flowmap_dp.session import InspectorFactory, SessionDelta, SessionTable
-from flowmap_dp.threats import Watching
+from flowmap_dp.threats import Config, Watching, bind
 
 OFFLINE_MAX_SESSIONS = 10_000_000  # bounded only to keep a hostile file from exhausting memory
 
 
-def classify_file(path: str | Path, inspector_factory: InspectorFactory | None = None) -> list[dict[str, Any]]:
-    """One dict per flow of the capture at ``path``, in order of each flow's first packet."""
+def classify_file(path: str | Path, inspector_factory: InspectorFactory | None = None,
+                  threats: Config = Config()) -> list[dict[str, Any]]:
+    """One dict per flow of the capture at ``path``, in order of each flow's first packet; the
+    threat detections ``threats`` leaves on, with its thresholds (``inspector_factory``, when
+    given, makes the inspectors instead)."""
+    if inspector_factory is None and threats != Config():
+        inspector_factory = partial(Inspector, scanners=bind(threats))
     table = classify_table(path, inspector_factory)
     report = table.collect(0.0)
-    Watching().observe(report.time, report.sessions)
+    Watching(threats).observe(report.time, report.sessions)
     return [flow_dict(d) for d in report.sessions]
 
 

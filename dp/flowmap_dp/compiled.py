@@ -130,7 +130,7 @@ class CompiledTable:
                     if dropped:
                         del records[handle]
                 continue
-            handle, from_client, payload, fresh, tcp, client_port, server_port, app = event
+            handle, from_client, payload, fresh, tcp, client_port, server_port, app, ts = event
             r = records.get(handle)
             if r is None:
                 r = records[handle] = _Record()
@@ -139,7 +139,7 @@ class CompiledTable:
                 r.insp, r.feeds = None, 0
             if r.insp is False:
                 continue  # decided earlier in this batch
-            if detection.inspect(r, tcp, client_port, server_port, from_client, payload):
+            if detection.inspect(r, tcp, client_port, server_port, from_client, payload, ts):
                 self._decided(handle, r)
 
     # -- ends and reports ------------------------------------------------------------------------
@@ -170,7 +170,9 @@ class CompiledTable:
                     self._decided(handle, r)
         for handle in self._t.idle_inspecting(now - INSPECTOR_IDLE):
             r = self._records.get(handle)
-            if r is not None and r.insp is not None and r.insp is not False and r.insp is not True:
+            insp = None if r is None else r.insp
+            if r is not None and insp is not None and insp is not False and insp is not True \
+                    and not self.detection.waits(insp, now):
                 self.detection.settle(r, finish=True)
                 self._decided(handle, r, dirty=said_something(r))
         deltas = [self._delta(row) for row in self._t.collect(now, hold)]

@@ -33,7 +33,7 @@ class Inspector:
 
     # One per session still being inspected (thousands at a time): no per-instance dict.
     __slots__ = ("flow", "app", "metadata", "threats", "errors", "_candidates", "_matched", "_lingered", "_bytes",
-                 "_before_client", "_done", "_scanners", "_linger")
+                 "_before_client", "_done", "_scanners", "_linger", "_scanner_linger")
 
     def __init__(self, l4: str, client_port: int, server_port: int,
                  scanners: Sequence[Bound] = DEFAULT_SCANNERS) -> None:
@@ -50,18 +50,26 @@ class Inspector:
         self._done = False
         self._scanners = scanners  # flowmap_dp.threats: those of the matched protocol run once it settles
         self._linger = 0  # payload packets to linger after the match: the detector's or a scanner's, the most
+        self._scanner_linger = 0  # the most a scanner of the matched protocol asks: the detector's settled waits
 
     @property
     def done(self) -> bool:
         """True once the inspector wants no more payload."""
         return self._done
 
-    def feed(self, from_client: bool, payload: bytes) -> bool:
-        """Take one payload packet of the session; True once done (the caller stops feeding)."""
+    def feed(self, from_client: bool, payload: bytes, ts: float = 0.0) -> bool:
+        """Take one payload packet of the session, captured at ``ts``; True once done (the caller
+        stops feeding)."""
         if self._done:
             return True
         if not payload:
             return False
+        if from_client:
+            flow = self.flow
+            if not self._bytes[True]:
+                flow.client_first = ts
+            if ts > flow.client_last:
+                flow.client_last = ts
         room = STREAM_LIMIT - self._bytes[from_client]
         if room > 0:
             chunk = payload[:room]
@@ -86,6 +94,23 @@ class Inspector:
         elif not self._candidates or self.flow.packets >= MAX_PACKETS:
             self._conclude()
         return self._done
+
+    def waits(self, now: float) -> bool:
+        """True while a scanner of the matched protocol wants this session's inspection to stay
+        open at ``now`` though the session is idle (slowloris: a request head still incomplete,
+        its timeout not reached). Asked only of idle sessions, once per report: ``now`` is kept
+        (``Flow.quiet_at``), the last moment the scanners know the session in this state."""
+        if self._done or self._matched is None:
+            return False
+        self.flow.quiet_at = now
+        for scanner in self._scanners:
+            if scanner.wait is not None and self.app in scanner.apps:
+                try:
+                    if scanner.wait(self.flow, self.app) > now:
+                        return True
+                except Exception:
+                    self.errors += 1
+        return False
 
     def judge_server_alone(self) -> bool:
         """The client's words are not coming: judge the server's now, not at the session's end.
@@ -129,7 +154,8 @@ class Inspector:
             if verdict is Verdict.MATCH:
                 self._matched = det
                 self.app = det.name
-                self._linger = max([det.linger, *(s.linger for s in self._scanners if det.name in s.apps)])
+                self._scanner_linger = max([0, *(s.linger for s in self._scanners if det.name in s.apps)])
+                self._linger = max(det.linger, self._scanner_linger)
                 self._candidates = []
                 self._extract()
                 return
@@ -162,7 +188,9 @@ class Inspector:
         assert det is not None
         if self._lingered >= self._linger or self.flow.packets >= MAX_PACKETS:
             return True
-        if det.settled is not None:
+        # The detector's metadata may be complete (a TLS ServerHello seen), but a scanner that
+        # asked for more (a heartbeat after the handshake) still gets its packets.
+        if det.settled is not None and self._lingered >= self._scanner_linger:
             try:
                 return det.settled(self.flow)
             except Exception:

@@ -103,7 +103,9 @@ class InspectorLike(Protocol):
     metadata: dict[str, Any]
     threats: list[Threat]
 
-    def feed(self, from_client: bool, payload: bytes) -> bool: ...
+    def feed(self, from_client: bool, payload: bytes, ts: float) -> bool: ...
+
+    def waits(self, now: float) -> bool: ...
 
     def judge_server_alone(self) -> bool: ...
 
@@ -259,16 +261,16 @@ class Detection:
         self.errors = 0
 
     def inspect(self, s: Inspected, tcp: bool, client_port: int, server_port: int, from_client: bool,
-                payload: bytes) -> bool:
-        """Feed ``payload`` to the session's inspector (made on its first payload); True when its
-        detection is settled now (``s.insp`` is False)."""
+                payload: bytes, ts: float) -> bool:
+        """Feed ``payload`` (captured at ``ts``) to the session's inspector (made on its first
+        payload); True when its detection is settled now (``s.insp`` is False)."""
         insp = s.insp
         try:
             if insp is None:
                 insp = s.insp = self.factory("tcp" if tcp else "udp", client_port, server_port)
             assert insp is not None and insp is not True and insp is not False
             s.feeds += 1
-            if insp.feed(from_client, payload) or s.feeds >= self.feed_limit:
+            if insp.feed(from_client, payload, ts) or s.feeds >= self.feed_limit:
                 self.settle(s, finish=s.feeds >= self.feed_limit)
             elif insp.app != s.app:
                 # A detector matched and the inspector lingers for metadata and threats, which
@@ -295,6 +297,14 @@ class Detection:
             self.errors += 1
             s.insp = False
             s.app_new = True
+
+    def waits(self, insp: InspectorLike, now: float) -> bool:
+        """Whether an idle session's inspector asks to stay open at ``now`` (a bug: no)."""
+        try:
+            return insp.waits(now)
+        except Exception:
+            self.errors += 1
+            return False
 
     def settle(self, s: Inspected, finish: bool) -> None:
         insp = s.insp
@@ -390,7 +400,7 @@ class SessionTable:
         if s.insp is not False and d.payload_end > d.payload_start and self.detection.feed_limit:
             _, client_port, _, server_port, _ = s.endpoints()
             self.detection.inspect(s, s.proto == PROTO_TCP, client_port, server_port, from_client,
-                                   bytes(buf[d.payload_start:d.payload_end]))
+                                   bytes(buf[d.payload_start:d.payload_end]), ts)
         if not s.dirty:
             s.dirty = True
             self._dirty[id(s)] = s
@@ -535,7 +545,7 @@ class SessionTable:
             insp = s.insp
             if insp is not None and insp is not False and insp is not True and s.first <= recent:
                 self.detection.judge_server_alone(s, insp)
-        self._settle_idle(now - INSPECTOR_IDLE)
+        self._settle_idle(now)
         held = {k: s for k, s in self._dirty.items() if s.new and s.first > recent} if hold else {}
         deltas = [self._delta(s) for k, s in self._dirty.items() if k not in held]
         self._dirty = held
@@ -546,14 +556,16 @@ class SessionTable:
         """A block whose parsing raised (a bug): counted as ``internal_error``."""
         self.stats.malformed["internal_error"] += 1
 
-    def _settle_idle(self, before: float) -> None:
-        """Settle the inspectors of sessions last seen at or before ``before`` (least recently
-        seen first, as far as recency order says they are that old); the next report carries
-        those that have something to say."""
+    def _settle_idle(self, now: float) -> None:
+        """Settle the inspectors of sessions last seen ``INSPECTOR_IDLE`` seconds before ``now`` or
+        earlier (least recently seen first, as far as recency order says they are that old), but
+        those a scanner asks to wait; the next report carries those that have something to say."""
+        before = now - INSPECTOR_IDLE
         for s in self.sessions.values():
             if s.last > before:
                 break
-            if s.insp is not None and s.insp is not False and s.insp is not True:
+            insp = s.insp
+            if insp is not None and insp is not False and insp is not True and not self.detection.waits(insp, now):
                 self.detection.settle(s, finish=True)
                 if said_something(s) and not s.dirty:
                     s.dirty = True

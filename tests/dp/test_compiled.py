@@ -6,8 +6,10 @@ and unreported, inspector errors. ``twins.assert_same_reports`` is the one compa
 
 from __future__ import annotations
 
+import json
 import random
 import struct
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +21,11 @@ from scapy.all import DNS, DNSQR, DNSRR
 from flowmap_dp import compiled
 from flowmap_dp.block import block_packets
 from flowmap_dp.classify import OFFLINE_MAX_SESSIONS, classify_file, flow_dict
+from flowmap_dp.detection import Inspector
 from flowmap_dp.detectors.base import Threat
 from flowmap_dp.pcapfile import read_records
 from flowmap_dp.session import HANDOFF_REMEMBERED, INSPECTOR_IDLE, NEW_EXCHANGE_AFTER, Timeouts
+from flowmap_dp.threats import Config, bind
 from tests.dp.synth import Frame, ether, ipv4, ipv6, mixed_traffic, pack_block, tcp, udp
 from tests.dp.test_fragments import frags4, frags6
 from tests.dp.twins import Tape, Twins, assert_same_reports, balanced, block_time, blocks_of, make_table
@@ -33,6 +37,10 @@ A4, B4, C4 = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2]), bytes([10, 0, 0, 3])
 A6, B6 = b"\xfd" + bytes(14) + b"\x01", b"\xfd" + bytes(14) + b"\x02"
 SYN, SYNACK, ACK, PSH, FIN, RST = 0x02, 0x12, 0x10, 0x18, 0x11, 0x04
 SHORT = Timeouts(tcp_open=0.2, tcp_half_open=0.05, tcp_closing=0.05, tcp_closed=0.01, udp=0.1, icmp=0.05, other=0.1)
+_OWN = json.loads((DATA / "captures" / "MANIFEST.json").read_text())
+LIMITS = {DATA / "captures" / e["file"]: e.get("threat_limits", []) for e in _OWN}
+TAGS = {DATA / "captures" / e["file"]: e["tags"] for e in _OWN}
+THREATS = {"deprecated-tls", "heartbleed", "http-smuggling", "slowloris"}
 
 
 # -- traffic ----------------------------------------------------------------------------------------
@@ -123,6 +131,8 @@ def test_mixed_traffic_with_evictions_expiry_and_hold(seed: int) -> None:
     assert held, "no session waited for the next report"
     ref, comp = twins.fed()
     assert ref == comp and len(ref) > 200
+    ref_times, comp_times = twins.times()  # each payload's capture time, for the scanners that need it
+    assert ref_times == comp_times and len({t for ts in ref_times for t in ts}) > 100
 
 
 def test_a_warm_table_fed_the_same_blocks_again() -> None:
@@ -238,14 +248,18 @@ def test_every_capture_classifies_alike(path: Path, every: int, monkeypatch: pyt
     sessions, counters, apps, metadata and threats, which are ``flowmap dp classify``'s."""
     monkeypatch.setattr(compiled, "FRAMES_PER_ANSWER", every)
     records = [(r.data, r.link, r.wire_len, r.ts) for r in read_records(path)]
-    twins = Twins(max_sessions=OFFLINE_MAX_SESSIONS, timeouts=None)
+    config = Config.parse([], LIMITS.get(path, ()))  # the thresholds the manifest judges it with
+    twins = Twins(partial(Inspector, scanners=bind(config)), max_sessions=OFFLINE_MAX_SESSIONS, timeouts=None)
     twins.feed_frames(records)
     twins.close_all()
     report = twins.collect(0.0)
     assert report.sessions and report.health.packets == len(records)
-    assert [flow_dict(d) for d in report.sessions] == classify_file(path)
+    assert [flow_dict(d) for d in report.sessions] == classify_file(path, threats=config)
     if "sqlinjection" in path.parts or path.name == "WebattackSQLinj.pcap":
         assert any(t.name == "sqlinjection" for d in report.sessions for t in d.threats)
+    threat = path.parent.name  # a folder of threat captures (their benign twins raise nothing)
+    if threat in THREATS and "benign" not in TAGS[path]:
+        assert any(t.name == threat for d in report.sessions for t in d.threats)
 
 
 def test_the_captures_are_not_all_alike() -> None:
@@ -285,7 +299,7 @@ def test_fragments_attributed_bounded_and_expired() -> None:
 class DnsTape(Tape):
     """Decides "dns" on the first payload, as a DNS query makes the real detector do."""
 
-    def feed(self, from_client: bool, payload: bytes) -> bool:
+    def feed(self, from_client: bool, payload: bytes, ts: float = 0.0) -> bool:
         self.fed.append((from_client, payload))
         self.app = "dns"
         return True
@@ -440,7 +454,7 @@ class Rules(Tape):
         super().__init__(l4, client_port, server_port)
         self.alone = False
 
-    def feed(self, from_client: bool, payload: bytes) -> bool:
+    def feed(self, from_client: bool, payload: bytes, ts: float = 0.0) -> bool:
         self.fed.append((from_client, payload))
         kind = payload[:1]
         if kind == b"E":
@@ -559,7 +573,7 @@ def test_the_reasons_a_table_is_closed_with() -> None:
 class Lingerer(Tape):
     """Matches ("http") on the first payload and lingers for more, never done on its own."""
 
-    def feed(self, from_client: bool, payload: bytes) -> bool:
+    def feed(self, from_client: bool, payload: bytes, ts: float = 0.0) -> bool:
         self.fed.append((from_client, payload))
         self.app = "http"
         self.metadata = {"path": "/x"}

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from flowmap_dp.detectors import BY_NAME, REGISTRY
 from flowmap_dp.detectors.base import Flow, Verdict
+from tests.dp.threat_labels import expected
 
 REPO = Path(__file__).resolve().parents[2]
 SOURCES = (REPO / "tests" / "data" / "ndpi", REPO / "tests" / "data" / "captures")
@@ -39,6 +40,9 @@ class Sample:
     client_port: int
     server_port: int
     packets: tuple[tuple[bool, bytes], ...]
+    threats: tuple[str, ...] = ()  # the threats the manifest says the flow raises (tests.dp.threat_labels)
+    limits: tuple[str, ...] = ()  # the thresholds its capture is judged with (NAME.KEY=VALUE)
+    times: tuple[float, ...] = ()  # each packet's capture time
 
     def flow(self, limit: int | None = None) -> Flow:
         f = Flow(self.l4, self.client_port, self.server_port)
@@ -55,11 +59,12 @@ def _endpoint(text: str) -> tuple[str, int]:
     return host.strip("[]").lower(), int(port)
 
 
-def _payloads(path: Path) -> dict[tuple[str, int | None, frozenset[tuple[str, int]]], list[tuple[tuple[str, int], bytes]]]:
+def _payloads(path: Path) -> dict[tuple[str, int | None, frozenset[tuple[str, int]]],
+                                  list[tuple[tuple[str, int], bytes, float]]]:
     from scapy.all import IP, TCP, UDP, Dot1Q, IPv6, PcapNgReader, PcapReader  # GPL: tests only
 
     reader = PcapNgReader if path.suffix == ".pcapng" else PcapReader
-    out: dict[tuple[str, int | None, frozenset[tuple[str, int]]], list[tuple[tuple[str, int], bytes]]] = {}
+    out: dict[tuple[str, int | None, frozenset[tuple[str, int]]], list[tuple[tuple[str, int], bytes, float]]] = {}
     try:
         packets = reader(str(path))
     except Exception:
@@ -87,7 +92,7 @@ def _payloads(path: Path) -> dict[tuple[str, int | None, frozenset[tuple[str, in
             key = (l4, vlan, frozenset((a, b)))
             out.setdefault(key, [])
             if payload:
-                out[key].append((a, payload))
+                out[key].append((a, payload, float(p.time)))
     return out
 
 
@@ -111,7 +116,8 @@ def samples() -> tuple[Sample, ...]:
                     continue
                 app = label.get("carrier", "http") if label["label"] == "sqlinjection" else label["label"]
                 out.append(Sample(entry["file"], label["label"], app, label["proto"], client[1], server[1],
-                                  tuple((src == client, data) for src, data in pk[:24])))
+                                  tuple((src == client, data) for src, data, _ in pk[:24]), tuple(expected(label)),
+                                  tuple(entry.get("threat_limits", ())), tuple(ts for _, _, ts in pk[:24])))
     return tuple(out)
 
 

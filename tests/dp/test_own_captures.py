@@ -23,6 +23,8 @@ from typing import Any
 import pytest
 
 from flowmap_dp.classify import classify_file
+from flowmap_dp.threats import Config
+from tests.dp.threat_labels import mismatches
 
 OWN = Path(__file__).resolve().parents[1] / "data" / "captures"
 OWN_MANIFEST = OWN / "MANIFEST.json"
@@ -39,7 +41,8 @@ def _entries() -> list[dict[str, Any]]:
 
 @cache
 def _classified(name: str) -> tuple[dict[str, Any], ...]:
-    return tuple(classify_file(OWN / name))
+    limits = next((e.get("threat_limits", []) for e in _entries() if e["file"] == name), [])
+    return tuple(classify_file(OWN / name, threats=Config.parse([], limits)))
 
 
 def _find(flows: tuple[dict[str, Any], ...], label: dict[str, Any]) -> dict[str, Any] | None:
@@ -80,6 +83,14 @@ def test_own_capture_flows(entry: dict[str, Any]) -> None:
         if seen is not None:
             wrong.append(f"{label['proto']} {label['client']} -> {label['server']} label={label['label']}: {seen}")
     assert not wrong, f"{entry['file']} ({entry['made_by'].get('server')}):\n  " + "\n  ".join(wrong)
+
+
+@pytest.mark.parametrize("entry", _entries(), ids=lambda e: e["file"])
+def test_own_capture_threats(entry: dict[str, Any]) -> None:
+    """Every flow raises exactly the threats its manifest entry lists (none when it lists none, or
+    when the flow is not listed), judged with the entry's ``threat_limits`` (NAME.KEY=VALUE)."""
+    wrong = mismatches(_classified(entry["file"]), entry["flows"])
+    assert not wrong, f"{entry['file']}:\n  " + "\n  ".join(wrong)
 
 
 def test_manifest_is_complete() -> None:

@@ -61,7 +61,7 @@ class Recorder:
         self.threats: list[Threat] = []
         Recorder.made.append(self)
 
-    def feed(self, from_client: bool, payload: bytes) -> bool:
+    def feed(self, from_client: bool, payload: bytes, ts: float = 0.0) -> bool:
         self.fed.append((from_client, payload))
         if len(self.fed) >= self.need:
             self.app = "redis"
@@ -72,6 +72,9 @@ class Recorder:
 
     def finish(self) -> None:
         self.finished = True
+
+    def waits(self, now: float) -> bool:
+        return False
 
 
 @pytest.fixture
@@ -310,7 +313,7 @@ def test_feed_limit_stops_the_slow_path() -> None:
 
 def test_inspector_exception_is_counted_not_raised() -> None:
     class Broken(Recorder):
-        def feed(self, from_client: bool, payload: bytes) -> bool:
+        def feed(self, from_client: bool, payload: bytes, ts: float = 0.0) -> bool:
             raise RuntimeError("detector bug")
 
     t = SessionTable(inspector_factory=Broken)

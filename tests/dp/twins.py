@@ -53,17 +53,22 @@ class Tape:
     def __init__(self, l4: str, client_port: int, server_port: int) -> None:
         self.ports = (l4, client_port, server_port)
         self.fed: list[tuple[bool, bytes]] = []
+        self.times: list[float] = []  # each payload's capture time, as fed
         self.app = "unknown"
         self.metadata: dict[str, Any] = {}
         self.threats: list[Threat] = []
 
-    def feed(self, from_client: bool, payload: bytes) -> bool:
+    def feed(self, from_client: bool, payload: bytes, ts: float = 0.0) -> bool:
         self.fed.append((from_client, payload))
+        self.times.append(ts)
         if len(self.fed) == 3:
             self.app = "echo"
         return len(self.fed) >= 3
 
     def judge_server_alone(self) -> bool:
+        return False
+
+    def waits(self, now: float) -> bool:
         return False
 
     def finish(self) -> None:
@@ -136,6 +141,11 @@ class Twins:
         """What each table's inspectors were fed, in the order they were made (``Tape``-like
         inspectors: ``ports`` and ``fed``)."""
         ref, comp = ([(t.ports, t.fed) for t in made] for made in self.made)
+        return ref, comp
+
+    def times(self) -> tuple[list[list[float]], list[list[float]]]:
+        """The capture times each table's inspectors were fed, in the order they were made."""
+        ref, comp = ([list(t.times) for t in made] for made in self.made)
         return ref, comp
 
 

@@ -37,6 +37,12 @@ class Flow:
     s2c: list[bytes] = field(default_factory=list)  # payload of each server->client packet, in order
     # Arrival order of the payloads: True for client->server, False for server->client.
     order: list[bool] = field(default_factory=list)
+    # Capture times (seconds) of the client's first and latest payload packets fed (0.0: none yet).
+    client_first: float = 0.0
+    client_last: float = 0.0
+    # The latest report time at which the live table found the session idle, its inspection still
+    # open (``Inspector.waits``); 0.0 offline, where only packet times are known.
+    quiet_at: float = 0.0
 
     def add(self, from_client: bool, payload: bytes) -> None:
         """Append one packet's payload in its direction, keeping the arrival order."""

@@ -77,13 +77,38 @@ def detect(flow: Flow) -> Verdict:
     return Verdict.MORE
 
 
-def _headers(block: bytes) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for line in block.split(b"\n")[1:64]:
-        name, sep, value = line.partition(b":")
-        if sep:
-            out.setdefault(name.strip().lower().decode("latin-1"), value.strip().decode("latin-1"))
+MAX_HEADER_LINES = 63  # header lines read after the start line
+_ASCII_SPACE = " \t\n\r\x0b\x0c"  # what bytes.strip() strips (str.strip() strips more: \x85, \xa0 ...)
+
+
+def header_lines(head: bytes) -> list[tuple[str, str | None]]:
+    """The header lines of a message head (its start line skipped) as sent: ``(name, value)``
+    split at the first colon, neither stripped nor merged (a line's final CR dropped), in order;
+    ``(line, None)`` for a line without a colon (an obsolete folded continuation, or garbage)."""
+    out: list[tuple[str, str | None]] = []
+    for line in head.split(b"\n")[1 : 1 + MAX_HEADER_LINES]:
+        text = line.removesuffix(b"\r").decode("latin-1")
+        name, sep, value = text.partition(":")
+        out.append((name, value) if sep else (text, None))
     return out
+
+
+def _headers(block: bytes) -> dict[str, str]:
+    """Header names (lower case) to their first value, stripped."""
+    out: dict[str, str] = {}
+    for name, value in header_lines(block):
+        if value is not None:
+            out.setdefault(name.strip(_ASCII_SPACE).lower(), value.strip(_ASCII_SPACE))
+    return out
+
+
+def split_head(data: bytes) -> tuple[bytes, bytes]:
+    """(head, what follows the blank line) of the message at the start of ``data``; the head is
+    all of ``data`` when no blank line ends it yet."""
+    head, blank, body = data.partition(b"\r\n\r\n")
+    if not blank:
+        head, blank, body = data.partition(b"\n\n")
+    return head, body
 
 
 def parse_request(data: bytes) -> tuple[str, str, dict[str, str], bytes] | None:
@@ -91,9 +116,7 @@ def parse_request(data: bytes) -> tuple[str, str, dict[str, str], bytes] | None:
     line = request_line(data)
     if line is None:
         return None
-    head, blank, body = data.partition(b"\r\n\r\n")
-    if not blank:
-        head, blank, body = data.partition(b"\n\n")
+    head, body = split_head(data)
     headers = _headers(head)
     try:
         length = int(headers.get("content-length", "0"))

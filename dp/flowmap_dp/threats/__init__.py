@@ -16,6 +16,7 @@ from typing import Any
 
 from flowmap_dp.detectors import sqlinjection
 from flowmap_dp.detectors.base import Flow, Threat
+from flowmap_dp.threats import deprecated_tls, heartbleed, slowloris, smuggling
 from flowmap_dp.threats.base import Limits, Scanner, Seen, Watch, Watcher
 
 
@@ -26,6 +27,10 @@ def _sqlinjection(flow: Flow, app: str, metadata: Mapping[str, Any], limits: Lim
 
 SCANNERS: tuple[Scanner, ...] = (
     Scanner(sqlinjection.NAME, sqlinjection.APPS, _sqlinjection),
+    deprecated_tls.SCANNER,
+    heartbleed.SCANNER,
+    smuggling.SCANNER,
+    slowloris.SCANNER,
 )
 WATCHERS: tuple[Watcher, ...] = ()
 # Threat hits one session carries (the inspector's and the watches' together).
@@ -91,16 +96,26 @@ class Bound:
     apps: frozenset[str]
     linger: int
     scan: Callable[[Flow, str, Mapping[str, Any]], Sequence[Threat]]
+    wait: Callable[[Flow, str], float] | None = None
 
 
 def bind(config: Config = Config()) -> tuple[Bound, ...]:
     """The scanners this dp runs, with its thresholds."""
-    return tuple(Bound(s.name, s.apps, s.linger, partial(_call, s, config.limits_of(s.name, s.limits)))
-                 for s in SCANNERS if config.on(s.name))
+    out = []
+    for s in SCANNERS:
+        if config.on(s.name):
+            limits = config.limits_of(s.name, s.limits)
+            wait = None if s.wait is None else partial(_wait, s.wait, limits)
+            out.append(Bound(s.name, s.apps, s.linger, partial(_call, s, limits), wait))
+    return tuple(out)
 
 
 def _call(s: Scanner, limits: Limits, flow: Flow, app: str, metadata: Mapping[str, Any]) -> Sequence[Threat]:
     return s.scan(flow, app, metadata, limits)
+
+
+def _wait(wait: Callable[[Flow, str, Limits], float], limits: Limits, flow: Flow, app: str) -> float:
+    return wait(flow, app, limits)
 
 
 DEFAULT_SCANNERS = bind()

@@ -36,6 +36,10 @@ class Scanner:
     # Payload packets it wants the inspector to keep feeding after the protocol matched (a
     # TLS heartbeat comes after the handshake): the inspector lingers for the most any asks.
     linger: int = 0
+    # The capture time until which an idle session's inspection should stay open (the tables
+    # settle an inspector after ``session.INSPECTOR_IDLE`` seconds of silence otherwise): for
+    # what only time shows (slowloris). ``wait(flow, app, limits)``; 0.0 for no wait.
+    wait: Callable[[Flow, str, Limits], float] | None = None
 
 
 class Seen(Protocol):

@@ -149,15 +149,15 @@ impl Table {
     }
 
     /// The events since the previous call, in order: (handle, from_client, payload, fresh, tcp,
-    /// client_port, server_port, app) for a payload to inspect, (handle, dropped) for an end.
+    /// client_port, server_port, app, ts) for a payload to inspect, (handle, dropped) for an end.
     fn take_events<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let t = &mut self.inner;
         let out = PyList::empty(py);
         for e in &t.events {
             match *e {
-                Event::Feed { handle, fresh, tcp, client_port, server_port, from_client, app, start, len } => {
+                Event::Feed { handle, fresh, tcp, client_port, server_port, from_client, app, ts, start, len } => {
                     let payload = PyBytes::new(py, &t.arena[start..start + len]);
-                    out.append((handle, from_client, payload, fresh, tcp, client_port, server_port, app))?;
+                    out.append((handle, from_client, payload, fresh, tcp, client_port, server_port, app, ts))?;
                 }
                 Event::End { handle, dropped } => out.append((handle, dropped))?,
             }

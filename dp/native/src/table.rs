@@ -139,8 +139,8 @@ impl Session {
 /// What the Python side must do, in the order the packets asked for it.
 pub enum Event {
     /// A payload packet of an undecided session (`fresh`: the first since it began or since a
-    /// DNS 5-tuple's new lookup); its bytes are `arena[start..start + len]`.
-    Feed { handle: u64, fresh: bool, tcp: bool, client_port: u16, server_port: u16, from_client: bool, app: u8, start: usize, len: usize },
+    /// DNS 5-tuple's new lookup), captured at `ts`; its bytes are `arena[start..start + len]`.
+    Feed { handle: u64, fresh: bool, tcp: bool, client_port: u16, server_port: u16, from_client: bool, app: u8, ts: f64, start: usize, len: usize },
     /// A session that had payload handed off ended (`dropped`: it will never be reported).
     End { handle: u64, dropped: bool },
 }
@@ -406,6 +406,7 @@ impl Table {
                 server_port: sp,
                 from_client,
                 app: s.app,
+                ts,
                 start,
                 len: payload.len(),
             });
