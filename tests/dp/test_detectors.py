@@ -39,6 +39,7 @@ class Sample:
     client_port: int
     server_port: int
     packets: tuple[tuple[bool, bytes], ...]
+    threats: frozenset[str] = frozenset()  # the manifest's, with sqlinjection for that label
 
     def flow(self, limit: int | None = None) -> Flow:
         f = Flow(self.l4, self.client_port, self.server_port)
@@ -110,8 +111,9 @@ def samples() -> tuple[Sample, ...]:
                 if not pk:
                     continue
                 app = label.get("carrier", "http") if label["label"] == "sqlinjection" else label["label"]
+                threats = {*label.get("threats", ()), *(["sqlinjection"] if label["label"] == "sqlinjection" else [])}
                 out.append(Sample(entry["file"], label["label"], app, label["proto"], client[1], server[1],
-                                  tuple((src == client, data) for src, data in pk[:24])))
+                                  tuple((src == client, data) for src, data in pk[:24]), frozenset(threats)))
     return tuple(out)
 
 

@@ -21,6 +21,7 @@ import pytest
 
 from flowmap_dp.classify import classify_file
 from flowmap_dp.detectors import NAMES
+from tests.dp.test_own_captures import wrong_threats
 
 NDPI = Path(__file__).resolve().parents[1] / "data" / "ndpi"
 MANIFEST = NDPI / "MANIFEST.json"
@@ -115,6 +116,14 @@ def test_no_unknown_flow_is_named() -> None:
     named = [r for r in _results() if r["label"] == "unknown" and r["got"] in NAMES]
     text, _ = _table(_results())
     assert not named, f"unknown flows given one of our protocols: {named}\n{text}"
+
+
+@pytest.mark.parametrize("entry", json.loads(MANIFEST.read_text()), ids=lambda e: e["file"])
+def test_threats_are_exactly_those_listed(entry: dict[str, Any]) -> None:
+    """Every flow the dp reports raises exactly its entry's ``threats`` (a ``sqlinjection`` label
+    implies that one); a flow no entry lists, none."""
+    wrong = wrong_threats(_classified(entry["file"]), entry["flows"])
+    assert not wrong, f"{entry['file']}:\n  " + "\n  ".join(wrong)
 
 
 def test_every_labeled_flow_is_found() -> None:

@@ -8,7 +8,9 @@ a listener that answers the protocol's handshake: those entries carry the tag
 client's bytes — what a detector mostly keys on — are the real library's.
 
 A flow labeled ``sqlinjection`` agrees when its threats contain a sqlinjection hit and its app
-is the carrying protocol (the flow's ``carrier``). Also checked: each of the 21 protocols has at
+is the carrying protocol (the flow's ``carrier``). Threats are checked on every flow the dp
+reports: exactly those its entry lists (``"threats": [names]``; a ``sqlinjection`` label implies
+that one), none for a flow no entry lists. Also checked: each of the 21 protocols has at
 least two captures of real traffic across the nDPI captures (tests/data/ndpi) and ours (files, not flows).
 """
 
@@ -80,6 +82,34 @@ def test_own_capture_flows(entry: dict[str, Any]) -> None:
         if seen is not None:
             wrong.append(f"{label['proto']} {label['client']} -> {label['server']} label={label['label']}: {seen}")
     assert not wrong, f"{entry['file']} ({entry['made_by'].get('server')}):\n  " + "\n  ".join(wrong)
+
+
+def expected_threats(label: dict[str, Any] | None) -> set[str]:
+    if label is None:
+        return set()
+    return set(label.get("threats", [])) | ({"sqlinjection"} if label["label"] == "sqlinjection" else set())
+
+
+def wrong_threats(flows: tuple[dict[str, Any], ...], labels: list[dict[str, Any]]) -> list[str]:
+    """Every flow whose threats are not exactly its label's (the label found by its 5-tuple)."""
+    by_tuple: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for label in labels:
+        c, s = label.get("client", label.get("a", "")).lower(), label.get("server", label.get("b", "")).lower()
+        by_tuple[(label["proto"], c, s)] = by_tuple[(label["proto"], s, c)] = label
+    wrong = []
+    for f in flows:
+        label = by_tuple.get((f["l4"], f["client"].lower(), f["server"].lower()))
+        got = sorted({t["name"] for t in f["threats"]})
+        if got != sorted(expected_threats(label)):
+            wrong.append(f"{f['l4']} {f['client']} -> {f['server']} app={f['app']}: threats {got}, "
+                         f"want {sorted(expected_threats(label))} ({[t['snippet'] for t in f['threats']]})")
+    return wrong
+
+
+@pytest.mark.parametrize("entry", _entries(), ids=lambda e: e["file"])
+def test_own_capture_threats(entry: dict[str, Any]) -> None:
+    wrong = wrong_threats(_classified(entry["file"]), entry["flows"])
+    assert not wrong, f"{entry['file']}:\n  " + "\n  ".join(wrong)
 
 
 def test_manifest_is_complete() -> None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from flowmap_dp.detectors import sqlinjection
 from flowmap_dp.detectors.base import Flow, Threat
+from flowmap_dp.threats import bruteforce, dnstunnel, zonetransfer
 from flowmap_dp.threats.base import Limits, Scanner, Watch, Watcher
 
 if TYPE_CHECKING:
@@ -29,14 +30,24 @@ def _sqlinjection(flow: Flow, app: str, metadata: Mapping[str, Any], limits: Lim
 
 SCANNERS: tuple[Scanner, ...] = (
     Scanner(sqlinjection.NAME, sqlinjection.APPS, _sqlinjection),
+    dnstunnel.SCANNER,
+    zonetransfer.SCANNER,
 )
-WATCHERS: tuple[Watcher, ...] = ()
+WATCHERS: tuple[Watcher, ...] = (
+    dnstunnel.WATCHER,
+    bruteforce.WATCHER,
+)
 # Threat hits one session carries (the inspector's and the watches' together).
 MAX_HITS = 4
 
 
 def _all_limits() -> dict[str, Limits]:
-    return {**{s.name: s.limits for s in SCANNERS}, **{w.name: w.limits for w in WATCHERS}}
+    # A detection may be a scanner and a watch under one name (dns-tunnel): one switch, their
+    # limits side by side (their keys differ).
+    out: dict[str, dict[str, float]] = {}
+    for name, limits in [*((s.name, s.limits) for s in SCANNERS), *((w.name, w.limits) for w in WATCHERS)]:
+        out.setdefault(name, {}).update(limits)
+    return dict(out)
 
 
 @dataclass(frozen=True)
