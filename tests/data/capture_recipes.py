@@ -957,7 +957,8 @@ def make_dns_tunnel(lab: Lab, tmp: Path) -> list[Made]:
         lab.client(helper("client", "dns_names", S4, "53", "w.flowmap.test", str(n_names)), timeout=120)
     benign = [["sel1._domainkey.flowmap.test", "TXT"], ["flowmap.test", "TXT"], ["_dmarc.flowmap.test", "TXT"],
               ["api.flowmap.test.kube-system.svc.cluster.local", "A"], ["api.flowmap.test.svc.cluster.local", "A"],
-              ["img-17.edge-cache-frontend-europe-west4-production.cdn.flowmap.test", "A"], ["www.flowmap.test", "AAAA"]]
+              ["img-17.edge-cache-frontend-europe-west4-production.cdn.flowmap.test", "A"],
+              ["www.flowmap.test", "AAAA"]]
     with lab.capture(out("dns-tunnel", "dig-benign-ipv6")):
         for name, qtype in benign:
             lab.client(["dig", f"@{S6}", name, qtype, "+tries=1", "+time=2"])
@@ -966,7 +967,8 @@ def make_dns_tunnel(lab: Lab, tmp: Path) -> list[Made]:
     return [
         Made("dig-tunnel-names", {"server": server, "client": _dig() + f"; {pip_version('dnspython')}",
                                   "commands": [*(f"dig @{S4} {n} {t}" for n, t in tunnel),
-                                               "capture_helpers.py client dns_big_query 10.199.0.1 53 api.flowmap.test"]},
+                                               "capture_helpers.py client dns_big_query 10.199.0.1 53 "
+                                               "api.flowmap.test"]},
              "Tunnel-like DNS over IPv4: two 56-character base32 labels (TXT, answered with 300 bytes of base32), "
              "a 60-character hex label, a short name answered with the same 300-byte TXT record, and one A query "
              "padded to 700 bytes with an EDNS option (dnspython). Every flow is dns-tunnel.",
@@ -997,7 +999,8 @@ def make_dns_zone_transfer(lab: Lab, tmp: Path) -> list[Made]:
     with lab.capture(out("dns-zone-transfer", "dig-axfr-ixfr")):
         for args in xfr:
             lab.client(["dig", *args, "+tries=1", "+time=3"])
-    plain = [[f"@{S4}", "flowmap.test", "SOA"], [f"@{S4}", "flowmap.test", "NS"], [f"@{S6}", "+tcp", "flowmap.test", "SOA"]]
+    plain = [[f"@{S4}", "flowmap.test", "SOA"], [f"@{S4}", "flowmap.test", "NS"],
+             [f"@{S6}", "+tcp", "flowmap.test", "SOA"]]
     with lab.capture(out("dns-zone-transfer", "dig-soa-ns")):
         for args in plain:
             lab.client(["dig", *args, "+tries=1", "+time=3"])
@@ -1052,8 +1055,8 @@ def make_auth_brute_force(lab: Lab, tmp: Path) -> list[Made]:
 
 @named("sqlinjection-mongodb")
 def make_sqlinjection_mongodb(lab: Lab, tmp: Path) -> list[Made]:
-    lib = maven_jars(f"mongo-java-server-{MONGO_JAVA_SERVER}",
-                     [("de.bwaldvogel", "mongo-java-server", MONGO_JAVA_SERVER), ("org.slf4j", "slf4j-simple", "2.0.16")])
+    lib = maven_jars(f"mongo-java-server-{MONGO_JAVA_SERVER}", [("de.bwaldvogel", "mongo-java-server", MONGO_JAVA_SERVER),
+                                                                ("org.slf4j", "slf4j-simple", "2.0.16")])
     (tmp / "MongoLauncher.java").write_text(_MONGO_LAUNCHER)
     lab.server(["java", "-Xmx256m", "-cp", f"{lib}/*", str(tmp / "MongoLauncher.java"), "::", "27017"], log="mongo.log")
     lab.wait_listen(27017, timeout=120)
@@ -1070,9 +1073,10 @@ def make_sqlinjection_mongodb(lab: Lab, tmp: Path) -> list[Made]:
                                 "commands": ["capture_helpers.py client mongodb_queries 10.199.0.1 27017 inject"]},
              'pymongo over IPv4: insert_one, then find({"user": "admin", "password": {"$ne": null}}), a login '
              "filter with an operator object where the password string belongs. The carrying protocol is mongodb.",
-             "mongodb", ["mongodb", "threat", "wire-compatible-server"], threats=lambda i, f: ["sqlinjection"] if i else []),
+             "mongodb", ["mongodb", "threat", "wire-compatible-server"],
+             threats=lambda i, f: ["sqlinjection"] if i else []),
         Made("pymongo-operators-ipv6", {"server": server, "client": client,
-                                        "commands": ["capture_helpers.py client mongodb_queries fd00:199::1 27017 benign"]},
+                                        "commands": [f"capture_helpers.py client mongodb_queries {S6} 27017 benign"]},
              'The closest benign case, pymongo over IPv6: find({"age": {"$gt": 30}}), find({"deletedAt": {"$ne": '
              'null}, "user": {"$in": [...]}}), find({"user": "admin", "password": "s3cret"}). No threat.',
              "mongodb", ["mongodb", "ipv6", "benign", "wire-compatible-server"]),

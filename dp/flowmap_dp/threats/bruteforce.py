@@ -81,7 +81,8 @@ class Failures:
         if key in self.firing or len(times) < self.limit:
             return []
         self.firing.add(key)
-        return [Threat(NAME, f"{len(times)} refused {session.app} logins within {self.window:g} s", f"{session.app}.auth")]
+        snippet = f"{len(times)} refused {session.app} logins within {self.window:g} s"
+        return [Threat(NAME, snippet, f"{session.app}.auth")]
 
 
 WATCHER = Watcher(NAME, Failures, LIMITS)
