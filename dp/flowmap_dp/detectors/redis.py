@@ -61,7 +61,8 @@ _REFUSED = re.compile(rb"(?:^|\r\n)-(WRONGPASS|ERR invalid password|NOAUTH)\b")
 def auth_failures(s2c: bytes) -> int:
     """Refused logins among the server's replies: each WRONGPASS or ``invalid password`` error;
     a session whose client never tried a password but was told NOAUTH counts one (a refused
-    AUTH is usually followed by NOAUTH for the next command: that one is not counted again)."""
+    AUTH is usually followed by NOAUTH for the next command: that one is not counted again). The
+    replies are not walked: a bulk value holding such a line would count too."""
     found = [m.group(1) for m in _REFUSED.finditer(s2c[:4096])]
     refused = sum(1 for f in found if f != b"NOAUTH")
     return refused or (1 if found else 0)

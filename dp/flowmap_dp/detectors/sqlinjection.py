@@ -120,8 +120,10 @@ def _filters(where: str, doc: dict[str, Any]) -> list[Any]:
     """The query filters a client's MongoDB document carries (see the module docstring)."""
     if where in ("deletes", "updates"):  # an OP_MSG document sequence: one statement each
         return [doc.get("q")]
-    if where != "msg" and not where.endswith(".$cmd"):  # a legacy OP_QUERY on a collection
+    if "." in where and not where.endswith(".$cmd"):  # a legacy OP_QUERY on a collection
         return [doc.get("$query", doc.get("query", doc))]
+    if where != "msg" and not where.endswith(".$cmd"):  # inserted documents: data, not filters
+        return []
     command = next(iter(doc), "").lower()
     if command == "find":
         return [doc.get("filter")]

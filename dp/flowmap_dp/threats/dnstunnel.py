@@ -9,7 +9,7 @@ A **scanner** over each settled ``dns`` session (its queries and answers, parsed
   breaking it into words, and a Shannon entropy of at least ``label_entropy`` bits per character
   (default 3.3). Base32 and hex encodings of 32+ bytes measure 3.4-4.6; host names long enough
   are hyphenated words (``kube-state-metrics-shard-0``), and a run of 32 letters without a break
-  is rare in a name a person chose;
+  is rare in a name a person chose (words run together that long measure like base32, and fire);
 - a TXT or NULL answer record of at least ``answer_bytes`` bytes (default 200) that carries no
   text: a NULL record, or a TXT record whose strings, joined, hold no space and do not start with
   a ``tag=`` (SPF ``v=spf1 …``, DKIM ``v=DKIM1; k=rsa; p=…``, DMARC, site verifications all do);
