@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -963,8 +964,32 @@ def make_dns_tunnel(lab: Lab, tmp: Path) -> list[Made]:
         for name, qtype in benign:
             lab.client(["dig", f"@{S6}", name, qtype, "+tries=1", "+time=2"])
         lab.client(helper("client", "dns_names", S6, "53", "w.flowmap.test", str(UNIQUE_NAMES // 2)), timeout=120)
+    # A real tunnel: iodine (Debian's), NULL queries through the tunnel server itself on port 53.
+    nsd_proc = lab.servers.pop()
+    nsd_proc.terminate()
+    nsd_proc.wait(10)
+    lab.server(["iodined", "-f", "-c", "-P", "flowmap-tunnel", "-l", S4, "-p", "53", "10.50.0.1", "t2.flowmap.test"],
+               log="iodined.log")
+    lab.wait_listen(53, udp=True)
+    iodine_cmd = ["iodine", "-f", "-r", "-P", "flowmap-tunnel", S4, "t2.flowmap.test"]
+    with lab.capture(out("dns-tunnel", "iodine")):
+        with open(tmp / "iodine.log", "wb") as log:
+            client = subprocess.Popen(["ip", "netns", "exec", lab.ns_c, *iodine_cmd], stdout=log, stderr=log)
+            lab.procs.append(client)
+            _wait_text(tmp / "iodine.log", "Connection setup complete", 60)
+            lab.client(["ping", "-c", "3", "-W", "2", "10.50.0.1"], check=False)
+            client.terminate()
+            client.wait(10)
     server = nsd + ", authoritative for flowmap.test (wildcard TXT of 300 bytes under t.flowmap.test)"
+    iodine = version_of(["iodine", "-v"]) + f" ({deb_version('iodine')})"
     return [
+        Made("iodine", {"server": f"iodined, {iodine}", "client": f"iodine, {iodine}",
+                        "commands": [f"iodined -f -c -P ... -l {S4} -p 53 10.50.0.1 t2.flowmap.test",
+                                     " ".join(iodine_cmd).replace("flowmap-tunnel", "..."),
+                                     "ping -c 3 10.50.0.1 (through the tunnel)"]},
+             "A real DNS tunnel over IPv4: iodine's handshake (version, login, codec and fragment-size probes in "
+             "NULL queries with Base128 names of ~250 characters) and three pings through the tunnel, one UDP "
+             "flow. dns-tunnel.", "dns", ["threat"], threats=lambda i, f: ["dns-tunnel"]),
         Made("dig-tunnel-names", {"server": server, "client": _dig() + f"; {pip_version('dnspython')}",
                                   "commands": [*(f"dig @{S4} {n} {t}" for n, t in tunnel),
                                                "capture_helpers.py client dns_big_query 10.199.0.1 53 "
