@@ -111,6 +111,40 @@ def client_mysql(host: str, port: str, mode: str) -> None:
 
 
 @client
+def client_login(proto: str, host: str, port: str, mode: str) -> None:
+    """Logins to a real server: ``guess`` tries 12 wrong passwords, one connection each (a
+    password-guessing client); ``typo`` one wrong password, then the right one and a query."""
+    import psycopg
+    import pymysql
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    def login(password: str) -> None:
+        if proto == "mysql":
+            pymysql.connect(host=bare(host), port=int(port), user="app", password=password, database="shop",
+                            connect_timeout=5).close()
+        elif proto == "postgresql":
+            psycopg.connect(host=bare(host), port=int(port), user="postgres", password=password,
+                            dbname="postgres", sslmode="disable", connect_timeout=5).close()
+        else:
+            # redis-py retries a refused login on new connections by default: one try, as a person's.
+            r = redis.Redis(host=bare(host), port=int(port), password=password, socket_timeout=5,
+                            retry=Retry(NoBackoff(), 0))
+            r.ping()
+            r.close()
+
+    tries = [f"guess{i}" for i in range(12)] if mode == "guess" else ["secert", "secret"]
+    for pw in tries:
+        try:
+            login(pw)
+            print(pw, "accepted")
+        except (pymysql.MySQLError, psycopg.Error, redis.RedisError) as exc:
+            print(pw, "refused:", exc)
+        time.sleep(0.3)
+
+
+@client
 def client_tls(host: str, port: str, sni: str, cafile: str) -> None:
     import ssl
 
@@ -144,6 +178,29 @@ def client_dns(host: str, port: str) -> None:
     for name, qtype in (("api.flowmap.test", "A"), ("api.flowmap.test", "AAAA"), ("www.flowmap.test", "A")):
         dns.query.udp(dns.message.make_query(name, qtype), bare(host), port=int(port), timeout=3)
     dns.query.tcp(dns.message.make_query("www.flowmap.test", "AAAA"), bare(host), port=int(port), timeout=3)
+
+
+@client
+def client_dns_names(host: str, port: str, zone: str, count: str) -> None:
+    """``count`` A queries for distinct short names under ``zone`` (8 hex digits each: no label is
+    long or random enough for the per-session rules), each from a new socket (a new session)."""
+    import dns.message
+    import dns.query
+
+    for i in range(int(count)):
+        dns.query.udp(dns.message.make_query(f"{i * 2654435761 % 2**32:08x}.{zone}", "A"), bare(host),
+                      port=int(port), timeout=3)
+
+
+@client
+def client_dns_big_query(host: str, port: str, name: str) -> None:
+    """One A query carrying 700 bytes in an EDNS option: a datagram no lookup needs."""
+    import dns.edns
+    import dns.message
+    import dns.query
+
+    q = dns.message.make_query(name, "A", use_edns=0, options=[dns.edns.GenericOption(65001, b"\x5a" * 700)])
+    dns.query.udp(q, bare(host), port=int(port), timeout=3)
 
 
 @client
@@ -236,6 +293,26 @@ def client_mongodb(host: str, port: str) -> None:
     c.admin.command("ping")
     c.shop.users.insert_one({"name": "alice"})
     list(c.shop.users.find({"name": "alice"}))
+    c.close()
+
+
+@client
+def client_mongodb_queries(host: str, port: str, mode: str) -> None:
+    """Finds whose filters come from "user input": ``inject`` passes an operator object where a
+    password string belongs (NoSQL injection); ``benign`` sends ordinary operator queries."""
+    import pymongo
+
+    h = f"[{bare(host)}]" if ":" in bare(host) else host
+    c = pymongo.MongoClient(f"mongodb://{h}:{port}/?directConnection=true&serverSelectionTimeoutMS=5000",
+                            heartbeatFrequencyMS=60000)
+    users = c.shop.users
+    users.insert_one({"user": "admin", "password": "s3cret", "age": 41})
+    if mode == "inject":
+        print(list(users.find({"user": "admin", "password": {"$ne": None}})))
+    else:
+        print(list(users.find({"age": {"$gt": 30}})))
+        print(list(users.find({"deletedAt": {"$ne": None}, "user": {"$in": ["admin", "bob"]}})))
+        print(list(users.find({"user": "admin", "password": "s3cret"})))
     c.close()
 
 

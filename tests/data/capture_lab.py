@@ -206,7 +206,8 @@ class Made:
     label: str | Callable[[dict[str, Any]], str]
     tags: list[str] = field(default_factory=list)
     carrier: str | None = None  # for sqlinjection: the protocol the injection travels in
-    threats: list[str] = field(default_factory=list)  # the threats every flow of the capture must raise
+    # The threats each flow must raise, by its index in the capture and its flow entry (none if absent).
+    threats: Callable[[int, dict[str, Any]], list[str]] | None = None
     threat_limits: list[str] = field(default_factory=list)  # NAME.KEY=VALUE the capture is judged with
 
 

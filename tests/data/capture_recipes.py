@@ -6,9 +6,11 @@ Each recipe makes two captures, usually one over IPv4 and one over IPv6 or with 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -909,7 +911,7 @@ def make_deprecated_tls(lab: Lab, tmp: Path) -> list[Made]:
                                                   f"{cmd} -connect {S4}:443 -tls1",
                                                   f"{cmd} -connect {S4}:443 -tls1_1"]},
              "Two TLS sessions over IPv4 that negotiate TLS 1.0 and TLS 1.1 (ServerHello version 0x0301, 0x0302), "
-             "one HTTP GET each: deprecated-tls.", "tls", ["threat"], threats=["deprecated-tls"]),
+             "one HTTP GET each: deprecated-tls.", "tls", ["threat"], threats=lambda i, f: ["deprecated-tls"]),
         Made("openssl-old-offered-ipv6", {"server": server + f" -cipher '{OLD_TLS}'", "client": client,
                                           "commands": [f"{cmd} -connect [{S6}]:443 -min_protocol TLSv1",
                                                        f"{cmd} -connect [{S6}]:443 -min_protocol TLSv1 -no_tls1_3"]},
@@ -936,7 +938,7 @@ def make_heartbleed(lab: Lab, tmp: Path) -> list[Made]:
                                                 f"capture_helpers.py client heartbeat {S4} 443 malicious"]},
              "Two Heartbleed probes over IPv4 (no real client makes one; OpenSSL 3 has no heartbeat support, so the "
              "server answers with an alert instead of leaking): " + what + "of 3 bytes claiming 16384 bytes of "
-             "payload: heartbleed.", "tls", ["threat", "crafted-client"], threats=["heartbleed"]),
+             "payload: heartbleed.", "tls", ["threat", "crafted-client"], threats=lambda i, f: ["heartbleed"]),
         Made("python-heartbeat-benign-ipv6", {"server": server, "client": client,
                                               "commands": [f"capture_helpers.py client heartbeat {S6} 443 benign"]},
              "The closest benign case, over IPv6: " + what + "whose claimed payload length (17) is what it carries, "
@@ -975,7 +977,7 @@ def make_http_smuggling(lab: Lab, tmp: Path) -> list[Made]:
              "raw (Content-Length with Transfer-Encoding, two Content-Lengths, Content-Length -1, "
              "'Transfer-Encoding: xchunked', a vertical tab before 'chunked', Transfer-Encoding twice, "
              "'Transfer-Encoding :'), one by curl with both headers: http-smuggling. The server answers 501.",
-             "http", ["threat"], threats=["http-smuggling"]),
+             "http", ["threat"], threats=lambda i, f: ["http-smuggling"]),
         Made("curl-chunked-and-sized-ipv6", {"server": server, "client": client,
                                              "commands": ["curl -H 'Transfer-Encoding: chunked' --data-binary @FILE "
                                                           f"http://[{S6}]/upload",
@@ -1003,10 +1005,250 @@ def make_slowloris(lab: Lab, tmp: Path) -> list[Made]:
                                   "commands": [f"capture_helpers.py client slowloris {S4} 80 4 1.0"]},
              "One Slowloris connection over IPv4: a GET's request line and Host header, then one more header "
              "line a second for four seconds, never the blank line; the client then closes. Judged with "
-             f"{SLOW_LIMIT}: slowloris.", "http", ["threat"], threats=["slowloris"], threat_limits=[SLOW_LIMIT]),
+             f"{SLOW_LIMIT}: slowloris.", "http", ["threat"], threats=lambda i, f: ["slowloris"], threat_limits=[SLOW_LIMIT]),
         Made("python-split-request-ipv6", {"server": server, "client": client,
                                            "commands": [f"capture_helpers.py client split_request {S6} 80"]},
              "The closest benign case, over IPv6: an ordinary GET written in five pieces 50 ms apart (TCP_NODELAY), "
              f"answered 200. Judged with {SLOW_LIMIT}: no threat.", "http", ["threat", "benign", "ipv6"],
              threat_limits=[SLOW_LIMIT]),
     ]
+
+
+# ---------------------------------------------------------------------------- threats: DNS
+
+def named(name: str) -> Callable[[Recipe], Recipe]:
+    """Register a recipe under a name that is no Python identifier (a threat's, with dashes)."""
+    def register(fn: Recipe) -> Recipe:
+        RECIPES[name] = fn
+        return fn
+    return register
+
+
+# 300 bytes of base32 in one TXT record, in two strings: what a tunnel's downstream looks like.
+_TUNNEL_TXT = '"' + "mfrggzdfmztwq2lknnwg23tpobyxe43uov3ho6dzpiydcmrtgq2tmnzyhe" * 3 + '" "' + \
+    "nbswy3dpeb3w64tmmqqgc3tpnzsxi2dj" * 4 + '"'
+# A real 2048-bit DKIM key record's shape: tags, spaces, then ~400 base64 characters in two strings.
+_DKIM_TXT = '"v=DKIM1; k=rsa; p=MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEA' + "q7Xn2Ybt4VQfW3kZ8pRz" * 9 + \
+    '" "' + "Hj5Lm0Pq9Rs2Tu4Vw6Xy8Za1Bc3De5Fg" * 5 + 'IDAQAB"'
+_ZONE = """$ORIGIN flowmap.test.
+$TTL 300
+@        SOA   ns1 hostmaster 2024060101 3600 600 86400 300
+@        NS    ns1
+ns1      A     10.199.0.1
+api      A     10.199.0.81
+api      AAAA  fd00:199::81
+www      CNAME api
+@        MX    10 mail
+mail     A     10.199.0.25
+@        TXT   "v=spf1 ip4:10.199.0.0/24 include:_spf.flowmap.test -all"
+_dmarc   TXT   "v=DMARC1; p=reject; rua=mailto:dmarc@flowmap.test"
+sel1._domainkey TXT {dkim}
+{tunnel}*.w      A     10.199.0.98
+*.edge-cache-frontend-europe-west4-production.cdn A 10.199.0.97
+"""
+
+
+def start_nsd(lab: Lab, tmp: Path, tunnel: bool) -> str:
+    """NSD, authoritative for flowmap.test (IPv4 and IPv6, port 53), zone transfers allowed to anyone;
+    with ``tunnel``, names under t.flowmap.test answer a 300-byte TXT record of base32."""
+    records = f"*.t      TXT   {_TUNNEL_TXT}\n*.t      A     10.199.0.99\n" if tunnel else ""
+    (tmp / "flowmap.test.zone").write_text(_ZONE.format(dkim=_DKIM_TXT, tunnel=records))
+    (tmp / "nsd.conf").write_text(f"""server:
+  ip-address: {S4}
+  ip-address: {S6}
+  port: 53
+  username: ""
+  chroot: ""
+  zonesdir: "{tmp}"
+  database: ""
+  pidfile: "{tmp}/nsd.pid"
+  xfrdfile: "{tmp}/xfrd.state"
+  zonelistfile: "{tmp}/zone.list"
+  verbosity: 2
+remote-control:
+  control-enable: no
+zone:
+  name: flowmap.test
+  zonefile: "{tmp}/flowmap.test.zone"
+  provide-xfr: 0.0.0.0/0 NOKEY
+  provide-xfr: ::0/0 NOKEY
+""")
+    run(["nsd-checkconf", str(tmp / "nsd.conf")])
+    lab.server(["nsd", "-d", "-c", str(tmp / "nsd.conf")], log="nsd.log")
+    lab.wait_listen(53, udp=True)
+    lab.wait_listen(53)
+    return version_of(["nsd", "-v"]) + f" ({deb_version('nsd')})"
+
+
+def _dig() -> str:
+    return version_of(["dig", "-v"]) + f" ({deb_version('bind9-dnsutils')})"
+
+
+_B32 = "onswg4tfoqqgc5dupjsxgidnmfuw4idimfzsa43fmnzgk5dtfyqhi2dfebrwe5lmmqqg"  # base32 of text, 68 chars
+_HEX = hashlib.sha256(b"flowmap dns-tunnel capture").hexdigest()  # 64 random-looking hex digits, as encrypted data
+UNIQUE_NAMES = 150  # dnstunnel's default unique_names
+
+
+@named("dns-tunnel")
+def make_dns_tunnel(lab: Lab, tmp: Path) -> list[Made]:
+    nsd = start_nsd(lab, tmp, tunnel=True)
+    tunnel = [[f"{_B32[:56]}.{_B32[12:68]}.t.flowmap.test", "TXT"], [f"{_HEX[:60]}.t.flowmap.test", "A"],
+              ["abc.t.flowmap.test", "TXT"]]
+    with lab.capture(out("dns-tunnel", "dig-tunnel-names")):
+        for name, qtype in tunnel:
+            lab.client(["dig", f"@{S4}", name, qtype, "+tries=1", "+time=2"])
+        lab.client(helper("client", "dns_big_query", S4, "53", "api.flowmap.test"))
+    n_names = UNIQUE_NAMES + 10
+    with lab.capture(out("dns-tunnel", "dnspython-many-names")):
+        lab.client(helper("client", "dns_names", S4, "53", "w.flowmap.test", str(n_names)), timeout=120)
+    benign = [["sel1._domainkey.flowmap.test", "TXT"], ["flowmap.test", "TXT"], ["_dmarc.flowmap.test", "TXT"],
+              ["api.flowmap.test.kube-system.svc.cluster.local", "A"], ["api.flowmap.test.svc.cluster.local", "A"],
+              ["img-17.edge-cache-frontend-europe-west4-production.cdn.flowmap.test", "A"],
+              ["www.flowmap.test", "AAAA"]]
+    with lab.capture(out("dns-tunnel", "dig-benign-ipv6")):
+        for name, qtype in benign:
+            lab.client(["dig", f"@{S6}", name, qtype, "+tries=1", "+time=2"])
+        lab.client(helper("client", "dns_names", S6, "53", "w.flowmap.test", str(UNIQUE_NAMES // 2)), timeout=120)
+    # A real tunnel: iodine (Debian's), NULL queries through the tunnel server itself on port 53.
+    nsd_proc = lab.servers.pop()
+    nsd_proc.terminate()
+    nsd_proc.wait(10)
+    lab.server(["iodined", "-f", "-c", "-P", "flowmap-tunnel", "-l", S4, "-p", "53", "10.50.0.1", "t2.flowmap.test"],
+               log="iodined.log")
+    lab.wait_listen(53, udp=True)
+    iodine_cmd = ["iodine", "-f", "-r", "-P", "flowmap-tunnel", S4, "t2.flowmap.test"]
+    with lab.capture(out("dns-tunnel", "iodine")):
+        with open(tmp / "iodine.log", "wb") as log:
+            client = subprocess.Popen(["ip", "netns", "exec", lab.ns_c, *iodine_cmd], stdout=log, stderr=log)
+            lab.procs.append(client)
+            _wait_text(tmp / "iodine.log", "Connection setup complete", 60)
+            lab.client(["ping", "-c", "3", "-W", "2", "10.50.0.1"], check=False)
+            client.terminate()
+            client.wait(10)
+    server = nsd + ", authoritative for flowmap.test (wildcard TXT of 300 bytes under t.flowmap.test)"
+    iodine = version_of(["iodine", "-v"]) + f" ({deb_version('iodine')})"
+    return [
+        Made("iodine", {"server": f"iodined, {iodine}", "client": f"iodine, {iodine}",
+                        "commands": [f"iodined -f -c -P ... -l {S4} -p 53 10.50.0.1 t2.flowmap.test",
+                                     " ".join(iodine_cmd).replace("flowmap-tunnel", "..."),
+                                     "ping -c 3 10.50.0.1 (through the tunnel)"]},
+             "A real DNS tunnel over IPv4: iodine's handshake (version, login, codec and fragment-size probes in "
+             "NULL queries with Base128 names of ~250 characters) and three pings through the tunnel, one UDP "
+             "flow. dns-tunnel.", "dns", ["threat"], threats=lambda i, f: ["dns-tunnel"]),
+        Made("dig-tunnel-names", {"server": server, "client": _dig() + f"; {pip_version('dnspython')}",
+                                  "commands": [*(f"dig @{S4} {n} {t}" for n, t in tunnel),
+                                               "capture_helpers.py client dns_big_query 10.199.0.1 53 "
+                                               "api.flowmap.test"]},
+             "Tunnel-like DNS over IPv4: two 56-character base32 labels (TXT, answered with 300 bytes of base32), "
+             "a 60-character hex label, a short name answered with the same 300-byte TXT record, and one A query "
+             "padded to 700 bytes with an EDNS option (dnspython). Every flow is dns-tunnel.",
+             "dns", ["threat"], threats=lambda i, f: ["dns-tunnel"]),
+        Made("dnspython-many-names", {"server": server, "client": f"{pip_version('dnspython')}, {PY_NOTE}",
+                                      "commands": [f"capture_helpers.py client dns_names 10.199.0.1 53 w.flowmap.test "
+                                                   f"{n_names}"]},
+             f"{n_names} A queries for distinct 8-hex-digit names under w.flowmap.test, one socket each, within a "
+             f"few seconds, over IPv4: the {UNIQUE_NAMES}th session tips the per-client watch (dns-tunnel), "
+             "once; no session alone is suspicious.", "dns", ["threat"],
+             threats=lambda i, f: ["dns-tunnel"] if i == UNIQUE_NAMES - 1 else []),
+        Made("dig-benign-ipv6", {"server": server, "client": _dig() + f"; {pip_version('dnspython')}",
+                                 "commands": [*(f"dig @{S6} {n} {t}" for n, t in benign),
+                                              f"capture_helpers.py client dns_names {S6} 53 w.flowmap.test "
+                                              f"{UNIQUE_NAMES // 2}"]},
+             "The closest benign cases over IPv6: a DKIM key (TXT, ~450 bytes in two strings), SPF and DMARC TXT "
+             "records, Kubernetes search-path expansions, a long CDN-style name, and "
+             f"{UNIQUE_NAMES // 2} distinct names under one domain (half the watch's threshold). No threat.",
+             "dns", ["ipv6", "benign"]),
+    ]
+
+
+@named("dns-zone-transfer")
+def make_dns_zone_transfer(lab: Lab, tmp: Path) -> list[Made]:
+    nsd = start_nsd(lab, tmp, tunnel=False)
+    xfr = [[f"@{S4}", "flowmap.test", "AXFR"], [f"@{S4}", "flowmap.test", "IXFR=2024010101", "+notcp"],
+           [f"@{S6}", "flowmap.test", "AXFR"]]
+    with lab.capture(out("dns-zone-transfer", "dig-axfr-ixfr")):
+        for args in xfr:
+            lab.client(["dig", *args, "+tries=1", "+time=3"])
+    plain = [[f"@{S4}", "flowmap.test", "SOA"], [f"@{S4}", "flowmap.test", "NS"],
+             [f"@{S6}", "+tcp", "flowmap.test", "SOA"]]
+    with lab.capture(out("dns-zone-transfer", "dig-soa-ns")):
+        for args in plain:
+            lab.client(["dig", *args, "+tries=1", "+time=3"])
+    server = nsd + ", authoritative for flowmap.test, provide-xfr to any address"
+    return [
+        Made("dig-axfr-ixfr", {"server": server, "client": _dig(),
+                               "commands": [f"dig {' '.join(a)}" for a in xfr]},
+             "Zone transfers asked of a real authoritative server: AXFR over TCP (IPv4 and IPv6, the whole zone "
+             "sent back) and IXFR over UDP (answered with the SOA).", "dns", ["threat", "ipv6"],
+             threats=lambda i, f: ["dns-zone-transfer"]),
+        Made("dig-soa-ns", {"server": server, "client": _dig(), "commands": [f"dig {' '.join(a)}" for a in plain]},
+             "The closest benign case: SOA and NS queries of the same zone, over UDP and TCP. No threat.",
+             "dns", ["ipv6", "benign"]),
+    ]
+
+
+# ---------------------------------------------------------------------------- threats: logins
+
+
+@named("auth-brute-force")
+def make_auth_brute_force(lab: Lab, tmp: Path) -> list[Made]:
+    my = start_mariadb(lab, tmp)
+    pg = start_postgres(lab, tmp) + f" ({deb_version('postgresql-15')})"
+    lab.server(["redis-server", "--bind", S4, S6, "--port", "6379", "--save", "", "--appendonly", "no",
+                "--requirepass", "secret", "--dir", str(tmp), "--daemonize", "no"], log="redis.log")
+    lab.wait_listen(6379)
+    rd = deb_version("redis-server") + " (--requirepass)"
+    made = []
+    for proto, port, server, dist in (("mysql", 3306, my, "PyMySQL"), ("postgresql", 5432, pg, "psycopg"),
+                                      ("redis", 6379, rd, "redis")):
+        with lab.capture(out("auth-brute-force", f"{proto}-guess")):
+            lab.client(helper("client", "login", proto, S4, str(port), "guess"), timeout=120)
+        with lab.capture(out("auth-brute-force", f"{proto}-typo-ipv6")):
+            lab.client(helper("client", "login", proto, S6, str(port), "typo"), timeout=60)
+        client = f"{pip_version(dist)}, {PY_NOTE}"
+        made += [
+            Made(f"{proto}-guess", {"server": server, "client": client,
+                                    "commands": [f"capture_helpers.py client login {proto} {S4} {port} guess"]},
+                 f"Twelve {dist} logins with wrong passwords to a real server, one connection each, 0.3 s apart, "
+                 "over IPv4: the tenth refusal tips auth-brute-force, once.", proto, ["threat"],
+                 threats=lambda i, f: ["auth-brute-force"] if i == 9 else []),
+            Made(f"{proto}-typo-ipv6", {"server": server, "client": client,
+                                        "commands": [f"capture_helpers.py client login {proto} {S6} {port} typo"]},
+                 f"The closest benign case over IPv6: one {dist} login with a mistyped password, then the right one. "
+                 "No threat.", proto, ["ipv6", "benign"]),
+        ]
+    return made
+
+
+# ---------------------------------------------------------------------------- threats: MongoDB operator injection
+
+
+@named("sqlinjection-mongodb")
+def make_sqlinjection_mongodb(lab: Lab, tmp: Path) -> list[Made]:
+    lib = maven_jars(f"mongo-java-server-{MONGO_JAVA_SERVER}", [("de.bwaldvogel", "mongo-java-server", MONGO_JAVA_SERVER),
+                                                                ("org.slf4j", "slf4j-simple", "2.0.16")])
+    (tmp / "MongoLauncher.java").write_text(_MONGO_LAUNCHER)
+    lab.server(["java", "-Xmx256m", "-cp", f"{lib}/*", str(tmp / "MongoLauncher.java"), "::", "27017"], log="mongo.log")
+    lab.wait_listen(27017, timeout=120)
+    with lab.capture(out("sqlinjection-mongodb", "pymongo-inject")):
+        lab.client(helper("client", "mongodb_queries", S4, "27017", "inject"), timeout=60)
+    with lab.capture(out("sqlinjection-mongodb", "pymongo-operators-ipv6")):
+        lab.client(helper("client", "mongodb_queries", S6, "27017", "benign"), timeout=60)
+    server = (f"mongo-java-server {MONGO_JAVA_SERVER} (de.bwaldvogel, from Maven Central; a server speaking the "
+              "MongoDB wire protocol, in-memory backend; not MongoDB itself), " + version_of(["java", "-version"]))
+    client = f"{pip_version('pymongo')}, {PY_NOTE}"
+    # pymongo opens its monitoring connection (hello only) before the pool's, which carries the finds.
+    return [
+        Made("pymongo-inject", {"server": server, "client": client,
+                                "commands": ["capture_helpers.py client mongodb_queries 10.199.0.1 27017 inject"]},
+             'pymongo over IPv4: insert_one, then find({"user": "admin", "password": {"$ne": null}}), a login '
+             "filter with an operator object where the password string belongs. The carrying protocol is mongodb.",
+             "mongodb", ["mongodb", "threat", "wire-compatible-server"],
+             threats=lambda i, f: ["sqlinjection"] if i else []),
+        Made("pymongo-operators-ipv6", {"server": server, "client": client,
+                                        "commands": [f"capture_helpers.py client mongodb_queries {S6} 27017 benign"]},
+             'The closest benign case, pymongo over IPv6: find({"age": {"$gt": 30}}), find({"deletedAt": {"$ne": '
+             'null}, "user": {"$in": [...]}}), find({"user": "admin", "password": "s3cret"}). No threat.',
+             "mongodb", ["mongodb", "ipv6", "benign", "wire-compatible-server"]),
+    ]
+

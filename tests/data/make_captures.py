@@ -97,14 +97,15 @@ def manifest_entry(proto_dir: str, made: Made) -> dict[str, Any]:
     path = OUT / proto_dir / f"{made.name}.pcap"
     data = path.read_bytes()
     flows = pcap_flows(path)
-    for f in flows:
+    for i, f in enumerate(flows):
+        threats = made.threats(i, f) if made.threats else []
         label = made.label if isinstance(made.label, str) else made.label(f)
         f_ordered = {"proto": f["proto"], "client": f["client"], "server": f["server"], "label": label,
                      "dir_evidence": f["dir_evidence"], "bidirectional": f["bidirectional"]}
         if label == "sqlinjection" and made.carrier:
             f_ordered["carrier"] = made.carrier
-        if made.threats:
-            f_ordered["threats"] = list(made.threats)
+        if threats:
+            f_ordered["threats"] = threats
         f.clear()
         f.update(f_ordered)
     entry = {

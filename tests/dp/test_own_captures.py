@@ -8,7 +8,9 @@ a listener that answers the protocol's handshake: those entries carry the tag
 client's bytes — what a detector mostly keys on — are the real library's.
 
 A flow labeled ``sqlinjection`` agrees when its threats contain a sqlinjection hit and its app
-is the carrying protocol (the flow's ``carrier``). Also checked: each of the 21 protocols has at
+is the carrying protocol (the flow's ``carrier``). Threats are checked on every flow the dp
+reports: exactly those its entry lists (``"threats": [names]``; a ``sqlinjection`` label implies
+that one), none for a flow no entry lists. Also checked: each of the 21 protocols has at
 least two captures of real traffic across the nDPI captures (tests/data/ndpi) and ours (files, not flows).
 """
 

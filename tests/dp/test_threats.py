@@ -19,9 +19,9 @@ from flowmap_dp.threats import Bound, Config, Scanner, Seen, Watcher, Watching
 
 
 def test_every_dp_name_is_a_known_threat_found_by_the_dp() -> None:
-    names = [s.name for s in threats.SCANNERS] + [w.name for w in threats.WATCHERS]
-    assert len(names) == len(set(names)), "a threat has two detections"
-    for name in names:
+    scanned, watched = [s.name for s in threats.SCANNERS], [w.name for w in threats.WATCHERS]
+    assert len(scanned) == len(set(scanned)) and len(watched) == len(set(watched)), "a threat has two detections"
+    for name in scanned + watched:
         assert name in api.BY_NAME and api.BY_NAME[name].found_by == "dp", name
     for scanner in threats.SCANNERS:
         assert scanner.apps and scanner.apps <= set(PROTOCOLS), scanner.name
@@ -36,8 +36,8 @@ def test_the_api_table_is_well_formed() -> None:
 
 def test_config_parses_the_command_line() -> None:
     c = Config.parse(["sqlinjection"], [])
-    assert not c.on("sqlinjection")
-    assert [b.name for b in threats.bind(c)] == [s.name for s in threats.SCANNERS if s.name != "sqlinjection"]
+    others = [s.name for s in threats.SCANNERS if s.name != "sqlinjection"]
+    assert not c.on("sqlinjection") and [b.name for b in threats.bind(c)] == others
     assert [b.name for b in threats.bind(Config())] == [s.name for s in threats.SCANNERS]
 
 

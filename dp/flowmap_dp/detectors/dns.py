@@ -17,10 +17,11 @@ from flowmap_dp.detectors._wire import be
 from flowmap_dp.detectors.base import Detector, Flow, Verdict
 
 _OTHER_PROTOCOL_PORTS = frozenset({5353, 5355, 137})
-_TYPES = {1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX", 16: "TXT", 28: "AAAA", 33: "SRV",
-          41: "OPT", 43: "DS", 46: "RRSIG", 48: "DNSKEY", 64: "SVCB", 65: "HTTPS", 255: "ANY"}
+_TYPES = {1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 10: "NULL", 12: "PTR", 15: "MX", 16: "TXT", 28: "AAAA", 33: "SRV",
+          41: "OPT", 43: "DS", 46: "RRSIG", 48: "DNSKEY", 64: "SVCB", 65: "HTTPS", 251: "IXFR", 252: "AXFR", 255: "ANY"}
 _RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED"}
 _MAX_ANSWERS = 64
+_MAX_BLOBS = 8
 
 
 def _name(msg: bytes, off: int) -> tuple[str, int] | None:
@@ -53,7 +54,10 @@ def _name(msg: bytes, off: int) -> tuple[str, int] | None:
 
 
 def parse(msg: bytes) -> dict[str, Any] | None:
-    """The message as a dict (id, response, rcode, questions, answers), or None if malformed."""
+    """The message as a dict (id, response, rcode, questions, answers, blobs), or None if malformed.
+
+    ``blobs``: the raw data of the first TXT and NULL answers, (type, rdata), for the dns-tunnel
+    scanner; they are not metadata."""
     if len(msg) < 12:
         return None
     ident, flags, qd, an, ns, ar = (be(msg, i, 2) or 0 for i in range(0, 12, 2))
@@ -73,6 +77,7 @@ def parse(msg: bytes) -> dict[str, Any] | None:
         questions.append({"name": name, "type": _TYPES.get(qtype, str(qtype))})
         off += 4
     answers: list[dict[str, Any]] = []
+    blobs: list[tuple[str, bytes]] = []
     for i in range(an + ns + ar):
         r = _name(msg, off)
         if r is None:
@@ -83,7 +88,11 @@ def parse(msg: bytes) -> dict[str, Any] | None:
             return None
         rdata_off = off + 10
         off = rdata_off + rdlen
-        if i >= an or len(answers) >= _MAX_ANSWERS:
+        if i >= an:
+            continue
+        if rtype in (10, 16) and len(blobs) < _MAX_BLOBS:
+            blobs.append((_TYPES[rtype], msg[rdata_off:off]))
+        if len(answers) >= _MAX_ANSWERS:
             continue
         data: str | None = None
         if rtype == 1 and rdlen == 4:
@@ -98,7 +107,7 @@ def parse(msg: bytes) -> dict[str, Any] | None:
     if off != len(msg):
         return None
     return {"id": ident, "response": bool(flags & 0x8000), "rcode": _RCODES.get(flags & 0xF, str(flags & 0xF)),
-            "questions": questions, "answers": answers}
+            "questions": questions, "answers": answers, "blobs": blobs}
 
 
 def messages(flow: Flow, from_client: bool) -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ A BSON document must have a length that fits, end with NUL and start with a vali
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Mapping
 from typing import Any
 
@@ -64,6 +65,126 @@ def message(data: bytes) -> tuple[str, str | None] | None:
     return None  # legacy write opcodes alone are too thin to decide on
 
 
+# -- a bounded BSON reader (for the sqlinjection scanner's look at query filters) --------------
+
+MAX_DEPTH = 8  # nesting of documents and arrays
+MAX_ELEMENTS = 256  # elements read in one message's documents, all levels together
+
+
+class Code(str):
+    """A BSON JavaScript value (types 0x0D and 0x0F): a string the server would run."""
+
+
+class Regex(str):
+    """A BSON regular expression (type 0x0B): its pattern (the options are dropped)."""
+
+
+_FIXED = {0x01: 8, 0x07: 12, 0x09: 8, 0x11: 8, 0x12: 8, 0x13: 16, 0x06: 0, 0x0A: 0, 0x7F: 0, 0xFF: 0}
+MIN_KEY = object()  # type 0xFF: compares below everything, as "" does among strings
+
+
+def document(data: bytes, off: int = 0, depth: int = 0, budget: list[int] | None = None) -> dict[str, Any] | None:
+    """The BSON document at ``off`` as a dict (arrays as dicts keyed "0", "1"…), or None when it is
+    malformed, does not fit, nests deeper than ``MAX_DEPTH`` or holds more than ``MAX_ELEMENTS``.
+    Strings are cut at 1,024 characters; binary, ObjectId, dates and the like come back as None."""
+    budget = [MAX_ELEMENTS] if budget is None else budget
+    n = le(data, off, 4)
+    if n is None or n < 5 or off + n > len(data) or data[off + n - 1] != 0 or depth > MAX_DEPTH:
+        return None
+    end, pos, out = off + n - 1, off + 4, {}
+    while pos < end:
+        budget[0] -= 1
+        t, name = data[pos], cstring(data, pos + 1, 1024)
+        if budget[0] < 0 or name is None or name[1] > end:
+            return None
+        key, pos = name[0].decode("utf-8", "replace"), name[1]
+        value: Any = None
+        if t in _FIXED:
+            size = _FIXED[t]
+            if t == 0x01 and pos + 8 <= end:
+                value = struct.unpack_from("<d", data, pos)[0]
+            elif t == 0x12:
+                value = le(data, pos, 8)
+            elif t == 0xFF:
+                value = MIN_KEY
+        elif t in (0x02, 0x0D, 0x0E):  # string, JavaScript, symbol: int32 length, bytes, NUL
+            size = 4 + (le(data, pos, 4) or 0)
+            raw = data[pos + 4 : pos + size - 1]
+            value = (Code if t == 0x0D else str)(raw[:1024].decode("utf-8", "replace"))
+        elif t in (0x03, 0x04):
+            size = le(data, pos, 4) or 0
+            value = document(data, pos, depth + 1, budget)
+            if value is None:
+                return None
+        elif t == 0x05:
+            size = 5 + (le(data, pos, 4) or 0)
+        elif t == 0x08:
+            size, value = 1, data[pos] == 1 if pos < end else None
+        elif t == 0x0B:  # pattern and options, two C strings
+            pattern = cstring(data, pos, 1024)
+            options = cstring(data, pattern[1], 64) if pattern else None
+            if pattern is None or options is None:
+                return None
+            size, value = options[1] - pos, Regex(pattern[0].decode("utf-8", "replace"))
+        elif t == 0x0C:
+            size = 4 + (le(data, pos, 4) or 0) + 12
+        elif t == 0x0F:  # code with scope: total length, string, document
+            size = le(data, pos, 4) or 0
+            length = le(data, pos + 4, 4) or 0
+            value = Code(text(data[pos + 8 : pos + 7 + min(length, 1025)], 1024))
+        elif t == 0x10:
+            size, value = 4, le(data, pos, 4)
+            if value is not None and value >= 1 << 31:
+                value -= 1 << 32
+        else:
+            return None
+        if size < 0 or pos + size > end:
+            return None
+        out[key] = value
+        pos += size
+    return out if pos == end else None
+
+
+def documents(data: bytes) -> list[tuple[str, dict[str, Any]]]:
+    """The client's documents, message by message, up to 16 messages: (where, document) with
+    ``where`` "msg" (an OP_MSG body), the identifier of an OP_MSG document sequence (pymongo's
+    "updates", "deletes", "documents"), or the ``db.collection`` of an OP_QUERY."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    off = 0
+    for _ in range(16):
+        n, op = le(data, off, 4), le(data, off + 12, 4)
+        if n is None or op is None or n <= 16 or off + n > len(data):
+            break
+        msg = data[off : off + n]
+        off += n
+        if op == 2013:
+            flags = le(msg, 16, 4) or 0
+            end, pos = len(msg) - (4 if flags & 1 else 0), 20
+            while pos < end and len(out) < 64:
+                if msg[pos] == 0:
+                    doc = document(msg, pos + 1)
+                    if doc is None:
+                        break
+                    out.append(("msg", doc))
+                    pos += 1 + (le(msg, pos + 1, 4) or 0)
+                elif msg[pos] == 1:
+                    size, ident = le(msg, pos + 1, 4) or 0, cstring(msg, pos + 5, 64)
+                    if ident is None or size < 5 or pos + 1 + size > end:
+                        break
+                    at, stop = ident[1], pos + 1 + size
+                    while at < stop and (doc := document(msg[:stop], at)) is not None and len(out) < 64:
+                        out.append((text(ident[0], 64), doc))
+                        at += le(msg, at, 4) or 0
+                    pos = stop
+                else:
+                    break
+        elif op == 2004 and (coll := cstring(msg, 20, 256)) is not None:
+            doc = document(msg, coll[1] + 8)
+            if doc is not None:
+                out.append((text(coll[0], 256), doc))
+    return out
+
+
 def detect(flow: Flow) -> Verdict:
     """MATCH when the first message of either side is a well-formed MongoDB message."""
     for from_client in (True, False):
@@ -92,4 +213,5 @@ DETECTOR = Detector(
     max_packets=4,
     detect=detect,
     extract=extract,
+    linger=10,  # queries are scanned for operator injection (sqlinjection)
 )

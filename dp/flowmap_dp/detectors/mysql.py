@@ -71,9 +71,29 @@ def queries(data: bytes) -> list[str]:
     return out
 
 
+# ER_ACCESS_DENIED_ERROR (bad user or password), ER_DBACCESS_DENIED_ERROR (no right to the database).
+_LOGIN_REFUSED = frozenset({1044, 1045})
+
+
+def auth_failures(data: bytes) -> int:
+    """ERR packets (0xff) refusing a login (1044, 1045) in the server's stream, up to 32 packets."""
+    n_failed, off = 0, 0
+    for _ in range(32):
+        n = le(data, off, 3)
+        if n is None or n == 0:
+            break
+        if data[off + 4 : off + 5] == b"\xff" and le(data, off + 5, 2) in _LOGIN_REFUSED:
+            n_failed += 1
+        off += 4 + n
+    return n_failed
+
+
 def extract(flow: Flow) -> Mapping[str, Any]:
-    """The server version and, when the client sends it in clear, the user name."""
+    """The server version, when the client sends it in clear the user name, and the logins the
+    server refused (``auth_failures``, when any)."""
     meta: dict[str, Any] = {}
+    if failed := auth_failures(flow.stream(False)):
+        meta["auth_failures"] = failed
     if v := greeting(flow.stream(False)):
         meta["server_version"] = v
     c2s = flow.stream(True)

@@ -74,8 +74,34 @@ def queries(data: bytes) -> list[str]:
     return out
 
 
+# invalid_password, invalid_authorization_specification (no pg_hba.conf entry, unknown role).
+_LOGIN_REFUSED = frozenset({b"28P01", b"28000"})
+
+
+def auth_failures(c2s: bytes, s2c: bytes) -> int:
+    """ErrorResponses ('E') with a login-refusing SQLSTATE in the server's stream (after its one-
+    byte answer to an SSL or GSS-encryption request, if the client asked), up to 32 messages."""
+    off = 1 if _short_request(c2s[:8]) and s2c[:1] in (b"N", b"S", b"G") else 0
+    if s2c[:1] in (b"S", b"G") and off:
+        return 0  # encrypted from here on
+    failed = 0
+    for _ in range(32):
+        typ, n = s2c[off : off + 1], be(s2c, off + 1, 4)
+        if n is None or n < 4:
+            break
+        if typ == b"E":
+            body = s2c[off + 5 : off + 1 + n]
+            for field in body.split(b"\x00"):
+                if field[:1] == b"C" and field[1:] in _LOGIN_REFUSED:
+                    failed += 1
+                    break
+        off += 1 + n
+    return failed
+
+
 def extract(flow: Flow) -> Mapping[str, Any]:
-    """User, database and application name from the startup message."""
+    """User, database and application name from the startup message, and the logins the server
+    refused (``auth_failures``, when any)."""
     c2s = flow.stream(True)
     if _short_request(c2s[:8]):
         c2s = c2s[8:]
@@ -83,6 +109,8 @@ def extract(flow: Flow) -> Mapping[str, Any]:
     meta: dict[str, Any] = {k: params[k] for k in ("user", "database", "application_name") if k in params}
     if _short_request(flow.stream(True)[:8]):
         meta["encryption_requested"] = True
+    if failed := auth_failures(flow.stream(True), flow.stream(False)):
+        meta["auth_failures"] = failed
     return {"postgresql": meta}
 
 

@@ -54,13 +54,35 @@ def detect(flow: Flow) -> Verdict:
     return Verdict.NO if c2s else Verdict.MORE
 
 
+# A refused AUTH or HELLO (Redis 6+, and before 6), and a command refused for want of one.
+_REFUSED = re.compile(rb"(?:^|\r\n)-(WRONGPASS|ERR invalid password|NOAUTH)\b")
+
+
+def auth_failures(s2c: bytes) -> int:
+    """Refused logins among the server's replies: each WRONGPASS or ``invalid password`` error;
+    a session whose client never tried a password but was told NOAUTH counts one (a refused
+    AUTH is usually followed by NOAUTH for the next command: that one is not counted again). The
+    replies are not walked: a bulk value holding such a line would count too."""
+    found = [m.group(1) for m in _REFUSED.finditer(s2c[:4096])]
+    refused = sum(1 for f in found if f != b"NOAUTH")
+    return refused or (1 if found else 0)
+
+
 def extract(flow: Flow) -> Mapping[str, Any]:
-    """The first command's name."""
+    """The first command's name, and the logins the server refused (``auth_failures``, when any)."""
     c2s = flow.stream(True)
     name = command(c2s)
     if name is None and (m := _INLINE.match(c2s)):
         name = m.group(1).decode().upper()
-    return {"redis": {"command": name or ""}}
+    meta: dict[str, Any] = {"command": name or ""}
+    if failed := auth_failures(flow.stream(False)):
+        meta["auth_failures"] = failed
+    return {"redis": meta}
+
+
+def answered(flow: Flow) -> bool:
+    """The server has replied: its first reply says whether a login was refused."""
+    return bool(flow.s2c)
 
 
 DETECTOR = Detector(
@@ -70,4 +92,6 @@ DETECTOR = Detector(
     max_packets=4,
     detect=detect,
     extract=extract,
+    linger=4,  # until the server's first reply (auth-brute-force counts refused logins)
+    settled=answered,
 )

@@ -16,7 +16,7 @@ from typing import Any
 
 from flowmap_dp.detectors import sqlinjection
 from flowmap_dp.detectors.base import Flow, Threat
-from flowmap_dp.threats import deprecated_tls, heartbleed, slowloris, smuggling
+from flowmap_dp.threats import bruteforce, deprecated_tls, dnstunnel, heartbleed, slowloris, smuggling, zonetransfer
 from flowmap_dp.threats.base import Limits, Scanner, Seen, Watch, Watcher
 
 
@@ -31,14 +31,24 @@ SCANNERS: tuple[Scanner, ...] = (
     heartbleed.SCANNER,
     smuggling.SCANNER,
     slowloris.SCANNER,
+    dnstunnel.SCANNER,
+    zonetransfer.SCANNER,
 )
-WATCHERS: tuple[Watcher, ...] = ()
+WATCHERS: tuple[Watcher, ...] = (
+    dnstunnel.WATCHER,
+    bruteforce.WATCHER,
+)
 # Threat hits one session carries (the inspector's and the watches' together).
 MAX_HITS = 4
 
 
 def _all_limits() -> dict[str, Limits]:
-    return {**{s.name: s.limits for s in SCANNERS}, **{w.name: w.limits for w in WATCHERS}}
+    # A detection may be a scanner and a watch under one name (dns-tunnel): one switch, their
+    # limits side by side (their keys differ).
+    out: dict[str, dict[str, float]] = {}
+    for name, limits in [*((s.name, s.limits) for s in SCANNERS), *((w.name, w.limits) for w in WATCHERS)]:
+        out.setdefault(name, {}).update(limits)
+    return dict(out)
 
 
 @dataclass(frozen=True)
