@@ -123,6 +123,18 @@ def test_every_labeled_flow_is_found() -> None:
     assert not missing, missing
 
 
+@pytest.mark.parametrize("entry", json.loads(MANIFEST.read_text()), ids=lambda e: e["file"])
+def test_every_flow_raises_exactly_its_listed_threats(entry: dict[str, Any]) -> None:
+    """nDPI's captures are benign unless their manifest entry lists a flow's ``threats``: every flow
+    we classify, listed or not, raises exactly what is listed (absent: none)."""
+    from tests.dp.test_own_captures import threat_mismatches
+
+    labels = [{**lb, "client": lb.get("client", lb.get("a")), "server": lb.get("server", lb.get("b"))}
+              for lb in entry["flows"]]
+    wrong = threat_mismatches(_classified(entry["file"]), labels)
+    assert not wrong, f"{entry['file']}:\n  " + "\n  ".join(wrong)
+
+
 def test_the_vendored_captures_are_ndpis_unmodified() -> None:
     entries = json.loads(MANIFEST.read_text())
     on_disk = {p.name for p in NDPI.iterdir()} - {"MANIFEST.json", "README.md", "COPYING"}

@@ -82,6 +82,31 @@ def test_own_capture_flows(entry: dict[str, Any]) -> None:
     assert not wrong, f"{entry['file']} ({entry['made_by'].get('server')}):\n  " + "\n  ".join(wrong)
 
 
+def _key(l4: str, a: str, b: str) -> tuple[str, frozenset[str]]:
+    return l4, frozenset({a.lower(), b.lower()})
+
+
+def threat_mismatches(flows: tuple[dict[str, Any], ...], labels: list[dict[str, Any]]) -> list[str]:
+    """Every classified flow against its manifest entry's ``threats`` (absent: none; a flow labeled
+    ``sqlinjection`` raises that), matched by its 5-tuple either way round; a flow the manifest
+    does not list must raise none."""
+    want = {_key(lb["proto"], lb["client"], lb["server"]):
+            sorted(lb.get("threats", ["sqlinjection"] if lb["label"] == "sqlinjection" else [])) for lb in labels}
+    wrong = []
+    for f in flows:
+        got = sorted(t["name"] for t in f.get("threats") or [])
+        expected = want.get(_key(f["l4"], f["client"], f["server"]), [])
+        if got != expected:
+            wrong.append(f"{f['l4']} {f['client']} -> {f['server']}: threats {got}, listed {expected}")
+    return wrong
+
+
+@pytest.mark.parametrize("entry", _entries(), ids=lambda e: e["file"])
+def test_every_flow_raises_exactly_its_listed_threats(entry: dict[str, Any]) -> None:
+    wrong = threat_mismatches(_classified(entry["file"]), entry["flows"])
+    assert not wrong, f"{entry['file']}:\n  " + "\n  ".join(wrong)
+
+
 def test_manifest_is_complete() -> None:
     entries = _entries()
     assert entries, f"{OWN_MANIFEST} lists no captures"
