@@ -895,19 +895,19 @@ def make_icmp(lab: Lab, tmp: Path) -> list[Made]:
     # documentation advises.
     lab.sh(lab.ns_s, ["sysctl", "-qw", "net.ipv4.icmp_echo_ignore_all=1"])
     lab.server(["socat", "TCP4-LISTEN:7,bind=127.0.0.1,fork,reuseaddr", "PIPE"], log="tunnel-target.log")
-    lab.server(["ptunnel-ng", "-r127.0.0.1", "-R7", "-v", "1", "-o", str(tmp / "ptunnel-proxy.log")],
-               log="ptunnel-proxy.out")
+    lab.server(["ptunnel-ng", "-r127.0.0.1", "-R7", "-v1", f"-o{tmp / 'ptunnel-proxy.log'}"], log="ptunnel-proxy.out")
     lab.wait_listen(7)
     text = "tunnelled through ICMP echoes " * 20
     with lab.capture(out("icmp", "ptunnel-ng"), Lab.ECHOES):
-        lab.background_client(["ptunnel-ng", "-p", S4, "-l", "2222", "-r127.0.0.1", "-R7", "-v", "1",
-                               "-o", str(tmp / "ptunnel-client.log")], log="ptunnel-client.out")
+        lab.background_client(["ptunnel-ng", f"-p{S4}", "-l2222", "-r127.0.0.1", "-R7", "-v1",
+                               f"-o{tmp / 'ptunnel-client.log'}"], log="ptunnel-client.out")
         deadline = time.monotonic() + 20
         while not lab.sh(lab.ns_c, ["ss", "-Hltn", "sport = :2222"], check=False).stdout.strip():
             if time.monotonic() > deadline:
                 raise TimeoutError("ptunnel-ng's client does not listen on 2222")
             time.sleep(0.2)
-        echoed = lab.client(["socat", "-t", "3", "-", "TCP4:127.0.0.1:2222"], input=text + "\n").stdout
+        # Stdin stays open until the echo is back: ptunnel-ng ends its session on a half-close.
+        echoed = lab.client(["sh", "-c", f"(printf '%s\\n' '{text}'; sleep 3) | socat -t 2 - TCP4:127.0.0.1:2222"]).stdout
         if text not in echoed:
             raise RuntimeError(f"the tunnel did not echo: {echoed[:200]!r}")
         time.sleep(1.5)
@@ -926,7 +926,7 @@ def make_icmp(lab: Lab, tmp: Path) -> list[Made]:
                             "client": f"ptunnel-ng client ({deb_version('ptunnel-ng')}) and socat",
                             "commands": ["sysctl -w net.ipv4.icmp_echo_ignore_all=1 (proxy namespace)",
                                          "ptunnel-ng -r127.0.0.1 -R7", f"ptunnel-ng -p {S4} -l 2222 -r127.0.0.1 -R7",
-                                         "echo TEXT | socat -t 3 - TCP4:127.0.0.1:2222"]},
+                                         "(printf TEXT; sleep 3) | socat -t 2 - TCP4:127.0.0.1:2222"]},
              "A real ICMP tunnel: ptunnel-ng carries a TCP connection (a line of text to an echo server and back) "
              "in echo requests and its proxy's echo replies.", "unknown", ["threats"],
              threats=_echo_threats({"icmp": ["icmp-tunnel"]})),

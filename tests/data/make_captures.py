@@ -55,7 +55,7 @@ def pcap_flows(path: Path) -> list[dict[str, Any]]:
     SYN (or echo request) or else by first packet. An echo session's endpoints are the addresses
     with its identifier as the port, as the dp keys and prints it."""
     from scapy.layers.inet import ICMP, IP, TCP, UDP
-    from scapy.layers.inet6 import IPv6, _ICMPv6
+    from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6EchoRequest, IPv6
     from scapy.utils import PcapReader
 
     flows: dict[frozenset[tuple[str, int]], dict[str, Any]] = {}
@@ -66,7 +66,7 @@ def pcap_flows(path: Path) -> list[dict[str, Any]]:
                 continue
             fmt = (lambda a, p: f"[{a}]:{p}") if isinstance(ip, IPv6) else (lambda a, p: f"{a}:{p}")
             l4 = pkt.getlayer(TCP) or pkt.getlayer(UDP)
-            icmp = pkt.getlayer(ICMP) or pkt.getlayer(_ICMPv6)
+            icmp = pkt.getlayer(ICMP) or pkt.getlayer(ICMPv6EchoRequest) or pkt.getlayer(ICMPv6EchoReply)
             if l4 is not None:
                 proto = "tcp" if isinstance(l4, TCP) else "udp"
                 src, dst = fmt(ip.src, l4.sport), fmt(ip.dst, l4.dport)

@@ -21,6 +21,7 @@ from flowmap_dp.block import block_packets
 from flowmap_dp.classify import OFFLINE_MAX_SESSIONS, classify_file, flow_dict
 from flowmap_dp.detectors.base import Threat
 from flowmap_dp.pcapfile import read_records
+from flowmap_dp.threats import Watching
 from flowmap_dp.session import HANDOFF_REMEMBERED, INSPECTOR_IDLE, NEW_EXCHANGE_AFTER, Timeouts
 from tests.dp.synth import Frame, ether, ipv4, ipv6, mixed_traffic, pack_block, tcp, udp
 from tests.dp.test_fragments import frags4, frags6
@@ -243,6 +244,7 @@ def test_every_capture_classifies_alike(path: Path, every: int, monkeypatch: pyt
     twins.close_all()
     report = twins.collect(0.0)
     assert report.sessions and report.health.packets == len(records)
+    Watching().observe(report)  # as classify does: the watches' hits join the sessions'
     assert [flow_dict(d) for d in report.sessions] == classify_file(path)
     if "sqlinjection" in path.parts or path.name == "WebattackSQLinj.pcap":
         assert any(t.name == "sqlinjection" for d in report.sessions for t in d.threats)

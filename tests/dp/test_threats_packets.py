@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from flowmap_dp.classify import classify_table
 from flowmap_dp.decode import (MARK_FAST_OPEN, MARK_OVERSIZED, MARK_SPLIT_HANDSHAKE, MARK_SYN_DATA, Decoded,
                                Fragments, decode)
 from flowmap_dp.session import ECHO_COUNT_MAX, SessionDelta, echo_digest
@@ -246,3 +248,27 @@ def test_hostile_options_and_fragments_never_raise_and_the_tables_agree(options:
     f = Fragments()
     for frame in frames:
         f.decode(frame, 0, len(frame))
+
+
+# -- the captures' benign sides are not empty ----------------------------------------------------
+
+CAPTURES = Path(__file__).resolve().parents[1] / "data" / "captures"
+
+
+def _capture(name: str, config: Config = Config()) -> list[SessionDelta]:
+    report = classify_table(CAPTURES / name).collect(0.0)
+    Watching(config).observe(report)
+    return report.sessions
+
+
+def test_real_fast_open_sends_data_in_its_syns_and_is_told_only_when_asked() -> None:
+    assert hits(_capture("tfo/curl-cookie.pcap")) == []
+    told = _capture("tfo/curl-cookie.pcap", Config.parse([], ["syn-with-data.fast_open=1"]))
+    assert hits(told) == ["syn-with-data"] * 2  # the second connection of each family: GET in the SYN
+
+
+def test_real_pings_are_large_and_fragmented_and_still_no_tunnel() -> None:
+    sessions = _capture("icmp/ping.pcap")
+    sizes = sorted(max(d.bytes_c2s // max(d.packets_c2s, 1), 0) for d in sessions)
+    assert len(sessions) == 4 and sizes[-2] == 1500 and hits(sessions) == []
+    assert max(d.packets_c2s for d in sessions) > 3  # -s 4000: fragments
