@@ -5,7 +5,7 @@ VERSION: str
 SOURCE_DIGEST: str
 
 Row = tuple[int, tuple[int, int, bytes, int, bytes, int], tuple[float, float], tuple[bool, bool, str, int, int],
-            tuple[int, int, int, int]]
+            tuple[int, int, int, int], tuple[int, int]]
 Counters = tuple[int, int, list[int], tuple[int, int, int, int, int], tuple[int, int, int, int], int]
 
 class Table:

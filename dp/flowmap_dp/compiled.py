@@ -179,7 +179,8 @@ class CompiledTable:
         return Report(now, deltas, self.health())
 
     def _delta(self, row: Any) -> SessionDelta:
-        handle, (proto, vlan, client, cport, server, sport), (first, last), (new, opened, end, state, code), counts = row
+        handle, (proto, vlan, client, cport, server, sport), (first, last), (new, opened, end, state, code), counts, \
+            (marks, echo_changes) = row
         packets_c2s, packets_s2c, bytes_c2s, bytes_s2c = counts
         r = self._records.get(handle)
         app, decided, metadata, threats = self._apps[code], False, None, []
@@ -193,7 +194,7 @@ class CompiledTable:
                 r.app_new = False
         return SessionDelta(L4_NAMES.get(proto, str(proto)), proto, vlan, client, cport, server, sport, first, last,
                             new, opened, bool(end), end, STATE_NAMES[state], app, decided, packets_c2s, packets_s2c,
-                            bytes_c2s, bytes_s2c, metadata, threats)
+                            bytes_c2s, bytes_s2c, metadata, threats, marks, echo_changes)
 
     def count_parser_error(self) -> None:
         """A block whose parsing raised (a bug): counted as ``internal_error``."""

@@ -50,6 +50,18 @@ TCP_SYN: Final = 0x02
 TCP_RST: Final = 0x04
 TCP_ACK: Final = 0x10
 
+# What one packet shows that a threat detection wants (``Decoded.marks``), ORed into its session's
+# marks until the next report (``SessionDelta.marks``). The decoder sets the packet's own facts;
+# the session table those a packet shows only against its session.
+MARK_SPLIT_HANDSHAKE: Final = 0x01  # table: a SYN answered by a SYN (no ACK) from the other side
+MARK_SYN_DATA: Final = 0x02  # a SYN (no ACK) carrying payload (captured), without a Fast Open cookie
+MARK_FAST_OPEN: Final = 0x04  # a SYN carrying payload and a TCP Fast Open cookie (kind 34, or 254 + 0xF989)
+MARK_OVERSIZED: Final = 0x08  # a fragment whose datagram, reassembled, would pass 65,535 bytes
+IP_MAX: Final = 65535  # the largest IPv4 total length, the largest IPv6 payload length
+TCP_OPT_FAST_OPEN: Final = 34
+TCP_OPT_EXPERIMENT: Final = 254
+TFO_MAGIC: Final = 0xF989  # RFC 7413's experimental option: kind 254, magic 0xF989
+
 MALFORMED: Final = (
     "truncated_link",  # shorter than the link-layer header (Ethernet, SLL, PPPoE)
     "truncated_vlan",  # a VLAN tag cut short
@@ -108,7 +120,7 @@ class Decoded:
     """One packet that belongs to a session. Offsets index the buffer given to ``decode``."""
 
     __slots__ = ("vlan", "proto", "src", "dst", "sport", "dport", "flags", "ip_len", "payload_start", "payload_end",
-                 "frag")
+                 "frag", "marks")
 
     def __init__(
         self,
@@ -122,6 +134,7 @@ class Decoded:
         ip_len: int,
         payload_start: int,
         payload_end: int,
+        marks: int = 0,
     ) -> None:
         self.vlan = vlan
         self.proto = proto
@@ -135,6 +148,7 @@ class Decoded:
         self.payload_end = payload_end  # payload_end - payload_start may be < what was sent (snaplen)
         # A first fragment (more follow): its datagram's id, (vlan, src, dst, protocol, ident).
         self.frag: FragKey | None = None
+        self.marks = marks  # MARK_* bits the decoder saw
 
     @property
     def payload_len(self) -> int:
@@ -151,11 +165,14 @@ class Decoded:
 class _Later:
     """A non-first fragment, as ``_decode`` hands it to ``Fragments`` (``decode`` says "fragment")."""
 
-    __slots__ = ("key", "ip_len")
+    __slots__ = ("key", "ip_len", "marks")
 
-    def __init__(self, key: FragKey, ip_len: int) -> None:
+    def __init__(self, key: FragKey, ip_len: int, reassembled: int) -> None:
         self.key = key
         self.ip_len = ip_len
+        # The length field its datagram would need, reassembled (IPv4 total, IPv6 payload): past
+        # IP_MAX no datagram can be (the ping of death).
+        self.marks = MARK_OVERSIZED if reassembled > IP_MAX else 0
 
 
 class DecodeStats:
@@ -310,7 +327,7 @@ class Fragments:
         vlan, src, dst, proto, _ = f.key
         # Flags as the first fragment's (the same TCP segment or ICMP message: applying them
         # again changes no state); no payload to inspect.
-        return Decoded(vlan, proto, src, dst, sport, dport, flags, f.ip_len, 0, 0)
+        return Decoded(vlan, proto, src, dst, sport, dport, flags, f.ip_len, 0, 0, f.marks)
 
 
 def _decode(buf: bytes | memoryview, start: int, end: int, link: int, vlan: int,
@@ -382,7 +399,7 @@ def _ipv4(buf: bytes | memoryview, pos: int, end: int, vlan: int, wire_ip: int) 
         return "bad_ip_length"
     if frag & 0x1FFF:
         # Later fragments have no L4 header; the first one carried the ports.
-        return _Later((vlan, src, dst, proto, ident), ip_len)
+        return _Later((vlan, src, dst, proto, ident), ip_len, (frag & 0x1FFF) * 8 + ip_len)
     if end - pos < ihl:
         return "truncated_ip"
     out = _l4(buf, pos + ihl, min(end, pos + ip_len), vlan, proto, src, dst, ip_len)
@@ -412,7 +429,9 @@ def _ipv6(buf: bytes | memoryview, pos: int, end: int, vlan: int, wire_ip: int) 
             (fo,) = _U16.unpack_from(buf, off + 2)
             (ident,) = _U32.unpack_from(buf, off + 4)
             if fo & 0xFFF8:
-                return _Later((vlan, src, dst, buf[off], ident), ip_len)
+                # Reassembled payload: what precedes this fragment's data but the fragment header,
+                # then the data from its offset on.
+                return _Later((vlan, src, dst, buf[off], ident), ip_len, (fo & 0xFFF8) + ip_len - 48)
             if fo & 1:  # more fragments follow: this is the first
                 first = (vlan, src, dst, buf[off], ident)
             nh, ext = buf[off], 8
@@ -433,6 +452,30 @@ def _ipv6(buf: bytes | memoryview, pos: int, end: int, vlan: int, wire_ip: int) 
     return out
 
 
+def _fast_open(buf: bytes | memoryview, off: int, end: int) -> bool:
+    """True when the TCP options in ``buf[off:end]`` (at most 40 bytes) hold a Fast
+    Open cookie: kind 34 with one (length > 2), or kind 254 with magic 0xF989 and one. A cookie
+    request (no cookie) is not Fast Open data: the server must not accept data without one."""
+    while off < end:
+        kind = buf[off]
+        if kind == 0:  # end of options
+            return False
+        if kind == 1:  # no-op
+            off += 1
+            continue
+        if end - off < 2:
+            return False
+        size = buf[off + 1]
+        if size < 2 or size > end - off:
+            return False  # malformed: no option can be read past it
+        if kind == TCP_OPT_FAST_OPEN and size > 2:
+            return True
+        if kind == TCP_OPT_EXPERIMENT and size > 4 and buf[off + 2] << 8 | buf[off + 3] == TFO_MAGIC:
+            return True
+        off += size
+    return False
+
+
 def _l4(buf: bytes | memoryview, off: int, stop: int, vlan: int, proto: int, src: bytes, dst: bytes,
         ip_len: int) -> Decoded | str:
     """L4 header at ``off``; ``stop`` is where captured bytes or the IP datagram end."""
@@ -445,7 +488,10 @@ def _l4(buf: bytes | memoryview, off: int, stop: int, vlan: int, proto: int, src
         if hl < 20:
             return "bad_tcp_offset"
         start = min(off + hl, stop)
-        return Decoded(vlan, proto, src, dst, sport, dport, flags, ip_len, start, stop)
+        marks = 0
+        if flags & (TCP_SYN | TCP_ACK) == TCP_SYN and stop > start:
+            marks = MARK_FAST_OPEN if _fast_open(buf, off + 20, start) else MARK_SYN_DATA
+        return Decoded(vlan, proto, src, dst, sport, dport, flags, ip_len, start, stop, marks)
     if proto == PROTO_UDP:
         if stop - off < 8:
             return "truncated_l4"

@@ -44,7 +44,7 @@ from typing import Any, Protocol
 
 from flowmap_dp.decode import (
     L4_NAMES, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
-    FRAGMENT_MAX, Decoded, DecodeStats, Fragments, flow_key, format_endpoint, split_key,
+    FRAGMENT_MAX, MARK_SPLIT_HANDSHAKE, Decoded, DecodeStats, Fragments, flow_key, format_endpoint, split_key,
 )
 from flowmap_dp.detection import NO_VERDICT, UNKNOWN, Inspector
 from flowmap_dp.detectors import REGISTRY
@@ -81,6 +81,26 @@ MAX_FEED_LIMIT = 255  # payload packets one session may feed its inspector (0: d
 
 _NO_METADATA: Mapping[str, Any] = MappingProxyType({})
 _ICMP_REPLIES = frozenset({0, 129})  # echo reply: the receiver asked, so it is the client
+
+# Echo payloads (ICMP and ICMPv6 echo request and reply): each is summed up in 16 bits — its IP
+# length and its captured bytes from ECHO_SKIP to ECHO_SKIP + ECHO_BYTES — and compared with
+# the session's last request. Ping writes a timestamp in its first 16 bytes, then a fixed
+# pattern, and the reply echoes the request: none of them differs.
+ECHO_SKIP = 16
+ECHO_BYTES = 256
+ECHO_COUNT_MAX = 255  # echo changes counted per report at most (a byte in the compiled table)
+_ECHO = {PROTO_ICMP: (8, 0), PROTO_ICMPV6: (128, 129)}  # (request type, reply type)
+
+
+def echo_digest(ip_len: int, payload: bytes | memoryview) -> int:
+    """16 bits of an echo's IP length and payload bytes ``[ECHO_SKIP, ECHO_SKIP + ECHO_BYTES)``:
+    FNV-1a (32 bits) folded; never 0 (a session's 0 means no request seen yet)."""
+    h = 0x811C9DC5
+    for b in (ip_len & 0xFFFFFFFF).to_bytes(4, "big"):
+        h = ((h ^ b) * 0x01000193) & 0xFFFFFFFF
+    for b in bytes(payload[ECHO_SKIP:ECHO_SKIP + ECHO_BYTES]):
+        h = ((h ^ b) * 0x01000193) & 0xFFFFFFFF
+    return ((h ^ (h >> 16)) & 0xFFFF) or 1
 
 
 @dataclass(frozen=True)
@@ -136,7 +156,7 @@ class Session:
         "pkts_c2s", "pkts_s2c", "bytes_c2s", "bytes_s2c",
         "rep_pkts_c2s", "rep_pkts_s2c", "rep_bytes_c2s", "rep_bytes_s2c",
         "insp", "feeds", "app", "metadata", "threats", "dirty", "new", "app_new", "end_reason",
-        "opening_seen", "opened", "reply_at",
+        "opening_seen", "opened", "reply_at", "marks", "echo_changes", "echo_digest",
     )
 
     def __init__(self, key: bytes, proto: int, a_is_client: bool, ts: float) -> None:
@@ -164,6 +184,9 @@ class Session:
         # up mid-stream); anything else opens with its first packet, if the client sent it.
         self.opening_seen = self.opened = proto != PROTO_TCP
         self.reply_at = 0.0  # a reply read before its opening: an older client packet opens it
+        self.marks = 0  # MARK_* since the previous report
+        self.echo_changes = 0  # echoes unlike the last request, since the previous report
+        self.echo_digest = 0  # the last echo request's (echo_digest); 0: none yet
 
     def endpoints(self) -> tuple[bytes, int, bytes, int, int]:
         """(client addr, client port, server addr, server port, vlan)."""
@@ -202,6 +225,10 @@ class SessionDelta:
     bytes_s2c: int
     metadata: Mapping[str, Any] | None = None  # only when app_decided (empty until settled)
     threats: list[Threat] = field(default_factory=list)  # only when app_decided (empty until settled)
+    marks: int = 0  # decode.MARK_* bits the session's packets showed since the previous report
+    # Echo payloads (ICMP/ICMPv6 echo) unlike the session's last request since the previous report:
+    # a request unlike the one before, a reply unlike its request (at most ECHO_COUNT_MAX).
+    echo_changes: int = 0
 
     @property
     def client_text(self) -> str:
@@ -328,6 +355,14 @@ def said_something(s: Inspected) -> bool:
     return s.app not in (UNKNOWN, NO_VERDICT) or bool(s.metadata) or bool(s.threats)
 
 
+def _echo(s: Session, request: bool, digest: int) -> None:
+    """Count an echo unlike the session's last request; a request becomes the last."""
+    if s.echo_digest and digest != s.echo_digest and s.echo_changes < ECHO_COUNT_MAX:
+        s.echo_changes += 1
+    if request:
+        s.echo_digest = digest
+
+
 class SessionTable:
     """Bounded session table in least-recently-seen order (the front is evicted first)."""
 
@@ -397,6 +432,9 @@ class SessionTable:
             s.opening_seen = s.opened = True  # the client's first packet, read after the reply
         if d.proto == PROTO_TCP:
             self._tcp(s, d.flags, from_client)
+        elif d.proto in _ECHO and d.payload_end > d.payload_start and d.flags in _ECHO[d.proto]:
+            _echo(s, d.flags == _ECHO[d.proto][0], echo_digest(d.ip_len, buf[d.payload_start:d.payload_end]))
+        s.marks |= d.marks
         if s.insp is not False and d.payload_end > d.payload_start and self.detection.feed_limit:
             _, client_port, _, server_port, _ = s.endpoints()
             self.detection.inspect(s, s.proto == PROTO_TCP, client_port, server_port, from_client,
@@ -459,8 +497,11 @@ class SessionTable:
         return src_client
 
     def _tcp(self, s: Session, flags: int, from_client: bool) -> None:
-        if flags & (TCP_SYN | TCP_ACK) == TCP_SYN and not s.opening_seen:
-            s.opening_seen = s.opened = True
+        if flags & (TCP_SYN | TCP_ACK) == TCP_SYN:
+            if not s.opening_seen:
+                s.opening_seen = s.opened = True
+            if s.state == SYN_SENT and not from_client:
+                s.marks |= MARK_SPLIT_HANDSHAKE  # its opener's SYN answered by a SYN
         if flags & TCP_RST:
             s.state = CLOSED
         elif flags & TCP_FIN:
@@ -586,8 +627,9 @@ class SessionTable:
             s.new, s.opened, bool(s.end_reason), s.end_reason, STATE_NAMES[s.state], s.app, decided,
             s.pkts_c2s - s.rep_pkts_c2s, s.pkts_s2c - s.rep_pkts_s2c,
             s.bytes_c2s - s.rep_bytes_c2s, s.bytes_s2c - s.rep_bytes_s2c,
-            s.metadata if decided else None, list(s.threats) if decided else [],
+            s.metadata if decided else None, list(s.threats) if decided else [], s.marks, s.echo_changes,
         )
+        s.marks = s.echo_changes = 0
         s.rep_pkts_c2s, s.rep_pkts_s2c = s.pkts_c2s, s.pkts_s2c
         s.rep_bytes_c2s, s.rep_bytes_s2c = s.bytes_c2s, s.bytes_s2c
         if decided and s.insp is False:  # said once: not kept

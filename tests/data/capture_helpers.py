@@ -660,6 +660,31 @@ def serve_tns(port: int) -> None:
     serve_tcp(port, handle)
 
 
+@server
+def serve_tfo_http(port: int) -> None:
+    """Python's http.server with TCP Fast Open on its listening socket (the kernel does the rest)."""
+    import http.server
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"fast open\n"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    class Server(http.server.ThreadingHTTPServer):
+        address_family = socket.AF_INET6
+
+        def server_bind(self) -> None:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, 16)
+            super().server_bind()
+
+    with Server(("::", port), Handler) as srv:
+        srv.serve_forever()
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 3 or argv[0] not in ("client", "serve"):
         print(__doc__)

@@ -142,18 +142,21 @@ class Lab:
             time.sleep(0.2)
         raise TimeoutError(f"nothing listens on port {port} in {self.ns_s}")
 
+    # Neither neighbour discovery nor MLD reports (hop-by-hop header): only the traffic.
+    QUIET = "not icmp6 and not (ip6 and ip6[6] == 0)"
+    # The same, but ICMPv6 echoes kept (and IPv6 fragments, whose next header is 44).
+    ECHOES = "not (icmp6 and ip6[40] != 128 and ip6[40] != 129) and not (ip6 and ip6[6] == 0)"
+
     @contextlib.contextmanager
-    def capture(self, path: Path) -> Iterator[None]:
-        """Record the client's veth into ``path`` while the body runs."""
+    def capture(self, path: Path, bpf: str = QUIET) -> Iterator[None]:
+        """Record the client's veth into ``path`` while the body runs (``bpf``: what is kept)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp_pcap = self.tmp / (path.name + ".part")
         log = self.tmp / f"tcpdump-{path.stem}.log"
         err = open(log, "wb")
         self.logs.append(err)
         p = subprocess.Popen(["ip", "netns", "exec", self.ns_c, "tcpdump", "-i", self.if_c, "-w", str(tmp_pcap),
-                              "-s", "0", "-U", "--immediate-mode", "-n", "-Z", "root",
-                              # neither neighbour discovery nor MLD reports (hop-by-hop header): only the traffic
-                              "not icmp6 and not (ip6 and ip6[6] == 0)"],
+                              "-s", "0", "-U", "--immediate-mode", "-n", "-Z", "root", bpf],
                              stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
         self.procs.append(p)
         deadline = time.monotonic() + 20

@@ -11,11 +11,12 @@ import importlib.util
 import os
 import shutil
 import subprocess
+import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from capture_lab import C4, HELPERS, PY, S4, S6, Lab, Made, deb_version, out, pip_version, run, version_of
+from capture_lab import C4, C6, HELPERS, PY, S4, S6, Lab, Made, deb_version, out, pip_version, run, version_of
 
 Recipe = Callable[[Lab, Path], list[Made]]
 RECIPES: dict[str, Recipe] = {}
@@ -1252,3 +1253,218 @@ def make_sqlinjection_mongodb(lab: Lab, tmp: Path) -> list[Made]:
              "mongodb", ["mongodb", "ipv6", "benign", "wire-compatible-server"]),
     ]
 
+
+
+# ---------------------------------------------------------------------------- threats: icmp
+
+
+def _echo_threats(which: dict[str, list[str]]) -> Callable[[int, dict[str, object]], list[str]]:
+    """Threats by flow protocol (icmp, icmpv6, tcp, udp): what every such flow raises."""
+    return lambda i, f: which.get(str(f["proto"]), [])
+
+
+@recipe
+def make_icmp(lab: Lab, tmp: Path) -> list[Made]:
+    """Real pings (benign, whatever their size and pattern) and a real ICMP tunnel (ptunnel-ng)."""
+    pings4 = [["-c", "3", "-i", "0.2", S4], ["-c", "3", "-i", "0.2", "-s", "1472", S4],
+              ["-c", "3", "-i", "0.2", "-s", "1472", "-p", "ff00", S4], ["-c", "2", "-i", "0.3", "-s", "4000", S4]]
+    pings6 = [["-6", "-c", "3", "-i", "0.2", S6], ["-6", "-c", "3", "-i", "0.2", "-s", "1452", S6],
+              ["-6", "-c", "3", "-i", "0.2", "-s", "1452", "-p", "a5", S6]]
+    with lab.capture(out("icmp", "ping"), Lab.ECHOES):
+        for args in pings4:
+            lab.client(["ping", "-n", *args])
+    with lab.capture(out("icmp", "ping-ipv6"), Lab.ECHOES):
+        for args in pings6:
+            lab.client(["ping", "-n", *args])
+    # ptunnel-ng: the proxy in the server namespace forwards a TCP connection carried in echoes to
+    # its own sshd-like target, here a TCP echo server on 127.0.0.1:7; the client forwards a local
+    # port. The kernel's own echo replies are turned off in the proxy's namespace, as ptunnel-ng's
+    # documentation advises.
+    lab.sh(lab.ns_s, ["sysctl", "-qw", "net.ipv4.icmp_echo_ignore_all=1"])
+    lab.server(["socat", "TCP4-LISTEN:7,bind=127.0.0.1,fork,reuseaddr", "PIPE"], log="tunnel-target.log")
+    lab.server(["ptunnel-ng", "-r127.0.0.1", "-R7", "-v1", f"-o{tmp / 'ptunnel-proxy.log'}"], log="ptunnel-proxy.out")
+    lab.wait_listen(7)
+    text = "tunnelled through ICMP echoes " * 20
+    with lab.capture(out("icmp", "ptunnel-ng"), Lab.ECHOES):
+        lab.background_client(["ptunnel-ng", f"-p{S4}", "-l2222", "-r127.0.0.1", "-R7", "-v1",
+                               f"-o{tmp / 'ptunnel-client.log'}"], log="ptunnel-client.out")
+        deadline = time.monotonic() + 20
+        while not lab.sh(lab.ns_c, ["ss", "-Hltn", "sport = :2222"], check=False).stdout.strip():
+            if time.monotonic() > deadline:
+                raise TimeoutError("ptunnel-ng's client does not listen on 2222")
+            time.sleep(0.2)
+        # Stdin stays open until the echo is back: ptunnel-ng ends its session on a half-close.
+        echoed = lab.client(["sh", "-c", f"(printf '%s\\n' '{text}'; sleep 3) | socat -t 2 - TCP4:127.0.0.1:2222"]).stdout
+        if text not in echoed:
+            raise RuntimeError(f"the tunnel did not echo: {echoed[:200]!r}")
+        time.sleep(1.5)
+    iputils = version_of(["ping", "-V"])
+    return [
+        Made("ping", {"server": "the Linux kernel's echo replies", "client": iputils,
+                      "commands": ["ping -n " + " ".join(a) for a in pings4]},
+             "Four ping runs over IPv4: default size, -s 1472 (a full 1,500-byte frame), -s 1472 -p ff00, and "
+             "-s 4000 (fragmented both ways). Benign: no icmp-tunnel whatever the size.", "unknown", ["threats"]),
+        Made("ping-ipv6", {"server": "the Linux kernel's echo replies", "client": iputils,
+                           "commands": ["ping -n " + " ".join(a) for a in pings6]},
+             "Three ping runs over IPv6: default size, -s 1452 (a full 1,500-byte frame), -s 1452 -p a5. Benign.",
+             "unknown", ["threats", "ipv6"]),
+        Made("ptunnel-ng", {"server": f"ptunnel-ng proxy ({deb_version('ptunnel-ng')}), its target "
+                                      f"socat TCP4-LISTEN:7,bind=127.0.0.1 PIPE",
+                            "client": f"ptunnel-ng client ({deb_version('ptunnel-ng')}) and socat",
+                            "commands": ["sysctl -w net.ipv4.icmp_echo_ignore_all=1 (proxy namespace)",
+                                         "ptunnel-ng -r127.0.0.1 -R7", f"ptunnel-ng -p {S4} -l 2222 -r127.0.0.1 -R7",
+                                         "(printf TEXT; sleep 3) | socat -t 2 - TCP4:127.0.0.1:2222"]},
+             "A real ICMP tunnel: ptunnel-ng carries a TCP connection (a line of text to an echo server and back) "
+             "in echo requests and its proxy's echo replies.", "unknown", ["threats"],
+             threats=_echo_threats({"icmp": ["icmp-tunnel"]})),
+    ]
+
+
+# ---------------------------------------------------------------------------- threats: tcp fast open
+
+
+@recipe
+def make_tfo(lab: Lab, tmp: Path) -> list[Made]:
+    """Real TCP Fast Open (curl --tcp-fastopen against Python's http.server with TCP_FASTOPEN):
+    with a cookie (benign), and Linux's cookieless mode, data in a SYN without any cookie."""
+    lab.sh(lab.ns_s, ["sysctl", "-qw", "net.ipv4.tcp_fastopen=3"])
+    lab.sh(lab.ns_c, ["sysctl", "-qw", "net.ipv4.tcp_fastopen=1"])
+    lab.server(helper("serve", "tfo_http", "80"), log="tfo-http.log")
+    lab.wait_listen(80)
+    get = ["curl", "-s", "--tcp-fastopen", "-o", "/dev/null", "-w", "%{http_code}\\n"]
+    with lab.capture(out("tfo", "curl-cookie")):
+        # The first connection asks for a cookie; the next two send their request in the SYN.
+        for url in (f"http://{S4}/first", f"http://{S4}/second", f"http://[{S6}]/first", f"http://[{S6}]/second"):
+            lab.client([*get, url])
+    lab.sh(lab.ns_s, ["sysctl", "-qw", "net.ipv4.tcp_fastopen=515"])  # 0x203: server, no cookie needed
+    lab.sh(lab.ns_c, ["sysctl", "-qw", "net.ipv4.tcp_fastopen=5"])  # 0x5: client, data without a cookie
+    with lab.capture(out("tfo", "curl-no-cookie")):
+        for url in (f"http://{S4}/nocookie", f"http://[{S6}]/nocookie"):
+            lab.client([*get, url])
+    curl = deb_version("curl")
+    server = f"Python http.server with TCP_FASTOPEN ({PY_NOTE}), Linux {os.uname().release}"
+    return [
+        Made("curl-cookie", {"server": server + ", net.ipv4.tcp_fastopen=3", "client": curl + ", tcp_fastopen=1",
+                             "commands": ["capture_helpers.py serve tfo_http 80",
+                                          "curl --tcp-fastopen http://HOST/first; curl --tcp-fastopen http://HOST/second "
+                                          "(IPv4, then IPv6)"]},
+             "TCP Fast Open as designed: each first connection asks for a cookie (an empty option 34 in its SYN), "
+             "each second sends its GET in the SYN with the cookie. Benign: no syn-with-data.", "http",
+             ["threats", "ipv6"]),
+        Made("curl-no-cookie", {"server": server + ", net.ipv4.tcp_fastopen=0x203 (no cookie needed)",
+                                "client": curl + ", net.ipv4.tcp_fastopen=0x5 (data without a cookie)",
+                                "commands": ["sysctl -w net.ipv4.tcp_fastopen=515 (server), =5 (client)",
+                                             "curl --tcp-fastopen http://HOST/nocookie (IPv4, then IPv6)"]},
+             "Linux's cookieless Fast Open: the GET rides the SYN with no cookie option, which the wire cannot tell "
+             "from a crafted SYN with data: syn-with-data.", "http", ["threats", "ipv6"],
+             threats=_echo_threats({"tcp": ["syn-with-data"]})),
+    ]
+
+
+# ---------------------------------------------------------------------------- threats: crafted
+
+
+@recipe
+def make_crafted(lab: Lab, tmp: Path) -> list[Made]:
+    """What no real client here makes, built with scapy and written as a capture (no namespace
+    needed): a split handshake, echo replies unlike their requests, a ping of death; each beside
+    its closest benign case."""
+    from scapy.layers.inet import ICMP, IP, TCP
+    from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6EchoRequest, IPv6, IPv6ExtHdrFragment
+    from scapy.layers.l2 import Ether
+    from scapy.utils import wrpcap
+
+    t0 = 1_700_000_000.0
+
+    def stamp(pkts: list[object]) -> list[object]:
+        for i, p in enumerate(pkts):
+            p.time = t0 + i * 0.001  # type: ignore[attr-defined]
+        return pkts
+
+    eth = Ether(src="02:00:00:00:00:02", dst="02:00:00:00:00:01")
+    back = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+    get = b"GET / HTTP/1.1\r\nHost: web.flowmap.test\r\n\r\n"
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+
+    def handshake(sport: int, split: bool) -> list[object]:
+        c, s = eth / IP(src=C4, dst=S4), back / IP(src=S4, dst=C4)
+        pkts = [c / TCP(sport=sport, dport=80, flags="S", seq=1000)]
+        if split:  # the server answers with a SYN of its own, the client with a SYN-ACK
+            pkts += [s / TCP(sport=80, dport=sport, flags="S", seq=5000),
+                     c / TCP(sport=sport, dport=80, flags="SA", seq=1000, ack=5001),
+                     s / TCP(sport=80, dport=sport, flags="A", seq=5001, ack=1001)]
+        else:
+            pkts += [s / TCP(sport=80, dport=sport, flags="SA", seq=5000, ack=1001),
+                     c / TCP(sport=sport, dport=80, flags="A", seq=1001, ack=5001)]
+        return pkts + [c / TCP(sport=sport, dport=80, flags="PA", seq=1001, ack=5001) / get,
+                       s / TCP(sport=80, dport=sport, flags="PA", seq=5001, ack=1001 + len(get)) / ok,
+                       c / TCP(sport=sport, dport=80, flags="FA", seq=1001 + len(get), ack=5001 + len(ok)),
+                       s / TCP(sport=80, dport=sport, flags="FA", seq=5001 + len(ok), ack=1002 + len(get)),
+                       c / TCP(sport=sport, dport=80, flags="A", seq=1002 + len(get), ack=5002 + len(ok))]
+
+    def ping_payload(seq: int) -> bytes:  # as iputils: a timestamp, then bytes counting up
+        return (int(t0) + seq).to_bytes(8, "little") + (seq * 1000).to_bytes(8, "little") + bytes(range(16, 56))
+
+    def echoes(ident: int, unlike: bool, v6: bool) -> list[object]:
+        pkts: list[object] = []
+        for seq in range(1, 7):
+            data = ping_payload(seq)
+            answer = b"exfiltrated:%06d:" % seq + bytes(range(40)) if unlike else data
+            if v6:
+                pkts += [eth / IPv6(src=C6, dst=S6) / ICMPv6EchoRequest(id=ident, seq=seq, data=data),
+                         back / IPv6(src=S6, dst=C6) / ICMPv6EchoReply(id=ident, seq=seq, data=answer)]
+            else:
+                pkts += [eth / IP(src=C4, dst=S4) / ICMP(type=8, id=ident, seq=seq) / data,
+                         back / IP(src=S4, dst=C4) / ICMP(type=0, id=ident, seq=seq) / answer]
+        return pkts
+
+    def big_echo(ident: int, size: int, v6: bool) -> list[object]:
+        """An echo request of ``size`` payload bytes in fragments, the first carrying the ICMP
+        header; past 65,507 (IPv4) or 65,527 (IPv6) bytes its last fragment ends past what a
+        datagram may hold. (Checksums are left 0 in IPv6: nothing here checks them.)"""
+        data = bytes(i % 251 for i in range(size))
+        if v6:
+            raw = struct.pack("!BBHHH", 128, 0, 0, ident, 1) + data
+            return [eth / IPv6(src=C6, dst=S6) / IPv6ExtHdrFragment(nh=58, offset=off // 8, m=int(off + 1448 < len(raw)),
+                                                                    id=ident) / raw[off:off + 1448]
+                    for off in range(0, len(raw), 1448)]
+        raw = bytes(ICMP(type=8, id=ident, seq=1) / data)
+        return [eth / IP(src=C4, dst=S4, id=ident, proto=1, frag=off // 8, flags="MF" if off + 1480 < len(raw) else 0)
+                / raw[off:off + 1480] for off in range(0, len(raw), 1480)]
+
+    split = stamp([*handshake(40001, True), *handshake(40002, False)])
+    replies = stamp([*echoes(0x1111, True, False), *echoes(0x2222, False, False),
+                     *echoes(0x3333, True, True), *echoes(0x4444, False, True)])
+    death = stamp([*big_echo(0x0101, 65600, False), *big_echo(0x0202, 65507, False)])
+    death6 = stamp([*big_echo(0x0303, 65600, True), *big_echo(0x0404, 65527, True)])
+    for name, pkts in (("split-handshake", split), ("echo-replies", replies), ("ping-of-death", death),
+                       ("ping-of-death-ipv6", death6)):
+        path = out("crafted", name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        wrpcap(str(path), pkts)
+    scapy = pip_version("scapy")
+    made = {"server": "none: crafted with scapy (tests only)", "client": scapy}
+    return [
+        Made("split-handshake", {**made, "commands": ["capture_recipes.make_crafted: handshake(40001, split=True), "
+                                                      "handshake(40002, split=False)"]},
+             "Two HTTP exchanges over IPv4: one whose server answers the SYN with a SYN (then SYN-ACK from the "
+             "client, ACK from the server: the split handshake), one with the ordinary SYN, SYN-ACK, ACK.",
+             "http", ["threats", "crafted"],
+             threats=lambda i, f: ["tcp-split-handshake"] if str(f["client"]).endswith(":40001") else []),
+        Made("echo-replies", {**made, "commands": ["capture_recipes.make_crafted: echoes(ident, unlike, v6)"]},
+             "Six echo exchanges per session, ping-like requests (a timestamp, then a fixed pattern): sessions "
+             "0x1111 (IPv4) and 0x3333 (IPv6) answered with other data (a tunnel's replies), 0x2222 and 0x4444 "
+             "answered with copies of their requests (what every stack does).", "unknown",
+             ["threats", "crafted", "ipv6"],
+             threats=lambda i, f: ["icmp-tunnel"] if str(f["client"]).rsplit(":", 1)[1] in ("4369", "13107") else []),
+        Made("ping-of-death", {**made, "commands": ["capture_recipes.make_crafted: big_echo(ident, size, v6=False)"]},
+             "IPv4 echo requests in fragments: 65,600 payload bytes (the last fragment ends past 65,535: the ping "
+             "of death), identifier 0x0101; and the largest legal one (65,507 bytes: a 65,535-byte datagram, "
+             "what ping -s 65507 sends), 0x0202.", "unknown", ["threats", "crafted"],
+             threats=lambda i, f: ["ping-of-death"] if str(f["client"]).endswith(":257") else []),
+        Made("ping-of-death-ipv6", {**made, "commands": ["capture_recipes.make_crafted: big_echo(ident, size, v6=True)"]},
+             "IPv6 echo requests in fragments: 65,600 payload bytes (reassembled, a payload length past 65,535), "
+             "identifier 0x0303; and the largest legal one (65,527 bytes: a payload length of exactly 65,535), "
+             "0x0404.", "unknown", ["threats", "crafted", "ipv6"],
+             threats=lambda i, f: ["ping-of-death"] if str(f["client"]).endswith(":771") else []),
+    ]

@@ -47,10 +47,15 @@ OUT = HERE / "captures"
 # Flows and the manifest
 
 
+ECHO_TYPES = {"icmp": (8, 0), "icmpv6": (128, 129)}  # (request, reply)
+
+
 def pcap_flows(path: Path) -> list[dict[str, Any]]:
-    """TCP/UDP flows of a capture in first-seen order, client by SYN or else by first packet."""
-    from scapy.layers.inet import IP, TCP, UDP
-    from scapy.layers.inet6 import IPv6
+    """TCP/UDP flows and ICMP/ICMPv6 echo sessions of a capture in first-seen order, client by
+    SYN (or echo request) or else by first packet. An echo session's endpoints are the addresses
+    with its identifier as the port, as the dp keys and prints it."""
+    from scapy.layers.inet import ICMP, IP, TCP, UDP
+    from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6EchoRequest, IPv6
     from scapy.utils import PcapReader
 
     flows: dict[frozenset[tuple[str, int]], dict[str, Any]] = {}
@@ -59,20 +64,26 @@ def pcap_flows(path: Path) -> list[dict[str, Any]]:
             ip = pkt.getlayer(IP) or pkt.getlayer(IPv6)
             if ip is None:
                 continue
-            l4 = pkt.getlayer(TCP) or pkt.getlayer(UDP)
-            if l4 is None:
-                continue
-            proto = "tcp" if isinstance(l4, TCP) else "udp"
             fmt = (lambda a, p: f"[{a}]:{p}") if isinstance(ip, IPv6) else (lambda a, p: f"{a}:{p}")
-            src, dst = fmt(ip.src, l4.sport), fmt(ip.dst, l4.dport)
+            l4 = pkt.getlayer(TCP) or pkt.getlayer(UDP)
+            icmp = pkt.getlayer(ICMP) or pkt.getlayer(ICMPv6EchoRequest) or pkt.getlayer(ICMPv6EchoReply)
+            if l4 is not None:
+                proto = "tcp" if isinstance(l4, TCP) else "udp"
+                src, dst = fmt(ip.src, l4.sport), fmt(ip.dst, l4.dport)
+                syn = proto == "tcp" and (int(l4.flags) & 0x12) == 0x02
+            elif icmp is not None and icmp.type in ECHO_TYPES["icmp" if isinstance(ip, IP) else "icmpv6"]:
+                proto = "icmp" if isinstance(ip, IP) else "icmpv6"
+                src, dst = fmt(ip.src, icmp.id), fmt(ip.dst, icmp.id)
+                syn = icmp.type == ECHO_TYPES[proto][0]
+            else:
+                continue  # later fragments, ICMP errors: not flows of their own
             key = frozenset({(proto, src), (proto, dst)})
-            syn = proto == "tcp" and (int(l4.flags) & 0x12) == 0x02
             f = flows.get(key)
             if f is None:
                 f = flows[key] = {"proto": proto, "client": src, "server": dst,
-                                  "dir_evidence": "tcp-syn" if syn else "first-packet", "_dirs": set()}
-            elif syn and f["dir_evidence"] != "tcp-syn":
-                f.update(client=src, server=dst, dir_evidence="tcp-syn")
+                                  "dir_evidence": _evidence(proto, syn), "_dirs": set()}
+            elif syn and f["dir_evidence"] == "first-packet":
+                f.update(client=src, server=dst, dir_evidence=_evidence(proto, syn))
             f["_dirs"].add(src)
     out = []
     for f in flows.values():
@@ -87,6 +98,12 @@ def pcap_flows(path: Path) -> list[dict[str, Any]]:
 
 
 SERVER_IPS = {S4, S6}
+
+
+def _evidence(proto: str, opening: bool) -> str:
+    if not opening:
+        return "first-packet"
+    return "tcp-syn" if proto == "tcp" else "echo-request"
 
 
 def _host(endpoint: str) -> str:
@@ -105,7 +122,7 @@ def manifest_entry(proto_dir: str, made: Made) -> dict[str, Any]:
         if label == "sqlinjection" and made.carrier:
             f_ordered["carrier"] = made.carrier
         if threats:
-            f_ordered["threats"] = threats
+            f_ordered["threats"] = sorted(threats)
         f.clear()
         f.update(f_ordered)
     entry = {

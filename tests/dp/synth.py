@@ -33,9 +33,11 @@ _SEQ_TS = Struct("<QIIII")
 Frame = tuple[bytes, float, int | None]  # (frame, timestamp, VLAN TCI stripped by the kernel or None)
 
 
-def tcp(sport: int, dport: int, flags: int, payload: bytes = b"", seq: int = 0, ack: int = 0) -> bytes:
-    """A TCP segment (20-byte header, no options)."""
-    return _TCP.pack(sport, dport, seq, ack, 5 << 4, flags, 65535, 0, 0) + payload
+def tcp(sport: int, dport: int, flags: int, payload: bytes = b"", seq: int = 0, ack: int = 0,
+        options: bytes = b"") -> bytes:
+    """A TCP segment (20-byte header, then ``options``, padded with end-of-options to 4 bytes)."""
+    options += bytes(-len(options) % 4)
+    return _TCP.pack(sport, dport, seq, ack, (5 + len(options) // 4) << 4, flags, 65535, 0, 0) + options + payload
 
 
 def udp(sport: int, dport: int, payload: bytes = b"") -> bytes:
@@ -143,7 +145,13 @@ def seed_frames(rnd: random.Random) -> list[bytes]:
     frag6 = bytes([17, 0, 0, 1, 0, 0, 0, 7])
     ah = bytes([6, 1, 0, 0]) + bytes(8)
     icmp = bytes([8, 0, 0, 0, 0, 7, 0, 1]) + pay
+    tfo = bytes([2, 4, 5, 180, 34, 10]) + rnd.randbytes(8)  # MSS, then a Fast Open cookie
     return [
+        ether(ipv4(a4, b4, 6, tcp(40000, 80, 0x02, pay, options=tfo))),
+        ether(ipv4(b4, a4, 6, tcp(80, 40000, 0x02, pay, options=bytes([1, 254, 12, 0xF9, 0x89]) + bytes(8)))),
+        ether(ipv4(b4, a4, 1, bytes([0, 0, 0, 0, 0, 7, 0, 1]) + pay)),
+        ether(ipv4(a4, b4, 1, icmp, ident=9, frag=0x1FF0)),  # a later fragment past 65,535
+        ether(ipv6(a6, b6, 44, bytes([58, 0, 0xFF, 0xF9, 0, 0, 0, 7]) + pay)),
         ether(ipv4(a4, b4, 6, tcp(40000, 80, 0x18, pay))),
         ether(ipv4(a4, b4, 17, udp(5353, 53, pay)), (7,)),
         ether(ipv4(a4, b4, 17, udp(5353, 53, pay)), (7, 9)),

@@ -504,3 +504,73 @@ def test_dns_answer_reaches_the_agent(node: Node, agent: Agent, start_dp: Callab
         "A", socket.inet_aton("10.62.9.9"), 300, _ip(A4), _ip(B4))
     apps = {s.app for r in agent.reports for s in r.sessions if s.server_port == 53 and s.app}
     assert apps == {"dns"}
+
+
+def _checksum(data: bytes) -> int:
+    data += bytes(len(data) % 2)
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def _icmp_echo(ident: int, seq: int, payload: bytes) -> bytes:
+    head = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
+    return struct.pack("!BBHHH", 8, 0, _checksum(head + payload), ident, seq) + payload
+
+
+def _ipv4_fragment(src: str, dst: str, ident: int, offset: int, more: bool, data: bytes) -> bytes:
+    head = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(data), ident, (0x2000 if more else 0) | offset // 8, 64, 1,
+                       0, _ip(src), _ip(dst))
+    return head + data
+
+
+@pytest.mark.parametrize("parser", ["compiled", "per-packet"])
+def test_packet_threats_through_the_dp(node: Node, agent: Agent, start_dp: Callable[..., object], parser: str) -> None:
+    """Real ping (any size: benign), an echo stream whose payload changes (icmp-tunnel), a ping of
+    death sent as raw fragments, and the kernel's cookieless TCP Fast Open (syn-with-data), from
+    pod-a to pod-b through the dp: exactly those hits, on exactly those sessions."""
+    assert subprocess.run(["which", "ping"], capture_output=True).returncode == 0, "needs ping (iputils-ping)"
+    start_dp("--iface", node.host_a, "--iface", node.host_b, "--parser", parser)
+    node.lab.exec(node.pod_b, "sysctl", "-qw", "net.ipv4.tcp_fastopen=515")  # 0x203: serve, no cookie needed
+    node.lab.exec(node.pod_a, "sysctl", "-qw", "net.ipv4.tcp_fastopen=5")  # 0x5: data in the SYN, no cookie
+    node.lab.exec(node.pod_a, "ping", "-n", "-c", "4", "-i", "0.2", "-s", "1472", B4)
+    node.lab.exec(node.pod_a, "ping", "-n", "-c", "3", "-i", "0.2", "-p", "ff00", B4)
+    with netns(node.pod_a):
+        raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        hdrincl = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    with netns(node.pod_b):
+        server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    with raw, hdrincl, client, server:
+        for seq in range(6):  # a tunnel's requests: different data each time (pod-b echoes them)
+            raw.sendto(_icmp_echo(0x5151, seq, os.urandom(16) + f"chunk {seq} ".encode() * 40), (B4, 0))
+            time.sleep(0.05)
+        message = _icmp_echo(0x6262, 1, bytes(1472))
+        hdrincl.sendto(_ipv4_fragment(A4, B4, 0x6262, 0, True, message[:1480]), (B4, 0))
+        hdrincl.sendto(_ipv4_fragment(A4, B4, 0x6262, 65512, False, bytes(100)), (B4, 0))  # ends at 65,632
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, 8)
+        server.bind((B4, 8081))
+        server.listen()
+        server.settimeout(5)
+        client.settimeout(5)
+        client.bind((A4, 41010))
+        client.sendto(b"GET / HTTP/1.0\r\n\r\n", socket.MSG_FASTOPEN, (B4, 8081))
+        conn, _ = server.accept()
+        with conn:
+            assert conn.recv(100).startswith(b"GET /")
+            conn.sendall(b"HTTP/1.0 200 OK\r\n\r\n")
+        assert client.recv(100).startswith(b"HTTP/1.0 200")
+
+    want = {("icmp-tunnel", 1, 0x5151), ("ping-of-death", 1, 0x6262), ("syn-with-data", 6, 41010)}
+
+    def hits() -> set[tuple[str, int, int]]:
+        return {(t.threat, t.ip_proto, t.client_port) for r in agent.reports for t in r.threats}
+
+    agent.wait(lambda: hits() >= want, 15)
+    agent.pump(1.0)  # anything more would come now
+    assert hits() == want, agent.dump()
+    pings = [s for r in agent.reports for s in r.sessions
+             if s.ip_proto == 1 and s.client_port not in (0x5151, 0x6262) and s.bytes_c2s]
+    assert sum(s.packets_c2s for s in pings) == 7 and max(s.bytes_c2s for s in pings) >= 1500, agent.dump()

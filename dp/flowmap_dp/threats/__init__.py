@@ -16,7 +16,8 @@ from typing import Any
 
 from flowmap_dp.detectors import sqlinjection
 from flowmap_dp.detectors.base import Flow, Threat
-from flowmap_dp.threats import bruteforce, deprecated_tls, dnstunnel, heartbleed, slowloris, smuggling, zonetransfer
+from flowmap_dp.threats import (bruteforce, deprecated_tls, dnstunnel, heartbleed, icmptunnel, pingofdeath, slowloris,
+                                smuggling, splithandshake, syndata, zonetransfer)
 from flowmap_dp.threats.base import Limits, Scanner, Seen, Watch, Watcher
 
 
@@ -37,6 +38,10 @@ SCANNERS: tuple[Scanner, ...] = (
 WATCHERS: tuple[Watcher, ...] = (
     dnstunnel.WATCHER,
     bruteforce.WATCHER,
+    splithandshake.WATCHER,
+    syndata.WATCHER,
+    icmptunnel.WATCHER,
+    pingofdeath.WATCHER,
 )
 # Threat hits one session carries (the inspector's and the watches' together).
 MAX_HITS = 4

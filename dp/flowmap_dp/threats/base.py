@@ -48,6 +48,7 @@ class Seen(Protocol):
 
     l4: str
     proto: int
+    vlan: int  # 0: untagged
     client: bytes  # the address, 4 or 16 bytes
     client_port: int
     server: bytes
@@ -67,6 +68,8 @@ class Seen(Protocol):
     bytes_s2c: int
     metadata: Mapping[str, Any] | None
     threats: list[Threat]
+    marks: int  # decode.MARK_* bits its packets showed since the previous report
+    echo_changes: int  # echo payloads unlike the last request since the previous report
 
 
 class Watch(Protocol):

@@ -32,6 +32,14 @@ const IP6_AH: u8 = 51;
 const MAX_IP6_EXT: usize = 8;
 pub const MAX_WIRE_LEN: u64 = u32::MAX as u64;
 
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+/// What one packet shows that a threat detection wants (`Decoded.marks`), as `decode.MARK_*`.
+pub const MARK_SYN_DATA: u8 = 0x02;
+pub const MARK_FAST_OPEN: u8 = 0x04;
+pub const MARK_OVERSIZED: u8 = 0x08;
+const IP_MAX: u64 = 65_535;
+
 /// Why a frame is not a session's packet: `decode.MALFORMED` then `decode.IGNORED`, in order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -82,6 +90,8 @@ pub struct Decoded {
     /// A first fragment (more follow): its datagram's identification and IP protocol (IPv6: the
     /// Fragment header's next header); with the rest of the packet, its `FragKey`.
     pub frag: Option<(u32, u8)>,
+    /// `MARK_*` bits the decoder saw.
+    pub marks: u8,
 }
 
 impl Decoded {
@@ -238,9 +248,14 @@ fn ipv4(buf: &[u8], pos: usize, vlan: u16, wire_ip: i64, out: &mut Decoded) -> O
     out.src = addr4(&h[12..16]);
     out.dst = addr4(&h[16..20]);
     out.ip_len = ip_len as u64;
+    out.marks = 0;
     let ident = be16(h, 4) as u32;
     if frag & 0x1FFF != 0 {
         out.frag = Some((ident, h[9]));
+        // The total length its datagram would need, reassembled: past 65,535, none can be.
+        if (frag & 0x1FFF) as u64 * 8 + ip_len as u64 > IP_MAX {
+            out.marks = MARK_OVERSIZED;
+        }
         return Outcome::Later;
     }
     if end - pos < ihl {
@@ -270,6 +285,7 @@ fn ipv6(buf: &[u8], pos: usize, vlan: u16, wire_ip: i64, out: &mut Decoded) -> O
     out.dst = addr6(&h[24..40]);
     let ip_len = if plen != 0 { 40 + plen } else { wire_ip.max(40) as u64 };
     out.ip_len = ip_len;
+    out.marks = 0;
     let limit = pos.saturating_add(ip_len as usize); // where the datagram ends
     let stop = end.min(limit);
     let mut off = pos + 40;
@@ -294,6 +310,10 @@ fn ipv6(buf: &[u8], pos: usize, vlan: u16, wire_ip: i64, out: &mut Decoded) -> O
                 let fo = be16(e, 2);
                 if fo & 0xFFF8 != 0 {
                     out.frag = Some(id);
+                    // The payload length its datagram would need, reassembled (decode.py says how).
+                    if (fo & 0xFFF8) as u64 + ip_len > IP_MAX + 48 {
+                        out.marks = MARK_OVERSIZED;
+                    }
                     return Outcome::Later;
                 }
                 if fo & 1 != 0 {
@@ -351,7 +371,11 @@ fn l4(buf: &[u8], off: usize, proto: u8, out: &mut Decoded) -> Outcome {
             if hl < 20 {
                 return Skip(Reason::BadTcpOffset);
             }
-            packet(be16(h, 0), be16(h, 2), h[13], (off + hl).min(stop))
+            let (flags, start) = (h[13], (off + hl).min(stop));
+            if flags & (TCP_SYN | TCP_ACK) == TCP_SYN && stop > start {
+                out.marks = if fast_open(&buf[off + 20..start]) { MARK_FAST_OPEN } else { MARK_SYN_DATA };
+            }
+            packet(be16(h, 0), be16(h, 2), flags, start)
         }
         PROTO_UDP => {
             if avail < 8 {
@@ -373,6 +397,30 @@ fn l4(buf: &[u8], off: usize, proto: u8, out: &mut Decoded) -> Outcome {
         }
         _ => packet(0, 0, 0, off),
     }
+}
+
+/// Whether TCP options (at most 40 bytes) hold a Fast Open cookie (`decode._fast_open`).
+fn fast_open(opts: &[u8]) -> bool {
+    let mut i = 0;
+    while i < opts.len() {
+        match opts[i] {
+            0 => return false,
+            1 => i += 1,
+            kind => {
+                let Some(&size) = opts.get(i + 1) else { return false };
+                let size = size as usize;
+                if size < 2 || size > opts.len() - i {
+                    return false;
+                }
+                let o = &opts[i..i + size];
+                if kind == 34 && size > 2 || kind == 254 && size > 4 && be16(o, 2) == 0xF989 {
+                    return true;
+                }
+                i += size;
+            }
+        }
+    }
+    false
 }
 
 /// Counters of the fragment table, as `decode.FRAGMENT_COUNTERS`.
@@ -510,7 +558,7 @@ impl Fragments {
         d.flags = e.flags;
         d.payload_start = 0;
         d.payload_end = 0;
-        d.frag = None;
+        d.frag = None; // `marks` stays: the decoder's word on this fragment
         Ok(())
     }
 }

@@ -197,7 +197,7 @@ impl Table {
 
     /// The sessions that changed since the previous call: (handle, (proto, vlan, client,
     /// client_port, server, server_port), (first, last), (new, opened, end_reason, state, app),
-    /// (packets c2s, s2c, bytes c2s, s2c)).
+    /// (packets c2s, s2c, bytes c2s, s2c), (marks, echo changes)).
     fn collect<'py>(&mut self, py: Python<'py>, now: f64, hold: f64) -> PyResult<Bound<'py, PyList>> {
         let out = PyList::empty(py);
         let mut err = None;
@@ -210,6 +210,7 @@ impl Table {
                 (s.first, s.last),
                 (s.new, s.opened, END_REASONS[s.end_reason as usize], s.state, s.app),
                 s.deltas(),
+                (s.marks, s.echo_changes),
             );
             if let Err(e) = out.append(row) {
                 err.get_or_insert(e);

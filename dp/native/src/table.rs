@@ -16,6 +16,12 @@ use hashbrown::HashTable;
 
 use crate::decode::{Addr, Decoded, Fragments, Reason, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, REASONS};
 
+/// A SYN answered by a SYN (`decode.MARK_SPLIT_HANDSHAKE`); the decoder's own marks are `decode::MARK_*`.
+pub const MARK_SPLIT_HANDSHAKE: u8 = 0x01;
+/// Echo payloads: as `session.echo_digest`.
+const ECHO_SKIP: usize = 16;
+const ECHO_BYTES: usize = 256;
+
 pub const SYN_SENT: u8 = 0;
 pub const SYN_RECV: u8 = 1;
 pub const OPEN: u8 = 2;
@@ -97,6 +103,11 @@ pub struct Session {
     pub opening_seen: bool,
     pub opened: bool,
     pub app: u8, // the detectors' last word, by the Python side's code (0: unknown)
+    // What the threat watches want, in what was padding: marks and echo changes since the
+    // previous report, and the last echo request's digest (0: none yet).
+    pub marks: u8,
+    pub echo_changes: u8,
+    echo_digest: u16,
     pub last: f64,
     pub pkts_c2s: u64,
     pub pkts_s2c: u64,
@@ -387,7 +398,14 @@ impl Table {
         }
         if d.proto == PROTO_TCP {
             tcp(s, d.flags, from_client);
+        } else if (d.proto == PROTO_ICMP || d.proto == PROTO_ICMPV6) && d.has_payload() {
+            let (request, reply) = if d.proto == PROTO_ICMP { (8, 0) } else { (128, 129) };
+            if d.flags == request || d.flags == reply {
+                let payload = buf.get(d.payload_start..d.payload_end.min(buf.len())).unwrap_or(&[]);
+                echo(s, d.flags == request, echo_digest(d.ip_len, payload));
+            }
         }
+        s.marks |= d.marks;
         if s.insp != INSP_DONE && d.has_payload() && s.handoffs < self.cfg.feed_limit {
             let fresh = s.handoffs == 0;
             s.handoffs += 1;
@@ -661,6 +679,7 @@ impl Table {
             }
             out(i, s);
             (s.pkts_c2s, s.pkts_s2c, s.bytes_c2s, s.bytes_s2c) = (0, 0, 0, 0);
+            (s.marks, s.echo_changes) = (0, 0);
             s.dirty = false;
             s.new = false;
             s.opened = false;
@@ -673,10 +692,39 @@ impl Table {
     }
 }
 
+/// `session.echo_digest`: FNV-1a of the IP length and the payload's bytes 16..272, folded to 16
+/// bits, never 0.
+fn echo_digest(ip_len: u64, payload: &[u8]) -> u16 {
+    let mut h: u32 = 0x811C_9DC5;
+    let tail = payload.get(ECHO_SKIP..).unwrap_or(&[]);
+    for &b in (ip_len as u32).to_be_bytes().iter().chain(&tail[..tail.len().min(ECHO_BYTES)]) {
+        h = (h ^ b as u32).wrapping_mul(0x0100_0193);
+    }
+    match ((h ^ h >> 16) & 0xFFFF) as u16 {
+        0 => 1,
+        d => d,
+    }
+}
+
+/// `session._echo`: count an echo unlike the last request; a request becomes the last.
+fn echo(s: &mut Session, request: bool, digest: u16) {
+    if s.echo_digest != 0 && digest != s.echo_digest {
+        s.echo_changes = s.echo_changes.saturating_add(1);
+    }
+    if request {
+        s.echo_digest = digest;
+    }
+}
+
 fn tcp(s: &mut Session, flags: u8, from_client: bool) {
-    if flags & (TCP_SYN | TCP_ACK) == TCP_SYN && !s.opening_seen {
-        s.opening_seen = true;
-        s.opened = true;
+    if flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        if !s.opening_seen {
+            s.opening_seen = true;
+            s.opened = true;
+        }
+        if s.state == SYN_SENT && !from_client {
+            s.marks |= MARK_SPLIT_HANDSHAKE; // its opener's SYN answered by a SYN
+        }
     }
     if flags & TCP_RST != 0 {
         s.state = CLOSED;
