@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -151,7 +152,7 @@ class Lab:
         err = open(log, "wb")
         self.logs.append(err)
         p = subprocess.Popen(["ip", "netns", "exec", self.ns_c, "tcpdump", "-i", self.if_c, "-w", str(tmp_pcap),
-                              "-s", "0", "-U", "--immediate-mode", "-n", "-Z", "root",
+                              "-s", "0", "-U", "--immediate-mode", "-n", "-Z", "root", "-B", "32768",
                               # neither neighbour discovery nor MLD reports (hop-by-hop header): only the traffic
                               "not icmp6 and not (ip6 and ip6[6] == 0)"],
                              stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
@@ -170,6 +171,10 @@ class Lab:
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 p.kill()
+        # A busy machine can leave tcpdump behind a burst (a flood, a scan): such a capture lies.
+        dropped = re.search(r"(\d+) packets? dropped by kernel", log.read_text())
+        if dropped and int(dropped.group(1)):
+            raise RuntimeError(f"tcpdump dropped {dropped.group(1)} packets of {path.name}")
         shutil.move(tmp_pcap, path)
 
     def close(self) -> None:
@@ -206,6 +211,8 @@ class Made:
     label: str | Callable[[dict[str, Any]], str]
     tags: list[str] = field(default_factory=list)
     carrier: str | None = None  # for sqlinjection: the protocol the injection travels in
+    threats: tuple[str, ...] = ()  # the threats it must raise (sqlinjection aside), none for a benign capture
+    list_flows: bool = True  # False: list only the flows with a threat, count the others (a flood)
 
 
 

@@ -93,19 +93,26 @@ def _host(endpoint: str) -> str:
     return endpoint.rsplit(":", 1)[0].strip("[]")
 
 
-def manifest_entry(proto_dir: str, made: Made) -> dict[str, Any]:
-    path = OUT / proto_dir / f"{made.name}.pcap"
+def manifest_entry(proto_dir: str, made: Made, path: Path) -> dict[str, Any]:
     data = path.read_bytes()
     flows = pcap_flows(path)
+    raised = threats_raised(path)
     for f in flows:
         label = made.label if isinstance(made.label, str) else made.label(f)
         f_ordered = {"proto": f["proto"], "client": f["client"], "server": f["server"], "label": label,
                      "dir_evidence": f["dir_evidence"], "bidirectional": f["bidirectional"]}
         if label == "sqlinjection" and made.carrier:
             f_ordered["carrier"] = made.carrier
+        names = raised.pop((f["proto"], f["client"], f["server"]), None) or raised.pop(
+            (f["proto"], f["server"], f["client"]), None)
+        if names:
+            f_ordered["threats"] = names
         f.clear()
         f.update(f_ordered)
-    return {
+    seen = {n for f in flows for n in f.get("threats", [])}
+    if seen != set(made.threats) or raised:
+        raise RuntimeError(f"{made.name}: raised {sorted(seen)} (want {sorted(made.threats)}); unmatched {raised}")
+    entry = {
         "file": f"{proto_dir}/{made.name}.pcap",
         "source": "flowmap tests/data/make_captures.py",
         "sha256": hashlib.sha256(data).hexdigest(),
@@ -115,6 +122,23 @@ def manifest_entry(proto_dir: str, made: Made) -> dict[str, Any]:
         "made_by": made.made_by,
         "flows": flows,
     }
+    if not made.list_flows:  # a flood: the flows with a threat, and how many others there are
+        entry["flows"] = [f for f in flows if f.get("threats")]
+        entry["unlisted_flows"] = {"count": len(flows) - len(entry["flows"]), "label": made.label}
+    return entry
+
+
+def threats_raised(path: Path) -> dict[tuple[str, str, str], list[str]]:
+    """(proto, client, server) -> the names of the threats the dp raises on that flow (but
+    sqlinjection, which the flow's label says), as ``flowmap dp classify`` finds them."""
+    from flowmap_dp.classify import classify_file
+
+    out = {}
+    for f in classify_file(path):
+        names = sorted({t["name"] for t in f["threats"]} - {"sqlinjection"})
+        if names:
+            out[(f["l4"], f["client"], f["server"])] = names
+    return out
 
 
 def update_manifest(proto_dir: str, entries: list[dict[str, Any]]) -> None:
@@ -148,13 +172,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with Lab(tmp) as lab:
                 made = RECIPES[name](lab, tmp)
-            # Only a recipe that made all its captures replaces the committed ones.
+            # Only a recipe that made all its captures, each raising what it must, replaces the committed ones.
+            entries = [manifest_entry(name, m, staging / name / f"{m.name}.pcap") for m in made]
             (OUT / name).mkdir(parents=True, exist_ok=True)
             for old in (OUT / name).glob("*.pcap"):
                 old.unlink()
             for m in made:
                 shutil.move(staging / name / f"{m.name}.pcap", OUT / name / f"{m.name}.pcap")
-            entries = [manifest_entry(name, m) for m in made]
             update_manifest(name, entries)
             for e in entries:
                 print(f"{e['file']}: {e['bytes']} bytes, {len(e['flows'])} flows")

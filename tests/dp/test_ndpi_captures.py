@@ -21,6 +21,7 @@ import pytest
 
 from flowmap_dp.classify import classify_file
 from flowmap_dp.detectors import NAMES
+from tests.dp.test_own_captures import threat_mismatches
 
 NDPI = Path(__file__).resolve().parents[1] / "data" / "ndpi"
 MANIFEST = NDPI / "MANIFEST.json"
@@ -121,6 +122,14 @@ def test_every_labeled_flow_is_found() -> None:
     # Uncertain flows may be ones nDPI saw inside a tunnel (dtls.pcap's GTP-U flow); ours are not.
     missing = [r for r in _results() if r["got"] == "<missing>" and not r["uncertain"]]
     assert not missing, missing
+
+
+@pytest.mark.parametrize("entry", json.loads(MANIFEST.read_text()), ids=lambda e: e["file"])
+def test_every_flow_raises_exactly_the_threats_listed(entry: dict[str, Any]) -> None:
+    """nDPI's captures are benign but for their sqlinjection flows: every flow raises exactly the
+    threats its entry lists (a flow not listed, none)."""
+    wrong = threat_mismatches(_classified(entry["file"]), entry["flows"])
+    assert not wrong, f"{entry['file']}:\n  " + "\n  ".join(wrong)
 
 
 def test_the_vendored_captures_are_ndpis_unmodified() -> None:

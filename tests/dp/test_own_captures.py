@@ -8,7 +8,9 @@ a listener that answers the protocol's handshake: those entries carry the tag
 client's bytes — what a detector mostly keys on — are the real library's.
 
 A flow labeled ``sqlinjection`` agrees when its threats contain a sqlinjection hit and its app
-is the carrying protocol (the flow's ``carrier``). Also checked: each of the 21 protocols has at
+is the carrying protocol (the flow's ``carrier``). Every flow raises exactly the threats its entry
+lists (``threats``; absent: none), and a flow an entry does not list (a flood's many, counted in
+``unlisted_flows``) raises none. Also checked: each of the 21 protocols has at
 least two captures of real traffic across the nDPI captures (tests/data/ndpi) and ours (files, not flows).
 """
 
@@ -80,6 +82,46 @@ def test_own_capture_flows(entry: dict[str, Any]) -> None:
         if seen is not None:
             wrong.append(f"{label['proto']} {label['client']} -> {label['server']} label={label['label']}: {seen}")
     assert not wrong, f"{entry['file']} ({entry['made_by'].get('server')}):\n  " + "\n  ".join(wrong)
+
+
+def expected_threats(label: dict[str, Any] | None) -> set[str]:
+    """The threats a manifest flow entry says its flow raises: its ``threats``, and sqlinjection
+    when that is its label (none for a flow the manifest does not list)."""
+    if label is None:
+        return set()
+    return set(label.get("threats", ())) | ({"sqlinjection"} if label["label"] == "sqlinjection" else set())
+
+
+def threat_mismatches(flows: tuple[dict[str, Any], ...], labels: list[dict[str, Any]]) -> list[str]:
+    """Every flow of a capture whose threats are not exactly those its entry lists."""
+    by_tuple = {}
+    for label in labels:
+        ends = (label["client"], label["server"]) if "client" in label else (label["a"], label["b"])
+        for c, s in (ends, ends[::-1]):
+            by_tuple[(label["proto"], label.get("vlan", 0), c.lower(), s.lower())] = label
+    wrong = []
+    for f in flows:
+        label = by_tuple.get((f["l4"], f.get("vlan", 0), f["client"].lower(), f["server"].lower()))
+        got = {t["name"] for t in f["threats"]}
+        if got != expected_threats(label):
+            wrong.append(f"{f['l4']} {f['client']} -> {f['server']}: raised {sorted(got)}, "
+                         f"listed {sorted(expected_threats(label))}")
+    return wrong
+
+
+@pytest.mark.parametrize("entry", _entries(), ids=lambda e: e["file"])
+def test_own_capture_threats(entry: dict[str, Any]) -> None:
+    """Every flow raises exactly the threats its entry lists: none for a benign flow, and a flow
+    the entry leaves out (a flood's, counted in ``unlisted_flows``) raises none."""
+    flows = _classified(entry["file"])
+    wrong = threat_mismatches(flows, entry["flows"])
+    assert not wrong, f"{entry['file']}:\n  " + "\n  ".join(wrong)
+    if "unlisted_flows" in entry:  # the flows it leaves out are all there, and what they say they are
+        unlisted = entry["unlisted_flows"]["count"]
+        assert len(flows) == len(entry["flows"]) + unlisted, (len(flows), len(entry["flows"]), unlisted)
+        listed = {(f["client"].lower(), f["server"].lower()) for f in entry["flows"]}
+        apps = {f["app"] for f in flows if (f["client"].lower(), f["server"].lower()) not in listed}
+        assert apps == {entry["unlisted_flows"]["label"]}, apps
 
 
 def test_manifest_is_complete() -> None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from flowmap_dp.detectors import sqlinjection
 from flowmap_dp.detectors.base import Flow, Threat
+from flowmap_dp.threats import peerscan, portscan, synflood
 from flowmap_dp.threats.base import Limits, Scanner, Watch, Watcher
 
 if TYPE_CHECKING:
@@ -30,7 +31,11 @@ def _sqlinjection(flow: Flow, app: str, metadata: Mapping[str, Any], limits: Lim
 SCANNERS: tuple[Scanner, ...] = (
     Scanner(sqlinjection.NAME, sqlinjection.APPS, _sqlinjection),
 )
-WATCHERS: tuple[Watcher, ...] = ()
+WATCHERS: tuple[Watcher, ...] = (
+    synflood.WATCHER,
+    portscan.WATCHER,
+    peerscan.WATCHER,
+)
 # Threat hits one session carries (the inspector's and the watches' together).
 MAX_HITS = 4
 
