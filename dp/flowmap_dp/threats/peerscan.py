@@ -12,8 +12,9 @@ checks) is no scan.
 1024 (sources).
 
 **Memory.** At most ``keys`` sources, the least recently seen evicted first, each holding at most
-``peers`` (capped at 1024) addresses: at the defaults about 4 MB per packet loop at the worst, a few
-hundred bytes a source in the common case (``tests/dp/test_rates.py`` measures it).
+``peers`` (capped at 1024) addresses: at the defaults 3 MB per packet loop measured at the worst,
+a few hundred bytes a source in the common case (``tests/dp/test_rates.py`` measures it and holds
+it under 3.5 MB).
 
 **Cannot see.** UDP and ICMP sweeps (``nmap -sn``'s pings: no attempt outcome is read from
 them); peers that answer on the port tried; a sweep slower than ``peers`` per ``window``;

@@ -12,9 +12,9 @@ complete while its closed ones, the many, are refused (``-sS``: half-open or ref
 1024 (source and peer pairs).
 
 **Memory.** At most ``keys`` pairs, the least recently seen evicted first, each holding at most
-``ports`` (capped at 1024) ports: at the defaults, at most 1024 x 32 ports, about 3.5 MB per
-packet loop, and a few hundred bytes a key in the common case of one port each
-(``tests/dp/test_rates.py`` measures it).
+``ports`` (capped at 1024) ports: at the defaults, at most 1024 x 32 ports, 3 MB per packet loop
+measured, and a few hundred bytes a key in the common case of one port each
+(``tests/dp/test_rates.py`` measures it and holds it under 3.5 MB).
 
 **Cannot see.** UDP and ICMP scans (no attempt outcome is read from them); a scan slower than
 ``ports`` per ``window``, or spread over more than ``keys`` pairs at once; ports that answer

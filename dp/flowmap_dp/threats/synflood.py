@@ -5,13 +5,13 @@ completed), under two keys: its **source** (VLAN, client address) and its **dest
 server address, server port). A flood from one source shows under both; a flood from random
 spoofed sources (``hping3 --rand-source``) shows only under its destination, which is why that key
 exists. A key fires when, over the last ``window`` seconds, its half-open attempts per second
-exceed ``rate`` AND half-open attempts are more than ``ratio`` of its attempts. A key is tracked
-from its first half-open attempt (its completed and refused ones count from then on), so traffic
-that never fails keeps no state. Refused attempts
-(the server reset the SYN) count as attempts, not as half-open: a closed port holds no state.
-The hit goes to the session that tipped the key over, its snippet e.g. ``1000 half-open/s to
-10.0.0.2:80 (100%, 501 in 0.5s)``: the half-open attempts the window holds, over the time they
-took (from the key's first attempt, at most ``window``). Hysteresis: a key that fired fires again only once its rate stayed below
+exceed ``rate`` AND half-open attempts are more than ``ratio`` of its attempts. Refused attempts
+(the server reset the SYN) count as attempts, not as half-open: a closed port holds no state. A
+key is tracked from its first half-open attempt (its completed and refused ones count from then
+on), so traffic that never fails keeps no state. The hit goes to the session that tipped the key
+over, its snippet e.g. ``1002 half-open/s to 10.0.0.2:80 (100%, 501 in 0.5s)``: the half-open
+attempts the window holds, over the time they took (from the key's first attempt, at most
+``window``). Hysteresis: a key that fired fires again only once its rate stayed below
 ``rearm_rate`` for ``rearm_after`` seconds (no attempt at all counts as below).
 
 The rate is a sliding window estimated from two buckets of ``window`` seconds (the previous
@@ -25,7 +25,8 @@ kind: sources and destinations each).
 
 **Memory.** At most ``keys`` sources and ``keys`` destinations, the least recently seen evicted
 first (a spoofed flood churns the sources, its destination stays): about 300 bytes a key, 2.5 MB
-per packet loop at the defaults (``tests/dp/test_rates.py`` measures it).
+per packet loop at the defaults with both maps full (``tests/dp/test_rates.py`` measures it and
+holds it under 3 MB).
 
 **Cannot see.** A spoofed flood spread over many destination ports (no key gets the rate); a
 flood slower than ``rate``; attempts the table never reported (see ``attempts``). A half-open
