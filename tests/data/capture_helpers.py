@@ -3,6 +3,7 @@
 
     capture_helpers.py client PROTOCOL HOST PORT [ARGS...]   run a real client library
     capture_helpers.py serve PROTOCOL PORT                    run a server or answering listener
+    capture_helpers.py serve many FIRST COUNT                 a one-line echo on COUNT ports
 
 The clients are the real libraries (redis-py, psycopg, PyMySQL, grpcio, dnspython, kazoo,
 python-binary-memcached, the Couchbase SDK, pyspark, pymongo, kafka-python, cassandra-driver,
@@ -685,12 +686,79 @@ def serve_tfo_http(port: int) -> None:
         srv.serve_forever()
 
 
+# ---------------------------------------------------------------------------- rate watches
+
+
+@client
+def client_burst(host: str, port: str, count: str, seconds: str) -> None:
+    """``count`` short connections one after another, spread over ``seconds``, each completed:
+    connect, send a line, read the answer, close (the benign case of syn-flood)."""
+    start = time.monotonic()
+    gap = float(seconds) / int(count)
+    for i in range(int(count)):
+        time.sleep(max(0.0, start + i * gap - time.monotonic()))
+        with socket.create_connection((bare(host), int(port)), timeout=5) as s:
+            s.sendall(b"ping\n")
+            s.recv(64)
+    print(f"{count} connections in {time.monotonic() - start:.2f}s", flush=True)
+
+
+@client
+def client_ports(host: str, first: str, count: str) -> None:
+    """One completed exchange with each of ``count`` ports from ``first`` on, twice (a busy client of
+    many services of one server: the benign case of port-scan)."""
+    for _ in range(2):
+        for port in range(int(first), int(first) + int(count)):
+            with socket.create_connection((bare(host), port), timeout=5) as s:
+                s.sendall(b"ping\n")
+                s.recv(64)
+
+
+def serve_many(first: int, count: int) -> None:
+    """An echo of one line on each of ``count`` ports from ``first`` on."""
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    for port in range(first, first + count):
+        ls = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        ls.bind(("::", port))
+        ls.listen(512)
+        sel.register(ls, selectors.EVENT_READ, "listen")
+    while True:
+        for key, _ in sel.select():
+            sock = key.fileobj
+            assert isinstance(sock, socket.socket)
+            if key.data == "listen":
+                conn, _ = sock.accept()
+                sel.register(conn, selectors.EVENT_READ, "conn")
+                continue
+            try:
+                data = sock.recv(64)
+                if data:
+                    sock.sendall(data)
+                    continue
+            except OSError:
+                pass
+            sel.unregister(sock)
+            sock.close()
+
+
+@server
+def serve_echo_lines(port: int) -> None:
+    """A one-line echo on ``port`` (the burst's server)."""
+    serve_many(port, 1)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 3 or argv[0] not in ("client", "serve"):
         print(__doc__)
         return 2
     if argv[0] == "client":
         CLIENTS[argv[1]](*argv[2:])
+    elif argv[1] == "many":
+        serve_many(int(argv[2]), int(argv[3]))
     else:
         SERVERS[argv[1]](int(argv[2]))
     return 0

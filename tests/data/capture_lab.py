@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -156,7 +157,7 @@ class Lab:
         err = open(log, "wb")
         self.logs.append(err)
         p = subprocess.Popen(["ip", "netns", "exec", self.ns_c, "tcpdump", "-i", self.if_c, "-w", str(tmp_pcap),
-                              "-s", "0", "-U", "--immediate-mode", "-n", "-Z", "root", bpf],
+                              "-s", "0", "-U", "--immediate-mode", "-n", "-Z", "root", "-B", "32768", bpf],
                              stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
         self.procs.append(p)
         deadline = time.monotonic() + 20
@@ -173,6 +174,10 @@ class Lab:
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 p.kill()
+        # A busy machine can leave tcpdump behind a burst (a flood, a scan): such a capture lies.
+        dropped = re.search(r"(\d+) packets? dropped by kernel", log.read_text())
+        if dropped and int(dropped.group(1)):
+            raise RuntimeError(f"tcpdump dropped {dropped.group(1)} packets of {path.name}")
         shutil.move(tmp_pcap, path)
 
     def close(self) -> None:
@@ -209,9 +214,12 @@ class Made:
     label: str | Callable[[dict[str, Any]], str]
     tags: list[str] = field(default_factory=list)
     carrier: str | None = None  # for sqlinjection: the protocol the injection travels in
-    # The threats each flow must raise, by its index in the capture and its flow entry (none if absent).
-    threats: Callable[[int, dict[str, Any]], list[str]] | None = None
+    # The threats each flow must raise, by its index in the capture and its flow entry (none if absent);
+    # or, for a capture whose tipping session cannot be known beforehand (a flood, a scan), the names
+    # the capture must raise in all, each listed on the flows the dp raises it on.
+    threats: Callable[[int, dict[str, Any]], list[str]] | tuple[str, ...] | None = None
     threat_limits: list[str] = field(default_factory=list)  # NAME.KEY=VALUE the capture is judged with
+    list_flows: bool = True  # False: list only the flows with a threat, count the others (a flood)
 
 
 

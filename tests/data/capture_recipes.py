@@ -1468,3 +1468,99 @@ def make_crafted(lab: Lab, tmp: Path) -> list[Made]:
              "0x0404.", "unknown", ["threats", "crafted", "ipv6"],
              threats=lambda i, f: ["ping-of-death"] if str(f["client"]).endswith(":771") else []),
     ]
+
+
+# ---------------------------------------------------------------------------- rate watches (syn-flood, scans)
+# Each capture says which threats it must raise (``Made.threats``): make_captures.py classifies it
+# and refuses a capture that raises others, then lists on each flow the threats it raised. A flood
+# lists only its flows with a threat; the others are counted (``unlisted_flows``).
+
+ECHO_PORT = 8080
+HPING = "hping3"
+
+
+def _quiet_tcp(lab: Lab) -> None:
+    """No TCP timestamps: smaller frames, so more sessions fit in a small capture."""
+    for ns in (lab.ns_s, lab.ns_c):
+        lab.sh(ns, ["sysctl", "-qw", "net.ipv4.tcp_timestamps=0"])
+
+
+@recipe
+def make_syn_flood(lab: Lab, tmp: Path) -> list[Made]:
+    _quiet_tcp(lab)
+    # Answers to spoofed sources go back over the veth (and die in the client namespace), as they
+    # would leave a node: the server holds them half-open.
+    lab.sh(lab.ns_s, ["ip", "route", "add", "default", "via", C4])
+    lab.server(helper("serve", "echo_lines", str(ECHO_PORT)), log="echo.log")
+    lab.wait_listen(ECHO_PORT)
+    server = f"capture_helpers.py serve echo_lines {ECHO_PORT} (a one-line echo, {PY_NOTE}; Linux SYN cookies on)"
+    hping = deb_version("hping3")
+    direct = [HPING, "-q", "-S", "-p", str(ECHO_PORT), "-c", "600", "-i", "u1000", S4]
+    with lab.capture(out("syn-flood", "hping3")):
+        lab.client(direct, check=False)  # hping3 exits 1 when no reply came back to it
+    burst = helper("client", "burst", S4, str(ECHO_PORT), "250", "1")
+    with lab.capture(out("syn-flood", "burst-completed")):
+        lab.client(burst)
+    # Last: the server goes on answering the spoofed sources for a while.
+    spoofed = [HPING, "-q", "-S", "-p", str(ECHO_PORT), "--rand-source", "-c", "800", "-i", "u1000", S4]
+    with lab.capture(out("syn-flood", "hping3-rand-source")):
+        lab.client(spoofed, check=False)
+    return [
+        Made("hping3-rand-source", {"server": server, "client": hping, "commands": [" ".join(spoofed)]},
+             "800 SYNs at 1,000/s from random spoofed sources to one listening port; the server's SYN-ACKs "
+             "go unanswered (their addresses do not exist). Per-destination key: one syn-flood hit.",
+             "unknown", ["syn-flood", "threat"], threats=("syn-flood",), list_flows=False),
+        Made("hping3", {"server": server, "client": hping, "commands": [" ".join(direct)]},
+             "600 SYNs at 1,000/s from the client's own address (a new source port each); its kernel resets "
+             "each SYN-ACK. Both keys tip on one session: two syn-flood hits (to the server, from the client).",
+             "unknown", ["syn-flood", "threat"], threats=("syn-flood",), list_flows=False),
+        Made("burst-completed", {"server": server, "client": f"capture_helpers.py client burst ({PY_NOTE})",
+                                 "commands": ["capture_helpers.py client burst 10.199.0.1 8080 250 1"]},
+             "The closest benign case: 250 short connections one after another within one second, each "
+             "completed (a line sent and echoed, then closed). No threat.",
+             "echo", ["benign"]),
+    ]
+
+
+@recipe
+def make_scans(lab: Lab, tmp: Path) -> list[Made]:
+    _quiet_tcp(lab)
+    peers = 48
+    for i in range(1, peers + 1):
+        lab.sh(lab.ns_s, ["ip", "addr", "add", f"10.199.1.{i}/32", "dev", lab.if_s])
+    lab.sh(lab.ns_c, ["ip", "route", "add", "10.199.1.0/24", "via", S4])
+    for port in (22, 80):
+        lab.server(helper("serve", "many", str(port), "1"), log=f"echo{port}.log")
+        lab.wait_listen(port)
+    lab.server(helper("serve", "many", "9001", "40"), log="many.log")
+    lab.wait_listen(9040)
+    nmap = deb_version("nmap")
+    server = f"capture_helpers.py serve many (one-line echoes on 22, 80 and 9001-9040, {PY_NOTE})"
+    syn_scan = ["nmap", "-sS", "-Pn", "-n", "-T4", "--max-retries", "0", "-p", "1-200", S4]
+    connect_scan = ["nmap", "-sT", "-Pn", "-n", "-T4", "--max-retries", "0", "-p", "1-200", S4]
+    sweep = ["nmap", "-sS", "-Pn", "-n", "-T4", "--max-retries", "0", "-p", "80,8443", f"10.199.1.1-{peers}"]
+    with lab.capture(out("scans", "nmap-sS-ports")):
+        lab.client(syn_scan)
+    with lab.capture(out("scans", "nmap-sT-ports")):
+        lab.client(connect_scan)
+    with lab.capture(out("scans", "nmap-sS-peers")):
+        lab.client(sweep)
+    with lab.capture(out("scans", "busy-client-ports")):
+        lab.client(helper("client", "ports", S4, "9001", "40"))
+    return [
+        Made("nmap-sS-ports", {"server": server, "client": nmap, "commands": [" ".join(syn_scan)]},
+             "A SYN scan of ports 1-200 of one peer: 2 open (half-open: SYN-ACK answered by a reset), "
+             "198 refused. One port-scan hit.", "unknown", ["port-scan", "threat"], threats=("port-scan",)),
+        Made("nmap-sT-ports", {"server": server, "client": nmap, "commands": [" ".join(connect_scan)]},
+             "A connect() scan of ports 1-200 of one peer: 2 completed, 198 refused. One port-scan hit.",
+             "unknown", ["port-scan", "threat"], threats=("port-scan",)),
+        Made("nmap-sS-peers", {"server": server, "client": nmap, "commands": [" ".join(sweep)]},
+             f"A SYN scan of ports 80 (open: half-open) and 8443 (refused) on {peers} addresses (all the "
+             "server namespace's). One peer-scan hit.", "unknown", ["peer-scan", "threat"], threats=("peer-scan",)),
+        Made("busy-client-ports", {"server": server, "client": f"capture_helpers.py client ports ({PY_NOTE})",
+                                   "commands": ["capture_helpers.py client ports 10.199.0.1 9001 40"]},
+             "The closest benign case: one client talking to 40 ports of one server, twice each, every "
+             "connection completed (a line sent and echoed). No threat.", "echo", ["benign"]),
+    ]
+
+

@@ -110,12 +110,17 @@ def _host(endpoint: str) -> str:
     return endpoint.rsplit(":", 1)[0].strip("[]")
 
 
-def manifest_entry(proto_dir: str, made: Made) -> dict[str, Any]:
-    path = OUT / proto_dir / f"{made.name}.pcap"
+def manifest_entry(proto_dir: str, made: Made, path: Path) -> dict[str, Any]:
     data = path.read_bytes()
     flows = pcap_flows(path)
+    # Declared per flow, or (a tuple of names) found where the dp raises them, and checked below.
+    raised = threats_raised(path, made.threat_limits) if isinstance(made.threats, tuple) else {}
     for i, f in enumerate(flows):
-        threats = made.threats(i, f) if made.threats else []
+        if callable(made.threats):
+            threats = made.threats(i, f)
+        else:
+            threats = raised.pop((f["proto"], f["client"], f["server"]), None) or raised.pop(
+                (f["proto"], f["server"], f["client"]), None) or []
         label = made.label if isinstance(made.label, str) else made.label(f)
         f_ordered = {"proto": f["proto"], "client": f["client"], "server": f["server"], "label": label,
                      "dir_evidence": f["dir_evidence"], "bidirectional": f["bidirectional"]}
@@ -125,6 +130,10 @@ def manifest_entry(proto_dir: str, made: Made) -> dict[str, Any]:
             f_ordered["threats"] = sorted(threats)
         f.clear()
         f.update(f_ordered)
+    if isinstance(made.threats, tuple):
+        seen = {n for f in flows for n in f.get("threats", [])}
+        if seen != set(made.threats) or raised:
+            raise RuntimeError(f"{made.name}: raised {sorted(seen)} (want {sorted(made.threats)}); unmatched {raised}")
     entry = {
         "file": f"{proto_dir}/{made.name}.pcap",
         "source": "flowmap tests/data/make_captures.py",
@@ -137,7 +146,24 @@ def manifest_entry(proto_dir: str, made: Made) -> dict[str, Any]:
     }
     if made.threat_limits:  # the thresholds the capture is judged with (a short capture, a low limit)
         entry["threat_limits"] = list(made.threat_limits)
+    if not made.list_flows:  # a flood: the flows with a threat, and how many others there are
+        entry["flows"] = [f for f in flows if f.get("threats")]
+        entry["unlisted_flows"] = {"count": len(flows) - len(entry["flows"]), "label": made.label}
     return entry
+
+
+def threats_raised(path: Path, limits: list[str]) -> dict[tuple[str, str, str], list[str]]:
+    """(proto, client, server) -> the names of the threats the dp raises on that flow (but
+    sqlinjection, which the flow's label says), as ``flowmap dp classify`` finds them."""
+    from flowmap_dp.classify import classify_file
+    from flowmap_dp.threats import Config
+
+    out = {}
+    for f in classify_file(path, threats=Config.parse([], limits)):
+        names = sorted({t["name"] for t in f["threats"]} - {"sqlinjection"})
+        if names:
+            out[(f["l4"], f["client"], f["server"])] = names
+    return out
 
 
 def update_manifest(proto_dir: str, entries: list[dict[str, Any]]) -> None:
@@ -171,13 +197,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with Lab(tmp) as lab:
                 made = RECIPES[name](lab, tmp)
-            # Only a recipe that made all its captures replaces the committed ones.
+            # Only a recipe that made all its captures, each raising what it must, replaces the committed ones.
+            entries = [manifest_entry(name, m, staging / name / f"{m.name}.pcap") for m in made]
             (OUT / name).mkdir(parents=True, exist_ok=True)
             for old in (OUT / name).glob("*.pcap"):
                 old.unlink()
             for m in made:
                 shutil.move(staging / name / f"{m.name}.pcap", OUT / name / f"{m.name}.pcap")
-            entries = [manifest_entry(name, m) for m in made]
             update_manifest(name, entries)
             for e in entries:
                 print(f"{e['file']}: {e['bytes']} bytes, {len(e['flows'])} flows")

@@ -25,7 +25,7 @@ from flowmap_dp.detection import Inspector
 from flowmap_dp.detectors.base import Threat
 from flowmap_dp.pcapfile import read_records
 from flowmap_dp.session import HANDOFF_REMEMBERED, INSPECTOR_IDLE, NEW_EXCHANGE_AFTER, Timeouts
-from flowmap_dp.threats import Config, Watching, bind
+from flowmap_dp.threats import Config, bind
 from tests.dp.synth import Frame, ether, ipv4, ipv6, mixed_traffic, pack_block, tcp, udp
 from tests.dp.test_fragments import frags4, frags6
 from tests.dp.twins import Tape, Twins, assert_same_reports, balanced, block_time, blocks_of, make_table
@@ -249,11 +249,10 @@ def test_every_capture_classifies_alike(path: Path, every: int, monkeypatch: pyt
     monkeypatch.setattr(compiled, "FRAMES_PER_ANSWER", every)
     records = [(r.data, r.link, r.wire_len, r.ts) for r in read_records(path)]
     config = Config.parse([], LIMITS.get(path, ()))  # the thresholds the manifest judges it with
-    twins = Twins(partial(Inspector, scanners=bind(config)), max_sessions=OFFLINE_MAX_SESSIONS, timeouts=None)
+    twins = Twins(partial(Inspector, scanners=bind(config)), config, max_sessions=OFFLINE_MAX_SESSIONS, timeouts=None)
     twins.feed_frames(records)
     twins.close_all()
     report = twins.collect(0.0)
-    Watching(config).observe(report.time, report.sessions)  # as classify_file does: the watches see the one report
     assert report.sessions and report.health.packets == len(records)
     assert [flow_dict(d) for d in report.sessions] == classify_file(path, threats=config)
     if "sqlinjection" in path.parts or path.name == "WebattackSQLinj.pcap":

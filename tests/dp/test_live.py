@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -27,6 +28,7 @@ from flowmap_devenv.netns import Lab, netns
 from flowmap_dp import wire_pb2
 from flowmap_dp.capture import Encapsulation, RingConfig
 from flowmap_dp.running import Capture
+from tests.conftest import need
 
 FLOWMAP = str(Path(sys.executable).with_name("flowmap"))
 A4, B4, A6, B6 = "10.62.1.2", "10.62.2.2", "fd62:1::2", "fd62:2::2"
@@ -574,3 +576,69 @@ def test_packet_threats_through_the_dp(node: Node, agent: Agent, start_dp: Calla
     pings = [s for r in agent.reports for s in r.sessions
              if s.ip_proto == 1 and s.client_port not in (0x5151, 0x6262) and s.bytes_c2s]
     assert sum(s.packets_c2s for s in pings) == 7 and max(s.bytes_c2s for s in pings) >= 1500, agent.dump()
+
+
+def test_a_syn_flood_is_seen_alike_by_both_parsers(node: Node, agent: Agent, start_dp: Callable[..., object],
+                                                   tmp_path: Path) -> None:
+    """hping3 floods a listening server in pod-b from random spoofed sources in pod-a; two dps
+    watch the same veths, one with the compiled parser and one with the per-packet reference.
+    Each raises one syn-flood hit, on the destination's key (no source repeats), the same one:
+    same session, same snippet. Then 300 completed connections to the same server raise none."""
+    need(shutil.which("hping3") is not None, "this test needs hping3 (hack/debian-packages.txt)")
+    node.lab.exec(node.node, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0")
+    srv = node.lab.popen(node.pod_b, [sys.executable, "-c", _LISTENER, B4, "8080"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        compiled = start_dp("--iface", node.host_a, "--iface", node.host_b, "--parser", "compiled")
+        reference = start_dp("--iface", node.host_a, "--iface", node.host_b, "--parser", "per-packet")
+        assert compiled and reference
+        _connect_burst(node, 300)
+        # hping3 exits 1: no answer comes back to it (they go to the spoofed sources).
+        subprocess.run(["ip", "netns", "exec", node.pod_a, "hping3", "-q", "-S", "-p", "8080", "--rand-source",
+                        "-c", "1500", "-i", "u1000", B4], capture_output=True, timeout=60)
+        assert agent.wait(lambda: len({r.run_id for r in agent.reports}) == 2)
+        runs = sorted({r.run_id for r in agent.reports})
+
+        def hits(run: str) -> list[tuple[str, str, bytes, int, bytes, int]]:
+            return [(t.threat, t.snippet, t.client_ip, t.client_port, t.server_ip, t.server_port)
+                    for r in agent.reports if r.run_id == run for t in r.threats]
+
+        agent.wait(lambda: all(hits(run) for run in runs))
+        agent.pump(1.0)
+        first, second = hits(runs[0]), hits(runs[1])
+        assert len(first) == 1 and first[0][0] == "syn-flood" and first[0][4:] == (_ip(B4), 8080), first
+        assert first[0][1].endswith("half-open/s to 10.62.2.2:8080 (100%, 501 in 0.5s)"), first
+        drops = [h.kernel_drops for r in agent.reports if r.HasField("health") for h in [r.health]]
+        if not any(drops):  # the same packets read by both: the same hit, to the session
+            assert first == second
+        else:
+            assert [h[0] for h in second] == ["syn-flood"]
+    finally:
+        srv.terminate()
+        srv.wait()
+
+
+_LISTENER = """
+import socket, sys, threading
+ls = socket.create_server((sys.argv[1], int(sys.argv[2])), backlog=512)
+def serve(c):
+    with c:
+        c.sendall(c.recv(64))
+while True:
+    threading.Thread(target=serve, args=(ls.accept()[0],), daemon=True).start()
+"""
+
+
+def _connect_burst(node: Node, count: int) -> None:
+    """``count`` completed connections from pod-a to the listener, one after another."""
+    for _attempt in range(200):
+        with netns(node.pod_a), socket.socket() as probe:
+            if probe.connect_ex((B4, 8080)) == 0:
+                break
+        time.sleep(0.05)
+    for _ in range(count):
+        with netns(node.pod_a):
+            s = socket.create_connection((B4, 8080), timeout=5)
+        with s:
+            s.sendall(b"ping\n")
+            s.recv(64)

@@ -15,6 +15,7 @@ from flowmap_dp.compiled import CompiledTable
 from flowmap_dp.decode import IGNORED, MALFORMED, Decoded
 from flowmap_dp.detectors.base import Threat
 from flowmap_dp.session import Health, InspectorLike, Report, SessionTable
+from flowmap_dp.threats import Config, Watching
 from tests.dp.synth import Frame, pack_block
 
 Record = tuple[bytes, int, int, float]  # a capture file's frame: (bytes, link type, length on the wire, timestamp)
@@ -97,7 +98,8 @@ class Twins:
     each ``collect`` asserts identical reports. With an ``inspector`` class, each table gets its
     own instances, kept in ``made`` (reference, compiled) in the order they were made."""
 
-    def __init__(self, inspector: Callable[[str, int, int], InspectorLike] | None = None, **kwargs: Any) -> None:
+    def __init__(self, inspector: Callable[[str, int, int], InspectorLike] | None = None,
+                 threats: Config = Config(), **kwargs: Any) -> None:
         self.made: tuple[list[Any], list[Any]] = ([], [])
 
         def recording(made: list[Any]) -> Callable[[str, int, int], InspectorLike] | None:
@@ -111,6 +113,8 @@ class Twins:
 
         self.ref = ReferenceTable(inspector_factory=recording(self.made[0]), **kwargs)
         self.comp = CompiledTable(inspector_factory=recording(self.made[1]), **kwargs)
+        # Each table's watches (flowmap_dp.threats), as a packet loop runs them: the same hits.
+        self.watching = (Watching(threats), Watching(threats))
 
     def feed_blocks(self, blocks: Iterable[bytes | memoryview]) -> None:
         for block in blocks:
@@ -122,8 +126,12 @@ class Twins:
         self.comp.feed_frames(frames)
 
     def collect(self, now: float, hold: float = 0.0) -> Report:
-        """Both tables' reports, asserted identical; the reference's is returned."""
+        """Both tables' reports, each seen by its own watches, asserted identical (threat hits
+        included); the reference's is returned."""
         ref, comp = self.ref.collect(now, hold), self.comp.collect(now, hold)
+        self.watching[0].observe(ref.time, ref.sessions)
+        self.watching[1].observe(comp.time, comp.sessions)
+        assert self.watching[0].errors == self.watching[1].errors == 0
         assert_same_reports(ref, comp)
         assert len(self.ref) == len(self.comp)
         return ref

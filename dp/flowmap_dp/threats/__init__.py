@@ -16,8 +16,8 @@ from typing import Any
 
 from flowmap_dp.detectors import sqlinjection
 from flowmap_dp.detectors.base import Flow, Threat
-from flowmap_dp.threats import (bruteforce, deprecated_tls, dnstunnel, heartbleed, icmptunnel, pingofdeath, slowloris,
-                                smuggling, splithandshake, syndata, zonetransfer)
+from flowmap_dp.threats import (bruteforce, deprecated_tls, dnstunnel, heartbleed, icmptunnel, peerscan, pingofdeath,
+                                portscan, slowloris, smuggling, splithandshake, syndata, synflood, zonetransfer)
 from flowmap_dp.threats.base import Limits, Scanner, Seen, Watch, Watcher
 
 
@@ -42,6 +42,9 @@ WATCHERS: tuple[Watcher, ...] = (
     syndata.WATCHER,
     icmptunnel.WATCHER,
     pingofdeath.WATCHER,
+    synflood.WATCHER,
+    portscan.WATCHER,
+    peerscan.WATCHER,
 )
 # Threat hits one session carries (the inspector's and the watches' together).
 MAX_HITS = 4
