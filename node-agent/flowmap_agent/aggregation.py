@@ -120,7 +120,7 @@ class Aggregator:
                                []).append(hit)
         blocks: list[tuple[tuple[str, str, int, pb.Protocol], Session, str]] = []  # (edge, session, threat)
         remembered = self._prune(report.end_ns) if self._blocked else {}
-        denied: dict[tuple[str, str, int, pb.Protocol], str] = {}  # edge -> the threat one of its sessions is blocked for
+        denied: dict[tuple[str, str, int, pb.Protocol], str] = {}  # edge -> the threat a session of it is blocked for
         addresses: dict[bytes, str] = {}  # "": not reported (not an address, or link-scoped)
         for s in report.sessions:
             protocol = PROTOCOLS.get(s.ip_proto)
@@ -166,12 +166,14 @@ class Aggregator:
                     if len(e[9]) < validity.MAX_THREATS:
                         e[9].append(pb.ThreatHit(name=hit.threat, snippet=hit.snippet[:256],
                                                  time_unix_ms=hit.seen_ns // 1_000_000))
-                if hits and self.policy.block and (threat := blocking(self.policy, client, server,
-                                                                       (h.threat for h in hits))):
-                    blocks.append((key, (s.ip_proto, client, s.client_port, server, s.server_port), threat))
+                if hits and self.policy.block:
+                    session = (s.ip_proto, client, s.client_port, server, s.server_port)
+                    if threat := self._blocking(session, [h.threat for h in hits]):
+                        blocks.append((key, session, threat))
             if remembered:
-                was = remembered.get((s.ip_proto, client, s.client_port, server, s.server_port))
-                if was is not None and blocking(self.policy, client, server, (was[0],)):
+                session = (s.ip_proto, client, s.client_port, server, s.server_port)
+                was = remembered.get(session)
+                if was is not None and self._blocking(session, [was[0]]):
                     denied[key] = was[0]  # reset or dropped since: still the threat's doing
         if blocks:
             denied.update(self._block(blocks, report.end_ns))
@@ -217,6 +219,14 @@ class Aggregator:
             if session in self._blocked or len(self._blocked) < self.max_blocked:
                 self._blocked[session] = (threat, until)
         return {key: threat for key, _, threat in blocks}
+
+    def _blocking(self, session: Session, threats: list[str]) -> str:
+        """The threat of ``threats`` a protected end of the session blocks, or "": the server may be a
+        ClusterIP, whose pod is an end only after the node's DNAT (the dp saw the client's side)."""
+        threat = blocking(self.policy, session[1], session[3], threats)
+        if not threat and self.destination is not None and (sent_to := self.destination(session)) is not None:
+            threat = blocking(self.policy, session[1], sent_to[0], threats)
+        return threat
 
     def _prune(self, now_ns: int) -> dict[Session, tuple[str, int]]:
         """The blocks still in force (those expired are forgotten, as the kernel forgets them)."""

@@ -21,7 +21,10 @@ from flowmap_agent.aggregation import Aggregator
 from flowmap_agent.policy.compiling import PolicyInForce
 from flowmap_api import report_pb2 as pb
 from flowmap_dp import wire_pb2
-from tests.agent.test_protect import PODS, Node, node, policy  # noqa: F401 (node: the fixture)
+from tests.agent import test_protect
+from tests.agent.test_protect import PODS, Node, policy
+
+node = test_protect.node  # the simulated node, a fixture
 
 # A held session: says its own port, then sends each line typed on stdin and says what came back:
 # the echo, "reset" (a TCP reset) or "timeout" (nothing: dropped).
