@@ -167,13 +167,13 @@ class Aggregator:
                         e[9].append(pb.ThreatHit(name=hit.threat, snippet=hit.snippet[:256],
                                                  time_unix_ms=hit.seen_ns // 1_000_000))
                 if hits and self.policy.block:
-                    session = (s.ip_proto, client, s.client_port, server, s.server_port)
-                    if threat := self._blocking(session, [h.threat for h in hits]):
-                        blocks.append((key, session, threat))
+                    five = (s.ip_proto, client, s.client_port, server, s.server_port)
+                    if threat := self._blocking(five, [h.threat for h in hits]):
+                        blocks.append((key, five, threat))
             if remembered:
-                session = (s.ip_proto, client, s.client_port, server, s.server_port)
-                was = remembered.get(session)
-                if was is not None and self._blocking(session, [was[0]]):
+                five = (s.ip_proto, client, s.client_port, server, s.server_port)
+                was = remembered.get(five)
+                if was is not None and self._blocking(five, [was[0]]):
                     denied[key] = was[0]  # reset or dropped since: still the threat's doing
         if blocks:
             denied.update(self._block(blocks, report.end_ns))
