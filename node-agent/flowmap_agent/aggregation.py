@@ -208,10 +208,8 @@ class Aggregator:
         """Block these sessions (where the node's DNAT sent them, too); the edges now denied, and why."""
         wanted = []
         for _, session, threat in blocks:
-            wanted.append(Block(*session, threat))
             sent_to = self.destination(session) if self.destination is not None else None
-            if sent_to is not None and sent_to != (session[3], session[4]):
-                wanted.append(Block(session[0], session[1], session[2], sent_to[0], sent_to[1], threat))
+            wanted.append(Block(*session, threat, sent_to if sent_to != (session[3], session[4]) else None))
         if self.block is None or not self.block(wanted):
             return {}
         until = now_ns + int(self.block_seconds * 1e9)

@@ -253,8 +253,11 @@ def test_which_hit_blocks_a_session_and_its_elements_both_ways() -> None:
     assert blocking_of(policy, A, B, ["deprecated-tls"]) == ""  # only alerted on
     assert blocking_of(policy, A, C, ["sqlinjection"]) == ""  # neither end blocks it
     elements = threat_elements([Block(6, A, 40000, B, 8080, "sqlinjection"), Block(17, A6, 5353, B6, 53, "dns-tunnel"),
-                                Block(1, A, 0, B, 0, "icmp-tunnel")])
-    assert elements == {"threats4": {f"6 . {A} . 40000 . {B} . 8080", f"6 . {B} . 8080 . {A} . 40000"},
+                                Block(1, A, 0, B, 0, "icmp-tunnel"),
+                                Block(6, A, 40001, C, 80, "sqlinjection", (B, 8080))])  # C: a ClusterIP, DNATed to B
+    assert elements == {"threats4": {f"6 . {A} . 40000 . {B} . 8080", f"6 . {B} . 8080 . {A} . 40000",
+                                     f"6 . {A} . 40001 . {C} . 80", f"6 . {C} . 80 . {A} . 40001",
+                                     f"6 . {A} . 40001 . {B} . 8080", f"6 . {B} . 8080 . {A} . 40001"},
                         "threats6": {f"17 . {A6} . 5353 . {B6} . 53", f"17 . {B6} . 53 . {A6} . 5353"},
                         "threatpairs4": {f"1 . {A} . {B}", f"1 . {B} . {A}"}}
 
@@ -320,7 +323,7 @@ def test_a_blocked_threat_s_delta_is_denied_for_it_while_the_block_lasts() -> No
     assert asked.pop() == [Block(6, A, 40001, B, 8080, "sqlinjection")]
     # Through a ClusterIP: blocked where the node's DNAT sent it too (its forward hook sees that).
     (d,), _ = agg.aggregate(threat_report(A, 40002, *service, "sqlinjection"))
-    assert asked.pop() == [Block(6, A, 40002, *service, "sqlinjection"), Block(6, A, 40002, B, 8080, "sqlinjection")]
+    assert asked.pop() == [Block(6, A, 40002, *service, "sqlinjection", (B, 8080))]
     assert (d.verdict, d.denied_for) == (pb.DENIED, "sqlinjection")
     (d,), _ = agg.aggregate(threat_report(A, 40002, *service, "", end_ns=10**18 + 10**9))
     assert (d.verdict, d.denied_for) == (pb.DENIED, "sqlinjection")

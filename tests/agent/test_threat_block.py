@@ -22,7 +22,7 @@ from flowmap_agent.policy.compiling import PolicyInForce
 from flowmap_api import report_pb2 as pb
 from flowmap_dp import wire_pb2
 from tests.agent import test_protect
-from tests.agent.test_protect import PODS, Node, policy
+from tests.agent.test_protect import PODS, SERVICE, Node, policy
 
 node = test_protect.node  # the simulated node, a fixture
 
@@ -159,6 +159,27 @@ def test_a_udp_flow_with_a_blocked_threat_is_dropped(node: Node) -> None:
         assert node.probe("a", ("udp", b, 5353)) == ["ok"]  # another flow (another port) still passes
     finally:
         udp.close()
+
+
+def test_a_session_through_a_service_is_reset_where_the_dnat_sent_it(node: Node) -> None:
+    """The dp on a's veth sees a call to the ClusterIP; the forward hook sees it after the DNAT, at b.
+    (Where conntrack says the DNAT sent it is injected: flowmap_agent.nat reads it on a node.)"""
+    a, b = PODS["a"][0], PODS["b"][0]
+    protector = node.protector()
+    enforced = protector.apply(blocking_policy(1))
+    assert enforced is not None
+    aggregator = Aggregator(local_pods={PODS[p][0]: f"shop/{p}" for p in PODS}, policy=enforced, block=protector.block,
+                            destination=lambda s: (b, 8080) if s[3:] == (SERVICE[0], 80) else None)
+    tcp = Held(node, "a", "tcp", SERVICE[0], 80)
+    try:
+        assert tcp.say("select") == "select"
+        (delta,), _ = aggregator.aggregate(report(6, a, tcp.port, SERVICE[0], 80, "sqlinjection"))
+        assert (delta.verdict, delta.denied_for, delta.server.ip) == (pb.DENIED, "sqlinjection", SERVICE[0])
+        assert tcp.say("union select") == "reset"
+        assert node.probe("a", ("tcp", SERVICE[0], 80)) == ["ok"]
+        assert len(threat_set(node, "threats4")["elem"]) == 4  # type: ignore[arg-type]  # as sent, as DNATed
+    finally:
+        tcp.close()
 
 
 def test_a_failed_block_is_not_shown_as_denied(node: Node) -> None:

@@ -122,6 +122,7 @@ class Block:
     server: str
     server_port: int
     threat: str
+    dnat: tuple[str, int] | None = None  # where the node's DNAT sent it (a ClusterIP's pod), when elsewhere
 
 
 def chains() -> dict[str, Chain]:
@@ -231,17 +232,19 @@ def blocking(policy: PolicyInForce, client: str, server: str, threats: Iterable[
 
 def threat_elements(blocks: Iterable[Block]) -> dict[str, set[str]]:
     """The threat sets' elements that stop ``blocks``: each session both ways (a reset goes to
-    whichever end sends next), by its 5-tuple, or by its addresses where it has no ports (ICMP)."""
+    whichever end sends next), by its 5-tuple, or by its addresses where it has no ports (ICMP);
+    through a ClusterIP, as the client sent it and as the node's DNAT sent it on."""
     out: dict[str, set[str]] = {}
     for b in blocks:
         v = "6" if ":" in b.client else "4"
-        if b.l4 in PORTED:
-            out.setdefault(f"threats{v}", set()).update((
-                f"{b.l4} . {b.client} . {b.client_port} . {b.server} . {b.server_port}",
-                f"{b.l4} . {b.server} . {b.server_port} . {b.client} . {b.client_port}"))
-        else:
-            out.setdefault(f"threatpairs{v}", set()).update((f"{b.l4} . {b.client} . {b.server}",
-                                                              f"{b.l4} . {b.server} . {b.client}"))
+        for server, port in ((b.server, b.server_port), *((b.dnat,) if b.dnat else ())):
+            if b.l4 in PORTED:
+                out.setdefault(f"threats{v}", set()).update((
+                    f"{b.l4} . {b.client} . {b.client_port} . {server} . {port}",
+                    f"{b.l4} . {server} . {port} . {b.client} . {b.client_port}"))
+            else:
+                out.setdefault(f"threatpairs{v}", set()).update((f"{b.l4} . {b.client} . {server}",
+                                                                  f"{b.l4} . {server} . {b.client}"))
     return out
 
 

@@ -139,8 +139,8 @@ class Protector:
             return False
         for b in blocks:
             self.blocks.labels(b.threat if b.threat in BY_NAME else UNKNOWN, "blocked").inc()
-            log.warning("blocked for %s: %s:%d -> %s:%d (IP protocol %d), %.0f ms after its report", b.threat,
-                        b.client, b.client_port, b.server, b.server_port, b.l4, 1000 * (time.monotonic() - started))
+            log.warning("blocked for %s: %s:%d -> %s:%d (IP protocol %d; nft took %.0f ms)", b.threat, b.client,
+                        b.client_port, b.server, b.server_port, b.l4, 1000 * (time.monotonic() - started))
         return True
 
     def apply(self, message: pb.NodePolicy) -> PolicyInForce | None:
