@@ -6,6 +6,7 @@ import yaml
 
 from flowmap_api import threats
 from flowmap_api.apps import APPLICATIONS, UNKNOWN
+from flowmap_api.limits import MAX_POLICY_THREATS
 from flowmap_dp.detectors import REGISTRY
 from tests.conftest import REPO
 
@@ -28,3 +29,16 @@ def test_threat_names_and_severities_are_the_api_s_in_the_crd() -> None:
     assert item["name"]["enum"] == [*threats.NAMES, threats.UNKNOWN]
     assert item["severity"]["enum"] == list(threats.SEVERITIES)
     assert status["threats"]["maxItems"] >= len(threats.NAMES) + 1
+
+
+def test_a_policy_s_threats_are_the_api_s_and_only_the_dp_s_can_be_blocked() -> None:
+    nlp = yaml.safe_load((REPO / "crds" / "flowmap.dev_networklearningpolicies.yaml").read_text())
+    spec = nlp["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    entry = spec["threats"]["items"]
+    assert entry["properties"]["name"]["enum"] == list(threats.NAMES)
+    assert entry["properties"]["action"]["enum"] == ["Alert", "Block"]
+    assert spec["threats"]["maxItems"] == MAX_POLICY_THREATS >= len(threats.NAMES)
+    # What no node sees in a session cannot be blocked there: the schema says so, for those names.
+    (rule,) = entry["x-kubernetes-validations"]
+    not_on_nodes = [k.name for k in threats.KINDS if k.found_by != "dp"]
+    assert rule["rule"].endswith(f"!(self.name in {not_on_nodes!r})")

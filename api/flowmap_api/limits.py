@@ -39,3 +39,7 @@ MAX_UPLOAD_ERROR = 256
 # NodeCaptures.uploads: the fetches one node serves at once (the operator asks no more of a node,
 # the agent sends no more at once), so that a node's uplink and disk are not the fetches' alone.
 MAX_NODE_UPLOADS = 2
+
+# A NetworkLearningPolicy's spec.threats (the CRD's maxItems) and PodPolicy.block_threats: one entry
+# per threat name at most, with room for names to come (flowmap_api.threats has 16).
+MAX_POLICY_THREATS = 32

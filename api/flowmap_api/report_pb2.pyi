@@ -61,7 +61,7 @@ class ThreatHit(_message.Message):
     def __init__(self, name: _Optional[str] = ..., snippet: _Optional[str] = ..., time_unix_ms: _Optional[int] = ...) -> None: ...
 
 class EdgeDelta(_message.Message):
-    __slots__ = ("client", "server", "protocol", "apps", "bytes_c2s", "bytes_s2c", "packets_c2s", "packets_s2c", "sessions_opened", "sessions_closed", "sessions_active", "first_seen_unix_ms", "last_seen_unix_ms", "threats", "verdict")
+    __slots__ = ("client", "server", "protocol", "apps", "bytes_c2s", "bytes_s2c", "packets_c2s", "packets_s2c", "sessions_opened", "sessions_closed", "sessions_active", "first_seen_unix_ms", "last_seen_unix_ms", "threats", "verdict", "denied_for")
     CLIENT_FIELD_NUMBER: _ClassVar[int]
     SERVER_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +77,7 @@ class EdgeDelta(_message.Message):
     LAST_SEEN_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     THREATS_FIELD_NUMBER: _ClassVar[int]
     VERDICT_FIELD_NUMBER: _ClassVar[int]
+    DENIED_FOR_FIELD_NUMBER: _ClassVar[int]
     client: Endpoint
     server: Endpoint
     protocol: Protocol
@@ -92,7 +93,8 @@ class EdgeDelta(_message.Message):
     last_seen_unix_ms: int
     threats: _containers.RepeatedCompositeFieldContainer[ThreatHit]
     verdict: Verdict
-    def __init__(self, client: _Optional[_Union[Endpoint, _Mapping]] = ..., server: _Optional[_Union[Endpoint, _Mapping]] = ..., protocol: _Optional[_Union[Protocol, str]] = ..., apps: _Optional[_Iterable[str]] = ..., bytes_c2s: _Optional[int] = ..., bytes_s2c: _Optional[int] = ..., packets_c2s: _Optional[int] = ..., packets_s2c: _Optional[int] = ..., sessions_opened: _Optional[int] = ..., sessions_closed: _Optional[int] = ..., sessions_active: _Optional[int] = ..., first_seen_unix_ms: _Optional[int] = ..., last_seen_unix_ms: _Optional[int] = ..., threats: _Optional[_Iterable[_Union[ThreatHit, _Mapping]]] = ..., verdict: _Optional[_Union[Verdict, str]] = ...) -> None: ...
+    denied_for: str
+    def __init__(self, client: _Optional[_Union[Endpoint, _Mapping]] = ..., server: _Optional[_Union[Endpoint, _Mapping]] = ..., protocol: _Optional[_Union[Protocol, str]] = ..., apps: _Optional[_Iterable[str]] = ..., bytes_c2s: _Optional[int] = ..., bytes_s2c: _Optional[int] = ..., packets_c2s: _Optional[int] = ..., packets_s2c: _Optional[int] = ..., sessions_opened: _Optional[int] = ..., sessions_closed: _Optional[int] = ..., sessions_active: _Optional[int] = ..., first_seen_unix_ms: _Optional[int] = ..., last_seen_unix_ms: _Optional[int] = ..., threats: _Optional[_Iterable[_Union[ThreatHit, _Mapping]]] = ..., verdict: _Optional[_Union[Verdict, str]] = ..., denied_for: _Optional[str] = ...) -> None: ...
 
 class DnsName(_message.Message):
     __slots__ = ("ip", "name", "ttl_seconds", "seen_unix_ms")
@@ -151,7 +153,7 @@ class WatchRequest(_message.Message):
     def __init__(self, node: _Optional[str] = ...) -> None: ...
 
 class PodPolicy(_message.Message):
-    __slots__ = ("pod", "ips", "egress", "ingress")
+    __slots__ = ("pod", "ips", "egress", "ingress", "block_threats")
     class Peer(_message.Message):
         __slots__ = ("cidrs", "protocol", "ports")
         CIDRS_FIELD_NUMBER: _ClassVar[int]
@@ -165,11 +167,13 @@ class PodPolicy(_message.Message):
     IPS_FIELD_NUMBER: _ClassVar[int]
     EGRESS_FIELD_NUMBER: _ClassVar[int]
     INGRESS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_THREATS_FIELD_NUMBER: _ClassVar[int]
     pod: str
     ips: _containers.RepeatedScalarFieldContainer[str]
     egress: _containers.RepeatedCompositeFieldContainer[PodPolicy.Peer]
     ingress: _containers.RepeatedCompositeFieldContainer[PodPolicy.Peer]
-    def __init__(self, pod: _Optional[str] = ..., ips: _Optional[_Iterable[str]] = ..., egress: _Optional[_Iterable[_Union[PodPolicy.Peer, _Mapping]]] = ..., ingress: _Optional[_Iterable[_Union[PodPolicy.Peer, _Mapping]]] = ...) -> None: ...
+    block_threats: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, pod: _Optional[str] = ..., ips: _Optional[_Iterable[str]] = ..., egress: _Optional[_Iterable[_Union[PodPolicy.Peer, _Mapping]]] = ..., ingress: _Optional[_Iterable[_Union[PodPolicy.Peer, _Mapping]]] = ..., block_threats: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class NodePolicy(_message.Message):
     __slots__ = ("version", "enforcement_disabled", "pods")

@@ -5,7 +5,9 @@ Nothing counted is ever lost for its metadata. What cannot stop counting is norm
 dropped, and counted by (field, reason): a DNS name that is not one (dropped; non-ASCII is
 converted to IDNA), an application the registry does not know (``unknown``), a pod string that
 is not ``namespace/name`` (cleared: the endpoint still counts by its address), an address in a
-non-canonical spelling, threat hits beyond the bound or an over-long snippet (cut). Only an edge
+non-canonical spelling, threat hits beyond the bound or an over-long snippet (cut), a threat block's
+name (``denied_for``) this version does not know (``unknown``) or on an edge that was not denied
+(cleared). Only an edge
 that cannot be counted is refused, by its index into ``batch.edges`` (``Invalid.edge``): an
 address that is not an IP, a port above 65535, an unknown L4 protocol or verdict, a counter above
 ``MAX_COUNTER``. A batch is refused as a whole only for what is the batch's own: its agent id,
@@ -183,6 +185,13 @@ def normalise_edge(edge: pb.EdgeDelta, tally: Tally) -> None:
         if (shown := printable(threat.snippet, MAX_SNIPPET)) != threat.snippet:
             threat.snippet = shown
             tally["snippet", "unprintable"] += 1
+    if edge.denied_for:
+        if edge.verdict != pb.DENIED:
+            edge.denied_for = ""  # a reason for a denial that did not happen says nothing
+            tally["denied_for", "not_denied"] += 1
+        elif edge.denied_for not in _THREATS:
+            edge.denied_for = UNKNOWN_THREAT
+            tally["denied_for", "unknown"] += 1
 
 
 def normalise_names(batch: pb.ReportBatch, tally: Tally) -> None:

@@ -10,6 +10,10 @@ Under Protect mode each delta also says what this node's policy did to it (the p
 is injected; see flowmap_agent.policy.compiling.verdict). The dp sees a pod's call to a ClusterIP
 before the node's DNAT, while the node's table judges it after: an edge the policy would deny
 is judged again at the address the kernel sent it to (``destination``, from conntrack, injected).
+A session whose threat a protected end of this node blocks (``threats: Block``) is handed to the
+injected ``block`` (the table's threat sets, flowmap_agent.policy.protecting) at the address the
+kernel sent it to, and once blocked its edge's delta says DENIED for that threat (``denied_for``),
+as do its later deltas while the block lasts.
 Traffic that never leaves a link (IPv6 neighbour discovery, link-local, multicast, broadcast) is
 the network's own plumbing, not a connection between workloads: it is not reported.
 What enters the outbox has passed the one definition of a valid report the operator applies too
@@ -19,18 +23,19 @@ What enters the outbox has passed the one definition of a valid report the opera
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from flowmap_agent.deltas import U32, U64, earliest
-from flowmap_agent.policy.compiling import PolicyInForce, verdict
+from flowmap_agent.policy.compiling import Block, PolicyInForce, blocking, verdict
 from flowmap_api import report_pb2 as pb
 from flowmap_api import validity
 from flowmap_dp import wire_pb2
 
 PROTOCOLS = {6: pb.TCP, 17: pb.UDP, 132: pb.SCTP, 1: pb.ICMP, 58: pb.ICMP}
 MAX_OPEN_PER_EDGE = 1 << 20  # open-session tracking is a gauge; never let it grow without end
+Session = tuple[int, str, int, str, int]  # l4, client, its port, server, its port
 # An edge's sums while a report is read: bytes and packets each way, first and last seen (ms),
 # sessions opened and closed, applications, threat hits.
 _Sums = list[Any]
@@ -87,6 +92,12 @@ class Aggregator:
     policy: PolicyInForce = field(default_factory=PolicyInForce)  # the policy in force on this node
     # Where the node's DNAT sent a session: (l4, client, port, server, port) -> (address, port), or None.
     destination: Callable[[tuple[int, str, int, str, int]], tuple[str, int] | None] | None = None
+    # Blocks the sessions it is given for their threat (the table's threat sets); False: nothing was.
+    block: Callable[[Sequence[Block]], bool] | None = None
+    block_seconds: float = 600.0  # how long a block lasts (the threat sets' timeout)
+    max_blocked: int = 65536  # blocked sessions remembered (the threat sets' size)
+    # Sessions blocked for a threat, as the dp names them -> (the threat, until when, ns of the dp's clock).
+    _blocked: dict[Session, tuple[str, int]] = field(default_factory=dict)
     # Open sessions per edge (their 5-tuples), for the sessions_active gauge.
     _open: dict[tuple[str, str, int, pb.Protocol], set[tuple[int, int]]] = field(default_factory=dict)
 
@@ -107,6 +118,9 @@ class Aggregator:
         for hit in report.threats:
             threats.setdefault((hit.ip_proto, hit.client_ip, hit.client_port, hit.server_ip, hit.server_port),
                                []).append(hit)
+        blocks: list[tuple[tuple[str, str, int, pb.Protocol], Session, str]] = []  # (edge, session, threat)
+        remembered = self._prune(report.end_ns) if self._blocked else {}
+        denied: dict[tuple[str, str, int, pb.Protocol], str] = {}  # edge -> the threat a session of it is blocked for
         addresses: dict[bytes, str] = {}  # "": not reported (not an address, or link-scoped)
         for s in report.sessions:
             protocol = PROTOCOLS.get(s.ip_proto)
@@ -147,10 +161,22 @@ class Aggregator:
                 e[7] += 1
                 opened.discard(session)
             if threats:
-                for hit in threats.get((s.ip_proto, cip, s.client_port, sip, s.server_port), ()):
+                hits = threats.get((s.ip_proto, cip, s.client_port, sip, s.server_port), ())
+                for hit in hits:
                     if len(e[9]) < validity.MAX_THREATS:
                         e[9].append(pb.ThreatHit(name=hit.threat, snippet=hit.snippet[:256],
                                                  time_unix_ms=hit.seen_ns // 1_000_000))
+                if hits and self.policy.block:
+                    five = (s.ip_proto, client, s.client_port, server, s.server_port)
+                    if threat := self._blocking(five, [h.threat for h in hits]):
+                        blocks.append((key, five, threat))
+            if remembered:
+                five = (s.ip_proto, client, s.client_port, server, s.server_port)
+                was = remembered.get(five)
+                if was is not None and self._blocking(five, [was[0]]):
+                    denied[key] = was[0]  # reset or dropped since: still the threat's doing
+        if blocks:
+            denied.update(self._block(blocks, report.end_ns))
         edges = []
         for key, e in acc.items():
             # Sums beyond the fields' widths come only from a peer that is no dp: kept at the bound,
@@ -167,6 +193,8 @@ class Aggregator:
                 if sent_to is not None:
                     d.verdict = verdict(self.policy, key[0], sent_to[0], sent_to[1], key[3],
                                         answered=d.bytes_s2c > 0, opened=d.sessions_opened > 0)
+            if key in denied:
+                d.verdict, d.denied_for = pb.DENIED, denied[key]
             if not d.sessions_active:
                 self._open.pop(key, None)
             edges.append(d)
@@ -174,3 +202,37 @@ class Aggregator:
                             seen_unix_ms=report.end_ns // 1_000_000)
                  for a in report.dns if a.type in ("A", "AAAA") and len(a.address) in (4, 16) and a.name]
         return edges, names
+
+    def _block(self, blocks: list[tuple[tuple[str, str, int, pb.Protocol], Session, str]],
+               now_ns: int) -> dict[tuple[str, str, int, pb.Protocol], str]:
+        """Block these sessions (where the node's DNAT sent them, too); the edges now denied, and why."""
+        wanted = []
+        for _, session, threat in blocks:
+            sent_to = self.destination(session) if self.destination is not None else None
+            wanted.append(Block(*session, threat, sent_to if sent_to != (session[3], session[4]) else None))
+        if self.block is None or not self.block(wanted):
+            return {}
+        until = now_ns + int(self.block_seconds * 1e9)
+        for _, session, threat in blocks:
+            if session in self._blocked or len(self._blocked) < self.max_blocked:
+                self._blocked[session] = (threat, until)
+        return {key: threat for key, _, threat in blocks}
+
+    def _blocking(self, session: Session, threats: list[str]) -> str:
+        """The threat of ``threats`` a protected end of the session blocks, or "": the server may be a
+        ClusterIP, whose pod is an end only after the node's DNAT (the dp saw the client's side)."""
+        threat = blocking(self.policy, session[1], session[3], threats)
+        if not threat and self.destination is not None and (sent_to := self.destination(session)) is not None:
+            threat = blocking(self.policy, session[1], sent_to[0], threats)
+        return threat
+
+    def _prune(self, now_ns: int) -> dict[Session, tuple[str, int]]:
+        """The blocks still in force (those expired are forgotten, as the kernel forgets them)."""
+        expired = []
+        for session, (_, until) in self._blocked.items():  # in the order they were blocked: oldest first
+            if until > now_ns:
+                break
+            expired.append(session)
+        for session in expired:
+            del self._blocked[session]
+        return self._blocked

@@ -4,7 +4,9 @@ The outbox merges a new delta into one that waits (and a batch's surplus back in
 the aggregation folds one report's sessions into an edge's sums by the same rules, taken from here:
 counters add and stop at their fields' widths, the first time seen is the earliest known (0 is
 unknown), the last the latest, applications are kept once each in the order they came, at most
-``MAX_THREATS`` threat hits are kept, and a gauge takes the latest value.
+``MAX_THREATS`` threat hits are kept, and a gauge takes the latest value. The latest verdict wins,
+except over a threat block (``denied_for``): a session reset for a threat stays shown so until the
+operator has it, whatever later sessions of the edge were let through.
 """
 
 from __future__ import annotations
@@ -45,5 +47,5 @@ def merge(into: pb.EdgeDelta, d: pb.EdgeDelta) -> None:
         if app not in into.apps:
             into.apps.append(app)
     into.threats.extend(d.threats[:max(0, MAX_THREATS - len(into.threats))])
-    if d.verdict:
-        into.verdict = d.verdict
+    if d.verdict and (d.denied_for or not into.denied_for):
+        into.verdict, into.denied_for = d.verdict, d.denied_for

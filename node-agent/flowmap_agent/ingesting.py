@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from flowmap_agent import nat
@@ -21,7 +21,7 @@ from flowmap_agent.aggregation import Aggregator, admit
 from flowmap_agent.errors import NoConntrack
 from flowmap_agent.metrics import DP_RESTARTS, LOST, NAT_SESSIONS, NORMALISED, REPORT_GAPS, DpHealth
 from flowmap_agent.outbox import Outbox
-from flowmap_agent.policy.compiling import PolicyInForce
+from flowmap_agent.policy.compiling import Block, PolicyInForce
 from flowmap_agent.positions import follow
 from flowmap_agent.quarantine import Quarantine
 from flowmap_dp import wire_pb2
@@ -44,6 +44,12 @@ class Intake:
     def enforced(self, policy: PolicyInForce) -> None:
         """A policy is in force: deltas from now on say what it did to them."""
         self.aggregator.policy = policy
+
+    def blocking(self, block: Callable[[Sequence[Block]], bool], seconds: float, most: int) -> None:
+        """Sessions whose threat the policy in force blocks go to ``block`` (Protect mode's table),
+        for ``seconds``; at most ``most`` of them are remembered as blocked (the table's bound)."""
+        a = self.aggregator
+        a.block, a.block_seconds, a.max_blocked = block, seconds, most
 
     def own_addresses(self, own: frozenset[str]) -> None:
         """The node's own addresses, the same for the aggregation and the NAT's undoing."""

@@ -108,6 +108,7 @@ class Agent:
         self.intake = Intake(self.outbox, self.health, quarantine, captures_seen=self.capturer.took)
         self.delivery = Delivery(settings, self.outbox, quarantine)
         self.protector = Protector(settings, registry, applied=self.intake.enforced)
+        self.intake.blocking(self.protector.block, settings.threat_block_seconds, settings.threat_block_max)
         self.dp_control = DpControl(self.capturer, own_changed=self.own_changed)
         self.last_tick = time.monotonic()
 

@@ -44,6 +44,10 @@ class Settings:
     policy_max_elements: int = 250_000
     policy_max_bytes: int = 64 << 20
     policy_resync: float = setting(60.0, above=0)
+    # A session blocked for its threat (a policy's threats: Block) stays blocked this long; each
+    # threat set (IPv4, IPv6; by ports, by addresses) holds at most this many (each session is two).
+    threat_block_seconds: int = setting(600, at_least=1, at_most=86400)
+    threat_block_max: int = setting(65536, at_least=2, at_most=1 << 20)
     # Packet captures (flowmap_agent.capturing): a streamed NodeCaptures may be this large; the
     # dp's --capture-dir (mounted at the same path, read-only), the only folder files are sent from.
     capture_max_bytes: int = 4 << 20

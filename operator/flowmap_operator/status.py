@@ -55,6 +55,8 @@ def connection_status(plan: FlushPlan, info: EdgeInfo) -> dict[str, Any]:
         status["service"] = info.service
     if info.policy:
         status["policy"] = f"{info.policy[0]}/{info.policy[1]}"
+    if info.denied_for:
+        status["deniedFor"] = info.denied_for
     if info.threats:
         status["threats"], status["threatSummary"] = to_status(info.threats)
     return status
@@ -102,6 +104,7 @@ class ConnectionRead:
     threats: dict[str, Tally] = field(default_factory=dict)
     action: str = ""
     policy: PolicyKey | None = None
+    denied_for: str = ""
 
 
 def read_connection(obj: Mapping[str, Any]) -> ConnectionRead:
@@ -115,7 +118,7 @@ def read_connection(obj: Mapping[str, Any]) -> ConnectionRead:
         obj["metadata"]["name"], list(status.get("applications") or []), status.get("service", ""),
         parse_iso(status.get("firstSeen")), parse_iso(status.get("lastSeen")),
         from_status(status.get("threats")), status.get("action") or "",
-        (namespace, policy) if policy else None)
+        (namespace, policy) if policy else None, str(status.get("deniedFor") or ""))
 
 
 def edge_read_back(info: EdgeInfo, read: ConnectionRead) -> None:
@@ -126,6 +129,7 @@ def edge_read_back(info: EdgeInfo, read: ConnectionRead) -> None:
     info.first_seen, info.last_seen, info.threats = read.first_seen, read.last_seen, read.threats
     info.action = read.action or info.action
     info.policy = read.policy or info.policy
+    info.denied_for = read.denied_for if read.action else info.denied_for
 
 
 # -- Groups ---------------------------------------------------------------------------------------
@@ -257,12 +261,13 @@ def policy_status(modes: Modes, key: PolicyKey, now: float, *, agents: set[str],
                  "; ".join(m for _, m in problems) or "nothing lost, every node has an agent"))
     said.append(_warning(p, modes.system_namespaces))
     blocking = modes.blocking.get(key, {})
-    examples = sorted(blocking.items(), key=lambda kv: -kv[1])[:MAX_EXAMPLES]
+    examples = sorted(blocking.items(), key=lambda kv: -kv[1][0])[:MAX_EXAMPLES]
     learned = p.learned_rules()
     return {"observedGeneration": p.generation, "ruleCount": len(p.rules), "learnedCount": len(learned),
             "groups": selected[:256], "learnedRules": learned[:MAX_LEARNED],
             "wouldBlock": {"count": len(blocking) + p.blocked_forgotten,
-                           "examples": [{"connection": c, "lastSeen": iso(t)} for c, t in examples]},
+                           "examples": [{"connection": c, "lastSeen": iso(t), "reason": why}
+                                        for c, (t, why) in examples]},
             "conditions": conditions(said, p.conditions, now, p.generation)}
 
 

@@ -30,6 +30,7 @@ PROTOCOLS = {pb.TCP: "TCP", pb.UDP: "UDP", pb.SCTP: "SCTP", pb.ICMP: "ICMP"}
 # Watermarks one Connection may carry (the CRD's status.observers maxItems): ~7 kB at most.
 MAX_OBSERVERS = 128
 
+NO_RULE = "no rule allows it"  # why a Connection is Violation or Denied, unless a threat blocked it
 THREAT = "Threat"  # an edge whose sessions carried a threat hit: an event, as Violation and Denied are
 EXTERNAL_IP_MITM = "external-ip-mitm"  # flowmap_api.threats: the operator finds this one (Resolver.intercepting)
 
@@ -46,6 +47,7 @@ class EdgeInfo:
     threats: dict[str, Tally] = field(default_factory=dict)  # threat name -> its hits (flowmap_operator.threats)
     action: str = LEARNED  # what policy makes of it (modes.judge)
     policy: PolicyKey | None = None  # the policy whose rules decided
+    denied_for: str = ""  # Denied by a threat block (spec.threats Block): the threat's name
     active: dict[str, int] = field(default_factory=dict)  # agent -> sessions open at its last report
 
     @property
@@ -316,7 +318,7 @@ class Topology:
             info = self.edge(key)
             action, by = self.modes.judge(client, server, client_ip, server_ip, key[2], protocol,
                                           delta.verdict == pb.DENIED, delta.packets_s2c > 0)
-            self._act(key, info, action, by, when, now)
+            self._act(key, info, action, by, when, now, delta.denied_for if action == DENIED else "")
             first = delta.first_seen_unix_ms / 1000 or when
             threats = tuple(delta.threats)
             if action in (VIOLATION, DENIED):
@@ -406,16 +408,22 @@ class Topology:
         return (delta, when, protocol, bound(client, client_ip), bound(server, server_ip), client_ip, server_ip, port,
                 service, other)
 
-    def _act(self, key: EdgeKey, info: EdgeInfo, action: str, by: PolicyKey | None, when: float, now: float) -> None:
-        """Take a judgement of the edge: a change is written, and what no rule allows is raised."""
-        first = action != info.action
+    def _act(self, key: EdgeKey, info: EdgeInfo, action: str, by: PolicyKey | None, when: float, now: float,
+             threat: str = "") -> None:
+        """Take a judgement of the edge: a change is written, and what no rule allows (or a threat
+        blocked: ``threat``, the agent's ``denied_for``) is raised."""
+        first = (action, threat) != (info.action, info.denied_for)
         if first:
             if info.action in (VIOLATION, DENIED):
                 self.modes.unblocked(info.policy, info.name)
-            info.action, info.policy = action, by
+            info.action, info.policy, info.denied_for = action, by, threat
             self.ledger.touch(key, now)
         if action in (VIOLATION, DENIED):
             client, server, port, protocol = key
-            mode = "Protect mode blocked it" if action == DENIED else "it was let through"
+            if threat:
+                why, mode = f"threat {threat}", f"blocked: threat {threat}"
+            else:
+                why = NO_RULE
+                mode = f"{NO_RULE}; " + ("Protect mode blocked it" if action == DENIED else "it was let through")
             self.modes.blocked(by, info.name, action, f"{client} -> {server} port {port or 'any'}/{protocol}: "
-                               f"no rule allows it; {mode} (Connection {info.name})", when, first)
+                               f"{mode} (Connection {info.name})", when, first, why)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ipaddress
 import time
+from collections.abc import Sequence
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -12,9 +14,13 @@ from hypothesis import strategies as st
 
 from flowmap_agent.aggregation import Aggregator
 from flowmap_agent.errors import PolicyRefused
-from flowmap_agent.policy.compiling import ANY_PORT, PolicyInForce, desired, parse, verdict
+from flowmap_agent.deltas import merge
+from flowmap_agent.policy.compiling import (ANY_PORT, Block, PolicyInForce, SetSpec, desired, parse, threat_elements,
+                                            verdict)
+from flowmap_agent.policy.compiling import blocking as blocking_of
 from flowmap_agent.policy.nftables import Found, element, found, plan
 from flowmap_api import report_pb2 as pb
+from flowmap_api import validity
 from flowmap_dp import wire_pb2
 
 Peer = pb.PodPolicy.Peer
@@ -35,7 +41,7 @@ def shop(version: int = 1, *, with_c: bool = False) -> pb.NodePolicy:
 
 
 def table(policy: pb.NodePolicy) -> dict[str, list[str]]:
-    return {name: sorted(s.elements) for name, s in desired(parse(policy, MAX), MAX).sets.items()}
+    return {name: sorted(s.elements) for name, s in desired(parse(policy, MAX), MAX).sets.items() if not s.timeout}
 
 
 def test_a_policy_becomes_set_elements_per_family() -> None:
@@ -139,7 +145,8 @@ def test_an_oversized_policy_is_refused_before_it_is_expanded() -> None:
 def test_the_difference_is_elements_only_and_nothing_for_the_same_policy() -> None:
     old, new = desired(parse(shop(1), MAX), MAX), desired(parse(shop(2, with_c=True), MAX), MAX)
     created = plan(None, old)
-    assert created[0] == "add table inet flowmap" and sum(c.startswith("add rule") for c in created) == 13
+    assert created[0] == "add table inet flowmap"
+    assert sum(c.startswith("add rule") for c in created) == 19  # 6 of them stop threats' sessions
     assert plan(Found.of(old), old) == []
     assert plan(Found.of(old), new) == [f"add element inet flowmap ingress4 {{ {B} . 6 . {C} . 8080 }}"]
     assert plan(Found.of(new), old) == [f"delete element inet flowmap ingress4 {{ {B} . 6 . {C} . 8080 }}"]
@@ -164,7 +171,7 @@ def test_a_changed_rule_replaces_its_chain_only_and_a_changed_set_rebuilds_all()
     assert commands[:4] == ["flush chain inet flowmap egress", "flush chain inet flowmap forward",
                             "flush chain inet flowmap ingress", "delete set inet flowmap pods4"]
     assert "add set inet flowmap pods4 { type ipv4_addr; }" in commands
-    assert sum(c.startswith("add rule") for c in commands) == 13
+    assert sum(c.startswith("add rule") for c in commands) == 19
 
 
 def test_the_listing_of_nft_reads_back_as_the_elements_written() -> None:
@@ -216,3 +223,144 @@ def test_deltas_carry_the_verdict_of_the_policy_in_force() -> None:
     agg.policy = parse(shop(), MAX)
     verdicts = {(d.client.ip, d.server.ip, d.server.port): d.verdict for d in agg.aggregate(report)[0]}
     assert verdicts == {(A, B, 8080): pb.ALLOWED, (C, B, 8080): pb.DENIED, (C, A, 22): pb.DENIED}
+
+
+# -- threat blocks ----------------------------------------------------------------------------------
+
+
+def blocking(*threats: str) -> pb.NodePolicy:
+    """The shop, where B (v4 and v6) blocks ``threats``."""
+    policy = shop()
+    policy.pods[1].block_threats.extend(threats)
+    return policy
+
+
+def test_a_pod_s_blocked_threats_are_its_addresses_and_a_bad_list_is_refused() -> None:
+    policy = parse(blocking("sqlinjection", "dns-tunnel", "a-threat-of-tomorrow"), MAX)
+    assert policy.block == {B: {"sqlinjection", "dns-tunnel", "a-threat-of-tomorrow"}} | {
+        B6: {"sqlinjection", "dns-tunnel", "a-threat-of-tomorrow"}}  # a name unknown here is kept: it blocks nothing
+    assert parse(pb.NodePolicy(enforcement_disabled=True, pods=blocking("heartbleed").pods), MAX).block == {}
+    with pytest.raises(PolicyRefused, match=r"pods\[1\] \(shop/b\)\.block_threats\[0\]: 'SQL injection'"):
+        parse(blocking("SQL injection"), MAX)
+    with pytest.raises(PolicyRefused, match=r"block_threats: 33 threats, more than 32"):
+        parse(blocking(*(f"t{i}" for i in range(33))), MAX)
+
+
+def test_which_hit_blocks_a_session_and_its_elements_both_ways() -> None:
+    policy = parse(blocking("sqlinjection", "icmp-tunnel"), MAX)
+    assert blocking_of(policy, A, B, ["deprecated-tls", "sqlinjection"]) == "sqlinjection"  # B is the server
+    assert blocking_of(policy, B, C, ["sqlinjection"]) == "sqlinjection"  # B is the client
+    assert blocking_of(policy, A, B, ["deprecated-tls"]) == ""  # only alerted on
+    assert blocking_of(policy, A, C, ["sqlinjection"]) == ""  # neither end blocks it
+    elements = threat_elements([Block(6, A, 40000, B, 8080, "sqlinjection"), Block(17, A6, 5353, B6, 53, "dns-tunnel"),
+                                Block(1, A, 0, B, 0, "icmp-tunnel"),
+                                Block(6, A, 40001, C, 80, "sqlinjection", (B, 8080))])  # C: a ClusterIP, DNATed to B
+    assert elements == {"threats4": {f"6 . {A} . 40000 . {B} . 8080", f"6 . {B} . 8080 . {A} . 40000",
+                                     f"6 . {A} . 40001 . {C} . 80", f"6 . {C} . 80 . {A} . 40001",
+                                     f"6 . {A} . 40001 . {B} . 8080", f"6 . {B} . 8080 . {A} . 40001"},
+                        "threats6": {f"17 . {A6} . 5353 . {B6} . 53", f"17 . {B6} . 53 . {A6} . 5353"},
+                        "threatpairs4": {f"1 . {A} . {B}", f"1 . {B} . {A}"}}
+
+
+def test_the_threat_sets_are_timed_bounded_and_their_elements_the_agent_s() -> None:
+    want = desired(parse(shop(), MAX), MAX, threat_timeout=120, threat_size=1000)
+    created = plan(None, want)
+    assert ("add set inet flowmap threats4 { type inet_proto . ipv4_addr . inet_service . ipv4_addr . inet_service; "
+            "flags timeout; timeout 120s; size 1000; }") in created
+    assert "add set inet flowmap threatpairs6 { type inet_proto . ipv6_addr . ipv6_addr; flags timeout; timeout 120s; " \
+           "size 1000; }" in created
+    # The forward chain stops a threat's session before it accepts what is established.
+    forward = [c.split(" comment ")[0] for c in created if c.startswith("add rule inet flowmap forward ")]
+    assert [r.split()[5] for r in forward[:7]] == ["meta"] * 6 + ["ct"]
+    assert forward[0].endswith("@threats4 counter reject with tcp reset") and forward[2].endswith("@threatpairs4 counter drop")
+    # Elements the agent added (as nft lists them) are never the policy's to remove.
+    have = Found.of(want)
+    assert have is not None
+    have.sets["threats4"] = replace(have.sets["threats4"], elements=frozenset({f"6 . {A} . 1 . {B} . 2"}))
+    assert plan(have, want) == []
+    # Another timeout or size is another set: made anew (its blocks go), with every rule.
+    bigger = desired(parse(shop(), MAX), MAX, threat_timeout=120, threat_size=2000)
+    commands = plan(have, bigger)
+    assert "delete set inet flowmap threats4" in commands and "delete set inet flowmap pods4" not in commands
+    assert sum(c.startswith("add rule") for c in commands) == 19
+
+
+def test_a_threat_set_reads_back_as_written() -> None:
+    listing = {"nftables": [{"set": {
+        "family": "inet", "name": "threats4", "table": "flowmap", "handle": 9, "flags": ["timeout"], "timeout": 600,
+        "size": 65536, "type": ["inet_proto", "ipv4_addr", "inet_service", "ipv4_addr", "inet_service"],
+        "elem": [{"elem": {"val": {"concat": [6, A, 40000, B, 8080]}, "timeout": 600, "expires": 597}}]}}]}
+    table = found(listing)
+    assert table.sets["threats4"] == SetSpec(("inet_proto", "ipv4_addr", "inet_service", "ipv4_addr", "inet_service"),
+                                             False, frozenset({f"6 . {A} . 40000 . {B} . 8080"}), 600, 65536)
+
+
+def threat_report(client: str, cport: int, server: str, sport: int, threat: str, *, end_ns: int = 10**18,
+                  l4: int = 6) -> wire_pb2.Report:
+    c, s = ipaddress.ip_address(client).packed, ipaddress.ip_address(server).packed
+    hits = [wire_pb2.ThreatHit(threat=threat, ip_proto=l4, client_ip=c, client_port=cport, server_ip=s,
+                               server_port=sport, snippet="x")] if threat else []
+    return wire_pb2.Report(end_ns=end_ns, threats=hits, sessions=[wire_pb2.Session(
+        ip_proto=l4, client_ip=c, client_port=cport, server_ip=s, server_port=sport, bytes_c2s=60, bytes_s2c=60,
+        packets_c2s=1, packets_s2c=1)])
+
+
+def test_a_blocked_threat_s_delta_is_denied_for_it_while_the_block_lasts() -> None:
+    asked: list[list[Block]] = []
+    works = True
+
+    def block(blocks: Sequence[Block]) -> bool:
+        asked.append(list(blocks))
+        return works
+
+    service = ("10.96.0.10", 80)
+    agg = Aggregator(local_pods={A: "shop/a", B: "shop/b"}, policy=parse(blocking("sqlinjection"), MAX), block=block,
+                     block_seconds=60, destination=lambda s: (B, 8080) if s[3:] == service else None)
+    (d,), _ = agg.aggregate(threat_report(A, 40000, B, 8080, "deprecated-tls"))
+    assert (d.verdict, d.denied_for, asked) == (pb.ALLOWED, "", [])  # alerted on only
+    (d,), _ = agg.aggregate(threat_report(A, 40001, B, 8080, "sqlinjection"))
+    assert (d.verdict, d.denied_for) == (pb.DENIED, "sqlinjection")
+    assert asked.pop() == [Block(6, A, 40001, B, 8080, "sqlinjection")]
+    # Through a ClusterIP: blocked where the node's DNAT sent it too (its forward hook sees that).
+    (d,), _ = agg.aggregate(threat_report(A, 40002, *service, "sqlinjection"))
+    assert asked.pop() == [Block(6, A, 40002, *service, "sqlinjection", (B, 8080))]
+    assert (d.verdict, d.denied_for) == (pb.DENIED, "sqlinjection")
+    (d,), _ = agg.aggregate(threat_report(A, 40002, *service, "", end_ns=10**18 + 10**9))
+    assert (d.verdict, d.denied_for) == (pb.DENIED, "sqlinjection")
+    # The blocked session's later deltas (its reset), until the block expires; other sessions are allowed.
+    (d,), _ = agg.aggregate(threat_report(A, 40001, B, 8080, "", end_ns=10**18 + 59 * 10**9))
+    assert (d.verdict, d.denied_for) == (pb.DENIED, "sqlinjection")
+    (d,), _ = agg.aggregate(threat_report(A, 40009, B, 8080, "", end_ns=10**18 + 59 * 10**9))
+    assert (d.verdict, d.denied_for) == (pb.ALLOWED, "")
+    (d,), _ = agg.aggregate(threat_report(A, 40001, B, 8080, "", end_ns=10**18 + 61 * 10**9))
+    assert (d.verdict, d.denied_for) == (pb.ALLOWED, "")
+    assert agg._blocked == {}  # forgotten once expired (the kernel forgets its element too)
+    # A block that failed (nft refused) is not shown as one; nor one with nothing to block with.
+    works = False
+    (d,), _ = agg.aggregate(threat_report(A, 40003, B, 8080, "sqlinjection"))
+    assert (d.verdict, d.denied_for) == (pb.ALLOWED, "") and asked
+    agg.block = None
+    (d,), _ = agg.aggregate(threat_report(A, 40004, B, 8080, "sqlinjection"))
+    assert (d.verdict, d.denied_for) == (pb.ALLOWED, "")
+    # The switch lifts the policy: what was blocked is not said to be any more.
+    works, agg.block = True, block
+    agg.aggregate(threat_report(A, 40005, B, 8080, "sqlinjection"))
+    agg.policy = parse(pb.NodePolicy(enforcement_disabled=True), MAX)
+    (d,), _ = agg.aggregate(threat_report(A, 40005, B, 8080, ""))
+    assert d.verdict == pb.VERDICT_UNSPECIFIED and not d.denied_for
+
+
+def test_a_threat_denial_is_never_merged_away_and_its_reason_is_checked() -> None:
+    denied = pb.EdgeDelta(verdict=pb.DENIED, denied_for="sqlinjection")
+    merge(denied, pb.EdgeDelta(verdict=pb.ALLOWED))
+    assert (denied.verdict, denied.denied_for) == (pb.DENIED, "sqlinjection")
+    allowed = pb.EdgeDelta(verdict=pb.ALLOWED)
+    merge(allowed, pb.EdgeDelta(verdict=pb.DENIED, denied_for="heartbleed"))
+    assert (allowed.verdict, allowed.denied_for) == (pb.DENIED, "heartbleed")
+    tally = validity.Tally()
+    odd = pb.EdgeDelta(verdict=pb.DENIED, denied_for="x" * 1000)
+    validity.normalise_edge(odd, tally)
+    stray = pb.EdgeDelta(verdict=pb.ALLOWED, denied_for="sqlinjection")
+    validity.normalise_edge(stray, tally)
+    assert (odd.denied_for, stray.denied_for) == ("unknown", "")
+    assert tally == {("denied_for", "unknown"): 1, ("denied_for", "not_denied"): 1}

@@ -160,6 +160,36 @@ spec: {mode: Monitor, groups: [web]}
 """, "spec.groups[0]", "should match"),
     ("""
 apiVersion: flowmap.dev/v1alpha1
+kind: NetworkLearningPolicy
+metadata: {name: unknown-threat, namespace: default}
+spec: {mode: Protect, groups: [default.web], threats: [{name: sql-injection, action: Block}]}
+""", "spec.threats[0].name", "Unsupported value"),
+    ("""
+apiVersion: flowmap.dev/v1alpha1
+kind: NetworkLearningPolicy
+metadata: {name: bad-action, namespace: default}
+spec: {mode: Protect, groups: [default.web], threats: [{name: heartbleed, action: Drop}]}
+""", "spec.threats[0].action", "Unsupported value"),
+    ("""
+apiVersion: flowmap.dev/v1alpha1
+kind: NetworkLearningPolicy
+metadata: {name: twice, namespace: default}
+spec: {mode: Protect, groups: [default.web], threats: [{name: heartbleed, action: Block}, {name: heartbleed}]}
+""", "spec.threats[1]", "Duplicate value"),
+    ("""
+apiVersion: flowmap.dev/v1alpha1
+kind: NetworkLearningPolicy
+metadata: {name: block-mitm, namespace: default}
+spec: {mode: Protect, groups: [default.web], threats: [{name: external-ip-mitm, action: Block}]}
+""", "spec.threats[0]", "can be alerted on, not blocked"),
+    ("""
+apiVersion: flowmap.dev/v1alpha1
+kind: NetworkLearningPolicy
+metadata: {name: too-many-threats, namespace: default}
+spec: {mode: Protect, groups: [default.web], threats: [""" + ", ".join(f"{{name: t{i}}}" for i in range(33)) + """]}
+""", "spec.threats", "must have at most 32 items"),
+    ("""
+apiVersion: flowmap.dev/v1alpha1
 kind: Group
 metadata: {name: bad-cidr}
 spec: {cidrs: [10.0.0.0/33]}
@@ -169,6 +199,23 @@ def test_invalid_objects_are_refused_naming_the_field(controlplane: ControlPlane
                                                       says: str) -> None:
     message = refused(controlplane, manifest)
     assert field in message and says in message, message
+
+
+def test_a_threat_s_action_defaults_to_alert(controlplane: ControlPlane) -> None:
+    apply(controlplane, """
+apiVersion: flowmap.dev/v1alpha1
+kind: NetworkLearningPolicy
+metadata: {name: threats, namespace: default}
+spec: {mode: Protect, groups: [default.web], threats: [{name: sqlinjection, action: Block}, {name: heartbleed},
+                                                      {name: external-ip-mitm, action: Alert}]}
+""")
+    try:
+        got = json.loads(controlplane.kubectl("get", "nlp", "threats", "-n", "default", "-o", "json").stdout)
+        assert got["spec"]["threats"] == [{"name": "sqlinjection", "action": "Block"},
+                                          {"name": "heartbleed", "action": "Alert"},
+                                          {"name": "external-ip-mitm", "action": "Alert"}]
+    finally:
+        controlplane.kubectl("delete", "nlp", "threats", "-n", "default")
 
 
 def test_connection_identity_is_immutable(controlplane: ControlPlane) -> None:

@@ -14,7 +14,7 @@ from flowmap_operator.policy.compiling import Compiler
 from flowmap_operator.policy.modes import ALLOWED, DENIED, LEARNED, VIOLATION, Modes
 from flowmap_operator.policy.rules import MAX_LEARNED, MAX_PORTS, Policy, matches
 from flowmap_operator.resolution import Peer, Resolver
-from flowmap_operator.status import policy_status
+from flowmap_operator.status import connection_status, policy_status
 from flowmap_operator.topology import THREAT, Topology
 from tests.operator.harness import edge
 
@@ -320,3 +320,49 @@ def test_protect_for_every_workload_of_kube_system_is_a_warning() -> None:
     assert warning("kube-system", "Protect", selector={"matchLabels": {"k8s-app": "metrics-server"}}) == (
         "False", "AsExpected")
     assert warning("shop", "Protect", selector={}) == ("False", "AsExpected")
+
+
+def test_a_protected_pod_carries_the_threats_its_policies_block() -> None:
+    threats = [{"name": "sqlinjection", "action": "Block"}, {"name": "heartbleed", "action": "Alert"},
+               {"name": "external-ip-mitm", "action": "Block"},  # the schema refuses it; never trusted
+               {"name": "a-threat-of-tomorrow", "action": "Block"}]
+    m = modes(body("web", "Protect", groups=["shop.web"], threats=threats),
+              body("all", "Monitor", selector={}, threats=[{"name": "dns-tunnel", "action": "Block"}]),
+              body("db", "Monitor", groups=["shop.db"], threats=[{"name": "sqlinjection", "action": "Block"}]))
+    assert m.blocked_threats("shop.web") == {"sqlinjection", "dns-tunnel"}  # they add up, as rules do
+    assert m.blocked_threats("shop.db") == frozenset()  # Monitor blocks nothing
+    (web,) = Compiler(m).node("node-a", NOW).pods
+    assert list(web.block_threats) == ["dns-tunnel", "sqlinjection"]
+    off = modes(body("web", "Protect", groups=["shop.web"], annotations={"flowmap.dev/enforcement": "disabled"},
+                     threats=threats))
+    assert off.blocked_threats("shop.web") == frozenset() and not Compiler(off).node("node-a", NOW).pods
+
+
+def test_a_threat_block_shows_denied_with_the_threat_as_the_reason() -> None:
+    m = modes(body("api", "Protect", groups=["shop.api"],
+                   rules=[{"direction": "Ingress", "peer": {"group": "shop.web"}}],
+                   threats=[{"name": "sqlinjection", "action": "Block"}]))
+    topo = Topology(m.resolver, max_connections=100, max_ports=20, modes=m)
+    key = ("shop.web", "shop.api", 8080, "TCP")
+    allowed = edge(WEB2, 40000, API, 8080, local="server", client_pod="")
+    topo.ingest(pb.ReportBatch(agent_id="b/1", node="node-b", sequence=1, edges=[allowed]), NOW)
+    assert topo.edges[key].action == ALLOWED
+    # node-b (the server's, which blocks it) reset a session of the edge for its threat.
+    hit = edge(WEB2, 40001, API, 8080, local="server")
+    hit.threats.append(pb.ThreatHit(name="sqlinjection", snippet="' OR 1=1"))
+    hit.verdict, hit.denied_for = pb.DENIED, "sqlinjection"
+    seen = topo.ingest(pb.ReportBatch(agent_id="b/1", node="node-b", sequence=2, edges=[hit]), NOW)
+    info = topo.edges[key]
+    assert (info.action, info.denied_for, info.policy) == (DENIED, "sqlinjection", ("shop", "api"))
+    assert [kind for _, kind, _ in seen.events] == [DENIED, THREAT] and seen.blocked == [(key, DENIED, 1)]
+    (event,) = m.events
+    assert event[:2] == (("shop", "api"), DENIED) and "blocked: threat sqlinjection" in event[2]
+    assert "no rule allows it" not in event[2]
+    status = policy_status(m, ("shop", "api"), NOW, agents={"node-a", "node-b"}, watching={"node-a", "node-b"},
+                           lossy=set())
+    assert [(e["connection"], e["reason"]) for e in status["wouldBlock"]["examples"]] == [
+        (info.name, "threat sqlinjection")]
+    assert connection_status(topo.ledger.plan(key), info)["deniedFor"] == "sqlinjection"
+    # A later session of the edge let through is Allowed again, and the Connection says no reason.
+    topo.ingest(pb.ReportBatch(agent_id="b/1", node="node-b", sequence=3, edges=[allowed]), NOW)
+    assert (topo.edges[key].action, topo.edges[key].denied_for) == (ALLOWED, "")

@@ -225,3 +225,42 @@ def test_protect_for_all_of_kube_system_is_accepted_with_a_warning(cluster: Clus
     finally:
         cluster.plane.kubectl("delete", "nlp", "everything", "-n", "kube-system")
         cluster.plane.kubectl("delete", "nlp", "everything", "-n", NS)
+
+
+def test_a_session_blocked_for_its_threat_is_denied_with_the_threat_named(cluster: Cluster, operator: Operator) -> None:
+    web_agent = Agent(operator, "lock-a-threat", "node-a", cluster.token("flowmap-agent", pod_name="agent-a"))
+    api_agent = Agent(operator, "lock-b-threat", "node-b", cluster.token("flowmap-agent", pod_name="agent-b"))
+    watcher = Watcher(operator, "node-b", cluster.token("flowmap-agent", pod_name="agent-b"))
+    name = f"{NS}.web-{NS}.api-8443-tcp"
+    try:
+        policy(cluster, "api", "Protect", groups=[f"{NS}.api"],
+               rules=[{"direction": "Ingress", "peer": {"group": f"{NS}.web"}}],
+               threats=[{"name": "sqlinjection", "action": "Block"}, {"name": "heartbleed"}])
+        # node-b's agent is told which threats to block for api's pod; heartbleed is only alerted on.
+        wait_for(lambda: "lock/api-0" in watcher.pods(), what="api's pod streamed")
+        assert list(watcher.pods()["lock/api-0"].block_threats) == ["sqlinjection"]
+        send(web_agent, edge(WEB, 41000, API, 8443))
+        wait_for(lambda: (connection(cluster, name) or {}).get("status", {}).get("action") == "Allowed",
+                 what="Allowed")
+        # node-b reset a session of it for its threat (the server's node blocks it; the client's counts it).
+        blocked = edge(WEB, 41001, API, 8443, local="server")
+        blocked.threats.append(pb.ThreatHit(name="sqlinjection", snippet="' OR 1=1 --"))
+        blocked.verdict, blocked.denied_for = pb.DENIED, "sqlinjection"
+        send(api_agent, blocked)
+        shown = wait_for(lambda: (connection(cluster, name) or {}).get("status", {}).get("action") == "Denied"
+                         and connection(cluster, name)["status"], what="Denied")
+        assert shown["deniedFor"] == "sqlinjection" and shown["policy"] == f"{NS}/api"
+        examples = wait_for(lambda: status(cluster, "api").get("wouldBlock", {}).get("examples"),
+                            what="the policy's blocked list")
+        assert [(e["connection"], e["reason"]) for e in examples] == [(name, "threat sqlinjection")]
+        events = wait_for(lambda: [e for e in json.loads(cluster.plane.kubectl(
+            "get", "events", "-n", NS, "--field-selector", "involvedObject.name=api", "-o", "json").stdout)["items"]
+            if e["reason"] == "Denied"], what="an Event")
+        assert "blocked: threat sqlinjection" in events[0]["message"] and name in events[0]["message"]
+        # Monitor blocks no threat: the node is told none.
+        policy(cluster, "api", "Monitor", groups=[f"{NS}.api"], threats=[{"name": "sqlinjection", "action": "Block"}])
+        wait_for(lambda: not watcher.pods(), what="nothing enforced in Monitor")
+        assert watcher.error is None
+    finally:
+        watcher.close()
+        cluster.plane.kubectl("delete", "nlp", "api", "-n", NS)

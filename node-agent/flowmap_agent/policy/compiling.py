@@ -15,6 +15,14 @@ so pods coming and going touch elements in place, never a rule. Established and 
 is accepted first (connections open before Protect keep going), a new TCP connection that
 matches nothing gets a reset at its first SYN, anything else that matches nothing is dropped.
 
+Before all of that, the sessions blocked for a threat (``threats: Block`` of a protected pod's
+policy): their packets, either way, are answered with a TCP reset (TCP) or dropped (the rest).
+The agent adds them as the dp reports their threats (``blocking``, ``threat_elements``), each
+with the set's timeout, in sets bounded by their size:
+
+* ``threats4``/``threats6``: ``l4proto . source . source port . destination . destination port``;
+* ``threatpairs4``/``threatpairs6``: ``l4proto . source . destination`` (ICMP has no ports).
+
 The kernel refuses an interval element that overlaps another one of the same set, so each pod's
 elements are made disjoint here: networks collapsed per port, and a network allowed on one port
 loses what an any-port network of the same pod and protocol already covers.
@@ -24,17 +32,21 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from flowmap_agent.errors import PolicyRefused
 from flowmap_api import report_pb2 as pb
+from flowmap_api.limits import MAX_POLICY_THREATS
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 # pb.Protocol -> its IP protocol numbers (IPv4, IPv6)
 L4: dict[int, tuple[int, int]] = {pb.TCP: (6, 6), pb.UDP: (17, 17), pb.SCTP: (132, 132), pb.ICMP: (1, 58)}
 ANY_PORT = "0-65535"
+PORTED = frozenset({6, 17, 132})  # IP protocols whose sessions have ports (in their first 4 bytes: th sport, dport)
+_THREAT_NAME = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,62}[a-z0-9])?")
 
 
 @dataclass(frozen=True)
@@ -70,6 +82,10 @@ class SetSpec:
     type: tuple[str, ...]
     interval: bool
     elements: frozenset[str]  # canonical element text (see flowmap_agent.policy.nftables.element)
+    # A set with a timeout (seconds) is the agent's to fill as it goes (threat blocks): a policy
+    # never touches its elements, which expire on their own. ``size``: the most it holds (0: no bound).
+    timeout: int = 0
+    size: int = 0
 
 
 @dataclass(frozen=True)
@@ -93,6 +109,20 @@ class PolicyInForce:
     pods: int = 0
     egress: Mapping[str, tuple[AllowedPeer, ...]] = field(default_factory=dict)  # protected address -> peers
     ingress: Mapping[str, tuple[AllowedPeer, ...]] = field(default_factory=dict)
+    block: Mapping[str, frozenset[str]] = field(default_factory=dict)  # protected address -> threats it blocks
+
+
+@dataclass(frozen=True)
+class Block:
+    """A session to block for a threat, as the node's forward hook sees it (after its DNAT)."""
+
+    l4: int  # IP protocol number
+    client: str
+    client_port: int
+    server: str
+    server_port: int
+    threat: str
+    dnat: tuple[str, int] | None = None  # where the node's DNAT sent it (a ClusterIP's pod), when elsewhere
 
 
 def chains() -> dict[str, Chain]:
@@ -103,7 +133,14 @@ def chains() -> dict[str, Chain]:
                 NftRule("reject", "meta l4proto tcp counter reject with tcp reset"),
                 NftRule("drop", "counter drop"))
 
-    forward = (NftRule("established", "ct state established,related counter accept"),
+    # A threat's session is stopped even when established: these come first.
+    threats = tuple(rule for ip, v in (("ip", "4"), ("ip6", "6")) for rule in (
+        NftRule(f"threat-reset{v}", f"meta l4proto tcp meta l4proto . {ip} saddr . th sport . {ip} daddr . th dport "
+                                    f"@threats{v} counter reject with tcp reset"),
+        NftRule(f"threat-drop{v}", f"meta l4proto . {ip} saddr . th sport . {ip} daddr . th dport @threats{v} "
+                                   "counter drop"),
+        NftRule(f"threat-pair{v}", f"meta l4proto . {ip} saddr . {ip} daddr @threatpairs{v} counter drop")))
+    forward = (*threats, NftRule("established", "ct state established,related counter accept"),
                *(NftRule(f"{way}{v}", f"{ip} {end} @pods{v} counter jump {way}")
                  for way, end in (("egress", "saddr"), ("ingress", "daddr")) for ip, v in (("ip", "4"), ("ip6", "6"))))
     return {"egress": Chain(None, check("egress", "saddr", "daddr")),
@@ -122,12 +159,16 @@ def parse(policy: pb.NodePolicy, max_elements: int) -> PolicyInForce:
         raise PolicyRefused(f"the policy needs up to {budget} set elements, more than {max_elements}")
     egress: dict[str, list[AllowedPeer]] = {}
     ingress: dict[str, list[AllowedPeer]] = {}
+    block: dict[str, frozenset[str]] = {}
     # Pods share peers: each is parsed once.
     known: dict[tuple[tuple[str, ...], int, tuple[int, ...]], AllowedPeer] = {}
     networks: dict[str, Network] = {}  # and addresses, in different peers
     for i, pod in enumerate(policy.pods):
         where = f"pods[{i}] ({pod.pod})"
         addresses = [_address(ip, f"{where}.ips[{j}]") for j, ip in enumerate(pod.ips)]
+        threats = _threats(pod.block_threats, f"{where}.block_threats")
+        if threats:
+            block.update((str(a), threats) for a in addresses)
         for way, peers, into in (("egress", pod.egress, egress), ("ingress", pod.ingress, ingress)):
             parsed = []
             for k, p in enumerate(peers):
@@ -140,22 +181,27 @@ def parse(policy: pb.NodePolicy, max_elements: int) -> PolicyInForce:
                                       p.ports) for p in parsed]
                 into.setdefault(str(address), []).extend(p for p in family if p.networks)
     return PolicyInForce(policy.version, len(policy.pods), {a: tuple(p) for a, p in egress.items()},
-                  {a: tuple(p) for a, p in ingress.items()})
+                         {a: tuple(p) for a, p in ingress.items()}, block)
 
 
-def desired(policy: PolicyInForce, max_elements: int) -> Ruleset:
-    """The desired table for ``policy``: empty (remove the table) when no pod is protected."""
+def desired(policy: PolicyInForce, max_elements: int, threat_timeout: int = 600, threat_size: int = 65536) -> Ruleset:
+    """The desired table for ``policy``: empty (remove the table) when no pod is protected. The threat
+    sets' elements live ``threat_timeout`` seconds, at most ``threat_size`` in each."""
     addresses = set(policy.egress) | set(policy.ingress)
     if not addresses:
         return Ruleset()
     sets = {f"pods{v}": SetSpec((kind,), False, frozenset(a for a in addresses if (":" in a) == (v == "6")))
             for v, kind in (("4", "ipv4_addr"), ("6", "ipv6_addr"))}
+    for v, kind in (("4", "ipv4_addr"), ("6", "ipv6_addr")):
+        sets[f"threats{v}"] = SetSpec(("inet_proto", kind, "inet_service", kind, "inet_service"), False, frozenset(),
+                                      threat_timeout, threat_size)
+        sets[f"threatpairs{v}"] = SetSpec(("inet_proto", kind, kind), False, frozenset(), threat_timeout, threat_size)
     for way, peers in (("egress", policy.egress), ("ingress", policy.ingress)):
         for v, kind in (("4", "ipv4_addr"), ("6", "ipv6_addr")):
             elements = frozenset(e for a, p in peers.items() if (":" in a) == (v == "6") for e in _elements(a, p))
             sets[f"{way}{v}"] = SetSpec((kind, "inet_proto", kind, "inet_service"), True, elements)
     ruleset = Ruleset(sets, chains())
-    if ruleset.size > max_elements:
+    if ruleset.size > max_elements:  # the threat sets hold none here: they are bounded by their size
         raise PolicyRefused(f"the policy needs {ruleset.size} set elements, more than {max_elements}")
     return ruleset
 
@@ -177,6 +223,31 @@ def verdict(policy: PolicyInForce, client: str, server: str, port: int, protocol
     return pb.DENIED if opened and not answered else pb.VERDICT_UNSPECIFIED
 
 
+def blocking(policy: PolicyInForce, client: str, server: str, threats: Iterable[str]) -> str:
+    """The first of ``threats`` (seen in one session between these addresses) that a protected end
+    of this node blocks, or "" (none: the hits are only reported)."""
+    mine = policy.block.get(client, frozenset()) | policy.block.get(server, frozenset())
+    return next((t for t in threats if t in mine), "") if mine else ""
+
+
+def threat_elements(blocks: Iterable[Block]) -> dict[str, set[str]]:
+    """The threat sets' elements that stop ``blocks``: each session both ways (a reset goes to
+    whichever end sends next), by its 5-tuple, or by its addresses where it has no ports (ICMP);
+    through a ClusterIP, as the client sent it and as the node's DNAT sent it on."""
+    out: dict[str, set[str]] = {}
+    for b in blocks:
+        v = "6" if ":" in b.client else "4"
+        for server, port in ((b.server, b.server_port), *((b.dnat,) if b.dnat else ())):
+            if b.l4 in PORTED:
+                out.setdefault(f"threats{v}", set()).update((
+                    f"{b.l4} . {b.client} . {b.client_port} . {server} . {port}",
+                    f"{b.l4} . {server} . {port} . {b.client} . {b.client_port}"))
+            else:
+                out.setdefault(f"threatpairs{v}", set()).update((f"{b.l4} . {b.client} . {server}",
+                                                                  f"{b.l4} . {server} . {b.client}"))
+    return out
+
+
 def _allows(peers: Iterable[AllowedPeer], other: str, port: int, protocol: int) -> bool:
     address = ipaddress.ip_address(other)
     return any(p.protocol == protocol and (p.ports is None or port in p.ports)
@@ -188,6 +259,16 @@ def _address(text: str, where: str) -> ipaddress.IPv4Address | ipaddress.IPv6Add
         return ipaddress.ip_address(text)
     except ValueError:
         raise PolicyRefused(f"{where}: {text!r} is not an IP address") from None
+
+
+def _threats(names: Iterable[str], where: str) -> frozenset[str]:
+    listed = list(names)
+    if len(listed) > MAX_POLICY_THREATS:
+        raise PolicyRefused(f"{where}: {len(listed)} threats, more than {MAX_POLICY_THREATS}")
+    for k, name in enumerate(listed):
+        if not _THREAT_NAME.fullmatch(name):  # a name this version does not know is kept: it blocks nothing
+            raise PolicyRefused(f"{where}[{k}]: {name[:64]!r} is not a threat name")
+    return frozenset(listed)
 
 
 def _peer(peer: pb.PodPolicy.Peer, where: str, known: dict[str, Network]) -> AllowedPeer:

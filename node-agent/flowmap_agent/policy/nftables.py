@@ -7,7 +7,8 @@ they differ (each rule's comment carries a digest of its text), objects created 
 table and its sets are never flushed wholesale; a set whose type changed (a new agent version) is
 replaced together with every rule, in the same transaction. An identical table means no
 transaction at all, which is what lets a restarted agent take over its predecessor's table
-without a gap.
+without a gap. A set with a timeout (the threat blocks) is the agent's to fill as the dp reports
+threats (``Table.add``): a policy creates it and leaves its elements alone.
 
 ``nft`` 1.0.6 and Linux 5.6 or later: concatenations with intervals, ``th dport``, ``reject with
 tcp reset`` in the inet family's forward hook.
@@ -19,7 +20,7 @@ import functools
 import ipaddress
 import json
 import subprocess
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,7 +56,8 @@ def found(listing: dict[str, Any]) -> Found:
             s = item["set"]
             kind = tuple(s["type"]) if isinstance(s["type"], list) else (s["type"],)
             table.sets[s["name"]] = SetSpec(kind, "interval" in s.get("flags", ()),
-                                            frozenset(element(e) for e in s.get("elem", ())))
+                                            frozenset(element(e) for e in s.get("elem", ())),
+                                            int(s.get("timeout", 0)), int(s.get("size", 0)))
         elif "chain" in item:
             c = item["chain"]
             base = (c["type"], c["hook"], int(c["prio"]), c.get("policy", "accept")) if "hook" in c else None
@@ -101,8 +103,7 @@ def plan(have: Found | None, want: Ruleset) -> list[str]:
         return [] if have is None else [f"delete table {TABLE}"]
     out: list[str] = [] if have is not None else [f"add table {TABLE}"]
     have = have or Found()
-    stale_sets = {n for n, s in have.sets.items()
-                  if n not in want.sets or (s.type, s.interval) != (want.sets[n].type, want.sets[n].interval)}
+    stale_sets = {n for n, s in have.sets.items() if n not in want.sets or _shape(s) != _shape(want.sets[n])}
     stale_chains = {n for n, (base, _) in have.chains.items() if n not in want.chains or base != want.chains[n].base}
     if stale_sets or stale_chains:
         rewrite, flush = set(want.chains), set(have.chains)  # any rule may refer to what goes
@@ -115,12 +116,15 @@ def plan(have: Found | None, want: Ruleset) -> list[str]:
     out += [f"delete set {TABLE} {n}" for n in sorted(stale_sets)]
     for name, s in sorted(want.sets.items()):
         if name in have.sets and name not in stale_sets:
+            if s.timeout:
+                continue  # the agent's own elements (threat blocks): they expire on their own
             old = have.sets[name].elements
             out += _elements("delete", name, old - s.elements)  # first: a new element may overlap an old one
             out += _elements("add", name, s.elements - old)
         else:
-            flags = " flags interval;" if s.interval else ""
-            out.append(f"add set {TABLE} {name} {{ type {' . '.join(s.type)};{flags} }}")
+            flags = " flags interval;" if s.interval else f" flags timeout; timeout {s.timeout}s;" if s.timeout else ""
+            size = f" size {s.size};" if s.size else ""
+            out.append(f"add set {TABLE} {name} {{ type {' . '.join(s.type)};{flags}{size} }}")
             out += _elements("add", name, s.elements)
     # Jump targets first.
     for name, chain in sorted(want.chains.items(), key=lambda nc: (nc[1].base is not None, nc[0])):
@@ -130,6 +134,11 @@ def plan(have: Found | None, want: Ruleset) -> list[str]:
         if name in rewrite:
             out += [f'add rule {TABLE} {name} {r.text} comment "{r.comment}"' for r in chain.rules]
     return out
+
+
+def _shape(s: SetSpec) -> tuple[tuple[str, ...], bool, int, int]:
+    """What a set is made as: another shape means a new set."""
+    return s.type, s.interval, s.timeout, s.size
 
 
 def counters(listing: dict[str, Any]) -> dict[tuple[str, str], tuple[int, int]]:
@@ -175,6 +184,13 @@ class Table:
                 raise
         self.have = Found.of(want)
         return len(commands)
+
+    def add(self, elements: Mapping[str, Iterable[str]]) -> None:
+        """Add elements to sets of the table (the threat blocks), in one transaction; each element of a
+        set with a timeout lives that long. Raises NftError (a set missing, or full): none was added."""
+        commands = [c for name, batch in sorted(elements.items()) for c in _elements("add", name, batch)]
+        if commands:
+            self._nft("-f", "-", stdin="\n".join(commands) + "\n")
 
     def forget(self) -> None:
         """Read the table again before the next change (another hand may have touched it)."""

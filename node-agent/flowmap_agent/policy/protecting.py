@@ -10,6 +10,10 @@ Policies are applied by one loop, latest first (a burst of updates costs one tra
 policy that is invalid or too large is refused whole and waits for the next one; a failed
 ``nft`` is retried every interval. Either way the rules in force stay. The table is read back
 every ``policy_resync`` seconds, so a hand that touched it is undone.
+
+Threat blocks (``block``) do not wait for that loop: the reports' thread calls it as soon as the
+dp reports a threat a protected pod's policy blocks, and each is one ``nft`` transaction of its own
+(adding elements to the threat sets, which a policy's transaction never touches).
 """
 
 from __future__ import annotations
@@ -18,18 +22,19 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 
 from flowmap_agent.errors import NftError, PolicyRefused
 from flowmap_agent.following import alongside, follow
-from flowmap_agent.policy.compiling import PolicyInForce, desired, parse
+from flowmap_agent.policy.compiling import Block, PolicyInForce, desired, parse, threat_elements
 from flowmap_agent.policy.nftables import Table
 from flowmap_agent.settings import Settings
 from flowmap_api import report_pb2 as pb
 from flowmap_api import report_pb2_grpc as pb_grpc
+from flowmap_api.threats import BY_NAME, UNKNOWN
 
 log = logging.getLogger("flowmap.agent.protect")
 COUNTERS_EVERY = 5.0  # seconds between reads of the rules' counters (the whole ruleset, without set elements)
@@ -56,6 +61,9 @@ class Protector:
                                  registry=registry)
         self.streams = Counter("flowmap_agent_policy_watch_breaks", "PolicyService.Watch streams that broke, by code.",
                                ("code",), registry=registry)
+        self.blocks = Counter("flowmap_agent_policy_threat_blocks", "Sessions blocked for a threat (result "
+                              "blocked), or not (failed: nft refused, the set full or gone).", ("threat", "result"),
+                              registry=registry)
         registry.register(self)
 
     def collect(self) -> Iterator[Metric]:
@@ -116,6 +124,25 @@ class Protector:
                 with contextlib.suppress(NftError):
                     self.rules = await asyncio.to_thread(self.table.counters)
 
+    def block(self, blocks: Sequence[Block]) -> bool:
+        """Block these sessions from now on, in one transaction; whether nft took them (else none is).
+
+        Called from the reports' thread: the table's threat sets are the only thing it touches.
+        """
+        started = time.monotonic()
+        try:
+            self.table.add(threat_elements(blocks))
+        except NftError as exc:
+            for b in blocks:
+                self.blocks.labels(b.threat if b.threat in BY_NAME else UNKNOWN, "failed").inc()
+            log.error("%d sessions not blocked for their threats: %s", len(blocks), exc)
+            return False
+        for b in blocks:
+            self.blocks.labels(b.threat if b.threat in BY_NAME else UNKNOWN, "blocked").inc()
+            log.warning("blocked for %s: %s:%d -> %s:%d (IP protocol %d; nft took %.0f ms)", b.threat, b.client,
+                        b.client_port, b.server, b.server_port, b.l4, 1000 * (time.monotonic() - started))
+        return True
+
     def apply(self, message: pb.NodePolicy) -> PolicyInForce | None:
         """Make the table ``message``'s: the policy now in force, or None when it is refused whole.
 
@@ -125,7 +152,7 @@ class Protector:
         started = time.monotonic()
         try:
             policy = parse(message, s.policy_max_elements)
-            want = desired(policy, s.policy_max_elements)
+            want = desired(policy, s.policy_max_elements, s.threat_block_seconds, s.threat_block_max)
         except PolicyRefused as exc:
             self.refused.inc()
             log.error("policy %d refused whole, the rules in force stay: %s", message.version, exc)

@@ -4,7 +4,8 @@ A rule's peer becomes addresses: a workload group's pods (host routes, all nodes
 node addresses, a CIDR group its networks, an FQDN group the addresses agents saw it resolve to,
 ``external`` everything (a learned "talks to unknown addresses" can only be kept that way), a
 ``cidr`` itself. The cluster's DNS pods on port 53 are always among a protected pod's egress
-peers, and a protected DNS pod takes queries from anyone. The agent gets no special cases.
+peers, and a protected DNS pod takes queries from anyone. The agent gets no special cases. Each
+protected pod also carries the threats its policies Block (flowmap_operator.policy.modes).
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ class Compiler:
                 if group not in cache:
                     cache[group] = (self.peers(group, EGRESS, now), self.peers(group, INGRESS, now))
                 egress, ingress = cache[group]
-                pods.append(pb.PodPolicy(pod=f"{namespace}/{name}", ips=ips, egress=egress, ingress=ingress))
+                pods.append(pb.PodPolicy(pod=f"{namespace}/{name}", ips=ips, egress=egress, ingress=ingress,
+                                         block_threats=sorted(self.modes.blocked_threats(group))))
         return pb.NodePolicy(pods=pods)
 

@@ -51,7 +51,8 @@ class Modes:
         self.changed_groups: set[str] = set()  # Groups whose shown mode is to be written
         self.events: deque[tuple[PolicyKey, str, str]] = deque()  # (policy, reason, message) to raise
         self.events_dropped = 0
-        self.blocking: dict[PolicyKey, dict[str, float]] = {}  # connections no rule allows -> last seen
+        # Connections no rule allows, or a threat blocked -> (last seen, why)
+        self.blocking: dict[PolicyKey, dict[str, tuple[float, str]]] = {}
         self.version = 0  # bumped whenever what a node enforces may have changed
         self._stale, self._seen_resolver, self._dns = True, -1, frozenset[str]()
 
@@ -180,6 +181,14 @@ class Modes:
         return (not self.enforcement_disabled and eff is not None and eff.mode == "Protect"
                 and all(p is not None and not p.disabled for p in setters))
 
+    def blocked_threats(self, group: str) -> frozenset[str]:
+        """The threats whose sessions the group's nodes block: in Protect mode (in force), what every
+        policy selecting it says to Block (they add up, as rules do); nothing in another mode."""
+        eff = self.groups.get(group)
+        if eff is None or not self.enforced(group):
+            return frozenset()
+        return frozenset().union(*(self.policies[k].block_threats for k in eff.policies if k in self.policies))
+
     def _setter(self, group: str) -> PolicyKey | None:
         eff = self.groups.get(group)
         return eff.conflict[0] if eff and eff.conflict else None
@@ -213,15 +222,16 @@ class Modes:
         self.dirty.add(key)
 
     def blocked(self, policy: PolicyKey | None, connection: str, action: str, message: str, when: float,
-                first: bool) -> None:
-        """A connection no rule allows was seen (``first``: its action just became ``action``)."""
+                first: bool, why: str = "no rule allows it") -> None:
+        """A connection no rule allows was seen, or a threat block on it (``why``); ``first``: its action
+        (or why) just changed to this."""
         if policy is None or policy not in self.policies:
             return
         seen = self.blocking.setdefault(policy, {})
         if connection not in seen and len(seen) >= 10 * MAX_EXAMPLES:
-            seen.pop(min(seen, key=seen.__getitem__))  # the count below stays exact; the oldest examples go
+            seen.pop(min(seen, key=lambda c: seen[c][0]))  # the count below stays exact; the oldest examples go
             self.policies[policy].blocked_forgotten += 1
-        seen[connection] = when
+        seen[connection] = (when, why)
         self.dirty.add(policy)
         if first:
             if len(self.events) < MAX_EVENTS:

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from flowmap_api.limits import MAX_POLICY_THREATS
+from flowmap_api.threats import BY_NAME
 from flowmap_operator.times import iso, parse_iso
 
 MODES = ("Learn", "Monitor", "Protect")
@@ -81,6 +83,7 @@ class Policy:
     groups: tuple[str, ...] = ()  # selected by name
     selector: Mapping[str, Any] | None = None  # selected by the labels of a workload's pods
     rules: tuple[Rule, ...] = ()
+    block_threats: frozenset[str] = frozenset()  # spec.threats with action Block (Protect mode blocks them)
     disabled: bool = False  # the annotation: enforcement off for this policy
     learned: dict[LearnKey, Learned] = field(default_factory=dict)
     learned_overflow: int = 0  # connections not learned: status.learnedRules is full
@@ -101,6 +104,11 @@ class Policy:
         self.groups = tuple(spec.get("groups") or ())
         self.selector = spec.get("selector")
         self.rules = tuple(_rule(r) for r in spec.get("rules") or [])
+        # The schema bounds the list and its names; a name this operator does not know is dropped,
+        # one the node cannot see (found by the operator) can never be hit there: it blocks nothing.
+        self.block_threats = frozenset(t.get("name", "") for t in (spec.get("threats") or [])[:MAX_POLICY_THREATS]
+                                       if t.get("action") == "Block" and t.get("name") in BY_NAME
+                                       and BY_NAME[t["name"]].found_by == "dp")
         self.disabled = (meta.get("annotations") or {}).get(DISABLE_ANNOTATION) == "disabled"
 
     def load_status(self, status: Mapping[str, Any]) -> None:
