@@ -53,18 +53,21 @@ def benign_captures() -> list[Frames]:
     return files
 
 
-def pack(config: threats.Config) -> tuple[Callable[[], CompiledTable], threats.Watching]:
+def pack(config: threats.Config) -> Callable[[], tuple[CompiledTable, threats.Watching]]:
+    """A fresh table and its watches, as one packet loop has them."""
     factory = partial(Inspector, scanners=threats.bind(config))
-    return (lambda: CompiledTable(max_sessions=1_000_000, timeouts=None, inspector_factory=factory),
-            threats.Watching(config))
+    return lambda: (CompiledTable(max_sessions=1_000_000, timeouts=None, inspector_factory=factory),
+                    threats.Watching(config))
 
 
 def run_captures(files: list[Frames], config: threats.Config) -> tuple[float, int]:
-    make, watching = pack(config)
+    """Each capture into a table and watches of its own (each was recorded apart: one client and
+    one server address across them, times that go back), one report at its end."""
+    make = pack(config)
     hits = 0
     start = time.process_time()
     for frames in files:
-        table = make()
+        table, watching = make()
         table.feed_frames(frames)
         table.close_all()
         report = table.collect(0.0)
@@ -74,8 +77,7 @@ def run_captures(files: list[Frames], config: threats.Config) -> tuple[float, in
 
 
 def run_blocks(blocks: list[bytes], config: threats.Config, per_report: int) -> tuple[float, int]:
-    make, watching = pack(config)
-    table, hits, now = make(), 0, 0.0
+    (table, watching), hits, now = pack(config)(), 0, 0.0
     start = time.process_time()
     for i, block in enumerate(blocks, 1):
         table.feed_block(block)

@@ -68,7 +68,7 @@ class Threat:
     where: str  # e.g. "http.query", "http.body", "mysql.query"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # each is one object: compared by identity (fields hold functions)
 class Detector:
     """One protocol's detector (or, with ``scan``, a threat scanner): see the module docstring."""
 

@@ -18,7 +18,9 @@ from flowmap_dp.detectors import sqlinjection
 from flowmap_dp.detectors.base import Flow, Threat
 from flowmap_dp.threats import (bruteforce, deprecated_tls, dnstunnel, heartbleed, icmptunnel, peerscan, pingofdeath,
                                 portscan, slowloris, smuggling, splithandshake, syndata, synflood, zonetransfer)
-from flowmap_dp.threats.base import Limits, Scanner, Seen, Watch, Watcher
+from flowmap_dp.decode import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP
+from flowmap_dp.threats.base import (EVERY, ICMP, MARKED, TCP_OPENED, WITH_METADATA, Limits, Scanner, Seen, Watch,
+                                     Watcher)
 
 
 
@@ -145,24 +147,44 @@ class Watching:
     raises is a bug: counted, the report goes on."""
 
     def __init__(self, config: Config = Config()) -> None:
-        self._watches: list[tuple[str, Watch]] = [(w.name, w.make(config.limits_of(w.name, w.limits)))
-                                                   for w in WATCHERS if config.on(w.name)]
+        self._watches: list[tuple[str, Watch]] = []
+        self._sees: dict[str, list[Watch]] = {kind: [] for kind in (TCP_OPENED, MARKED, WITH_METADATA, ICMP, EVERY)}
+        for w in WATCHERS:
+            if config.on(w.name):
+                watch = w.make(config.limits_of(w.name, w.limits))
+                self._watches.append((w.name, watch))
+                self._sees[w.sees].append(watch)
         self.errors = 0
 
     def observe(self, now: float, sessions: Iterable[Seen]) -> None:
         """One report of the session table: its time and its sessions."""
         if not self._watches:
             return
+        sees = self._sees
+        opened, marked, decided, icmp, every = (sees[k] for k in (TCP_OPENED, MARKED, WITH_METADATA, ICMP, EVERY))
         for s in sessions:
-            for _name, watch in self._watches:
-                try:
-                    hits: Sequence[Threat] = watch.observe(s, now)
-                except Exception:
-                    self.errors += 1
-                    continue
-                for hit in hits:
-                    if len(s.threats) < MAX_HITS and hit not in s.threats:
-                        s.threats.append(hit)
+            proto = s.proto
+            if every:
+                self._show(every, s, now)
+            if opened and proto == PROTO_TCP and s.opened:
+                self._show(opened, s, now)
+            if marked and s.marks:
+                self._show(marked, s, now)
+            if decided and s.metadata:
+                self._show(decided, s, now)
+            if icmp and (proto == PROTO_ICMP or proto == PROTO_ICMPV6):
+                self._show(icmp, s, now)
+
+    def _show(self, watches: list[Watch], s: Seen, now: float) -> None:
+        for watch in watches:
+            try:
+                hits: Sequence[Threat] = watch.observe(s, now)
+            except Exception:
+                self.errors += 1
+                continue
+            for hit in hits:
+                if len(s.threats) < MAX_HITS and hit not in s.threats:
+                    s.threats.append(hit)
 
 
 __all__ = ["Config", "Bound", "Scanner", "Seen", "Watch", "Watcher", "Watching", "SCANNERS", "WATCHERS",

@@ -80,6 +80,15 @@ class Watch(Protocol):
         ...
 
 
+# Which sessions a watch is shown (``Watcher.sees``): Watching tests these first, once per session,
+# so that a session none of them concerns costs no call. A watch still checks what it needs.
+TCP_OPENED = "tcp-opened"  # a TCP session in the report of its opening
+MARKED = "marked"  # a session whose packets set a mark (decode.MARK_*) since the previous report
+WITH_METADATA = "with-metadata"  # a session whose protocol was decided, with its metadata
+ICMP = "icmp"  # an ICMP or ICMPv6 session
+EVERY = "every"
+
+
 @dataclass(frozen=True)
 class Watcher:
     """A stateful detection: ``make(limits)`` builds its state for one packet loop."""
@@ -87,3 +96,4 @@ class Watcher:
     name: str
     make: Callable[[Limits], Watch]
     limits: Limits = field(default_factory=dict)
+    sees: str = EVERY  # which sessions it is shown: one of the above

@@ -31,7 +31,7 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 
 from flowmap_dp.detectors.base import Threat
-from flowmap_dp.threats.base import Limits, Seen, Watcher
+from flowmap_dp.threats.base import WITH_METADATA, Limits, Seen, Watcher
 
 NAME = "auth-brute-force"
 APPS = frozenset({"mysql", "postgresql", "redis"})
@@ -81,4 +81,4 @@ class Failures:
         return [Threat(NAME, snippet, f"{session.app}.auth")]
 
 
-WATCHER = Watcher(NAME, Failures, LIMITS)
+WATCHER = Watcher(NAME, Failures, LIMITS, sees=WITH_METADATA)

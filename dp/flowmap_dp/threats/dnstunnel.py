@@ -40,7 +40,7 @@ from typing import Any
 
 from flowmap_dp.detectors import dns
 from flowmap_dp.detectors.base import Flow, Threat
-from flowmap_dp.threats.base import Limits, Scanner, Seen, Watcher
+from flowmap_dp.threats.base import WITH_METADATA, Limits, Scanner, Seen, Watcher
 
 NAME = "dns-tunnel"
 LIMITS: Limits = {"name_length": 180.0, "label_length": 32.0, "label_entropy": 3.3, "answer_bytes": 200.0,
@@ -161,4 +161,4 @@ class UniqueNames:
 
 
 SCANNER = Scanner(NAME, frozenset({"dns"}), scan, LIMITS)
-WATCHER = Watcher(NAME, UniqueNames, WATCH_LIMITS)
+WATCHER = Watcher(NAME, UniqueNames, WATCH_LIMITS, sees=WITH_METADATA)

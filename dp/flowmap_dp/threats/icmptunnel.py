@@ -35,7 +35,7 @@ from collections.abc import Sequence
 
 from flowmap_dp.decode import PROTO_ICMP, PROTO_ICMPV6
 from flowmap_dp.detectors.base import Threat
-from flowmap_dp.threats.base import Limits, Seen, Watcher
+from flowmap_dp.threats.base import ICMP, Limits, Seen, Watcher
 
 NAME = "icmp-tunnel"
 LIMITS: Limits = {"changes": 4.0}
@@ -75,4 +75,4 @@ class IcmpTunnel:
         return hit
 
 
-WATCHER = Watcher(NAME, IcmpTunnel, LIMITS)
+WATCHER = Watcher(NAME, IcmpTunnel, LIMITS, sees=ICMP)

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from flowmap_dp.decode import format_endpoint
 from flowmap_dp.detectors.base import Threat
 from flowmap_dp.threats.attempts import Distinct, Recent, address, failed
-from flowmap_dp.threats.base import Limits, Seen, Watcher
+from flowmap_dp.threats.base import TCP_OPENED, Limits, Seen, Watcher
 
 
 NAME = "peer-scan"
@@ -59,4 +59,4 @@ class Watch:
                              f"(last {last})", WHERE),)
 
 
-WATCHER = Watcher(NAME, Watch, LIMITS)
+WATCHER = Watcher(NAME, Watch, LIMITS, sees=TCP_OPENED)

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from flowmap_dp.decode import MARK_OVERSIZED, PROTO_ICMP, PROTO_ICMPV6
 from flowmap_dp.detectors.base import Threat
-from flowmap_dp.threats.base import Limits, Seen, Watcher
+from flowmap_dp.threats.base import MARKED, Limits, Seen, Watcher
 
 NAME = "ping-of-death"
 _HIT = (Threat(NAME, "fragments reassemble past 65,535 bytes", "ip.fragment"),)
@@ -40,4 +40,4 @@ class PingOfDeath:
         return ()
 
 
-WATCHER = Watcher(NAME, PingOfDeath)
+WATCHER = Watcher(NAME, PingOfDeath, sees=MARKED)

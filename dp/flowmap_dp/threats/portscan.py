@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 from flowmap_dp.detectors.base import Threat
 from flowmap_dp.threats.attempts import Distinct, Recent, address, failed
-from flowmap_dp.threats.base import Limits, Seen, Watcher
+from flowmap_dp.threats.base import TCP_OPENED, Limits, Seen, Watcher
 
 
 NAME = "port-scan"
@@ -56,4 +56,4 @@ class Watch:
         return (Threat(NAME, f"{count} ports of {address(session.server)} failed in {key.span():.1f}s", WHERE),)
 
 
-WATCHER = Watcher(NAME, Watch, LIMITS)
+WATCHER = Watcher(NAME, Watch, LIMITS, sees=TCP_OPENED)

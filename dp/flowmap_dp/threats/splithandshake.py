@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from flowmap_dp.decode import MARK_SPLIT_HANDSHAKE, PROTO_TCP
 from flowmap_dp.detectors.base import Threat
-from flowmap_dp.threats.base import Limits, Seen, Watcher
+from flowmap_dp.threats.base import MARKED, Limits, Seen, Watcher
 
 NAME = "tcp-split-handshake"
 _HIT = (Threat(NAME, "SYN answered by SYN", "tcp.handshake"),)
@@ -40,4 +40,4 @@ class SplitHandshake:
         return ()
 
 
-WATCHER = Watcher(NAME, SplitHandshake)
+WATCHER = Watcher(NAME, SplitHandshake, sees=MARKED)

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 from flowmap_dp.decode import MARK_FAST_OPEN, MARK_SYN_DATA, PROTO_TCP
 from flowmap_dp.detectors.base import Threat
-from flowmap_dp.threats.base import Limits, Seen, Watcher
+from flowmap_dp.threats.base import MARKED, Limits, Seen, Watcher
 
 NAME = "syn-with-data"
 LIMITS: Limits = {"fast_open": 0.0}
@@ -54,4 +54,4 @@ class SynWithData:
         return ()
 
 
-WATCHER = Watcher(NAME, SynWithData, LIMITS)
+WATCHER = Watcher(NAME, SynWithData, LIMITS, sees=MARKED)

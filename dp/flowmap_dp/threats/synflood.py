@@ -41,7 +41,7 @@ from collections.abc import Callable, Sequence
 from flowmap_dp.decode import format_endpoint
 from flowmap_dp.detectors.base import Threat
 from flowmap_dp.threats.attempts import HALF_OPEN, Recent, address, outcome
-from flowmap_dp.threats.base import Limits, Seen, Watcher
+from flowmap_dp.threats.base import TCP_OPENED, Limits, Seen, Watcher
 
 
 NAME = "syn-flood"
@@ -132,4 +132,4 @@ class Watch:
         return Threat(NAME, f"{shown:.0f} half-open/s {where()} ({share:.0%}, {half:.0f} in {span:.1f}s)", WHERE)
 
 
-WATCHER = Watcher(NAME, Watch, LIMITS)
+WATCHER = Watcher(NAME, Watch, LIMITS, sees=TCP_OPENED)
