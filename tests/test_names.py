@@ -42,3 +42,19 @@ def test_a_policy_s_threats_are_the_api_s_and_only_the_dp_s_can_be_blocked() -> 
     (rule,) = entry["x-kubernetes-validations"]
     not_on_nodes = [k.name for k in threats.KINDS if k.found_by != "dp"]
     assert rule["rule"].endswith(f"!(self.name in {not_on_nodes!r})")
+
+
+def test_the_threats_page_lists_every_threat_and_every_threshold_with_its_default() -> None:
+    from flowmap_dp import threats as dp
+
+    page = (REPO / "docs" / "threats.md").read_text()
+    rows = {line.split("|")[1].strip().strip("`"): line for line in page.splitlines() if line.startswith("| `")}
+    assert list(rows) == list(threats.NAMES)
+    for kind in threats.KINDS:
+        assert f"| {kind.severity} |" in rows[kind.name], kind.name
+    limits: dict[str, dict[str, float]] = {}
+    for spec in (*dp.SCANNERS, *dp.WATCHERS):
+        limits.setdefault(spec.name, {}).update(spec.limits)
+    for name, values in limits.items():
+        for key, default in values.items():
+            assert f"`{name}.{key}={default:g}`" in rows[name], f"{name}.{key}={default:g}"
