@@ -111,7 +111,9 @@ class Operator:
         self.cluster = cluster
         self.grpc_port, self.metrics_port, self.results_port = free_port(), free_port(), free_port()
         self.log = cluster.folder / f"operator-{self.grpc_port}.log"
-        self.env = {**os.environ, "KUBECONFIG": str(cluster.operator_kubeconfig()),
+        # TMPDIR: the API client writes the kubeconfig's CA to a temporary file it removes at exit;
+        # a test's kill -9 leaves it, in the cluster's folder, which goes with the cluster.
+        self.env = {**os.environ, "KUBECONFIG": str(cluster.operator_kubeconfig()), "TMPDIR": str(cluster.folder),
                     "FLOWMAP_OPERATOR_GRPC_LISTEN": str(self.grpc_port),
                     "FLOWMAP_OPERATOR_METRICS_LISTEN": str(self.metrics_port),
                     "FLOWMAP_OPERATOR_RESULTS_LISTEN": str(self.results_port),
