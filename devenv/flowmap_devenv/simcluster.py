@@ -347,7 +347,9 @@ table ip kube-proxy {{
         (folder / "kubeconfig").write_text(json.dumps(admin))
         (folder / "token").write_text(cluster.token("flowmap-agent", pod_name=pod_name))
         port = self.health_ports[n.name] = free_port()
-        env = {"KUBECONFIG": str(folder / "kubeconfig"), "FLOWMAP_AGENT_NODE": n.name,
+        # TMPDIR: the API client's copy of the kubeconfig's CA stays in the cluster's folder when
+        # a test kills the agent with -9.
+        env = {"KUBECONFIG": str(folder / "kubeconfig"), "TMPDIR": str(self.folder), "FLOWMAP_AGENT_NODE": n.name,
                "FLOWMAP_AGENT_OPERATOR": f"localhost:{self.operator.grpc_port}",
                "FLOWMAP_AGENT_CA_FILE": str(cluster.keys.ca_cert), "FLOWMAP_AGENT_TOKEN_FILE": str(folder / "token"),
                "FLOWMAP_AGENT_STATE_FILE": str(folder / "state"), "FLOWMAP_AGENT_SOCKET": str(folder / "dp.sock"),

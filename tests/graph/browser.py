@@ -42,7 +42,8 @@ class Browser:
             self.proc = subprocess.Popen(
                 [shutil.which("chromium") or "chromium", *FLAGS, f"--user-data-dir={self.profile}",
                  f"--window-size={width},{height}", "about:blank"],
-                pass_fds=(3, 4), preexec_fn=fds_3_and_4, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+                pass_fds=(3, 4), preexec_fn=fds_3_and_4, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                env={**os.environ, "TMPDIR": self.profile})  # its temporary files go with the profile
         os.close(to_child)
         os.close(from_child)
         os.set_blocking(self._in, False)

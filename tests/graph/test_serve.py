@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
@@ -33,7 +34,9 @@ class Served:
         with open(log, "wb") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "flowmap_cli", "graph", "--serve", "--port", "0",
                                           "--every", "1", "--kubeconfig", str(plane.kubeconfig)],
-                                         stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+                                         stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+                                         # the API client's copies of the kubeconfig's keys: with the test's files
+                                         env={**os.environ, "TMPDIR": str(log.parent)})
         end = time.monotonic() + 60
         while not (found := re.search(r"serving the map on (http://\S+/)", log.read_text())):
             assert self.proc.poll() is None and time.monotonic() < end, log.read_text()
