@@ -16,7 +16,12 @@
 * The operator acknowledges batch by batch (``ReportAck.received`` and ``waiting``): a batch is
   dropped once acknowledged, and the next batch says which ones the agent no longer holds
   (``acked``) so that the operator can prune what it kept to recognise a resend. When there is
-  nothing new to send, a batch with sequence 0 asks for the acknowledgement.
+  nothing new to send, a batch with sequence 0 asks for the acknowledgement. A question whose
+  answer acknowledges nothing new makes the next one wait twice as long, from the interval up to
+  ``refresh``; any progress brings the wait back to the interval. Acknowledgements wait on the
+  operator's writes: at 1,000 nodes, asking every second was 9 of its 10 calls, and its CPU, while
+  the answer seldom changed. A later acknowledgement costs nothing else: the edges in flight still
+  go every ``refresh``, and what is held stays bounded (``MAX_IN_FLIGHT``).
 * ``save``/``load`` keep all of it on disk (written atomically each interval, before sending),
   so a crash of the agent loses at most what reached it after the last save; a starting agent
   takes it up with :func:`resume`.
@@ -119,6 +124,12 @@ class _Filling:
 MAX_IN_FLIGHT = 20_000
 
 
+def question_wait(wait: float, progressed: bool, interval: float, refresh: float) -> float:
+    """Seconds from an answer to the next acknowledgement question: the interval after progress,
+    else twice the last wait, up to ``refresh``."""
+    return interval if progressed else min(2 * wait, refresh)
+
+
 class Outbox:
     def __init__(self, agent_id: str, node: str, *, window: int = 1024, interval_ms: int = 1000,
                  refresh: float = 10.0) -> None:
@@ -133,6 +144,8 @@ class Outbox:
         self.acked = 0  # no batch up to here is held
         self.delivered = 0  # the last batch delivered on the current connection
         self.lost_deltas = 0  # to be reported with the next batch
+        self.ask_wait = interval_ms / 1000  # seconds from an answer to the next acknowledgement question
+        self.ask_at = 0.0  # monotonic: no question before then
         self.dp_positions: dict[int, Position] = {}  # dp worker -> the last report taken
         # The node's own addresses as they are now: every batch says them when it is sent (a resent
         # one too), so the operator always has the latest (plumbing.announced).
@@ -193,23 +206,25 @@ class Outbox:
 
     # -- delivering -----------------------------------------------------------------------------
 
-    def to_deliver(self) -> list[pb.ReportBatch]:
-        """The batches to send now, in order, each naming its predecessor; else an ack question."""
-        now = int(time.time() * 1000)
+    def to_deliver(self, now: float | None = None) -> list[pb.ReportBatch]:
+        """The batches to send now, in order, each naming its predecessor; else an acknowledgement
+        question if one is due at ``now`` (monotonic)."""
+        due = (time.monotonic() if now is None else now) >= self.ask_at
+        sent = int(time.time() * 1000)
         out, previous = [], self.acked
         for b in self.unacked:
             if b.sequence > self.delivered:
-                b.acked, b.previous, b.sent_unix_ms = self.acked, previous, now
+                b.acked, b.previous, b.sent_unix_ms = self.acked, previous, sent
                 b.node_addresses[:] = self.node_addresses
                 out.append(b)
             previous = b.sequence
-        if not out and self.unacked:
-            out.append(pb.ReportBatch(agent_id=self.agent_id, node=self.node, acked=self.acked, sent_unix_ms=now,
+        if not out and self.unacked and due:
+            out.append(pb.ReportBatch(agent_id=self.agent_id, node=self.node, acked=self.acked, sent_unix_ms=sent,
                                       node_addresses=self.node_addresses))
         return out
 
-    def delivered_ok(self, batch: pb.ReportBatch, ack: pb.ReportAck) -> None:
-        """The operator took ``batch``: drop every batch it says is written."""
+    def delivered_ok(self, batch: pb.ReportBatch, ack: pb.ReportAck, now: float | None = None) -> None:
+        """The operator took ``batch`` (at ``now``, monotonic): drop every batch it says is written."""
         self.delivered = max(self.delivered, batch.sequence)
         waiting = set(ack.waiting)
         keep = []
@@ -218,8 +233,11 @@ class Outbox:
                 self._landed(edge_key(d) for d in b.edges)
             else:
                 keep.append(b)
+        progressed = len(keep) < len(self.unacked)
         self.unacked = keep
         self.acked = keep[0].sequence - 1 if keep else self.sequence
+        self.ask_wait = question_wait(self.ask_wait, progressed, self.interval_ms / 1000, self.refresh)
+        self.ask_at = (time.monotonic() if now is None else now) + self.ask_wait
 
     def quarantine(self, batch: pb.ReportBatch, index: int) -> pb.EdgeDelta | None:
         """The operator refused ``batch`` whole because it can never count its edge ``index``:

@@ -215,7 +215,7 @@ class Agent:
             dp.ack(acks(self.outbox.dp_positions))
             if not self.outbox.unacked and not self.outbox.pending:
                 break
-            self.delivery.retry_at = 0.0
+            self.delivery.retry_at = self.outbox.ask_at = 0.0  # stopping: ask every round
             await self.delivery.deliver()
             await asyncio.sleep(0.2)
         for task in tasks:

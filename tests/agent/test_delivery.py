@@ -106,8 +106,8 @@ def test_a_resent_batch_and_a_question_for_the_ack_say_the_addresses_as_they_are
     again = box.to_deliver()
     said += [tuple(b.node_addresses) for b in again]
     assert said == [OWN, OWN[:1]]  # one batch, sent twice, each time as the node is
-    box.delivered_ok(again[0], pb.ReportAck(applied=0, received=1, waiting=[1], leader=True))
-    ask = box.to_deliver()
+    box.delivered_ok(again[0], pb.ReportAck(applied=0, received=1, waiting=[1], leader=True), now=0.0)
+    ask = box.to_deliver(now=box.ask_at)
     assert [(b.sequence, tuple(b.node_addresses)) for b in ask] == [(0, OWN[:1])]
 
 

@@ -74,8 +74,8 @@ def run(seed: int, tmp: Path) -> None:
         store[key[1]] = new
         ledger.written(plan, str(rv + 1))
 
-    def deliver() -> None:
-        for batch in box.to_deliver():
+    def deliver(now: float) -> None:  # one interval after another: questions are paced (model time)
+        for batch in box.to_deliver(now):
             seen = pb.ReportBatch()
             seen.CopyFrom(batch)
             try:
@@ -100,9 +100,9 @@ def run(seed: int, tmp: Path) -> None:
                 box.failed()  # the answer is lost
                 return
             applied, received, waiting = ledger.progress(batch.agent_id)
-            box.delivered_ok(batch, pb.ReportAck(applied=applied, received=received, waiting=waiting, leader=True))
+            box.delivered_ok(batch, pb.ReportAck(applied=applied, received=received, waiting=waiting, leader=True), now)
 
-    for _ in range(300):
+    for step in range(300):
         deltas = [delta(s, rng.randint(1, 1000)) for s in rng.sample(SERVERS + [BAD], rng.randint(0, 3))]
         box.add(deltas)
         box.cut_all()
@@ -110,7 +110,7 @@ def run(seed: int, tmp: Path) -> None:
         for d in deltas:
             if d.server.ip != BAD:
                 truth[GROUP[d.server.ip]] += d.bytes_c2s
-        deliver()
+        deliver(float(step))
         for _ in range(rng.randint(0, 3)):
             write_one()
         roll = rng.random()
@@ -121,9 +121,9 @@ def run(seed: int, tmp: Path) -> None:
             for group, (counters, marks, rv) in store.items():
                 ledger.load(("10.1.0.1", group, 80, "TCP"), counters, marks, str(rv))
             box.failed()
-    for _ in range(5000):
+    for step in range(300, 5300):
         box.cut_all()
-        deliver()
+        deliver(float(step))
         write_one()
         if not box.unacked and not box.pending:
             break
@@ -179,9 +179,10 @@ def test_an_edge_in_flight_goes_again_each_refresh_until_too_much_is_in_flight_a
     assert box.pending[web].bytes_c2s == 105
     sent = box.to_deliver()
     assert [(b.sequence, b.previous) for b in sent] == [(1, 0), (2, 1), (3, 2), (4, 3)]
-    box.delivered_ok(sent[3], pb.ReportAck(applied=0, received=4, waiting=[1, 2, 3], leader=True))
+    box.delivered_ok(sent[3], pb.ReportAck(applied=0, received=4, waiting=[1, 2, 3], leader=True), now=130.0)
     assert [b.sequence for b in box.unacked] == [1, 2, 3] and box.acked == 0  # batch 4 is written
-    ask = box.to_deliver()  # nothing new to send: a question for the acknowledgement
+    assert box.to_deliver(now=130.5) == []  # the next question is due an interval after the answer
+    ask = box.to_deliver(now=131.0)  # nothing new to send: a question for the acknowledgement
     assert [(b.sequence, len(b.edges)) for b in ask] == [(0, 0)]
     box.delivered_ok(ask[0], pb.ReportAck(applied=2, received=4, waiting=[3], leader=True))
     assert [b.sequence for b in box.unacked] == [3] and box.in_flight == {web: 1}
@@ -282,3 +283,31 @@ def test_the_dps_positions_survive_a_restart_and_older_files_still_load(tmp_path
     path.write_bytes(b"FMAS\x00\x01" + records)
     old = Outbox.load(path, "node-a")
     assert old.dp_positions == {} and len(old.pending) == 1
+
+
+def test_a_question_that_brings_nothing_waits_twice_as_long_for_the_next_up_to_refresh() -> None:
+    box = Outbox("a", "n", interval_ms=1000, refresh=10.0)
+    box.add([delta("10.0.0.1", 5), delta("10.0.0.2", 5)])
+    [first] = box.cut_all()
+    box.add([delta("10.0.0.3", 5)])
+    [second] = box.cut_all()
+    for b in box.to_deliver(now=0.0):
+        box.delivered_ok(b, pb.ReportAck(applied=0, received=b.sequence, waiting=[1, 2][:b.sequence], leader=True),
+                         now=0.0)
+    asked = []
+    now = 0.0
+    while now < 40.0 and box.unacked:
+        if (ask := box.to_deliver(now=now)):
+            assert [b.sequence for b in ask] == [0]
+            asked.append(now)
+            written = now >= 30.0  # the operator writes batch 1 at 30 s
+            box.delivered_ok(ask[0], pb.ReportAck(applied=1 if written else 0, received=2,
+                                                  waiting=[2] if written else [1, 2], leader=True), now=now)
+            if written:
+                break
+        now += 0.5
+    # The batches' own two answers brought nothing (waits of 2, then 4 s), nor do the questions'
+    # until the write: 8 s, then every refresh (10 s).
+    assert asked == [4.0, 12.0, 22.0, 32.0]
+    assert [b.sequence for b in box.unacked] == [second.sequence] and first.sequence == 1
+    assert box.to_deliver(now=32.5) == [] and box.to_deliver(now=33.0) != []  # progress: an interval again
