@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -114,6 +115,11 @@ class Writes:
         self.budget, self.clock = budget, clock
         self.bucket = Bucket(budget.rate, clock)
         metrics.WRITE_BUDGET.set(budget.rate)
+
+    def most(self, seconds: float) -> int:
+        """The most paced writes that can start within ``seconds``: at the ceiling, plus the one an
+        idle bucket holds."""
+        return math.ceil(self.budget.ceiling * max(0.0, seconds)) + 1
 
     async def __call__(self, kind: str, verb: str, awaitable: Awaitable[T], paced: bool = True) -> T:
         """Make one write; ``paced=False`` for writes bounded by their caller (the checkpoints of

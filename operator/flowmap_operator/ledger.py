@@ -93,6 +93,9 @@ class Edge:
     persisted: Counters = field(default_factory=Counters)
     watermarks: dict[str, Watermark] = field(default_factory=dict)  # agent -> highest batch written
     pending: dict[str, Pending] = field(default_factory=dict)  # agent -> not yet written
+    # The bytes (both ways) in ``pending``, kept with it: flowmap_operator.urgency ranks every dirty
+    # edge each flush round, 10,000 of them in a busy cluster.
+    unwritten: int = 0
     resource_version: str | None = None  # None: the object does not exist in the API yet
     dirty_since: float | None = None
     # An update whose outcome is unknown (timeout, lost connection): re-read before writing again.
@@ -156,6 +159,7 @@ class Ledger:
         for agent, pend in list(edge.pending.items()):
             if agent in edge.watermarks and edge.watermarks[agent].batch >= pend.last_batch:
                 del edge.pending[agent]
+                edge.unwritten -= pend.counters.bytes_c2s + pend.counters.bytes_s2c
                 self._release(agent, key, pend.last_batch)
         if not edge.pending:
             edge.dirty_since = None
@@ -198,6 +202,7 @@ class Ledger:
         else:
             pend.counters.add(delta)
             pend.last_batch = sequence
+        edge.unwritten += delta.bytes_c2s + delta.bytes_s2c
         if edge.dirty_since is None:
             edge.dirty_since = now
         state.waiting.setdefault(sequence, set()).add(key)
@@ -283,6 +288,7 @@ class Ledger:
         for agent, took in plan.taken.items():
             pend = edge.pending[agent]
             pend.counters.sub(took.counters)
+            edge.unwritten -= took.counters.bytes_c2s + took.counters.bytes_s2c
             if pend.last_batch == took.last_batch:
                 # Nothing newer arrived while writing (a zero delta of a newer batch still waits).
                 del edge.pending[agent]

@@ -12,6 +12,7 @@ action once. When all edges carry alike, this is longest-dirty first.
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Iterable
 
@@ -20,7 +21,7 @@ from flowmap_operator.ledger import Edge
 
 def unwritten_bytes(edge: Edge) -> int:
     """Bytes counted on ``edge`` that its object does not show yet."""
-    return sum(p.counters.bytes_c2s + p.counters.bytes_s2c for p in edge.pending.values())
+    return edge.unwritten
 
 
 def behind(edge: Edge, now: float) -> float:
@@ -30,12 +31,13 @@ def behind(edge: Edge, now: float) -> float:
     return max(0.0, now - edge.dirty_since) * math.log2(2 + max(0, unwritten_bytes(edge)))
 
 
-def order(edges: Iterable[Edge], now: float) -> list[Edge]:
+def order(edges: Iterable[Edge], now: float, limit: int | None = None) -> list[Edge]:
     """The dirty ``edges`` in the order to write them: new objects first (the longest waiting
-    first), then the furthest behind; among equals, the longest dirty."""
+    first), then the furthest behind; among equals, the longest dirty. With ``limit``: only the
+    first that many (what a round can write; a partial sort of 10,000 edges for 200 is cheaper)."""
     def rank(edge: Edge) -> tuple[bool, float, float]:
         since = edge.dirty_since if edge.dirty_since is not None else now
         if edge.resource_version is None:
             return False, 0.0, since
         return True, -behind(edge, now), since
-    return sorted(edges, key=rank)
+    return sorted(edges, key=rank) if limit is None else heapq.nsmallest(limit, edges, key=rank)

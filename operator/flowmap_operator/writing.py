@@ -63,7 +63,7 @@ class Writer:
         """Write dirty objects until ``deadline`` (monotonic); return how many were written."""
         # New Connections first (a new edge must show fast), then the Groups they name, then the
         # counter refreshes, furthest behind first.
-        dirty = urgency.order(self.topology.ledger.dirty(), time.time())
+        dirty = urgency.order(self.topology.ledger.dirty(), time.time(), self.write.most(deadline - time.monotonic()))
         fresh = [e.key for e in dirty if e.resource_version is None]
         written = await self._spread([partial(self._write_edge, key) for key in fresh], deadline)
         groups = [g for g in self.topology.groups.values() if not g.exists and not self._waiting(g)]

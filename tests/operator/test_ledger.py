@@ -181,6 +181,8 @@ def simulate(seed: int) -> None:
                 ledger.load(key, counters, marks, str(rv))
             for a in agents:
                 a.next_send = 0
+        for edge in ledger.edges.values():  # the bytes kept for urgency are the pending ones
+            assert edge.unwritten == sum(p.counters.bytes_c2s + p.counters.bytes_s2c for p in edge.pending.values())
     # Drain: everything gets delivered and written.
     for _ in range(10_000):
         if not any(a.unacked for a in agents):

@@ -3,6 +3,8 @@ bytes; none starves."""
 
 from __future__ import annotations
 
+import random
+
 from flowmap_operator.ledger import Counters, EdgeKey, Ledger
 from flowmap_operator.urgency import behind, order, unwritten_bytes
 
@@ -55,3 +57,12 @@ def test_a_written_edge_is_not_behind() -> None:
     assert behind(edge, 10.0) > 0
     ledger.written(ledger.plan(key(1)), "2")
     assert behind(edge, 10.0) == 0.0 and not ledger.dirty()
+
+
+def test_a_round_ranks_only_what_it_can_write_in_the_same_order() -> None:
+    rng = random.Random(7)
+    ledger = ledger_with(*((p, rng.choice((0, 10, 10**6, 10**9)), rng.uniform(0, 99), rng.random() < 0.8)
+                           for p in range(1, 301)))
+    full = order(ledger.dirty(), 100.0)
+    for limit in (0, 1, 17, 299, 300, 1000):
+        assert order(ledger.dirty(), 100.0, limit) == full[:limit]
