@@ -321,18 +321,21 @@ class ThreatCollector:
             return
         published, groups = self.totals.published, self.topology.groups
         other: dict[str, int] = {}
-        # A copy made in one step under the GIL: the event loop changes the map meanwhile.
-        for key, info in list(self.topology.edges.items()):
+        # Copies made in one step under the GIL, as the event loop changes the map meanwhile: a
+        # dict's copy() runs no Python code, while list(d.items()) makes a tuple per item and so
+        # may run the garbage collector, whose finalizers let the event loop's thread in (seen:
+        # "dictionary changed size during iteration", a scrape answered 500, at 10,000 edges).
+        for key, info in self.topology.edges.copy().items():
             if not info.threats:
                 continue
             if key not in published:
-                for name, t in list(info.threats.items()):
+                for name, t in info.threats.copy().items():
                     other[name] = other.get(name, 0) + t.count
                 continue
             client, server = groups.get(key[0]), groups.get(key[1])
             namespaces = (client.peer.namespace if client else "", server.peer.namespace if server else "")
             values = [label_value(v) for v in (key[0], namespaces[0], key[1], namespaces[1], str(key[2]), key[3])]
-            for name, t in list(info.threats.items()):
+            for name, t in info.threats.copy().items():
                 family.add_metric((name, severity(name), *values), t.count)
         for name, count in sorted(other.items()):
             family.add_metric((name, severity(name), *(OTHER,) * 6), count)
