@@ -116,7 +116,7 @@ def flush(topo: Topology, rnd: random.Random, share: float = 0.01) -> None:
         edge = topo.ledger.edges[key]
         topo.ledger.load(key, counters(rnd, edge.persisted), [("agent-a", "node-1", 42)], "1")
     for totals in TOTALS:
-        for index, marks in totals.take(highwater.applied(topo.ledger)).items():
+        for index, marks in totals.take(highwater.applied(topo.ledger.edges.values())).items():
             totals.wrote(index, marks)
         totals.publish()
 

@@ -32,10 +32,10 @@ from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from flowmap_operator.ledger import Counters, EdgeKey, Ledger
+from flowmap_operator.ledger import Counters, Edge, EdgeKey
 
 SHARDS = 16  # ConfigMaps; at 10,000 edges each holds about 50 KB of JSON, 10 KB compressed
 OTHER: EdgeKey = ("", "", 0, "")  # the key of the "other" series: no group has an empty name
@@ -48,10 +48,10 @@ def shard(key: EdgeKey) -> int:
     return zlib.crc32("\0".join((key[0], key[1], str(key[2]), key[3])).encode("utf-8", "surrogatepass")) % SHARDS
 
 
-def applied(ledger: Ledger) -> Marks:
+def applied(edges: Iterable[Edge]) -> Marks:
     """Each edge's count so far, written or waiting for its write, for the edges whose Connection
     exists (an edge without one has no series yet)."""
-    return {key: edge.applied() for key, edge in ledger.edges.items() if edge.resource_version is not None}
+    return {edge.key: edge.applied() for edge in edges if edge.resource_version is not None}
 
 
 def encode(marks: Mapping[EdgeKey, Counters]) -> bytes:

@@ -33,7 +33,7 @@ class Store:
             totals.load(index, decode(data))
 
     def round(self, totals: EdgeTotals, ledger: Ledger) -> None:
-        for index, marks in totals.take(highwater.applied(ledger)).items():
+        for index, marks in totals.take(highwater.applied(ledger.edges.values())).items():
             if not self.down:
                 self.shards[index] = encode(marks)
                 totals.wrote(index, marks)
@@ -113,7 +113,7 @@ def test_another_replicas_higher_marks_are_merged_count_by_count() -> None:
     totals.load(shard(WEB_API), {WEB_API: Counters(20, 40, 2, 8, 3)})  # after a conflict: read again
     ledger = Ledger()
     ledger.load(WEB_API, Counters(15, 60, 0, 0, 0), [], "1")
-    changed = totals.take(highwater.applied(ledger))
+    changed = totals.take(highwater.applied(ledger.edges.values()))
     assert changed == {shard(WEB_API): {WEB_API: Counters(20, 60, 2, 9, 3)}}
 
 

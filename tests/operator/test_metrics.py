@@ -38,7 +38,7 @@ def topology(*apps: tuple[EdgeKey, str]) -> Topology:
 def checkpoint(collector: EdgeCollector) -> None:
     """One checkpoint round whose writes all land: the marks of what the ledger counted, published."""
     totals = collector.totals
-    for index, marks in totals.take(highwater.applied(collector.topology.ledger)).items():
+    for index, marks in totals.take(highwater.applied(collector.topology.ledger.edges.values())).items():
         totals.wrote(index, marks)
     totals.publish()
 
