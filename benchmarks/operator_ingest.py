@@ -54,7 +54,7 @@ from kubernetes import watch as k8s_watch  # noqa: E402
 from kubernetes.client.exceptions import ApiException  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from flowmap_agent.outbox import MAX_IN_FLIGHT  # noqa: E402
+from flowmap_agent.outbox import MAX_IN_FLIGHT, question_wait  # noqa: E402
 from flowmap_api import report_pb2 as pb  # noqa: E402
 from flowmap_devenv.controlplane import ControlPlane  # noqa: E402
 from flowmap_operator.resolution import group_name  # noqa: E402
@@ -292,6 +292,7 @@ def total(metrics: dict[str, float], prefix: str, **match: str) -> float:
 class Stats:
     accepted: int = 0  # new batches the operator took
     resent: int = 0
+    asked: int = 0  # acknowledgement questions (sequence 0)
     deltas: int = 0  # edge deltas in new batches the operator took
     errors: Counter[str] = field(default_factory=Counter)
     rpc_seconds: list[float] = field(default_factory=list)
@@ -316,7 +317,7 @@ class SimAgent:
     the next numbered batch, but for an edge with a delta in flight: --refresh seconds after its
     last (none once MAX_IN_FLIGHT deltas are unacknowledged; new edges at once); when nothing is
     ready a
-    sequence-0 batch asks for the acknowledgement; batches are dropped as the operator reports them
+    sequence-0 batch asks for the acknowledgement, paced as the agent paces it (question_wait); batches are dropped as the operator reports them
     written, and after an error everything held is resent in order with ``previous``.
     """
 
@@ -334,6 +335,7 @@ class SimAgent:
         self.unreported: set[int] = set()  # new edges not yet in a sent batch
         self.sequence = self.acked = self.delivered = 0
         self.unacked: list[tuple[int, list[int], bytes]] = []  # (sequence, edges, encoded edges)
+        self.ask_wait, self.ask_at = bench.interval, 0.0
 
     def _encoded(self, e: int, k: int) -> bytes:
         found = self.enc.get((e, k))
@@ -382,8 +384,11 @@ class SimAgent:
                         self.sent_at.pop(e, None)
             else:
                 keep.append(b)
+        progressed = len(keep) < len(self.unacked)
         self.unacked = keep
         self.acked = keep[0][0] - 1 if keep else self.sequence
+        self.ask_wait = question_wait(self.ask_wait, progressed, self.bench.interval, self.bench.refresh)
+        self.ask_at = time.monotonic() + self.ask_wait
 
     async def pump(self) -> None:
         """Resend, in order, what the operator may not have; then send what is ready, or ask."""
@@ -402,7 +407,8 @@ class SimAgent:
             else:
                 ready = [e for e in self.pending if e not in self.in_flight]
             if not ready:
-                if self.unacked:
+                if self.unacked and now >= self.ask_at:
+                    stats.asked += 1
                     await self._send(0, 0, b"")
                 return
             seq = self.sequence = self.sequence + 1
@@ -462,6 +468,7 @@ class Sampler:
             m = scrape(self.op.metrics_port)
         except OSError:
             m = {}
+        row["scraped"] = bool(m)  # a failed scrape's counters read 0: windows leave it out
         row["scrape_s"] = time.monotonic() - row["t"]
         row["write_s_sum"] = total(m, "flowmap_operator_api_write_seconds_sum")
         row["write_s_count"] = total(m, "flowmap_operator_api_write_seconds_count")
@@ -486,12 +493,13 @@ class Sampler:
 
 
 def window(rows: list[dict[str, Any]], t0: float, t1: float) -> tuple[dict[str, Any], dict[str, Any]]:
-    inside = [r for r in rows if t0 <= r["t"] <= t1] or rows[-1:]
+    scraped = [r for r in rows if r["scraped"]]
+    inside = [r for r in scraped if t0 <= r["t"] <= t1] or scraped[-1:]
     return inside[0], inside[-1]
 
 
 def max_rate(rows: list[dict[str, Any]], t0: float, t1: float, key: str, span: float) -> float:
-    inside = [r for r in rows if t0 <= r["t"] <= t1]
+    inside = [r for r in rows if t0 <= r["t"] <= t1 and r["scraped"]]
     best = 0.0
     for i, a in enumerate(inside):
         for b in inside[i + 1:]:
@@ -622,7 +630,8 @@ async def scenario(args: argparse.Namespace, nodes: int) -> dict[str, Any]:
         if args.warmup:
             await asyncio.sleep(args.warmup)
 
-        stats0 = (bench.stats.accepted, bench.stats.deltas, sum(bench.stats.errors.values()), bench.stats.resent)
+        stats0 = (bench.stats.accepted, bench.stats.deltas, sum(bench.stats.errors.values()), bench.stats.resent,
+                  bench.stats.asked)
         errors0 = Counter(bench.stats.errors)
         bench.stats.rpc_seconds.clear()
         t0 = (await asyncio.to_thread(sampler.sample))["t"]
@@ -670,14 +679,17 @@ async def scenario(args: argparse.Namespace, nodes: int) -> dict[str, Any]:
         steady["writes_max_5s"] = max_rate(sampler.rows, t0, t1, "writes", 2 * args.scrape_every)
         n_writes = b["write_s_count"] - a["write_s_count"]
         steady["write_latency_ms"] = (b["write_s_sum"] - a["write_s_sum"]) / n_writes * 1000 if n_writes else float("nan")
-        scrapes = [r["scrape_s"] for r in sampler.rows if t0 <= r["t"] <= t1]
+        scrapes = [r["scrape_s"] for r in sampler.rows if t0 <= r["t"] <= t1 and r["scraped"]]
+        steady["scrapes_failed"] = sum(1 for r in sampler.rows if t0 <= r["t"] <= t1 and not r["scraped"])
         steady["scrape_ms"] = statistics.mean(scrapes) * 1000 if scrapes else float("nan")
         steady["errors"] = dict(bench.stats.errors - errors0)
         steady["resent"] = bench.stats.resent - stats0[3]
         steady["rpc_p50_ms"], steady["rpc_p95_ms"] = pct(rpc, 0.5) * 1000, pct(rpc, 0.95) * 1000
+        steady["calls_per_s"] = len(rpc) / (t1 - t0)
+        steady["questions_per_s"] = (bench.stats.asked - stats0[4]) / (t1 - t0)
         steady["dirty_end"], steady["unacked_end"] = b["dirty"], b["unacked"]
         steady["conflicts"], steady["throttled"] = b["conflicts"] - a["conflicts"], b["throttled"] - a["throttled"]
-        rates = [r.get("rate", 0.0) for r in sampler.rows if t0 <= r["t"] <= t1]
+        rates = [r.get("rate", 0.0) for r in sampler.rows if t0 <= r["t"] <= t1 and r["scraped"]]
         steady["budget_min"], steady["budget_max"] = min(rates, default=0.0), max(rates, default=0.0)
         steady["operator"] = cpu_line(a, b, "op")
         steady["apiserver"] = cpu_line(a, b, "apiserver")
@@ -773,13 +785,15 @@ def report(nodes: int, args: argparse.Namespace, result: dict[str, Any]) -> None
           f"{s['write_age_p95_s']:.0f} s ago")
     print(f"edge series (/metrics)   lag p50 {s['prom_lag_p50_s']:.0f} s, p95 {s['prom_lag_p95_s']:.0f} s of traffic "
           "behind what the agents observed (checkpointed every FLOWMAP_OPERATOR_METRICS_CHECKPOINT_INTERVAL)")
-    print(f"agents                   rpc p50 {s['rpc_p50_ms']:.0f} ms, p95 {s['rpc_p95_ms']:.0f} ms; refusals "
+    print(f"agents                   rpc p50 {s['rpc_p50_ms']:.0f} ms, p95 {s['rpc_p95_ms']:.0f} ms; "
+          f"{s['calls_per_s']:.0f} calls/s ({s['questions_per_s']:.0f} acknowledgement questions/s); refusals "
           f"{s['errors'] or 'none'}; resent {s['resent']}")
     print(f"write budget             {s['budget_min']:.0f} to {s['budget_max']:.0f} writes/s as scraped "
           f"(floor {args.budget:g}, ceiling {max(args.budget, args.budget_max):g})")
     print(f"operator backlog at end  {s['dirty_end']:.0f} dirty Connections, {s['unacked_end']:.0f} unacked batches; "
           f"conflicts {s['conflicts']:.0f}, 429s {s['throttled']:.0f}")
-    print(f"operator                 {s['operator']} (one /metrics scrape: {s['scrape_ms']:.0f} ms)")
+    print(f"operator                 {s['operator']} (one /metrics scrape: {s['scrape_ms']:.0f} ms; "
+          f"{s['scrapes_failed']} failed within 5 s)")
     print(f"control plane            {s['apiserver']}; {s['etcd']}")
     print(f"benchmark process        {s['bench']}")
     print(flush=True)
