@@ -33,8 +33,11 @@ def run(args: argparse.Namespace) -> int:
         return 1
     folder = Path(tempfile.mkdtemp(prefix="flowmap-demo-"))
     cluster = Cluster(folder / "cluster", log=_say)
-    # SIGTERM ends the demo as Ctrl-C does: through the clean-up below.
+    # SIGTERM ends the demo as Ctrl-C does: through the clean-up below. So does SIGINT even when
+    # the demo was started with it ignored (Python then keeps it ignored), as a shell's background
+    # job (`flowmap demo &`) is: `kill -INT` would otherwise leave the cluster running.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         cluster.up(nodes=2, cni=args.cni)
         _say("flowmap, as the README installs it")
