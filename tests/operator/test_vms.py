@@ -10,6 +10,8 @@ import time
 from typing import Any
 
 from flowmap_api import report_pb2 as pb
+from flowmap_cli.drawing import to_dot
+from flowmap_cli.mapping import build, group_node
 from flowmap_operator.exporting import Inventory, network_policies
 from flowmap_operator.resolution import RUNTIME_LABELS, Peer, Resolver, peer_kind, shown_kind, workload_of
 from flowmap_operator.status import group_body, group_status, read_group
@@ -180,3 +182,14 @@ def test_kubevirts_runtime_labels_stay_out_of_the_exported_network_policy() -> N
     assert db["spec"]["ingress"] == [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}],
                                       "ports": [{"protocol": "TCP", "port": 5432}]}]
 
+
+def test_the_graph_draws_a_vm_with_its_own_shape() -> None:
+    vm = group_node({"metadata": {"name": "vms.db"}, "status": {
+        "kind": "VM", "namespace": "vms", "workload": {"kind": "VirtualMachine", "name": "db"}, "memberCount": 1}})
+    web = group_node({"metadata": {"name": "vms.web"}, "status": {
+        "kind": "Workload", "namespace": "vms", "workload": {"kind": "Deployment", "name": "web"}, "memberCount": 2}})
+    assert (vm.kind, vm.detail) == ("VM", "VirtualMachine · 1 pod")
+    dot = to_dot(build([vm, web], []))
+    line = next(x for x in dot.splitlines() if x.strip().startswith('"vms.db" ['))
+    assert "shape=component" in line and 'fillcolor="#eef6fb"' in line
+    assert "shape=box," in next(x for x in dot.splitlines() if x.strip().startswith('"vms.web" ['))
