@@ -12,7 +12,8 @@ the resource itself:
   request that answers 404, and says so once in the log, not at every ask;
 * when it stops being served (KubeVirt uninstalled), what it fed is forgotten;
 * a watch that expired (410 Gone), broke or sent a line it cannot read starts over with a list;
-  the API server away or refusing: a warning, then the same with backoff (at most ``most`` s).
+  the API server away or refusing (403: the grant missing): a warning, once for the same error,
+  then the same with backoff (at most ``most`` s); a refusal never stops the operator's start.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 from kubernetes_asyncio.client import CustomObjectsApi
 
 from flowmap_api.pacing import Backoff, pause
-from flowmap_operator.errors import ApiError, Expired, NotFound
+from flowmap_operator.errors import ApiError, Expired, NotFound, Rejected
 from flowmap_operator.kubeapi import PAGE, by_status, call
 
 log = logging.getLogger("flowmap.operator")
@@ -41,6 +42,7 @@ class OptionalWatch:
         self.listed, self.seen, self.gone, self.forgotten = listed, seen, gone, forgotten
         self.poll, self.timeout, self.most = poll, timeout, most
         self.served: bool | None = None  # None: not asked yet
+        self.error = ""  # the last failure warned of, until a list works
         self.resource_version = ""  # where the watch goes on from; "": list first
 
     @property
@@ -48,15 +50,18 @@ class OptionalWatch:
         return f"{self.plural}.{self.group}/{self.version}"
 
     async def prime(self) -> None:
-        """One list, before the operator serves: the objects fed, or the resource known not served."""
+        """One list, before the operator serves: the objects fed, or the resource known not served.
+        A refusal (403: the ClusterRole lacks the grant) does not stop the start: ``keep`` asks again."""
         try:
             await self._list()
         except NotFound:
             self._absent()
+        except Rejected as exc:
+            self._failed(exc)
 
     async def keep(self, stop: asyncio.Event) -> None:
         """List and watch until ``stop``; across the resource coming and going."""
-        backoff = Backoff(1.0, self.most)
+        backoff = Backoff(min(1.0, self.most), self.most)
         while not stop.is_set():
             try:
                 if not self.resource_version:
@@ -69,9 +74,15 @@ class OptionalWatch:
             except Expired:
                 self.resource_version = ""  # etcd compacted past it: a fresh list
             except (ApiError, ValueError) as exc:  # ValueError: a line aiohttp or JSON cannot read
-                log.warning("watching %s: %s; listing again in %.0f s", self.what, exc, backoff.current)
-                self.resource_version = ""
+                self._failed(exc)
                 await pause(stop, backoff.next())
+
+    def _failed(self, exc: Exception) -> None:
+        """A warning, the same one once until another comes or the watch works; then a fresh list."""
+        if str(exc) != self.error:
+            log.warning("watching %s: %s; listing again after waits doubling up to %g s", self.what, exc,
+                        self.most)
+        self.error, self.resource_version = str(exc), ""
 
     def _absent(self) -> None:
         if self.served is not False:
@@ -93,7 +104,7 @@ class OptionalWatch:
                 break
         if not self.served:
             log.info("%s is served: %d listed, watching", self.what, len(items))
-        self.served = True
+        self.served, self.error = True, ""
         self.listed(items)
         self.resource_version = meta.get("resourceVersion") or ""
 
