@@ -355,7 +355,8 @@ class Resolver:
     def _relaunch(self, vmi: tuple[str, str]) -> None:
         """The launcher pods of ``vmi`` take its workload as now known, from the start of their spans."""
         wk, wn = vm_of(*vmi, self._vms)
-        for (ns, name), of in self._launchers.items():
+        # A copy: kopf feeds the pods from its threads, this comes from the event loop.
+        for (ns, name), of in list(self._launchers.items()):
             found = self._pod_ips.get((ns, name))
             if (ns, of) != vmi or found is None or (found[1].workload_kind, found[1].workload) == (wk, wn):
                 continue
