@@ -153,7 +153,8 @@ class Resolver:
         self._pod_labels: dict[tuple[str, str], dict[str, str]] = {}
         self._jobs: dict[tuple[str, str], str] = {}  # (ns, job) -> cronjob
         self._vms: dict[tuple[str, str], str] = {}  # (ns, VMI) -> its VirtualMachine, for VMIs a VM owns
-        self._launchers: dict[tuple[str, str], str] = {}  # (ns, pod) -> the VMI whose virt-launcher it is
+        self._launchers: dict[tuple[str, str], set[str]] = {}  # (ns, VMI) -> its virt-launcher pods
+        self._launcher_of: dict[tuple[str, str], str] = {}  # (ns, pod) -> the VMI whose launcher it is
         self._nodes: dict[str, str] = {}  # ip -> node name
         self._node_ips: dict[str, list[str]] = {}
         self._pod_cidrs: dict[str, list[Network]] = {}  # node -> spec.podCIDRs
@@ -200,8 +201,9 @@ class Resolver:
         wk, wn = workload_of(pod, self._jobs, self._vms)
         peer = Peer(group_name(ns, wn), "Workload", ns, wk, wn, name, node)
         owner: Body = next((o for o in meta.get("ownerReferences") or [] if o.get("controller")), {})
-        if owner.get("kind") == VMI:
-            self._launchers[(ns, name)] = owner.get("name", "")
+        if owner.get("kind") == VMI and (ns, name) not in self._launcher_of:
+            self._launcher_of[(ns, name)] = owner.get("name", "")
+            self._launchers.setdefault((ns, owner.get("name", "")), set()).add(name)
         pod_labels = {k: v for k, v in (meta.get("labels") or {}).items() if k not in RUNTIME_LABELS}
         old = self._pod_ips.get((ns, name))
         if old and old == (ips, peer) and self._pod_labels.get((ns, name)) == pod_labels:
@@ -221,7 +223,12 @@ class Resolver:
     def pod_gone(self, namespace: str, name: str, now: float) -> None:
         old = self._pod_ips.pop((namespace, name), None)
         self._pod_labels.pop((namespace, name), None)
-        self._launchers.pop((namespace, name), None)
+        vmi = self._launcher_of.pop((namespace, name), None)
+        if vmi is not None:
+            pods = self._launchers.get((namespace, vmi), set())
+            pods.discard(name)
+            if not pods:
+                self._launchers.pop((namespace, vmi), None)
         if old:
             self.version += 1
             self._end(namespace, name, old[0], now)
@@ -355,10 +362,11 @@ class Resolver:
     def _relaunch(self, vmi: tuple[str, str]) -> None:
         """The launcher pods of ``vmi`` take its workload as now known, from the start of their spans."""
         wk, wn = vm_of(*vmi, self._vms)
+        ns = vmi[0]
         # A copy: kopf feeds the pods from its threads, this comes from the event loop.
-        for (ns, name), of in list(self._launchers.items()):
+        for name in list(self._launchers.get(vmi, ())):
             found = self._pod_ips.get((ns, name))
-            if (ns, of) != vmi or found is None or (found[1].workload_kind, found[1].workload) == (wk, wn):
+            if found is None or (found[1].workload_kind, found[1].workload) == (wk, wn):
                 continue
             ips, old = found
             peer = Peer(group_name(ns, wn), old.kind, ns, wk, wn, name, old.node)
