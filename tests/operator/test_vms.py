@@ -19,7 +19,7 @@ from flowmap_operator.topology import Topology
 from tests.operator.harness import edge
 
 NOW = time.time()
-SOURCE, TARGET, CLIENT = "10.244.1.50", "10.244.2.60", "10.244.1.10"
+SOURCE, TARGET, CLIENT, SCRATCH = "10.244.1.50", "10.244.2.60", "10.244.1.10", "10.244.1.51"
 
 
 def vmi(name: str, *, vm: str = "", namespace: str = "vms") -> dict[str, Any]:
@@ -193,3 +193,17 @@ def test_the_graph_draws_a_vm_with_its_own_shape() -> None:
     line = next(x for x in dot.splitlines() if x.strip().startswith('"vms.db" ['))
     assert "shape=component" in line and 'fillcolor="#eef6fb"' in line
     assert "shape=box," in next(x for x in dot.splitlines() if x.strip().startswith('"vms.web" ['))
+
+
+def test_a_vmi_seen_after_both_pods_of_a_migration_renames_both_and_forgets_gone_pods() -> None:
+    r = Resolver()
+    r.pod_seen(launcher("virt-launcher-db-abcde", "db", SOURCE, "node-a"), NOW)
+    r.pod_seen(launcher("virt-launcher-db-zxcvb", "db", TARGET, "node-b"), NOW)
+    r.pod_seen(launcher("virt-launcher-other-q1w2e", "other", SCRATCH, "node-a"), NOW)
+    r.vmi_seen(vmi("db", vm="db"))
+    assert [(p.workload_kind, p.member) for p in (r.resolve(ip, NOW, NOW) for ip in (SOURCE, TARGET, SCRATCH))] == [
+        ("VirtualMachine", "virt-launcher-db-abcde"), ("VirtualMachine", "virt-launcher-db-zxcvb"),
+        ("VirtualMachineInstance", "virt-launcher-other-q1w2e")]
+    r.pod_gone("vms", "virt-launcher-db-abcde", NOW)
+    r.pod_gone("vms", "virt-launcher-db-zxcvb", NOW)
+    assert ("vms", "db") not in r._launchers and ("vms", "virt-launcher-db-abcde") not in r._launcher_of
