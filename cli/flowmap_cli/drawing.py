@@ -18,9 +18,10 @@ from flowmap_cli.mapping import ACTIONS, Edge, Map, Node, severity
 # Colour-blind-safe enough to tell apart, and Denied is also dashed: colour is never the only cue.
 COLOURS = {"Learned": "#3b6fd4", "Allowed": "#2e9e4f", "Violation": "#f29200", "Denied": "#d62728", "": "#8c96a3"}
 GREY, INK, FONT = "#6b7785", "#1f2733", "Helvetica"
-FILLS = {"Workload": "#ffffff", "Namespace": "#e6edf7", "Nodes": "#eef1f5", "External": "#fff4e0",
+FILLS = {"Workload": "#ffffff", "VM": "#eef6fb", "Namespace": "#e6edf7", "Nodes": "#eef1f5", "External": "#fff4e0",
          "FQDN": "#eaf6ec", "CIDR": "#f1ebfa", "Unknown": "#ffffff"}
 OUTSIDE = ("External", "FQDN", "CIDR")
+SHAPES = {"Nodes": "box3d", "VM": "component"}  # a VM: a box with two tabs, like a machine's module
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 MAX_LABEL = 40
 
@@ -67,7 +68,7 @@ def _node(n: Node, namespace: str) -> str:
         short = n.namespace
     label = f"<b>{html(short)}</b>" + (f'<br/><font point-size="9" color="{GREY}">{html(n.detail)}</font>'
                                         if n.detail else "")
-    shape = "box3d" if n.kind == "Nodes" else "box"
+    shape = SHAPES.get(n.kind, "box")
     style = "filled,dashed" if n.kind == "Unknown" else "rounded,filled"
     tooltip = _tooltip(n.name, n.kind + (f" in {n.namespace}" if n.namespace else "") + (
         f": {n.detail}" if n.detail else ""))

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 ACTIONS = ("Learned", "Allowed", "Violation", "Denied")  # mildest first: a merged edge shows the worst
+# Groups of pods: a workload's, and a KubeVirt VM's (its virt-launcher pods), drawn apart.
+WORKLOADS = ("Workload", "VM")
 MAX_TEXT = 253  # Kubernetes names are at most this long; longer text from the cluster is cut
 
 
@@ -21,7 +23,7 @@ class Node:
     """One Group: a workload, ``nodes``, ``external``, an FQDN or a CIDR group (or a namespace, collapsed)."""
 
     name: str
-    kind: str = "Unknown"  # Workload | Nodes | External | FQDN | CIDR | Namespace | Unknown
+    kind: str = "Unknown"  # Workload | VM | Nodes | External | FQDN | CIDR | Namespace | Unknown
     namespace: str = ""
     detail: str = ""  # what the node is: the workload's kind, the CIDRs, how many workloads
 
@@ -82,10 +84,10 @@ def group_node(obj: Mapping[str, Any]) -> Node:
     """A Group object as a node."""
     status, spec = _dict(obj.get("status")), _dict(obj.get("spec"))
     name, kind = _text(_dict(obj.get("metadata")).get("name")), _text(status.get("kind"), 16)
-    kind = kind if kind in ("Workload", "Nodes", "External", "FQDN", "CIDR") else "Unknown"
+    kind = kind if kind in WORKLOADS + ("Nodes", "External", "FQDN", "CIDR") else "Unknown"
     namespace = _text(status.get("namespace"), 63)
     workload = _dict(status.get("workload"))
-    if kind == "Workload":
+    if kind in WORKLOADS:
         members = _int(status.get("memberCount"))
         pods = f"{members} pod{'s' if members > 1 else ''}" if members else ""
         detail = " · ".join(p for p in (_text(workload.get("kind"), 16), pods) if p)
@@ -175,7 +177,7 @@ def collapse(m: Map, max_edges: int) -> Map:
         moved: dict[str, str] = {}
         sizes: dict[str, int] = {}
         for name, n in m.nodes.items():
-            if n.kind == "Workload" and n.namespace and n.namespace != m.namespace:
+            if n.kind in WORKLOADS and n.namespace and n.namespace != m.namespace:
                 moved[name] = f"ns/{n.namespace}"  # "/" is in no object name: no clash with a Group
                 sizes[n.namespace] = sizes.get(n.namespace, 0) + 1
         for name in moved:

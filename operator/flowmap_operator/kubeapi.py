@@ -41,6 +41,11 @@ def typed(exc: ApiException) -> ApiError:
         message = str(json.loads(exc.body or "{}").get("message") or exc.reason)
     except (ValueError, AttributeError):
         message = str(exc.reason)
+    return by_status(status, message)
+
+
+def by_status(status: int | None, message: str) -> ApiError:
+    """The kind of a refusal by its HTTP status (a call's, or a watch's ERROR event's)."""
     if status == 404:
         return NotFound(status, message)
     if status == 409:

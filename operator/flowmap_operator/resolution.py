@@ -53,7 +53,18 @@ MAX_UNKNOWN = 4096  # addresses whose wait is timed at once; beyond, the stale o
 RUNTIME_LABELS = frozenset(("pod-template-hash", "controller-revision-hash", "pod-template-generation",
                             "statefulset.kubernetes.io/pod-name", "apps.kubernetes.io/pod-index", "controller-uid",
                             "job-name", "batch.kubernetes.io/controller-uid", "batch.kubernetes.io/job-name",
-                            "batch.kubernetes.io/job-completion-index"))
+                            "batch.kubernetes.io/job-completion-index",
+                            # KubeVirt's, on a virt-launcher pod: its VMI's uid, the nodes and the
+                            # migration it is part of (a migration's target pod carries other values).
+                            "kubevirt.io/created-by", "kubevirt.io/nodeName", "kubevirt.io/migrationTargetNodeName",
+                            "kubevirt.io/migrationJobUID", "kubevirt.io/migrationName",
+                            "kubevirt.io/outdatedLauncherImage"))
+# KubeVirt: a virt-launcher pod's controller is its VirtualMachineInstance, whose controller (if
+# any) is its VirtualMachine. Their Groups are workload Groups (pods, policy, Protect: the launcher
+# pod's network is the VM's) that `kubectl get fg` shows as kind VM.
+VMI, VM = "VirtualMachineInstance", "VirtualMachine"
+VM_WORKLOADS = frozenset((VM, VMI))
+VM_KIND = "VM"
 
 
 @dataclass(frozen=True)
@@ -84,8 +95,11 @@ class _Service:
     external: tuple[str, ...] = ()  # spec.externalIPs: every node's kube-proxy sends them to the Service
 
 
-def workload_of(pod: Body, jobs: Mapping[tuple[str, str], str]) -> tuple[str, str]:
-    """The pod's top owner as (kind, name): Deployment, StatefulSet, DaemonSet, Job, CronJob or Pod."""
+def workload_of(pod: Body, jobs: Mapping[tuple[str, str], str],
+                vms: Mapping[tuple[str, str], str] | None = None) -> tuple[str, str]:
+    """The pod's top owner as (kind, name): Deployment, StatefulSet, DaemonSet, Job, CronJob,
+    VirtualMachine, VirtualMachineInstance or Pod. ``jobs``: (namespace, job) -> its CronJob;
+    ``vms``: (namespace, VMI) -> its VirtualMachine."""
     meta = pod.get("metadata", {})
     owner = next((o for o in meta.get("ownerReferences") or [] if o.get("controller")), None)
     if owner is None:
@@ -99,7 +113,27 @@ def workload_of(pod: Body, jobs: Mapping[tuple[str, str], str]) -> tuple[str, st
     if kind == "Job":
         cronjob = jobs.get((meta.get("namespace", ""), name))
         return ("CronJob", cronjob) if cronjob else ("Job", name)
+    if kind == VMI:
+        return vm_of(meta.get("namespace", ""), name, vms or {})
     return kind, name
+
+
+def vm_of(namespace: str, vmi: str, vms: Mapping[tuple[str, str], str]) -> tuple[str, str]:
+    """A VirtualMachineInstance's workload: its VirtualMachine, else itself. KubeVirt names a VM's
+    VMI after the VM, so the Group's name is the same either way (and stays through live
+    migrations, restarts and a VMI seen before its owner): only the kind it shows waits for it."""
+    vm = vms.get((namespace, vmi))
+    return (VM, vm) if vm else (VMI, vmi)
+
+
+def shown_kind(peer: Peer) -> str:
+    """The kind a Group's status says: ``VM`` for a KubeVirt VM's, else its peer's."""
+    return VM_KIND if peer.kind == "Workload" and peer.workload_kind in VM_WORKLOADS else peer.kind
+
+
+def peer_kind(kind: str, workload_kind: str) -> str:
+    """A Group's status kind read back as the core's (``shown_kind`` undone)."""
+    return "Workload" if kind == VM_KIND and workload_kind in VM_WORKLOADS else kind
 
 
 def group_name(namespace: str, workload: str) -> str:
@@ -118,6 +152,9 @@ class Resolver:
         self._pod_ips: dict[tuple[str, str], tuple[list[str], Peer]] = {}  # (ns, name) -> ips, peer
         self._pod_labels: dict[tuple[str, str], dict[str, str]] = {}
         self._jobs: dict[tuple[str, str], str] = {}  # (ns, job) -> cronjob
+        self._vms: dict[tuple[str, str], str] = {}  # (ns, VMI) -> its VirtualMachine, for VMIs a VM owns
+        self._launchers: dict[tuple[str, str], set[str]] = {}  # (ns, VMI) -> its virt-launcher pods
+        self._launcher_of: dict[tuple[str, str], str] = {}  # (ns, pod) -> the VMI whose launcher it is
         self._nodes: dict[str, str] = {}  # ip -> node name
         self._node_ips: dict[str, list[str]] = {}
         self._pod_cidrs: dict[str, list[Network]] = {}  # node -> spec.podCIDRs
@@ -161,8 +198,12 @@ class Resolver:
         if meta.get("deletionTimestamp") or status.get("phase") in ("Succeeded", "Failed"):
             self.pod_gone(ns, name, now)
             return
-        wk, wn = workload_of(pod, self._jobs)
+        wk, wn = workload_of(pod, self._jobs, self._vms)
         peer = Peer(group_name(ns, wn), "Workload", ns, wk, wn, name, node)
+        owner: Body = next((o for o in meta.get("ownerReferences") or [] if o.get("controller")), {})
+        if owner.get("kind") == VMI and (ns, name) not in self._launcher_of:
+            self._launcher_of[(ns, name)] = owner.get("name", "")
+            self._launchers.setdefault((ns, owner.get("name", "")), set()).add(name)
         pod_labels = {k: v for k, v in (meta.get("labels") or {}).items() if k not in RUNTIME_LABELS}
         old = self._pod_ips.get((ns, name))
         if old and old == (ips, peer) and self._pod_labels.get((ns, name)) == pod_labels:
@@ -182,6 +223,12 @@ class Resolver:
     def pod_gone(self, namespace: str, name: str, now: float) -> None:
         old = self._pod_ips.pop((namespace, name), None)
         self._pod_labels.pop((namespace, name), None)
+        vmi = self._launcher_of.pop((namespace, name), None)
+        if vmi is not None:
+            pods = self._launchers.get((namespace, vmi), set())
+            pods.discard(name)
+            if not pods:
+                self._launchers.pop((namespace, vmi), None)
         if old:
             self.version += 1
             self._end(namespace, name, old[0], now)
@@ -259,9 +306,9 @@ class Resolver:
         ``now``, for the grace period, so that the batches agents resend resolve as they would
         have before the restart."""
         status = group.get("status") or {}
-        if status.get("kind", "Workload") != "Workload":
-            return
         namespace, workload = status.get("namespace", ""), status.get("workload") or {}
+        if peer_kind(status.get("kind", "Workload"), workload.get("kind", "")) != "Workload":
+            return
         for member in status.get("members") or []:
             name = member.get("name", "")
             if not name or (namespace, name) in self._pod_ips:
@@ -277,6 +324,58 @@ class Resolver:
                 if not any(span.peer == peer for span in spans):
                     # Since before anything known: any pod listed with this address started later and wins.
                     spans.insert(0, _Span(-math.inf, now, peer))
+
+    def vmi_seen(self, vmi: Body) -> None:
+        """A KubeVirt VirtualMachineInstance: its controller, if a VirtualMachine, names its pods'
+        workload. Pods seen before it are renamed now (the kind their Group shows)."""
+        meta = vmi.get("metadata", {})
+        key = (meta.get("namespace", ""), meta.get("name", ""))
+        owner: Body = next((o for o in meta.get("ownerReferences") or [] if o.get("controller")), {})
+        vm = owner.get("name", "") if owner.get("kind") == VM else ""
+        if self._vms.get(key, "") == vm:
+            return
+        if vm:
+            self._vms[key] = vm
+        else:
+            self._vms.pop(key, None)
+        self._relaunch(key)
+
+    def vmi_gone(self, namespace: str, name: str) -> None:
+        """Its launcher pods go with it, and keep their workload while they do."""
+        self._vms.pop((namespace, name), None)
+
+    def vmis_listed(self, vmis: Iterable[Body]) -> None:
+        """Every VMI there is (a fresh list, after a watch was lost): the ones not listed are gone."""
+        listed = set()
+        for vmi in vmis:
+            meta = vmi.get("metadata", {})
+            listed.add((meta.get("namespace", ""), meta.get("name", "")))
+            self.vmi_seen(vmi)
+        for key in set(self._vms) - listed:
+            self.vmi_gone(*key)
+
+    def vmis_forgotten(self) -> None:
+        """KubeVirt's API is no longer served (uninstalled): no VMI names a VM."""
+        for key in list(self._vms):
+            self.vmi_gone(*key)
+
+    def _relaunch(self, vmi: tuple[str, str]) -> None:
+        """The launcher pods of ``vmi`` take its workload as now known, from the start of their spans."""
+        wk, wn = vm_of(*vmi, self._vms)
+        ns = vmi[0]
+        # A copy: kopf feeds the pods from its threads, this comes from the event loop.
+        for name in list(self._launchers.get(vmi, ())):
+            found = self._pod_ips.get((ns, name))
+            if found is None or (found[1].workload_kind, found[1].workload) == (wk, wn):
+                continue
+            ips, old = found
+            peer = Peer(group_name(ns, wn), old.kind, ns, wk, wn, name, old.node)
+            self._pod_ips[(ns, name)] = (ips, peer)
+            for ip in ips:
+                for held in self._pods.get(ip, ()):
+                    if held.peer == old:
+                        held.peer = peer
+            self.version += 1
 
     def service_seen(self, svc: Body) -> None:
         meta, spec = svc.get("metadata", {}), svc.get("spec", {})

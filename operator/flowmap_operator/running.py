@@ -1,6 +1,6 @@
 """``flowmap operator run``: kopf watches, the gRPC server and the writer in one event loop.
 
-Start: read the cluster (pods, nodes, services, slices, jobs, groups) and every Connection, so
+Start: read the cluster (pods, nodes, services, slices, jobs, KubeVirt's VMIs, groups) and every Connection, so
 that the first report after a restart resolves and counts exactly as before it; only then serve.
 The Groups' members also name the pods deleted before the cluster was read (the previous
 operator's own pod): the batches agents resend after the restart still resolve to their groups.
@@ -48,6 +48,7 @@ from flowmap_operator.settings import Settings
 from flowmap_operator.times import parse_iso
 from flowmap_operator.topology import Topology
 from flowmap_operator.uploading import Uploads
+from flowmap_operator.watching import OptionalWatch
 from flowmap_operator.writing import Writer
 
 log = logging.getLogger("flowmap.operator")
@@ -121,8 +122,8 @@ def _register_watches(registry: kopf.OperatorRegistry, topology: Topology, captu
         kopf.on.event(group, version, plural, registry=registry)(handler)
 
 
-async def _prime(resolver: Resolver, modes: Modes, captures: CaptureHub, core: client.CoreV1Api,
-                 custom: client.CustomObjectsApi, api_client: client.ApiClient) -> None:
+async def _prime(resolver: Resolver, modes: Modes, captures: CaptureHub, vmis: OptionalWatch,
+                 core: client.CoreV1Api, custom: client.CustomObjectsApi, api_client: client.ApiClient) -> None:
     """Read the cluster once before serving, so that no report is resolved against half a picture."""
     now = time.time()
     sanitize = api_client.sanitize_for_serialization
@@ -130,6 +131,7 @@ async def _prime(resolver: Resolver, modes: Modes, captures: CaptureHub, core: c
         resolver.node_seen(sanitize(node))
     for job in (await client.BatchV1Api(api_client).list_job_for_all_namespaces()).items:
         resolver.job_seen(sanitize(job))
+    await vmis.prime()  # KubeVirt's VMIs name their VMs, if KubeVirt is installed
     for pod in (await core.list_pod_for_all_namespaces()).items:
         resolver.pod_seen(sanitize(pod), now)
     for svc in (await core.list_service_for_all_namespaces()).items:
@@ -239,8 +241,12 @@ async def run(settings: Settings) -> None:
     writer = Writer(custom, topology, writes)
     metrics.REGISTRY.register(metrics.BoundsCollector(topology))
     captures = CaptureHub(resolver, settings.max_captures_per_namespace)
-    if not (await _until_done("reading the cluster", lambda: _prime(resolver, modes, captures, core, custom, api_client),
-                              stop)
+    # Not through kopf: KubeVirt may be installed after the operator starts, or never.
+    vmis = OptionalWatch(custom, "kubevirt.io", "v1", "virtualmachineinstances", listed=resolver.vmis_listed,
+                         seen=resolver.vmi_seen, forgotten=resolver.vmis_forgotten, poll=settings.kubevirt_poll,
+                         gone=lambda b: resolver.vmi_gone(b["metadata"].get("namespace", ""), b["metadata"]["name"]))
+    if not (await _until_done("reading the cluster",
+                              lambda: _prime(resolver, modes, captures, vmis, core, custom, api_client), stop)
             and await _until_done("reading the map", lambda: loading.load(custom, topology), stop)):
         await api_client.close()
         return
@@ -310,6 +316,7 @@ async def run(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     leader_task = asyncio.create_task(leadership.watch(stop))
+    vmi_task = asyncio.create_task(vmis.keep(stop))
     tls_task = asyncio.create_task(keeper.keep(stop)) if keeper else None
     await server.start()
     flush_task = asyncio.create_task(_flush_loop(writer, policing, hub, captures, StatusWriter(writer, captures),
@@ -332,5 +339,7 @@ async def run(settings: Settings) -> None:
         except (ApiError, asyncio.TimeoutError) as exc:
             log.warning("the last marks of the edge counters were not written: %s", str(exc) or "timed out")
     kopf_stop.set()
-    await asyncio.gather(kopf_task, leader_task, *(t for t in (tls_task, results_task) if t), return_exceptions=True)
+    vmi_task.cancel()  # its watch may be waiting for the next event
+    await asyncio.gather(kopf_task, leader_task, vmi_task, *(t for t in (tls_task, results_task) if t),
+                         return_exceptions=True)
     await api_client.close()

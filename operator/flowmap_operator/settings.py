@@ -84,6 +84,10 @@ class Settings:
     # PacketCaptures of one namespace that run at once (armed ones included); the others wait,
     # Pending with reason NamespaceCaptureLimit (flowmap_operator.capturing).
     max_captures_per_namespace: int = setting(4, at_least=1)
+    # Seconds between asks whether KubeVirt's API (virtualmachineinstances.kubevirt.io) is served,
+    # while it is not: KubeVirt installed after the operator is noticed within this
+    # (flowmap_operator.watching).
+    kubevirt_poll: float = setting(30.0, above=0)
 
     def __post_init__(self) -> None:
         for cidr in self.external_ip_cidrs:

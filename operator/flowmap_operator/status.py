@@ -17,7 +17,7 @@ from flowmap_operator.ledger import Counters, EdgeKey, FlushPlan, watermarks_fro
 from flowmap_operator.policy.modes import MAX_EXAMPLES, Modes
 from flowmap_operator.policy.rules import DISABLE_ANNOTATION, MAX_LEARNED, Policy, PolicyKey
 from flowmap_operator.times import iso, parse_iso
-from flowmap_operator.resolution import Peer
+from flowmap_operator.resolution import Peer, peer_kind, shown_kind
 from flowmap_operator.threats import Tally, from_status, to_status
 from flowmap_operator.topology import EdgeInfo, GroupInfo, Topology
 
@@ -154,7 +154,7 @@ def read_group(obj: Mapping[str, Any]) -> GroupRead:
     name = meta["name"]
     wl = status.get("workload") or {}
     members = status.get("members") or []
-    kind = status.get("kind") or ("CIDR" if spec.get("cidrs") else "Workload")
+    kind = peer_kind(status.get("kind") or ("CIDR" if spec.get("cidrs") else "Workload"), wl.get("kind", ""))
     fqdn = members[0].get("name", "") if kind == "FQDN" and members else ""
     ips = [ip for member in members for ip in member.get("ips") or []] if fqdn else []
     said = {c["type"]: c for c in status.get("conditions") or [] if isinstance(c, dict) and "type" in c}
@@ -170,7 +170,7 @@ def written_facts(written: Mapping[str, Mapping[str, Any]]) -> Facts:
 
 def group_body(peer: Peer) -> dict[str, Any]:
     """A new Group object: labelled by kind and namespace; its status follows in its own write."""
-    labels = {"flowmap.dev/kind": peer.kind.lower()}
+    labels = {"flowmap.dev/kind": shown_kind(peer).lower()}
     if peer.namespace:
         labels["flowmap.dev/namespace"] = peer.namespace
     return {"apiVersion": "flowmap.dev/v1alpha1", "kind": "Group", "metadata": {"name": peer.group, "labels": labels}}
@@ -179,7 +179,7 @@ def group_body(peer: Peer) -> dict[str, Any]:
 def group_status(topology: Topology, group: GroupInfo, now: float) -> tuple[dict[str, Any], list[Said]]:
     """A Group's status (a merge patch) and what its conditions say, from the core's view of it."""
     peer, modes, resolver = group.peer, topology.modes, topology.resolver
-    status: dict[str, Any] = {"kind": peer.kind, "lastSeen": iso(group.last_seen or now)}
+    status: dict[str, Any] = {"kind": shown_kind(peer), "lastSeen": iso(group.last_seen or now)}
     if peer.namespace:
         status["namespace"] = peer.namespace
     if peer.kind == "Workload":

@@ -157,6 +157,8 @@ def test_the_operator_may_do_exactly_what_it_uses(installed: ControlPlane) -> No
     expected = (grant("", "pods nodes services", "get list watch")
                 | grant("discovery.k8s.io", "endpointslices", "get list watch")
                 | grant("batch", "jobs", "get list watch")
+                # KubeVirt's VMIs name their VirtualMachines (flowmap_operator.watching), when installed
+                | grant("kubevirt.io", "virtualmachineinstances", "get list watch")
                 | grant("flowmap.dev", "groups connections", "get list watch create delete")
                 | grant("flowmap.dev", "groups/status connections/status networklearningpolicies/status",
                         "get update patch")

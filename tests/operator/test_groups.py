@@ -66,21 +66,21 @@ def test_a_deleted_group_is_made_again(cluster: Cluster) -> None:
 
 
 def test_a_status_the_api_server_refuses_is_a_condition_and_backs_off(cluster: Cluster) -> None:
-    # A pod whose controller is of a kind the Group schema does not list (KubeVirt's launcher pods
-    # are owned by a VirtualMachineInstance): the API server refuses the Group's status (422).
-    workload(cluster, "vm", "10.244.1.202", kind="VirtualMachineInstance")
+    # A pod whose controller is of a kind the Group schema does not list (Argo Workflows' pods are
+    # owned by their Workflow): the API server refuses the Group's status (422).
+    workload(cluster, "flow", "10.244.1.202", kind="Workflow")
     for op in running(cluster):
         report(cluster, op, edge("10.244.1.202", 40000, "192.0.2.202", 443))
-        refused = wait_for(lambda: condition(cluster, f"{NS}.vm", "StatusWritten"), what="the refusal said")
+        refused = wait_for(lambda: condition(cluster, f"{NS}.flow", "StatusWritten"), what="the refusal said")
         assert refused["status"] == "False" and refused["reason"] == "RefusedByAPIServer"
-        assert "422" in refused["message"] and "VirtualMachineInstance" in refused["message"]
+        assert "422" in refused["message"] and "Workflow" in refused["message"]
         # As found: refused twice a second forever (five times a second at this operator's flush interval).
         before, started = writes(op, "422"), time.monotonic()
         time.sleep(6)
         assert writes(op, "422") - before <= 3, f"{writes(op, '422') - before} refused writes in " \
                                                 f"{time.monotonic() - started:.0f} s"
         # The edge itself is counted all the same.
-        assert wait_for(lambda: cluster.plane.kubectl("get", "connection", f"{NS}.vm-external-443-tcp",
+        assert wait_for(lambda: cluster.plane.kubectl("get", "connection", f"{NS}.flow-external-443-tcp",
                                                       check=False).returncode == 0, what="the Connection")
 
 
