@@ -119,12 +119,21 @@ def _with_qemu_user(etc: Path) -> None:
 
 
 class Libvirtd:
-    """One private libvirtd with its state under ``folder``, optionally in network namespace ``netns``."""
+    """One private libvirtd with its state under ``folder``, optionally in network namespace ``netns``.
+
+    The namespaces are held by a process of their own (``sleep``), so that a libvirtd killed and
+    started again runs in the same mounts as the QEMU processes it left: on a node, a restarted
+    libvirtd finds its domains' monitor sockets where they were. (The caller must not be a child
+    subreaper: libvirt daemonizes QEMU and waits for the processes it kills to vanish, which a
+    zombie of an unreaping parent never does.)
+    """
 
     def __init__(self, folder: Path, netns: str = "") -> None:
         self.folder, self.netns = folder, netns
+        self.holder: subprocess.Popen[bytes] | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
+        self._qemu: set[int] = set()
 
     @property
     def socket(self) -> Path:
@@ -139,26 +148,44 @@ class Libvirtd:
     def log_file(self) -> Path:
         return self.folder / "libvirtd.log"
 
-    def start(self, timeout: float = 30.0) -> None:
-        """Start libvirtd (again, after a :meth:`kill`: it finds its running domains in its state)."""
-        if not os.path.exists(LIBVIRTD):
-            raise RuntimeError(f"{LIBVIRTD} is missing: apt-get install libvirt-daemon libvirt-daemon-driver-qemu")
+    def _hold(self) -> subprocess.Popen[bytes]:
+        """The process holding the mount (and network) namespace, started once."""
+        if self.holder is not None and self.holder.poll() is None:
+            return self.holder
         f = self.folder
         for sub in ("run", "etc/libvirt", "var", ".etc-work", ".var-work"):
             (f / sub).mkdir(parents=True, exist_ok=True)
         (f / "etc/libvirt/qemu.conf").write_text(QEMU_CONF)
         (f / "etc/libvirt/libvirtd.conf").write_text(LIBVIRTD_CONF)
         _with_qemu_user(f / "etc")
+        ready = f / "run" / ".mounted"
         script = "; ".join((
             "set -e",
             f"mount --bind {shlex.quote(str(f / 'run'))} /run",
             f"mount -t overlay overlay -o lowerdir=/etc,upperdir={f / 'etc'},workdir={f / '.etc-work'} /etc",
             f"mount -t overlay overlay -o lowerdir=/var,upperdir={f / 'var'},workdir={f / '.var-work'} /var",
-            f"exec {LIBVIRTD} -f /etc/libvirt/libvirtd.conf",
+            "touch /run/.mounted",
+            "exec sleep infinity",
         ))
         prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
+        self.holder = subprocess.Popen([*prefix, "unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                       stderr=open(self.log_file, "ab"), start_new_session=True)
+        deadline = time.monotonic() + 10
+        while not ready.exists():
+            if self.holder.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"libvirtd's namespaces could not be set up: {self.log_file.read_text()[-2000:]}")
+            time.sleep(0.02)
+        return self.holder
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start libvirtd (again, after a :meth:`kill`: it finds its running domains in its state)."""
+        if not os.path.exists(LIBVIRTD):
+            raise RuntimeError(f"{LIBVIRTD} is missing: apt-get install libvirt-daemon libvirt-daemon-driver-qemu")
+        holder = self._hold()
         self._log = open(self.log_file, "ab")
-        self.proc = subprocess.Popen([*prefix, "unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        self.proc = subprocess.Popen(["nsenter", f"--target={holder.pid}", "--mount", "--net", "--",
+                                      LIBVIRTD, "-f", "/etc/libvirt/libvirtd.conf"],
                                      stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         deadline = time.monotonic() + timeout
@@ -180,15 +207,24 @@ class Libvirtd:
             return False
         return True
 
+    def _note_qemu(self) -> None:
+        for pidfile in (self.folder / "run" / "libvirt" / "qemu").glob("*.pid"):
+            try:
+                self._qemu.add(int(pidfile.read_text().strip()))
+            except (OSError, ValueError):
+                pass
+
     def kill(self) -> None:
         """Kill libvirtd at once (SIGKILL), leaving its domains running, as a crash would."""
+        self._note_qemu()
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
         self._close_log()
 
     def stop(self) -> None:
-        """Destroy every running domain, stop libvirtd, and kill any QEMU it left."""
+        """Destroy every running domain, stop libvirtd, kill any QEMU it left, and the namespaces' holder."""
+        self._note_qemu()
         if self.proc is not None and self.proc.poll() is None:
             try:
                 import libvirt
@@ -209,13 +245,15 @@ class Libvirtd:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self._close_log()
-        for pidfile in (self.folder / "run" / "libvirt" / "qemu").glob("*.pid"):
+        for pid in self._qemu:
             try:
-                pid = int(pidfile.read_text().strip())
-                if "qemu" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+                if b"qemu" in Path(f"/proc/{pid}/cmdline").read_bytes():
                     os.kill(pid, signal.SIGKILL)
-            except (OSError, ValueError):
+            except OSError:
                 pass
+        if self.holder is not None and self.holder.poll() is None:
+            os.killpg(self.holder.pid, signal.SIGKILL)
+            self.holder.wait()
 
     def _close_log(self) -> None:
         if self._log is not None:
