@@ -13,6 +13,7 @@ import libvirt
 import pytest
 from prometheus_client import CollectorRegistry
 
+from flowmap_agent import links, plumbing
 from flowmap_agent.libvirting import LibvirtVMs
 from tests.vm.harness import Node, qemu_pids
 
@@ -127,3 +128,31 @@ def test_a_vm_is_not_lost_when_libvirt_is_unreachable_at_first(node: Node) -> No
         assert [d.UUIDString() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)] == [domain.uuid]
     finally:
         conn.close()
+
+
+def test_the_dp_is_told_to_capture_on_each_vm_tap_while_it_runs(node: Node, watch: LibvirtVMs) -> None:
+    """The agent's decision on the node as it is: its links read over netlink, the taps libvirt
+    names, the plan the dp is given (flowmap_agent.plumbing)."""
+    reader = links.Reader(node.ns)
+
+    def captured() -> set[str]:
+        view = reader.read()
+        wanted = plumbing.plan(view.links, view.addresses, view.peers, (), (), ("lo",), watch.taps)
+        return set(wanted.interfaces) - {"lo"}
+
+    assert captured() == set()
+    one, two = node.domain("one"), node.domain("two")
+    node.boot(one)
+    until(lambda: captured() == {one.tap}, why="the first VM's tap is captured")
+    node.boot(two)
+    until(lambda: captured() == {one.tap, two.tap}, why="both taps are captured")
+    # the tap's address is the node's own (as a ptp CNI's host side is); the VM's is not
+    view = reader.read()
+    own = plumbing.plan(view.links, view.addresses, view.peers, (), (), ("lo",), watch.taps).own
+    assert one.host_ip in own and one.vm_ip not in own
+    conn = node.connect()
+    try:
+        conn.lookupByUUIDString(one.uuid).destroy()
+    finally:
+        conn.close()
+    until(lambda: captured() == {two.tap}, why="the destroyed VM's tap is no longer captured")
