@@ -121,9 +121,13 @@ class Node:
             time.sleep(0.05)
 
     def http(self, url: str, timeout: float = 15.0) -> str:
+        """GET ``url`` from the node's namespace, as text."""
+        return self.get(url, timeout).decode()
+
+    def get(self, url: str, timeout: float = 15.0) -> bytes:
         """GET ``url`` from the node's namespace."""
         with netns.netns(self.ns), urllib.request.urlopen(url, timeout=timeout) as answer:
-            return str(answer.read().decode())
+            return bytes(answer.read())
 
     def links(self) -> dict[str, str]:
         """The node's links: name -> MAC."""
