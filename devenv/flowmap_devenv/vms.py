@@ -68,7 +68,8 @@ class Domain:
     memory_mib: int = 192
 
     def xml(self, image: Image, accel: str) -> str:
-        """The domain's XML: direct kernel boot, one virtio NIC on a tap libvirt makes, no disk;
+        """The domain's XML: direct kernel boot, one virtio NIC on a tap libvirt makes, no disk, ACPI
+        (PCI hot-plug of another NIC needs it);
         ``accel`` (``kvm`` or ``tcg``, :func:`flowmap_devenv.vmimage.accelerator`) its type."""
         cmdline = (f"console=ttyS0 panic=-1 flowmap.ip={self.vm_ip}/{self.prefix} flowmap.gw={self.host_ip} "
                    f"flowmap.dns={self.host_ip} flowmap.name={self.name}")
@@ -87,6 +88,7 @@ class Domain:
     <initrd>{escape(str(image.initrd))}</initrd>
     <cmdline>{escape(cmdline)}</cmdline>
   </os>
+  <features><acpi/></features>
   <on_reboot>destroy</on_reboot>
   <on_crash>destroy</on_crash>
   <devices>

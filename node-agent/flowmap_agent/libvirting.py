@@ -36,6 +36,7 @@ from flowmap_api.pacing import Backoff
 
 log = logging.getLogger("flowmap.agent.libvirt")
 TICK_MS = 500  # the event loop wakes at least this often, to see a stop or a closed connection
+MAX_VMS = 1024  # running domains followed on one node; past it, the rest are left out and said so
 _event_loop_lock = threading.Lock()
 _event_loop_registered = False
 
@@ -191,6 +192,9 @@ class LibvirtVMs:
         return vm
 
     def _publish(self, vms: dict[str, Vm]) -> None:
+        if len(vms) > MAX_VMS:
+            log.warning("%d running libvirt domains: only %d are followed (their taps captured)", len(vms), MAX_VMS)
+            vms = dict(sorted(vms.items())[:MAX_VMS])
         if vms != self.vms:
             before = set(self.taps)
             self.vms = MappingProxyType(vms)

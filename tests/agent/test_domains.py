@@ -75,3 +75,18 @@ def test_a_vm_tap_that_exists_is_captured_and_one_that_does_not_is_not() -> None
                            vm_taps={"vnet3", "vnet4"})
     assert wanted.interfaces == ("eth0", "vnet3")
     assert plumbing.plan(node_links, [], {}, (), (), ("eth0",)).interfaces == ("eth0",)
+
+
+def test_the_vms_followed_on_a_node_are_bounded() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from flowmap_agent.libvirting import MAX_VMS, LibvirtVMs
+
+    watch = LibvirtVMs("qemu:///system", CollectorRegistry())
+    many = {f"{i:08x}-0000-4000-8000-000000000000": domains.Vm(f"vm{i}", f"{i:08x}-0000-4000-8000-000000000000",
+                                                               (Nic("52:54:00:00:00:01", f"t{i}", "ethernet"),))
+            for i in range(MAX_VMS + 5)}
+    watch._publish(many)
+    assert len(watch.vms) == MAX_VMS and len(watch.taps) == MAX_VMS and watch.changes == 1
+    watch._publish(many)  # the same again: nothing changed
+    assert watch.changes == 1

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from flowmap_agent import links, plumbing
 from flowmap_agent.libvirting import LibvirtVMs
+from flowmap_devenv import netns
 from tests.vm.harness import Node, qemu_pids
 
 RESYNC = 2.0  # the watch's listing period (10 s by default): what no event says shows within it
@@ -156,3 +157,32 @@ def test_the_dp_is_told_to_capture_on_each_vm_tap_while_it_runs(node: Node, watc
     finally:
         conn.close()
     until(lambda: captured() == {two.tap}, why="the destroyed VM's tap is no longer captured")
+
+
+def test_a_nic_hot_plugged_and_unplugged_is_followed_by_its_events(node: Node) -> None:
+    assert node.daemon is not None
+    followed = LibvirtVMs(node.daemon.uri, CollectorRegistry(), resync=600)  # events alone, no listing
+    halt = threading.Event()
+    thread = threading.Thread(target=followed.follow, args=(halt,), daemon=True)
+    thread.start()
+    try:
+        domain = node.domain("plugged")
+        node.boot(domain)
+        until(lambda: followed.taps == {domain.tap}, why="the VM's first tap")
+        second = netns.unique("fmtap")
+        nic = (f"<interface type='ethernet'><mac address='52:54:00:99:00:01'/><target dev='{second}'/>"
+               "<model type='virtio'/></interface>")
+        conn = node.connect()
+        try:
+            dom = conn.lookupByUUIDString(domain.uuid)
+            dom.attachDeviceFlags(nic, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            until(lambda: followed.taps == {domain.tap, second}, why="the hot-plugged NIC's tap")
+            assert followed.vms[domain.uuid].macs == (domain.mac, "52:54:00:99:00:01")
+            dom.detachDeviceFlags(nic, libvirt.VIR_DOMAIN_AFFECT_LIVE)  # the guest's ACPI ejects it
+            until(lambda: followed.taps == {domain.tap}, why="the unplugged NIC's tap is gone")
+        finally:
+            conn.close()
+        assert second not in node.links()
+    finally:
+        halt.set()
+        thread.join(10)
