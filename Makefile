@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # What flowmap_dp._native is built from, the files dp/native/build.rs digests: an edit rebuilds it.
 NATIVE := dp/native/Cargo.toml dp/native/Cargo.lock dp/native/build.rs $(shell find dp/native/src -type f)
 
-.PHONY: demo test setup debs controlplane cluster proto docs clean
+.PHONY: demo test setup debs controlplane cluster vm proto docs clean
 
 demo: setup
 	$(FLOWMAP) demo
@@ -18,7 +18,7 @@ demo: setup
 test: setup
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-setup: debs $(STAMP) controlplane cluster
+setup: debs $(STAMP) controlplane cluster vm
 
 debs:
 	@hack/install-debian-packages.sh hack/debian-packages.txt
@@ -42,6 +42,11 @@ controlplane: $(STAMP)
 # built once into ~/.cache/flowmap; flowmap's image again whenever the tree changed.
 cluster: $(STAMP)
 	@$(FLOWMAP) cluster build >/dev/null
+
+# The VM tests' kernel (Debian's) and busybox initramfs, built once into ~/.cache/flowmap/vm,
+# and whether KVM boots it here (TCG otherwise).
+vm: $(STAMP)
+	@$(VENV)/bin/python -m flowmap_devenv.vmimage >/dev/null
 
 # Regenerate the committed protobuf code after editing a .proto (tests/test_generated.py checks).
 proto: $(STAMP)

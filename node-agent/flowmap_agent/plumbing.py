@@ -17,6 +17,10 @@ ptp host-side veth's, an overlay tunnel's (flannel's ``flannel.1`` 10.244.0.0, C
 ``vxlan.calico``/``tunl0``). A down interface's are not: kube-proxy's IPVS dummy ``kube-ipvs0``
 is down and holds every ClusterIP, which are Services, not the node.
 
+**Virtual machines' taps**: a libvirt VM's NICs that cross a host interface have one, a tap the
+agent learns from libvirt (flowmap_agent.libvirting); each that exists on the node is captured
+like a pod's veth, whatever its name. A bridge the taps are ports of is not: the taps see it all.
+
 **Overlay tunnels** are the links of a tunnel kind that are up (the kernel's fallback devices,
 ``tunl0``, ``gre0``, ``sit0`` …, exist down as soon as their module is loaded). What entered
 the node through one came from another node's pod or the node itself, decapsulated: they are
@@ -157,7 +161,7 @@ class Plan:
     """What the dp captures on a node, and what the agent calls the node's own."""
 
     pods: Mapping[str, str]  # pod IP -> its host-side interface
-    interfaces: tuple[str, ...]  # the pods', the uplinks', the tunnels'
+    interfaces: tuple[str, ...]  # the pods', the VMs' taps, the uplinks', the tunnels'
     own: frozenset[str]  # the node's own addresses
     underlay: tuple[str, ...]  # the uplinks: the overlay's encapsulation passes there
     overlay: tuple[Encapsulation, ...]
@@ -169,12 +173,15 @@ class Plan:
 
 
 def plan(links: Collection[Link], addresses: Collection[Address], peers: Mapping[PeerKey, Seen],
-         pod_ips: Iterable[str], node_ips: Collection[str], uplinks: Collection[str] = ()) -> Plan:
-    """The capture for one reading of the node: each pod's veth, the uplinks (``uplinks``, or the
-    interfaces holding the Node's addresses) and the tunnels; the node's own addresses (with the
-    Node object's, which a cloud's NAT may keep off every interface)."""
+         pod_ips: Iterable[str], node_ips: Collection[str], uplinks: Collection[str] = (),
+         vm_taps: Collection[str] = ()) -> Plan:
+    """The capture for one reading of the node: each pod's veth, each VM tap that exists
+    (``vm_taps``, from libvirt), the uplinks (``uplinks``, or the interfaces holding the Node's
+    addresses) and the tunnels; the node's own addresses (with the Node object's, which a
+    cloud's NAT may keep off every interface)."""
     pods = pod_interfaces(links, peers, pod_ips)
     underlay = set(uplinks) or holders(links, addresses, node_ips)
-    interfaces = set(pods.values()) | underlay | set(tunnels(links))
+    taps = {link.name for link in links if link.name in vm_taps}
+    interfaces = set(pods.values()) | taps | underlay | set(tunnels(links))
     own = own_addresses(links, addresses) | frozenset(node_ips)
     return Plan(pods, tuple(sorted(interfaces)), own, tuple(sorted(underlay)), overlay(links), announced(own, node_ips))

@@ -2,9 +2,10 @@
 
 Each interval: read the node's plumbing over netlink (flowmap_agent.links, .plumbing) and tell
 the dp what to capture (the host side of each local pod's veth, found through its peer on any
-veth-based CNI; the uplinks; the overlay's tunnels), the node's own addresses (every global
-address on an interface that is up: they change, a CNI's bridge and tunnel appear with the
-first pod) and the overlay's encapsulation to drop on the uplinks; take the dp's reports (read
+veth-based CNI; the taps of the node's libvirt VMs, followed by flowmap_agent.libvirting when
+``FLOWMAP_AGENT_LIBVIRT_URI`` names a libvirtd; the uplinks; the overlay's tunnels), the node's
+own addresses (every global address on an interface that is up: they change, a CNI's bridge and
+tunnel appear with the first pod) and the overlay's encapsulation to drop on the uplinks; take the dp's reports (read
 off its socket as they arrive, flowmap_agent.receiving), aggregate them per edge, pass them
 through the one definition of a valid report, cut numbered batches within the contract's limits,
 save the outbox to disk, then deliver whatever is not acknowledged, each batch saying the node's
@@ -71,6 +72,7 @@ from flowmap_agent.controlling import DpControl
 from flowmap_agent.delivering import Delivery
 from flowmap_agent.endpoints import serve
 from flowmap_agent.ingesting import Intake
+from flowmap_agent.libvirting import LibvirtVMs
 from flowmap_agent.listening import ReportReader
 from flowmap_agent.metrics import REGISTRY, UNCLEAN, DpHealth
 from flowmap_agent.outbox import resume
@@ -110,6 +112,7 @@ class Agent:
         self.protector = Protector(settings, registry, applied=self.intake.enforced)
         self.intake.blocking(self.protector.block, settings.threat_block_seconds, settings.threat_block_max)
         self.dp_control = DpControl(self.capturer, own_changed=self.own_changed)
+        self.vms = LibvirtVMs(settings.libvirt_uri, registry, settings.libvirt_resync) if settings.libvirt_uri else None
         self.last_tick = time.monotonic()
 
     def own_changed(self, wanted: plumbing.Plan) -> None:
@@ -181,6 +184,8 @@ class Agent:
         tasks.append(asyncio.create_task(self.protector.run(self.stop)))  # the table stays when it stops
         # When it stops, an external dp runs on the captures it was told last.
         tasks.append(asyncio.create_task(self.capturer.run(self.stop)))
+        if self.vms is not None:  # its VMs' taps join the capture as libvirt reports them
+            tasks.append(asyncio.create_task(self.vms.run(self.stop)))
         log.info("agent %s on node %s: uplinks %s", self.outbox.agent_id, s.node, list(wanted.underlay))
         while not self.stop.is_set():
             self.last_tick = time.monotonic()
@@ -189,7 +194,8 @@ class Agent:
             # they were read is taken with the pods the plan is made of: they may arrive meanwhile.
             synced, pod_ips = pods.synced.is_set(), list(pods.by_ip)
             view = await asyncio.to_thread(node_links.read, wanted.missing(pod_ips), self.last_tick)
-            wanted = plumbing.plan(view.links, view.addresses, view.peers, pod_ips, node_ips, uplinks)
+            wanted = plumbing.plan(view.links, view.addresses, view.peers, pod_ips, node_ips, uplinks,
+                                   self.vms.taps if self.vms is not None else ())
             if synced:
                 self.dp_control.update(dp, wanted, pods)
             await self.step(dp, ingest=synced)

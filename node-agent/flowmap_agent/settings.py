@@ -52,6 +52,10 @@ class Settings:
     # dp's --capture-dir (mounted at the same path, read-only), the only folder files are sent from.
     capture_max_bytes: int = 4 << 20
     capture_dir: str = "/var/lib/flowmap/captures"
+    # libvirt VMs on the node (flowmap_agent.libvirting): the libvirtd to follow, e.g.
+    # qemu:///system (empty: none); its running domains are listed again this often.
+    libvirt_uri: str = ""
+    libvirt_resync: float = setting(10.0, above=0)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Self:
