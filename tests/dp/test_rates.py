@@ -16,7 +16,7 @@ import pytest
 
 from flowmap_dp.session import SessionDelta
 from flowmap_dp.threats import Config, Watching, peerscan, portscan, synflood
-from flowmap_dp.threats.attempts import COMPLETED, HALF_OPEN, REFUSED, Distinct, Recent, outcome
+from flowmap_dp.threats.attempts import COMPLETED, HALF_OPEN, REFUSED, Distinct, DistinctFailures, Recent, outcome
 
 SERVER, CLIENT = bytes([10, 0, 0, 2]), bytes([10, 0, 0, 1])
 
@@ -105,7 +105,7 @@ def test_times_going_back_and_odd_limits_never_raise() -> None:
         _hits(synflood.Watch(limits), sessions)
     for mod in (portscan, peerscan):
         for limits in (mod.LIMITS, {k: 0.0 for k in mod.LIMITS}, {k: 1e12 for k in mod.LIMITS}):
-            _hits(mod.Watch(limits), sessions)
+            _hits(mod.watch(limits), sessions)
 
 
 def _scan(n: int, rate: float, start: float = 0.0, peers: bool = False, **kw: Any) -> list[SessionDelta]:
@@ -114,7 +114,7 @@ def _scan(n: int, rate: float, start: float = 0.0, peers: bool = False, **kw: An
 
 
 def test_port_scan_fires_at_the_32nd_failed_port_of_one_peer_and_again_after_a_quiet_window() -> None:
-    watch = portscan.Watch(portscan.LIMITS)
+    watch = portscan.watch(portscan.LIMITS)
     assert _hits(watch, _scan(200, 1000.0)) == [(31, "32 ports of 10.0.0.2 failed in 0.0s")]
     assert _hits(watch, _scan(200, 1000.0, start=30.0)) == []  # the same scan goes on
     assert _hits(watch, _scan(200, 10.0, start=200.0)) == [(31, "32 ports of 10.0.0.2 failed in 3.1s")]
@@ -122,20 +122,20 @@ def test_port_scan_fires_at_the_32nd_failed_port_of_one_peer_and_again_after_a_q
 
 def test_port_scan_ignores_completed_sessions_other_peers_and_slow_probes() -> None:
     many_ports = [completed(i / 100, server_port=9000 + i % 40) for i in range(400)]
-    assert _hits(portscan.Watch(portscan.LIMITS), many_ports) == []
+    assert _hits(portscan.watch(portscan.LIMITS), many_ports) == []
     spread = _scan(200, 1000.0, peers=True)  # one port on many peers: a peer scan, not a port scan
-    assert _hits(portscan.Watch(portscan.LIMITS), spread) == []
+    assert _hits(portscan.watch(portscan.LIMITS), spread) == []
     slow = _scan(100, 0.5)  # one failed port every 2 s: 31 in any 60 s
-    assert _hits(portscan.Watch(portscan.LIMITS), slow) == []
+    assert _hits(portscan.watch(portscan.LIMITS), slow) == []
 
 
 def test_peer_scan_fires_at_the_32nd_failed_peer() -> None:
-    watch = peerscan.Watch(peerscan.LIMITS)
+    watch = peerscan.watch(peerscan.LIMITS)
     hits = _hits(watch, _scan(200, 1000.0, peers=True))
     assert hits == [(31, "32 peers failed from 10.0.0.1 in 0.0s (last 10.0.1.31:80)")]
-    assert _hits(peerscan.Watch(peerscan.LIMITS), _scan(200, 1000.0)) == []  # one peer, many ports
+    assert _hits(peerscan.watch(peerscan.LIMITS), _scan(200, 1000.0)) == []  # one peer, many ports
     many_peers = [completed(i / 100, server=bytes([10, 0, 1, i % 200])) for i in range(400)]
-    assert _hits(peerscan.Watch(peerscan.LIMITS), many_peers) == []
+    assert _hits(peerscan.watch(peerscan.LIMITS), many_peers) == []
 
 
 def test_bounded_keys_and_items() -> None:
@@ -171,9 +171,9 @@ def test_the_memory_bound_the_docstrings_state() -> None:
     syn = _footprint(lambda: synflood.Watch(synflood.LIMITS), flood)
     pairs = [attempt(i * 1e-4, "closed", 1, 1, client=(i % 1024).to_bytes(4, "big"),
                      server=bytes([10, 0, 0, 2]), server_port=i // 1024) for i in range(1024 * 32)]
-    ports = _footprint(lambda: portscan.Watch(portscan.LIMITS), pairs)
+    ports = _footprint(lambda: portscan.watch(portscan.LIMITS), pairs)
     sweeps = [replace(s, server=(s.server_port).to_bytes(4, "big"), server_port=80) for s in pairs]
-    peers = _footprint(lambda: peerscan.Watch(peerscan.LIMITS), sweeps)
+    peers = _footprint(lambda: peerscan.watch(peerscan.LIMITS), sweeps)
     print(f"\nworst-case state: syn-flood {syn / 1e6:.2f} MB, port-scan {ports / 1e6:.2f} MB, "
           f"peer-scan {peers / 1e6:.2f} MB")
     assert syn < 3e6 and ports < 3.5e6 and peers < 3.5e6, (syn, ports, peers)
@@ -185,4 +185,4 @@ def test_the_watches_are_registered_with_their_limits_and_switches() -> None:
     left = [name for name, _ in Watching(Config.parse(["syn-flood,peer-scan"]))._watches]
     assert left == [n for n in names if n not in ("syn-flood", "peer-scan")]
     (watch,) = [w for n, w in Watching(Config.parse([], ["port-scan.ports=4"]))._watches if n == "port-scan"]
-    assert isinstance(watch, portscan.Watch) and watch.ports == 4
+    assert isinstance(watch, DistinctFailures) and watch.name == "port-scan" and watch.most == 4

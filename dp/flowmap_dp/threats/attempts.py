@@ -30,15 +30,17 @@ counted.
 
 **Bounded state.** ``Recent`` keeps at most ``size`` keys, least recently touched evicted first;
 ``Distinct`` keeps at most ``size`` distinct items per key, each for ``window`` seconds.
+``DistinctFailures`` is the watch of port-scan and peer-scan on both.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Generic, TypeVar
 
 from flowmap_dp.decode import PROTO_TCP, format_endpoint
+from flowmap_dp.detectors.base import Threat
 from flowmap_dp.threats.base import Seen
 
 
@@ -132,3 +134,31 @@ class Distinct:
         """Seconds between the oldest and the newest item counted."""
         seen = self.seen
         return next(reversed(seen.values())) - next(iter(seen.values())) if seen else 0.0
+
+
+MAX_DISTINCT = 1024  # items kept per key, whatever a limit says
+
+
+class DistinctFailures:
+    """A watch on failed attempts (see :func:`failed`): each counts ``item(session)`` under
+    ``key(session)``; a key fires once ``most`` distinct items failed within ``window`` seconds,
+    and again only after a whole window without a failed attempt. At most ``keys`` keys, the least
+    recently seen evicted first, each holding at most ``most`` items (capped at MAX_DISTINCT)."""
+
+    def __init__(self, name: str, most: float, window: float, keys: float, key: Callable[[Seen], Hashable],
+                 item: Callable[[Seen], object], say: Callable[[Seen, int, float], str]) -> None:
+        self.name, self.key, self.item, self.say = name, key, item, say
+        self.most = max(1, min(int(most), MAX_DISTINCT))
+        self.window = window
+        self.keys: Recent[Hashable, Distinct] = Recent(int(keys), Distinct)
+
+    def observe(self, session: Seen, now: float) -> Sequence[Threat]:
+        if failed(session) is None:
+            return ()
+        key = self.keys.get(self.key(session))
+        assert key is not None
+        count = key.add(self.item(session), session.first_seen, self.window, self.most)
+        if key.fired or count < self.most:
+            return ()
+        key.fired = True
+        return (Threat(self.name, self.say(session, count, key.span()), "tcp.handshake"),)

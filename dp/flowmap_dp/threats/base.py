@@ -97,3 +97,18 @@ class Watcher:
     make: Callable[[Limits], Watch]
     limits: Limits = field(default_factory=dict)
     sees: str = EVERY  # which sessions it is shown: one of the above
+
+
+class _Marked:
+    """A stateless watch: each report whose marks have ``mark``, on one of ``protos``, is the hit."""
+
+    def __init__(self, mark: int, protos: frozenset[int], hit: Threat) -> None:
+        self.mark, self.protos, self.hit = mark, protos, (hit,)
+
+    def observe(self, session: Seen, now: float) -> Sequence[Threat]:
+        return self.hit if session.marks & self.mark and session.proto in self.protos else ()
+
+
+def marked(hit: Threat, mark: int, *protos: int) -> Watcher:
+    """The watcher of a detection that is one mark of the decoder or the session table (no limits)."""
+    return Watcher(hit.name, lambda limits: _Marked(mark, frozenset(protos), hit), sees=MARKED)

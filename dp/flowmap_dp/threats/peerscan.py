@@ -23,40 +23,22 @@ attempts the table never reported (see ``attempts``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from flowmap_dp.decode import format_endpoint
-from flowmap_dp.detectors.base import Threat
-from flowmap_dp.threats.attempts import Distinct, Recent, address, failed
+from flowmap_dp.threats.attempts import DistinctFailures, address
 from flowmap_dp.threats.base import TCP_OPENED, Limits, Seen, Watcher
-
 
 NAME = "peer-scan"
 LIMITS = {"peers": 32.0, "window": 60.0, "keys": 1024.0}
-MAX_DISTINCT = 1024  # peers kept per source, whatever ``peers`` says
-WHERE = "tcp.handshake"
 
 
-class Watch:
-    """One packet loop's peer-scan state: see the module docstring."""
-
-    def __init__(self, limits: Limits) -> None:
-        self.peers = max(1, min(int(limits["peers"]), MAX_DISTINCT))
-        self.window = limits["window"]
-        self.sources: Recent[tuple[int, bytes], Distinct] = Recent(int(limits["keys"]), Distinct)
-
-    def observe(self, session: Seen, now: float) -> Sequence[Threat]:
-        if failed(session) is None:
-            return ()
-        key = self.sources.get((session.vlan, session.client))
-        assert key is not None
-        count = key.add(session.server, session.first_seen, self.window, self.peers)
-        if key.fired or count < self.peers:
-            return ()
-        key.fired = True
-        last = format_endpoint(session.server, session.server_port)
-        return (Threat(NAME, f"{count} peers failed from {address(session.client)} in {key.span():.1f}s "
-                             f"(last {last})", WHERE),)
+def _say(session: Seen, count: int, span: float) -> str:
+    return (f"{count} peers failed from {address(session.client)} in {span:.1f}s "
+            f"(last {format_endpoint(session.server, session.server_port)})")
 
 
-WATCHER = Watcher(NAME, Watch, LIMITS, sees=TCP_OPENED)
+def watch(limits: Limits) -> DistinctFailures:
+    return DistinctFailures(NAME, limits["peers"], limits["window"], limits["keys"],
+                            key=lambda s: (s.vlan, s.client), item=lambda s: s.server, say=_say)
+
+
+WATCHER = Watcher(NAME, watch, LIMITS, sees=TCP_OPENED)

@@ -18,26 +18,10 @@ other protocols (marked, not raised: the name is ICMP's); an IPv6 jumbogram, whi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from flowmap_dp.decode import MARK_OVERSIZED, PROTO_ICMP, PROTO_ICMPV6
 from flowmap_dp.detectors.base import Threat
-from flowmap_dp.threats.base import MARKED, Limits, Seen, Watcher
+from flowmap_dp.threats.base import marked
 
 NAME = "ping-of-death"
-_HIT = (Threat(NAME, "fragments reassemble past 65,535 bytes", "ip.fragment"),)
-
-
-class PingOfDeath:
-    """Stateless: each report's mark is the hit."""
-
-    def __init__(self, limits: Limits) -> None:
-        pass
-
-    def observe(self, session: Seen, now: float) -> Sequence[Threat]:
-        if session.marks & MARK_OVERSIZED and (session.proto == PROTO_ICMP or session.proto == PROTO_ICMPV6):
-            return _HIT
-        return ()
-
-
-WATCHER = Watcher(NAME, PingOfDeath, sees=MARKED)
+WATCHER = marked(Threat(NAME, "fragments reassemble past 65,535 bytes", "ip.fragment"), MARK_OVERSIZED, PROTO_ICMP,
+                 PROTO_ICMPV6)

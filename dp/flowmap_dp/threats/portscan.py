@@ -23,37 +23,20 @@ measured, and a few hundred bytes a key in the common case of one port each
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from flowmap_dp.detectors.base import Threat
-from flowmap_dp.threats.attempts import Distinct, Recent, address, failed
+from flowmap_dp.threats.attempts import DistinctFailures, address
 from flowmap_dp.threats.base import TCP_OPENED, Limits, Seen, Watcher
-
 
 NAME = "port-scan"
 LIMITS = {"ports": 32.0, "window": 60.0, "keys": 1024.0}
-MAX_DISTINCT = 1024  # ports kept per key, whatever ``ports`` says
-WHERE = "tcp.handshake"
 
 
-class Watch:
-    """One packet loop's port-scan state: see the module docstring."""
-
-    def __init__(self, limits: Limits) -> None:
-        self.ports = max(1, min(int(limits["ports"]), MAX_DISTINCT))
-        self.window = limits["window"]
-        self.pairs: Recent[tuple[int, bytes, bytes], Distinct] = Recent(int(limits["keys"]), Distinct)
-
-    def observe(self, session: Seen, now: float) -> Sequence[Threat]:
-        if failed(session) is None:
-            return ()
-        key = self.pairs.get((session.vlan, session.client, session.server))
-        assert key is not None
-        count = key.add(session.server_port, session.first_seen, self.window, self.ports)
-        if key.fired or count < self.ports:
-            return ()
-        key.fired = True
-        return (Threat(NAME, f"{count} ports of {address(session.server)} failed in {key.span():.1f}s", WHERE),)
+def _say(session: Seen, count: int, span: float) -> str:
+    return f"{count} ports of {address(session.server)} failed in {span:.1f}s"
 
 
-WATCHER = Watcher(NAME, Watch, LIMITS, sees=TCP_OPENED)
+def watch(limits: Limits) -> DistinctFailures:
+    return DistinctFailures(NAME, limits["ports"], limits["window"], limits["keys"],
+                            key=lambda s: (s.vlan, s.client, s.server), item=lambda s: s.server_port, say=_say)
+
+
+WATCHER = Watcher(NAME, watch, LIMITS, sees=TCP_OPENED)

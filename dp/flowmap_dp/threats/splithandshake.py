@@ -18,26 +18,9 @@ is still a SYN answering a SYN, in either order, and is raised.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from flowmap_dp.decode import MARK_SPLIT_HANDSHAKE, PROTO_TCP
 from flowmap_dp.detectors.base import Threat
-from flowmap_dp.threats.base import MARKED, Limits, Seen, Watcher
+from flowmap_dp.threats.base import marked
 
 NAME = "tcp-split-handshake"
-_HIT = (Threat(NAME, "SYN answered by SYN", "tcp.handshake"),)
-
-
-class SplitHandshake:
-    """Stateless: each report's mark is the hit."""
-
-    def __init__(self, limits: Limits) -> None:
-        pass
-
-    def observe(self, session: Seen, now: float) -> Sequence[Threat]:
-        if session.marks & MARK_SPLIT_HANDSHAKE and session.proto == PROTO_TCP:
-            return _HIT
-        return ()
-
-
-WATCHER = Watcher(NAME, SplitHandshake, sees=MARKED)
+WATCHER = marked(Threat(NAME, "SYN answered by SYN", "tcp.handshake"), MARK_SPLIT_HANDSHAKE, PROTO_TCP)
