@@ -22,6 +22,12 @@ MAX_NAMES = 10_000
 # fit many times over; kube-proxy's IPVS dummy, which holds every ClusterIP, is down and not sent.
 MAX_NODE_ADDRESSES = 64
 
+# ReportBatch.vms: the libvirt VMs running on a node (flowmap_agent.libvirting follows at most as
+# many), each with at most MAX_VM_ADDRESSES addresses and a name of at most MAX_VM_NAME characters.
+MAX_NODE_VMS = 1024
+MAX_VM_ADDRESSES = 16
+MAX_VM_NAME = 200
+
 # CaptureReport.captures: how the node's captures stand. A node runs at most a few at once (the dp's
 # --max-captures, default 4) and keeps finished ones until their TTL; 256 is far beyond both.
 MAX_CAPTURE_STATUSES = 256

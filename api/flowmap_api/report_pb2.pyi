@@ -108,8 +108,20 @@ class DnsName(_message.Message):
     seen_unix_ms: int
     def __init__(self, ip: _Optional[str] = ..., name: _Optional[str] = ..., ttl_seconds: _Optional[int] = ..., seen_unix_ms: _Optional[int] = ...) -> None: ...
 
+class LocalVm(_message.Message):
+    __slots__ = ("uuid", "name", "label", "addresses")
+    UUID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    uuid: str
+    name: str
+    label: str
+    addresses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, uuid: _Optional[str] = ..., name: _Optional[str] = ..., label: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class ReportBatch(_message.Message):
-    __slots__ = ("agent_id", "node", "sequence", "acked", "interval_ms", "sent_unix_ms", "edges", "names", "lost_deltas", "previous", "node_addresses")
+    __slots__ = ("agent_id", "node", "sequence", "acked", "interval_ms", "sent_unix_ms", "edges", "names", "lost_deltas", "previous", "node_addresses", "vms_followed", "vms")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +133,8 @@ class ReportBatch(_message.Message):
     LOST_DELTAS_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_FIELD_NUMBER: _ClassVar[int]
     NODE_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    VMS_FOLLOWED_FIELD_NUMBER: _ClassVar[int]
+    VMS_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     node: str
     sequence: int
@@ -132,7 +146,9 @@ class ReportBatch(_message.Message):
     lost_deltas: int
     previous: int
     node_addresses: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, agent_id: _Optional[str] = ..., node: _Optional[str] = ..., sequence: _Optional[int] = ..., acked: _Optional[int] = ..., interval_ms: _Optional[int] = ..., sent_unix_ms: _Optional[int] = ..., edges: _Optional[_Iterable[_Union[EdgeDelta, _Mapping]]] = ..., names: _Optional[_Iterable[_Union[DnsName, _Mapping]]] = ..., lost_deltas: _Optional[int] = ..., previous: _Optional[int] = ..., node_addresses: _Optional[_Iterable[str]] = ...) -> None: ...
+    vms_followed: bool
+    vms: _containers.RepeatedCompositeFieldContainer[LocalVm]
+    def __init__(self, agent_id: _Optional[str] = ..., node: _Optional[str] = ..., sequence: _Optional[int] = ..., acked: _Optional[int] = ..., interval_ms: _Optional[int] = ..., sent_unix_ms: _Optional[int] = ..., edges: _Optional[_Iterable[_Union[EdgeDelta, _Mapping]]] = ..., names: _Optional[_Iterable[_Union[DnsName, _Mapping]]] = ..., lost_deltas: _Optional[int] = ..., previous: _Optional[int] = ..., node_addresses: _Optional[_Iterable[str]] = ..., vms_followed: _Optional[bool] = ..., vms: _Optional[_Iterable[_Union[LocalVm, _Mapping]]] = ...) -> None: ...
 
 class ReportAck(_message.Message):
     __slots__ = ("applied", "leader", "received", "waiting")

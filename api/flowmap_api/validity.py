@@ -31,7 +31,7 @@ from flowmap_api.text import printable
 from flowmap_api.threats import NAMES as THREATS
 from flowmap_api.threats import UNKNOWN as UNKNOWN_THREAT
 from flowmap_api.limits import (MAX_BATCH_EDGES, MAX_CAPTURE_MESSAGE, MAX_CAPTURE_STATUSES, MAX_NAMES,
-                                MAX_NODE_ADDRESSES)
+                                MAX_NODE_ADDRESSES, MAX_NODE_VMS, MAX_VM_ADDRESSES, MAX_VM_NAME)
 
 # The trailing metadata key of an INVALID_ARGUMENT refusal caused by one edge; its value is the
 # edge's index into ``batch.edges`` (decimal). A refusal of the batch itself has no such key.
@@ -65,6 +65,8 @@ _CAPTURE_ID = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?/[a-z0-9](?:[-.a-
 CAPTURE_STATES = frozenset(("armed", "running", "done", "failed"))
 SHA256 = re.compile(r"[0-9a-f]{64}")  # a finished capture's file digest, as status.nodes[].sha256 holds it
 _STOP_REASON = re.compile(r"[A-Za-z]{1,64}")
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+VM_LABEL = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")  # a DNS label: it names the VM's Group
 
 # What became of an element, as (field, reason): the labels of the operator's metric.
 Tally = Counter[tuple[str, str]]
@@ -228,8 +230,8 @@ def check_batch(batch: pb.ReportBatch, *, max_edges: int = MAX_BATCH_EDGES) -> N
         raise Invalid(f"node: {batch.node[:64]!r} is not a node name")
     if not batch.sequence:
         if batch.edges or batch.names or batch.lost_deltas or batch.previous:
-            raise Invalid("sequence: 0 asks for the acknowledgement (and says the node's addresses) only, "
-                          "and carries nothing else")
+            raise Invalid("sequence: 0 asks for the acknowledgement (and says the node's addresses and VMs) "
+                          "only, and carries nothing else")
     elif not batch.acked <= batch.previous < batch.sequence:
         raise Invalid(f"acked {batch.acked} <= previous {batch.previous} < sequence {batch.sequence} does not hold")
     if len(batch.edges) > max_edges:
@@ -240,6 +242,32 @@ def check_batch(batch: pb.ReportBatch, *, max_edges: int = MAX_BATCH_EDGES) -> N
     for i, raw in enumerate(batch.node_addresses):
         if address(raw) is None:
             raise Invalid(f"node_addresses[{i}]: {raw[:64]!r} is not an IP address")
+    if batch.vms:
+        check_vms(batch)
+
+
+def check_vms(batch: pb.ReportBatch) -> None:
+    """Raise ``Invalid`` unless the batch's VMs are within the contract (they name Groups: the
+    agent sends only what this accepts, flowmap_agent.domains)."""
+    if not batch.vms_followed:
+        raise Invalid("vms: listed by an agent that does not say it follows the node's libvirt (vms_followed)")
+    if len(batch.vms) > MAX_NODE_VMS:
+        raise Invalid(f"vms: {len(batch.vms)} VMs, more than the limit {MAX_NODE_VMS}")
+    seen: set[str] = set()
+    for i, vm in enumerate(batch.vms):
+        if not _UUID.fullmatch(vm.uuid) or vm.uuid in seen:
+            raise Invalid(f"vms[{i}].uuid: {vm.uuid[:64]!r} is not a canonical UUID, or is listed twice")
+        seen.add(vm.uuid)
+        if not 0 < len(vm.name) <= MAX_VM_NAME or "/" in vm.name or printable(vm.name, MAX_VM_NAME) != vm.name:
+            raise Invalid(f"vms[{i}].name: {printable(vm.name, 80)!r} is not 1-{MAX_VM_NAME} printable "
+                          "characters without '/' (a libvirt domain's name)")
+        if vm.label and not VM_LABEL.fullmatch(vm.label):
+            raise Invalid(f"vms[{i}].label: {printable(vm.label, 80)!r} is not a DNS label")
+        if len(vm.addresses) > MAX_VM_ADDRESSES:
+            raise Invalid(f"vms[{i}].addresses: {len(vm.addresses)} addresses, more than the limit {MAX_VM_ADDRESSES}")
+        for j, raw in enumerate(vm.addresses):
+            if address(raw) is None:
+                raise Invalid(f"vms[{i}].addresses[{j}]: {raw[:64]!r} is not an IP address")
 
 
 def normalise(batch: pb.ReportBatch, *, max_edges: int = MAX_BATCH_EDGES) -> Tally:
@@ -258,6 +286,12 @@ def normalise(batch: pb.ReportBatch, *, max_edges: int = MAX_BATCH_EDGES) -> Tal
         if canonical is not None and canonical != raw:
             batch.node_addresses[i] = canonical
             tally["node_address", "not_canonical"] += 1
+    for vm in batch.vms:
+        for i, raw in enumerate(vm.addresses):
+            canonical = address(raw)
+            if canonical is not None and canonical != raw:
+                vm.addresses[i] = canonical
+                tally["vm_address", "not_canonical"] += 1
     normalise_names(batch, tally)
     return tally
 

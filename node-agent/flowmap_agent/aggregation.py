@@ -2,10 +2,10 @@
 
 An edge, from the node's point of view, is client address -> server address and port, L4
 protocol: the client's ephemeral port does not matter to the map, so all sessions between the
-same two addresses on one server port add up. Endpoints on this node (its pods, the node itself
-from any of its own addresses, a CNI bridge's gateway included) are marked local and local pods
-named, which is how the operator knows which node counts an edge (and that a local end without
-a pod is the node itself).
+same two addresses on one server port add up. Endpoints on this node (its pods, its libvirt VMs,
+the node itself from any of its own addresses, a CNI bridge's gateway included) are marked local and
+local pods named, which is how the operator knows which node counts an edge (and that a local end
+without a pod is one of the VMs the batch lists, else the node itself).
 Under Protect mode each delta also says what this node's policy did to it (the policy in force
 is injected; see flowmap_agent.policy.compiling.verdict). The dp sees a pod's call to a ClusterIP
 before the node's DNAT, while the node's table judges it after: an edge the policy would deny
@@ -89,6 +89,7 @@ def link_scoped(ip: bytes) -> bool:
 class Aggregator:
     local_pods: Mapping[str, str] = field(default_factory=dict)  # pod IP on this node -> "namespace/name"
     node_ips: frozenset[str] = frozenset()  # the node's own addresses (flowmap_agent.plumbing.own_addresses)
+    local_vms: Mapping[str, str] = field(default_factory=dict)  # a libvirt VM's address on this node -> its UUID
     policy: PolicyInForce = field(default_factory=PolicyInForce)  # the policy in force on this node
     # Where the node's DNAT sent a session: (l4, client, port, server, port) -> (address, port), or None.
     destination: Callable[[tuple[int, str, int, str, int]], tuple[str, int] | None] | None = None
@@ -103,7 +104,7 @@ class Aggregator:
 
     def _endpoint(self, ip: str, port: int) -> pb.Endpoint:
         pod = self.local_pods.get(ip, "")
-        return pb.Endpoint(ip=ip, port=port, pod=pod, local=bool(pod) or ip in self.node_ips)
+        return pb.Endpoint(ip=ip, port=port, pod=pod, local=bool(pod) or ip in self.node_ips or ip in self.local_vms)
 
     def aggregate(self, report: wire_pb2.Report) -> tuple[list[pb.EdgeDelta], list[pb.DnsName]]:
         """One dp report's sessions as edge deltas (one per edge), and the names its DNS answers gave.

@@ -14,21 +14,35 @@ A label for the VM, if its owner gives one, is in the domain's metadata, in flow
       <flowmap:label>shop-web</flowmap:label></flowmap:vm></metadata>
 
 It must be a DNS label (it names the VM's group); one that is not is ignored, and said so.
+
+A VM's addresses are what its MACs give: the node's neighbour table (libvirt's ``arp`` source,
+read by the agent itself each interval: a host that routes for the VM learns its address from the
+ARP or neighbour solicitation that precedes its first packet) and libvirt's ``lease`` (its
+networks' DHCP) and ``agent`` (the QEMU guest agent) sources, which libvirt reads more slowly.
+A bridged VM whose host neither routes for it nor leases it an address, and has no guest agent,
+has none known: its traffic is captured, but its end shows as the address's, not the VM's.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
+
+from flowmap_api import report_pb2 as pb
+from flowmap_api.limits import MAX_VM_ADDRESSES, MAX_VM_NAME
+from flowmap_api.text import printable
+from flowmap_api.validity import VM_LABEL
 
 NAMESPACE = "https://flowmap.dev/libvirt/1"
 MAX_XML = 1 << 20  # bytes of one domain's XML; libvirt's own are some kilobytes
 MAX_NICS = 64
-MAX_NAME = 200
+MAX_NAME = MAX_VM_NAME
 TAPPED = ("ethernet", "bridge", "network")  # NIC types whose frames cross a host interface
-_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 _IFNAME = re.compile(r"[^\s/:]{1,15}")  # what the kernel accepts as an interface name
 
@@ -53,6 +67,7 @@ class Vm:
     nics: tuple[Nic, ...]
     label: str = ""
     problems: tuple[str, ...] = ()  # what was ignored, for the log
+    reported: tuple[str, ...] = ()  # addresses libvirt's lease and agent sources gave (:func:`reported`)
 
     @property
     def taps(self) -> tuple[str, ...]:
@@ -104,7 +119,7 @@ def parse(xml: str) -> Vm:
     found = root.find(f"metadata/{{{NAMESPACE}}}vm/{{{NAMESPACE}}}label")
     if found is not None:
         text = (found.text or "").strip()
-        if _LABEL.fullmatch(text):
+        if VM_LABEL.fullmatch(text):
             label = text
         else:
             problems.append(f"the label {text[:80]!r} is no DNS label (lower case letters, digits, '-', "
@@ -115,3 +130,40 @@ def parse(xml: str) -> Vm:
 def taps(vms: dict[str, Vm]) -> frozenset[str]:
     """Every tap of these VMs."""
     return frozenset(tap for vm in vms.values() for tap in vm.taps)
+
+
+def usable(raw: str) -> str:
+    """The canonical text of an address a VM may be known by, or "" (not one; link-scoped,
+    loopback, multicast or unspecified: it names nothing beyond the VM's link)."""
+    try:
+        ip = ipaddress.ip_address(raw.partition("%")[0])
+    except ValueError:
+        return ""
+    if ip.is_link_local or ip.is_loopback or ip.is_multicast or ip.is_unspecified or str(ip) == "255.255.255.255":
+        return ""
+    return str(ip)
+
+
+def reported(answer: Mapping[str, Any], macs: Iterable[str]) -> tuple[str, ...]:
+    """The addresses of ``macs`` in an answer of libvirt's ``virDomainInterfaceAddresses``
+    ({interface: {"hwaddr": MAC, "addrs": [{"addr": ...}]}}): the guest agent's lists the guest's
+    loopback and other NICs too."""
+    wanted, found = set(macs), []
+    for entry in answer.values():
+        if isinstance(entry, Mapping) and str(entry.get("hwaddr") or "").lower() in wanted:
+            found += [ip for a in entry.get("addrs") or () if isinstance(a, Mapping) and (ip := usable(str(a.get("addr"))))]
+    return tuple(sorted(set(found)))
+
+
+def addresses(vm: Vm, neighbours: Mapping[str, Iterable[str]]) -> tuple[str, ...]:
+    """The VM's addresses: the neighbour table's for its MACs (``neighbours``: MAC -> addresses) and
+    libvirt's; at most MAX_VM_ADDRESSES, the same ones for the same input."""
+    found = {ip for mac in vm.macs for raw in neighbours.get(mac, ()) if (ip := usable(raw))} | set(vm.reported)
+    return tuple(sorted(found))[:MAX_VM_ADDRESSES]
+
+
+def local_vm(vm: Vm, held: Iterable[str]) -> pb.LocalVm:
+    """How a report names the VM (flowmap_api.validity.check_vms takes it): its name shown safely
+    (libvirt refuses '/' in a name, but the report's reader need not trust that)."""
+    return pb.LocalVm(uuid=vm.uuid, name=printable(vm.name.replace("/", "\\x2f"), MAX_VM_NAME), label=vm.label,
+                      addresses=list(held))

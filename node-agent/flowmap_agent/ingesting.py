@@ -57,6 +57,12 @@ class Intake:
         if self.unnat is not None:
             self.unnat.node_addresses = own
 
+    def local_vms(self, by_ip: Mapping[str, str]) -> None:
+        """The addresses of the node's libvirt VMs (-> UUID), the same for the aggregation and the NAT's undoing."""
+        self.aggregator.local_vms = by_ip
+        if self.unnat is not None:
+            self.unnat.local_vms = by_ip
+
     async def open_conntrack(self, netns: str, own: frozenset[str], local_pods: Mapping[str, str]) -> None:
         """Read the node's connection tracking from now on, if it can be read (else say so, and go on)."""
         try:
@@ -66,6 +72,7 @@ class Intake:
             log.warning("no connection tracking (%s): masqueraded traffic will show as the node's", exc)
             return
         self.unnat = nat.Unnat(lookup, own, local_pods)
+        self.unnat.local_vms = self.aggregator.local_vms
         self.aggregator.destination = destination
         self._close_conntrack = close
 

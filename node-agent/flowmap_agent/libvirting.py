@@ -5,7 +5,8 @@ One thread holds the connection and libvirt's default event loop: it subscribes 
 lifecycle events (defined, started, stopped, undefined ...) and to device added/removed (a NIC
 hot-plugged or unplugged), then lists the running domains, so nothing between the two is missed.
 An event only names its domain: after the loop returns, the domain's live XML is read again (not
-inside libvirt's callback) and the VM's identity replaced or dropped. What the rest of the agent
+inside libvirt's callback) and the VM's identity replaced or dropped, with the addresses libvirt's
+lease and agent sources give (read again at every relisting). What the rest of the agent
 reads is :attr:`LibvirtVMs.vms`, a mapping replaced whole on each change, never mutated.
 
 When libvirtd goes away (a restart, a crash), its VMs keep running and their taps keep carrying
@@ -26,17 +27,19 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from types import MappingProxyType
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from flowmap_agent.domains import DomainError, Vm, parse
+from flowmap_agent.domains import DomainError, Vm, parse, reported
+from flowmap_api.limits import MAX_NODE_VMS
 from flowmap_api.pacing import Backoff
 
 log = logging.getLogger("flowmap.agent.libvirt")
 TICK_MS = 500  # the event loop wakes at least this often, to see a stop or a closed connection
-MAX_VMS = 1024  # running domains followed on one node; past it, the rest are left out and said so
+MAX_VMS = MAX_NODE_VMS  # running domains followed on one node; past it, the rest are left out and said so
 _event_loop_lock = threading.Lock()
 _event_loop_registered = False
 
@@ -189,7 +192,19 @@ class LibvirtVMs:
             return None
         for problem in vm.problems:
             log.warning("libvirt domain %s (%s): %s", vm.name, vm.uuid, problem)
-        return vm
+        return replace(vm, reported=self._addresses(libvirt, dom, vm))
+
+    @staticmethod
+    def _addresses(libvirt: Any, dom: Any, vm: Vm) -> tuple[str, ...]:
+        """What libvirt's lease and guest agent sources say of the VM's MACs (its ARP source is the
+        neighbour table, which the agent reads itself each interval: flowmap_agent.domains)."""
+        found: set[str] = set()
+        for source in (libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE, libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT):
+            try:
+                found.update(reported(dom.interfaceAddresses(source) or {}, vm.macs))
+            except libvirt.libvirtError as exc:  # no libvirt network, no guest agent: the usual case
+                log.debug("libvirt domain %s: addresses from source %d: %s", vm.name, source, exc.get_error_message())
+        return tuple(sorted(found))
 
     def _publish(self, vms: dict[str, Vm]) -> None:
         if len(vms) > MAX_VMS:

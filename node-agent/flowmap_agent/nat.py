@@ -9,7 +9,8 @@ with only its request, and the node's, with a copy of the request and the whole 
 
 The kernel's connection tracking knows both: looking the node's session up by its reply tuple
 (server -> node) gives the original tuple. When that original client is a pod of this node, the
-node's session becomes the pod's — its answer bytes are the pod's answer, its request bytes a
+node's session becomes the pod's (a libvirt VM of this node's too: libvirt's NAT networks
+masquerade its VMs the same way) — its answer bytes are the pod's answer, its request bytes a
 copy already counted on the veth (dropped), and it opens nothing. When the original client is
 not a pod of this node (a NodePort's SNAT of an outside client), the node's session is the
 kernel's plumbing of a connection counted as it entered: it is dropped. When the original client
@@ -47,6 +48,7 @@ class Unnat:
     def __init__(self, lookup: Lookup, node_addresses: Iterable[str], local_pods: Mapping[str, str]) -> None:
         # The node's own addresses: the agent replaces them when the node's plumbing changes.
         self.lookup, self.node_addresses, self.local_pods = lookup, frozenset(node_addresses), local_pods
+        self.local_vms: Mapping[str, str] = {}  # the node's libvirt VMs' addresses, which the agent replaces
         self._cache: OrderedDict[Tuple5, Original] = OrderedDict()
         self.translated = 0  # sessions that became their pod's
         self.dropped = 0  # sessions that were the kernel's plumbing of one counted elsewhere
@@ -69,7 +71,7 @@ class Unnat:
                 # client of a ClusterIP, masqueraded onto cni0's or flannel.1's address): it entered
                 # the network nowhere else, so it is counted here, as the node's.
                 keep.append(s)
-            elif original[0] in self.local_pods:
+            elif original[0] in self.local_pods or original[0] in self.local_vms:
                 s.client_ip, s.client_port = ipaddress.ip_address(original[0]).packed, original[1]
                 s.server_ip, s.server_port = ipaddress.ip_address(original[2]).packed, original[3]
                 s.bytes_c2s = s.packets_c2s = 0

@@ -64,7 +64,8 @@ from flowmap_agent.deltas import EdgeKey, edge_key, merge
 from flowmap_agent.errors import StateError
 from flowmap_agent.positions import MAX_WORKERS, Position
 from flowmap_api import report_pb2 as pb
-from flowmap_api.limits import MAX_BATCH_EDGES, MAX_MESSAGE_BYTES, MAX_NAMES
+from flowmap_api.limits import (MAX_BATCH_EDGES, MAX_MESSAGE_BYTES, MAX_NAMES, MAX_NODE_VMS, MAX_VM_ADDRESSES,
+                                MAX_VM_NAME)
 
 log = logging.getLogger("flowmap.agent")
 MAGIC, VERSION = b"FMAS", 3
@@ -73,8 +74,11 @@ _COUNT = struct.Struct("!H")
 _POSITIONS = {2: struct.Struct("!IQQ"), 3: struct.Struct("!IQQIIQ")}
 MAX_STATE_BYTES = 512 * 1024 * 1024
 # What a batch's deltas and names may weigh: the operator's receive limit, less what is set when
-# the batch is sent (acked, previous, the time, up to MAX_NODE_ADDRESSES addresses: under 4 KiB).
-MAX_BATCH_BYTES = MAX_MESSAGE_BYTES - 16 * 1024
+# the batch is sent (acked, previous, the time, up to MAX_NODE_ADDRESSES addresses: under 4 KiB;
+# up to MAX_NODE_VMS VMs, each at most the weight of the largest one the contract takes).
+_LARGEST_VM = pb.LocalVm(uuid="0" * 36, name="\U0010ffff" * MAX_VM_NAME, label="a" * 63,
+                         addresses=["ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"] * MAX_VM_ADDRESSES)
+MAX_BATCH_BYTES = MAX_MESSAGE_BYTES - 16 * 1024 - MAX_NODE_VMS * (_LARGEST_VM.ByteSize() + 3)
 _M = TypeVar("_M", pb.EdgeDelta, pb.DnsName)
 
 
@@ -150,6 +154,10 @@ class Outbox:
         # The node's own addresses as they are now: every batch says them when it is sent (a resent
         # one too), so the operator always has the latest (plumbing.announced).
         self.node_addresses: tuple[str, ...] = ()
+        # The node's libvirt VMs as they are now, said the same way (flowmap_agent.domains.local_vm),
+        # when the agent follows libvirt (``vms_followed``).
+        self.vms: list[pb.LocalVm] = []
+        self.vms_followed = False
 
     # -- filling --------------------------------------------------------------------------------
 
@@ -216,11 +224,15 @@ class Outbox:
             if b.sequence > self.delivered:
                 b.acked, b.previous, b.sent_unix_ms = self.acked, previous, sent
                 b.node_addresses[:] = self.node_addresses
+                b.vms_followed = self.vms_followed
+                b.ClearField("vms")
+                b.vms.extend(self.vms)
                 out.append(b)
             previous = b.sequence
         if not out and self.unacked and due:
             out.append(pb.ReportBatch(agent_id=self.agent_id, node=self.node, acked=self.acked, sent_unix_ms=sent,
-                                      node_addresses=self.node_addresses))
+                                      node_addresses=self.node_addresses, vms_followed=self.vms_followed,
+                                      vms=self.vms))
         return out
 
     def delivered_ok(self, batch: pb.ReportBatch, ack: pb.ReportAck, now: float | None = None) -> None:

@@ -11,7 +11,8 @@ through the one definition of a valid report, cut numbered batches within the co
 save the outbox to disk, then deliver whatever is not acknowledged, each batch saying the node's
 own addresses as they are when it is sent (``node_addresses``: another node's report of them, a
 hostNetwork client arriving through the tunnel, is then this node's, not a pod's nor the
-outside's). The loop never waits on the operator longer than a send timeout, and backs off with
+outside's) and, when it follows libvirt, the node's VMs with their addresses (``vms``: each a member
+of its own Group, flowmap_agent.domains). The loop never waits on the operator longer than a send timeout, and backs off with
 jitter (from 0.5 s: a batch the operator defers because it names a pod it does not know yet goes
 again within a second). The dp starts with the Node object's addresses and takes the rest from
 the agent, so it also counts what the node itself sends (a kubelet probe from a bridge's gateway
@@ -61,15 +62,17 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from kubernetes_asyncio import client, config
 from prometheus_client import CollectorRegistry
 
-from flowmap_agent import links, plumbing
+from flowmap_agent import domains, links, plumbing
 from flowmap_agent.capturing import Capturer
 from flowmap_agent.controlling import DpControl
 from flowmap_agent.delivering import Delivery
+from flowmap_agent.domains import Vm
 from flowmap_agent.endpoints import serve
 from flowmap_agent.ingesting import Intake
 from flowmap_agent.libvirting import LibvirtVMs
@@ -120,6 +123,14 @@ class Agent:
         undoing, and every batch from now on (the operator names them this node)."""
         self.intake.own_addresses(wanted.own)
         self.outbox.node_addresses = wanted.announced
+
+    def vms_seen(self, vms: Mapping[str, Vm], neighbours: Mapping[str, list[str]]) -> None:
+        """The node's VMs with their addresses as of now (read before the reports they name are
+        taken): the same for the aggregation, the NAT's undoing and every batch from now on."""
+        held = {uuid: domains.addresses(vm, neighbours) for uuid, vm in vms.items()}
+        self.intake.local_vms({ip: uuid for uuid, ips in held.items() for ip in ips})
+        self.outbox.vms = [domains.local_vm(vm, held[uuid]) for uuid, vm in sorted(vms.items())]
+        self.outbox.vms_followed = True
 
     def open_dp(self) -> ReportReader:
         """The dp socket, the agent's own (flowmap_agent.receiving), read as data arrives from now on."""
@@ -193,9 +204,12 @@ class Agent:
             # would stop capturing them (a restarted agent's dp captures on as it was told). Whether
             # they were read is taken with the pods the plan is made of: they may arrive meanwhile.
             synced, pod_ips = pods.synced.is_set(), list(pods.by_ip)
-            view = await asyncio.to_thread(node_links.read, wanted.missing(pod_ips), self.last_tick)
+            view = await asyncio.to_thread(node_links.read, wanted.missing(pod_ips), self.last_tick,
+                                           self.vms is not None)
             wanted = plumbing.plan(view.links, view.addresses, view.peers, pod_ips, node_ips, uplinks,
                                    self.vms.taps if self.vms is not None else ())
+            if self.vms is not None:
+                self.vms_seen(self.vms.vms, view.neighbours)
             if synced:
                 self.dp_control.update(dp, wanted, pods)
             await self.step(dp, ingest=synced)

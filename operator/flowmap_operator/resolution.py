@@ -35,7 +35,7 @@ from __future__ import annotations
 import ipaddress
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,7 +63,10 @@ RUNTIME_LABELS = frozenset(("pod-template-hash", "controller-revision-hash", "po
 # any) is its VirtualMachine. Their Groups are workload Groups (pods, policy, Protect: the launcher
 # pod's network is the VM's) that `kubectl get fg` shows as kind VM.
 VMI, VM = "VirtualMachineInstance", "VirtualMachine"
-VM_WORKLOADS = frozenset((VM, VMI))
+# A libvirt VM on a node (ReportBatch.vms, :meth:`Resolver.vms_seen`): the member of a workload
+# Group of the operator's VM namespace, shown as kind VM too.
+LIBVIRT = "LibvirtDomain"
+VM_WORKLOADS = frozenset((VM, VMI, LIBVIRT))
 VM_KIND = "VM"
 
 
@@ -142,8 +145,9 @@ def group_name(namespace: str, workload: str) -> str:
 
 class Resolver:
     def __init__(self, grace: float = 300.0, wait: float = 15.0, *, max_names: int = 100_000,
-                 max_cidr_groups: int = 1000, external_ip_cidrs: Iterable[str] = ()) -> None:
+                 max_cidr_groups: int = 1000, external_ip_cidrs: Iterable[str] = (), vm_namespace: str = "libvirt") -> None:
         self.grace = grace
+        self.vm_namespace = vm_namespace  # the namespace of libvirt VMs' Groups (NetworkLearningPolicies there govern them)
         # Where a Service's externalIPs may legitimately be (besides the nodes' own addresses).
         self.external_ip_cidrs = [ipaddress.ip_network(c, strict=False) for c in external_ip_cidrs]
         self.wait = wait  # how long an unknown address inside a node's pod range is waited for
@@ -162,6 +166,7 @@ class Resolver:
         self._reported: dict[str, tuple[float, frozenset[str]]] = {}  # node -> (sent, the addresses its agent reported)
         self._reported_ips: dict[str, set[str]] = {}  # ip -> the nodes reporting it
         self._unknown: dict[str, tuple[float, float]] = {}  # ip -> (first, last) asked about while not known
+        self._node_vms: dict[str, tuple[float, frozenset[str]]] = {}  # node -> (sent, its libvirt VMs' members)
         self._services: dict[tuple[str, str], _Service] = {}
         self._cluster_ips: dict[str, tuple[str, str]] = {}
         self._external_ips: dict[str, tuple[str, str]] = {}  # a Service's spec.externalIPs -> the Service
@@ -212,13 +217,17 @@ class Resolver:
         self._pod_labels[(ns, name)] = pod_labels
         if old and old == (ips, peer):
             return  # only its labels changed
+        self._hold(ns, name, ips, peer, parse_iso(meta.get("creationTimestamp"), now), now)
+
+    def _hold(self, namespace: str, name: str, ips: list[str], peer: Peer, start: float, now: float) -> None:
+        """A member (a pod, a libvirt VM) holds ``ips`` as ``peer`` from ``start``: its former addresses end ``now``."""
+        old = self._pod_ips.get((namespace, name))
         if old:
-            self._end(ns, name, old[0], now)
-        start = parse_iso(meta.get("creationTimestamp"), now)
+            self._end(namespace, name, old[0], now)
         for ip in ips:
             self._pods.setdefault(ip, []).append(_Span(start, math.inf, peer))
             self._unknown.pop(ip, None)
-        self._pod_ips[(ns, name)] = (ips, peer)
+        self._pod_ips[(namespace, name)] = (ips, peer)
 
     def pod_gone(self, namespace: str, name: str, now: float) -> None:
         old = self._pod_ips.pop((namespace, name), None)
@@ -262,10 +271,13 @@ class Resolver:
             self._pod_cidrs[name] = cidrs
         self._pod_ranges = None
 
-    def node_gone(self, name: str) -> None:
+    def node_gone(self, name: str, now: float) -> None:
         self._node_object_gone(name)
         _, reported = self._reported.pop(name, (0.0, frozenset()))
         self._unreport(name, reported)
+        _, vms = self._node_vms.pop(name, (0.0, frozenset()))
+        for member in vms:
+            self.pod_gone(self.vm_namespace, member, now)
         self.version += 1
 
     def _node_object_gone(self, name: str) -> None:
@@ -298,6 +310,30 @@ class Resolver:
         for ip in ips:
             self._reported_ips.setdefault(ip, set()).add(node)
             self._unknown.pop(ip, None)
+
+    def vms_seen(self, node: str, vms: Iterable[tuple[str, str, Sequence[str]]], sent: float, now: float) -> None:
+        """The libvirt VMs ``node``'s agent says run there, each (domain name, label, addresses), as
+        of ``sent``: the whole list (empty: none run). Each is a member ``<node>/<domain>`` of a
+        workload Group of ``vm_namespace`` (of kind VM), named after its label (VMs sharing a label
+        are one Group, as a workload's pods are) or else after its node and domain; its addresses
+        resolve to it as a pod's do, for the grace period after it is gone too. An older report
+        than the one kept (a batch resent by an agent since replaced) changes nothing."""
+        kept = self._node_vms.get(node)
+        if kept is not None and sent < kept[0]:
+            return
+        ns, members = self.vm_namespace, {}
+        for name, label, ips in vms:
+            workload = label or f"{node}.{name}"
+            member = f"{node}/{name}"
+            members[member] = (list(ips), Peer(group_name(ns, workload), "Workload", ns, LIBVIRT, workload, member, node))
+        self._node_vms[node] = (sent, frozenset(members))
+        for member in (kept[1] if kept else frozenset()) - members.keys():
+            self.pod_gone(ns, member, now)
+        for member, (ips, peer) in members.items():
+            if self._pod_ips.get((ns, member)) != (ips, peer):
+                self.version += 1
+                self._pod_labels[(ns, member)] = {}
+                self._hold(ns, member, ips, peer, sent, now)
 
     def group_members_seen(self, group: Body, now: float) -> None:
         """A workload Group as the last operator wrote it, read on start: the pods its status lists

@@ -101,7 +101,7 @@ def _register_watches(registry: kopf.OperatorRegistry, topology: Topology, captu
     watches: list[tuple[tuple[str, str, str], Callable[..., None]]] = [
         (("", "v1", "pods"), feed(lambda b: resolver.pod_seen(b, now()),
                                   lambda b: resolver.pod_gone(b.metadata.namespace or "", b.metadata.name or "", now()))),
-        (("", "v1", "nodes"), feed(resolver.node_seen, lambda b: resolver.node_gone(b.metadata.name or ""))),
+        (("", "v1", "nodes"), feed(resolver.node_seen, lambda b: resolver.node_gone(b.metadata.name or "", now()))),
         (("", "v1", "services"), feed(resolver.service_seen,
                                       lambda b: resolver.service_gone(b.metadata.namespace or "", b.metadata.name or ""))),
         (("discovery.k8s.io", "v1", "endpointslices"), feed(resolver.slice_seen, lambda b: resolver.slice_gone(
@@ -230,7 +230,8 @@ async def run(settings: Settings) -> None:
     custom, core = client.CustomObjectsApi(api_client), client.CoreV1Api(api_client)
 
     resolver = Resolver(wait=settings.unknown_address_wait, max_names=settings.max_dns_names,
-                        max_cidr_groups=settings.max_cidr_groups, external_ip_cidrs=settings.external_ip_cidrs)
+                        max_cidr_groups=settings.max_cidr_groups, external_ip_cidrs=settings.external_ip_cidrs,
+                        vm_namespace=settings.vm_namespace)
     modes = Modes(resolver, default_mode=settings.default_mode, enforcement_disabled=settings.enforcement_disabled,
                   system_namespaces=("kube-system", settings.dns_namespace, settings.namespace),
                   dns=(settings.dns_namespace, dict(kv.split("=", 1) for kv in settings.dns_labels)))

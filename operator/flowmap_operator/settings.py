@@ -16,6 +16,7 @@ from typing import Literal, Self
 
 from flowmap_api.limits import MAX_BATCH_EDGES
 from flowmap_api.settings import port, read, setting
+from flowmap_api.validity import VM_LABEL as DNS_LABEL
 
 
 @dataclass(frozen=True)
@@ -88,8 +89,13 @@ class Settings:
     # while it is not: KubeVirt installed after the operator is noticed within this
     # (flowmap_operator.watching).
     kubevirt_poll: float = setting(30.0, above=0)
+    # The namespace of the libvirt VMs' Groups (the VMs agents report, ReportBatch.vms): the
+    # NetworkLearningPolicies of this namespace govern them, by Group name.
+    vm_namespace: str = "libvirt"
 
     def __post_init__(self) -> None:
+        if not DNS_LABEL.fullmatch(self.vm_namespace):
+            raise ValueError(f"FLOWMAP_OPERATOR_VM_NAMESPACE: {self.vm_namespace!r} is not a namespace name (a DNS label)")
         for cidr in self.external_ip_cidrs:
             try:
                 ipaddress.ip_network(cidr, strict=False)

@@ -287,10 +287,13 @@ class Topology:
         Every end is resolved before anything is changed: a batch refused because an address is
         not known yet leaves no trace, and is applied whole when resent. What the batch teaches
         about the world comes first, since its own deltas may need it: the node's addresses and
-        the DNS answers it saw are facts of the node, and taking them twice changes nothing.
+        the DNS answers it saw, the VMs it runs are facts of the node, and taking them twice changes nothing.
         """
         agent, seq = batch.agent_id, batch.sequence
-        self.resolver.node_addresses_seen(batch.node, batch.node_addresses, batch.sent_unix_ms / 1000 or now)
+        sent = batch.sent_unix_ms / 1000 or now
+        self.resolver.node_addresses_seen(batch.node, batch.node_addresses, sent)
+        if batch.vms_followed:
+            self.resolver.vms_seen(batch.node, ((vm.name, vm.label, vm.addresses) for vm in batch.vms), sent, now)
         if not seq:  # a question for the acknowledgement
             self.ledger.begin_batch(agent, batch.node, 0, batch.acked, 0)
             return Ingested()

@@ -112,3 +112,16 @@ def test_a_call_to_a_clusterip_is_judged_where_the_node_sent_it() -> None:
     assert via_service.verdict == pb.ALLOWED
     assert direct_db.verdict == pb.DENIED  # no DNAT: nothing else to judge
     assert [k[3] for k in asked] == [service, db]  # asked only for edges the policy would deny
+
+
+def test_a_vm_of_this_node_is_a_local_end_named_by_the_batchs_list_of_vms() -> None:
+    agg = Aggregator(local_pods={"10.244.1.10": "shop/web-1"}, node_ips=frozenset({"172.18.0.2", "10.77.1.1"}),
+                     local_vms={"10.77.1.2": "0d5c8e1a-2f0b-4c1b-9a57-7e0f4e3b1c2d"})
+    edges, _ = agg.aggregate(wire_pb2.Report(sessions=[
+        session("10.244.1.10", 40000, "10.77.1.2", 80, new=True, c2s=100, s2c=900),
+        session("10.77.1.2", 40001, "10.244.2.20", 8080, new=True, c2s=10, s2c=20),
+        session("10.77.1.1", 40002, "10.77.1.2", 80, new=True, c2s=1, s2c=2)]))
+    ends = {(d.client.ip, d.server.ip): (d.client.local, d.client.pod, d.server.local, d.server.pod) for d in edges}
+    assert ends == {("10.244.1.10", "10.77.1.2"): (True, "shop/web-1", True, ""),
+                    ("10.77.1.2", "10.244.2.20"): (True, "", False, ""),  # the pod on another node: not local
+                    ("10.77.1.1", "10.77.1.2"): (True, "", True, "")}  # the node (the tap's address) to its VM

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from flowmap_agent import domains, plumbing
+from flowmap_api import report_pb2 as pb
+from flowmap_api import validity
 from flowmap_agent.domains import DomainError, Nic, parse
 
 LIVE = """<domain type='kvm' id='3'>
@@ -90,3 +94,32 @@ def test_the_vms_followed_on_a_node_are_bounded() -> None:
     assert len(watch.vms) == MAX_VMS and len(watch.taps) == MAX_VMS and watch.changes == 1
     watch._publish(many)  # the same again: nothing changed
     assert watch.changes == 1
+
+
+def test_a_vms_addresses_come_from_its_macs_in_the_neighbour_table_and_from_libvirt() -> None:
+    vm = replace(parse(LIVE), reported=("10.9.0.7",))
+    neighbours = {"52:54:00:aa:bb:01": ["192.168.122.10", "fe80::5054:ff:feaa:bb01", "2001:db8::10"],
+                  "52:54:00:aa:bb:03": ["10.77.1.2"], "02:00:00:00:00:99": ["10.0.0.99"]}  # not the VM's
+    assert domains.addresses(vm, neighbours) == ("10.77.1.2", "10.9.0.7", "192.168.122.10", "2001:db8::10")
+    # bounded, and the same ones for the same input
+    many = {"52:54:00:aa:bb:01": [f"10.1.0.{i}" for i in range(100)]}
+    assert domains.addresses(vm, many) == tuple(sorted({f"10.1.0.{i}" for i in range(100)} | {"10.9.0.7"}))[:16]
+
+
+def test_libvirts_answer_gives_the_addresses_of_the_vms_macs_only() -> None:
+    # virDomainInterfaceAddresses from the guest agent: the guest's loopback and a NIC of its own too
+    answer = {"lo": {"hwaddr": "00:00:00:00:00:00", "addrs": [{"type": 0, "addr": "127.0.0.1", "prefix": 8}]},
+              "eth0": {"hwaddr": "52:54:00:AA:BB:01", "addrs": [
+                  {"type": 0, "addr": "192.168.122.10", "prefix": 24},
+                  {"type": 1, "addr": "fe80::5054:ff:feaa:bb01", "prefix": 64}, {"type": 0, "addr": "junk"}]},
+              "docker0": {"hwaddr": "02:42:00:00:00:01", "addrs": [{"type": 0, "addr": "172.17.0.1", "prefix": 16}]},
+              "weird": "not a mapping"}
+    assert domains.reported(answer, parse(LIVE).macs) == ("192.168.122.10",)
+
+
+def test_how_a_report_names_a_vm_passes_the_contract() -> None:
+    vm = replace(parse(LIVE), name="web/1\x1b[2J")
+    said = domains.local_vm(vm, ("10.77.1.2",))
+    assert (said.uuid, said.name, said.label, list(said.addresses)) == (
+        "0d5c8e1a-2f0b-4c1b-9a57-7e0f4e3b1c2d", "web\\x2f1\\x1b[2J", "web", ["10.77.1.2"])
+    validity.check_batch(pb.ReportBatch(agent_id="a", node="n", vms_followed=True, vms=[said]))

@@ -26,7 +26,8 @@ from flowmap_agent.outbox import MAX_BATCH_BYTES, Outbox
 from flowmap_agent.positions import Position
 from flowmap_api import report_pb2 as pb
 from flowmap_api import validity
-from flowmap_api.limits import MAX_BATCH_EDGES, MAX_NAMES
+from flowmap_api.limits import (MAX_BATCH_EDGES, MAX_MESSAGE_BYTES, MAX_NAMES, MAX_NODE_ADDRESSES, MAX_NODE_VMS,
+                                MAX_VM_ADDRESSES, MAX_VM_NAME)
 from flowmap_operator.ledger import Counters, Ledger, OutOfOrder
 
 SERVERS = ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"]
@@ -311,3 +312,32 @@ def test_a_question_that_brings_nothing_waits_twice_as_long_for_the_next_up_to_r
     assert asked == [4.0, 12.0, 22.0, 32.0]
     assert [b.sequence for b in box.unacked] == [second.sequence] and first.sequence == 1
     assert box.to_deliver(now=32.5) == [] and box.to_deliver(now=33.0) != []  # progress: an interval again
+
+
+def test_every_batch_says_the_nodes_vms_as_they_are_when_it_is_sent_within_the_contract() -> None:
+    box = Outbox("a", "node-a")
+    box.add([delta("10.0.0.1", 5)])
+    assert box.cut(now=0.0) is not None
+    [first] = box.to_deliver()
+    assert not first.vms_followed and not first.vms  # an agent that does not follow libvirt says nothing
+    largest = [pb.LocalVm(uuid=f"00000000-0000-0000-0000-{i:012x}", name="\U0010ffff" * MAX_VM_NAME,
+                          label="a" * 63, addresses=[f"ffff:ffff:ffff:ffff:ffff:ffff:255.255.{i % 256}.{j}"
+                                                     for j in range(MAX_VM_ADDRESSES)])
+               for i in range(MAX_NODE_VMS)]
+    box.vms, box.vms_followed = largest, True
+    box.delivered = 0  # a new connection: sent again, saying the VMs as they are now
+    box.add([delta(f"10.1.{i // 250}.{i % 250}", 10**9) for i in range(MAX_BATCH_EDGES)])
+    while box.cut(now=1.0) is not None:
+        pass
+    sent = box.to_deliver()
+    assert len(sent) >= 2 and all(list(b.vms) == largest and b.vms_followed for b in sent)
+    # what is set at sending, at its largest, never pushes a batch of the most deltas over the receive limit
+    said = pb.ReportBatch(agent_id="a" * 128, node="n" * 253, sequence=2**64 - 1, acked=2**64 - 1,
+                          previous=2**64 - 1, sent_unix_ms=2**62, vms_followed=True, vms=largest,
+                          node_addresses=["ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"] * MAX_NODE_ADDRESSES)
+    assert said.ByteSize() + MAX_BATCH_BYTES <= MAX_MESSAGE_BYTES
+    for b in sent:
+        validity.check_batch(b)
+    box.vms = []
+    again = box.to_deliver(now=100.0)
+    assert all(b.vms_followed and not b.vms for b in again)  # none run now

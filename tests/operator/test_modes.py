@@ -232,7 +232,7 @@ def test_the_nodes_peer_holds_every_address_the_agents_report() -> None:
     version = r.version
     r.node_addresses_seen("node-a", ["172.18.0.2", "10.244.1.0"], NOW + 1)  # cni0 went away
     assert r.version > version and "10.244.1.1" not in r.node_addresses()
-    r.node_gone("node-a")
+    r.node_gone("node-a", 0.0)
     assert r.node_addresses() == ["172.18.0.3"]
 
 

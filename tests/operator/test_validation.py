@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from flowmap_api import report_pb2 as pb
-from flowmap_api.limits import MAX_BATCH_EDGES, MAX_NAMES, MAX_NODE_ADDRESSES
+from flowmap_api.limits import MAX_BATCH_EDGES, MAX_NAMES, MAX_NODE_ADDRESSES, MAX_NODE_VMS, MAX_VM_ADDRESSES
 from flowmap_api.validity import MAX_COUNTER, dns_name, uncountable
 from flowmap_operator.errors import InvalidReport
 from flowmap_operator.settings import Settings
@@ -35,6 +35,50 @@ def test_node_addresses_are_bounded_and_must_be_addresses() -> None:
         validate(pb.ReportBatch(agent_id="a", node="node-a", node_addresses=[*said, "fd00::1"]), max_edges=10)
     with pytest.raises(InvalidReport, match=r"node_addresses\[1\]: 'cni0' is not an IP address"):
         validate(pb.ReportBatch(agent_id="a", node="node-a", node_addresses=["10.244.1.0", "cni0"]), max_edges=10)
+
+
+UUID = "0d5c8e1a-2f0b-4c1b-9a57-7e0f4e3b1c2d"
+
+
+def vms(*listed: pb.LocalVm, followed: bool = True, sequence: int = 1) -> pb.ReportBatch:
+    return pb.ReportBatch(agent_id="a", node="node-a", sequence=sequence, vms_followed=followed, vms=listed)
+
+
+def test_a_nodes_vms_are_checked_whole_their_addresses_made_canonical() -> None:
+    web = pb.LocalVm(uuid=UUID, name="web 1", label="web", addresses=["10.77.1.2", "2001:DB8::2"])
+    said = vms(web)
+    tally = validate(said, max_edges=10)
+    assert list(said.vms[0].addresses) == ["10.77.1.2", "2001:db8::2"] and tally[("vm_address", "not_canonical")] == 1
+    validate(vms(web, sequence=0), max_edges=10)  # an ack question says them too
+    validate(vms(), max_edges=10)  # none run
+    many = [pb.LocalVm(uuid=f"00000000-0000-0000-0000-{i:012x}", name=f"vm{i}") for i in range(MAX_NODE_VMS + 1)]
+    with pytest.raises(InvalidReport, match=f"vms: {MAX_NODE_VMS + 1} VMs, more than the limit {MAX_NODE_VMS}"):
+        validate(vms(*many), max_edges=10)
+
+
+@pytest.mark.parametrize(("vm", "followed", "says"), [
+    (pb.LocalVm(uuid=UUID, name="web"), False, "vms: listed by an agent that does not say it follows"),
+    (pb.LocalVm(uuid=UUID.upper(), name="web"), True, r"vms\[0\].uuid: .* is not a canonical UUID"),
+    (pb.LocalVm(uuid="web", name="web"), True, r"vms\[0\].uuid"),
+    (pb.LocalVm(uuid=UUID, name=""), True, r"vms\[0\].name"),
+    (pb.LocalVm(uuid=UUID, name="a/b"), True, r"vms\[0\].name: 'a/b' is not 1-200 printable characters without '/'"),
+    (pb.LocalVm(uuid=UUID, name="web\x1b[2J"), True, r"vms\[0\].name: 'web\\\\x1b\[2J'"),  # shown escaped
+    (pb.LocalVm(uuid=UUID, name="x" * 201), True, r"vms\[0\].name"),
+    (pb.LocalVm(uuid=UUID, name="web", label="Web"), True, r"vms\[0\].label: 'Web' is not a DNS label"),
+    (pb.LocalVm(uuid=UUID, name="web", label="web\n"), True, r"vms\[0\].label"),  # anchored at the very end
+    (pb.LocalVm(uuid=UUID, name="web", addresses=["eth0"]), True, r"vms\[0\].addresses\[0\]: 'eth0' is not an IP"),
+    (pb.LocalVm(uuid=UUID, name="web", addresses=[f"10.0.0.{i}" for i in range(MAX_VM_ADDRESSES + 1)]), True,
+     f"vms\\[0\\].addresses: {MAX_VM_ADDRESSES + 1} addresses, more than the limit {MAX_VM_ADDRESSES}"),
+])
+def test_a_batch_naming_a_vm_wrongly_is_refused_whole(vm: pb.LocalVm, followed: bool, says: str) -> None:
+    with pytest.raises(InvalidReport, match=says) as err:
+        validate(vms(vm, followed=followed), max_edges=10)
+    assert err.value.edge is None
+
+
+def test_the_same_vm_twice_is_refused() -> None:
+    with pytest.raises(InvalidReport, match=r"vms\[1\].uuid: .* listed twice"):
+        validate(vms(pb.LocalVm(uuid=UUID, name="a"), pb.LocalVm(uuid=UUID, name="b")), max_edges=10)
 
 
 @pytest.mark.parametrize(("raw", "kept", "reason"), [
