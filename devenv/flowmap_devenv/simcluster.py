@@ -367,6 +367,13 @@ table ip kube-proxy {{
                                             env=self._agent_env[node_name])
         return self.agents[node_name]
 
+    def restart_agent(self, node_name: str, **env: str) -> Proc:
+        """Stop a node's agent (in order) and start it again with more settings, e.g.
+        ``FLOWMAP_AGENT_LIBVIRT_URI``; its dp captures on meanwhile."""
+        self.stop(self.agents[node_name])
+        self._agent_env[node_name].update(env)
+        return self.start_agent(node_name)
+
     def start_dp(self, node_name: str) -> Proc:
         """(Re)start a node's dp, as the DaemonSet flowmap-dp runs it, apart from the agent (its own
         process in the node's namespace, told the node's addresses, reporting to the agent's

@@ -66,13 +66,14 @@ class Domain:
     console: Path  # the serial console's log
     label: str = ""
     memory_mib: int = 192
+    dns: str = ""  # the VM's name server; "" for the tap's host address
 
     def xml(self, image: Image, accel: str) -> str:
         """The domain's XML: direct kernel boot, one virtio NIC on a tap libvirt makes, no disk, ACPI
         (PCI hot-plug of another NIC needs it);
         ``accel`` (``kvm`` or ``tcg``, :func:`flowmap_devenv.vmimage.accelerator`) its type."""
         cmdline = (f"console=ttyS0 panic=-1 flowmap.ip={self.vm_ip}/{self.prefix} flowmap.gw={self.host_ip} "
-                   f"flowmap.dns={self.host_ip} flowmap.name={self.name}")
+                   f"flowmap.dns={self.dns or self.host_ip} flowmap.name={self.name}")
         metadata = (f"<metadata><flowmap:vm xmlns:flowmap='https://flowmap.dev/libvirt/1'>"
                     f"<flowmap:label>{escape(self.label)}</flowmap:label></flowmap:vm></metadata>"
                     if self.label else "")

@@ -16,11 +16,14 @@ A label for the VM, if its owner gives one, is in the domain's metadata, in flow
 It must be a DNS label (it names the VM's group); one that is not is ignored, and said so.
 
 A VM's addresses are what its MACs give: the node's neighbour table (libvirt's ``arp`` source,
-read by the agent itself each interval: a host that routes for the VM learns its address from the
-ARP or neighbour solicitation that precedes its first packet) and libvirt's ``lease`` (its
-networks' DHCP) and ``agent`` (the QEMU guest agent) sources, which libvirt reads more slowly.
-A bridged VM whose host neither routes for it nor leases it an address, and has no guest agent,
-has none known: its traffic is captured, but its end shows as the address's, not the VM's.
+read by the agent itself each interval, after it took the dp's reports: a host that routes for
+the VM learns its address from the ARP or neighbour discovery before it forwards to it, or from
+the VM's own first packet) and libvirt's ``lease`` (its networks' DHCP) and ``agent`` (the QEMU
+guest agent) sources, which libvirt reads more slowly. An address stays the VM's while it runs,
+unless the table gives it to another MAC. The blind spots: a report taken between a packet to
+an address the node never resolved and the node's ARP answer (the VM's very first contact,
+within one round trip); and a bridged VM whose host neither routes for it nor leases it an
+address, with no guest agent: its traffic is captured, but its end shows as its address's.
 """
 
 from __future__ import annotations
@@ -155,11 +158,15 @@ def reported(answer: Mapping[str, Any], macs: Iterable[str]) -> tuple[str, ...]:
     return tuple(sorted(set(found)))
 
 
-def addresses(vm: Vm, neighbours: Mapping[str, Iterable[str]]) -> tuple[str, ...]:
-    """The VM's addresses: the neighbour table's for its MACs (``neighbours``: MAC -> addresses) and
-    libvirt's; at most MAX_VM_ADDRESSES, the same ones for the same input."""
-    found = {ip for mac in vm.macs for raw in neighbours.get(mac, ()) if (ip := usable(raw))} | set(vm.reported)
-    return tuple(sorted(found))[:MAX_VM_ADDRESSES]
+def addresses(vm: Vm, neighbours: Mapping[str, Iterable[str]], known: Iterable[str] = ()) -> tuple[str, ...]:
+    """The VM's addresses: the neighbour table's for its MACs (``neighbours``: MAC -> addresses),
+    libvirt's, and those it was known by (``known``) unless the table now gives one to another MAC
+    (an entry ages out of the table while the VM keeps its address); at most MAX_VM_ADDRESSES,
+    the same ones for the same input."""
+    mine = set(vm.macs)
+    found = {ip for mac in mine for raw in neighbours.get(mac, ()) if (ip := usable(raw))} | set(vm.reported)
+    others = {usable(raw) for mac, held in neighbours.items() if mac not in mine for raw in held}
+    return tuple(sorted(found | (set(known) - others)))[:MAX_VM_ADDRESSES]
 
 
 def local_vm(vm: Vm, held: Iterable[str]) -> pb.LocalVm:

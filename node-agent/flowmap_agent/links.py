@@ -87,7 +87,6 @@ class View:
     links: list[Link]
     addresses: list[Address]
     peers: dict[PeerKey, Seen]  # every pod veth's peer addresses known now
-    neighbours: dict[str, list[str]] = field(default_factory=dict)  # MAC -> addresses, when asked for
 
 
 @dataclass
@@ -99,22 +98,31 @@ class Reader:
     netns: str = ""
     peers: dict[PeerKey, Seen] = field(default_factory=dict)
 
-    def read(self, missing: bool = False, now: float = 0.0, neighbours: bool = False) -> View:
+    def read(self, missing: bool = False, now: float = 0.0) -> View:
         """Links, addresses, and the peers of new veths (and of all, every ``REREAD`` seconds,
-        while ``missing``: a pod IP not found); the neighbour table too if ``neighbours`` (the
-        node's VMs are known by their MACs)."""
+        while ``missing``: a pod IP not found)."""
         with _ipr(self.netns) as ipr:
             links = [_link(msg) for msg in ipr.get_links()]
             addresses = [_address(msg) for msg in ipr.get_addr()]
             for key in to_read(links, self.peers, missing, now):
                 self.peers[key] = Seen(global_addresses(_peer_addresses(ipr, key)), now)
-            neighbours_found = _neighbours(ipr) if neighbours else {}
         links = [replace(link, port=self._wireguard_port(link.name)) if link.kind == "wireguard" else link
                  for link in links]
         alive = {link.peer_key for link in links}
         for key in [k for k in self.peers if k not in alive]:
             del self.peers[key]
-        return View(links, addresses, dict(self.peers), neighbours_found)
+        return View(links, addresses, dict(self.peers))
+
+    def neighbours(self) -> dict[str, list[str]]:
+        """The neighbour table's entries that hold a link-layer address (not failed or still
+        resolving): MAC (lower case) -> addresses. The node's VMs are known by their MACs."""
+        found: dict[str, list[str]] = {}
+        with _ipr(self.netns) as ipr:
+            for msg in ipr.get_neighbours():
+                mac, ip = msg.get_attr("NDA_LLADDR"), msg.get_attr("NDA_DST")
+                if mac and ip and not msg["state"] & (NUD_INCOMPLETE | NUD_FAILED):
+                    found.setdefault(str(mac).lower(), []).append(str(ip))
+        return found
 
     def _wireguard_port(self, name: str) -> int:
         """A WireGuard device's listen port, over generic netlink; 0 if it cannot be read (then
@@ -141,17 +149,6 @@ def _link(msg: ifinfmsg) -> Link:
     return Link(index=msg["index"], name=msg.get_attr("IFLA_IFNAME") or "", kind=kind,
                 up=bool(msg["flags"] & IFF_UP), peer=msg.get_attr("IFLA_LINK") or 0,
                 peer_netns=msg.get_attr("IFLA_LINK_NETNSID"), port=port)
-
-
-def _neighbours(ipr: IPRoute) -> dict[str, list[str]]:
-    """The neighbour table's entries that hold a link-layer address (not failed or still
-    resolving): MAC (lower case) -> addresses."""
-    found: dict[str, list[str]] = {}
-    for msg in ipr.get_neighbours():
-        mac, ip = msg.get_attr("NDA_LLADDR"), msg.get_attr("NDA_DST")
-        if mac and ip and not msg["state"] & (NUD_INCOMPLETE | NUD_FAILED):
-            found.setdefault(str(mac).lower(), []).append(str(ip))
-    return found
 
 
 def _address(msg: ifaddrmsg) -> Address:

@@ -116,6 +116,8 @@ class Agent:
         self.intake.blocking(self.protector.block, settings.threat_block_seconds, settings.threat_block_max)
         self.dp_control = DpControl(self.capturer, own_changed=self.own_changed)
         self.vms = LibvirtVMs(settings.libvirt_uri, registry, settings.libvirt_resync) if settings.libvirt_uri else None
+        self.vm_addresses: dict[str, tuple[str, ...]] = {}  # UUID -> the addresses its VM is known by
+        self.links = links.Reader(settings.netns)
         self.last_tick = time.monotonic()
 
     def own_changed(self, wanted: plumbing.Plan) -> None:
@@ -125,9 +127,11 @@ class Agent:
         self.outbox.node_addresses = wanted.announced
 
     def vms_seen(self, vms: Mapping[str, Vm], neighbours: Mapping[str, list[str]]) -> None:
-        """The node's VMs with their addresses as of now (read before the reports they name are
-        taken): the same for the aggregation, the NAT's undoing and every batch from now on."""
-        held = {uuid: domains.addresses(vm, neighbours) for uuid, vm in vms.items()}
+        """The node's VMs with their addresses as of now (read after the reports they name were
+        taken off the dp's socket): the same for the aggregation, the NAT's undoing and every
+        batch from now on."""
+        held = self.vm_addresses = {uuid: domains.addresses(vm, neighbours, self.vm_addresses.get(uuid, ()))
+                                    for uuid, vm in vms.items()}
         self.intake.local_vms({ip: uuid for uuid, ips in held.items() for ip in ips})
         self.outbox.vms = [domains.local_vm(vm, held[uuid]) for uuid, vm in sorted(vms.items())]
         self.outbox.vms_followed = True
@@ -150,7 +154,10 @@ class Agent:
         it); the reports wait, unacknowledged, in the receiver and the dp."""
         assert self.receiver is not None
         if ingest:
-            await self.intake.ingest(self.receiver.drain())
+            reports = self.receiver.drain()
+            if self.vms is not None:  # the VMs' addresses as the node knows them after those reports' packets
+                self.vms_seen(self.vms.vms, await asyncio.to_thread(self.links.neighbours))
+            await self.intake.ingest(reports)
         self.outbox.cut_all()
         await asyncio.to_thread(self.outbox.save, Path(self.settings.state_file))
         dp.ack(acks(self.outbox.dp_positions))  # saved: the dp may forget them
@@ -171,7 +178,7 @@ class Agent:
         self.intake.aggregator.local_pods = pods.by_ip
         node = await core.read_node(s.node)
         node_ips = frozenset(a.address for a in node.status.addresses or [] if a.type in ("InternalIP", "ExternalIP"))
-        node_links = links.Reader(s.netns)
+        node_links = self.links
         uplinks = set(s.uplinks)
         view = await asyncio.to_thread(node_links.read, False, time.monotonic())
         wanted = plumbing.plan(view.links, view.addresses, view.peers, (), node_ips, uplinks)
@@ -204,12 +211,9 @@ class Agent:
             # would stop capturing them (a restarted agent's dp captures on as it was told). Whether
             # they were read is taken with the pods the plan is made of: they may arrive meanwhile.
             synced, pod_ips = pods.synced.is_set(), list(pods.by_ip)
-            view = await asyncio.to_thread(node_links.read, wanted.missing(pod_ips), self.last_tick,
-                                           self.vms is not None)
+            view = await asyncio.to_thread(node_links.read, wanted.missing(pod_ips), self.last_tick)
             wanted = plumbing.plan(view.links, view.addresses, view.peers, pod_ips, node_ips, uplinks,
                                    self.vms.taps if self.vms is not None else ())
-            if self.vms is not None:
-                self.vms_seen(self.vms.vms, view.neighbours)
             if synced:
                 self.dp_control.update(dp, wanted, pods)
             await self.step(dp, ingest=synced)

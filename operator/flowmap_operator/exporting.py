@@ -11,6 +11,12 @@ Two forms:
   ipBlocks for nodes, CIDR groups, names learned from DNS and the outside; DNS to the cluster's
   DNS always allowed. What NetworkPolicy cannot say (ICMP, a workload without labels of its own)
   is left out and named in the warnings.
+
+libvirt VMs on the nodes are workloads of the operator's VM namespace (their Groups, of kind VM,
+list them with their addresses): a NetworkLearningPolicy selects them by name and their node
+enforces it, but a NetworkPolicy selects pods only. So ``networkpolicy`` makes none for a VM
+(a warning says to use ``nlp``), and a pod's peer that is a VM becomes its addresses as its
+Group last listed them (a warning says so).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from flowmap_operator.policy.rules import ANY, Policy
-from flowmap_operator.resolution import EXTERNAL, NODES, RUNTIME_LABELS, group_name, workload_of
+from flowmap_operator.resolution import EXTERNAL, LIBVIRT, NODES, RUNTIME_LABELS, VM_KIND, group_name, workload_of
 
 Obj = Mapping[str, Any]
 RuleKey = tuple[str, str, str, int, str]  # direction, peer group, peer cidr, port, protocol
@@ -36,6 +42,7 @@ class Workload:
     group: str
     labels: dict[str, str]  # carried by all its pods
     ips: list[str] = field(default_factory=list)
+    vm: bool = False  # libvirt VMs on nodes, not pods
 
 
 @dataclass
@@ -73,6 +80,10 @@ class Inventory:
                 cidrs[name] = list(spec["cidrs"])
             elif status.get("kind") == "FQDN":
                 names[name] = sorted({ip for m in status.get("members") or [] for ip in m.get("ips") or []})
+            elif status.get("kind") == VM_KIND and (status.get("workload") or {}).get("kind") == LIBVIRT:
+                workloads[name] = Workload(status.get("namespace", ""), status["workload"].get("name", ""), name, {},
+                                           sorted({ip for m in status.get("members") or [] for ip in m.get("ips") or []}),
+                                           vm=True)
         return cls(workloads, node_ips, cidrs, names)
 
 
@@ -141,6 +152,13 @@ def network_policies(namespace: str, inventory: Inventory, connections: list[Obj
         if cidr:
             return _ip_blocks([cidr])
         w = inventory.workloads.get(group)
+        if w is not None and w.vm:
+            if not w.ips:
+                warnings.append(f"{group}: a libvirt VM with no address known; left out")
+                return None
+            warnings.append(f"{group}: a libvirt VM is no pod; its addresses as its Group last listed them "
+                            f"({', '.join(w.ips[:4])}) are allowed instead")
+            return _ip_blocks(w.ips)
         if w is not None:
             if not w.labels:
                 warnings.append(f"{group}: its pods share no label to select them by; left out")
@@ -163,6 +181,10 @@ def network_policies(namespace: str, inventory: Inventory, connections: list[Obj
         return None
 
     for w in sorted((w for w in inventory.workloads.values() if w.namespace == namespace), key=lambda w: w.name):
+        if w.vm:
+            warnings.append(f"{w.group}: a libvirt VM; a NetworkPolicy selects pods only: no NetworkPolicy for it "
+                            "(export it with --format nlp: its node enforces a NetworkLearningPolicy)")
+            continue
         if not w.labels:
             warnings.append(f"{w.group}: its pods share no label to select them by; no NetworkPolicy for it")
             continue

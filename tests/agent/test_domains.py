@@ -104,6 +104,11 @@ def test_a_vms_addresses_come_from_its_macs_in_the_neighbour_table_and_from_libv
     # bounded, and the same ones for the same input
     many = {"52:54:00:aa:bb:01": [f"10.1.0.{i}" for i in range(100)]}
     assert domains.addresses(vm, many) == tuple(sorted({f"10.1.0.{i}" for i in range(100)} | {"10.9.0.7"}))[:16]
+    # an entry aged out of the table: the VM keeps the address, until the table gives it to another MAC
+    before = domains.addresses(vm, neighbours)
+    assert domains.addresses(vm, {}, before) == before
+    assert domains.addresses(vm, {"02:00:00:00:00:99": ["10.77.1.2"]}, before) == (
+        "10.9.0.7", "192.168.122.10", "2001:db8::10")
 
 
 def test_libvirts_answer_gives_the_addresses_of_the_vms_macs_only() -> None:

@@ -73,3 +73,21 @@ def test_pods_addresses_and_tunnels_of_both_cni_shapes(privileged: None) -> None
             ["10.244.1.10", "fd00:10:244:1::a"], ["10.244.1.12"], ["10.244.1.20"], ["172.18.0.1"]]
     finally:
         lab.close()
+
+
+def test_the_neighbour_table_by_mac_is_what_the_node_resolved(privileged: None) -> None:
+    lab = Lab()
+    try:
+        node, vm = lab.ns("fmnode"), lab.ns("fmpod")
+        tap, nic = lab.veth(node, ["10.77.1.1/30", "2001:db8:77::1/64"], vm, ["10.77.1.2/30", "2001:db8:77::2/64"])
+        mac = lab.exec(vm, "cat", f"/sys/class/net/{nic}/address").strip()
+        lab.exec(node, "ping", "-c", "1", "-W", "2", "10.77.1.2")  # the node resolves the VM's address
+        lab.exec(node, "ip", "neigh", "add", "10.77.1.3", "dev", tap, "nud", "failed")  # never resolved
+        lab.exec(node, "ip", "neigh", "add", "2001:db8:77::9", "lladdr", "52:54:00:77:00:09", "dev", tap,
+                 "nud", "stale")  # aged, still the MAC's
+        found = links.Reader(node).neighbours()
+        assert "10.77.1.2" in found[mac.lower()]
+        assert found["52:54:00:77:00:09"] == ["2001:db8:77::9"]
+        assert not any("10.77.1.3" in ips for ips in found.values())
+    finally:
+        lab.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 from flowmap_api import report_pb2 as pb
+from flowmap_operator.exporting import Inventory, learning_policies, network_policies
 from flowmap_operator.naming import object_name
 from flowmap_operator.policy.compiling import Compiler
 from flowmap_operator.policy.modes import Modes
@@ -16,7 +17,7 @@ from flowmap_operator.resolution import LIBVIRT, Resolver, shown_kind
 from flowmap_operator.status import group_status
 from flowmap_operator.topology import Topology
 from tests.operator.harness import edge
-from tests.operator.test_vms import CLIENT, resolver
+from tests.operator.test_vms import CLIENT, client_pod, resolver
 
 NOW = time.time()
 VM_IP, OTHER_IP = "10.77.1.2", "10.77.2.2"
@@ -113,3 +114,27 @@ def test_protect_on_a_vm_is_enforced_by_its_node_on_its_addresses() -> None:
     assert (db.pod, list(db.ips)) == ("libvirt/node-a/db", [VM_IP])
     assert [(list(p.cidrs), p.protocol, list(p.ports)) for p in db.ingress] == [([f"{CLIENT}/32"], pb.TCP, [80])]
     assert Compiler(modes).node("node-b", NOW).pods == []  # only its own node enforces it
+
+
+def test_export_makes_a_learning_policy_for_a_vm_and_no_network_policy_and_says_why() -> None:
+    vm_group = {"metadata": {"name": "libvirt.legacy-db"}, "status": {
+        "kind": "VM", "namespace": "libvirt", "workload": {"kind": LIBVIRT, "name": "legacy-db"},
+        "members": [{"name": "node-a/db", "ips": [VM_IP], "node": "node-a"}]}}
+    inventory = Inventory.build([client_pod()], [], [vm_group])
+    learned = [{"spec": {"client": "vms.web", "server": "libvirt.legacy-db", "port": 80, "protocol": "TCP"},
+                "status": {"action": "Learned", "app": "http"}}]
+    (nlp,) = learning_policies("libvirt", "Protect", inventory, learned, [])
+    assert nlp["metadata"] == {"name": "legacy-db", "namespace": "libvirt"}
+    assert nlp["spec"] == {"mode": "Protect", "groups": ["libvirt.legacy-db"], "rules": [
+        {"direction": "Ingress", "peer": {"group": "vms.web"}, "ports": [{"port": 80, "protocol": "TCP"}],
+         "app": "http"}]}
+    docs, warnings = network_policies("libvirt", inventory, learned, [])
+    assert docs == [] and warnings == ["libvirt.legacy-db: a libvirt VM; a NetworkPolicy selects pods only: no "
+                                       "NetworkPolicy for it (export it with --format nlp: its node enforces a "
+                                       "NetworkLearningPolicy)"]
+    # the web pod's NetworkPolicy allows the VM by its addresses, and says so
+    (web,), warnings = network_policies("vms", inventory, learned, [])
+    assert web["spec"]["egress"][1] == {"to": [{"ipBlock": {"cidr": f"{VM_IP}/32"}}],
+                                        "ports": [{"protocol": "TCP", "port": 80}]}
+    assert warnings == [f"libvirt.legacy-db: a libvirt VM is no pod; its addresses as its Group last listed them "
+                        f"({VM_IP}) are allowed instead"]

@@ -75,12 +75,13 @@ class Node:
     host_tables: str = ""
     host_paths: list[str] = field(default_factory=list)
 
-    def open(self) -> Node:
+    def open(self, ns: str = "") -> Node:
+        """Start libvirtd in a namespace of its own, or in ``ns`` (another's node, which it keeps)."""
         self.image = vmimage.ensure()
         self.accel = vmimage.accelerator(self.image)
         self.host_paths = [p for p in HOST_PATHS if os.path.lexists(p)]
         self.host_tables = nft_tables()
-        self.ns = self.lab.ns("fmvmn")
+        self.ns = ns or self.lab.ns("fmvmn")
         self.daemon = vms.Libvirtd(self.folder / "libvirt", self.ns)
         self.daemon.start()
         return self
@@ -91,13 +92,13 @@ class Node:
         assert self.daemon is not None
         return libvirt.open(self.daemon.uri)
 
-    def domain(self, name: str, label: str = "") -> vms.Domain:
+    def domain(self, name: str, label: str = "", dns: str = "") -> vms.Domain:
         """A new domain's description: a fresh UUID, MAC, tap and /30 (10.77.<n>.0/30)."""
         n = self.count = self.count + 1
         self.uuids.add(made := str(uuid.uuid4()))
         return vms.Domain(name=name, uuid=made, mac=f"52:54:00:77:{n // 256:02x}:{n % 256:02x}",
                           tap=netns.unique("fmtap"), host_ip=f"10.77.{n}.1", vm_ip=f"10.77.{n}.2", prefix=30,
-                          console=self.folder / f"{name}-{n}.console", label=label)
+                          console=self.folder / f"{name}-{n}.console", label=label, dns=dns)
 
     def boot(self, domain: vms.Domain, timeout: float = 120.0) -> VM:
         """Define and start ``domain``; wait for the VM's ready line."""
@@ -143,11 +144,11 @@ class Node:
         """Stop everything; returns what stayed behind (empty when clean)."""
         left: list[str] = []
         if self.daemon is not None:
-            node_tables = nft_tables(self.ns) if self.ns else ""
+            node_tables = nft_tables(self.ns) if self.ns in self.lab.namespaces else ""
             if node_tables.strip():
                 left.append(f"nftables tables in the node: {node_tables.strip()}")
             self.daemon.stop()
-        self.lab.close()
+        self.lab.close()  # only the namespace it made
         deadline = time.monotonic() + 10
         while (extra := qemu_pids(self.uuids)) and time.monotonic() < deadline:
             time.sleep(0.1)
