@@ -18,12 +18,13 @@ It must be a DNS label (it names the VM's group); one that is not is ignored, an
 A VM's addresses are what its MACs give: the node's neighbour table (libvirt's ``arp`` source,
 read by the agent itself each interval, after it took the dp's reports: a host that routes for
 the VM learns its address from the ARP or neighbour discovery before it forwards to it, or from
-the VM's own first packet) and libvirt's ``lease`` (its networks' DHCP) and ``agent`` (the QEMU
-guest agent) sources, which libvirt reads more slowly. An address stays the VM's while it runs,
+the VM's own first packet) and libvirt's ``lease`` source (its networks' DHCP), read at each
+listing. (libvirt's ``agent`` source, the QEMU guest agent, needs a read-write connection: the
+agent's is read-only.) An address stays the VM's while it runs,
 unless the table gives it to another MAC. The blind spots: a report taken between a packet to
 an address the node never resolved and the node's ARP answer (the VM's very first contact,
 within one round trip); and a bridged VM whose host neither routes for it nor leases it an
-address, with no guest agent: its traffic is captured, but its end shows as its address's.
+address: its traffic is captured, but its end shows as its address's.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class Vm:
     nics: tuple[Nic, ...]
     label: str = ""
     problems: tuple[str, ...] = ()  # what was ignored, for the log
-    reported: tuple[str, ...] = ()  # addresses libvirt's lease and agent sources gave (:func:`reported`)
+    reported: tuple[str, ...] = ()  # addresses libvirt's lease source gave (:func:`reported`)
 
     @property
     def taps(self) -> tuple[str, ...]:
@@ -149,8 +150,8 @@ def usable(raw: str) -> str:
 
 def reported(answer: Mapping[str, Any], macs: Iterable[str]) -> tuple[str, ...]:
     """The addresses of ``macs`` in an answer of libvirt's ``virDomainInterfaceAddresses``
-    ({interface: {"hwaddr": MAC, "addrs": [{"addr": ...}]}}): the guest agent's lists the guest's
-    loopback and other NICs too."""
+    ({interface: {"hwaddr": MAC, "addrs": [{"addr": ...}]}}): a lease of another NIC, or (from a
+    guest agent) the guest's loopback, is not the VM's NIC's."""
     wanted, found = set(macs), []
     for entry in answer.values():
         if isinstance(entry, Mapping) and str(entry.get("hwaddr") or "").lower() in wanted:

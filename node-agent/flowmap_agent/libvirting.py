@@ -6,7 +6,11 @@ lifecycle events (defined, started, stopped, undefined ...) and to device added/
 hot-plugged or unplugged), then lists the running domains, so nothing between the two is missed.
 An event only names its domain: after the loop returns, the domain's live XML is read again (not
 inside libvirt's callback) and the VM's identity replaced or dropped, with the addresses libvirt's
-lease and agent sources give (read again at every relisting). What the rest of the agent
+lease source gives (read again at every relisting).
+
+The connection is read-only (``virConnectOpenReadOnly``; on a node, the read-only socket
+``/run/libvirt/libvirt-sock-ro`` is enough): the agent lists, reads and is told, and can change
+nothing of a VM. What the rest of the agent
 reads is :attr:`LibvirtVMs.vms`, a mapping replaced whole on each change, never mutated.
 
 When libvirtd goes away (a restart, a crash), its VMs keep running and their taps keep carrying
@@ -92,7 +96,7 @@ class LibvirtVMs:
         backoff = Backoff(0.5, 30.0, jitter=0.5)
         while not halt.is_set():
             try:
-                conn = libvirt.open(self.uri)
+                conn = libvirt.openReadOnly(self.uri)
             except libvirt.libvirtError as exc:
                 self._breaks.labels("connect").inc()
                 wait = backoff.next()
@@ -196,15 +200,14 @@ class LibvirtVMs:
 
     @staticmethod
     def _addresses(libvirt: Any, dom: Any, vm: Vm) -> tuple[str, ...]:
-        """What libvirt's lease and guest agent sources say of the VM's MACs (its ARP source is the
-        neighbour table, which the agent reads itself each interval: flowmap_agent.domains)."""
-        found: set[str] = set()
-        for source in (libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE, libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT):
-            try:
-                found.update(reported(dom.interfaceAddresses(source) or {}, vm.macs))
-            except libvirt.libvirtError as exc:  # no libvirt network, no guest agent: the usual case
-                log.debug("libvirt domain %s: addresses from source %d: %s", vm.name, source, exc.get_error_message())
-        return tuple(sorted(found))
+        """What libvirt's lease source (its networks' DHCP) says of the VM's MACs. Its ARP source is
+        the neighbour table, which the agent reads itself each interval (flowmap_agent.domains);
+        its guest agent source needs a read-write connection, which the agent does not take."""
+        try:
+            return reported(dom.interfaceAddresses(libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE) or {}, vm.macs)
+        except libvirt.libvirtError as exc:  # not on a libvirt network: the usual case
+            log.debug("libvirt domain %s: no addresses from its leases: %s", vm.name, exc.get_error_message())
+            return ()
 
     def _publish(self, vms: dict[str, Vm]) -> None:
         if len(vms) > MAX_VMS:

@@ -112,7 +112,7 @@ def test_a_vms_addresses_come_from_its_macs_in_the_neighbour_table_and_from_libv
 
 
 def test_libvirts_answer_gives_the_addresses_of_the_vms_macs_only() -> None:
-    # virDomainInterfaceAddresses from the guest agent: the guest's loopback and a NIC of its own too
+    # virDomainInterfaceAddresses as a guest agent answers it: the guest's loopback and a NIC of its own too
     answer = {"lo": {"hwaddr": "00:00:00:00:00:00", "addrs": [{"type": 0, "addr": "127.0.0.1", "prefix": 8}]},
               "eth0": {"hwaddr": "52:54:00:AA:BB:01", "addrs": [
                   {"type": 0, "addr": "192.168.122.10", "prefix": 24},
