@@ -6,6 +6,7 @@ flowmap_agent.capturing carries them (the stream, the reports); everything decid
 
 * **Targets.** An order names its target pods as ``namespace/name``; the dp captures on the host
   side of their veths, each described ``namespace/workload pod`` (the pcapng's if_description).
+  A libvirt VM's member is named ``namespace/node/domain``: the dp captures on each of its taps.
   A pod the agent does not know on this node (yet: its veth not found, or the pod watch behind)
   is left out of the targets, and an order with no known target is left out of the Control until
   one appears: the operator sees no status for it, and it starts when its first target is found.
@@ -34,6 +35,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
+from flowmap_agent.domains import Vm, local_vm
 from flowmap_agent.errors import Unservable, Untranslatable
 from flowmap_api import report_pb2 as pb
 from flowmap_api.limits import MAX_NODE_UPLOADS
@@ -91,13 +93,24 @@ def description(pod: str, workload: str) -> str:
     return f"{namespace}/{workload} {name}"[:MAX_DESCRIPTION]
 
 
-def capture(order: pb.CaptureOrder, pods: Mapping[str, str]) -> wire_pb2.PacketCapture | None:
-    """The dp's entry for ``order`` on this node (``pods``: pod -> its interface); None while no
-    target pod is known here. Untranslatable when the order cannot be said to the dp."""
+def local_vms(node: str, vms: Iterable[Vm], present: Collection[str]) -> dict[str, tuple[str, ...]]:
+    """``<node>/<domain>`` (how the operator names a VM's member, flowmap_operator.resolution) ->
+    its taps that are on the node."""
+    return {f"{node}/{local_vm(vm, ()).name}": taps for vm in vms if (taps := tuple(t for t in vm.taps if t in present))}
+
+
+def capture(order: pb.CaptureOrder, pods: Mapping[str, str],
+            vms: Mapping[str, Sequence[str]] | None = None) -> wire_pb2.PacketCapture | None:
+    """The dp's entry for ``order`` on this node (``pods``: pod -> its interface; ``vms``: a libvirt
+    VM's ``<node>/<domain>`` -> its taps, a target ``<namespace>/<node>/<domain>``); None while no
+    target is known here. Untranslatable when the order cannot be said to the dp."""
     targets: dict[str, wire_pb2.PacketCaptureTarget] = {}
     for target in order.targets:
-        interface = pods.get(target.pod)
-        if interface is not None and interface not in targets:  # the dp refuses an interface named twice
+        found = pods.get(target.pod)
+        interfaces = (found,) if found is not None else (vms or {}).get(target.pod.partition("/")[2], ())
+        for interface in interfaces:
+            if interface in targets:  # the dp refuses an interface named twice
+                continue
             targets[interface] = wire_pb2.PacketCaptureTarget(
                 name=interface, description=description(target.pod, target.workload or target.pod.partition("/")[2]))
     filters = [_filter(f) for f in order.filters]  # refused even while no target is known
@@ -119,7 +132,7 @@ class Orders:
     refused: Mapping[str, str] = field(default_factory=dict)  # id -> why: the agent's own refusals
 
 
-def orders(node: pb.NodeCaptures, pods: Mapping[str, str]) -> Orders:
+def orders(node: pb.NodeCaptures, pods: Mapping[str, str], vms: Mapping[str, Sequence[str]] | None = None) -> Orders:
     """The dp's ``packet_captures`` and ``keep`` for the operator's ``node`` orders and the pods
     known here (see the module docstring)."""
     listed: list[wire_pb2.PacketCapture] = []
@@ -132,7 +145,7 @@ def orders(node: pb.NodeCaptures, pods: Mapping[str, str]) -> Orders:
             continue  # an id ordered twice: the first order counts, as in the dp
         seen.add(capture_id)
         try:
-            entry = capture(order, pods)
+            entry = capture(order, pods, vms)
         except Untranslatable as exc:
             refused[capture_id] = str(exc)
             unlisted.append(capture_id)

@@ -28,7 +28,7 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import BinaryIO
@@ -105,9 +105,9 @@ class Capturer:
         temporary.write_bytes(message.SerializeToString())
         os.replace(temporary, self.path)
 
-    def orders(self, pods: Mapping[str, str]) -> Orders:
-        """What the next Control carries, for the pods known now."""
-        made = orders(self.wanted, pods) if self.wanted is not None else Orders()
+    def orders(self, pods: Mapping[str, str], vms: Mapping[str, Sequence[str]] | None = None) -> Orders:
+        """What the next Control carries, for the pods (and libvirt VMs) known now."""
+        made = orders(self.wanted, pods, vms) if self.wanted is not None else Orders()
         self.refused = made.refused
         self.running.set(len(made.captures))
         return made

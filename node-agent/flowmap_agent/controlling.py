@@ -9,7 +9,7 @@ the whole set of captures.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 from flowmap_agent import plumbing
 from flowmap_agent.captures import Orders, local_pods
@@ -28,10 +28,12 @@ class DpControl:
         self.capturer, self.own_changed = capturer, own_changed
         self.told: tuple[plumbing.Plan, Orders] | None = None  # what the dp was told last
 
-    def update(self, dp: ReportReader, wanted: plumbing.Plan, pods: LocalPods) -> None:
+    def update(self, dp: ReportReader, wanted: plumbing.Plan, pods: LocalPods,
+               vms: Mapping[str, Sequence[str]] | None = None) -> None:
         """Tell the dp when what it should do changed: the node's plumbing, or its packet captures
-        (the operator's orders, for the pods whose interface is found now)."""
-        orders = self.capturer.orders(local_pods(pods.by_ip, wanted.pods))
+        (the operator's orders, for the pods whose interface is found now, and the libvirt VMs'
+        taps, ``vms``: flowmap_agent.captures.local_vms)."""
+        orders = self.capturer.orders(local_pods(pods.by_ip, wanted.pods), vms)
         told, told_orders = self.told if self.told is not None else (None, None)
         if told is None or orders != told_orders or (
                 wanted.interfaces, wanted.own, wanted.underlay, wanted.overlay) != (

@@ -69,6 +69,7 @@ from kubernetes_asyncio import client, config
 from prometheus_client import CollectorRegistry
 
 from flowmap_agent import domains, links, plumbing
+from flowmap_agent.captures import local_vms
 from flowmap_agent.capturing import Capturer
 from flowmap_agent.controlling import DpControl
 from flowmap_agent.delivering import Delivery
@@ -215,7 +216,8 @@ class Agent:
             wanted = plumbing.plan(view.links, view.addresses, view.peers, pod_ips, node_ips, uplinks,
                                    self.vms.taps if self.vms is not None else ())
             if synced:
-                self.dp_control.update(dp, wanted, pods)
+                self.dp_control.update(dp, wanted, pods, None if self.vms is None else local_vms(
+                    s.node, self.vms.vms.values(), wanted.interfaces))
             await self.step(dp, ingest=synced)
             await pause(self.stop, s.interval - (time.monotonic() - self.last_tick))
 

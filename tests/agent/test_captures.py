@@ -7,8 +7,9 @@ import re
 
 import pytest
 
-from flowmap_agent.captures import (MAX_DESCRIPTION, MAX_MESSAGE, MAX_STATUSES, local_pods, orders, statuses,
-                                    upload_path, uploads)
+from flowmap_agent.captures import (MAX_DESCRIPTION, MAX_MESSAGE, MAX_STATUSES, local_pods, local_vms, orders,
+                                    statuses, upload_path, uploads)
+from flowmap_agent.domains import parse
 from flowmap_agent.errors import Unservable
 from flowmap_api import report_pb2 as pb
 from flowmap_dp import demand, wire_pb2
@@ -172,3 +173,22 @@ def test_only_a_finished_files_own_name_in_the_capture_folder_is_sent() -> None:
                 upload_path(ID, [status], FOLDER)
     with pytest.raises(Unservable, match="is not a capture id"):
         upload_path("../../etc/passwd", [done(capture_id="../../etc/passwd")], FOLDER)
+
+
+def test_a_libvirt_vms_member_is_captured_on_each_of_its_taps_on_the_node() -> None:
+    db = parse("<domain><name>db</name><uuid>0d5c8e1a-2f0b-4c1b-9a57-7e0f4e3b1c2d</uuid><devices>"
+               "<interface type='bridge'><mac address='52:54:00:00:00:01'/><target dev='vnet1'/></interface>"
+               "<interface type='network'><mac address='52:54:00:00:00:02'/><target dev='vnet2'/></interface>"
+               "<interface type='network'><mac address='52:54:00:00:00:03'/><target dev='vnet9'/></interface>"
+               "</devices></domain>")
+    vms = local_vms("node-a", [db], present={"vnet1", "vnet2", "eth0"})  # vnet9 is not on the node (yet)
+    assert vms == {"node-a/db": ("vnet1", "vnet2")}
+    made = orders(pb.NodeCaptures(captures=[pb.CaptureOrder(
+        id="libvirt/cap/0f1e2d3c-aaaa-bbbb-cccc-000000000001", max_bytes=1 << 20, duration_seconds=5,
+        targets=[pb.CaptureTarget(pod="libvirt/node-a/db", workload="legacy-db"),
+                 pb.CaptureTarget(pod="libvirt/node-b/other", workload="legacy-db")])]), PODS, vms)
+    (entry,) = made.captures
+    assert [(t.name, t.description) for t in entry.targets] == [("vnet1", "libvirt/legacy-db node-a/db"),
+                                                                ("vnet2", "libvirt/legacy-db node-a/db")]
+    # a pod's name never holds a '/': a VM's member is never taken for a pod, nor a pod for a VM
+    assert orders(pb.NodeCaptures(captures=[order(pods=["shop/db"])]), {}, {"shop/db": ("vnet1",)}).captures == ()

@@ -3,7 +3,8 @@ simcluster), a real libvirtd boots the test VM on a routed tap; node-a's agent f
 its dp captures on the tap. The VM calls a pod on the other node (HTTP) and the cluster's DNS, a
 pod calls the VM; the Connections between the VM's Group and the pods' carry exactly what node-a's
 kernel forwarded. Then what the VM did, exported with ``flowmap export`` and applied in Protect:
-the pod it learned still gets through, another pod is reset at its first SYN.
+the pod it learned still gets through, another pod is reset at its first SYN; and a packet
+capture of the VM's Group holds what crossed its tap.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import pytest
 import yaml
 
 from flowmap_devenv.controlplane import REPO
+from flowmap_dp.capturing import file_name
+from flowmap_dp.classify import classify_file
 from flowmap_devenv.simcluster import API, DNS, NODES, WEB, WORKER, SimCluster
 from flowmap_operator.naming import connection_name
 from tests.conftest import need
@@ -157,3 +160,21 @@ def test_a_libvirt_vm_talks_to_pods_as_a_group_of_its_own_counted_exactly_and_pr
     outcome, took = probe(sim, WORKER, "tcp", vm_ip, 80)  # from node-b: node-a forwards it to the tap
     assert outcome == "refused", (outcome, took)
     assert rule_packets(sim, "node-a", "ingress", "reject") == resets + 1  # one SYN, no retransmission
+
+    # A packet capture of the VM's Group: its node's dp writes what crosses the VM's tap.
+    sim.plane.kubectl("apply", "-f", "-", input=json.dumps({
+        "apiVersion": "flowmap.dev/v1alpha1", "kind": "PacketCapture", "metadata": {"name": "vm", "namespace": "libvirt"},
+        "spec": {"targets": {"groups": ["legacy-db"]}, "durationSeconds": 4}}))
+
+    def capture() -> dict[str, Any]:
+        return dict(json.loads(sim.plane.kubectl("get", "packetcapture", "-n", "libvirt", "vm", "-o", "json").stdout))
+
+    wait_for(lambda: capture().get("status", {}).get("phase") == "Running", "the VM's capture runs", 30)
+    assert probe(sim, WEB, "tcp", vm_ip, 80)[0] == "connected"
+    done = wait_for(lambda: (c := capture()).get("status", {}).get("phase") == "Completed" and c["status"],
+                    "the VM's capture completed", 60)
+    (ran,) = done["nodes"]
+    path = sim.capture_dir("node-a") / file_name(f"libvirt/vm/{capture()['metadata']['uid']}")
+    assert (ran["node"], ran["fileBytes"]) == ("node-a", path.stat().st_size)
+    flows = [f for f in classify_file(path) if f["server"] == f"{vm_ip}:80"]
+    assert flows and all(f["client"].startswith(f"{WEB.ip}:") and f["packets_c2s"] >= 3 for f in flows), flows
