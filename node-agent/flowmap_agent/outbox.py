@@ -158,6 +158,9 @@ class Outbox:
         # when the agent follows libvirt (``vms_followed``).
         self.vms: list[pb.LocalVm] = []
         self.vms_followed = False
+        # The node's pods' verified secondary addresses as they are now, (pod, addresses) each
+        # (flowmap_agent.plumbing.secondary_reported): every batch says them all when it is sent, like the above.
+        self.pod_addresses: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     # -- filling --------------------------------------------------------------------------------
 
@@ -227,13 +230,19 @@ class Outbox:
                 b.vms_followed = self.vms_followed
                 b.ClearField("vms")
                 b.vms.extend(self.vms)
+                self._say_pod_addresses(b)
                 out.append(b)
             previous = b.sequence
         if not out and self.unacked and due:
             out.append(pb.ReportBatch(agent_id=self.agent_id, node=self.node, acked=self.acked, sent_unix_ms=sent,
                                       node_addresses=self.node_addresses, vms_followed=self.vms_followed,
                                       vms=self.vms))
+            self._say_pod_addresses(out[-1])
         return out
+
+    def _say_pod_addresses(self, batch: pb.ReportBatch) -> None:
+        del batch.pod_addresses[:]
+        batch.pod_addresses.extend(pb.PodAddresses(pod=pod, ips=ips) for pod, ips in self.pod_addresses)
 
     def delivered_ok(self, batch: pb.ReportBatch, ack: pb.ReportAck, now: float | None = None) -> None:
         """The operator took ``batch`` (at ``now``, monotonic): drop every batch it says is written."""
