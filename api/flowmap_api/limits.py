@@ -1,6 +1,6 @@
 """Bounds of the report contract that both sides keep: the agent splits and trims its batches to
 them. The operator refuses a message above MAX_MESSAGE_BYTES (RESOURCE_EXHAUSTED) and a batch with
-more edges or node addresses than allowed (INVALID_ARGUMENT, naming no edge); names beyond MAX_NAMES
+more edges, node addresses or pod addresses than allowed (INVALID_ARGUMENT, naming no edge); names beyond MAX_NAMES
 are metadata, dropped and counted (flowmap_api.validity). A batch within them is never refused for
 its size.
 """
@@ -27,6 +27,11 @@ MAX_NODE_ADDRESSES = 64
 MAX_NODE_VMS = 1024
 MAX_VM_ADDRESSES = 16
 MAX_VM_NAME = 200
+
+# ReportBatch.pod_addresses: the secondary (Multus) addresses of a node's pods, in all. A node runs at
+# most 110 pods by default (the kubelet's --max-pods; 250 where raised), each on a few secondary
+# networks in one or two families; the agent keeps the first (by pod name) within the bound.
+MAX_POD_ADDRESSES = 1024
 
 # CaptureReport.captures: how the node's captures stand. A node runs at most a few at once (the dp's
 # --max-captures, default 4) and keeps finished ones until their TTL; 256 is far beyond both.

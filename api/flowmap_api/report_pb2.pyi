@@ -121,7 +121,7 @@ class LocalVm(_message.Message):
     def __init__(self, uuid: _Optional[str] = ..., name: _Optional[str] = ..., label: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ReportBatch(_message.Message):
-    __slots__ = ("agent_id", "node", "sequence", "acked", "interval_ms", "sent_unix_ms", "edges", "names", "lost_deltas", "previous", "node_addresses", "vms_followed", "vms")
+    __slots__ = ("agent_id", "node", "sequence", "acked", "interval_ms", "sent_unix_ms", "edges", "names", "lost_deltas", "previous", "node_addresses", "vms_followed", "vms", "pod_addresses")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +135,7 @@ class ReportBatch(_message.Message):
     NODE_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     VMS_FOLLOWED_FIELD_NUMBER: _ClassVar[int]
     VMS_FIELD_NUMBER: _ClassVar[int]
+    POD_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     node: str
     sequence: int
@@ -148,7 +149,16 @@ class ReportBatch(_message.Message):
     node_addresses: _containers.RepeatedScalarFieldContainer[str]
     vms_followed: bool
     vms: _containers.RepeatedCompositeFieldContainer[LocalVm]
-    def __init__(self, agent_id: _Optional[str] = ..., node: _Optional[str] = ..., sequence: _Optional[int] = ..., acked: _Optional[int] = ..., interval_ms: _Optional[int] = ..., sent_unix_ms: _Optional[int] = ..., edges: _Optional[_Iterable[_Union[EdgeDelta, _Mapping]]] = ..., names: _Optional[_Iterable[_Union[DnsName, _Mapping]]] = ..., lost_deltas: _Optional[int] = ..., previous: _Optional[int] = ..., node_addresses: _Optional[_Iterable[str]] = ..., vms_followed: _Optional[bool] = ..., vms: _Optional[_Iterable[_Union[LocalVm, _Mapping]]] = ...) -> None: ...
+    pod_addresses: _containers.RepeatedCompositeFieldContainer[PodAddresses]
+    def __init__(self, agent_id: _Optional[str] = ..., node: _Optional[str] = ..., sequence: _Optional[int] = ..., acked: _Optional[int] = ..., interval_ms: _Optional[int] = ..., sent_unix_ms: _Optional[int] = ..., edges: _Optional[_Iterable[_Union[EdgeDelta, _Mapping]]] = ..., names: _Optional[_Iterable[_Union[DnsName, _Mapping]]] = ..., lost_deltas: _Optional[int] = ..., previous: _Optional[int] = ..., node_addresses: _Optional[_Iterable[str]] = ..., vms_followed: _Optional[bool] = ..., vms: _Optional[_Iterable[_Union[LocalVm, _Mapping]]] = ..., pod_addresses: _Optional[_Iterable[_Union[PodAddresses, _Mapping]]] = ...) -> None: ...
+
+class PodAddresses(_message.Message):
+    __slots__ = ("pod", "ips")
+    POD_FIELD_NUMBER: _ClassVar[int]
+    IPS_FIELD_NUMBER: _ClassVar[int]
+    pod: str
+    ips: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, pod: _Optional[str] = ..., ips: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ReportAck(_message.Message):
     __slots__ = ("applied", "leader", "received", "waiting")

@@ -31,7 +31,8 @@ from flowmap_api.text import printable
 from flowmap_api.threats import NAMES as THREATS
 from flowmap_api.threats import UNKNOWN as UNKNOWN_THREAT
 from flowmap_api.limits import (MAX_BATCH_EDGES, MAX_CAPTURE_MESSAGE, MAX_CAPTURE_STATUSES, MAX_NAMES,
-                                MAX_NODE_ADDRESSES, MAX_NODE_VMS, MAX_VM_ADDRESSES, MAX_VM_NAME)
+                                MAX_NODE_ADDRESSES, MAX_NODE_VMS, MAX_POD_ADDRESSES, MAX_VM_ADDRESSES,
+                                MAX_VM_NAME)
 
 # The trailing metadata key of an INVALID_ARGUMENT refusal caused by one edge; its value is the
 # edge's index into ``batch.edges`` (decimal). A refusal of the batch itself has no such key.
@@ -244,6 +245,7 @@ def check_batch(batch: pb.ReportBatch, *, max_edges: int = MAX_BATCH_EDGES) -> N
             raise Invalid(f"node_addresses[{i}]: {raw[:64]!r} is not an IP address")
     if batch.vms:
         check_vms(batch)
+    check_pod_addresses(batch)
 
 
 def check_vms(batch: pb.ReportBatch) -> None:
@@ -270,6 +272,31 @@ def check_vms(batch: pb.ReportBatch) -> None:
                 raise Invalid(f"vms[{i}].addresses[{j}]: {raw[:64]!r} is not an IP address")
 
 
+def check_pod_addresses(batch: pb.ReportBatch) -> None:
+    """Raise ``Invalid`` unless the batch's secondary pod addresses are within the contract: at most
+    ``MAX_POD_ADDRESSES`` in all, each entry a pod name with IP addresses (the agent builds them so)."""
+    total = sum(len(entry.ips) for entry in batch.pod_addresses)
+    if len(batch.pod_addresses) > MAX_POD_ADDRESSES or total > MAX_POD_ADDRESSES:
+        raise Invalid(f"pod_addresses: {total} addresses of {len(batch.pod_addresses)} pods, more than the limit "
+                      f"{MAX_POD_ADDRESSES}")
+    for i, entry in enumerate(batch.pod_addresses):
+        if len(entry.pod) > MAX_POD or not _POD.fullmatch(entry.pod):
+            raise Invalid(f"pod_addresses[{i}].pod: {entry.pod[:64]!r} is not namespace/name")
+        for j, raw in enumerate(entry.ips):
+            if address(raw) is None:
+                raise Invalid(f"pod_addresses[{i}].ips[{j}]: {raw[:64]!r} is not an IP address")
+
+
+def normalise_pod_addresses(batch: pb.ReportBatch, tally: Tally) -> None:
+    """The secondary pod addresses in canonical spelling (checked by ``check_pod_addresses``)."""
+    for entry in batch.pod_addresses:
+        for j, raw in enumerate(entry.ips):
+            canonical = address(raw)
+            if canonical is not None and canonical != raw:
+                entry.ips[j] = canonical
+                tally["pod_address", "not_canonical"] += 1
+
+
 def normalise(batch: pb.ReportBatch, *, max_edges: int = MAX_BATCH_EDGES) -> Tally:
     """Check the batch and normalise its metadata in place; what was normalised or dropped, by
     (field, reason). Raises ``Invalid`` for the batch, or for the first edge that cannot be counted
@@ -292,6 +319,7 @@ def normalise(batch: pb.ReportBatch, *, max_edges: int = MAX_BATCH_EDGES) -> Tal
             if canonical is not None and canonical != raw:
                 vm.addresses[i] = canonical
                 tally["vm_address", "not_canonical"] += 1
+    normalise_pod_addresses(batch, tally)
     normalise_names(batch, tally)
     return tally
 

@@ -148,7 +148,7 @@ def _link(msg: ifinfmsg) -> Link:
         port = data.get_attr("IFLA_GENEVE_PORT") or 0
     return Link(index=msg["index"], name=msg.get_attr("IFLA_IFNAME") or "", kind=kind,
                 up=bool(msg["flags"] & IFF_UP), peer=msg.get_attr("IFLA_LINK") or 0,
-                peer_netns=msg.get_attr("IFLA_LINK_NETNSID"), port=port)
+                peer_netns=msg.get_attr("IFLA_LINK_NETNSID"), port=port, master=msg.get_attr("IFLA_MASTER") or 0)
 
 
 def _address(msg: ifaddrmsg) -> Address:

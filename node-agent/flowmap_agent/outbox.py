@@ -64,8 +64,9 @@ from flowmap_agent.deltas import EdgeKey, edge_key, merge
 from flowmap_agent.errors import StateError
 from flowmap_agent.positions import MAX_WORKERS, Position
 from flowmap_api import report_pb2 as pb
-from flowmap_api.limits import (MAX_BATCH_EDGES, MAX_MESSAGE_BYTES, MAX_NAMES, MAX_NODE_VMS, MAX_VM_ADDRESSES,
-                                MAX_VM_NAME)
+from flowmap_api.limits import (MAX_BATCH_EDGES, MAX_MESSAGE_BYTES, MAX_NAMES, MAX_NODE_VMS, MAX_POD_ADDRESSES,
+                                MAX_VM_ADDRESSES, MAX_VM_NAME)
+from flowmap_api.validity import MAX_POD
 
 log = logging.getLogger("flowmap.agent")
 MAGIC, VERSION = b"FMAS", 3
@@ -75,10 +76,14 @@ _POSITIONS = {2: struct.Struct("!IQQ"), 3: struct.Struct("!IQQIIQ")}
 MAX_STATE_BYTES = 512 * 1024 * 1024
 # What a batch's deltas and names may weigh: the operator's receive limit, less what is set when
 # the batch is sent (acked, previous, the time, up to MAX_NODE_ADDRESSES addresses: under 4 KiB;
-# up to MAX_NODE_VMS VMs, each at most the weight of the largest one the contract takes).
+# up to MAX_NODE_VMS VMs and MAX_POD_ADDRESSES pods' secondary addresses, each at most the weight
+# of the largest one the contract takes).
+_LONGEST_IP = "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"
 _LARGEST_VM = pb.LocalVm(uuid="0" * 36, name="\U0010ffff" * MAX_VM_NAME, label="a" * 63,
-                         addresses=["ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"] * MAX_VM_ADDRESSES)
-MAX_BATCH_BYTES = MAX_MESSAGE_BYTES - 16 * 1024 - MAX_NODE_VMS * (_LARGEST_VM.ByteSize() + 3)
+                         addresses=[_LONGEST_IP] * MAX_VM_ADDRESSES)
+_LARGEST_POD_ADDRESS = pb.PodAddresses(pod="a" * MAX_POD, ips=[_LONGEST_IP])
+MAX_BATCH_BYTES = (MAX_MESSAGE_BYTES - 16 * 1024 - MAX_NODE_VMS * (_LARGEST_VM.ByteSize() + 3)
+                   - MAX_POD_ADDRESSES * (_LARGEST_POD_ADDRESS.ByteSize() + 3))
 _M = TypeVar("_M", pb.EdgeDelta, pb.DnsName)
 
 
@@ -158,6 +163,9 @@ class Outbox:
         # when the agent follows libvirt (``vms_followed``).
         self.vms: list[pb.LocalVm] = []
         self.vms_followed = False
+        # The node's pods' verified secondary addresses as they are now, (pod, addresses) each
+        # (flowmap_agent.plumbing.secondary_reported): every batch says them all when it is sent, like the above.
+        self.pod_addresses: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     # -- filling --------------------------------------------------------------------------------
 
@@ -227,13 +235,19 @@ class Outbox:
                 b.vms_followed = self.vms_followed
                 b.ClearField("vms")
                 b.vms.extend(self.vms)
+                self._say_pod_addresses(b)
                 out.append(b)
             previous = b.sequence
         if not out and self.unacked and due:
             out.append(pb.ReportBatch(agent_id=self.agent_id, node=self.node, acked=self.acked, sent_unix_ms=sent,
                                       node_addresses=self.node_addresses, vms_followed=self.vms_followed,
                                       vms=self.vms))
+            self._say_pod_addresses(out[-1])
         return out
+
+    def _say_pod_addresses(self, batch: pb.ReportBatch) -> None:
+        del batch.pod_addresses[:]
+        batch.pod_addresses.extend(pb.PodAddresses(pod=pod, ips=ips) for pod, ips in self.pod_addresses)
 
     def delivered_ok(self, batch: pb.ReportBatch, ack: pb.ReportAck, now: float | None = None) -> None:
         """The operator took ``batch`` (at ``now``, monotonic): drop every batch it says is written."""

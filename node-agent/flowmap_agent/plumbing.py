@@ -11,6 +11,17 @@ pod is found the same way whether the CNI routes each pod (ptp, Calico, kindnet,
 Cilium) or bridges them (the bridge plugin, flannel, kubenet). Not found: pods whose interface
 is no veth (macvlan, ipvlan, SR-IOV), which no host interface of the node carries anyway.
 
+**A pod's secondary networks** (Multus, flowmap_api.networks): a network a veth-based plugin
+attaches (bridge, ptp) gives the pod another veth, its peer (``net1`` …) in the same namespace
+as the pod's own. An address the pod's annotation claims is taken only where the kernel
+shows it: on the peer of a veth whose namespace id is the one of the veth holding the pod's
+status.podIPs, and held in no other namespace of the node (two pods on isolated networks may
+reuse an address: neither is named) nor by the node. That veth is captured like the pod's own, and so are
+the other ports of the bridge it is a port of (an uplink NIC of that network, a VM's or a
+stranger's veth): what enters the network from there entered the node there, and the secondary
+network never passes the node's uplinks (a pod's traffic to a host of that network would
+otherwise be counted one way only).
+
 **The node's own addresses** are every global address on an interface that is up: the
 uplinks', a CNI bridge's gateway (``cni0`` 10.244.0.1, the kubelet's probes leave from it), a
 ptp host-side veth's, an overlay tunnel's (flannel's ``flannel.1`` 10.244.0.0, Calico's
@@ -32,9 +43,9 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from flowmap_api.limits import MAX_NODE_ADDRESSES
+from flowmap_api.limits import MAX_NODE_ADDRESSES, MAX_POD_ADDRESSES
 from flowmap_dp.capture import Encapsulation
 
 RT_SCOPE_UNIVERSE = 0
@@ -60,6 +71,7 @@ class Link:
     peer: int = 0  # IFLA_LINK: a veth's peer, by its index in its own namespace
     peer_netns: int | None = None  # IFLA_LINK_NETNSID: the peer's namespace; None: this one
     port: int = 0  # a UDP tunnel's port (vxlan, geneve: its destination; wireguard: its listen port)
+    master: int = 0  # IFLA_MASTER: the bridge (or bond …) this link is a port of, by index; 0: none
 
     @property
     def peer_key(self) -> PeerKey | None:
@@ -118,6 +130,45 @@ def pod_interfaces(links: Iterable[Link], peers: Mapping[PeerKey, Seen], pod_ips
     return out
 
 
+def secondary_interfaces(links: Iterable[Link], peers: Mapping[PeerKey, Seen],
+                         claims: Mapping[str, tuple[Collection[str], Collection[str]]],
+                         own: Collection[str] = ()) -> dict[str, tuple[str, str]]:
+    """Secondary address -> (its host-side veth, its pod), for the addresses each pod claims
+    (``claims``: pod -> (its status.podIPs, the addresses its annotation claims)) that a veth peer
+    in the pod's own namespace holds: the namespace of the veth holding one of its podIPs. Not an
+    address the claimants' podIPs or ``own`` (the node's, and the other pods' podIPs) hold, nor
+    one a veth peer in another namespace holds too (isolated networks reusing a range: by its
+    address, no one can tell the two apart)."""
+    veths = [(link, key, seen) for link in sorted(links, key=lambda link: link.index)
+             if (key := link.peer_key) is not None and (seen := peers.get(key)) is not None]
+    netns_of: dict[str, set[int]] = {}  # an address -> the namespace ids of the veth peers holding it
+    in_netns: dict[int, list[tuple[Link, Seen]]] = {}  # a namespace id -> the veths whose peer is there
+    for link, key, seen in veths:
+        in_netns.setdefault(key[1], []).append((link, seen))
+        for ip in seen.addresses:
+            netns_of.setdefault(ip, set()).add(key[1])
+    primary = {ip for ips, _ in claims.values() for ip in ips}
+    found: dict[str, tuple[str, str]] = {}
+    for pod, (ips, wanted) in sorted(claims.items()):
+        netns = {n for ip in ips for n in netns_of.get(ip, ())}
+        if not wanted or len(netns) != 1:
+            continue  # not found yet, or its podIPs in two namespaces (a sandbox being replaced): not sure
+        claimed = set(wanted)
+        for link, seen in in_netns[netns.pop()]:
+            for ip in seen.addresses & claimed:
+                if len(netns_of[ip]) == 1 and ip not in primary and ip not in own:
+                    found.setdefault(ip, (link.name, pod))
+    return found
+
+
+def secondary_ports(links: Collection[Link], secondary: Mapping[str, tuple[str, str]]) -> set[str]:
+    """The veths of the confirmed secondary addresses, and every other port of the bridges they are
+    ports of (where the rest of that network enters the node)."""
+    veths = {iface for iface, _ in secondary.values()}
+    bridges = {link.master for link in links if link.name in veths and link.master}
+    return veths | {link.name for link in links if link.master in bridges}
+
+
 def own_addresses(links: Iterable[Link], addresses: Iterable[Address]) -> frozenset[str]:
     """The node's own: every global address on an interface that is up."""
     up = {link.index for link in links if link.up}
@@ -156,6 +207,24 @@ def announced(own: Collection[str], node_ips: Collection[str], limit: int = MAX_
     return tuple([*first, *rest][:limit])
 
 
+def secondary_reported(confirmed: Mapping[str, str],
+                       limit: int = MAX_POD_ADDRESSES) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The confirmed secondary addresses (address -> "namespace/name") as the operator is told them
+    with each batch (ReportBatch.pod_addresses): by pod, pods and addresses sorted, at most ``limit``
+    addresses in all (the contract's bound; the first pods keep theirs)."""
+    by_pod: dict[str, list[str]] = {}
+    for ip, pod in confirmed.items():
+        by_pod.setdefault(pod, []).append(ip)
+    out, left = [], limit
+    for pod in sorted(by_pod):
+        ips = sorted(by_pod[pod], key=lambda ip: (ipaddress.ip_address(ip).version, ipaddress.ip_address(ip)))[:left]
+        if not ips:
+            break
+        out.append((pod, tuple(ips)))
+        left -= len(ips)
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class Plan:
     """What the dp captures on a node, and what the agent calls the node's own."""
@@ -166,6 +235,8 @@ class Plan:
     underlay: tuple[str, ...]  # the uplinks: the overlay's encapsulation passes there
     overlay: tuple[Encapsulation, ...]
     announced: tuple[str, ...] = ()  # the own addresses the operator is told (ReportBatch.node_addresses)
+    # Secondary (Multus) address -> (its host-side veth, its pod), verified (secondary_interfaces).
+    secondary: Mapping[str, tuple[str, str]] = field(default_factory=dict)
 
     def missing(self, pod_ips: Iterable[str]) -> bool:
         """Is a pod's interface not found (yet)?"""
@@ -174,14 +245,19 @@ class Plan:
 
 def plan(links: Collection[Link], addresses: Collection[Address], peers: Mapping[PeerKey, Seen],
          pod_ips: Iterable[str], node_ips: Collection[str], uplinks: Collection[str] = (),
-         vm_taps: Collection[str] = ()) -> Plan:
+         vm_taps: Collection[str] = (),
+         claims: Mapping[str, tuple[Collection[str], Collection[str]]] | None = None) -> Plan:
     """The capture for one reading of the node: each pod's veth, each VM tap that exists
-    (``vm_taps``, from libvirt), the uplinks (``uplinks``, or the interfaces holding the Node's
-    addresses) and the tunnels; the node's own addresses (with the Node object's, which a
-    cloud's NAT may keep off every interface)."""
+    (``vm_taps``, from libvirt), the veths of the pods' secondary networks their annotations
+    claim and the kernel confirms (``claims``, see secondary_interfaces), the uplinks
+    (``uplinks``, or the interfaces holding the Node's addresses) and the tunnels; the node's own
+    addresses (with the Node object's, which a cloud's NAT may keep off every interface)."""
+    pod_ips = list(pod_ips)
     pods = pod_interfaces(links, peers, pod_ips)
     underlay = set(uplinks) or holders(links, addresses, node_ips)
     taps = {link.name for link in links if link.name in vm_taps}
-    interfaces = set(pods.values()) | taps | underlay | set(tunnels(links))
     own = own_addresses(links, addresses) | frozenset(node_ips)
-    return Plan(pods, tuple(sorted(interfaces)), own, tuple(sorted(underlay)), overlay(links), announced(own, node_ips))
+    secondary = secondary_interfaces(links, peers, claims, own | set(pod_ips)) if claims else {}
+    interfaces = set(pods.values()) | secondary_ports(links, secondary) | taps | underlay | set(tunnels(links))
+    return Plan(pods, tuple(sorted(interfaces)), own, tuple(sorted(underlay)), overlay(links), announced(own, node_ips),
+                secondary)

@@ -2,7 +2,8 @@
 
 Each interval: read the node's plumbing over netlink (flowmap_agent.links, .plumbing) and tell
 the dp what to capture (the host side of each local pod's veth, found through its peer on any
-veth-based CNI; the taps of the node's libvirt VMs, followed by flowmap_agent.libvirting when
+veth-based CNI, and the veths of its Multus secondary networks whose addresses the kernel
+confirms, flowmap_api.networks; the taps of the node's libvirt VMs, followed by flowmap_agent.libvirting when
 ``FLOWMAP_AGENT_LIBVIRT_URI`` names a libvirtd; the uplinks; the overlay's tunnels), the node's
 own addresses (every global address on an interface that is up: they change, a CNI's bridge and
 tunnel appear with the first pod) and the overlay's encapsulation to drop on the uplinks; take the dp's reports (read
@@ -137,6 +138,15 @@ class Agent:
         self.outbox.vms = [domains.local_vm(vm, held[uuid]) for uuid, vm in sorted(vms.items())]
         self.outbox.vms_followed = True
 
+    def secondary_changed(self, pods: LocalPods, wanted: plumbing.Plan) -> None:
+        """The pods' secondary addresses the kernel confirms now: named after their pods in the
+        deltas from now on, and told the operator with every batch (ReportBatch.pod_addresses)."""
+        before = dict(pods.secondary)
+        pods.confirm(wanted.secondary)
+        if pods.secondary != before:
+            log.info("secondary addresses of the node's pods: %s", dict(sorted(pods.secondary.items())))
+        self.outbox.pod_addresses = plumbing.secondary_reported(pods.secondary)
+
     def open_dp(self) -> ReportReader:
         """The dp socket, the agent's own (flowmap_agent.receiving), read as data arrives from now on."""
         self.receiver = Receiver(self.settings.socket).start()
@@ -211,11 +221,12 @@ class Agent:
             # Until the node's pods are read, a plan knows none of their veths: told to the dp, it
             # would stop capturing them (a restarted agent's dp captures on as it was told). Whether
             # they were read is taken with the pods the plan is made of: they may arrive meanwhile.
-            synced, pod_ips = pods.synced.is_set(), list(pods.by_ip)
+            synced, pod_ips, claims = pods.synced.is_set(), pods.primary_ips(), pods.claims()
             view = await asyncio.to_thread(node_links.read, wanted.missing(pod_ips), self.last_tick)
             wanted = plumbing.plan(view.links, view.addresses, view.peers, pod_ips, node_ips, uplinks,
-                                   self.vms.taps if self.vms is not None else ())
+                                   self.vms.taps if self.vms is not None else (), claims)
             if synced:
+                self.secondary_changed(pods, wanted)
                 self.dp_control.update(dp, wanted, pods, None if self.vms is None else local_vms(
                     s.node, self.vms.vms.values(), wanted.interfaces))
             await self.step(dp, ingest=synced)

@@ -90,6 +90,17 @@ class NotKnownYet(Retry):
         self.ip, self.node = ip, node
 
 
+class SecondaryNotKnownYet(NotKnownYet):
+    """A delta names a secondary (Multus) address its node's agent confirms for a pod that the
+    operator's watch has not delivered yet, or whose network-status annotation it has not seen list
+    the address yet: waited for like a new pod's address (and as long)."""
+
+    def __init__(self, ip: str, node: str, pod: str) -> None:
+        Retry.__init__(self, f"{ip} is a secondary address node {node}'s agent confirms for pod {pod}, which is "
+                             "not known with it yet: resend shortly")
+        self.ip, self.node = ip, node
+
+
 class NotRequested(GiveUp):
     """An upload names a fetch the operator did not ask of this node (or no longer asks: withdrawn
     as the agent started), or another capture, or one being sent already: the agent stops sending

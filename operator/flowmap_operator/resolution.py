@@ -39,8 +39,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from flowmap_api import networks
 from flowmap_operator.dns import NameTable
-from flowmap_operator.errors import NotKnownYet
+from flowmap_operator.errors import NotKnownYet, SecondaryNotKnownYet
 from flowmap_operator.naming import object_name
 from flowmap_operator.prefixes import Network, PrefixTable, Span, span
 from flowmap_operator.times import parse_iso
@@ -180,6 +181,12 @@ class Resolver:
         self.version = 0
         self.agent_nodes: set[str] = set()  # nodes whose pods and own traffic are captured by an agent
         self.agent_selector: tuple[str, dict[str, str]] = ("flowmap-system", {"app.kubernetes.io/name": "flowmap-agent"})
+        # Secondary (Multus) addresses: what pods' annotations claim, what agents confirm, who held what when.
+        self._claims: dict[tuple[str, str], frozenset[str]] = {}  # (ns, pod) -> what its network-status lists
+        self._secondary: dict[str, list[_Span]] = {}  # ip -> spans, oldest first
+        # node -> (sent, ip -> (ns, pod)): the addresses its agent confirmed last
+        self._secondary_reported: dict[str, tuple[float, dict[str, tuple[str, str]]]] = {}
+        self._secondary_pending: dict[str, tuple[str, str, str]] = {}  # ip -> (node, ns, pod) not known with it yet
 
     # -- feeding ---------------------------------------------------------------------------------
 
@@ -198,6 +205,7 @@ class Resolver:
             self.agent_nodes.add(node)
         if spec.get("hostNetwork"):
             return  # its addresses are the node's
+        self._claims_seen(ns, name, meta)
         ips = [p["ip"] for p in status.get("podIPs") or [] if p.get("ip")] or (
             [status["podIP"]] if status.get("podIP") else [])
         if meta.get("deletionTimestamp") or status.get("phase") in ("Succeeded", "Failed"):
@@ -232,6 +240,7 @@ class Resolver:
     def pod_gone(self, namespace: str, name: str, now: float) -> None:
         old = self._pod_ips.pop((namespace, name), None)
         self._pod_labels.pop((namespace, name), None)
+        self._secondary_pod_gone(namespace, name, now)
         vmi = self._launcher_of.pop((namespace, name), None)
         if vmi is not None:
             pods = self._launchers.get((namespace, vmi), set())
@@ -273,6 +282,7 @@ class Resolver:
 
     def node_gone(self, name: str, now: float) -> None:
         self._node_object_gone(name)
+        self._secondary_node_gone(name)
         _, reported = self._reported.pop(name, (0.0, frozenset()))
         self._unreport(name, reported)
         _, vms = self._node_vms.pop(name, (0.0, frozenset()))
@@ -411,7 +421,122 @@ class Resolver:
                 for held in self._pods.get(ip, ()):
                     if held.peer == old:
                         held.peer = peer
+            self._secondary_repeer(old, peer)
             self.version += 1
+
+    # -- secondary (Multus) addresses ---------------------------------------------------------------
+    # A pod's address beyond its status.podIPs is named after it only while its node's agent confirms
+    # it in the pod's network namespace (ReportBatch.pod_addresses), the pod runs on that node, and
+    # its network-status annotation lists it: neither the annotation (anyone who edits the pod writes
+    # it) nor an agent (for a pod of another node) alone. A podIP or a node's address is never one:
+    # ``resolve`` asks for secondary addresses only after both. An address two pods are confirmed to
+    # hold at once (isolated networks reusing a range) is neither's.
+
+    def _claims_seen(self, namespace: str, name: str, meta: Body) -> None:
+        try:
+            claims = frozenset(networks.claimed(meta.get("annotations")))
+        except networks.BadAnnotation:
+            claims = frozenset()  # the agent says why, in its log
+        if claims:
+            self._claims[(namespace, name)] = claims
+        else:
+            self._claims.pop((namespace, name), None)
+
+    def pod_addresses_seen(self, node: str, entries: Iterable[tuple[str, Iterable[str]]], sent: float,
+                           now: float) -> None:
+        """The secondary addresses ``node``'s agent confirms for its pods (``entries``: "namespace/name"
+        and addresses, the whole set), as of ``sent``; those it said before and no longer does end
+        ``now``. An older report than the one kept changes nothing."""
+        kept = self._secondary_reported.get(node)
+        if kept is not None and sent < kept[0]:
+            return
+        said: dict[str, tuple[str, str]] = {}
+        twice = set()
+        for pod, ips in entries:
+            namespace, _, name = pod.partition("/")
+            for ip in ips:
+                if said.setdefault(ip, (namespace, name)) != (namespace, name):
+                    twice.add(ip)
+        for ip in twice:
+            del said[ip]
+        self._secondary_reported[node] = (sent, said)
+        for ip, who in (kept[1] if kept else {}).items():
+            if said.get(ip) != who:
+                self._secondary_end(ip, who, now)
+            if self._secondary_pending.get(ip, ("",))[0] == node:
+                del self._secondary_pending[ip]
+        for ip, who in said.items():
+            self._secondary_open(node, ip, who, now)
+
+    def _secondary_open(self, node: str, ip: str, who: tuple[str, str], now: float) -> None:
+        found = self._pod_ips.get(who)
+        if found is None or ip not in self._claims.get(who, ()):
+            if found is None or found[1].node == node:
+                self._secondary_pending[ip] = (node, *who)  # the watch has not delivered it (so) yet
+            return
+        ips, peer = found
+        if peer.node != node:
+            return  # an agent speaks for its own node's pods only
+        spans = self._secondary.setdefault(ip, [])
+        if any(s.end == math.inf and s.peer == peer for s in spans):
+            return
+        for s in spans:
+            if s.end == math.inf and (s.peer.namespace, s.peer.member) == who:
+                s.end = now  # its workload is known better now
+        start = min((s.start for i in ips for s in self._pods.get(i, ()) if s.peer == peer), default=now)
+        spans.append(_Span(start, math.inf, peer))
+        self._unknown.pop(ip, None)
+        self.version += 1
+
+    def _secondary_end(self, ip: str, who: tuple[str, str], now: float) -> None:
+        spans = self._secondary.get(ip, [])
+        for s in spans:
+            if s.end == math.inf and (s.peer.namespace, s.peer.member) == who:
+                s.end = now
+                self.version += 1
+        spans[:] = [s for s in spans if s.end + self.grace >= now]
+        if not spans:
+            self._secondary.pop(ip, None)
+
+    def _secondary_node_gone(self, node: str) -> None:
+        """Its pods' spans end as the pods go; what its agent said is forgotten."""
+        self._secondary_reported.pop(node, None)
+        for ip in [ip for ip, pending in self._secondary_pending.items() if pending[0] == node]:
+            del self._secondary_pending[ip]
+
+    def _secondary_pod_gone(self, namespace: str, name: str, now: float) -> None:
+        self._claims.pop((namespace, name), None)
+        for ip in [ip for ip, spans in self._secondary.items()
+                   if any((s.peer.namespace, s.peer.member) == (namespace, name) for s in spans)]:
+            self._secondary_end(ip, (namespace, name), now)
+
+    def _secondary_repeer(self, old: Peer, peer: Peer) -> None:
+        for spans in self._secondary.values():
+            for held in spans:
+                if held.peer == old:
+                    held.peer = peer
+
+    def secondary_at(self, ip: str, when: float) -> Peer | None:
+        """The pod whose secondary address ``ip`` was at ``when`` (else within the grace period: the
+        latest started); None if none, or if two pods were confirmed to hold it then."""
+        spans = self._secondary.get(ip, ())
+        held = {s.peer for s in spans if s.start <= when <= s.end}
+        if len(held) > 1:
+            return None
+        if held:
+            return held.pop()
+        near = [s for s in spans if s.start - self.grace <= when <= s.end + self.grace]
+        return max(near, key=lambda s: s.start).peer if near else None
+
+    def _secondary_resolved(self, ip: str, when: float, now: float) -> Peer | None:
+        """``secondary_at``; else, for an address an agent confirms for a pod not known with it yet,
+        raises SecondaryNotKnownYet while it is worth waiting for (``waiting``)."""
+        peer = self.secondary_at(ip, when)
+        if peer is None and ip in self._secondary_pending:
+            node, namespace, name = self._secondary_pending[ip]
+            if self.waiting(ip, when, now):
+                raise SecondaryNotKnownYet(ip, node, f"{namespace}/{name}")
+        return peer
 
     def service_seen(self, svc: Body) -> None:
         meta, spec = svc.get("metadata", {}), svc.get("spec", {})
@@ -588,6 +713,8 @@ class Resolver:
         if pod:
             return pod
         node = self.node_at(ip)
+        if not node and (pod := self._secondary_resolved(ip, when, now)):
+            return pod
         if not node:
             node = self.pod_range_of(ip)
             if node and self.waiting(ip, when, now):

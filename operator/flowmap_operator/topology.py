@@ -294,6 +294,7 @@ class Topology:
         self.resolver.node_addresses_seen(batch.node, batch.node_addresses, sent)
         if batch.vms_followed:
             self.resolver.vms_seen(batch.node, ((vm.name, vm.label, vm.addresses) for vm in batch.vms), sent, now)
+        self.resolver.pod_addresses_seen(batch.node, ((e.pod, e.ips) for e in batch.pod_addresses), sent, now)
         if not seq:  # a question for the acknowledgement
             self.ledger.begin_batch(agent, batch.node, 0, batch.acked, 0)
             return Ingested()

@@ -27,7 +27,7 @@ from flowmap_agent.positions import Position
 from flowmap_api import report_pb2 as pb
 from flowmap_api import validity
 from flowmap_api.limits import (MAX_BATCH_EDGES, MAX_MESSAGE_BYTES, MAX_NAMES, MAX_NODE_ADDRESSES, MAX_NODE_VMS,
-                                MAX_VM_ADDRESSES, MAX_VM_NAME)
+                                MAX_POD_ADDRESSES, MAX_VM_ADDRESSES, MAX_VM_NAME)
 from flowmap_operator.ledger import Counters, Ledger, OutOfOrder
 
 SERVERS = ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"]
@@ -334,7 +334,11 @@ def test_every_batch_says_the_nodes_vms_as_they_are_when_it_is_sent_within_the_c
     # what is set at sending, at its largest, never pushes a batch of the most deltas over the receive limit
     said = pb.ReportBatch(agent_id="a" * 128, node="n" * 253, sequence=2**64 - 1, acked=2**64 - 1,
                           previous=2**64 - 1, sent_unix_ms=2**62, vms_followed=True, vms=largest,
-                          node_addresses=["ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"] * MAX_NODE_ADDRESSES)
+                          node_addresses=["ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"] * MAX_NODE_ADDRESSES,
+                          pod_addresses=[pb.PodAddresses(pod=f"{'n' * 63}/{i:0253d}",
+                                                         ips=["ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"])
+                                         for i in range(MAX_POD_ADDRESSES)])
+    validity.check_pod_addresses(said)
     assert said.ByteSize() + MAX_BATCH_BYTES <= MAX_MESSAGE_BYTES
     for b in sent:
         validity.check_batch(b)
