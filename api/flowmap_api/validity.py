@@ -24,6 +24,7 @@ import ipaddress
 import operator
 import re
 from collections import Counter
+from collections.abc import MutableSequence
 
 from flowmap_api import report_pb2 as pb
 from flowmap_api.apps import APPLICATIONS, UNKNOWN
@@ -287,14 +288,13 @@ def check_pod_addresses(batch: pb.ReportBatch) -> None:
                 raise Invalid(f"pod_addresses[{i}].ips[{j}]: {raw[:64]!r} is not an IP address")
 
 
-def normalise_pod_addresses(batch: pb.ReportBatch, tally: Tally) -> None:
-    """The secondary pod addresses in canonical spelling (checked by ``check_pod_addresses``)."""
-    for entry in batch.pod_addresses:
-        for j, raw in enumerate(entry.ips):
-            canonical = address(raw)
-            if canonical is not None and canonical != raw:
-                entry.ips[j] = canonical
-                tally["pod_address", "not_canonical"] += 1
+def _canonical(addresses: MutableSequence[str], field: str, tally: Tally) -> None:
+    """Addresses (checked already) in canonical spelling, in place; each one respelt counted."""
+    for i, raw in enumerate(addresses):
+        canonical = address(raw)
+        if canonical is not None and canonical != raw:
+            addresses[i] = canonical
+            tally[field, "not_canonical"] += 1
 
 
 def normalise(batch: pb.ReportBatch, *, max_edges: int = MAX_BATCH_EDGES) -> Tally:
@@ -308,18 +308,11 @@ def normalise(batch: pb.ReportBatch, *, max_edges: int = MAX_BATCH_EDGES) -> Tal
         if problem is not None:
             raise Invalid(f"edges[{i}].{problem}", edge=i)
         normalise_edge(edge, tally)
-    for i, raw in enumerate(batch.node_addresses):
-        canonical = address(raw)
-        if canonical is not None and canonical != raw:
-            batch.node_addresses[i] = canonical
-            tally["node_address", "not_canonical"] += 1
+    _canonical(batch.node_addresses, "node_address", tally)
     for vm in batch.vms:
-        for i, raw in enumerate(vm.addresses):
-            canonical = address(raw)
-            if canonical is not None and canonical != raw:
-                vm.addresses[i] = canonical
-                tally["vm_address", "not_canonical"] += 1
-    normalise_pod_addresses(batch, tally)
+        _canonical(vm.addresses, "vm_address", tally)
+    for entry in batch.pod_addresses:
+        _canonical(entry.ips, "pod_address", tally)
     normalise_names(batch, tally)
     return tally
 
