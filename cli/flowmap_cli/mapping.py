@@ -12,8 +12,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from flowmap_operator.resolution import LIBVIRT
+
 ACTIONS = ("Learned", "Allowed", "Violation", "Denied")  # mildest first: a merged edge shows the worst
-# Groups of pods: a workload's, and a KubeVirt VM's (its virt-launcher pods), drawn apart.
+# Groups of pods: a workload's, and a KubeVirt VM's (its virt-launcher pods), drawn apart; and a
+# libvirt VM's (its members are VMs on nodes, LIBVIRT).
 WORKLOADS = ("Workload", "VM")
 MAX_TEXT = 253  # Kubernetes names are at most this long; longer text from the cluster is cut
 
@@ -88,9 +91,10 @@ def group_node(obj: Mapping[str, Any]) -> Node:
     namespace = _text(status.get("namespace"), 63)
     workload = _dict(status.get("workload"))
     if kind in WORKLOADS:
-        members = _int(status.get("memberCount"))
-        pods = f"{members} pod{'s' if members > 1 else ''}" if members else ""
-        detail = " · ".join(p for p in (_text(workload.get("kind"), 16), pods) if p)
+        members, what = _int(status.get("memberCount")), _text(workload.get("kind"), 16)
+        unit = "VM" if what == LIBVIRT else "pod"
+        counted = f"{members} {unit}{'s' if members > 1 else ''}" if members else ""
+        detail = " · ".join(p for p in (what, counted) if p)
     elif isinstance(spec.get("cidrs"), list):
         cidrs = [_text(c, 43) for c in spec["cidrs"][:64]]
         detail = ", ".join(cidrs[:2]) + (f" +{len(cidrs) - 2}" if len(cidrs) > 2 else "")

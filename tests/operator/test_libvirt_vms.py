@@ -9,6 +9,8 @@ from __future__ import annotations
 import time
 
 from flowmap_api import report_pb2 as pb
+from flowmap_cli.drawing import to_dot
+from flowmap_cli.mapping import build, group_node
 from flowmap_operator.exporting import Inventory, learning_policies, network_policies
 from flowmap_operator.naming import object_name
 from flowmap_operator.policy.compiling import Compiler
@@ -138,3 +140,11 @@ def test_export_makes_a_learning_policy_for_a_vm_and_no_network_policy_and_says_
                                         "ports": [{"protocol": "TCP", "port": 80}]}
     assert warnings == [f"libvirt.legacy-db: a libvirt VM is no pod; its addresses as its Group last listed them "
                         f"({VM_IP}) are allowed instead"]
+
+
+def test_the_graph_draws_libvirt_vms_as_vms() -> None:
+    vm = group_node({"metadata": {"name": "libvirt.legacy-db"}, "status": {
+        "kind": "VM", "namespace": "libvirt", "workload": {"kind": LIBVIRT, "name": "legacy-db"}, "memberCount": 2}})
+    assert (vm.kind, vm.detail) == ("VM", "LibvirtDomain · 2 VMs")
+    line = next(x for x in to_dot(build([vm], [])).splitlines() if x.strip().startswith('"libvirt.legacy-db" ['))
+    assert "shape=component" in line
