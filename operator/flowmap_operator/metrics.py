@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
@@ -194,6 +194,12 @@ class EdgeSeries(NamedTuple):
 
     rows: list[tuple[EdgeLabels, Counters]]
     overflow: int  # edges counted in "other"
+    marks: Mapping[EdgeKey, Counters] | None = None  # the published marks read, None when not leading
+
+    def of(self, marks: Mapping[EdgeKey, Counters] | None, overflow: int) -> bool:
+        """Whether these are the series of ``marks`` and ``overflow`` (``EdgeCollector.source``):
+        the same marks, not only equal ones (published marks are replaced whole, never changed)."""
+        return self.marks is marks and self.overflow == overflow
 
 
 class EdgeCollector:
@@ -217,6 +223,13 @@ class EdgeCollector:
 
     def collect(self) -> Iterator[Metric]:
         yield from self.families(self.series())
+
+    def source(self) -> tuple[Mapping[EdgeKey, Counters] | None, int]:
+        """What ``series`` would read now: the published marks (None when not leading) and the
+        overflow count. Series made from the same marks differ only if an edge's label set changed."""
+        if not self.leading():
+            return None, 0
+        return self.totals.published, self.totals.overflow
 
     def series(self) -> EdgeSeries:
         """The edges' series as published now, each with its label set."""
@@ -245,7 +258,7 @@ class EdgeCollector:
                 rows.append((labels, counters))
         if highwater.OTHER in published:
             rows.append((OTHER_LABELS, published[highwater.OTHER]))
-        return EdgeSeries(rows, overflow)
+        return EdgeSeries(rows, overflow, published)
 
     @staticmethod
     def families(series: EdgeSeries) -> tuple[CounterMetricFamily, CounterMetricFamily, CounterMetricFamily,
