@@ -30,7 +30,7 @@ ingests reports: a scrape then shares the GIL (the switch interval is 5 ms).
 
 Usage (from the repo root):
     .venv/bin/python benchmarks/operator_metrics.py [--edges 1000,10000] [--scrapes 20] [--busy]
-        [--against main] [--cap 10000] [--no-ahead]
+        [--against main] [--cap 10000] [--no-ahead] [--ours-only]
 """
 
 from __future__ import annotations
@@ -237,10 +237,11 @@ def scenario(args: argparse.Namespace, edges: int) -> None:
     ours = exposition.Edges(edge_collector(topo, args.cap))
     AHEAD[:] = [] if args.no_ahead else [ours]
     apps = [("flowmap_operator.exposition", Timed(exposition.app(operators, ours)))]
-    reference = CollectorRegistry(auto_describe=True)
-    for collector in (registry, bounds, edge_collector(topo, args.cap)):
-        reference.register(collector)
-    apps.append(("prometheus_client, EdgeCollector", Timed(make_wsgi_app(reference))))
+    if not args.ours_only:
+        reference = CollectorRegistry(auto_describe=True)
+        for collector in (registry, bounds, edge_collector(topo, args.cap)):
+            reference.register(collector)
+        apps.append(("prometheus_client, EdgeCollector", Timed(make_wsgi_app(reference))))
     if args.against:
         old = old_metrics(args.against)
         before = CollectorRegistry(auto_describe=True)
@@ -280,6 +281,7 @@ def main() -> None:
     p.add_argument("--against", help="also serve the EdgeCollector of this git revision (e.g. main) as before")
     p.add_argument("--busy", action="store_true", help="a thread running Python beside the server")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--ours-only", action="store_true", help="serve no reference (prometheus_client's own page)")
     p.add_argument("--no-ahead", action="store_true", help="make no edge samples ahead: each scrape makes them")
     args = p.parse_args()
     print(f"python {sys.version.split()[0]}; {args.scrapes} scrapes per server and way", flush=True)

@@ -2,9 +2,8 @@
 
 prometheus_client makes an object of every sample and formats every label of it at each scrape:
 at 10,000 edges (50,000 samples) that took over a second of the operator's one CPU. The edge
-families' samples are written instead in one pass over the ledger, from label sets made once per
-edge and lines made again only for the edges whose counters the ledger wrote since
-(``metrics.EdgeCollector.samples``). All else is prometheus_client's, as its own server does it
+families' samples are written instead in one pass over the published marks, from label sets made
+once per edge (``metrics.EdgeCollector.samples``). All else is prometheus_client's, as its own server does it
 (``make_wsgi_app``): the other families, the HELP and TYPE lines, which format a scraper gets (text
 or OpenMetrics, and their escaping of names), gzip (at a faster level), the ``name[]`` filter.
 Where it would write an edge's sample otherwise than we do (the ``dots`` escaping renames metrics
