@@ -207,8 +207,10 @@ YOUNG_COLLECTION = 10_000
 
 
 # glibc malloc's options (mallopt(3)): at most two arenas (the event loop's and one for every other
-# thread), and blocks from 1 MiB up mapped on their own and unmapped when freed.
-M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8
+# thread); blocks from 1 MiB up mapped on their own and unmapped when freed; the free top of a heap
+# given back from 2 MiB (twice the mapping size, as glibc's own adjustment keeps it, so that a block
+# just under 1 MiB freed and taken again does not go back and forth to the system each time).
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
 MALLOC_ARENAS = 2
 MALLOC_MAP_FROM = 1 << 20
 
@@ -226,7 +228,8 @@ def bound_malloc() -> None:
         return
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     mallopt(M_ARENA_MAX, MALLOC_ARENAS)
-    mallopt(M_MMAP_THRESHOLD, MALLOC_MAP_FROM)  # a fixed size: glibc no longer raises it
+    mallopt(M_MMAP_THRESHOLD, MALLOC_MAP_FROM)  # fixed sizes: glibc no longer raises them
+    mallopt(M_TRIM_THRESHOLD, 2 * MALLOC_MAP_FROM)
 
 
 def settle_heap() -> None:
