@@ -15,7 +15,10 @@ each edge has several observers; deltas merge per edge while the edge's last one
    reports with --new-rate new edges per second. Deltas ingested per second, API writes per
    second (the operator's ``flowmap_operator_api_writes_total``), time from a new edge's first
    report to its Connection's ADDED event (a watch in a thread), how far status.bytes.total lags
-   behind what the agents observed, operator RSS and CPU (and the control plane's).
+   behind what the agents observed, operator RSS and CPU (and the control plane's), and one
+   /metrics scrape every --scrape-every seconds (text, no gzip, as curl reads it): the seconds to
+   its last byte, and with this process's parse of the operator's own series (a thread of this
+   process, which shares its GIL with the simulated agents).
 
 Usage (from the repo root):
     .venv/bin/python -m benchmarks.operator_ingest [--quick] [--nodes 200,1000] [--budget 20]
