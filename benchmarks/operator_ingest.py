@@ -15,7 +15,10 @@ each edge has several observers; deltas merge per edge while the edge's last one
    reports with --new-rate new edges per second. Deltas ingested per second, API writes per
    second (the operator's ``flowmap_operator_api_writes_total``), time from a new edge's first
    report to its Connection's ADDED event (a watch in a thread), how far status.bytes.total lags
-   behind what the agents observed, operator RSS and CPU (and the control plane's).
+   behind what the agents observed, operator RSS and CPU (and the control plane's), and one
+   /metrics scrape every --scrape-every seconds (text, no gzip, as curl reads it): the seconds to
+   its last byte, and with this process's parse of the operator's own series (a thread of this
+   process, which shares its GIL with the simulated agents).
 
 Usage (from the repo root):
     .venv/bin/python -m benchmarks.operator_ingest [--quick] [--nodes 200,1000] [--budget 20]
@@ -248,10 +251,15 @@ def proc_sample(pid: int) -> tuple[float, int, int]:
         return 0.0, 0, 0
 
 
-def scrape(port: int) -> dict[str, float]:
-    """The operator's counters we use, flattened: name{label=value,...} -> value."""
+def scrape(port: int) -> tuple[dict[str, float], float]:
+    """The operator's counters we use, flattened: name{label=value,...} -> value; and the seconds
+    from the request to the page's last byte (what the operator's answer took, before this process
+    parses it)."""
+    start = time.monotonic()
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
+        body = r.read()
+    got = time.monotonic() - start
+    text = body.decode()
     # The page is mostly per-edge series; parsing them all would cost this process more than the
     # operator spends writing them. Only the operator's own series are parsed.
     text = "\n".join(line for line in text.splitlines()
@@ -263,7 +271,7 @@ def scrape(port: int) -> dict[str, float]:
             if "le" in s.labels:
                 continue
             out[f"{s.name}{{{labels}}}"] = s.value
-    return out
+    return out, got
 
 
 EDGE_BYTES = re.compile(r'^flowmap_edge_bytes_total\{.*client_group="([^"]*)".*port="(\d+)"'
@@ -465,11 +473,11 @@ class Sampler:
     def sample(self) -> dict[str, Any]:
         row: dict[str, Any] = {"t": time.monotonic()}
         try:
-            m = scrape(self.op.metrics_port)
+            m, row["scrape_get_s"] = scrape(self.op.metrics_port)
         except OSError:
             m = {}
         row["scraped"] = bool(m)  # a failed scrape's counters read 0: windows leave it out
-        row["scrape_s"] = time.monotonic() - row["t"]
+        row["scrape_s"] = time.monotonic() - row["t"]  # and this process's parse of it
         row["write_s_sum"] = total(m, "flowmap_operator_api_write_seconds_sum")
         row["write_s_count"] = total(m, "flowmap_operator_api_write_seconds_count")
         row["writes"] = total(m, "flowmap_operator_api_writes_total")
@@ -682,6 +690,9 @@ async def scenario(args: argparse.Namespace, nodes: int) -> dict[str, Any]:
         scrapes = [r["scrape_s"] for r in sampler.rows if t0 <= r["t"] <= t1 and r["scraped"]]
         steady["scrapes_failed"] = sum(1 for r in sampler.rows if t0 <= r["t"] <= t1 and not r["scraped"])
         steady["scrape_ms"] = statistics.mean(scrapes) * 1000 if scrapes else float("nan")
+        gets = [r["scrape_get_s"] for r in sampler.rows if t0 <= r["t"] <= t1 and r["scraped"]]
+        steady["scrape_get_ms"] = statistics.mean(gets) * 1000 if gets else float("nan")
+        steady["scrape_get_max_ms"] = max(gets) * 1000 if gets else float("nan")
         steady["errors"] = dict(bench.stats.errors - errors0)
         steady["resent"] = bench.stats.resent - stats0[3]
         steady["rpc_p50_ms"], steady["rpc_p95_ms"] = pct(rpc, 0.5) * 1000, pct(rpc, 0.95) * 1000
@@ -792,7 +803,8 @@ def report(nodes: int, args: argparse.Namespace, result: dict[str, Any]) -> None
           f"(floor {args.budget:g}, ceiling {max(args.budget, args.budget_max):g})")
     print(f"operator backlog at end  {s['dirty_end']:.0f} dirty Connections, {s['unacked_end']:.0f} unacked batches; "
           f"conflicts {s['conflicts']:.0f}, 429s {s['throttled']:.0f}")
-    print(f"operator                 {s['operator']} (one /metrics scrape: {s['scrape_ms']:.0f} ms; "
+    print(f"operator                 {s['operator']} (one /metrics scrape: {s['scrape_ms']:.0f} ms with "
+          f"this process's parse, {s['scrape_get_ms']:.0f} ms to its last byte (max {s['scrape_get_max_ms']:.0f}); "
           f"{s['scrapes_failed']} failed within 5 s)")
     print(f"control plane            {s['apiserver']}; {s['etcd']}")
     print(f"benchmark process        {s['bench']}")

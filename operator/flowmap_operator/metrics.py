@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
@@ -151,16 +151,14 @@ C2S, S2C = "client_to_server", "server_to_client"
 
 
 class EdgeLabels:
-    """An edge's label set, made once and kept while what it is made of stays the same, with the
-    text of its samples at the counters they were last written for."""
+    """An edge's label set, made once and kept while what it is made of stays the same."""
 
-    __slots__ = ("apps", "namespaces", "values", "text", "_lines")
+    __slots__ = ("apps", "namespaces", "values", "text")
 
     def __init__(self, apps: frozenset[str] | None, namespaces: tuple[str, str], values: tuple[str, ...]) -> None:
         self.apps, self.namespaces = apps, namespaces  # what it was made of: the edge's apps, its groups' namespaces
         self.values = values  # EDGE_LABELS but direction, cleaned by label_value
         self.text = _label_text(values)
-        self._lines: tuple[Counters, str, str, str] | None = None
 
     @staticmethod
     def of(key: EdgeKey, apps: frozenset[str] | None, namespaces: tuple[str, str]) -> EdgeLabels:
@@ -169,19 +167,16 @@ class EdgeLabels:
         return EdgeLabels(apps, namespaces, tuple(label_value(v) for v in (
             key[0], namespaces[0], key[1], namespaces[1], str(key[2]), key[3], app)))
 
-    def lines(self, counters: Counters) -> tuple[Counters, str, str, str]:
+    def lines(self, counters: Counters) -> tuple[str, str, str]:
         """The edge's samples of the three counter families at ``counters``, as prometheus_client
-        writes them in either text format; made again only when the ledger wrote new counters."""
-        lines = self._lines  # read once: another scrape's thread may replace it meanwhile
-        if lines is None or lines[0] is not counters:
-            (bytes_, packets, sessions), (head, tail) = SAMPLE_NAMES, self.text
-            c2s, s2c = f'{{{head},direction="{C2S}",{tail}}}', f'{{{head},direction="{S2C}",{tail}}}'
-            lines = self._lines = (
-                counters,
-                f"{bytes_}{c2s} {number(counters.bytes_c2s)}\n{bytes_}{s2c} {number(counters.bytes_s2c)}\n",
+        writes them in either text format. Not kept: /metrics keeps the page they make
+        (flowmap_operator.exposition), and at 10,000 busy edges nearly every edge's counters are new
+        at each checkpoint, so kept lines were 12 MiB of a second copy of the page."""
+        (bytes_, packets, sessions), (head, tail) = SAMPLE_NAMES, self.text
+        c2s, s2c = f'{{{head},direction="{C2S}",{tail}}}', f'{{{head},direction="{S2C}",{tail}}}'
+        return (f"{bytes_}{c2s} {number(counters.bytes_c2s)}\n{bytes_}{s2c} {number(counters.bytes_s2c)}\n",
                 f"{packets}{c2s} {number(counters.packets_c2s)}\n{packets}{s2c} {number(counters.packets_s2c)}\n",
                 f"{sessions}{{{head},{tail}}} {number(counters.sessions)}\n")
-        return lines
 
 
 # The sum of the edges beyond the cap: every label "other" but the direction.
@@ -194,6 +189,12 @@ class EdgeSeries(NamedTuple):
 
     rows: list[tuple[EdgeLabels, Counters]]
     overflow: int  # edges counted in "other"
+    marks: Mapping[EdgeKey, Counters] | None = None  # the published marks read, None when not leading
+
+    def of(self, marks: Mapping[EdgeKey, Counters] | None, overflow: int) -> bool:
+        """Whether these are the series of ``marks`` and ``overflow`` (``EdgeCollector.source``):
+        the same marks, not only equal ones (published marks are replaced whole, never changed)."""
+        return self.marks is marks and self.overflow == overflow
 
 
 class EdgeCollector:
@@ -217,6 +218,13 @@ class EdgeCollector:
 
     def collect(self) -> Iterator[Metric]:
         yield from self.families(self.series())
+
+    def source(self) -> tuple[Mapping[EdgeKey, Counters] | None, int]:
+        """What ``series`` would read now: the published marks (None when not leading) and the
+        overflow count. Series made from the same marks differ only if an edge's label set changed."""
+        if not self.leading():
+            return None, 0
+        return self.totals.published, self.totals.overflow
 
     def series(self) -> EdgeSeries:
         """The edges' series as published now, each with its label set."""
@@ -245,7 +253,7 @@ class EdgeCollector:
                 rows.append((labels, counters))
         if highwater.OTHER in published:
             rows.append((OTHER_LABELS, published[highwater.OTHER]))
-        return EdgeSeries(rows, overflow)
+        return EdgeSeries(rows, overflow, published)
 
     @staticmethod
     def families(series: EdgeSeries) -> tuple[CounterMetricFamily, CounterMetricFamily, CounterMetricFamily,
@@ -269,7 +277,7 @@ class EdgeCollector:
         """The sample lines of the three counter families, as prometheus_client writes them in
         either text format (a counter's samples are written alike in both)."""
         lines = [labels.lines(counters) for labels, counters in series.rows]
-        return "".join([x[1] for x in lines]), "".join([x[2] for x in lines]), "".join([x[3] for x in lines])
+        return "".join([x[0] for x in lines]), "".join([x[1] for x in lines]), "".join([x[2] for x in lines])
 
 
 def number(value: int) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import random
+import threading
 import urllib.error
 import urllib.request
 
@@ -23,7 +24,7 @@ from flowmap_operator.highwater import EdgeTotals
 from flowmap_operator.ledger import Counters, EdgeKey
 from flowmap_operator.metrics import EdgeCollector, number
 from flowmap_operator.resolution import Peer
-from tests.operator.test_metrics import API_EXT, API_PG, API_REDIS, WEB_API, Checkpointed, topology, write
+from tests.operator.test_metrics import API_EXT, API_PG, API_REDIS, WEB_API, Checkpointed, checkpoint, topology, write
 
 EVIL: EdgeKey = ('evil"\\name\r\n', "shop.api", 8080, "TCP")
 
@@ -71,11 +72,15 @@ def reference(collector: EdgeCollector, registry: CollectorRegistry) -> Collecto
 @pytest.mark.parametrize("accept", ACCEPTS)
 def test_the_page_is_prometheus_clients_page_of_the_same_series(accept: str | None) -> None:
     collector, registry = capped()
-    ours, kind = exposition.page(registry, collector, accept)
-    app = exposition.app(registry, collector)  # the same through the WSGI answer
+    answer = exposition.page(registry, exposition.Edges(collector), accept)
+    ours, kind = answer.text(), answer.content_type
+    app = exposition.app(registry, exposition.Edges(collector))  # the same through the WSGI answer
     theirs = _wsgi(prometheus_wsgi(reference(collector, registry)), accept)
     assert (ours, kind) == (theirs[0], dict(theirs[1])["Content-Type"])
-    assert _wsgi(app, accept) == theirs
+    got = _wsgi(app, accept)
+    assert (got[0], [h for h in got[1] if h[0] != "Content-Length"]) == theirs
+    assert ("Content-Length", str(len(ours))) in got[1]
+    assert gzip.decompress(b"".join(answer.gzip())) == ours  # one gzip member: its CRC and length checked
     assert b"flowmap_edge_bytes_total" in ours or b"flowmap__edge__bytes__total" in ours
 
 
@@ -86,7 +91,7 @@ def test_a_page_of_some_names_is_prometheus_clients_too(names: list[str]) -> Non
     collector, registry = capped()
     query = "&".join(f"name[]={n}" for n in names)
     for accept in (None, ACCEPTS[2]):
-        ours = exposition.page(registry, collector, accept, names)[0]
+        ours = exposition.page(registry, exposition.Edges(collector), accept, names).text()
         theirs = _wsgi(prometheus_wsgi(reference(collector, registry)), accept, query)[0]
         # prometheus_client's filter writes the families of several collectors in no set order.
         assert _families(ours) == _families(theirs) and ours.endswith(b"# EOF\n") == theirs.endswith(b"# EOF\n")
@@ -125,16 +130,16 @@ def test_the_edge_samples_exact_text_escaped_labels_other_and_the_cap() -> None:
     assert collector.series().overflow == 1  # API_EXT; API_PG's counts stay in "other" without it
 
 
-def test_label_sets_are_made_again_when_the_app_or_a_namespace_changes_and_lines_when_counters_do() -> None:
+def test_label_sets_are_made_again_when_the_app_or_a_namespace_changes_and_lines_say_the_counters() -> None:
     topo = topology((WEB_API, "http"))
     collector = Checkpointed(topo, EdgeTotals(10))
     write(topo, "agent-a", 1, WEB_API, Counters(1, 1, 1, 1, 1), "1")
     first, counters = collector.series().rows[0]
     assert collector.series().rows[0][0] is first  # kept
-    assert first.lines(counters) is first.lines(collector.series().rows[0][1])
+    assert first.lines(counters)[2].endswith("} 1.0\n")
     write(topo, "agent-a", 2, WEB_API, Counters(1, 1, 1, 1, 1), "2")
     assert collector.series().rows[0][0] is first
-    assert first.lines(collector.series().rows[0][1])[3].endswith("} 2.0\n")  # the ledger's new counters
+    assert first.lines(collector.series().rows[0][1])[2].endswith("} 2.0\n")  # the ledger's new counters
     topo.edge(WEB_API).apps.add("grpc")
     second = collector.series().rows[0][0]
     assert second.values[-1] == "grpc,http" and 'app="grpc,http"' in second.text[0]
@@ -147,9 +152,57 @@ def test_label_sets_are_made_again_when_the_app_or_a_namespace_changes_and_lines
 def test_only_the_leaders_page_has_edges() -> None:
     collector, registry = capped()
     collector.leading = lambda: False
-    text = exposition.page(registry, collector, None)[0].decode()
+    text = exposition.page(registry, exposition.Edges(collector), None).text().decode()
     assert "# TYPE flowmap_edge_bytes_total counter" in text and "flowmap_edge_bytes_total{" not in text
     assert "flowmap_operator_edge_series_overflow 0.0" in text
+
+
+def test_the_edge_samples_are_made_once_per_checkpoint_ahead_of_the_scrape_and_sent_as_made() -> None:
+    topo = topology((WEB_API, "http"))
+    collector = EdgeCollector(topo, EdgeTotals(10))  # checkpointed only when this test says
+    edges, registry = exposition.Edges(collector), CollectorRegistry(auto_describe=True)
+    app, prometheus = exposition.app(registry, edges), prometheus_wsgi(reference(collector, registry))
+    write(topo, "agent-a", 1, WEB_API, Counters(1, 1, 1, 1, 1), "1")
+    checkpoint(collector)
+    edges.ahead()
+    assert edges.made is None  # nobody scraped yet: nothing made ahead
+
+    def scraped() -> bytes:
+        body, headers = _wsgi(app, ACCEPTS[2], encoding="gzip")
+        assert ("Content-Encoding", "gzip") in headers and ("Content-Length", str(len(body))) in headers
+        page = gzip.decompress(body)
+        assert page == _wsgi(prometheus, ACCEPTS[2])[0]  # prometheus_client's page of the same marks
+        return page
+
+    assert b'direction="client_to_server",port="8080",protocol="TCP",server_group="shop.api",' \
+           b'server_namespace="shop"} 1.0' in scraped()
+    first = edges.made
+    assert first is not None and edges.zipped
+    scraped()
+    assert edges.made is first  # the same marks: sent as made
+    write(topo, "agent-a", 2, WEB_API, Counters(1, 1, 1, 1, 1), "2")
+    topo.edge(WEB_API).apps.add("grpc")
+    edges.ahead()
+    assert edges.made is first  # nothing published since: the page keeps its marks and its labels
+    assert b'app="http"' in gzip.decompress(b"".join(exposition.page(registry, edges, ACCEPTS[2]).gzip()))
+    checkpoint(collector)
+    edges.ahead()  # as the thread does within a second of the checkpoint
+    second = edges.made
+    assert second is not None and second is not first and b'app="grpc,http"' in second.samples[2]
+    assert b"} 2.0\n" in second.samples[2] and second.deflated()
+    assert b'app="grpc,http"' in scraped() and edges.made is second
+
+
+def test_the_server_stops_making_samples_ahead_when_closed() -> None:
+    collector, registry = capped()
+    server = exposition.serve(0, registry, collector)
+    ahead = [t for t in threading.enumerate() if t.name == "metrics-ahead"]
+    assert ahead and all(t.is_alive() for t in ahead)
+    server.shutdown()
+    server.server_close()
+    for thread in ahead:
+        thread.join(timeout=2 * exposition.AHEAD + 1)
+    assert not any(t.name == "metrics-ahead" for t in threading.enumerate())
 
 
 def test_a_count_is_written_as_prometheus_client_writes_it() -> None:
@@ -183,11 +236,14 @@ def prometheus_wsgi(registry: CollectorRegistry) -> exposition.WSGIApplication:
     return make_wsgi_app(registry)
 
 
-def _wsgi(app: exposition.WSGIApplication, accept: str | None, query: str = "") -> tuple[bytes, list[tuple[str, str]]]:
+def _wsgi(app: exposition.WSGIApplication, accept: str | None, query: str = "", encoding: str | None = None
+          ) -> tuple[bytes, list[tuple[str, str]]]:
     answer: list[tuple[str, list[tuple[str, str]]]] = []
     environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/metrics", "QUERY_STRING": query}
     if accept is not None:
         environ["HTTP_ACCEPT"] = accept
+    if encoding is not None:
+        environ["HTTP_ACCEPT_ENCODING"] = encoding
     body = b"".join(app(environ, lambda status, headers, exc_info=None: answer.append((status, headers))))
     assert answer[0][0] == "200 OK"
     return body, answer[0][1]
