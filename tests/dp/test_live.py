@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -607,16 +608,27 @@ def test_a_syn_flood_is_seen_alike_by_both_parsers(node: Node, agent: Agent, sta
         agent.pump(1.0)
         first, second = hits(runs[0]), hits(runs[1])
         assert len(first) == 1 and first[0][0] == "syn-flood" and first[0][4:] == (_ip(B4), 8080), first
-        assert first[0][1].endswith("half-open/s to 10.62.2.2:8080 (100%, 501 in 0.5s)"), first
+        # hping3 sends one SYN a millisecond: the 501st half-open tips the key, about half a second in
+        # (how long exactly is the machine's: a busy one sends slower).
+        said = SYN_FLOOD.fullmatch(first[0][1])
+        assert said and said["where"] == "to 10.62.2.2:8080 (100%, 501" and 0.3 <= float(said["span"]) <= 2.0, first
         drops = [h.kernel_drops for r in agent.reports if r.HasField("health") for h in [r.health]]
-        if not any(drops):  # the same packets read by both: the same hit, to the session
-            assert first == second
+        if not any(drops):  # the same packets read by both: the same hit, on the same key
+            # Which session tips the key, and so the rate shown, hangs on the order in which each dp's
+            # table hands its sessions to its watch (its own: a later first-seen time never moves a
+            # key's clock back): one of the flood's sessions, at a rate within 2%.
+            other = SYN_FLOOD.fullmatch(second[0][1]) if len(second) == 1 else None
+            assert other and second[0][0] == "syn-flood" and second[0][4:] == first[0][4:], (first, second)
+            assert other["where"] == said["where"] and float(other["rate"]) == pytest.approx(float(said["rate"]), rel=0.02)
         else:
             assert [h[0] for h in second] == ["syn-flood"]
     finally:
         srv.terminate()
         srv.wait()
 
+
+# A syn-flood hit's snippet: its rate, what it is to and its share and count, over how long.
+SYN_FLOOD = re.compile(r"(?P<rate>\d+) half-open/s (?P<where>.+) in (?P<span>\d+\.\d)s\)")
 
 _LISTENER = """
 import socket, sys, threading
